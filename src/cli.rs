@@ -1,0 +1,350 @@
+//! The command line: `holepunch run | plan | status | check-config | cleanup | version`.
+//!
+//! The help text is the first manual most users read: every command says what it touches.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+
+use crate::config::{self, Config, ExposureMode, defaults};
+use crate::daemon::{self, DaemonError};
+use crate::desired::{Desired, desired};
+use crate::kube::snapshot::Snapshot;
+use crate::logging;
+use crate::plan::{Forwarding, plan};
+use crate::reconcile;
+use crate::router::NoRouter;
+use crate::router::discover;
+use crate::state::{MappingStatus, State, StateError, StateFile, read_state};
+
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  the config file is missing or invalid (the message gives file, line, column and the fix)
+  2  the command line is wrong
+  3  another holepunch holds the state file's lock (only one instance may run per state file)
+  4  the state file cannot be used (written by a newer holepunch, or its directory is unusable)
+  5  the cluster or the router could not be reached for a one-shot command (plan, cleanup)
+  6  any other failure (the message says which step failed)";
+
+/// Exit code: config missing or invalid.
+pub const EXIT_CONFIG: u8 = 1;
+/// Exit code: another instance holds the lock.
+pub const EXIT_LOCKED: u8 = 3;
+/// Exit code: the state file cannot be used.
+pub const EXIT_STATE: u8 = 4;
+/// Exit code: the cluster or router was unreachable for a one-shot command.
+pub const EXIT_UNREACHABLE: u8 = 5;
+/// Exit code: anything else.
+pub const EXIT_OTHER: u8 = 6;
+
+/// Publish Kubernetes Services on the Internet through your home router.
+///
+/// holepunch watches a cluster through a kubeconfig and keeps the router's port mappings
+/// (UPnP IGD, PCP, NAT-PMP), this host's nftables rules and its own state file in sync with
+/// the Services that ask to be public: annotate a Service with
+/// `holepunch/punch-external: "true"` (and optionally `holepunch.port/<port>: "<external>"`),
+/// or give it `spec.loadBalancerClass: holepunch.io/router`.
+#[derive(Debug, Parser)]
+#[command(name = "holepunch", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// The config file (see holepunch.toml(5); every key is optional).
+    #[arg(long, short = 'c', global = true, env = "HOLEPUNCH_CONFIG", default_value = defaults::CONFIG_PATH)]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (what systemd starts): watch the cluster and keep mappings in sync.
+    ///
+    /// Takes the state file's lock (a second instance exits with code 3), reconciles once,
+    /// then follows changes, renews leases and restores what the router loses. SIGHUP reloads
+    /// the config (a bad one is refused and the old one kept); SIGTERM stops and leaves every
+    /// mapping in place, so restarts and upgrades do not cut traffic.
+    Run,
+
+    /// Show what holepunch would do now, and change nothing.
+    ///
+    /// Reads the Services and Nodes from the cluster (or from --from-file) and the state
+    /// file (read-only), and prints the actions: map, renew, restore, retarget, unmap, and
+    /// the problems each Service would be told about. Sends nothing to the router.
+    Plan {
+        /// Read Services and Nodes from this file instead of the cluster: the output of
+        /// `kubectl get svc,nodes -A -o yaml` (or JSON). `-` reads standard input.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+
+        /// Address the router forwards to in relay mode, if exposure.lan_address is not set
+        /// (default: this host's source address toward the router).
+        #[arg(long, value_name = "IPV4")]
+        lan_address: Option<std::net::Ipv4Addr>,
+    },
+
+    /// Show the mappings holepunch holds, from the state file (works without the daemon).
+    Status {
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+
+    /// Validate the config file and print it with every default filled in.
+    ///
+    /// On an error, prints the file, line and column, the key, and what to change, and exits 1.
+    CheckConfig,
+
+    /// Remove every router mapping and the nftables table holepunch owns (used on purge).
+    ///
+    /// Only mappings recorded in the state file and tagged holepunch:<namespace>/<service>
+    /// are touched. Takes the state file's lock, so stop the daemon first.
+    Cleanup,
+
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+
+/// Runs one command and turns its outcome into the documented exit code.
+pub fn execute(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Version => {
+            println!("holepunch {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::CheckConfig => check_config(&cli.config),
+        Command::Run => run(&cli.config),
+        Command::Plan {
+            from_file,
+            lan_address,
+        } => dry_run(&cli.config, from_file.as_deref(), lan_address),
+        Command::Status { output } => status(&cli.config, output),
+        Command::Cleanup => cleanup(&cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("holepunch: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// An error on its way out, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn new(code: u8, error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+fn state_failure(error: StateError) -> Failure {
+    let code = if matches!(error, StateError::Lock { .. }) {
+        EXIT_LOCKED
+    } else {
+        EXIT_STATE
+    };
+    Failure::new(code, error)
+}
+
+fn load_config(path: &Path) -> Result<Config, Failure> {
+    config::load(path).map_err(|e| Failure::new(EXIT_CONFIG, e))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EXIT_OTHER, anyhow::Error::new(e).context("cannot start the async runtime")))
+}
+
+fn check_config(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    print!("{}", config.to_toml());
+    eprintln!("{}: the config is valid", path.display());
+    Ok(())
+}
+
+fn run(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    logging::init(&config.log);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "holepunch starting");
+    let result = runtime()?.block_on(daemon::run(path.to_owned(), config));
+    result.map_err(|e| match e {
+        DaemonError::State(e) => state_failure(e),
+        other => {
+            tracing::error!("{other}");
+            Failure::new(EXIT_OTHER, other)
+        }
+    })
+}
+
+/// The LAN address for a dry run: the flag, the config, or this host's address toward the
+/// router; `0.0.0.0` (with a note) when none can be found, since a dry run must not fail for it.
+fn dry_run_forwarding(config: &Config, lan_address: Option<Ipv4Addr>) -> Forwarding {
+    match config.exposure.mode {
+        ExposureMode::Direct => Forwarding::Direct,
+        ExposureMode::Gateway => Forwarding::Gateway,
+        ExposureMode::Relay => {
+            let found = lan_address.or(config.exposure.lan_address).map(Ok).unwrap_or_else(|| {
+                let gateway = config.router.address.map(Ok).unwrap_or_else(discover::default_gateway)?;
+                discover::source_address_toward(gateway)
+            });
+            let lan_address = found.unwrap_or_else(|e| {
+                eprintln!("note: {e}; showing 0.0.0.0 as this host's address (use --lan-address)");
+                Ipv4Addr::UNSPECIFIED
+            });
+            Forwarding::Relay { lan_address }
+        }
+    }
+}
+
+fn dry_run(path: &Path, from_file: Option<&Path>, lan_address: Option<Ipv4Addr>) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let snapshot = match from_file {
+        Some(file) => Snapshot::from_file(file).map_err(|e| Failure::new(EXIT_OTHER, e))?,
+        None => runtime()?.block_on(async {
+            let client = crate::kube::client(&config.kubernetes).await?;
+            Snapshot::list(&client, &config.kubernetes).await
+        }).map_err(|e| Failure::new(EXIT_UNREACHABLE, e))?,
+    };
+    let state = read_state_or_empty(&config.state.path)?;
+    let wanted = desired(&snapshot.services, &snapshot.nodes, &config);
+    let plan = plan(&wanted, &state, dry_run_forwarding(&config, lan_address), Timestamp::now());
+    print!("{plan}");
+    eprintln!(
+        "{} Services read, {} mappings wanted, {} problems; nothing was changed",
+        snapshot.services.len(),
+        wanted.mappings.len(),
+        wanted.problems.len()
+    );
+    Ok(())
+}
+
+/// The recorded state, read-only; no state file yet means no mappings.
+fn read_state_or_empty(path: &Path) -> Result<State, Failure> {
+    if !path.exists() {
+        return Ok(State::default());
+    }
+    read_state(path).map_err(state_failure)
+}
+
+fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let state = read_state_or_empty(&config.state.path)?;
+    let now = Timestamp::now();
+    match output {
+        OutputFormat::Json => {
+            let records: Vec<_> = state.mappings.values().collect();
+            let text = serde_json::to_string_pretty(&serde_json::json!({ "mappings": records }))
+                .map_err(|e| Failure::new(EXIT_OTHER, e))?;
+            println!("{text}");
+        }
+        OutputFormat::Table => print!("{}", status_table(&state, now)),
+    }
+    Ok(())
+}
+
+/// One row per mapping: owner, protocol, public port, target, backend, lease left, status,
+/// last error.
+pub fn status_table(state: &State, now: Timestamp) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}\n",
+        "SERVICE", "PROTO", "EXTERNAL", "TARGET", "BACKEND", "LEASE", "STATUS", "LAST ERROR"
+    );
+    for record in state.mappings.values() {
+        let external = match record.external_address {
+            Some(address) => format!("{address}:{}", record.external_port),
+            None => format!("*:{}", record.external_port),
+        };
+        let lease = match record.expires_at {
+            None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
+            None => "-".to_owned(),
+            Some(at) if at <= now => "expired".to_owned(),
+            Some(at) => format!("{}s", at.as_second() - now.as_second()),
+        };
+        let status = match record.status {
+            MappingStatus::Pending => "pending",
+            MappingStatus::Active => "active",
+            MappingStatus::Failed => "failed",
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}",
+            record.owner.to_string(),
+            record.protocol.to_string(),
+            external,
+            record.target.to_string(),
+            record.backend.to_string(),
+            lease,
+            status,
+            record.last_error.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(out, "{} mappings", state.mappings.len());
+    out
+}
+
+fn cleanup(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    logging::init(&config.log);
+    let (mut store, loaded) = StateFile::open(&config.state.path).map_err(state_failure)?;
+    if let Some(recovery) = &loaded.recovery {
+        tracing::error!("{recovery}");
+    }
+    let mut state = loaded.state;
+    let now = Timestamp::now();
+    // Nothing is wanted: the plan unmaps every recorded mapping.
+    let plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
+    let mut mapper = NoRouter;
+    let outcome = runtime()?.block_on(reconcile::execute(&plan, &mut state, &mut mapper, &mut store, 0, now));
+    println!("removed {} mappings, {} left", outcome.unmapped, state.mappings.len());
+    if let Some(e) = outcome.save_error {
+        return Err(state_failure(e));
+    }
+    if !state.mappings.is_empty() {
+        return Err(Failure::new(
+            EXIT_UNREACHABLE,
+            anyhow::anyhow!("{} mappings could not be removed; run holepunch cleanup again when the router answers", state.mappings.len()),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_teaches_exit_codes_and_commands() {
+        let help = Cli::command().render_long_help().to_string();
+        for needle in ["check-config", "plan", "cleanup", "Exit codes:", "another holepunch"] {
+            assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The event loop of `holepunch run`: watch the cluster, reconcile on changes and on lease
+//! timers, reload on SIGHUP, stop on SIGTERM, and keep systemd informed (`READY=1`,
+//! `STATUS=`, watchdog pings, `STOPPING=1`).
+//!
+//! DESIGN.md, "State, lifecycle, signals": a stop leaves every mapping in place, so restarts
+//! and upgrades do not cut traffic; nothing is unmapped while the cluster cannot be read.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::Api;
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::Notify;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::{self, BackendChoice, Config, ExposureMode};
+use crate::desired::desired;
+use crate::model::Problem;
+use crate::plan::{Forwarding, plan};
+use crate::reconcile;
+use crate::router::discover::{self, DiscoverError};
+use crate::router::NoRouter;
+use crate::state::{StateError, StateFile};
+
+/// Changes that arrive within this window are reconciled together.
+pub const DEBOUNCE_MS: u64 = 200;
+/// How long to wait before looking for a missing kubeconfig again.
+pub const KUBECONFIG_RETRY_SECS: u64 = 10;
+/// Server-side watch timeout: a half-open watch is replaced at least this often.
+pub const WATCH_TIMEOUT_SECS: u32 = 290;
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Discover(#[from] DiscoverError),
+    #[error(
+        "router.backend = \"{0}\" is not available in this build yet; set router.backend = \
+         \"auto\" or \"none\", or exposure.mode = \"gateway\""
+    )]
+    BackendUnavailable(&'static str),
+}
+
+/// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
+pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonError> {
+    let (mut store, loaded) = StateFile::open(&config.state.path)?;
+    if let Some(recovery) = &loaded.recovery {
+        tracing::error!(moved_to = %recovery.moved_to.display(), "{recovery}");
+    }
+    let mut state = loaded.state;
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut ready_sent = false;
+
+    'config: loop {
+        let forwarding = forwarding(&config)?;
+        check_backend(&config)?;
+        let mut mapper = NoRouter;
+
+        // The cluster: wait for a usable kubeconfig without crash-looping.
+        let client = loop {
+            match crate::kube::client(&config.kubernetes).await {
+                Ok(client) => break client,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    notify_status(&first_line(&e.to_string()));
+                    if !ready_sent {
+                        // NOTE: systemd would otherwise time the start out and restart us in
+                        // a loop; "waiting for a kubeconfig" is a ready, healthy state.
+                        let _ = sd_notify::notify(&[NotifyState::Ready]);
+                        ready_sent = true;
+                    }
+                    match wait_signal_or(&mut signals, Duration::from_secs(KUBECONFIG_RETRY_SECS), watchdog).await {
+                        Wake::Stop => return Ok(stop()),
+                        Wake::Reload => {
+                            if let Some(new) = reload(&config_path) {
+                                config = new;
+                            }
+                            continue 'config;
+                        }
+                        Wake::Timer => continue,
+                    }
+                }
+            }
+        };
+        let cluster = ClusterWatch::start(client, &config);
+        tracing::info!("watching the cluster");
+
+        let mut reported: BTreeSet<Problem> = BTreeSet::new();
+        let mut next_due: Option<jiff::Timestamp> = None;
+        let verify = Duration::from_secs(config.router.verify_interval_secs.into());
+        loop {
+            let now = jiff::Timestamp::now();
+            let sleep_for = next_due
+                .map(|due| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
+                .unwrap_or(verify)
+                .min(verify);
+            tokio::select! {
+                () = cluster.changed.notified() => {
+                    tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
+                }
+                () = tokio::time::sleep(sleep_for) => {}
+                wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
+                    Wake::Stop => return Ok(stop()),
+                    Wake::Reload => {
+                        if let Some(new) = reload(&config_path) {
+                            config = new;
+                            continue 'config;
+                        }
+                        continue;
+                    }
+                    Wake::Timer => continue,
+                },
+            }
+            if !cluster.is_ready() {
+                notify_status("waiting for the first list of Services and Nodes");
+                continue;
+            }
+            let services: Vec<Service> = cluster.services.state().iter().map(|s| (**s).clone()).collect();
+            let nodes: Vec<Node> = cluster.nodes.state().iter().map(|n| (**n).clone()).collect();
+            let wanted = desired(&services, &nodes, &config);
+            let now = jiff::Timestamp::now();
+            let plan = plan(&wanted, &state, forwarding, now);
+            if plan.router_calls() > 0 || plan.actions.iter().any(|a| matches!(a, crate::plan::Action::Retarget { .. })) {
+                tracing::debug!("plan:\n{plan}");
+            }
+            let outcome = reconcile::execute(&plan, &mut state, &mut mapper, &mut store, config.router.lease_secs, now).await;
+            report_new_problems(&mut reported, wanted.problems.iter().chain(&outcome.problems));
+            next_due = plan.next_due;
+            let up = state.mappings.values().filter(|r| r.status == crate::state::MappingStatus::Active).count();
+            notify_status(&format!("{up} mappings up, {} problems", reported.len()));
+            if !ready_sent {
+                let _ = sd_notify::notify(&[NotifyState::Ready]);
+                ready_sent = true;
+                tracing::info!(mappings = up, "first reconcile done; ready");
+            }
+        }
+    }
+}
+
+/// Logs each problem once while it persists; a problem that went away may be logged again
+/// when it comes back.
+fn report_new_problems<'a>(reported: &mut BTreeSet<Problem>, current: impl Iterator<Item = &'a Problem>) {
+    let current: BTreeSet<Problem> = current.cloned().collect();
+    for problem in current.difference(reported) {
+        tracing::warn!(service = %problem.owner, kind = %problem.kind, "{}", problem.message);
+    }
+    *reported = current;
+}
+
+fn stop() {
+    tracing::info!("stopping; router mappings and nftables rules stay in place");
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+fn notify_status(status: &str) {
+    let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+}
+
+/// Re-reads the config; a bad one is refused and the old one kept.
+fn reload(path: &Path) -> Option<Config> {
+    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+    let result = match config::load(path) {
+        Ok(new) => {
+            tracing::info!(path = %path.display(), "config reloaded");
+            Some(new)
+        }
+        Err(e) => {
+            tracing::error!("config not reloaded, the running one stays: {e}");
+            None
+        }
+    };
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    result
+}
+
+enum Wake {
+    Stop,
+    Reload,
+    Timer,
+}
+
+/// Waits for a signal or `timeout`, pinging the systemd watchdog meanwhile.
+async fn wait_signal_or(signals: &mut Signals, timeout: Duration, watchdog: Option<Duration>) -> Wake {
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    loop {
+        let ping = watchdog.map_or(Duration::from_secs(3600), |w| w / 2);
+        let sleep = match deadline {
+            Some(deadline) => ping.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            None => ping,
+        };
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(SIGHUP) => return Wake::Reload,
+                Some(_) | None => return Wake::Stop,
+            },
+            () = tokio::time::sleep(sleep) => {
+                if watchdog.is_some() {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Wake::Timer;
+                }
+            }
+        }
+    }
+}
+
+/// Where the router forwards, from the exposure mode (and the LAN address in relay mode).
+fn forwarding(config: &Config) -> Result<Forwarding, DiscoverError> {
+    Ok(match config.exposure.mode {
+        ExposureMode::Direct => Forwarding::Direct,
+        ExposureMode::Gateway => Forwarding::Gateway,
+        ExposureMode::Relay => {
+            let lan_address = match config.exposure.lan_address {
+                Some(address) => address,
+                None => {
+                    let gateway = match config.router.address {
+                        Some(address) => address,
+                        None => discover::default_gateway()?,
+                    };
+                    discover::source_address_toward(gateway)?
+                }
+            };
+            Forwarding::Relay { lan_address }
+        }
+    })
+}
+
+fn check_backend(config: &Config) -> Result<(), DaemonError> {
+    if config.exposure.mode == ExposureMode::Gateway {
+        return Ok(());
+    }
+    match config.router.backend {
+        BackendChoice::None => Ok(()),
+        BackendChoice::Auto => {
+            tracing::warn!(
+                "no router backend is available in this build yet: mappings are planned and \
+                 recorded with backend \"none\", nothing is requested from the router"
+            );
+            Ok(())
+        }
+        BackendChoice::Upnp => Err(DaemonError::BackendUnavailable("upnp")),
+        BackendChoice::Pcp => Err(DaemonError::BackendUnavailable("pcp")),
+        BackendChoice::Natpmp => Err(DaemonError::BackendUnavailable("natpmp")),
+    }
+}
+
+/// Reflectors for Services and Nodes; `changed` fires on every event.
+struct ClusterWatch {
+    services: Store<Service>,
+    nodes: Store<Node>,
+    changed: Arc<Notify>,
+    /// Set once each watch has completed its first list (services, nodes).
+    listed: [Arc<AtomicBool>; 2],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterWatch {
+    fn start(client: kube::Client, config: &Config) -> ClusterWatch {
+        let changed = Arc::new(Notify::new());
+        let watch_config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+        // NOTE: with an allow list of several namespaces, the cluster-wide watch is filtered
+        // locally by `desired`; per-namespace watches need one reflector per namespace.
+        let services_api: Api<Service> = match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
+            [only] => Api::namespaced(client.clone(), only),
+            _ => Api::all(client.clone()),
+        };
+        let (services, services_writer) = reflector::store();
+        let (nodes, nodes_writer) = reflector::store();
+        let listed = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+        let tasks = vec![
+            tokio::spawn(drive(
+                reflector::reflector(services_writer, watcher(services_api, watch_config.clone()).default_backoff()),
+                changed.clone(),
+                listed[0].clone(),
+                "services",
+            )),
+            tokio::spawn(drive(
+                reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client), watch_config).default_backoff()),
+                changed.clone(),
+                listed[1].clone(),
+                "nodes",
+            )),
+        ];
+        ClusterWatch {
+            services,
+            nodes,
+            changed,
+            listed,
+            tasks,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.listed.iter().all(|flag| flag.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn drive<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    changed: Arc<Notify>,
+    listed: Arc<AtomicBool>,
+    what: &'static str,
+) {
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                if matches!(event, watcher::Event::InitDone) {
+                    listed.store(true, Ordering::Release);
+                }
+                changed.notify_one();
+            }
+            Err(e) => {
+                let e = match e {
+                    watcher::Error::InitialListFailed(source) | watcher::Error::WatchStartFailed(source) | watcher::Error::WatchFailed(source) => {
+                        crate::kube::request_error("watch", what, source).to_string()
+                    }
+                    other => other.to_string(),
+                };
+                tracing::warn!(resource = what, "cluster watch interrupted, retrying with backoff (mappings stay as they are): {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The cluster side: a client built from the configured kubeconfig, and the Services and
+//! Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for dry runs).
+
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{KubernetesConfig, defaults};
+
+/// Why the cluster could not be reached or read.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(
+        "no kubeconfig at {path}: copy a kubeconfig for holepunch there (see \
+         /usr/share/holepunch/kubeconfig.md), or set kubernetes.kubeconfig in the config file"
+    )]
+    KubeconfigMissing { path: PathBuf },
+    #[error("cannot use the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot build a Kubernetes client from {path}: {source}")]
+    Client {
+        path: PathBuf,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the API server refused to let holepunch {verb} {resource} ({code}): apply \
+         /usr/share/holepunch/rbac.yaml (packaging/kubernetes/rbac.yaml) and use that \
+         ServiceAccount's kubeconfig"
+    )]
+    Forbidden {
+        verb: &'static str,
+        resource: &'static str,
+        code: u16,
+    },
+    #[error("cannot {verb} {resource}: {source}")]
+    Request {
+        verb: &'static str,
+        resource: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Kubernetes list or object in YAML or JSON: {detail}")]
+    ParseFile { path: PathBuf, detail: String },
+}
+
+/// The kubeconfig to use: the configured path, else `$KUBECONFIG`, else the default.
+pub fn kubeconfig_path(config: &KubernetesConfig, env_kubeconfig: Option<&str>) -> PathBuf {
+    if let Some(path) = &config.kubeconfig {
+        return path.clone();
+    }
+    match env_kubeconfig.and_then(|v| v.split(':').find(|p| !p.is_empty())) {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(defaults::KUBECONFIG_PATH),
+    }
+}
+
+/// Builds a client from the kubeconfig (bearer tokens, client certificates and custom CAs
+/// are all handled by kube-rs).
+pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubeError> {
+    let path = kubeconfig_path(config, std::env::var("KUBECONFIG").ok().as_deref());
+    client_from(&path, config.context.clone()).await
+}
+
+async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Client, KubeError> {
+    if !path.exists() {
+        return Err(KubeError::KubeconfigMissing { path: path.into() });
+    }
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+        path: path.into(),
+        source,
+    })?;
+    let options = kube::config::KubeConfigOptions {
+        context,
+        ..Default::default()
+    };
+    let client_config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|source| KubeError::Kubeconfig {
+            path: path.into(),
+            source,
+        })?;
+    kube::Client::try_from(client_config).map_err(|source| KubeError::Client {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Classifies a failed request: 401/403 become a message about RBAC.
+pub(crate) fn request_error(verb: &'static str, resource: &'static str, source: kube::Error) -> KubeError {
+    match &source {
+        kube::Error::Api(status) if status.code == 401 || status.code == 403 => KubeError::Forbidden {
+            verb,
+            resource,
+            code: status.code,
+        },
+        _ => KubeError::Request {
+            verb,
+            resource,
+            source,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubeconfig_path_order_is_config_then_env_then_default() {
+        let mut config = crate::config::Config::default().kubernetes;
+        assert_eq!(kubeconfig_path(&config, None), PathBuf::from(defaults::KUBECONFIG_PATH));
+        assert_eq!(kubeconfig_path(&config, Some("/a:/b")), PathBuf::from("/a"));
+        config.kubeconfig = Some("/etc/x".into());
+        assert_eq!(kubeconfig_path(&config, Some("/a")), PathBuf::from("/etc/x"));
+    }
+}

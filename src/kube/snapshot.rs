@@ -1,0 +1,146 @@
+//! A point-in-time view of the Services and Nodes holepunch reads.
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::ListParams;
+use kube::Api;
+use serde::Deserialize;
+
+use super::{KubeError, request_error};
+use crate::config::KubernetesConfig;
+
+/// Services and Nodes, as `desired` takes them.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub nodes: Vec<Node>,
+}
+
+impl Snapshot {
+    /// Lists the cluster once (only the allowed namespaces when an allow list is set).
+    pub async fn list(client: &kube::Client, config: &KubernetesConfig) -> Result<Snapshot, KubeError> {
+        let params = ListParams::default();
+        let mut services = Vec::new();
+        if config.namespaces.is_empty() {
+            let api: Api<Service> = Api::all(client.clone());
+            services = api.list(&params).await.map_err(|e| request_error("list", "services", e))?.items;
+        } else {
+            for namespace in &config.namespaces {
+                let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+                services.extend(api.list(&params).await.map_err(|e| request_error("list", "services", e))?.items);
+            }
+        }
+        let nodes: Api<Node> = Api::all(client.clone());
+        let nodes = nodes.list(&params).await.map_err(|e| request_error("list", "nodes", e))?.items;
+        Ok(Snapshot { services, nodes })
+    }
+
+    /// Reads `kubectl get svc,nodes -A -o yaml` (or `-o json`) output: a `List`, single
+    /// objects, or several YAML documents. Objects of other kinds are skipped.
+    pub fn from_text(text: &str, origin: &Path) -> Result<Snapshot, KubeError> {
+        let parse_error = |detail: String| KubeError::ParseFile {
+            path: origin.into(),
+            detail,
+        };
+        let mut snapshot = Snapshot::default();
+        for document in serde_yaml_ng::Deserializer::from_str(text) {
+            let value = serde_json::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
+            snapshot.add(value).map_err(parse_error)?;
+        }
+        Ok(snapshot)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Snapshot, KubeError> {
+        let text = if path == Path::new("-") {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(path)
+        }
+        .map_err(|source| KubeError::ReadFile {
+            path: path.into(),
+            source,
+        })?;
+        Snapshot::from_text(&text, path)
+    }
+
+    fn add(&mut self, value: serde_json::Value) -> Result<(), String> {
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let name = || {
+            value
+                .pointer("/metadata/name")
+                .and_then(|n| n.as_str())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        match kind.as_str() {
+            "List" | "ServiceList" | "NodeList" => {
+                let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+                for item in items {
+                    // Items of typed lists carry no kind of their own.
+                    let item = match (kind.as_str(), item) {
+                        ("ServiceList", serde_json::Value::Object(mut map)) => {
+                            map.entry("kind").or_insert("Service".into());
+                            serde_json::Value::Object(map)
+                        }
+                        ("NodeList", serde_json::Value::Object(mut map)) => {
+                            map.entry("kind").or_insert("Node".into());
+                            serde_json::Value::Object(map)
+                        }
+                        (_, item) => item,
+                    };
+                    self.add(item)?;
+                }
+            }
+            "Service" => {
+                let name = name();
+                self.services
+                    .push(serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?);
+            }
+            "Node" => {
+                let name = name();
+                self.nodes.push(serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_kubectl_list_and_skips_other_kinds() {
+        let text = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: default}
+  spec: {ports: [{port: 80, nodePort: 30080}]}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: n1}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: default}
+"#;
+        let snapshot = Snapshot::from_text(text, Path::new("x.yaml")).expect("parses");
+        assert_eq!(snapshot.services.len(), 2);
+        assert_eq!(snapshot.nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_object_names_itself() {
+        let text = "kind: Service\nmetadata: {name: web}\nspec: {ports: 7}\n";
+        let err = Snapshot::from_text(text, Path::new("x.yaml")).expect_err("bad ports");
+        assert!(err.to_string().contains("Service web"), "{err}");
+    }
+}

@@ -1,0 +1,297 @@
+//! The domain vocabulary shared by every layer: who owns a mapping, which router port it
+//! takes, where its traffic goes, and the problems that keep a Service from being published.
+//!
+//! Plain data only: no I/O, no clocks. Wire formats (TOML state, router protocols) convert
+//! to and from these types at the edges.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The tag prefix in a router mapping's description that marks it as holepunch's.
+pub const OWNER_TAG_PREFIX: &str = "holepunch:";
+
+/// Transport protocol of a mapping. Only TCP and UDP can be mapped by IGD, PCP and NAT-PMP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number, as PCP and nftables carry it.
+    pub fn iana_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The spelling UPnP IGD uses in `NewProtocol`.
+    pub fn upnp_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Error for a protocol name that is neither TCP nor UDP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol {0:?} cannot be mapped: only TCP and UDP are supported")]
+pub struct UnsupportedProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnsupportedProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("tcp") {
+            Ok(Protocol::Tcp)
+        } else if s.eq_ignore_ascii_case("udp") {
+            Ok(Protocol::Udp)
+        } else {
+            Err(UnsupportedProtocol(s.to_owned()))
+        }
+    }
+}
+
+/// The Kubernetes Service a mapping belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Owner {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Owner {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Owner {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The description written on router mappings: `holepunch:<namespace>/<service>`.
+    pub fn tag(&self) -> String {
+        format!("{OWNER_TAG_PREFIX}{self}")
+    }
+
+    /// Reads an owner back from a router mapping description; `None` if it is not ours.
+    pub fn from_tag(description: &str) -> Option<Owner> {
+        description.strip_prefix(OWNER_TAG_PREFIX)?.parse().ok()
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Error for an owner that is not `<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not of the form <namespace>/<name>")]
+pub struct InvalidOwner(pub String);
+
+impl FromStr for Owner {
+    type Err = InvalidOwner;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Owner::new(ns, name))
+            }
+            _ => Err(InvalidOwner(s.to_owned())),
+        }
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A slot in the router's shared port space: one protocol and one external port.
+/// Two mappings with the same key cannot coexist on one router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MappingKey {
+    pub protocol: Protocol,
+    pub external_port: u16,
+}
+
+impl fmt::Display for MappingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.external_port, self.protocol)
+    }
+}
+
+/// An IPv4 address and port: where traffic for a mapping finally goes, or what the router
+/// forwards to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn new(address: Ipv4Addr, port: u16) -> Self {
+        Endpoint { address, port }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+/// How the Service's target was chosen, for logs and `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSource {
+    /// `status.loadBalancer.ingress` IP and the Service port.
+    LoadBalancer,
+    /// A Ready node's InternalIP and the `nodePort`.
+    NodePort,
+}
+
+/// Where a Service port's traffic must end up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    pub source: TargetSource,
+}
+
+/// One port mapping that the cluster asks for: a Service port published on an external port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    pub owner: Owner,
+    /// The Service's `spec.ports[].port`.
+    pub service_port: u16,
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub target: Target,
+}
+
+impl PortMapping {
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            protocol: self.protocol,
+            external_port: self.external_port,
+        }
+    }
+}
+
+/// Which router protocol holds (or would hold) a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Upnp,
+    Pcp,
+    Natpmp,
+    /// No router mapping at all (`gateway` mode, or `router.backend = "none"`).
+    None,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Upnp => "upnp",
+            Backend::Pcp => "pcp",
+            Backend::Natpmp => "natpmp",
+            Backend::None => "none",
+        })
+    }
+}
+
+/// What kind of thing keeps a Service (port) from being published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemKind {
+    /// An annotation value that does not parse, is too long, or names no port of the Service.
+    InvalidAnnotation,
+    /// The external port is on the deny list, outside the allowed ranges, or below 1024.
+    DeniedPort,
+    /// Another Service won the same external port and protocol.
+    PortConflict,
+    /// The Service has no usable target (no load balancer IP, no Ready node, no nodePort).
+    NoTarget,
+    /// The target address lies outside `exposure.target_cidrs`.
+    TargetNotAllowed,
+    /// The Service port's protocol cannot be mapped (SCTP).
+    UnsupportedProtocol,
+    /// The router refused the mapping.
+    RouterRefused,
+    /// The router's external address is private or CGNAT: the mapping cannot work from the Internet.
+    DoubleNat,
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProblemKind::InvalidAnnotation => "invalid-annotation",
+            ProblemKind::DeniedPort => "denied-port",
+            ProblemKind::PortConflict => "port-conflict",
+            ProblemKind::NoTarget => "no-target",
+            ProblemKind::TargetNotAllowed => "target-not-allowed",
+            ProblemKind::UnsupportedProtocol => "unsupported-protocol",
+            ProblemKind::RouterRefused => "router-refused",
+            ProblemKind::DoubleNat => "double-nat",
+        })
+    }
+}
+
+/// A reason a Service is not (fully) published, addressed to the person who owns it.
+/// Becomes a Warning Event on the Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Problem {
+    pub owner: Owner,
+    pub kind: ProblemKind,
+    /// One sentence that says what is wrong and what to change.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} [{}]: {}", self.owner, self.kind, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_tag_round_trips_and_rejects_foreign_descriptions() {
+        let owner = Owner::new("media", "jellyfin");
+        assert_eq!(owner.tag(), "holepunch:media/jellyfin");
+        assert_eq!(Owner::from_tag(&owner.tag()), Some(owner));
+        assert_eq!(Owner::from_tag("Skype (TCP)"), None);
+        assert_eq!(Owner::from_tag("holepunch:noslash"), None);
+        assert_eq!(Owner::from_tag("holepunch:a/b/c"), None);
+    }
+
+    #[test]
+    fn protocol_parses_case_insensitively_and_refuses_sctp() {
+        assert_eq!("TCP".parse::<Protocol>(), Ok(Protocol::Tcp));
+        assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert!("SCTP".parse::<Protocol>().is_err());
+    }
+}

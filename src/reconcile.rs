@@ -1,0 +1,293 @@
+//! Executes a [`Plan`] through a router backend and records every result in the [`State`].
+//!
+//! The order of writes follows DESIGN.md ("State, lifecycle, signals"): every request is
+//! recorded as `pending` (with its PCP nonce) and saved **before** it is sent, so a crash at
+//! any point leaves a state that can renew or delete what the router may hold. Failures are
+//! recorded with a backoff; the plan retries them when it is due.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use rand::Rng;
+
+use crate::model::{Backend, PortMapping, Problem, ProblemKind};
+use crate::plan::{Action, Plan};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError};
+use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
+
+/// First retry after a failure; doubles with each further failure.
+pub const RETRY_FLOOR_SECS: u64 = 30;
+/// Longest wait between retries (DESIGN.md: "30 s short, 30 min long").
+pub const RETRY_CEILING_SECS: u64 = 30 * 60;
+
+/// What one reconcile did, for logs, Events and metrics.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub mapped: usize,
+    pub renewed: usize,
+    pub restored: usize,
+    pub retargeted: usize,
+    pub unmapped: usize,
+    pub failed: usize,
+    /// Router refusals and conflicts, to be reported on the Services.
+    pub problems: Vec<Problem>,
+    /// The state could not be saved; the in-memory state is still right and the next save
+    /// will try again.
+    pub save_error: Option<StateError>,
+}
+
+/// Where the reconciler persists the state. The daemon uses the locked [`StateFile`]; tests
+/// may keep it in memory.
+pub trait Persist {
+    fn persist(&mut self, state: &State) -> Result<(), StateError>;
+}
+
+impl Persist for StateFile {
+    fn persist(&mut self, state: &State) -> Result<(), StateError> {
+        self.save(state)
+    }
+}
+
+/// Applies `plan` at `now`: router calls through `mapper`, results into `state`, saved with
+/// `store` before and after the router calls.
+pub async fn execute<M: PortMapper>(
+    plan: &Plan,
+    state: &mut State,
+    mapper: &mut M,
+    store: &mut impl Persist,
+    lease_secs: u32,
+    now: Timestamp,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    let backend = mapper.backend();
+
+    // 1. Record what is about to be requested, then save: pending before sending.
+    for action in &plan.actions {
+        match action {
+            Action::Map { mapping, internal } => {
+                let record = new_record(mapping, *internal, backend);
+                state.mappings.insert(mapping.key(), record);
+            }
+            Action::Restore { mapping, .. } => {
+                if let Some(record) = state.mappings.get_mut(&mapping.key()) {
+                    record.status = MappingStatus::Pending;
+                    if backend == Backend::Pcp && record.nonce.is_none() {
+                        record.nonce = Some(random_nonce());
+                    }
+                    record.backend = backend;
+                }
+            }
+            Action::Retarget { mapping, .. } => {
+                if let Some(record) = state.mappings.get_mut(&mapping.key()) {
+                    record.target = mapping.target.endpoint;
+                    record.target_source = mapping.target.source;
+                    record.service_port = mapping.service_port;
+                    outcome.retargeted += 1;
+                }
+            }
+            Action::Renew { .. } | Action::Unmap { .. } | Action::Report { .. } => {}
+        }
+    }
+    save(state, store, &mut outcome);
+
+    // 2. Talk to the router.
+    for action in &plan.actions {
+        match action {
+            Action::Unmap { record } => match mapper.unmap(record).await {
+                Ok(()) => {
+                    state.mappings.remove(&record.key());
+                    outcome.unmapped += 1;
+                    tracing::info!(service = %record.owner, external_port = record.external_port,
+                        protocol = %record.protocol, backend = %record.backend, "unmapped");
+                }
+                Err(e) => {
+                    outcome.failed += 1;
+                    tracing::warn!(service = %record.owner, external_port = record.external_port,
+                        error = %e, "could not remove mapping; will retry");
+                    if let Some(kept) = state.mappings.get_mut(&record.key()) {
+                        kept.last_error = Some(e.to_string());
+                    }
+                }
+            },
+            Action::Map { mapping, .. } | Action::Restore { mapping, .. } | Action::Renew { mapping, .. } => {
+                let Some(record) = state.mappings.get(&mapping.key()) else {
+                    continue;
+                };
+                let request = MapRequest {
+                    owner: record.owner.clone(),
+                    protocol: record.protocol,
+                    external_port: record.external_port,
+                    internal: record.internal,
+                    lifetime_secs: lease_secs,
+                    nonce: record.nonce.clone(),
+                };
+                let result = mapper.map(&request).await;
+                let result = match result {
+                    Ok(grant) if grant.external_port != request.external_port => {
+                        // NOTE: miniupnpd may grant another port even with PREFER_FAILURE
+                        // (DESIGN.md, PCP rules): give it back and report a conflict.
+                        let mut wrong = record.clone();
+                        wrong.external_port = grant.external_port;
+                        if let Err(e) = mapper.unmap(&wrong).await {
+                            tracing::warn!(error = %e, port = grant.external_port,
+                                "could not give back a mapping the router granted on another port");
+                        }
+                        Err(RouterError::Conflict {
+                            port: request.external_port,
+                            protocol: request.protocol,
+                            detail: format!("the router offered port {} instead", grant.external_port),
+                        })
+                    }
+                    other => other,
+                };
+                let Some(record) = state.mappings.get_mut(&mapping.key()) else {
+                    continue;
+                };
+                match result {
+                    Ok(grant) => {
+                        match action {
+                            Action::Map { .. } => outcome.mapped += 1,
+                            Action::Restore { .. } => outcome.restored += 1,
+                            _ => outcome.renewed += 1,
+                        }
+                        record_grant(record, &grant, now);
+                        tracing::info!(service = %record.owner, external_port = record.external_port,
+                            protocol = %record.protocol, target = %record.target, backend = %backend,
+                            lifetime_secs = grant.lifetime_secs, "{}", verb(action));
+                    }
+                    Err(e) => {
+                        outcome.failed += 1;
+                        tracing::warn!(service = %record.owner, external_port = record.external_port,
+                            protocol = %record.protocol, backend = %backend, error = %e,
+                            "router request failed");
+                        let renewing_valid_lease = matches!(action, Action::Renew { .. })
+                            && record.expires_at.is_none_or(|at| at > now);
+                        record_failure(record, &e, now, renewing_valid_lease, rand::rng().random_range(0.9..1.1));
+                        if let RouterError::Conflict { .. } | RouterError::Refused { .. } = e {
+                            outcome.problems.push(Problem {
+                                owner: record.owner.clone(),
+                                kind: ProblemKind::RouterRefused,
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+            Action::Retarget { .. } | Action::Report { .. } => {}
+        }
+    }
+    save(state, store, &mut outcome);
+    outcome
+}
+
+fn verb(action: &Action) -> &'static str {
+    match action {
+        Action::Map { .. } => "mapped",
+        Action::Restore { .. } => "restored",
+        _ => "renewed",
+    }
+}
+
+fn save(state: &State, store: &mut impl Persist, outcome: &mut Outcome) {
+    match store.persist(state) {
+        Ok(()) => outcome.save_error = None,
+        Err(e) => {
+            tracing::error!(error = %e, "could not save the state file; keeping the state in memory and serving on");
+            outcome.save_error = Some(e);
+        }
+    }
+}
+
+fn new_record(mapping: &PortMapping, internal: crate::model::Endpoint, backend: Backend) -> MappingRecord {
+    MappingRecord {
+        owner: mapping.owner.clone(),
+        service_port: mapping.service_port,
+        protocol: mapping.protocol,
+        external_port: mapping.external_port,
+        internal,
+        target: mapping.target.endpoint,
+        target_source: mapping.target.source,
+        backend,
+        router: String::new(),
+        nonce: (backend == Backend::Pcp).then(random_nonce),
+        lifetime_secs: 0,
+        granted_at: None,
+        renew_at: None,
+        expires_at: None,
+        epoch: None,
+        external_address: None,
+        status: MappingStatus::Pending,
+        retry_at: None,
+        failures: 0,
+        last_error: None,
+    }
+}
+
+/// 96 random bits as 24 hex digits (RFC 6887 §11.1: the nonce identifies the mapping's owner).
+fn random_nonce() -> String {
+    let bytes: [u8; 12] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn after(now: Timestamp, duration: Duration) -> Timestamp {
+    SignedDuration::try_from(duration)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
+    record.status = MappingStatus::Active;
+    record.lifetime_secs = grant.lifetime_secs;
+    record.granted_at = Some(now);
+    let lifetime = Duration::from_secs(grant.lifetime_secs.into());
+    record.expires_at = (grant.lifetime_secs > 0).then(|| after(now, lifetime));
+    record.renew_at = (grant.lifetime_secs > 0).then(|| after(now, grant.renew_after.unwrap_or(lifetime / 2)));
+    record.epoch = grant.epoch;
+    record.external_address = grant.external_address.or(record.external_address);
+    record.router = grant.router.clone();
+    record.retry_at = None;
+    record.failures = 0;
+    record.last_error = None;
+}
+
+/// Records a failed request. A failed renewal of a lease that is still valid keeps the
+/// mapping active and only moves the renewal; anything else waits for its retry.
+fn record_failure(record: &mut MappingRecord, error: &RouterError, now: Timestamp, renewing_valid_lease: bool, jitter: f64) {
+    record.failures = record.failures.saturating_add(1);
+    record.last_error = Some(error.to_string());
+    let floor = match error {
+        RouterError::Refused { retry_after: Some(after), .. } => (*after).max(Duration::from_secs(RETRY_FLOOR_SECS)),
+        _ => Duration::from_secs(RETRY_FLOOR_SECS),
+    };
+    let retry = after(now, retry_delay(record.failures, floor, jitter));
+    if renewing_valid_lease {
+        record.renew_at = Some(record.expires_at.map_or(retry, |expiry| retry.min(expiry)));
+    } else {
+        record.status = MappingStatus::Failed;
+        record.retry_at = Some(retry);
+    }
+}
+
+/// Exponential backoff from `floor`, doubling per failure, capped at [`RETRY_CEILING_SECS`]
+/// (or at `floor` if that is higher), scaled by `jitter` (e.g. 0.9..1.1).
+pub fn retry_delay(failures: u32, floor: Duration, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    let ceiling = Duration::from_secs(RETRY_CEILING_SECS).max(floor);
+    let base = floor.saturating_mul(1 << doublings).min(ceiling);
+    base.mul_f64(jitter.clamp(0.5, 1.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_from_the_floor_and_is_capped() {
+        let floor = Duration::from_secs(RETRY_FLOOR_SECS);
+        let secs: Vec<u64> = (1..=8).map(|n| retry_delay(n, floor, 1.0).as_secs()).collect();
+        assert_eq!(secs, [30, 60, 120, 240, 480, 960, 1800, 1800]);
+        assert_eq!(retry_delay(1, Duration::from_secs(3600), 1.0).as_secs(), 3600);
+        assert_eq!(retry_delay(1, floor, 1.1).as_millis(), 33_000);
+    }
+}

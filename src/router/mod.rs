@@ -1,0 +1,101 @@
+//! Router port-mapping backends: one module per protocol behind one small trait,
+//! [`PortMapper`]. Codecs are sans-io (bytes in, bytes out); clients own the sockets.
+//!
+//! Backends are idempotent (DESIGN.md, "Rules of the house"): removing what is already gone
+//! is success, adding what exists is a renewal.
+
+pub mod discover;
+pub mod natpmp;
+pub mod pcp;
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::model::{Backend, Endpoint, Owner, Protocol};
+use crate::state::MappingRecord;
+
+/// A request to create or renew one mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRequest {
+    pub owner: Owner,
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub internal: Endpoint,
+    pub lifetime_secs: u32,
+    /// PCP: the mapping's nonce (24 hex digits), already persisted in the state file.
+    pub nonce: Option<String>,
+}
+
+/// What the router granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub external_port: u16,
+    /// 0: permanent.
+    pub lifetime_secs: u32,
+    /// When to renew, counted from the grant (the backend's own schedule, with jitter).
+    pub renew_after: Option<Duration>,
+    pub external_address: Option<Ipv4Addr>,
+    pub epoch: Option<u32>,
+    /// The router's identity, recorded with the mapping.
+    pub router: String,
+}
+
+/// Why a router call failed, in terms the reconciler acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// Another host (or a mapping holepunch does not own) holds the external port.
+    #[error("external port {port}/{protocol} is taken on the router by another host: {detail}")]
+    Conflict {
+        port: u16,
+        protocol: Protocol,
+        detail: String,
+    },
+    /// The router answered and said no.
+    #[error("the router refused: {reason}")]
+    Refused {
+        reason: String,
+        /// The least time to wait before asking again, if the protocol says (PCP lifetimes).
+        retry_after: Option<Duration>,
+    },
+    /// No answer, or no usable answer.
+    #[error("the router did not answer: {0}")]
+    Unreachable(String),
+}
+
+/// One router protocol.
+pub trait PortMapper: Send {
+    fn backend(&self) -> Backend;
+
+    /// Creates or renews a mapping (adding one that exists is a renewal).
+    fn map(&mut self, request: &MapRequest) -> impl Future<Output = Result<Grant, RouterError>> + Send;
+
+    /// Deletes a mapping holepunch owns; one that is already gone is success.
+    fn unmap(&mut self, record: &MappingRecord) -> impl Future<Output = Result<(), RouterError>> + Send;
+}
+
+/// No router at all: `gateway` mode and `router.backend = "none"`. Every mapping is
+/// "granted" permanently, so the state still says what holepunch publishes.
+#[derive(Debug, Default)]
+pub struct NoRouter;
+
+impl PortMapper for NoRouter {
+    fn backend(&self) -> Backend {
+        Backend::None
+    }
+
+    async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+        Ok(Grant {
+            external_port: request.external_port,
+            lifetime_secs: 0,
+            renew_after: None,
+            external_address: None,
+            epoch: None,
+            router: String::new(),
+        })
+    }
+
+    async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
+        Ok(())
+    }
+}

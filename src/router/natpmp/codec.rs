@@ -1,0 +1,1 @@
+//! NAT-PMP wire format (placeholder).

@@ -1,0 +1,3 @@
+//! NAT-PMP (RFC 6886): codec and client.
+
+pub mod codec;

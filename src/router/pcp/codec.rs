@@ -1,0 +1,1 @@
+//! PCP wire format (placeholder).

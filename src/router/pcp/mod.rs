@@ -1,0 +1,3 @@
+//! PCP (RFC 6887): codec and client.
+
+pub mod codec;

@@ -1,0 +1,227 @@
+//! The `holepunch` binary as a user runs it: check-config, plan --from-file, status, and the
+//! single-instance lock and state-file recovery of `run`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holepunch");
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn holepunch(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("HOLEPUNCH_CONFIG")
+        .output()
+        .expect("holepunch runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A config for tests: state in `dir`, no router, a kubeconfig that does not exist (so `run`
+/// waits for one and holds its lock).
+fn test_config(dir: &Path) -> PathBuf {
+    let path = dir.join("holepunch.toml");
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{dir}/no-kubeconfig\"\n\n[router]\nbackend = \"none\"\n\n\
+         [exposure]\nlan_address = \"192.168.77.10\"\n\n[state]\npath = \"{dir}/state/state.toml\"\n\n\
+         [metrics]\nlisten = \"\"\n\n[log]\nformat = \"text\"\n",
+        dir = dir.display()
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+#[test]
+fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
+    let out = holepunch(&["check-config", "--config", repo("etc/holepunch.toml").to_str().expect("utf-8")]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    for key in ["[kubernetes]", "lease_seconds = 3600", "mode = \"relay\"", "10250-10259"] {
+        assert!(printed.contains(key), "{key:?} missing from:\n{printed}");
+    }
+}
+
+#[test]
+fn check_config_names_a_misspelt_key_with_its_line_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[router]\nbackend = \"upnp\"\nleas_seconds = 600\n").expect("write");
+    let out = holepunch(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("leas_seconds"), "{err}");
+    assert!(err.contains("lease_seconds"), "no suggestion: {err}");
+    assert!(err.contains(":3:"), "no line number: {err}");
+    assert!(err.contains("bad.toml"), "no file name: {err}");
+}
+
+#[test]
+fn missing_config_file_is_exit_1_with_a_hint() {
+    let out = holepunch(&["check-config", "--config", "/nonexistent/holepunch.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/holepunch.toml"));
+}
+
+#[test]
+fn plan_from_file_sorts_out_a_mixed_cluster_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let fixture = repo("tests/fixtures/services.yaml");
+    let out = holepunch(&[
+        "plan",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--from-file",
+        fixture.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    let lines: Vec<&str> = plan.lines().collect();
+    let has = |words: &[&str]| lines.iter().any(|l| words.iter().all(|w| l.contains(w)));
+    // Annotated, on its own port, through the Ready node's nodePort.
+    assert!(has(&["map", "8080/tcp", "default/web", "192.168.77.20:30080"]), "{plan}");
+    // Remapped TCP port and plain UDP port, to the load balancer IP.
+    assert!(has(&["map", "18096/tcp", "media/jellyfin", "192.168.77.100:8096"]), "{plan}");
+    assert!(has(&["map", "7359/udp", "media/jellyfin", "192.168.77.100:7359"]), "{plan}");
+    // loadBalancerClass without annotation.
+    assert!(has(&["map", "27015/udp", "games/game", "192.168.77.20:32015"]), "{plan}");
+    // The younger Service loses the conflict and is told who won.
+    assert!(has(&["problem", "default/copycat", "port-conflict", "default/web"]), "{plan}");
+    assert!(has(&["problem", "default/ssh", "denied-port"]), "{plan}");
+    assert!(has(&["problem", "default/broken", "invalid-annotation", "ninety"]), "{plan}");
+    assert!(!plan.contains("default/private"), "{plan}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("map")).count(), 4, "{plan}");
+    // Relay mode: the router forwards to this host.
+    assert!(has(&["map", "8080/tcp", "router forwards to 192.168.77.10:8080"]), "{plan}");
+    assert!(!dir.path().join("state").exists(), "a dry run must not create state");
+}
+
+#[test]
+fn status_without_state_shows_no_mappings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let out = holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("0 mappings"), "{}", text(&out.stdout));
+    let out = holepunch(&["status", "-o", "json", "--config", config.to_str().expect("utf-8")]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["mappings"], serde_json::json!([]));
+}
+
+/// A `holepunch run` in the background, killed (by its PID) when dropped.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().expect("utf-8")])
+            .env_remove("KUBECONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn holepunch run");
+        Daemon(child)
+    }
+
+    /// Stops it with SIGTERM and returns what it logged.
+    fn stop(mut self) -> String {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.0.wait();
+        let mut log = String::new();
+        if let Some(mut stderr) = self.0.stderr.take() {
+            let _ = stderr.read_to_string(&mut log);
+        }
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_instance_exits_non_zero_within_a_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let first = Daemon::start(&config);
+    let lock = dir.path().join("state/state.toml.lock");
+    wait_for("the first instance to take the lock", || {
+        std::fs::read_to_string(&lock).is_ok_and(|pid| pid.trim() == first.0.id().to_string())
+    });
+
+    let started = Instant::now();
+    let second = holepunch(&["run", "--config", config.to_str().expect("utf-8")]);
+    let elapsed = started.elapsed();
+    assert_eq!(second.status.code(), Some(3), "stderr: {}", text(&second.stderr));
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    let err = text(&second.stderr);
+    assert!(err.contains("another holepunch"), "{err}");
+    assert!(err.contains(&first.0.id().to_string()), "holder PID not named: {err}");
+
+    let log = first.stop();
+    assert!(log.contains("no kubeconfig at"), "the first instance should say what to configure: {log}");
+}
+
+#[test]
+fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let record = |port: u16| {
+        format!(
+            "[[mapping]]\nowner = \"default/web{port}\"\nservice_port = {port}\nprotocol = \"tcp\"\n\
+             external_port = {port}\ninternal = {{ address = \"192.168.77.10\", port = {port} }}\n\
+             target = {{ address = \"192.168.77.20\", port = 30080 }}\ntarget_source = \"node-port\"\n\
+             backend = \"none\"\nstatus = \"active\"\n\n"
+        )
+    };
+    let whole = format!("version = 1\n\n{}{}", record(8080), record(8081));
+    let truncated = &whole[..whole.len() - 60];
+    std::fs::write(state_dir.join("state.toml"), truncated).expect("write state");
+
+    let daemon = Daemon::start(&config);
+    wait_for("the state file to be rewritten", || {
+        std::fs::read_dir(&state_dir)
+            .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().contains("corrupt")))
+            .unwrap_or(false)
+            && state_dir.join("state.toml").exists()
+    });
+    let log = daemon.stop();
+    assert!(log.contains("STATE FILE DAMAGED"), "not said loudly: {log}");
+
+    let aside = std::fs::read_dir(&state_dir)
+        .expect("read dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().contains("corrupt"))
+        .expect("moved-aside file");
+    assert_eq!(std::fs::read_to_string(aside.path()).expect("read aside"), truncated);
+
+    // The daemon did not start as if empty: the complete record is still owned.
+    let out = holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
+    let status = text(&out.stdout);
+    assert!(status.contains("default/web8080"), "{status}");
+    assert!(status.contains("pending"), "{status}");
+    assert!(!status.contains("default/web8081"), "{status}");
+}
