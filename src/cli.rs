@@ -114,7 +114,6 @@ pub enum OutputFormat {
     Json,
 }
 
-
 /// Runs one command and turns its outcome into the documented exit code.
 pub fn execute(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -173,7 +172,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(EXIT_OTHER, anyhow::Error::new(e).context("cannot start the async runtime")))
+        .map_err(|e| {
+            Failure::new(
+                EXIT_OTHER,
+                anyhow::Error::new(e).context("cannot start the async runtime"),
+            )
+        })
 }
 
 fn check_config(path: &Path) -> Result<(), Failure> {
@@ -204,10 +208,17 @@ fn dry_run_forwarding(config: &Config, lan_address: Option<Ipv4Addr>) -> Forward
         ExposureMode::Direct => Forwarding::Direct,
         ExposureMode::Gateway => Forwarding::Gateway,
         ExposureMode::Relay => {
-            let found = lan_address.or(config.exposure.lan_address).map(Ok).unwrap_or_else(|| {
-                let gateway = config.router.address.map(Ok).unwrap_or_else(discover::default_gateway)?;
-                discover::source_address_toward(gateway)
-            });
+            let found = lan_address
+                .or(config.exposure.lan_address)
+                .map(Ok)
+                .unwrap_or_else(|| {
+                    let gateway = config
+                        .router
+                        .address
+                        .map(Ok)
+                        .unwrap_or_else(discover::default_gateway)?;
+                    discover::source_address_toward(gateway)
+                });
             let lan_address = found.unwrap_or_else(|e| {
                 eprintln!("note: {e}; showing 0.0.0.0 as this host's address (use --lan-address)");
                 Ipv4Addr::UNSPECIFIED
@@ -217,18 +228,29 @@ fn dry_run_forwarding(config: &Config, lan_address: Option<Ipv4Addr>) -> Forward
     }
 }
 
-fn dry_run(path: &Path, from_file: Option<&Path>, lan_address: Option<Ipv4Addr>) -> Result<(), Failure> {
+fn dry_run(
+    path: &Path,
+    from_file: Option<&Path>,
+    lan_address: Option<Ipv4Addr>,
+) -> Result<(), Failure> {
     let config = load_config(path)?;
     let snapshot = match from_file {
         Some(file) => Snapshot::from_file(file).map_err(|e| Failure::new(EXIT_OTHER, e))?,
-        None => runtime()?.block_on(async {
-            let client = crate::kube::client(&config.kubernetes).await?;
-            Snapshot::list(&client, &config.kubernetes).await
-        }).map_err(|e| Failure::new(EXIT_UNREACHABLE, e))?,
+        None => runtime()?
+            .block_on(async {
+                let client = crate::kube::client(&config.kubernetes).await?;
+                Snapshot::list(&client, &config.kubernetes).await
+            })
+            .map_err(|e| Failure::new(EXIT_UNREACHABLE, e))?,
     };
     let state = read_state_or_empty(&config.state.path)?;
     let wanted = desired(&snapshot.services, &snapshot.nodes, &config);
-    let plan = plan(&wanted, &state, dry_run_forwarding(&config, lan_address), Timestamp::now());
+    let plan = plan(
+        &wanted,
+        &state,
+        dry_run_forwarding(&config, lan_address),
+        Timestamp::now(),
+    );
     print!("{plan}");
     eprintln!(
         "{} Services read, {} mappings wanted, {} problems; nothing was changed",
@@ -277,7 +299,9 @@ pub fn status_table(state: &State, now: Timestamp) -> String {
             None => format!("*:{}", record.external_port),
         };
         let lease = match record.expires_at {
-            None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
+            None if record.lifetime_secs == 0 && record.granted_at.is_some() => {
+                "permanent".to_owned()
+            }
             None => "-".to_owned(),
             Some(at) if at <= now => "expired".to_owned(),
             Some(at) => format!("{}s", at.as_second() - now.as_second()),
@@ -316,15 +340,29 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
     // Nothing is wanted: the plan unmaps every recorded mapping.
     let plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
     let mut mapper = NoRouter;
-    let outcome = runtime()?.block_on(reconcile::execute(&plan, &mut state, &mut mapper, &mut store, 0, now));
-    println!("removed {} mappings, {} left", outcome.unmapped, state.mappings.len());
+    let outcome = runtime()?.block_on(reconcile::execute(
+        &plan,
+        &mut state,
+        &mut mapper,
+        &mut store,
+        0,
+        now,
+    ));
+    println!(
+        "removed {} mappings, {} left",
+        outcome.unmapped,
+        state.mappings.len()
+    );
     if let Some(e) = outcome.save_error {
         return Err(state_failure(e));
     }
     if !state.mappings.is_empty() {
         return Err(Failure::new(
             EXIT_UNREACHABLE,
-            anyhow::anyhow!("{} mappings could not be removed; run holepunch cleanup again when the router answers", state.mappings.len()),
+            anyhow::anyhow!(
+                "{} mappings could not be removed; run holepunch cleanup again when the router answers",
+                state.mappings.len()
+            ),
         ));
     }
     Ok(())
@@ -343,7 +381,13 @@ mod tests {
     #[test]
     fn help_teaches_exit_codes_and_commands() {
         let help = Cli::command().render_long_help().to_string();
-        for needle in ["check-config", "plan", "cleanup", "Exit codes:", "another holepunch"] {
+        for needle in [
+            "check-config",
+            "plan",
+            "cleanup",
+            "Exit codes:",
+            "another holepunch",
+        ] {
             assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
         }
     }

@@ -344,7 +344,10 @@ impl Config {
                     ("address", toml_display(r.address.as_ref())),
                     ("igd_url", toml_string(r.igd_url.as_deref().unwrap_or(""))),
                     ("lease_seconds", r.lease_secs.to_string()),
-                    ("verify_interval_seconds", r.verify_interval_secs.to_string()),
+                    (
+                        "verify_interval_seconds",
+                        r.verify_interval_secs.to_string(),
+                    ),
                 ],
             ),
             (
@@ -367,10 +370,7 @@ impl Config {
                     ("allow_below_1024", p.allow_below_1024.to_string()),
                 ],
             ),
-            (
-                "state",
-                vec![("path", toml_path(Some(&self.state.path)))],
-            ),
+            ("state", vec![("path", toml_path(Some(&self.state.path)))]),
             (
                 "metrics",
                 vec![("listen", toml_display(self.metrics.listen.as_ref()))],
@@ -420,13 +420,13 @@ fn toml_array<'a, T: fmt::Display + 'a>(items: impl IntoIterator<Item = &'a T>) 
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-/// Where in which config file something is wrong. Line and column are 1-based; they are
-/// `None` when the problem is not at one place in the file (e.g. it could not be read).
+/// Where in which config file something is wrong. Line and column are 1-based (the column
+/// counts characters); they are `None` when the problem is not at one place in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     pub path: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
 }
 
 impl Location {
@@ -434,7 +434,7 @@ impl Location {
         let (line, column) = match span {
             Some(span) => {
                 let (line, column) = line_column(text, span.start);
-                (Some(line), Some(column))
+                (u32::try_from(line).ok(), u32::try_from(column).ok())
             }
             None => (None, None),
         };
@@ -490,13 +490,15 @@ pub enum ConfigError {
         name: String,
         hint: String,
     },
-    #[error("{at}: {key}: unknown key `{name}` in [{section}]; {hint}")]
+    #[error(
+        "{at}: {key}: unknown key `{}` in [{}]; {hint}",
+        split_key(.key).1,
+        split_key(.key).0
+    )]
     UnknownKey {
         at: Location,
-        /// `section.name`, as written.
+        /// `section.name`, the name as written.
         key: String,
-        section: String,
-        name: String,
         hint: String,
     },
     #[error("{at}: {key}: expected {expected}, found {found}; write it like `{example}`")]
@@ -514,6 +516,11 @@ pub enum ConfigError {
         problem: String,
         fix: String,
     },
+}
+
+/// `("router", "lease_seconds")` from `"router.lease_seconds"`.
+fn split_key(key: &str) -> (&str, &str) {
+    key.split_once('.').unwrap_or(("", key))
 }
 
 fn read_fix(error: &std::io::Error) -> &'static str {
@@ -553,12 +560,16 @@ impl ConfigError {
 
     /// 1-based line of the offending text, when the problem is at one place in the file.
     pub fn line(&self) -> Option<usize> {
-        self.location().and_then(|at| at.line)
+        self.location()
+            .and_then(|at| at.line)
+            .map(|line| line as usize)
     }
 
     /// 1-based column (in characters) of the offending text.
     pub fn column(&self) -> Option<usize> {
-        self.location().and_then(|at| at.column)
+        self.location()
+            .and_then(|at| at.column)
+            .map(|column| column as usize)
     }
 
     /// The dotted key concerned, e.g. `router.lease_seconds` (a section name for sections).
@@ -718,12 +729,32 @@ const SCHEMA: &[SectionSpec] = &[
         name: "kubernetes",
         example: "[kubernetes]",
         keys: &[
-            key("kubeconfig", Kind::String, r#"kubeconfig = "/etc/holepunch/kubeconfig""#),
+            key(
+                "kubeconfig",
+                Kind::String,
+                r#"kubeconfig = "/etc/holepunch/kubeconfig""#,
+            ),
             key("context", Kind::String, r#"context = "home""#),
-            key("namespaces", Kind::Strings, r#"namespaces = ["default", "media"]"#),
-            key("exclude_namespaces", Kind::Strings, r#"exclude_namespaces = ["kube-system"]"#),
-            key("annotation", Kind::String, r#"annotation = "holepunch/punch-external""#),
-            key("load_balancer_class", Kind::String, r#"load_balancer_class = "holepunch.io/router""#),
+            key(
+                "namespaces",
+                Kind::Strings,
+                r#"namespaces = ["default", "media"]"#,
+            ),
+            key(
+                "exclude_namespaces",
+                Kind::Strings,
+                r#"exclude_namespaces = ["kube-system"]"#,
+            ),
+            key(
+                "annotation",
+                Kind::String,
+                r#"annotation = "holepunch/punch-external""#,
+            ),
+            key(
+                "load_balancer_class",
+                Kind::String,
+                r#"load_balancer_class = "holepunch.io/router""#,
+            ),
         ],
     },
     SectionSpec {
@@ -732,9 +763,17 @@ const SCHEMA: &[SectionSpec] = &[
         keys: &[
             key("backend", Kind::String, r#"backend = "auto""#),
             key("address", Kind::String, r#"address = "192.168.1.1""#),
-            key("igd_url", Kind::String, r#"igd_url = "http://192.168.1.1:5000/rootDesc.xml""#),
+            key(
+                "igd_url",
+                Kind::String,
+                r#"igd_url = "http://192.168.1.1:5000/rootDesc.xml""#,
+            ),
             key("lease_seconds", Kind::Integer, "lease_seconds = 3600"),
-            key("verify_interval_seconds", Kind::Integer, "verify_interval_seconds = 60"),
+            key(
+                "verify_interval_seconds",
+                Kind::Integer,
+                "verify_interval_seconds = 60",
+            ),
         ],
     },
     SectionSpec {
@@ -742,9 +781,17 @@ const SCHEMA: &[SectionSpec] = &[
         example: "[exposure]",
         keys: &[
             key("mode", Kind::String, r#"mode = "relay""#),
-            key("lan_address", Kind::String, r#"lan_address = "192.168.1.10""#),
+            key(
+                "lan_address",
+                Kind::String,
+                r#"lan_address = "192.168.1.10""#,
+            ),
             key("wan_interface", Kind::String, r#"wan_interface = "eth0""#),
-            key("target_cidrs", Kind::Strings, r#"target_cidrs = ["192.168.0.0/16"]"#),
+            key(
+                "target_cidrs",
+                Kind::Strings,
+                r#"target_cidrs = ["192.168.0.0/16"]"#,
+            ),
         ],
     },
     SectionSpec {
@@ -753,13 +800,21 @@ const SCHEMA: &[SectionSpec] = &[
         keys: &[
             key("allow", Kind::Strings, r#"allow = ["1024-65535"]"#),
             key("deny", Kind::Strings, r#"deny = ["22", "135-139"]"#),
-            key("allow_below_1024", Kind::Boolean, "allow_below_1024 = false"),
+            key(
+                "allow_below_1024",
+                Kind::Boolean,
+                "allow_below_1024 = false",
+            ),
         ],
     },
     SectionSpec {
         name: "state",
         example: "[state]",
-        keys: &[key("path", Kind::String, r#"path = "/var/lib/holepunch/state.toml""#)],
+        keys: &[key(
+            "path",
+            Kind::String,
+            r#"path = "/var/lib/holepunch/state.toml""#,
+        )],
     },
     SectionSpec {
         name: "metrics",
@@ -884,7 +939,7 @@ fn parse_port_range(text: &str) -> Result<PortRange, String> {
     let last = parse_port(last, text)?;
     if first > last {
         return Err(format!(
-            "the range {} runs backwards (write {first}-{last} the other way round: {last}-{first})",
+            "the range {} runs backwards (the lower port comes first: \"{last}-{first}\")",
             shown(text)
         ));
     }
@@ -1046,11 +1101,16 @@ impl Source<'_> {
         match path.as_slice() {
             [] => self.syntax_error(error),
             [section] => match section_spec(section) {
+                // NOTE: the type of the section's own value, not of the innermost one: for
+                // `[[router]]` that is the array, not the table in it.
                 Some(spec) => ConfigError::WrongType {
                     at,
                     key: section.clone(),
                     expected: "a table (a section)",
-                    found,
+                    found: tree
+                        .get_ref()
+                        .get(section.as_str())
+                        .map_or(found, |value| with_article(value.get_ref().type_str())),
                     example: spec.example,
                 },
                 None => ConfigError::UnknownSection {
@@ -1078,8 +1138,6 @@ impl Source<'_> {
                     None => ConfigError::UnknownKey {
                         at,
                         key: format!("{section}.{name}"),
-                        section: section.clone(),
-                        name: name.clone(),
                         hint: unknown_key_hint(spec, name),
                     },
                 }
@@ -1124,22 +1182,20 @@ impl Source<'_> {
         let namespaces = self.namespaces(&raw.namespaces, "kubernetes.namespaces")?;
         let exclude_namespaces =
             self.namespaces(&raw.exclude_namespaces, "kubernetes.exclude_namespaces")?;
-        if let Some(list) = &raw.exclude_namespaces {
-            if let Some(both) = list
-                .get_ref()
+        if let Some(both) = raw.exclude_namespaces.as_ref().and_then(|list| {
+            list.get_ref()
                 .iter()
                 .find(|name| namespaces.contains(name.get_ref()))
-            {
-                return Err(self.invalid(
-                    Some(both.span()),
-                    "kubernetes.exclude_namespaces",
-                    format!(
-                        "namespace {} is both allowed (kubernetes.namespaces) and excluded",
-                        shown(both.get_ref())
-                    ),
-                    "remove it from one of the two lists",
-                ));
-            }
+        }) {
+            return Err(self.invalid(
+                Some(both.span()),
+                "kubernetes.exclude_namespaces",
+                format!(
+                    "namespace {} is both allowed (kubernetes.namespaces) and excluded",
+                    shown(both.get_ref())
+                ),
+                "remove it from one of the two lists",
+            ));
         }
 
         let (annotation, span) = string(&raw.annotation, defaults::ANNOTATION);
@@ -1327,7 +1383,10 @@ impl Source<'_> {
             return Err(self.invalid(
                 span,
                 "exposure.wan_interface",
-                format!("{} is not an interface name: {problem}", shown(wan_interface)),
+                format!(
+                    "{} is not an interface name: {problem}",
+                    shown(wan_interface)
+                ),
                 "write the name `ip link` shows, like \"eth0\" or \"ppp0\"",
             ));
         }
@@ -1372,7 +1431,9 @@ impl Source<'_> {
                 span,
                 KEY,
                 format!("{} has no prefix length", shown(text)),
-                format!("write \"{text}/32\" for one address, or a network like \"192.168.0.0/16\""),
+                format!(
+                    "write \"{text}/32\" for one address, or a network like \"192.168.0.0/16\""
+                ),
             )),
             Err(_) => Err(self.invalid(
                 span,
@@ -1397,7 +1458,11 @@ impl Source<'_> {
         let mode_span = raw.exposure.mode.as_ref().map(Spanned::span);
         if exposure.wan_interface.is_none() {
             return Err(self.invalid(
-                raw.exposure.wan_interface.as_ref().map(Spanned::span).or(mode_span),
+                raw.exposure
+                    .wan_interface
+                    .as_ref()
+                    .map(Spanned::span)
+                    .or(mode_span),
                 "exposure.wan_interface",
                 "exposure.mode = \"gateway\" needs the router's WAN interface, and none is set",
                 "set exposure.wan_interface to it, like \"eth0\" or \"ppp0\"",
@@ -1670,7 +1735,10 @@ mod tests {
                 "[router]\nfrobnicate = 1\n",
                 "router.frobnicate",
                 "frobnicate",
-                &["unknown key `frobnicate` in [router]", "the keys of [router] are `backend`, `address`, `igd_url`, `lease_seconds`, `verify_interval_seconds`"],
+                &[
+                    "unknown key `frobnicate` in [router]",
+                    "the keys of [router] are `backend`, `address`, `igd_url`, `lease_seconds`, `verify_interval_seconds`",
+                ],
             ),
             case(
                 "key of another section",
@@ -1705,7 +1773,9 @@ mod tests {
                 "[log]\nlevel = \"info\"\n\n[tls]\ncert = \"x\"\n",
                 "tls",
                 "tls",
-                &["the sections are [kubernetes], [router], [exposure], [ports], [state], [metrics], [log]"],
+                &[
+                    "the sections are [kubernetes], [router], [exposure], [ports], [state], [metrics], [log]",
+                ],
             ),
             case(
                 "key outside any section",
@@ -1725,7 +1795,9 @@ mod tests {
                 "[router]\nlease_seconds = \"3600\"\n",
                 "router.lease_seconds",
                 "\"3600\"",
-                &["expected an integer (without quotes), found a string; write it like `lease_seconds = 3600`"],
+                &[
+                    "expected an integer (without quotes), found a string; write it like `lease_seconds = 3600`",
+                ],
             ),
             case(
                 "float for integer",
@@ -1739,7 +1811,10 @@ mod tests {
                 "[kubernetes]\nnamespaces = [\"default\", 3]\n",
                 "kubernetes.namespaces",
                 "3]",
-                &["expected an array of strings, found an integer", "namespaces = [\"default\", \"media\"]"],
+                &[
+                    "expected an array of strings, found an integer",
+                    "namespaces = [\"default\", \"media\"]",
+                ],
             ),
             case(
                 "string for array",
@@ -1756,6 +1831,13 @@ mod tests {
                 &["expected true or false", "allow_below_1024 = false"],
             ),
             case(
+                "array of tables for a section",
+                "[[router]]\nbackend = \"upnp\"\n",
+                "router",
+                "[[router]]",
+                &["expected a table (a section), found an array; write it like `[router]`"],
+            ),
+            case(
                 "value for a section",
                 "router = \"upnp\"\n",
                 "router",
@@ -1769,7 +1851,10 @@ mod tests {
     fn toml_syntax_errors_point_at_the_problem() {
         for (text, at) in [
             ("[router]\nbackend = \n", "\n"),
-            ("[router]\nbackend = \"a\"\nbackend = \"b\"\n", "backend = \"b\""),
+            (
+                "[router]\nbackend = \"a\"\nbackend = \"b\"\n",
+                "backend = \"b\"",
+            ),
         ] {
             let error = parse_err(text);
             let message = error.to_string();
@@ -1790,7 +1875,9 @@ mod tests {
                 "[kubernetes]\nnamespaces = [\"default\", \"Media\"]\n",
                 "kubernetes.namespaces",
                 "\"Media\"",
-                &["`Media` is not a namespace name: it may hold only lowercase letters, digits and '-'"],
+                &[
+                    "`Media` is not a namespace name: it may hold only lowercase letters, digits and '-'",
+                ],
             ),
             case(
                 "excluded namespace with a leading dash",
@@ -1804,7 +1891,10 @@ mod tests {
                 "[kubernetes]\nexclude_namespaces = [\"media\"]\nnamespaces = [\"default\", \"media\"]\n",
                 "kubernetes.exclude_namespaces",
                 "\"media\"",
-                &["namespace `media` is both allowed", "remove it from one of the two lists"],
+                &[
+                    "namespace `media` is both allowed",
+                    "remove it from one of the two lists",
+                ],
             ),
             case(
                 "annotation with a space",
@@ -1832,7 +1922,10 @@ mod tests {
                 "[kubernetes]\nload_balancer_class = \"router\"\n",
                 "kubernetes.load_balancer_class",
                 "\"router\"",
-                &["has no domain prefix", "domain-prefixed name like \"holepunch.io/router\""],
+                &[
+                    "has no domain prefix",
+                    "domain-prefixed name like \"holepunch.io/router\"",
+                ],
             ),
             case(
                 "empty load balancer class",
@@ -1852,7 +1945,9 @@ mod tests {
                 "[router]\nbackend = \"upnpp\"\n",
                 "router.backend",
                 "\"upnpp\"",
-                &["unknown value `upnpp`; did you mean `upnp`? (one of `auto`, `upnp`, `pcp`, `natpmp`, `none`)"],
+                &[
+                    "unknown value `upnpp`; did you mean `upnp`? (one of `auto`, `upnp`, `pcp`, `natpmp`, `none`)",
+                ],
             ),
             case(
                 "unknown backend",
@@ -1935,14 +2030,20 @@ mod tests {
                 "[exposure]\nmode = \"gateway\"\n",
                 "exposure.wan_interface",
                 "\"gateway\"",
-                &["needs the router's WAN interface", "set exposure.wan_interface"],
+                &[
+                    "needs the router's WAN interface",
+                    "set exposure.wan_interface",
+                ],
             ),
             case(
                 "gateway with a router backend",
                 "[router]\nbackend = \"upnp\"\n[exposure]\nmode = \"gateway\"\nwan_interface = \"eth0\"\n",
                 "router.backend",
                 "\"upnp\"",
-                &["router.backend = \"upnp\" would never be used", "set router.backend = \"none\""],
+                &[
+                    "router.backend = \"upnp\" would never be used",
+                    "set router.backend = \"none\"",
+                ],
             ),
             case(
                 "WAN interface name too long",
@@ -2018,7 +2119,7 @@ mod tests {
                 "[ports]\ndeny = [\"22\", \"139-135\"]\n",
                 "ports.deny",
                 "\"139-135\"",
-                &["runs backwards", "135-139"],
+                &["runs backwards (the lower port comes first: \"135-139\")"],
             ),
             case(
                 "not a number",
@@ -2039,7 +2140,11 @@ mod tests {
                 "[ports]\nallow = [\"1024-65535\", \"80-443\"]\n",
                 "ports.allow",
                 "\"80-443\"",
-                &["80-443 includes ports below 1024", "set allow_below_1024 = true in [ports]", "start the range at 1024"],
+                &[
+                    "80-443 includes ports below 1024",
+                    "set allow_below_1024 = true in [ports]",
+                    "start the range at 1024",
+                ],
             ),
         ]);
     }
@@ -2140,7 +2245,13 @@ format = "json"
         assert_eq!(config.exposure.mode, ExposureMode::Gateway);
         assert_eq!(config.exposure.wan_interface.as_deref(), Some("ppp0"));
         assert_eq!(config.exposure.lan_address, None);
-        assert_eq!(config.ports.allow[0], PortRange { first: 80, last: 80 });
+        assert_eq!(
+            config.ports.allow[0],
+            PortRange {
+                first: 80,
+                last: 80
+            }
+        );
         assert!(config.ports.deny.is_empty());
         assert_eq!(config.metrics.listen, None);
         assert_eq!(config.log.format, LogFormat::Json);
@@ -2155,7 +2266,10 @@ format = "json"
         let config = parse_ok("");
         assert_eq!(config, Config::default());
         // Nothing was dropped while building the default from the constants.
-        assert_eq!(config.exposure.target_cidrs.len(), defaults::TARGET_CIDRS.len());
+        assert_eq!(
+            config.exposure.target_cidrs.len(),
+            defaults::TARGET_CIDRS.len()
+        );
         assert_eq!(config.ports.allow.len(), defaults::PORTS_ALLOW.len());
         assert_eq!(config.ports.deny.len(), defaults::PORTS_DENY.len());
         assert!(config.metrics.listen.is_some());
@@ -2174,7 +2288,8 @@ format = "json"
         assert_eq!(config, Config::default());
         for section in SCHEMA {
             assert!(
-                text.lines().any(|line| line == format!("[{}]", section.name)),
+                text.lines()
+                    .any(|line| line == format!("[{}]", section.name)),
                 "etc/holepunch.toml lacks [{}]",
                 section.name
             );
@@ -2183,7 +2298,11 @@ format = "json"
                     line.trim_start_matches('#')
                         .starts_with(&format!("{} = ", key.name))
                 });
-                assert!(documented, "etc/holepunch.toml lacks {}.{}", section.name, key.name);
+                assert!(
+                    documented,
+                    "etc/holepunch.toml lacks {}.{}",
+                    section.name, key.name
+                );
             }
         }
     }
@@ -2208,7 +2327,9 @@ format = "json"
                 };
                 let text = format!("[{}]\n{} = {wrong}\n", section.name, key.name);
                 match parse_err(&text) {
-                    ConfigError::WrongType { key: got, expected, .. } => {
+                    ConfigError::WrongType {
+                        key: got, expected, ..
+                    } => {
                         assert_eq!(got, format!("{}.{}", section.name, key.name));
                         assert_eq!(expected, key.kind.expected());
                     }
@@ -2265,8 +2386,14 @@ format = "journald"
         assert_ne!(custom, default);
         let printed = custom.to_toml();
         assert_eq!(parse_ok(&printed), custom, "{printed}");
-        assert!(printed.starts_with("[kubernetes]\nkubeconfig = "), "{printed}");
-        assert!(printed.contains("\n[ports]\nallow = [\"80\", \"443\", \"8000-8099\"]\n"), "{printed}");
+        assert!(
+            printed.starts_with("[kubernetes]\nkubeconfig = "),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("\n[ports]\nallow = [\"80\", \"443\", \"8000-8099\"]\n"),
+            "{printed}"
+        );
         assert!(printed.contains("lease_seconds = 0\n"), "{printed}");
     }
 
@@ -2280,40 +2407,93 @@ format = "journald"
         let missing = dir.path().join("missing.toml");
         let error = load(&missing).unwrap_err();
         let message = error.to_string();
-        assert!(message.contains(&missing.display().to_string()), "{message}");
-        assert!(message.contains("create it or pass --config PATH"), "{message}");
-        assert_eq!((error.line(), error.column(), error.key()), (None, None, None));
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
+        assert!(
+            message.contains("create it or pass --config PATH"),
+            "{message}"
+        );
+        assert_eq!(
+            (error.line(), error.column(), error.key()),
+            (None, None, None)
+        );
         assert!(std::error::Error::source(&error).is_some());
 
         std::fs::write(&path, "[router]\nlease_seconds = 600\nbackend = \"x\"\n").unwrap();
         let error = load(&path).unwrap_err();
-        assert!(error.to_string().starts_with(&format!("{}:3:11: ", path.display())));
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{}:3:11: ", path.display()))
+        );
     }
 
     #[test]
     fn port_policy_check() {
         let policy = Config::default().ports;
         let privileged = PortPolicy {
-            allow: vec![PortRange { first: 80, last: 80 }, PortRange { first: 1024, last: 65535 }],
+            allow: vec![
+                PortRange {
+                    first: 80,
+                    last: 80,
+                },
+                PortRange {
+                    first: 1024,
+                    last: 65535,
+                },
+            ],
             allow_below_1024: true,
             ..policy.clone()
         };
         let cases: &[(&PortPolicy, u16, Result<(), PortDenial>)] = &[
             (&policy, 8080, Ok(())),
             (&policy, 65535, Ok(())),
-            (&policy, 22, Err(PortDenial::Denied(PortRange { first: 22, last: 22 }))),
-            (&policy, 137, Err(PortDenial::Denied(PortRange { first: 135, last: 139 }))),
-            (&policy, 6443, Err(PortDenial::Denied(PortRange { first: 6443, last: 6443 }))),
+            (
+                &policy,
+                22,
+                Err(PortDenial::Denied(PortRange {
+                    first: 22,
+                    last: 22,
+                })),
+            ),
+            (
+                &policy,
+                137,
+                Err(PortDenial::Denied(PortRange {
+                    first: 135,
+                    last: 139,
+                })),
+            ),
+            (
+                &policy,
+                6443,
+                Err(PortDenial::Denied(PortRange {
+                    first: 6443,
+                    last: 6443,
+                })),
+            ),
             (&policy, 80, Err(PortDenial::BelowPrivileged)),
             (&privileged, 80, Ok(())),
             (&privileged, 443, Err(PortDenial::NotAllowed)),
-            (&privileged, 22, Err(PortDenial::Denied(PortRange { first: 22, last: 22 }))),
+            (
+                &privileged,
+                22,
+                Err(PortDenial::Denied(PortRange {
+                    first: 22,
+                    last: 22,
+                })),
+            ),
         ];
         for (policy, port, expected) in cases {
             assert_eq!(policy.check(*port), *expected, "port {port}");
         }
         let narrow = PortPolicy {
-            allow: vec![PortRange { first: 30000, last: 30100 }],
+            allow: vec![PortRange {
+                first: 30000,
+                last: 30100,
+            }],
             deny: Vec::new(),
             allow_below_1024: false,
         };
@@ -2323,7 +2503,13 @@ format = "journald"
 
     #[test]
     fn closest_suggests_only_near_words() {
-        let keys = ["backend", "address", "igd_url", "lease_seconds", "verify_interval_seconds"];
+        let keys = [
+            "backend",
+            "address",
+            "igd_url",
+            "lease_seconds",
+            "verify_interval_seconds",
+        ];
         for (word, expected) in [
             ("leas_seconds", Some("lease_seconds")),
             ("Lease-Seconds", Some("lease_seconds")),

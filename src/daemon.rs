@@ -11,23 +11,23 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
+use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::Api;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::sync::Notify;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
 use crate::model::Problem;
 use crate::plan::{Forwarding, plan};
 use crate::reconcile;
-use crate::router::discover::{self, DiscoverError};
 use crate::router::NoRouter;
+use crate::router::discover::{self, DiscoverError};
 use crate::state::{StateError, StateFile};
 
 /// Changes that arrive within this window are reconciled together.
@@ -82,8 +82,17 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                         let _ = sd_notify::notify(&[NotifyState::Ready]);
                         ready_sent = true;
                     }
-                    match wait_signal_or(&mut signals, Duration::from_secs(KUBECONFIG_RETRY_SECS), watchdog).await {
-                        Wake::Stop => return Ok(stop()),
+                    match wait_signal_or(
+                        &mut signals,
+                        Duration::from_secs(KUBECONFIG_RETRY_SECS),
+                        watchdog,
+                    )
+                    .await
+                    {
+                        Wake::Stop => {
+                            stop();
+                            return Ok(());
+                        }
                         Wake::Reload => {
                             if let Some(new) = reload(&config_path) {
                                 config = new;
@@ -102,6 +111,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let mut next_due: Option<jiff::Timestamp> = None;
         let verify = Duration::from_secs(config.router.verify_interval_secs.into());
         loop {
+            if watchdog.is_some() {
+                // Every pass through the loop proves it alive, however busy the cluster is.
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
             let now = jiff::Timestamp::now();
             let sleep_for = next_due
                 .map(|due| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
@@ -113,7 +126,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
                 () = tokio::time::sleep(sleep_for) => {}
                 wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
-                    Wake::Stop => return Ok(stop()),
+                    Wake::Stop => {
+                            stop();
+                            return Ok(());
+                        }
                     Wake::Reload => {
                         if let Some(new) = reload(&config_path) {
                             config = new;
@@ -128,18 +144,48 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 notify_status("waiting for the first list of Services and Nodes");
                 continue;
             }
-            let services: Vec<Service> = cluster.services.state().iter().map(|s| (**s).clone()).collect();
-            let nodes: Vec<Node> = cluster.nodes.state().iter().map(|n| (**n).clone()).collect();
+            let services: Vec<Service> = cluster
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect();
+            let nodes: Vec<Node> = cluster
+                .nodes
+                .state()
+                .iter()
+                .map(|n| (**n).clone())
+                .collect();
             let wanted = desired(&services, &nodes, &config);
             let now = jiff::Timestamp::now();
             let plan = plan(&wanted, &state, forwarding, now);
-            if plan.router_calls() > 0 || plan.actions.iter().any(|a| matches!(a, crate::plan::Action::Retarget { .. })) {
+            if plan.router_calls() > 0
+                || plan
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, crate::plan::Action::Retarget { .. }))
+            {
                 tracing::debug!("plan:\n{plan}");
             }
-            let outcome = reconcile::execute(&plan, &mut state, &mut mapper, &mut store, config.router.lease_secs, now).await;
-            report_new_problems(&mut reported, wanted.problems.iter().chain(&outcome.problems));
+            let outcome = reconcile::execute(
+                &plan,
+                &mut state,
+                &mut mapper,
+                &mut store,
+                config.router.lease_secs,
+                now,
+            )
+            .await;
+            report_new_problems(
+                &mut reported,
+                wanted.problems.iter().chain(&outcome.problems),
+            );
             next_due = plan.next_due;
-            let up = state.mappings.values().filter(|r| r.status == crate::state::MappingStatus::Active).count();
+            let up = state
+                .mappings
+                .values()
+                .filter(|r| r.status == crate::state::MappingStatus::Active)
+                .count();
             notify_status(&format!("{up} mappings up, {} problems", reported.len()));
             if !ready_sent {
                 let _ = sd_notify::notify(&[NotifyState::Ready]);
@@ -152,7 +198,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
 
 /// Logs each problem once while it persists; a problem that went away may be logged again
 /// when it comes back.
-fn report_new_problems<'a>(reported: &mut BTreeSet<Problem>, current: impl Iterator<Item = &'a Problem>) {
+fn report_new_problems<'a>(
+    reported: &mut BTreeSet<Problem>,
+    current: impl Iterator<Item = &'a Problem>,
+) {
     let current: BTreeSet<Problem> = current.cloned().collect();
     for problem in current.difference(reported) {
         tracing::warn!(service = %problem.owner, kind = %problem.kind, "{}", problem.message);
@@ -197,12 +246,18 @@ enum Wake {
 }
 
 /// Waits for a signal or `timeout`, pinging the systemd watchdog meanwhile.
-async fn wait_signal_or(signals: &mut Signals, timeout: Duration, watchdog: Option<Duration>) -> Wake {
+async fn wait_signal_or(
+    signals: &mut Signals,
+    timeout: Duration,
+    watchdog: Option<Duration>,
+) -> Wake {
     let deadline = tokio::time::Instant::now().checked_add(timeout);
     loop {
         let ping = watchdog.map_or(Duration::from_secs(3600), |w| w / 2);
         let sleep = match deadline {
-            Some(deadline) => ping.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            Some(deadline) => {
+                ping.min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            }
             None => ping,
         };
         tokio::select! {
@@ -278,22 +333,32 @@ impl ClusterWatch {
         let watch_config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
         // NOTE: with an allow list of several namespaces, the cluster-wide watch is filtered
         // locally by `desired`; per-namespace watches need one reflector per namespace.
-        let services_api: Api<Service> = match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
-            [only] => Api::namespaced(client.clone(), only),
-            _ => Api::all(client.clone()),
-        };
+        let services_api: Api<Service> =
+            match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
+                [only] => Api::namespaced(client.clone(), only),
+                _ => Api::all(client.clone()),
+            };
         let (services, services_writer) = reflector::store();
         let (nodes, nodes_writer) = reflector::store();
-        let listed = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+        let listed = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
         let tasks = vec![
             tokio::spawn(drive(
-                reflector::reflector(services_writer, watcher(services_api, watch_config.clone()).default_backoff()),
+                reflector::reflector(
+                    services_writer,
+                    watcher(services_api, watch_config.clone()).default_backoff(),
+                ),
                 changed.clone(),
                 listed[0].clone(),
                 "services",
             )),
             tokio::spawn(drive(
-                reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client), watch_config).default_backoff()),
+                reflector::reflector(
+                    nodes_writer,
+                    watcher(Api::<Node>::all(client), watch_config).default_backoff(),
+                ),
                 changed.clone(),
                 listed[1].clone(),
                 "nodes",
@@ -338,12 +403,17 @@ async fn drive<K>(
             }
             Err(e) => {
                 let e = match e {
-                    watcher::Error::InitialListFailed(source) | watcher::Error::WatchStartFailed(source) | watcher::Error::WatchFailed(source) => {
+                    watcher::Error::InitialListFailed(source)
+                    | watcher::Error::WatchStartFailed(source)
+                    | watcher::Error::WatchFailed(source) => {
                         crate::kube::request_error("watch", what, source).to_string()
                     }
                     other => other.to_string(),
                 };
-                tracing::warn!(resource = what, "cluster watch interrupted, retrying with backoff (mappings stay as they are): {e}");
+                tracing::warn!(
+                    resource = what,
+                    "cluster watch interrupted, retrying with backoff (mappings stay as they are): {e}"
+                );
             }
         }
     }

@@ -13,8 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 
 use crate::config::{Config, PortDenial};
 use crate::model::{
-    Endpoint, MappingKey, Owner, PortMapping, Problem, ProblemKind, Protocol, Target,
-    TargetSource,
+    Endpoint, MappingKey, Owner, PortMapping, Problem, ProblemKind, Protocol, Target, TargetSource,
 };
 
 /// Prefix of the per-port remap annotation: `holepunch.port/<servicePort>: "<externalPort>"`.
@@ -47,7 +46,11 @@ pub fn desired(services: &[Service], nodes: &[Node], config: &Config) -> Desired
     }
 
     candidates.sort_by(|a, b| {
-        (a.created, &a.mapping.owner, a.port_index).cmp(&(b.created, &b.mapping.owner, b.port_index))
+        (a.created, &a.mapping.owner, a.port_index).cmp(&(
+            b.created,
+            &b.mapping.owner,
+            b.port_index,
+        ))
     });
     let mut mappings: BTreeMap<MappingKey, PortMapping> = BTreeMap::new();
     for candidate in candidates {
@@ -103,8 +106,8 @@ fn collect_service(
 
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
     let spec = service.spec.clone().unwrap_or_default();
-    let ours_by_class = spec.load_balancer_class.as_deref()
-        == Some(config.kubernetes.load_balancer_class.as_str());
+    let ours_by_class =
+        spec.load_balancer_class.as_deref() == Some(config.kubernetes.load_balancer_class.as_str());
 
     let opted_in = match annotations.get(&config.kubernetes.annotation) {
         None => false,
@@ -146,7 +149,10 @@ fn collect_service(
         let protocol = match protocol_name.parse::<Protocol>() {
             Ok(protocol) => protocol,
             Err(e) => {
-                report(ProblemKind::UnsupportedProtocol, format!("port {service_port}: {e}"));
+                report(
+                    ProblemKind::UnsupportedProtocol,
+                    format!("port {service_port}: {e}"),
+                );
                 continue;
             }
         };
@@ -156,7 +162,10 @@ fn collect_service(
             None => service_port,
         };
         if let Err(denial) = config.ports.check(external_port) {
-            report(ProblemKind::DeniedPort, denial_message(external_port, denial));
+            report(
+                ProblemKind::DeniedPort,
+                denial_message(external_port, denial),
+            );
             continue;
         }
         let target = match (lb_ip, node_target, port.node_port) {
@@ -174,7 +183,9 @@ fn collect_service(
             (None, None, Some(_)) => {
                 report(
                     ProblemKind::NoTarget,
-                    format!("port {service_port}: no node is Ready to receive its nodePort traffic"),
+                    format!(
+                        "port {service_port}: no node is Ready to receive its nodePort traffic"
+                    ),
                 );
                 continue;
             }
@@ -201,11 +212,7 @@ fn collect_service(
             continue;
         }
         candidates.push(Candidate {
-            created: service
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0),
+            created: service.metadata.creation_timestamp.as_ref().map(|t| t.0),
             port_index,
             mapping: PortMapping {
                 owner: owner.clone(),
@@ -238,9 +245,9 @@ fn parse_remaps(
             continue;
         };
         // The selector is a port number or a port name of this Service.
-        let port = ports.iter().find(|p| {
-            selector == p.port.to_string() || p.name.as_deref() == Some(selector)
-        });
+        let port = ports
+            .iter()
+            .find(|p| selector == p.port.to_string() || p.name.as_deref() == Some(selector));
         let Some(service_port) = port.and_then(|p| u16::try_from(p.port).ok()) else {
             report(
                 ProblemKind::InvalidAnnotation,
@@ -456,7 +463,10 @@ pub(crate) mod tests {
     const ON: (&str, &str) = ("holepunch/punch-external", "true");
 
     fn nodes() -> Vec<Node> {
-        vec![node("b-node", "192.168.1.21", true), node("a-node", "192.168.1.20", true)]
+        vec![
+            node("b-node", "192.168.1.21", true),
+            node("a-node", "192.168.1.20", true),
+        ]
     }
 
     /// (protocol, external port, owner, target) of every desired mapping.
@@ -475,7 +485,10 @@ pub(crate) mod tests {
     }
 
     fn kinds(d: &Desired) -> Vec<(String, ProblemKind)> {
-        d.problems.iter().map(|p| (p.owner.to_string(), p.kind)).collect()
+        d.problems
+            .iter()
+            .map(|p| (p.owner.to_string(), p.kind))
+            .collect()
     }
 
     struct Case {
@@ -492,14 +505,26 @@ pub(crate) mod tests {
         vec![
             Case {
                 name: "no annotation: not published",
-                services: vec![service("default", "web", 1, &[], &[(8080, "TCP", Some(30080))])],
+                services: vec![service(
+                    "default",
+                    "web",
+                    1,
+                    &[],
+                    &[(8080, "TCP", Some(30080))],
+                )],
                 nodes: nodes(),
                 mappings: vec![],
                 problems: vec![],
             },
             Case {
                 name: "opt-in annotation publishes on the service port via the first Ready node",
-                services: vec![service("default", "web", 1, &[ON], &[(8080, "TCP", Some(30080))])],
+                services: vec![service(
+                    "default",
+                    "web",
+                    1,
+                    &[ON],
+                    &[(8080, "TCP", Some(30080))],
+                )],
                 nodes: nodes(),
                 mappings: vec![(Tcp, 8080, "default/web", "192.168.1.20:30080")],
                 problems: vec![],
@@ -536,7 +561,11 @@ pub(crate) mod tests {
                     "media",
                     "jelly",
                     1,
-                    &[ON, ("holepunch.port/8096", "18096"), ("holepunch.port/p7359", "17359")],
+                    &[
+                        ON,
+                        ("holepunch.port/8096", "18096"),
+                        ("holepunch.port/p7359", "17359"),
+                    ],
                     &[(8096, "TCP", Some(30096)), (7359, "UDP", Some(30359))],
                 )],
                 nodes: nodes(),
@@ -602,7 +631,12 @@ pub(crate) mod tests {
                     "bad",
                     1,
                     &[ON, ("holepunch.port/8443", "6443")],
-                    &[(22, "TCP", Some(30022)), (80, "TCP", Some(30081)), (8443, "TCP", Some(30443)), (9090, "TCP", Some(30090))],
+                    &[
+                        (22, "TCP", Some(30022)),
+                        (80, "TCP", Some(30081)),
+                        (8443, "TCP", Some(30443)),
+                        (9090, "TCP", Some(30090)),
+                    ],
                 )],
                 nodes: nodes(),
                 mappings: vec![(Tcp, 9090, "default/bad", "192.168.1.20:30090")],
@@ -617,7 +651,13 @@ pub(crate) mod tests {
                 services: vec![
                     service("b", "young", 200, &[ON], &[(8080, "TCP", Some(30002))]),
                     service("a", "old", 100, &[ON], &[(8080, "TCP", Some(30001))]),
-                    service("c", "remapped", 300, &[ON, ("holepunch.port/9000", "8080")], &[(9000, "TCP", Some(30003))]),
+                    service(
+                        "c",
+                        "remapped",
+                        300,
+                        &[ON, ("holepunch.port/9000", "8080")],
+                        &[(9000, "TCP", Some(30003))],
+                    ),
                 ],
                 nodes: nodes(),
                 mappings: vec![(Tcp, 8080, "a/old", "192.168.1.20:30001")],
@@ -669,22 +709,43 @@ pub(crate) mod tests {
             },
             Case {
                 name: "SCTP is refused, the TCP port goes on",
-                services: vec![service("default", "s", 1, &[ON], &[(3868, "SCTP", Some(30868)), (3869, "TCP", Some(30869))])],
+                services: vec![service(
+                    "default",
+                    "s",
+                    1,
+                    &[ON],
+                    &[(3868, "SCTP", Some(30868)), (3869, "TCP", Some(30869))],
+                )],
                 nodes: nodes(),
                 mappings: vec![(Tcp, 3869, "default/s", "192.168.1.20:30869")],
                 problems: vec![("default/s", ProblemKind::UnsupportedProtocol)],
             },
             Case {
                 name: "no Ready node: no target",
-                services: vec![service("default", "web", 1, &[ON], &[(8080, "TCP", Some(30080))])],
+                services: vec![service(
+                    "default",
+                    "web",
+                    1,
+                    &[ON],
+                    &[(8080, "TCP", Some(30080))],
+                )],
                 nodes: vec![node("a-node", "192.168.1.20", false)],
                 mappings: vec![],
                 problems: vec![("default/web", ProblemKind::NoTarget)],
             },
             Case {
                 name: "fails over to the next Ready node",
-                services: vec![service("default", "web", 1, &[ON], &[(8080, "TCP", Some(30080))])],
-                nodes: vec![node("a-node", "192.168.1.20", false), node("b-node", "192.168.1.21", true)],
+                services: vec![service(
+                    "default",
+                    "web",
+                    1,
+                    &[ON],
+                    &[(8080, "TCP", Some(30080))],
+                )],
+                nodes: vec![
+                    node("a-node", "192.168.1.20", false),
+                    node("b-node", "192.168.1.21", true),
+                ],
                 mappings: vec![(Tcp, 8080, "default/web", "192.168.1.21:30080")],
                 problems: vec![],
             },
@@ -728,7 +789,11 @@ pub(crate) mod tests {
             got.sort();
             let mut want_sorted = want_problems;
             want_sorted.sort();
-            assert_eq!(got, want_sorted, "{}: problems {:#?}", case.name, d.problems);
+            assert_eq!(
+                got, want_sorted,
+                "{}: problems {:#?}",
+                case.name, d.problems
+            );
         }
     }
 
@@ -740,9 +805,20 @@ pub(crate) mod tests {
             service("kube-system", "c", 1, &[ON], &[(8003, "TCP", Some(30003))]),
         ];
         let mut config = Config::default();
-        config.kubernetes.exclude_namespaces.insert("kube-system".into());
-        let owners = |d: &Desired| d.mappings.values().map(|m| m.owner.to_string()).collect::<Vec<_>>();
-        assert_eq!(owners(&desired(&services, &nodes(), &config)), ["media/a", "games/b"]);
+        config
+            .kubernetes
+            .exclude_namespaces
+            .insert("kube-system".into());
+        let owners = |d: &Desired| {
+            d.mappings
+                .values()
+                .map(|m| m.owner.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            owners(&desired(&services, &nodes(), &config)),
+            ["media/a", "games/b"]
+        );
         config.kubernetes.namespaces.insert("media".into());
         assert_eq!(owners(&desired(&services, &nodes(), &config)), ["media/a"]);
     }
@@ -755,14 +831,21 @@ pub(crate) mod tests {
         let one = desired(&[a.clone(), b.clone()], &nodes(), &config);
         let two = desired(&[b, a], &nodes(), &config);
         assert_eq!(one, two);
-        assert!(one.problems[0].message.contains("a/old"), "{}", one.problems[0].message);
+        assert!(
+            one.problems[0].message.contains("a/old"),
+            "{}",
+            one.problems[0].message
+        );
     }
 
     #[test]
     fn below_1024_allowed_when_configured() {
         let mut config = Config::default();
         config.ports.allow_below_1024 = true;
-        config.ports.allow.push(crate::config::PortRange { first: 80, last: 80 });
+        config.ports.allow.push(crate::config::PortRange {
+            first: 80,
+            last: 80,
+        });
         let svc = service("default", "web", 1, &[ON], &[(80, "TCP", Some(30080))]);
         assert_eq!(desired(&[svc], &nodes(), &config).mappings.len(), 1);
     }
@@ -770,9 +853,19 @@ pub(crate) mod tests {
     #[test]
     fn oversized_value_is_not_echoed_whole() {
         let long = "x".repeat(10_000);
-        let svc = service("default", "web", 1, &[("holepunch/punch-external", &long)], &[(8080, "TCP", Some(30080))]);
+        let svc = service(
+            "default",
+            "web",
+            1,
+            &[("holepunch/punch-external", &long)],
+            &[(8080, "TCP", Some(30080))],
+        );
         let d = desired(&[svc], &nodes(), &Config::default());
         assert_eq!(d.problems.len(), 1);
-        assert!(d.problems[0].message.len() < 300, "{}", d.problems[0].message);
+        assert!(
+            d.problems[0].message.len() < 300,
+            "{}",
+            d.problems[0].message
+        );
     }
 }

@@ -15,7 +15,8 @@ pub fn init(config: &LogConfig) {
         .or_else(|| EnvFilter::try_new(&config.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
     let format = match config.format {
         LogFormat::Auto if under_systemd => LogFormat::Journald,
         LogFormat::Auto => LogFormat::Text,
@@ -23,14 +24,22 @@ pub fn init(config: &LogConfig) {
     };
     match format {
         LogFormat::Journald => match tracing_journald::layer() {
-            Ok(journald) => registry.with(journald.with_syslog_identifier("holepunch".into())).init(),
+            Ok(journald) => registry
+                .with(journald.with_syslog_identifier("holepunch".into()))
+                .init(),
             Err(e) => {
-                registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
+                registry
+                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                    .init();
                 tracing::warn!(error = %e, "journald is not reachable; logging to standard error");
             }
         },
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Text | LogFormat::Auto => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))

@@ -62,9 +62,15 @@ impl fmt::Display for RestoreReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Request a new mapping.
-    Map { mapping: PortMapping, internal: Endpoint },
+    Map {
+        mapping: PortMapping,
+        internal: Endpoint,
+    },
     /// Extend the lease of a mapping the router holds.
-    Renew { mapping: PortMapping, internal: Endpoint },
+    Renew {
+        mapping: PortMapping,
+        internal: Endpoint,
+    },
     /// Request an owned mapping again, with the same external port (and PCP nonce).
     Restore {
         mapping: PortMapping,
@@ -73,7 +79,10 @@ pub enum Action {
     },
     /// Only the local side changed (target or service port): update nftables and the state,
     /// no router call.
-    Retarget { mapping: PortMapping, previous: Endpoint },
+    Retarget {
+        mapping: PortMapping,
+        previous: Endpoint,
+    },
     /// Delete an owned mapping that is no longer wanted (or wanted differently).
     Unmap { record: MappingRecord },
     /// Tell the Service's owner why something is not published.
@@ -89,24 +98,28 @@ impl Action {
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mapping_line = |f: &mut fmt::Formatter<'_>, verb: &str, m: &PortMapping, extra: &str| {
-            write!(
-                f,
-                "{verb:<8} {:<11} {:<28} -> {} (service port {}){extra}",
-                m.key().to_string(),
-                m.owner.to_string(),
-                m.target.endpoint,
-                m.service_port
-            )
-        };
+        let mapping_line =
+            |f: &mut fmt::Formatter<'_>, verb: &str, m: &PortMapping, extra: &str| {
+                write!(
+                    f,
+                    "{verb:<8} {:<11} {:<28} -> {} (service port {}){extra}",
+                    m.key().to_string(),
+                    m.owner.to_string(),
+                    m.target.endpoint,
+                    m.service_port
+                )
+            };
         match self {
-            Action::Map { mapping, internal } => {
-                mapping_line(f, "map", mapping, &format!(", router forwards to {internal}"))
-            }
+            Action::Map { mapping, internal } => mapping_line(
+                f,
+                "map",
+                mapping,
+                &format!(", router forwards to {internal}"),
+            ),
             Action::Renew { mapping, .. } => mapping_line(f, "renew", mapping, ""),
-            Action::Restore { mapping, reason, .. } => {
-                mapping_line(f, "restore", mapping, &format!(", {reason}"))
-            }
+            Action::Restore {
+                mapping, reason, ..
+            } => mapping_line(f, "restore", mapping, &format!(", {reason}")),
             Action::Retarget { mapping, previous } => {
                 mapping_line(f, "retarget", mapping, &format!(", was {previous}"))
             }
@@ -122,7 +135,11 @@ impl fmt::Display for Action {
             Action::Report { problem } => write!(
                 f,
                 "{:<8} {:<11} {:<28} {}: {}",
-                "problem", "", problem.owner.to_string(), problem.kind, problem.message
+                "problem",
+                "",
+                problem.owner.to_string(),
+                problem.kind,
+                problem.message
             ),
         }
     }
@@ -314,7 +331,10 @@ mod tests {
 
     fn state_of(records: Vec<MappingRecord>) -> State {
         State {
-            mappings: records.into_iter().map(|r| (r.key(), r)).collect::<BTreeMap<_, _>>(),
+            mappings: records
+                .into_iter()
+                .map(|r| (r.key(), r))
+                .collect::<BTreeMap<_, _>>(),
         }
     }
 
@@ -325,11 +345,15 @@ mod tests {
             .map(|a| match a {
                 Action::Map { mapping, .. } => format!("map {}", mapping.external_port),
                 Action::Renew { mapping, .. } => format!("renew {}", mapping.external_port),
-                Action::Restore { mapping, reason, .. } => {
+                Action::Restore {
+                    mapping, reason, ..
+                } => {
                     format!("restore {} {reason}", mapping.external_port)
                 }
                 Action::Retarget { mapping, .. } => format!("retarget {}", mapping.external_port),
-                Action::Unmap { record } => format!("unmap {} {}", record.external_port, record.owner),
+                Action::Unmap { record } => {
+                    format!("unmap {} {}", record.external_port, record.owner)
+                }
                 Action::Report { problem } => format!("report {} {}", problem.owner, problem.kind),
             })
             .collect()
@@ -347,34 +371,152 @@ mod tests {
             r
         };
         #[allow(clippy::type_complexity)]
-        let cases: Vec<(&str, Vec<PortMapping>, Vec<MappingRecord>, Forwarding, i64, Vec<&str>, Option<i64>)> = vec![
-            ("new Service is mapped", vec![web.clone()], vec![], RELAY, 0, vec!["map 8080"], None),
-            ("valid lease: nothing, renewal scheduled", vec![web.clone()], vec![active.clone()], RELAY, 100, vec![], Some(1800)),
-            ("renew at the recorded time", vec![web.clone()], vec![active.clone()], RELAY, 1800, vec!["renew 8080"], None),
-            ("expired lease is restored", vec![web.clone()], vec![active.clone()], RELAY, 3600, vec!["restore 8080 lease expired"], None),
-            ("permanent lease is never renewed", vec![web.clone()],
-                vec![with(&|r| { r.renew_at = None; r.expires_at = None; r.lifetime_secs = 0; })], RELAY, 999_999, vec![], None),
-            ("pending record is restored", vec![web.clone()], vec![record(&web, RELAY, MappingStatus::Pending)], RELAY, 0,
-                vec!["restore 8080 unconfirmed"], None),
-            ("failed record waits for its backoff", vec![web.clone()],
-                vec![with(&|r| { r.status = MappingStatus::Failed; r.retry_at = Some(t(60)); })], RELAY, 30, vec![], Some(60)),
-            ("failed record retried when due", vec![web.clone()],
-                vec![with(&|r| { r.status = MappingStatus::Failed; r.retry_at = Some(t(60)); })], RELAY, 60,
-                vec!["restore 8080 retry after failure"], None),
-            ("Service gone: unmapped", vec![], vec![active.clone()], RELAY, 100, vec!["unmap 8080 default/web"], None),
-            ("relay: new target changes only local rules", vec![moved.clone()], vec![active.clone()], RELAY, 100,
-                vec!["retarget 8080"], Some(1800)),
-            ("direct: new target replaces the router mapping", vec![moved.clone()],
-                vec![record(&web, Forwarding::Direct, MappingStatus::Active)], Forwarding::Direct, 100,
-                vec!["unmap 8080 default/web", "map 8080"], None),
-            ("port handed to another Service: replaced", vec![taken.clone()], vec![active.clone()], RELAY, 100,
-                vec!["unmap 8080 default/web", "map 8080"], None),
-            ("LAN address changed: replaced", vec![web.clone()], vec![active.clone()],
-                Forwarding::Relay { lan_address: Ipv4Addr::new(192, 168, 1, 11) }, 100,
-                vec!["unmap 8080 default/web", "map 8080"], None),
+        let cases: Vec<(
+            &str,
+            Vec<PortMapping>,
+            Vec<MappingRecord>,
+            Forwarding,
+            i64,
+            Vec<&str>,
+            Option<i64>,
+        )> = vec![
+            (
+                "new Service is mapped",
+                vec![web.clone()],
+                vec![],
+                RELAY,
+                0,
+                vec!["map 8080"],
+                None,
+            ),
+            (
+                "valid lease: nothing, renewal scheduled",
+                vec![web.clone()],
+                vec![active.clone()],
+                RELAY,
+                100,
+                vec![],
+                Some(1800),
+            ),
+            (
+                "renew at the recorded time",
+                vec![web.clone()],
+                vec![active.clone()],
+                RELAY,
+                1800,
+                vec!["renew 8080"],
+                None,
+            ),
+            (
+                "expired lease is restored",
+                vec![web.clone()],
+                vec![active.clone()],
+                RELAY,
+                3600,
+                vec!["restore 8080 lease expired"],
+                None,
+            ),
+            (
+                "permanent lease is never renewed",
+                vec![web.clone()],
+                vec![with(&|r| {
+                    r.renew_at = None;
+                    r.expires_at = None;
+                    r.lifetime_secs = 0;
+                })],
+                RELAY,
+                999_999,
+                vec![],
+                None,
+            ),
+            (
+                "pending record is restored",
+                vec![web.clone()],
+                vec![record(&web, RELAY, MappingStatus::Pending)],
+                RELAY,
+                0,
+                vec!["restore 8080 unconfirmed"],
+                None,
+            ),
+            (
+                "failed record waits for its backoff",
+                vec![web.clone()],
+                vec![with(&|r| {
+                    r.status = MappingStatus::Failed;
+                    r.retry_at = Some(t(60));
+                })],
+                RELAY,
+                30,
+                vec![],
+                Some(60),
+            ),
+            (
+                "failed record retried when due",
+                vec![web.clone()],
+                vec![with(&|r| {
+                    r.status = MappingStatus::Failed;
+                    r.retry_at = Some(t(60));
+                })],
+                RELAY,
+                60,
+                vec!["restore 8080 retry after failure"],
+                None,
+            ),
+            (
+                "Service gone: unmapped",
+                vec![],
+                vec![active.clone()],
+                RELAY,
+                100,
+                vec!["unmap 8080 default/web"],
+                None,
+            ),
+            (
+                "relay: new target changes only local rules",
+                vec![moved.clone()],
+                vec![active.clone()],
+                RELAY,
+                100,
+                vec!["retarget 8080"],
+                Some(1800),
+            ),
+            (
+                "direct: new target replaces the router mapping",
+                vec![moved.clone()],
+                vec![record(&web, Forwarding::Direct, MappingStatus::Active)],
+                Forwarding::Direct,
+                100,
+                vec!["unmap 8080 default/web", "map 8080"],
+                None,
+            ),
+            (
+                "port handed to another Service: replaced",
+                vec![taken.clone()],
+                vec![active.clone()],
+                RELAY,
+                100,
+                vec!["unmap 8080 default/web", "map 8080"],
+                None,
+            ),
+            (
+                "LAN address changed: replaced",
+                vec![web.clone()],
+                vec![active.clone()],
+                Forwarding::Relay {
+                    lan_address: Ipv4Addr::new(192, 168, 1, 11),
+                },
+                100,
+                vec!["unmap 8080 default/web", "map 8080"],
+                None,
+            ),
         ];
         for (name, desired, records, forwarding, now, want, next_due) in cases {
-            let plan = plan(&desired_of(&desired), &state_of(records), forwarding, t(now));
+            let plan = plan(
+                &desired_of(&desired),
+                &state_of(records),
+                forwarding,
+                t(now),
+            );
             assert_eq!(verbs(&plan), want, "{name}");
             assert_eq!(plan.next_due, next_due.map(t), "{name}: next_due");
         }
@@ -404,10 +546,19 @@ mod tests {
             kind: ProblemKind::DeniedPort,
             message: "port 22 is denied".into(),
         });
-        let plan = plan(&desired, &state_of(vec![record(&old, RELAY, MappingStatus::Active)]), RELAY, t(0));
+        let plan = plan(
+            &desired,
+            &state_of(vec![record(&old, RELAY, MappingStatus::Active)]),
+            RELAY,
+            t(0),
+        );
         assert_eq!(
             verbs(&plan),
-            ["unmap 9000 default/old", "map 9001", "report default/bad denied-port"]
+            [
+                "unmap 9000 default/old",
+                "map 9001",
+                "report default/bad denied-port"
+            ]
         );
         let text = plan.to_string();
         assert!(text.contains("unmap"), "{text}");

@@ -59,6 +59,14 @@ pub async fn execute<M: PortMapper>(
     now: Timestamp,
 ) -> Outcome {
     let mut outcome = Outcome::default();
+    if plan
+        .actions
+        .iter()
+        .all(|a| matches!(a, Action::Report { .. }))
+    {
+        // Nothing changes: no router call and no write to the disk.
+        return outcome;
+    }
     let backend = mapper.backend();
 
     // 1. Record what is about to be requested, then save: pending before sending.
@@ -109,7 +117,9 @@ pub async fn execute<M: PortMapper>(
                     }
                 }
             },
-            Action::Map { mapping, .. } | Action::Restore { mapping, .. } | Action::Renew { mapping, .. } => {
+            Action::Map { mapping, .. }
+            | Action::Restore { mapping, .. }
+            | Action::Renew { mapping, .. } => {
                 let Some(record) = state.mappings.get(&mapping.key()) else {
                     continue;
                 };
@@ -135,7 +145,10 @@ pub async fn execute<M: PortMapper>(
                         Err(RouterError::Conflict {
                             port: request.external_port,
                             protocol: request.protocol,
-                            detail: format!("the router offered port {} instead", grant.external_port),
+                            detail: format!(
+                                "the router offered port {} instead",
+                                grant.external_port
+                            ),
                         })
                     }
                     other => other,
@@ -162,7 +175,13 @@ pub async fn execute<M: PortMapper>(
                             "router request failed");
                         let renewing_valid_lease = matches!(action, Action::Renew { .. })
                             && record.expires_at.is_none_or(|at| at > now);
-                        record_failure(record, &e, now, renewing_valid_lease, rand::rng().random_range(0.9..1.1));
+                        record_failure(
+                            record,
+                            &e,
+                            now,
+                            renewing_valid_lease,
+                            rand::rng().random_range(0.9..1.1),
+                        );
                         if let RouterError::Conflict { .. } | RouterError::Refused { .. } = e {
                             outcome.problems.push(Problem {
                                 owner: record.owner.clone(),
@@ -198,7 +217,11 @@ fn save(state: &State, store: &mut impl Persist, outcome: &mut Outcome) {
     }
 }
 
-fn new_record(mapping: &PortMapping, internal: crate::model::Endpoint, backend: Backend) -> MappingRecord {
+fn new_record(
+    mapping: &PortMapping,
+    internal: crate::model::Endpoint,
+    backend: Backend,
+) -> MappingRecord {
     MappingRecord {
         owner: mapping.owner.clone(),
         service_port: mapping.service_port,
@@ -242,7 +265,8 @@ fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
     record.granted_at = Some(now);
     let lifetime = Duration::from_secs(grant.lifetime_secs.into());
     record.expires_at = (grant.lifetime_secs > 0).then(|| after(now, lifetime));
-    record.renew_at = (grant.lifetime_secs > 0).then(|| after(now, grant.renew_after.unwrap_or(lifetime / 2)));
+    record.renew_at =
+        (grant.lifetime_secs > 0).then(|| after(now, grant.renew_after.unwrap_or(lifetime / 2)));
     record.epoch = grant.epoch;
     record.external_address = grant.external_address.or(record.external_address);
     record.router = grant.router.clone();
@@ -253,11 +277,20 @@ fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
 
 /// Records a failed request. A failed renewal of a lease that is still valid keeps the
 /// mapping active and only moves the renewal; anything else waits for its retry.
-fn record_failure(record: &mut MappingRecord, error: &RouterError, now: Timestamp, renewing_valid_lease: bool, jitter: f64) {
+fn record_failure(
+    record: &mut MappingRecord,
+    error: &RouterError,
+    now: Timestamp,
+    renewing_valid_lease: bool,
+    jitter: f64,
+) {
     record.failures = record.failures.saturating_add(1);
     record.last_error = Some(error.to_string());
     let floor = match error {
-        RouterError::Refused { retry_after: Some(after), .. } => (*after).max(Duration::from_secs(RETRY_FLOOR_SECS)),
+        RouterError::Refused {
+            retry_after: Some(after),
+            ..
+        } => (*after).max(Duration::from_secs(RETRY_FLOOR_SECS)),
         _ => Duration::from_secs(RETRY_FLOOR_SECS),
     };
     let retry = after(now, retry_delay(record.failures, floor, jitter));
@@ -281,13 +314,195 @@ pub fn retry_delay(failures: u32, floor: Duration, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Endpoint, MappingKey, Owner, Protocol, Target, TargetSource};
+    use crate::plan::{Forwarding, plan};
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    /// Keeps every saved state, to check what was on disk when the router was asked.
+    #[derive(Default)]
+    struct Saved(Vec<State>);
+
+    impl Persist for Saved {
+        fn persist(&mut self, state: &State) -> Result<(), StateError> {
+            self.0.push(state.clone());
+            Ok(())
+        }
+    }
+
+    /// A router that answers per external port from a script and records the calls.
+    struct ScriptedRouter {
+        grants: BTreeMap<u16, Result<u16, &'static str>>,
+        calls: Vec<String>,
+    }
+
+    impl PortMapper for ScriptedRouter {
+        fn backend(&self) -> Backend {
+            Backend::Pcp
+        }
+
+        async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+            self.calls.push(format!(
+                "map {} nonce={}",
+                request.external_port,
+                request.nonce.is_some()
+            ));
+            match self
+                .grants
+                .get(&request.external_port)
+                .copied()
+                .unwrap_or(Ok(request.external_port))
+            {
+                Ok(port) => Ok(Grant {
+                    external_port: port,
+                    lifetime_secs: 120,
+                    renew_after: Some(Duration::from_secs(70)),
+                    external_address: Some(Ipv4Addr::new(11, 22, 33, 44)),
+                    epoch: Some(5),
+                    router: "192.168.1.1".into(),
+                }),
+                Err(reason) => Err(RouterError::Refused {
+                    reason: reason.into(),
+                    retry_after: None,
+                }),
+            }
+        }
+
+        async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+            self.calls.push(format!("unmap {}", record.external_port));
+            Ok(())
+        }
+    }
+
+    fn mapping(port: u16) -> PortMapping {
+        PortMapping {
+            owner: Owner::new("default", format!("s{port}")),
+            service_port: port,
+            protocol: Protocol::Tcp,
+            external_port: port,
+            target: Target {
+                endpoint: Endpoint::new(Ipv4Addr::new(192, 168, 1, 20), 30000),
+                source: TargetSource::NodePort,
+            },
+        }
+    }
+
+    fn key(port: u16) -> MappingKey {
+        MappingKey {
+            protocol: Protocol::Tcp,
+            external_port: port,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_pending_before_sending_then_grants_conflicts_and_failures() {
+        let desired = crate::desired::Desired {
+            mappings: [8080, 8081, 8082]
+                .map(|p| (key(p), mapping(p)))
+                .into_iter()
+                .collect(),
+            problems: vec![],
+        };
+        let forwarding = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 1, 10),
+        };
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let mut state = State::default();
+        let plan = plan(&desired, &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::from([(8081, Ok(40000)), (8082, Err("NOT_AUTHORIZED"))]),
+            calls: vec![],
+        };
+        let mut saved = Saved::default();
+        let outcome = execute(&plan, &mut state, &mut router, &mut saved, 120, now).await;
+
+        // Saved once before any router call, with every request pending and its nonce.
+        let before = &saved.0[0];
+        assert_eq!(before.mappings.len(), 3);
+        assert!(
+            before
+                .mappings
+                .values()
+                .all(|r| r.status == MappingStatus::Pending && r.nonce.is_some())
+        );
+        assert_eq!(
+            router.calls,
+            [
+                "map 8080 nonce=true",
+                "map 8081 nonce=true",
+                "unmap 40000",
+                "map 8082 nonce=true"
+            ]
+        );
+
+        let granted = &state.mappings[&key(8080)];
+        assert_eq!(granted.status, MappingStatus::Active);
+        assert_eq!(granted.renew_at, Some(now + SignedDuration::from_secs(70)));
+        assert_eq!(
+            granted.expires_at,
+            Some(now + SignedDuration::from_secs(120))
+        );
+        assert_eq!(
+            granted.external_address,
+            Some(Ipv4Addr::new(11, 22, 33, 44))
+        );
+
+        let conflict = &state.mappings[&key(8081)];
+        assert_eq!(conflict.status, MappingStatus::Failed);
+        assert!(
+            conflict
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("40000"))
+        );
+        let refused = &state.mappings[&key(8082)];
+        assert_eq!(refused.status, MappingStatus::Failed);
+        let wait = refused
+            .retry_at
+            .expect("retry scheduled")
+            .duration_since(now)
+            .as_secs();
+        assert!((27..=33).contains(&wait), "retry in {wait} s");
+
+        assert_eq!((outcome.mapped, outcome.failed), (1, 2));
+        assert_eq!(outcome.problems.len(), 2);
+        assert_eq!(saved.0.len(), 2);
+        assert_eq!(saved.0[1], state);
+
+        // Nothing due: no router call, nothing written.
+        let calm = plan_at(
+            &desired,
+            &state,
+            forwarding,
+            now + SignedDuration::from_secs(10),
+        );
+        let outcome = execute(&calm, &mut state, &mut router, &mut saved, 120, now).await;
+        assert_eq!(
+            (router.calls.len(), saved.0.len(), outcome.failed),
+            (4, 2, 0)
+        );
+    }
+
+    fn plan_at(
+        desired: &crate::desired::Desired,
+        state: &State,
+        forwarding: Forwarding,
+        now: Timestamp,
+    ) -> Plan {
+        plan(desired, state, forwarding, now)
+    }
 
     #[test]
     fn retry_delay_doubles_from_the_floor_and_is_capped() {
         let floor = Duration::from_secs(RETRY_FLOOR_SECS);
-        let secs: Vec<u64> = (1..=8).map(|n| retry_delay(n, floor, 1.0).as_secs()).collect();
+        let secs: Vec<u64> = (1..=8)
+            .map(|n| retry_delay(n, floor, 1.0).as_secs())
+            .collect();
         assert_eq!(secs, [30, 60, 120, 240, 480, 960, 1800, 1800]);
-        assert_eq!(retry_delay(1, Duration::from_secs(3600), 1.0).as_secs(), 3600);
+        assert_eq!(
+            retry_delay(1, Duration::from_secs(3600), 1.0).as_secs(),
+            3600
+        );
         assert_eq!(retry_delay(1, floor, 1.1).as_millis(), 33_000);
     }
 }

@@ -16,6 +16,7 @@
 //!
 //! [`StateError`] messages say what to do; the OS or TOML cause is their `source()`, so log
 //! the whole chain.
+
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::ffi::{OsStr, OsString};

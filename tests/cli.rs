@@ -41,10 +41,19 @@ fn test_config(dir: &Path) -> PathBuf {
 
 #[test]
 fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
-    let out = holepunch(&["check-config", "--config", repo("etc/holepunch.toml").to_str().expect("utf-8")]);
+    let out = holepunch(&[
+        "check-config",
+        "--config",
+        repo("etc/holepunch.toml").to_str().expect("utf-8"),
+    ]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let printed = text(&out.stdout);
-    for key in ["[kubernetes]", "lease_seconds = 3600", "mode = \"relay\"", "10250-10259"] {
+    for key in [
+        "[kubernetes]",
+        "lease_seconds = 3600",
+        "mode = \"relay\"",
+        "10250-10259",
+    ] {
         assert!(printed.contains(key), "{key:?} missing from:\n{printed}");
     }
 }
@@ -87,21 +96,49 @@ fn plan_from_file_sorts_out_a_mixed_cluster_and_changes_nothing() {
     let lines: Vec<&str> = plan.lines().collect();
     let has = |words: &[&str]| lines.iter().any(|l| words.iter().all(|w| l.contains(w)));
     // Annotated, on its own port, through the Ready node's nodePort.
-    assert!(has(&["map", "8080/tcp", "default/web", "192.168.77.20:30080"]), "{plan}");
+    assert!(
+        has(&["map", "8080/tcp", "default/web", "192.168.77.20:30080"]),
+        "{plan}"
+    );
     // Remapped TCP port and plain UDP port, to the load balancer IP.
-    assert!(has(&["map", "18096/tcp", "media/jellyfin", "192.168.77.100:8096"]), "{plan}");
-    assert!(has(&["map", "7359/udp", "media/jellyfin", "192.168.77.100:7359"]), "{plan}");
+    assert!(
+        has(&["map", "18096/tcp", "media/jellyfin", "192.168.77.100:8096"]),
+        "{plan}"
+    );
+    assert!(
+        has(&["map", "7359/udp", "media/jellyfin", "192.168.77.100:7359"]),
+        "{plan}"
+    );
     // loadBalancerClass without annotation.
-    assert!(has(&["map", "27015/udp", "games/game", "192.168.77.20:32015"]), "{plan}");
+    assert!(
+        has(&["map", "27015/udp", "games/game", "192.168.77.20:32015"]),
+        "{plan}"
+    );
     // The younger Service loses the conflict and is told who won.
-    assert!(has(&["problem", "default/copycat", "port-conflict", "default/web"]), "{plan}");
+    assert!(
+        has(&["problem", "default/copycat", "port-conflict", "default/web"]),
+        "{plan}"
+    );
     assert!(has(&["problem", "default/ssh", "denied-port"]), "{plan}");
-    assert!(has(&["problem", "default/broken", "invalid-annotation", "ninety"]), "{plan}");
+    assert!(
+        has(&["problem", "default/broken", "invalid-annotation", "ninety"]),
+        "{plan}"
+    );
     assert!(!plan.contains("default/private"), "{plan}");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("map")).count(), 4, "{plan}");
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("map")).count(),
+        4,
+        "{plan}"
+    );
     // Relay mode: the router forwards to this host.
-    assert!(has(&["map", "8080/tcp", "router forwards to 192.168.77.10:8080"]), "{plan}");
-    assert!(!dir.path().join("state").exists(), "a dry run must not create state");
+    assert!(
+        has(&["map", "8080/tcp", "router forwards to 192.168.77.10:8080"]),
+        "{plan}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "a dry run must not create state"
+    );
 }
 
 #[test]
@@ -110,8 +147,18 @@ fn status_without_state_shows_no_mappings() {
     let config = test_config(dir.path());
     let out = holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("0 mappings"), "{}", text(&out.stdout));
-    let out = holepunch(&["status", "-o", "json", "--config", config.to_str().expect("utf-8")]);
+    assert!(
+        text(&out.stdout).contains("0 mappings"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = holepunch(&[
+        "status",
+        "-o",
+        "json",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json["mappings"], serde_json::json!([]));
 }
@@ -173,14 +220,25 @@ fn a_second_instance_exits_non_zero_within_a_second() {
     let started = Instant::now();
     let second = holepunch(&["run", "--config", config.to_str().expect("utf-8")]);
     let elapsed = started.elapsed();
-    assert_eq!(second.status.code(), Some(3), "stderr: {}", text(&second.stderr));
+    assert_eq!(
+        second.status.code(),
+        Some(3),
+        "stderr: {}",
+        text(&second.stderr)
+    );
     assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
     let err = text(&second.stderr);
     assert!(err.contains("another holepunch"), "{err}");
-    assert!(err.contains(&first.0.id().to_string()), "holder PID not named: {err}");
+    assert!(
+        err.contains(&first.0.id().to_string()),
+        "holder PID not named: {err}"
+    );
 
     let log = first.stop();
-    assert!(log.contains("no kubeconfig at"), "the first instance should say what to configure: {log}");
+    assert!(
+        log.contains("no kubeconfig at"),
+        "the first instance should say what to configure: {log}"
+    );
 }
 
 #[test]
@@ -204,7 +262,11 @@ fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
     let daemon = Daemon::start(&config);
     wait_for("the state file to be rewritten", || {
         std::fs::read_dir(&state_dir)
-            .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().contains("corrupt")))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains("corrupt"))
+            })
             .unwrap_or(false)
             && state_dir.join("state.toml").exists()
     });
@@ -216,7 +278,10 @@ fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
         .flatten()
         .find(|e| e.file_name().to_string_lossy().contains("corrupt"))
         .expect("moved-aside file");
-    assert_eq!(std::fs::read_to_string(aside.path()).expect("read aside"), truncated);
+    assert_eq!(
+        std::fs::read_to_string(aside.path()).expect("read aside"),
+        truncated
+    );
 
     // The daemon did not start as if empty: the complete record is still owned.
     let out = holepunch(&["status", "--config", config.to_str().expect("utf-8")]);

@@ -76,10 +76,11 @@ async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Clien
     if !path.exists() {
         return Err(KubeError::KubeconfigMissing { path: path.into() });
     }
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
-        path: path.into(),
-        source,
-    })?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+            path: path.into(),
+            source,
+        })?;
     let options = kube::config::KubeConfigOptions {
         context,
         ..Default::default()
@@ -97,13 +98,19 @@ async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Clien
 }
 
 /// Classifies a failed request: 401/403 become a message about RBAC.
-pub(crate) fn request_error(verb: &'static str, resource: &'static str, source: kube::Error) -> KubeError {
+pub(crate) fn request_error(
+    verb: &'static str,
+    resource: &'static str,
+    source: kube::Error,
+) -> KubeError {
     match &source {
-        kube::Error::Api(status) if status.code == 401 || status.code == 403 => KubeError::Forbidden {
-            verb,
-            resource,
-            code: status.code,
-        },
+        kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+            KubeError::Forbidden {
+                verb,
+                resource,
+                code: status.code,
+            }
+        }
         _ => KubeError::Request {
             verb,
             resource,
@@ -119,9 +126,15 @@ mod tests {
     #[test]
     fn kubeconfig_path_order_is_config_then_env_then_default() {
         let mut config = crate::config::Config::default().kubernetes;
-        assert_eq!(kubeconfig_path(&config, None), PathBuf::from(defaults::KUBECONFIG_PATH));
+        assert_eq!(
+            kubeconfig_path(&config, None),
+            PathBuf::from(defaults::KUBECONFIG_PATH)
+        );
         assert_eq!(kubeconfig_path(&config, Some("/a:/b")), PathBuf::from("/a"));
         config.kubeconfig = Some("/etc/x".into());
-        assert_eq!(kubeconfig_path(&config, Some("/a")), PathBuf::from("/etc/x"));
+        assert_eq!(
+            kubeconfig_path(&config, Some("/a")),
+            PathBuf::from("/etc/x")
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::ListParams;
 use kube::Api;
+use kube::api::ListParams;
 use serde::Deserialize;
 
 use super::{KubeError, request_error};
@@ -19,20 +19,36 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Lists the cluster once (only the allowed namespaces when an allow list is set).
-    pub async fn list(client: &kube::Client, config: &KubernetesConfig) -> Result<Snapshot, KubeError> {
+    pub async fn list(
+        client: &kube::Client,
+        config: &KubernetesConfig,
+    ) -> Result<Snapshot, KubeError> {
         let params = ListParams::default();
         let mut services = Vec::new();
         if config.namespaces.is_empty() {
             let api: Api<Service> = Api::all(client.clone());
-            services = api.list(&params).await.map_err(|e| request_error("list", "services", e))?.items;
+            services = api
+                .list(&params)
+                .await
+                .map_err(|e| request_error("list", "services", e))?
+                .items;
         } else {
             for namespace in &config.namespaces {
                 let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-                services.extend(api.list(&params).await.map_err(|e| request_error("list", "services", e))?.items);
+                services.extend(
+                    api.list(&params)
+                        .await
+                        .map_err(|e| request_error("list", "services", e))?
+                        .items,
+                );
             }
         }
         let nodes: Api<Node> = Api::all(client.clone());
-        let nodes = nodes.list(&params).await.map_err(|e| request_error("list", "nodes", e))?.items;
+        let nodes = nodes
+            .list(&params)
+            .await
+            .map_err(|e| request_error("list", "nodes", e))?
+            .items;
         Ok(Snapshot { services, nodes })
     }
 
@@ -45,7 +61,8 @@ impl Snapshot {
         };
         let mut snapshot = Snapshot::default();
         for document in serde_yaml_ng::Deserializer::from_str(text) {
-            let value = serde_json::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
+            let value =
+                serde_json::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
             snapshot.add(value).map_err(parse_error)?;
         }
         Ok(snapshot)
@@ -65,7 +82,11 @@ impl Snapshot {
     }
 
     fn add(&mut self, value: serde_json::Value) -> Result<(), String> {
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let name = || {
             value
                 .pointer("/metadata/name")
@@ -75,7 +96,11 @@ impl Snapshot {
         };
         match kind.as_str() {
             "List" | "ServiceList" | "NodeList" => {
-                let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+                let items = value
+                    .get("items")
+                    .and_then(|i| i.as_array())
+                    .cloned()
+                    .unwrap_or_default();
                 for item in items {
                     // Items of typed lists carry no kind of their own.
                     let item = match (kind.as_str(), item) {
@@ -94,12 +119,14 @@ impl Snapshot {
             }
             "Service" => {
                 let name = name();
-                self.services
-                    .push(serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?);
+                self.services.push(
+                    serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?,
+                );
             }
             "Node" => {
                 let name = name();
-                self.nodes.push(serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?);
+                self.nodes
+                    .push(serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?);
             }
             _ => {}
         }

@@ -13,7 +13,9 @@ pub enum DiscoverError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no IPv4 default route: set router.address in the config file to the router's LAN address")]
+    #[error(
+        "no IPv4 default route: set router.address in the config file to the router's LAN address"
+    )]
     NoDefaultRoute,
     #[error("cannot find this host's address toward {gateway}: {source}; set exposure.lan_address")]
     SourceAddress {
@@ -27,10 +29,11 @@ const PROC_ROUTE: &str = "/proc/net/route";
 
 /// The next hop of the IPv4 default route with the lowest metric.
 pub fn default_gateway() -> Result<Ipv4Addr, DiscoverError> {
-    let table = std::fs::read_to_string(PROC_ROUTE).map_err(|source| DiscoverError::ReadRoutes {
-        path: PROC_ROUTE,
-        source,
-    })?;
+    let table =
+        std::fs::read_to_string(PROC_ROUTE).map_err(|source| DiscoverError::ReadRoutes {
+            path: PROC_ROUTE,
+            source,
+        })?;
     parse_default_gateway(&table).ok_or(DiscoverError::NoDefaultRoute)
 }
 
@@ -49,7 +52,9 @@ pub fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
             let flags = u32::from_str_radix(fields.get(3)?, 16).ok()?;
             let metric: u32 = fields.get(6)?.parse().ok()?;
             let mask = u32::from_str_radix(fields.get(7)?, 16).ok()?;
-            let is_default = destination == 0 && mask == 0 && flags & (RTF_UP | RTF_GATEWAY) == RTF_UP | RTF_GATEWAY;
+            let is_default = destination == 0
+                && mask == 0
+                && flags & (RTF_UP | RTF_GATEWAY) == RTF_UP | RTF_GATEWAY;
             is_default.then(|| (metric, Ipv4Addr::from(gateway.to_ne_bytes())))
         })
         .min_by_key(|(metric, _)| *metric)
@@ -61,10 +66,14 @@ pub fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
 pub fn source_address_toward(gateway: Ipv4Addr) -> Result<Ipv4Addr, DiscoverError> {
     let error = |source| DiscoverError::SourceAddress { gateway, source };
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(error)?;
-    socket.connect(SocketAddrV4::new(gateway, 9)).map_err(error)?;
+    socket
+        .connect(SocketAddrV4::new(gateway, 9))
+        .map_err(error)?;
     match socket.local_addr().map_err(error)? {
         std::net::SocketAddr::V4(addr) => Ok(*addr.ip()),
-        std::net::SocketAddr::V6(_) => Err(error(std::io::Error::other("got an IPv6 source address"))),
+        std::net::SocketAddr::V6(_) => {
+            Err(error(std::io::Error::other("got an IPv6 source address")))
+        }
     }
 }
 
@@ -80,7 +89,10 @@ eth0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
 wlan0\t00000000\t01FEA8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
 eth0\t0001A8C0\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0
 ";
-        assert_eq!(parse_default_gateway(table), Some(Ipv4Addr::new(192, 168, 254, 1)));
+        assert_eq!(
+            parse_default_gateway(table),
+            Some(Ipv4Addr::new(192, 168, 254, 1))
+        );
     }
 
     #[test]
@@ -93,6 +105,9 @@ eth0\t0001A8C0\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0
 
     #[test]
     fn source_address_toward_loopback_is_loopback() {
-        assert_eq!(source_address_toward(Ipv4Addr::LOCALHOST).ok(), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            source_address_toward(Ipv4Addr::LOCALHOST).ok(),
+            Some(Ipv4Addr::LOCALHOST)
+        );
     }
 }

@@ -68,10 +68,16 @@ pub trait PortMapper: Send {
     fn backend(&self) -> Backend;
 
     /// Creates or renews a mapping (adding one that exists is a renewal).
-    fn map(&mut self, request: &MapRequest) -> impl Future<Output = Result<Grant, RouterError>> + Send;
+    fn map(
+        &mut self,
+        request: &MapRequest,
+    ) -> impl Future<Output = Result<Grant, RouterError>> + Send;
 
     /// Deletes a mapping holepunch owns; one that is already gone is success.
-    fn unmap(&mut self, record: &MappingRecord) -> impl Future<Output = Result<(), RouterError>> + Send;
+    fn unmap(
+        &mut self,
+        record: &MappingRecord,
+    ) -> impl Future<Output = Result<(), RouterError>> + Send;
 }
 
 /// No router at all: `gateway` mode and `router.backend = "none"`. Every mapping is

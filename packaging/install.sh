@@ -1,0 +1,28 @@
+#!/bin/sh
+# Builds holepunch from this checkout, installs it with its systemd unit and the default
+# config, and starts it. Run as root from anywhere: sudo packaging/install.sh
+# (The Debian package, once built, is the better way on Debian and Ubuntu.)
+set -eu
+cd "$(dirname "$0")/.."
+
+if ! pkg-config --version >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+    apt-get install -y pkg-config
+fi
+cargo build --release --locked
+install -D -m 0755 target/release/holepunch /usr/local/bin/holepunch
+sed 's#/usr/bin/holepunch#/usr/local/bin/holepunch#g' systemd/holepunch.service \
+    >/etc/systemd/system/holepunch.service
+if [ ! -e /etc/holepunch.toml ]; then
+    install -D -m 0644 etc/holepunch.toml /etc/holepunch.toml
+fi
+/usr/local/bin/holepunch check-config --config /etc/holepunch.toml >/dev/null
+
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now holepunch
+    systemctl --no-pager status holepunch || true
+    echo "holepunch is running: journalctl -u holepunch -f shows what it does."
+else
+    echo "systemd is not running here; start holepunch in the foreground with:"
+    echo "  /usr/local/bin/holepunch run --config /etc/holepunch.toml"
+fi
