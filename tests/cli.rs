@@ -1,43 +1,12 @@
 //! The `holepunch` binary as a user runs it: check-config, plan --from-file, status, and the
 //! single-instance lock and state-file recovery of `run`.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+#[path = "support/bin.rs"]
+mod bin;
+
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_holepunch");
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn holepunch(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .env_remove("HOLEPUNCH_CONFIG")
-        .output()
-        .expect("holepunch runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A config for tests: state in `dir`, no router, a kubeconfig that does not exist (so `run`
-/// waits for one and holds its lock).
-fn test_config(dir: &Path) -> PathBuf {
-    let path = dir.join("holepunch.toml");
-    let body = format!(
-        "[kubernetes]\nkubeconfig = \"{dir}/no-kubeconfig\"\n\n[router]\nbackend = \"none\"\n\n\
-         [exposure]\nlan_address = \"192.168.77.10\"\n\n[state]\npath = \"{dir}/state/state.toml\"\n\n\
-         [metrics]\nlisten = \"\"\n\n[log]\nformat = \"text\"\n",
-        dir = dir.display()
-    );
-    std::fs::write(&path, body).expect("write config");
-    path
-}
+use bin::{Daemon, holepunch, repo, test_config, text, wait_for};
 
 #[test]
 fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
@@ -82,7 +51,7 @@ fn missing_config_file_is_exit_1_with_a_hint() {
 #[test]
 fn plan_from_file_sorts_out_a_mixed_cluster_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = test_config(dir.path());
+    let config = test_config(dir.path(), None);
     let fixture = repo("tests/fixtures/services.yaml");
     let out = holepunch(&[
         "plan",
@@ -144,7 +113,7 @@ fn plan_from_file_sorts_out_a_mixed_cluster_and_changes_nothing() {
 #[test]
 fn status_without_state_shows_no_mappings() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = test_config(dir.path());
+    let config = test_config(dir.path(), None);
     let out = holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert!(
@@ -163,54 +132,10 @@ fn status_without_state_shows_no_mappings() {
     assert_eq!(json["mappings"], serde_json::json!([]));
 }
 
-/// A `holepunch run` in the background, killed (by its PID) when dropped.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let child = Command::new(BIN)
-            .args(["run", "--config", config.to_str().expect("utf-8")])
-            .env_remove("KUBECONFIG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn holepunch run");
-        Daemon(child)
-    }
-
-    /// Stops it with SIGTERM and returns what it logged.
-    fn stop(mut self) -> String {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let _ = self.0.wait();
-        let mut log = String::new();
-        if let Some(mut stderr) = self.0.stderr.take() {
-            let _ = stderr.read_to_string(&mut log);
-        }
-        log
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_second_instance_exits_non_zero_within_a_second() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = test_config(dir.path());
+    let config = test_config(dir.path(), None);
     let first = Daemon::start(&config);
     let lock = dir.path().join("state/state.toml.lock");
     wait_for("the first instance to take the lock", || {
@@ -244,7 +169,7 @@ fn a_second_instance_exits_non_zero_within_a_second() {
 #[test]
 fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = test_config(dir.path());
+    let config = test_config(dir.path(), None);
     let state_dir = dir.path().join("state");
     std::fs::create_dir_all(&state_dir).expect("state dir");
     let record = |port: u16| {

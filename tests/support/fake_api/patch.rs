@@ -40,16 +40,23 @@ pub(crate) fn parse_body(patch_type: PatchType, body: &[u8]) -> Result<Value, St
     match patch_type {
         PatchType::Apply => serde_yaml_ng::from_slice::<Value>(body)
             .map_err(|e| format!("error decoding YAML: {e}")),
-        _ => serde_json::from_slice::<Value>(body).map_err(|e| format!("error decoding patch: {e}")),
+        _ => {
+            serde_json::from_slice::<Value>(body).map_err(|e| format!("error decoding patch: {e}"))
+        }
     }
 }
 
 /// Applies `patch` to `target`; the error is the message of a 422 (JSON patch) or 400.
-pub(crate) fn apply(patch_type: PatchType, target: &mut Value, patch: &Value) -> Result<(), String> {
+pub(crate) fn apply(
+    patch_type: PatchType,
+    target: &mut Value,
+    patch: &Value,
+) -> Result<(), String> {
     match patch_type {
         PatchType::Json => {
-            let ops: json_patch::Patch = serde_json::from_value(patch.clone())
-                .map_err(|e| format!("the server rejected our request due to an error in our request: {e}"))?;
+            let ops: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|e| {
+                format!("the server rejected our request due to an error in our request: {e}")
+            })?;
             json_patch::patch(target, &ops).map_err(|e| e.to_string())
         }
         PatchType::Merge => {

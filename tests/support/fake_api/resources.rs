@@ -92,6 +92,19 @@ pub(crate) const RESOURCES: &[ResourceDef] = &[
     ResourceDef {
         group: "",
         version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        categories: &[],
+        status: true,
+        bucket: "namespaces",
+        field_labels: &["status.phase"],
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
         plural: "events",
         singular: "event",
         kind: "Event",
@@ -360,4 +373,68 @@ pub(crate) fn core_event_to_events_v1(core: &Value) -> Value {
 
 pub(crate) fn events_v1_to_core_event(ev: &Value) -> Value {
     rename_fields(ev, "v1", false)
+}
+
+/// `/openapi/v3`: one document per group-version.
+pub(crate) fn openapi_v3_root() -> Value {
+    let mut paths = Map::new();
+    let mut gvs: Vec<(&str, &str)> = RESOURCES.iter().map(|d| (d.group, d.version)).collect();
+    gvs.dedup();
+    for (group, version) in gvs {
+        let path = openapi_gv_path(group, version);
+        paths.insert(
+            path.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash=holepunch-fake")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+fn openapi_gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3/<api|apis/group>/<version>`: no schemas, only the PATCH operations with their
+/// `x-kubernetes-group-version-kind` and the `fieldValidation` parameter. That is what
+/// kubectl's field-validation probe reads (k8s.io/cli-runtime, `queryParamVerifierV3`): it
+/// then leaves validation to the server (`?fieldValidation=Strict`, accepted here) instead
+/// of failing to download a schema.
+pub(crate) fn openapi_v3_doc(gv_path: &str) -> Option<Value> {
+    let mut paths = Map::new();
+    for d in RESOURCES
+        .iter()
+        .filter(|d| openapi_gv_path(d.group, d.version) == gv_path)
+    {
+        let item = if d.namespaced {
+            format!("/{gv_path}/namespaces/{{namespace}}/{}/{{name}}", d.plural)
+        } else {
+            format!("/{gv_path}/{}/{{name}}", d.plural)
+        };
+        let patch = json!({
+            "operationId": format!("patch{}", d.kind),
+            "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": {"group": d.group, "version": d.version, "kind": d.kind},
+            "parameters": [
+                {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                {"name": "force", "in": "query", "schema": {"type": "boolean"}}
+            ],
+            "responses": {"200": {"description": "OK"}}
+        });
+        paths.insert(item, json!({"patch": patch}));
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (holepunch fake)", "version": "v1.33.0"},
+        "paths": paths,
+        "components": {"schemas": {}}
+    }))
 }

@@ -125,16 +125,16 @@ impl Selector {
             } else if let Some((k, v)) = raw.split_once('=') {
                 (k, v, false)
             } else {
-                return Err(format!("invalid selector: '{raw}'; can't understand '{raw}'"));
+                return Err(format!(
+                    "invalid selector: '{raw}'; can't understand '{raw}'"
+                ));
             };
             let label = label.trim();
             let allowed = label == "metadata.name"
                 || (def.namespaced && label == "metadata.namespace")
                 || def.field_labels.contains(&label);
             if !allowed {
-                return Err(format!(
-                    "field label not supported: {label}"
-                ));
+                return Err(format!("field label not supported: {label}"));
             }
             sel.fields.push(FieldReq {
                 label: label.to_owned(),

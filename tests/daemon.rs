@@ -1,0 +1,147 @@
+//! `holepunch run` against a Kubernetes API (the in-test fake, driven with real kubectl):
+//! annotating a Service publishes it, removing the annotation or the Service unpublishes it.
+//! No router here (`backend = "none"`): the state file is the observable result.
+
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+
+use std::path::Path;
+use std::process::Command;
+
+use bin::{Daemon, holepunch, test_config, text, wait_for};
+use fake_api::FakeApi;
+use serde_json::{Value, json};
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs (install kubernetes-client)");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The mappings `holepunch status -o json` reports, by port: (external port, protocol, owner,
+/// status).
+fn mappings(config: &Path) -> Vec<(u64, String, String, String)> {
+    let out = holepunch(&[
+        "status",
+        "-o",
+        "json",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut rows: Vec<_> = json["mappings"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|m| {
+                    (
+                        m["external_port"].as_u64().unwrap_or(0),
+                        m["protocol"].as_str().unwrap_or("").to_owned(),
+                        m["owner"].as_str().unwrap_or("").to_owned(),
+                        m["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.sort();
+    rows
+}
+
+fn row(port: u64, protocol: &str, owner: &str, status: &str) -> (u64, String, String, String) {
+    (port, protocol.into(), owner.into(), status.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotating_publishes_and_unannotating_or_deleting_unpublishes() {
+    let fake = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = fake.write_kubeconfig(dir.path());
+    let config = test_config(dir.path(), Some(&kubeconfig));
+    fake.apply_object(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": "192.168.77.20"}],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    }));
+    let manifest = dir.path().join("svc.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  type: NodePort\n  ports:\n  - {name: http, port: 8080, protocol: TCP}\n  \
+         - {name: voice, port: 9987, protocol: UDP}\n",
+    )
+    .expect("write manifest");
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", manifest.to_str().expect("utf-8")],
+    );
+
+    let daemon = Daemon::start(&config);
+    let config = config.as_path();
+    // Ready and reconciled: the state file exists, and holds nothing (not annotated yet).
+    wait_for("the first reconcile", || {
+        dir.path().join("state/state.toml.lock").exists()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(mappings(config), []);
+
+    kubectl(
+        &kubeconfig,
+        &["annotate", "svc", "web", "holepunch/punch-external=true"],
+    );
+    wait_for("both ports to be published", || {
+        mappings(config)
+            == [
+                row(8080, "tcp", "default/web", "active"),
+                row(9987, "udp", "default/web", "active"),
+            ]
+    });
+
+    // A remap moves one port: the old external port goes, the new one comes.
+    kubectl(
+        &kubeconfig,
+        &["annotate", "svc", "web", "holepunch.port/8080=18080"],
+    );
+    wait_for("the remap", || {
+        mappings(config)
+            == [
+                row(9987, "udp", "default/web", "active"),
+                row(18080, "tcp", "default/web", "active"),
+            ]
+    });
+
+    kubectl(
+        &kubeconfig,
+        &["annotate", "svc", "web", "holepunch/punch-external-"],
+    );
+    wait_for("unpublishing after the annotation is removed", || {
+        mappings(config).is_empty()
+    });
+
+    kubectl(
+        &kubeconfig,
+        &["annotate", "svc", "web", "holepunch/punch-external=true"],
+    );
+    wait_for("publishing again", || mappings(config).len() == 2);
+    kubectl(&kubeconfig, &["delete", "svc", "web"]);
+    wait_for("unpublishing after the Service is deleted", || {
+        mappings(config).is_empty()
+    });
+
+    let log = daemon.stop();
+    assert!(log.contains("mapped"), "{log}");
+    assert!(log.contains("unmapped"), "{log}");
+}

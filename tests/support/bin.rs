@@ -1,0 +1,90 @@
+//! Running the `holepunch` binary from integration tests: one-shot commands, and a daemon
+//! in the background that is stopped (by its PID) when dropped.
+//!
+//! Include with `#[path = "support/bin.rs"] mod bin;` (not every test uses every helper).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_holepunch");
+
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+pub fn holepunch(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("HOLEPUNCH_CONFIG")
+        .output()
+        .expect("holepunch runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `holepunch run` in the background, killed (by its PID) when dropped.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().expect("utf-8")])
+            .env_remove("KUBECONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn holepunch run");
+        Daemon(child)
+    }
+
+    /// Stops it with SIGTERM and returns what it logged.
+    pub fn stop(mut self) -> String {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.0.wait();
+        let mut log = String::new();
+        if let Some(mut stderr) = self.0.stderr.take() {
+            let _ = stderr.read_to_string(&mut log);
+        }
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A config for tests: state in `dir`, no router, relay to 192.168.77.10, and `kubeconfig`
+/// (or one that does not exist, so `run` waits for it and holds its lock).
+pub fn test_config(dir: &Path, kubeconfig: Option<&Path>) -> PathBuf {
+    let missing = dir.join("no-kubeconfig");
+    let kubeconfig = kubeconfig.unwrap_or(&missing);
+    let path = dir.join("holepunch.toml");
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n[router]\nbackend = \"none\"\n\n\
+         [exposure]\nlan_address = \"192.168.77.10\"\n\n[state]\npath = \"{dir}/state/state.toml\"\n\n\
+         [metrics]\nlisten = \"\"\n\n[log]\nformat = \"text\"\n",
+        dir = dir.display(),
+        kubeconfig = kubeconfig.display()
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
