@@ -6,7 +6,7 @@ mod bin;
 
 use std::time::{Duration, Instant};
 
-use bin::{Daemon, holepunch, repo, test_config, text, wait_for};
+use bin::{Daemon, holepunch, repo, status_json, test_config, text, wait_for};
 
 #[test]
 fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
@@ -121,14 +121,7 @@ fn status_without_state_shows_no_mappings() {
         "{}",
         text(&out.stdout)
     );
-    let out = holepunch(&[
-        "status",
-        "-o",
-        "json",
-        "--config",
-        config.to_str().expect("utf-8"),
-    ]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let json = status_json(&config);
     assert_eq!(json["mappings"], serde_json::json!([]));
 }
 

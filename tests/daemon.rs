@@ -10,9 +10,9 @@ mod fake_api;
 use std::path::Path;
 use std::process::Command;
 
-use bin::{Daemon, holepunch, test_config, text, wait_for};
+use bin::{Daemon, status_json, test_config, text, wait_for};
 use fake_api::FakeApi;
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
     let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
@@ -32,14 +32,7 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
 /// The mappings `holepunch status -o json` reports, by port: (external port, protocol, owner,
 /// status).
 fn mappings(config: &Path) -> Vec<(u64, String, String, String)> {
-    let out = holepunch(&[
-        "status",
-        "-o",
-        "json",
-        "--config",
-        config.to_str().expect("utf-8"),
-    ]);
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let json = status_json(config);
     let mut rows: Vec<_> = json["mappings"]
         .as_array()
         .map(|all| {

@@ -88,3 +88,15 @@ pub fn test_config(dir: &Path, kubeconfig: Option<&Path>) -> PathBuf {
     std::fs::write(&path, body).expect("write config");
     path
 }
+
+/// What `holepunch status -o json` prints for `config` (`null` if it printed no JSON).
+pub fn status_json(config: &Path) -> serde_json::Value {
+    let out = holepunch(&[
+        "status",
+        "-o",
+        "json",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
