@@ -334,3 +334,143 @@ fn natpmp_udp_mapping_carries_traffic_from_the_internet() {
     assert_eq!(deleted.result, natpmp::ResultCode::Success, "{deleted:?}");
     assert!(!forwarded(&lab, "udp", 18090), "{}", lab.router_forwards());
 }
+
+/// Runs `pcp_client_step_in_lan` inside the lab's LAN namespace (a test process cannot open
+/// sockets in another namespace), with `step` and `nonce` in its environment; returns its
+/// output, asserting it passed.
+fn pcp_client_step(lab: &Lab, step: &str, nonce: &str) -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("lan")])
+        .arg(exe)
+        .args([
+            "--exact",
+            "pcp_client_step_in_lan",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("HOLEPUNCH_PCP_STEP", step)
+        .env("HOLEPUNCH_PCP_NONCE", nonce)
+        .output()
+        .expect("re-run the test binary in the LAN namespace");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "step {step} failed:\n{output}");
+    output
+}
+
+/// holepunch's PCP client (the `PortMapper` the daemon uses) against miniupnpd: map, the
+/// router forwards, unmap removes it, a second unmap is still success, and a silent gateway
+/// is reported unreachable within the retransmission bound.
+#[test]
+fn pcp_client_maps_unmaps_idempotently_and_reports_a_silent_gateway() {
+    let lab = Lab::up(PREFIX);
+    let nonce = nonce().to_string();
+    let granted = pcp_client_step(&lab, "map", &nonce);
+    assert!(granted.contains("GRANTED"), "{granted}");
+    assert!(forwarded(&lab, "tcp", 18100), "{}", lab.router_forwards());
+
+    pcp_client_step(&lab, "unmap", &nonce);
+    assert!(!forwarded(&lab, "tcp", 18100), "{}", lab.router_forwards());
+    pcp_client_step(&lab, "unmap", &nonce);
+    pcp_client_step(&lab, "silent", &nonce);
+}
+
+/// The part of the test above that runs inside the LAN namespace; not run on its own.
+#[test]
+#[ignore = "run by pcp_client_maps_unmaps_idempotently_and_reports_a_silent_gateway"]
+fn pcp_client_step_in_lan() {
+    use holepunch::model::{Backend, Endpoint, Owner, TargetSource};
+    use holepunch::router::pcp::client::{PcpClient, Schedule};
+    use holepunch::router::{MapRequest, PortMapper, RouterError};
+    use holepunch::state::{MappingRecord, MappingStatus};
+
+    let step = std::env::var("HOLEPUNCH_PCP_STEP").expect("set by the outer test");
+    let nonce = std::env::var("HOLEPUNCH_PCP_NONCE").expect("set by the outer test");
+    let internal = Endpoint::new(lan_ip(), 18100);
+    let gateway: Ipv4Addr = ROUTER_LAN_IP.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match step.as_str() {
+            "map" => {
+                let mut client = PcpClient::new(gateway, lan_ip());
+                let request = MapRequest {
+                    owner: Owner::new("default", "web"),
+                    protocol: Protocol::Tcp,
+                    external_port: 18100,
+                    internal,
+                    lifetime_secs: 600,
+                    nonce: Some(nonce.clone()),
+                };
+                let grant = client.map(&request).await.expect("granted");
+                assert_eq!(grant.external_port, 18100);
+                assert_eq!(grant.lifetime_secs, 600);
+                assert_eq!(grant.external_address, Some(WAN_IP));
+                assert!(grant.epoch.is_some());
+                let renew = grant.renew_after.expect("renew point").as_secs();
+                assert!((300..=375).contains(&renew), "renew after {renew} s");
+                println!("GRANTED {grant:?}");
+            }
+            "unmap" => {
+                let mut client = PcpClient::new(gateway, lan_ip());
+                let record = MappingRecord {
+                    owner: Owner::new("default", "web"),
+                    service_port: 18100,
+                    protocol: Protocol::Tcp,
+                    external_port: 18100,
+                    internal,
+                    target: internal,
+                    target_source: TargetSource::NodePort,
+                    backend: Backend::Pcp,
+                    router: String::new(),
+                    nonce: Some(nonce.clone()),
+                    lifetime_secs: 600,
+                    granted_at: None,
+                    renew_at: None,
+                    expires_at: None,
+                    epoch: None,
+                    external_address: None,
+                    status: MappingStatus::Active,
+                    retry_at: None,
+                    failures: 0,
+                    last_error: None,
+                };
+                client
+                    .unmap(&record)
+                    .await
+                    .expect("unmapped (or already gone)");
+            }
+            "silent" => {
+                let nobody: Ipv4Addr = "192.168.77.99".parse().unwrap();
+                let schedule = Schedule {
+                    initial: Duration::from_millis(200),
+                    max: Duration::from_secs(1),
+                    max_tries: 2,
+                };
+                let mut client = PcpClient::new(nobody, lan_ip()).with_schedule(schedule);
+                let request = MapRequest {
+                    owner: Owner::new("default", "web"),
+                    protocol: Protocol::Tcp,
+                    external_port: 18101,
+                    internal,
+                    lifetime_secs: 600,
+                    nonce: Some(nonce.clone()),
+                };
+                let started = std::time::Instant::now();
+                let result = client.map(&request).await;
+                assert!(
+                    matches!(result, Err(RouterError::Unreachable(_))),
+                    "{result:?}"
+                );
+                assert!(started.elapsed() <= schedule.worst_case() + Duration::from_millis(500));
+            }
+            other => panic!("unknown step {other}"),
+        }
+    });
+}
