@@ -14,7 +14,8 @@ use crate::daemon::{self, DaemonError};
 use crate::desired::{Desired, desired};
 use crate::kube::snapshot::Snapshot;
 use crate::logging;
-use crate::plan::{Forwarding, plan};
+use crate::model::Backend;
+use crate::plan::{Action, Forwarding, plan};
 use crate::reconcile;
 use crate::router::NoRouter;
 use crate::router::discover;
@@ -337,8 +338,12 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
     }
     let mut state = loaded.state;
     let now = Timestamp::now();
-    // Nothing is wanted: the plan unmaps every recorded mapping.
-    let plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
+    // Nothing is wanted: the plan unmaps every recorded mapping. Only mappings without a
+    // router side can be removed by this build; the others stay recorded (never forgotten
+    // while the router may still hold them).
+    let mut plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
+    plan.actions
+        .retain(|a| matches!(a, Action::Unmap { record } if record.backend == Backend::None));
     let mut mapper = NoRouter;
     let outcome = runtime()?.block_on(reconcile::execute(
         &plan,

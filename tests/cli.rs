@@ -208,3 +208,40 @@ fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
     assert!(status.contains("pending"), "{status}");
     assert!(!status.contains("default/web8081"), "{status}");
 }
+
+#[test]
+fn cleanup_removes_what_it_can_and_never_forgets_a_router_mapping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path(), None);
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let record = |port: u16, backend: &str| {
+        format!(
+            "[[mapping]]\nowner = \"default/web{port}\"\nservice_port = {port}\nprotocol = \"tcp\"\n\
+             external_port = {port}\ninternal = {{ address = \"192.168.77.10\", port = {port} }}\n\
+             target = {{ address = \"192.168.77.20\", port = 30080 }}\ntarget_source = \"node-port\"\n\
+             backend = \"{backend}\"\nstatus = \"active\"\n\n"
+        )
+    };
+    let state = format!(
+        "version = 1\n\n{}{}",
+        record(8080, "none"),
+        record(8081, "pcp")
+    );
+    std::fs::write(state_dir.join("state.toml"), state).expect("write state");
+
+    let out = holepunch(&["cleanup", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(5), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("removed 1 mappings, 1 left"),
+        "{}",
+        text(&out.stdout)
+    );
+    let owners: Vec<String> = status_json(&config)["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .map(|m| m["owner"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(owners, ["default/web8081"]);
+}
