@@ -6,7 +6,7 @@ mod bin;
 
 use std::time::{Duration, Instant};
 
-use bin::{Daemon, holepunch, repo, status_json, test_config, text, wait_for};
+use bin::{Daemon, holepunch, repo, state_record, status_json, test_config, text, wait_for};
 
 #[test]
 fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
@@ -165,15 +165,11 @@ fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
     let config = test_config(dir.path(), None);
     let state_dir = dir.path().join("state");
     std::fs::create_dir_all(&state_dir).expect("state dir");
-    let record = |port: u16| {
-        format!(
-            "[[mapping]]\nowner = \"default/web{port}\"\nservice_port = {port}\nprotocol = \"tcp\"\n\
-             external_port = {port}\ninternal = {{ address = \"192.168.77.10\", port = {port} }}\n\
-             target = {{ address = \"192.168.77.20\", port = 30080 }}\ntarget_source = \"node-port\"\n\
-             backend = \"none\"\nstatus = \"active\"\n\n"
-        )
-    };
-    let whole = format!("version = 1\n\n{}{}", record(8080), record(8081));
+    let whole = format!(
+        "version = 1\n\n{}{}",
+        state_record(8080, "none"),
+        state_record(8081, "none")
+    );
     let truncated = &whole[..whole.len() - 60];
     std::fs::write(state_dir.join("state.toml"), truncated).expect("write state");
 
@@ -215,18 +211,10 @@ fn cleanup_removes_what_it_can_and_never_forgets_a_router_mapping() {
     let config = test_config(dir.path(), None);
     let state_dir = dir.path().join("state");
     std::fs::create_dir_all(&state_dir).expect("state dir");
-    let record = |port: u16, backend: &str| {
-        format!(
-            "[[mapping]]\nowner = \"default/web{port}\"\nservice_port = {port}\nprotocol = \"tcp\"\n\
-             external_port = {port}\ninternal = {{ address = \"192.168.77.10\", port = {port} }}\n\
-             target = {{ address = \"192.168.77.20\", port = 30080 }}\ntarget_source = \"node-port\"\n\
-             backend = \"{backend}\"\nstatus = \"active\"\n\n"
-        )
-    };
     let state = format!(
         "version = 1\n\n{}{}",
-        record(8080, "none"),
-        record(8081, "pcp")
+        state_record(8080, "none"),
+        state_record(8081, "pcp")
     );
     std::fs::write(state_dir.join("state.toml"), state).expect("write state");
 

@@ -100,3 +100,13 @@ pub fn status_json(config: &Path) -> serde_json::Value {
     ]);
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
+
+/// One `[[mapping]]` record of a state file, as holepunch writes it, for `default/web<port>`.
+pub fn state_record(port: u16, backend: &str) -> String {
+    format!(
+        "[[mapping]]\nowner = \"default/web{port}\"\nservice_port = {port}\nprotocol = \"tcp\"\n\
+         external_port = {port}\ninternal = {{ address = \"192.168.77.10\", port = {port} }}\n\
+         target = {{ address = \"192.168.77.20\", port = 30080 }}\ntarget_source = \"node-port\"\n\
+         backend = \"{backend}\"\nstatus = \"active\"\n\n"
+    )
+}
