@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
 
-use crate::config::{self, Config, ExposureMode, defaults};
+use crate::config::{self, Config, defaults};
 use crate::daemon::{self, DaemonError};
 use crate::desired::{Desired, desired};
 use crate::kube::snapshot::Snapshot;
@@ -18,7 +18,6 @@ use crate::model::Backend;
 use crate::plan::{Action, Forwarding, plan};
 use crate::reconcile;
 use crate::router::NoRouter;
-use crate::router::discover;
 use crate::state::{MappingStatus, State, StateError, StateFile, read_state};
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -202,31 +201,16 @@ fn run(path: &Path) -> Result<(), Failure> {
     })
 }
 
-/// The LAN address for a dry run: the flag, the config, or this host's address toward the
-/// router; `0.0.0.0` (with a note) when none can be found, since a dry run must not fail for it.
+/// Where the router would forward, for a dry run: as the daemon decides, but with
+/// `0.0.0.0` (and a note) when this host's address cannot be found, since a dry run must not
+/// fail for it.
 fn dry_run_forwarding(config: &Config, lan_address: Option<Ipv4Addr>) -> Forwarding {
-    match config.exposure.mode {
-        ExposureMode::Direct => Forwarding::Direct,
-        ExposureMode::Gateway => Forwarding::Gateway,
-        ExposureMode::Relay => {
-            let found = lan_address
-                .or(config.exposure.lan_address)
-                .map(Ok)
-                .unwrap_or_else(|| {
-                    let gateway = config
-                        .router
-                        .address
-                        .map(Ok)
-                        .unwrap_or_else(discover::default_gateway)?;
-                    discover::source_address_toward(gateway)
-                });
-            let lan_address = found.unwrap_or_else(|e| {
-                eprintln!("note: {e}; showing 0.0.0.0 as this host's address (use --lan-address)");
-                Ipv4Addr::UNSPECIFIED
-            });
-            Forwarding::Relay { lan_address }
+    daemon::forwarding(config, lan_address).unwrap_or_else(|e| {
+        eprintln!("note: {e}; showing 0.0.0.0 as this host's address (use --lan-address)");
+        Forwarding::Relay {
+            lan_address: Ipv4Addr::UNSPECIFIED,
         }
-    }
+    })
 }
 
 fn dry_run(

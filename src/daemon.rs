@@ -65,7 +65,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     let mut ready_sent = false;
 
     'config: loop {
-        let forwarding = forwarding(&config)?;
+        let forwarding = forwarding(&config, None)?;
         check_backend(&config)?;
         let mut mapper = NoRouter;
 
@@ -277,13 +277,17 @@ async fn wait_signal_or(
     }
 }
 
-/// Where the router forwards, from the exposure mode (and the LAN address in relay mode).
-fn forwarding(config: &Config) -> Result<Forwarding, DiscoverError> {
+/// Where the router forwards, from the exposure mode (and in relay mode the LAN address:
+/// `lan_override`, else `exposure.lan_address`, else this host's address toward the router).
+pub fn forwarding(
+    config: &Config,
+    lan_override: Option<std::net::Ipv4Addr>,
+) -> Result<Forwarding, DiscoverError> {
     Ok(match config.exposure.mode {
         ExposureMode::Direct => Forwarding::Direct,
         ExposureMode::Gateway => Forwarding::Gateway,
         ExposureMode::Relay => {
-            let lan_address = match config.exposure.lan_address {
+            let lan_address = match lan_override.or(config.exposure.lan_address) {
                 Some(address) => address,
                 None => {
                     let gateway = match config.router.address {

@@ -408,13 +408,13 @@ mod tests {
         };
         let now = Timestamp::from_second(1_800_000_000).expect("valid");
         let mut state = State::default();
-        let plan = plan(&desired, &state, forwarding, now);
+        let first = plan(&desired, &state, forwarding, now);
         let mut router = ScriptedRouter {
             grants: BTreeMap::from([(8081, Ok(40000)), (8082, Err("NOT_AUTHORIZED"))]),
             calls: vec![],
         };
         let mut saved = Saved::default();
-        let outcome = execute(&plan, &mut state, &mut router, &mut saved, 120, now).await;
+        let outcome = execute(&first, &mut state, &mut router, &mut saved, 120, now).await;
 
         // Saved once before any router call, with every request pending and its nonce.
         let before = &saved.0[0];
@@ -470,7 +470,7 @@ mod tests {
         assert_eq!(saved.0[1], state);
 
         // Nothing due: no router call, nothing written.
-        let calm = plan_at(
+        let calm = plan(
             &desired,
             &state,
             forwarding,
@@ -481,15 +481,6 @@ mod tests {
             (router.calls.len(), saved.0.len(), outcome.failed),
             (4, 2, 0)
         );
-    }
-
-    fn plan_at(
-        desired: &crate::desired::Desired,
-        state: &State,
-        forwarding: Forwarding,
-        now: Timestamp,
-    ) -> Plan {
-        plan(desired, state, forwarding, now)
     }
 
     #[test]
