@@ -17,7 +17,7 @@ use crate::logging;
 use crate::model::Backend;
 use crate::plan::{Action, Forwarding, plan};
 use crate::reconcile;
-use crate::router::NoRouter;
+use crate::router::choice::Router;
 use crate::state::{MappingStatus, State, StateError, StateFile, read_state};
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -321,30 +321,43 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         tracing::error!("{recovery}");
     }
     let mut state = loaded.state;
-    let now = Timestamp::now();
-    // Nothing is wanted: the plan unmaps every recorded mapping. Only mappings without a
-    // router side can be removed by this build; the others stay recorded (never forgotten
-    // while the router may still hold them).
-    let mut plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
-    plan.actions
-        .retain(|a| matches!(a, Action::Unmap { record } if record.backend == Backend::None));
-    let mut mapper = NoRouter;
-    let outcome = runtime()?.block_on(reconcile::execute(
-        &plan,
-        &mut state,
-        &mut mapper,
-        &mut store,
-        0,
-        now,
-    ));
-    println!(
-        "removed {} mappings, {} left",
-        outcome.unmapped,
-        state.mappings.len()
-    );
-    if let Some(e) = outcome.save_error {
-        return Err(state_failure(e));
+    // The router is found as the daemon finds it; without it only mappings that have no
+    // router side can be removed, and the others stay recorded (never forgotten while the
+    // router may still hold them).
+    let address = daemon::forwarding(&config, None)
+        .and_then(|forwarding| daemon::router_address(&config, forwarding))
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot find the router: {e}");
+            None
+        });
+    let runtime = runtime()?;
+    let mut unmapped = 0;
+    for backend in [Backend::None, Backend::Pcp, Backend::Natpmp, Backend::Upnp] {
+        let Some(mut router) = Router::for_backend(backend, address.as_ref()) else {
+            continue;
+        };
+        // Nothing is wanted: the plan unmaps every recorded mapping of this backend.
+        let now = Timestamp::now();
+        let mut plan = plan(&Desired::default(), &state, Forwarding::Gateway, now);
+        plan.actions
+            .retain(|a| matches!(a, Action::Unmap { record } if record.backend == backend));
+        if plan.actions.is_empty() {
+            continue;
+        }
+        let outcome = runtime.block_on(reconcile::execute(
+            &plan,
+            &mut state,
+            &mut router,
+            &mut store,
+            0,
+            now,
+        ));
+        unmapped += outcome.unmapped;
+        if let Some(e) = outcome.save_error {
+            return Err(state_failure(e));
+        }
     }
+    println!("removed {unmapped} mappings, {} left", state.mappings.len());
     if !state.mappings.is_empty() {
         return Err(Failure::new(
             EXIT_UNREACHABLE,

@@ -23,12 +23,13 @@ use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
-use crate::model::Problem;
+use crate::model::{Backend, MappingKey, Problem};
 use crate::plan::{Forwarding, plan};
 use crate::reconcile;
-use crate::router::NoRouter;
+use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
-use crate::state::{StateError, StateFile};
+use crate::router::{NoRouter, PortMapper};
+use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
@@ -67,7 +68,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     'config: loop {
         let forwarding = forwarding(&config, None)?;
         check_backend(&config)?;
-        let mut mapper = NoRouter;
+        let address = router_address(&config, forwarding)?;
+        let mut mapper: Option<Router> = match &address {
+            None => Some(Router::None(NoRouter)),
+            Some(address) => Router::configured(config.router.backend, address),
+        };
+        let mut probe = Probe::default();
 
         // The cluster: wait for a usable kubeconfig without crash-looping.
         let client = loop {
@@ -110,6 +116,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let mut reported: BTreeSet<Problem> = BTreeSet::new();
         let mut next_due: Option<jiff::Timestamp> = None;
         let verify = Duration::from_secs(config.router.verify_interval_secs.into());
+        let mut last_check = tokio::time::Instant::now();
         loop {
             if watchdog.is_some() {
                 // Every pass through the loop proves it alive, however busy the cluster is.
@@ -157,6 +164,32 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .map(|n| (**n).clone())
                 .collect();
             let wanted = desired(&services, &nodes, &config);
+            if mapper.is_none()
+                && let Some(address) = &address
+            {
+                mapper = probe.run(address, preferred_backend(&state)).await;
+            }
+            let Some(router) = mapper.as_mut() else {
+                // No router answers yet: nothing is planned, nothing already mapped is
+                // touched; the probe runs again when its backoff is over.
+                report_new_problems(&mut reported, wanted.problems.iter());
+                next_due = Some(probe.due_at());
+                notify_status(&format!(
+                    "no router found yet; trying again in {} s",
+                    probe.wait.as_secs()
+                ));
+                mark_ready(&mut ready_sent, 0);
+                continue;
+            };
+            if last_check.elapsed() >= verify {
+                last_check = tokio::time::Instant::now();
+                check_router(router, &mut state).await;
+            }
+            let backend = router.backend();
+            let moved = state.unconfirm(|r| r.backend != backend);
+            if moved > 0 {
+                tracing::info!(mappings = moved, %backend, "re-requesting mappings made through another router protocol");
+            }
             let now = jiff::Timestamp::now();
             let plan = plan(&wanted, &state, forwarding, now);
             if plan.router_calls() > 0
@@ -170,7 +203,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             let outcome = reconcile::execute(
                 &plan,
                 &mut state,
-                &mut mapper,
+                router,
                 &mut store,
                 config.router.lease_secs,
                 now,
@@ -180,20 +213,158 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 &mut reported,
                 wanted.problems.iter().chain(&outcome.problems),
             );
-            next_due = plan.next_due;
+            // Due times of what was just granted count too, not only of what was planned.
+            next_due =
+                crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
+            if router.take_restart() {
+                let lost = state.unconfirm(|r| r.backend == backend);
+                tracing::warn!(mappings = lost, %backend,
+                    "the router restarted and lost its mappings; restoring them on the same ports");
+                next_due = Some(jiff::Timestamp::now());
+            }
             let up = state
                 .mappings
                 .values()
                 .filter(|r| r.status == crate::state::MappingStatus::Active)
                 .count();
-            notify_status(&format!("{up} mappings up, {} problems", reported.len()));
-            if !ready_sent {
-                let _ = sd_notify::notify(&[NotifyState::Ready]);
-                ready_sent = true;
-                tracing::info!(mappings = up, "first reconcile done; ready");
+            notify_status(&format!(
+                "{up} mappings up through {backend}, {} problems",
+                reported.len()
+            ));
+            mark_ready(&mut ready_sent, up);
+        }
+    }
+}
+
+/// Tells systemd the daemon is ready, once.
+fn mark_ready(ready_sent: &mut bool, mappings_up: usize) {
+    if !*ready_sent {
+        let _ = sd_notify::notify(&[NotifyState::Ready]);
+        *ready_sent = true;
+        tracing::info!(mappings = mappings_up, "first reconcile done; ready");
+    }
+}
+
+/// Asks the router which of the mappings it granted it no longer holds, and marks those for
+/// restoring (DESIGN.md: verify, restore what the router lost, re-add nothing that is there).
+async fn check_router(router: &mut Router, state: &mut State) {
+    let backend = router.backend();
+    let granted: Vec<&MappingRecord> = state
+        .mappings
+        .values()
+        .filter(|r| r.backend == backend && r.status == MappingStatus::Active)
+        .collect();
+    let asked = granted.len();
+    match router.lost(&granted).await {
+        Ok(lost) if lost.is_empty() => {
+            tracing::debug!(%backend, mappings = asked, "checked the router: nothing lost");
+        }
+        Ok(lost) => {
+            let lost: BTreeSet<MappingKey> = lost.into_iter().collect();
+            let marked = state.unconfirm(|r| lost.contains(&r.key()));
+            tracing::warn!(mappings = marked, %backend,
+                "the router no longer holds some mappings; restoring them on the same ports");
+        }
+        Err(e) => tracing::warn!(%backend, error = %e, "could not check the router's mappings"),
+    }
+}
+
+/// The backend most of the recorded mappings were made with: what worked with this router.
+fn preferred_backend(state: &State) -> Option<Backend> {
+    let mut counts: Vec<(usize, Backend)> = [Backend::Pcp, Backend::Natpmp, Backend::Upnp]
+        .into_iter()
+        .map(|b| {
+            (
+                state.mappings.values().filter(|r| r.backend == b).count(),
+                b,
+            )
+        })
+        .filter(|(count, _)| *count > 0)
+        .collect();
+    counts.sort_by_key(|(count, _)| std::cmp::Reverse(*count));
+    counts.first().map(|(_, backend)| *backend)
+}
+
+/// `router.backend = "auto"`: probe the router, and after a failure wait (30 s doubling up
+/// to 10 min) before probing again.
+#[derive(Debug)]
+struct Probe {
+    wait: Duration,
+    next: tokio::time::Instant,
+    last_error: String,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            wait: Duration::ZERO,
+            next: tokio::time::Instant::now(),
+            last_error: String::new(),
+        }
+    }
+}
+
+/// First wait after a failed probe; doubles up to [`PROBE_RETRY_MAX_SECS`].
+pub const PROBE_RETRY_SECS: u64 = 30;
+pub const PROBE_RETRY_MAX_SECS: u64 = 600;
+
+impl Probe {
+    async fn run(&mut self, address: &RouterAddress, preferred: Option<Backend>) -> Option<Router> {
+        if tokio::time::Instant::now() < self.next {
+            return None;
+        }
+        match Router::probe(address, preferred).await {
+            Ok(router) => {
+                tracing::info!(backend = %router.backend(), gateway = %address.gateway, "router found");
+                *self = Probe::default();
+                Some(router)
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if message != self.last_error {
+                    tracing::error!("{message}");
+                    self.last_error = message;
+                }
+                self.wait = (self.wait * 2).clamp(
+                    Duration::from_secs(PROBE_RETRY_SECS),
+                    Duration::from_secs(PROBE_RETRY_MAX_SECS),
+                );
+                self.next = tokio::time::Instant::now() + self.wait;
+                None
             }
         }
     }
+
+    fn due_at(&self) -> jiff::Timestamp {
+        let left = self
+            .next
+            .saturating_duration_since(tokio::time::Instant::now());
+        jiff::SignedDuration::try_from(left)
+            .ok()
+            .and_then(|d| jiff::Timestamp::now().checked_add(d).ok())
+            .unwrap_or_else(jiff::Timestamp::now)
+    }
+}
+
+/// Where the router is and this host's address toward it; `None` when no router is used
+/// (`gateway` mode, `router.backend = "none"`).
+pub fn router_address(
+    config: &Config,
+    forwarding: Forwarding,
+) -> Result<Option<RouterAddress>, DiscoverError> {
+    if config.exposure.mode == ExposureMode::Gateway || config.router.backend == BackendChoice::None
+    {
+        return Ok(None);
+    }
+    let gateway = match config.router.address {
+        Some(address) => address,
+        None => discover::default_gateway()?,
+    };
+    let local = match forwarding {
+        Forwarding::Relay { lan_address } => lan_address,
+        Forwarding::Direct | Forwarding::Gateway => discover::source_address_toward(gateway)?,
+    };
+    Ok(Some(RouterAddress { gateway, local }))
 }
 
 /// Logs each problem once while it persists; a problem that went away may be logged again
@@ -307,16 +478,8 @@ fn check_backend(config: &Config) -> Result<(), DaemonError> {
         return Ok(());
     }
     match config.router.backend {
-        BackendChoice::None => Ok(()),
-        BackendChoice::Auto => {
-            tracing::warn!(
-                "no router backend is available in this build yet: mappings are planned and \
-                 recorded with backend \"none\", nothing is requested from the router"
-            );
-            Ok(())
-        }
+        BackendChoice::None | BackendChoice::Auto | BackendChoice::Pcp => Ok(()),
         BackendChoice::Upnp => Err(DaemonError::BackendUnavailable("upnp")),
-        BackendChoice::Pcp => Err(DaemonError::BackendUnavailable("pcp")),
         BackendChoice::Natpmp => Err(DaemonError::BackendUnavailable("natpmp")),
     }
 }

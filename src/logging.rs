@@ -29,7 +29,11 @@ pub fn init(config: &LogConfig) {
                 .init(),
             Err(e) => {
                 registry
-                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                    .with(
+                        tracing_subscriber::fmt::layer()
+                            .with_writer(std::io::stderr)
+                            .with_ansi(false),
+                    )
                     .init();
                 tracing::warn!(error = %e, "journald is not reachable; logging to standard error");
             }
@@ -42,7 +46,12 @@ pub fn init(config: &LogConfig) {
             )
             .init(),
         LogFormat::Text | LogFormat::Auto => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours only on a terminal: not in files, pipes or the journal.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init(),
     }
 }

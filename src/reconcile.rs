@@ -101,6 +101,19 @@ pub async fn execute<M: PortMapper>(
     // 2. Talk to the router.
     for action in &plan.actions {
         match action {
+            Action::Unmap { record } if record.backend != backend => {
+                // Another protocol made it: this one cannot delete it (a PCP nonce means
+                // nothing to UPnP). Backend "none" holds nothing on the router; a real one's
+                // lease runs out by itself.
+                state.mappings.remove(&record.key());
+                outcome.unmapped += 1;
+                if record.backend != Backend::None {
+                    tracing::warn!(service = %record.owner, external_port = record.external_port,
+                        protocol = %record.protocol, made_with = %record.backend, using = %backend,
+                        lifetime_secs = record.lifetime_secs,
+                        "forgetting a mapping made through another router protocol; the router drops it when its lease ends");
+                }
+            }
             Action::Unmap { record } => match mapper.unmap(record).await {
                 Ok(()) => {
                     state.mappings.remove(&record.key());
@@ -481,6 +494,52 @@ mod tests {
             (router.calls.len(), saved.0.len(), outcome.failed),
             (4, 2, 0)
         );
+    }
+
+    #[tokio::test]
+    async fn a_mapping_made_through_another_protocol_is_forgotten_not_sent() {
+        // Records from backend "none" (and from a protocol no longer in use) cannot be
+        // deleted through this router: they are dropped without a router call.
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let mut state = State::default();
+        for (port, backend) in [
+            (8080, Backend::None),
+            (8081, Backend::Upnp),
+            (8082, Backend::Pcp),
+        ] {
+            let mut record = new_record(
+                &mapping(port),
+                Endpoint::new(Ipv4Addr::new(192, 168, 1, 10), port),
+                backend,
+            );
+            record.status = MappingStatus::Active;
+            state.mappings.insert(key(port), record);
+        }
+        let nothing_wanted = crate::desired::Desired::default();
+        let forwarding = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 1, 10),
+        };
+        let unmaps = plan(&nothing_wanted, &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::new(),
+            calls: vec![],
+        };
+        let outcome = execute(
+            &unmaps,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!(
+            router.calls,
+            ["unmap 8082"],
+            "only the PCP record goes to the PCP router"
+        );
+        assert_eq!(outcome.unmapped, 3);
+        assert!(state.mappings.is_empty());
     }
 
     #[test]

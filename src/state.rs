@@ -289,6 +289,20 @@ impl State {
         };
         toml::to_string(&file).map_err(|source| StateError::Encode { source })
     }
+
+    /// Marks the active mappings `which` selects as `pending`: the router may have lost them
+    /// (it restarted, or said it no longer holds them), so the next plan restores them with
+    /// the same external port (and PCP nonce). Returns how many were marked.
+    pub fn unconfirm(&mut self, mut which: impl FnMut(&MappingRecord) -> bool) -> usize {
+        let mut marked = 0;
+        for record in self.mappings.values_mut() {
+            if record.status == MappingStatus::Active && which(record) {
+                record.status = MappingStatus::Pending;
+                marked += 1;
+            }
+        }
+        marked
+    }
 }
 
 /// What a loaded state file held.
@@ -931,6 +945,39 @@ mod tests {
 
     fn open(path: &Path) -> (StateFile, Loaded) {
         StateFile::open(path).expect("open state file")
+    }
+
+    #[test]
+    fn unconfirm_marks_only_selected_active_records() {
+        let mut failed = full_record(4000);
+        failed.status = MappingStatus::Failed;
+        let mut state = state_of([
+            full_record(30080),
+            full_record(30081),
+            minimal_record(5000),
+            failed,
+        ]);
+        let marked = state.unconfirm(|r| r.external_port != 30081);
+        assert_eq!(marked, 1, "only the selected active record");
+        let status = |port| {
+            state
+                .mappings
+                .values()
+                .find(|r| r.external_port == port)
+                .map(|r| r.status)
+        };
+        assert_eq!(status(30080), Some(MappingStatus::Pending));
+        assert_eq!(status(30081), Some(MappingStatus::Active));
+        assert_eq!(
+            status(5000),
+            Some(MappingStatus::Pending),
+            "was pending already"
+        );
+        assert_eq!(
+            status(4000),
+            Some(MappingStatus::Failed),
+            "keeps its backoff"
+        );
     }
 
     #[test]

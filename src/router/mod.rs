@@ -4,6 +4,7 @@
 //! Backends are idempotent (DESIGN.md, "Rules of the house"): removing what is already gone
 //! is success, adding what exists is a renewal.
 
+pub mod choice;
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;
@@ -12,7 +13,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::model::{Backend, Endpoint, Owner, Protocol};
+use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 use crate::state::MappingRecord;
 
 /// A request to create or renew one mapping.
@@ -78,6 +79,23 @@ pub trait PortMapper: Send {
         &mut self,
         record: &MappingRecord,
     ) -> impl Future<Output = Result<(), RouterError>> + Send;
+
+    /// Asks the router which of `records` (mappings it granted) it no longer holds, as
+    /// cheaply as the protocol allows; called every verify interval. The default knows no
+    /// way to ask and reports nothing lost.
+    fn lost(
+        &mut self,
+        records: &[&MappingRecord],
+    ) -> impl Future<Output = Result<Vec<MappingKey>, RouterError>> + Send {
+        let _ = records;
+        async { Ok(Vec::new()) }
+    }
+
+    /// Whether an answer since the last call showed that the router restarted (and so lost
+    /// every mapping). Reading it clears it.
+    fn take_restart(&mut self) -> bool {
+        false
+    }
 }
 
 /// No router at all: `gateway` mode and `router.backend = "none"`. Every mapping is

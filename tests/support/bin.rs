@@ -4,7 +4,6 @@
 //! Include with `#[path = "support/bin.rs"] mod bin;` (not every test uses every helper).
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,20 +27,28 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A `holepunch run` in the background, killed (by its PID) when dropped.
-pub struct Daemon(pub Child);
+/// A `holepunch run` in the background, killed (by its PID) when dropped. What it logs goes
+/// to `daemon.log` beside its config file.
+pub struct Daemon(pub Child, PathBuf);
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
+        let log_path = config.with_file_name("daemon.log");
+        let log = std::fs::File::create(&log_path).expect("create daemon.log");
         let child = Command::new(BIN)
             .args(["run", "--config", config.to_str().expect("utf-8")])
             .env_remove("KUBECONFIG")
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("spawn holepunch run");
-        Daemon(child)
+        Daemon(child, log_path)
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
     }
 
     /// Stops it with SIGTERM and returns what it logged.
@@ -49,11 +56,7 @@ impl Daemon {
         let pid = self.0.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let _ = self.0.wait();
-        let mut log = String::new();
-        if let Some(mut stderr) = self.0.stderr.take() {
-            let _ = stderr.read_to_string(&mut log);
-        }
-        log
+        self.log()
     }
 }
 

@@ -2,12 +2,15 @@
 //! three network namespaces with miniupnpd (UPnP IGD, NAT-PMP, PCP) as the router.
 //!
 //! Every lab uses the same addresses (192.168.77.0/24 on the LAN, 11.22.33.0/24 "on the
-//! internet"), so only one lab may exist at a time: [`Lab::up`] takes a process-wide lock that
-//! [`Lab`]'s `Drop` releases after `down`. Keep all lab tests in one test binary
-//! (`tests/router_lab.rs`) so that the lock covers them all.
+//! internet") inside its own namespaces, named by a prefix: labs with different prefixes are
+//! independent, so each test binary uses its own prefix, and [`Lab::up`] takes a
+//! process-wide lock (released by [`Lab`]'s `Drop` after `down`) so that the tests of one
+//! binary take turns with theirs.
 //!
 //! Needs root and `ip netns` (CI runs as root); without them the tests fail with a message
 //! saying so, they are not skipped. The script installs its own apt packages on first use.
+
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -222,6 +225,117 @@ impl Lab {
         let path = format!("/run/holepunch-lab/{}/miniupnpd.log", self.prefix);
         std::fs::read_to_string(&path).unwrap_or_else(|err| format!("({path}: {err})"))
     }
+}
+
+/// An echo server for TCP and UDP on one address and port; each answer is
+/// `<peer address> <line>`, so a test sees whose source address arrived. Killed when dropped.
+pub struct EchoServer(Child);
+
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+ip, port = sys.argv[1], int(sys.argv[2])
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((ip, port)); t.listen(16)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((ip, port))
+def tcp():
+    while True:
+        c, peer = t.accept()
+        def serve(c=c, peer=peer):
+            f = c.makefile('rb')
+            for line in f:
+                c.sendall(("%s %s\n" % (peer[0], line.decode().strip())).encode())
+            c.close()
+        threading.Thread(target=serve, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(2048)
+    u.sendto(("%s %s\n" % (peer[0], data.decode().strip())).encode(), peer)
+"#;
+
+/// Sends one line to `ip:port` over TCP or UDP and prints the first answer line; exits 1
+/// without an answer within two seconds (UDP: sent up to 4 times).
+const ASK: &str = r#"
+import socket, sys
+proto, ip, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+try:
+    if proto == "tcp":
+        c = socket.create_connection((ip, port), timeout=2)
+        c.sendall((line + "\n").encode())
+        print(c.makefile('rb').readline().decode().strip())
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.5)
+        for _ in range(4):
+            s.sendto((line + "\n").encode(), (ip, port))
+            try:
+                print(s.recvfrom(2048)[0].decode().strip()); break
+            except socket.timeout:
+                pass
+        else:
+            sys.exit(1)
+except OSError as e:
+    sys.exit("%s" % e)
+"#;
+
+impl Lab {
+    /// Starts an [`EchoServer`] on `ip:port` in namespace `ns`; returns once it listens.
+    pub fn echo_server(&self, ns: &str, ip: &str, port: u16) -> EchoServer {
+        let mut child = self.spawn(ns, &[python(), "-c", ECHO_SERVER, ip, &port.to_string()]);
+        let mut ready = [0u8; 6];
+        let read = child
+            .stdout
+            .as_mut()
+            .map(|out| std::io::Read::read_exact(out, &mut ready));
+        assert!(
+            matches!(read, Some(Ok(()))) && &ready == b"ready\n",
+            "echo server on {ip}:{port} in {ns} did not start"
+        );
+        EchoServer(child)
+    }
+
+    /// From namespace `ns`, sends `line` to `ip:port` over `proto` ("tcp" or "udp"); the
+    /// answer line, or `None` when nothing answered.
+    pub fn ask(&self, ns: &str, proto: &str, ip: &str, port: u16, line: &str) -> Option<String> {
+        let out = self.exec(
+            ns,
+            &[python(), "-c", ASK, proto, ip, &port.to_string(), line],
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `body` on a thread that has entered network namespace `ns` (only that thread: the
+/// rest of the test process stays where it is). Sockets it opens, the threads of a runtime it
+/// builds, and processes it spawns all live in `ns`. A panic in `body` is the test's panic.
+pub fn in_netns<T: Send>(ns: &str, body: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns(2) with a valid, open namespace file descriptor; CLONE_NEWNET
+            // changes only the calling thread's network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            body()
+        });
+        match handle.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 impl Drop for Lab {

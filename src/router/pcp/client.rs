@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use super::codec::{self, Nonce, ResultCode};
-use crate::model::{Backend, Protocol};
+use crate::model::{Backend, MappingKey, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::MappingRecord;
 
@@ -213,6 +213,33 @@ impl PcpClient {
         self.epoch_jumped = false;
     }
 
+    /// Sends an ANNOUNCE request (RFC 6887 §14.1): whether the gateway speaks PCP, and its
+    /// epoch, which is checked like every response's (§8.5). One packet per try, no mapping
+    /// touched: the cheap way to notice a router restart between renewals.
+    pub async fn announce(&mut self) -> Result<u32, RouterError> {
+        let request = codec::AnnounceRequest {
+            client_ip: self.client_ip,
+        };
+        let response = self
+            .exchange_bytes(&request.encode(), codec::Opcode::Announce, |_| true)
+            .await?;
+        if response.result != ResultCode::Success {
+            return Err(error_for_result(
+                response.result,
+                response.lifetime_secs,
+                Protocol::Tcp,
+                0,
+            ));
+        }
+        Ok(response.epoch_secs)
+    }
+
+    /// The THIRD_PARTY option for a mapping to another host (`direct` mode, RFC 6887 §13.1);
+    /// none when the router should forward to this host itself (`relay`).
+    fn third_party(&self, internal: Ipv4Addr) -> Option<Ipv4Addr> {
+        (internal != self.client_ip).then_some(internal)
+    }
+
     fn observe_epoch(&mut self, server_secs: u32) {
         let now = Instant::now();
         if let Some(previous) = self.epoch
@@ -261,9 +288,22 @@ impl PcpClient {
         &mut self,
         request: &codec::MapRequest,
     ) -> Result<codec::Response, RouterError> {
+        self.exchange_bytes(&request.encode(), codec::Opcode::Map, |response| {
+            response.matches(request)
+        })
+        .await
+    }
+
+    /// Send `bytes` until a response with `opcode` that `matches` arrives or the schedule
+    /// runs out.
+    async fn exchange_bytes(
+        &mut self,
+        bytes: &[u8],
+        opcode: codec::Opcode,
+        matches: impl Fn(&codec::Response) -> bool,
+    ) -> Result<codec::Response, RouterError> {
         let schedule = self.schedule;
         let gateway = self.gateway;
-        let bytes = request.encode();
         let socket = self.socket().await?;
         // Late answers to earlier requests must not be taken for this one's.
         let mut buf = [0u8; RECV_BUFFER_BYTES];
@@ -274,7 +314,7 @@ impl PcpClient {
         'tries: for index in 0..schedule.max_tries.max(1) {
             let wait = schedule.wait(index, rand::random_range(-0.1..=0.1));
             let deadline = tokio::time::Instant::now() + wait;
-            if let Err(err) = socket.send(&bytes).await {
+            if let Err(err) = socket.send(bytes).await {
                 last_problem = Some(format!("send failed: {err}"));
             }
             loop {
@@ -293,12 +333,13 @@ impl PcpClient {
                     Ok(Ok(len)) => &buf[..len],
                 };
                 match codec::decode_response(received) {
-                    Ok(response) if response.opcode() == codec::Opcode::Map => {
-                        if response.matches(request) {
+                    Ok(response) if response.opcode() == opcode => {
+                        if matches(&response) {
                             outcome = Some(Ok(response));
                             break 'tries;
                         }
-                        last_problem = Some("ignored a MAP response for another request".into());
+                        last_problem =
+                            Some(format!("ignored a {opcode} response for another request"));
                     }
                     Ok(response) => {
                         last_problem = Some(format!("ignored a {} response", response.opcode()));
@@ -347,17 +388,34 @@ impl PortMapper for PcpClient {
         Backend::Pcp
     }
 
+    /// PCP cannot list mappings; an ANNOUNCE request shows the epoch, and an inconsistent
+    /// one (§8.5) means the router restarted and lost them all.
+    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.announce().await?;
+        if self.take_restart() {
+            return Ok(records.iter().map(|r| r.key()).collect());
+        }
+        Ok(Vec::new())
+    }
+
+    fn take_restart(&mut self) -> bool {
+        std::mem::take(&mut self.epoch_jumped)
+    }
+
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
         let nonce = parse_nonce(request.nonce.as_deref())?;
         let wire = codec::MapRequest {
             lifetime_secs: request.lifetime_secs,
-            client_ip: request.internal.address,
+            client_ip: self.client_ip,
             nonce,
             protocol: request.protocol.iana_number(),
             internal_port: request.internal.port,
             suggested_external_port: request.external_port,
             suggested_external_ip: None,
-            third_party: None,
+            third_party: self.third_party(request.internal.address),
             prefer_failure: true,
         };
         let response = self.exchange(&wire).await?;
@@ -388,13 +446,13 @@ impl PortMapper for PcpClient {
         let nonce = parse_nonce(record.nonce.as_deref())?;
         let wire = codec::MapRequest {
             lifetime_secs: 0,
-            client_ip: record.internal.address,
+            client_ip: self.client_ip,
             nonce,
             protocol: record.protocol.iana_number(),
             internal_port: record.internal.port,
             suggested_external_port: record.external_port,
             suggested_external_ip: None,
-            third_party: None,
+            third_party: self.third_party(record.internal.address),
             prefer_failure: false,
         };
         let response = self.exchange(&wire).await?;

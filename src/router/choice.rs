@@ -1,0 +1,153 @@
+//! Which router protocol the daemon talks: the one the config names, or with
+//! `router.backend = "auto"` the first that answers, in the order PCP, NAT-PMP, UPnP
+//! (issue 5), trying first the one the state file says worked with this router before.
+//!
+//! [`Router`] is the daemon's single [`PortMapper`]: an enum over the backends, so the
+//! reconciler stays generic and the daemon can switch protocols without restarting.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::config::BackendChoice;
+use crate::model::{Backend, MappingKey};
+use crate::router::pcp::client::{PcpClient, Schedule};
+use crate::router::{Grant, MapRequest, NoRouter, PortMapper, RouterError};
+use crate::state::MappingRecord;
+
+/// How long one protocol's probe may take before `auto` tries the next one.
+pub const PROBE_TRY_MS: u64 = 1000;
+/// Transmissions per probe.
+pub const PROBE_TRIES: u32 = 2;
+
+/// Where the router is and who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterAddress {
+    /// The gateway: `router.address`, else the default route's next hop.
+    pub gateway: Ipv4Addr,
+    /// This host's address toward the gateway: the PCP client IP, the NAT-PMP sender, the
+    /// UPnP control point.
+    pub local: Ipv4Addr,
+}
+
+/// The backend in use.
+#[derive(Debug)]
+pub enum Router {
+    None(NoRouter),
+    Pcp(PcpClient),
+}
+
+/// `auto` found nothing that answers.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no router answered at {gateway} (tried {tried}); check that UPnP, PCP or NAT-PMP is \
+     turned on in the router, that router.address is the router, or set router.backend \
+     explicitly. Trying again later"
+)]
+pub struct NoRouterFound {
+    pub gateway: Ipv4Addr,
+    pub tried: String,
+}
+
+impl Router {
+    /// The backend the config names, without asking the router anything: its calls fail
+    /// (and are retried with backoff) while the router does not answer.
+    pub fn configured(choice: BackendChoice, address: &RouterAddress) -> Option<Router> {
+        match choice {
+            BackendChoice::None => Some(Router::None(NoRouter)),
+            BackendChoice::Pcp => Some(Router::Pcp(PcpClient::new(address.gateway, address.local))),
+            BackendChoice::Auto | BackendChoice::Upnp | BackendChoice::Natpmp => None,
+        }
+    }
+
+    /// The client for `backend`, to remove what was made through it (`holepunch cleanup`).
+    pub fn for_backend(backend: Backend, address: Option<&RouterAddress>) -> Option<Router> {
+        match (backend, address) {
+            (Backend::None, _) => Some(Router::None(NoRouter)),
+            (Backend::Pcp, Some(address)) => {
+                Some(Router::Pcp(PcpClient::new(address.gateway, address.local)))
+            }
+            _ => None,
+        }
+    }
+
+    /// `auto`: probe the protocols, `preferred` (what worked before) first.
+    pub async fn probe(
+        address: &RouterAddress,
+        preferred: Option<Backend>,
+    ) -> Result<Router, NoRouterFound> {
+        let mut order = vec![Backend::Pcp, Backend::Natpmp, Backend::Upnp];
+        if let Some(first) = preferred.filter(|b| order.contains(b)) {
+            order.retain(|b| *b != first);
+            order.insert(0, first);
+        }
+        let mut tried = Vec::new();
+        for backend in order {
+            match backend {
+                Backend::Pcp => {
+                    let mut client = PcpClient::new(address.gateway, address.local)
+                        .with_schedule(probe_schedule());
+                    match client.announce().await {
+                        Ok(epoch) => {
+                            tracing::info!(gateway = %address.gateway, epoch, "the router speaks PCP");
+                            return Ok(Router::Pcp(client.with_schedule(Schedule::default())));
+                        }
+                        Err(e) => {
+                            tracing::debug!(gateway = %address.gateway, error = %e, "PCP probe failed");
+                            tried.push(format!("PCP: {e}"));
+                        }
+                    }
+                }
+                Backend::Natpmp | Backend::Upnp | Backend::None => {}
+            }
+        }
+        Err(NoRouterFound {
+            gateway: address.gateway,
+            tried: tried.join("; "),
+        })
+    }
+}
+
+fn probe_schedule() -> Schedule {
+    Schedule {
+        initial: Duration::from_millis(PROBE_TRY_MS),
+        max: Duration::from_millis(PROBE_TRY_MS),
+        max_tries: PROBE_TRIES,
+    }
+}
+
+impl PortMapper for Router {
+    fn backend(&self) -> Backend {
+        match self {
+            Router::None(r) => r.backend(),
+            Router::Pcp(r) => r.backend(),
+        }
+    }
+
+    async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+        match self {
+            Router::None(r) => r.map(request).await,
+            Router::Pcp(r) => r.map(request).await,
+        }
+    }
+
+    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+        match self {
+            Router::None(r) => r.unmap(record).await,
+            Router::Pcp(r) => r.unmap(record).await,
+        }
+    }
+
+    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+        match self {
+            Router::None(r) => r.lost(records).await,
+            Router::Pcp(r) => r.lost(records).await,
+        }
+    }
+
+    fn take_restart(&mut self) -> bool {
+        match self {
+            Router::None(r) => r.take_restart(),
+            Router::Pcp(r) => r.take_restart(),
+        }
+    }
+}
