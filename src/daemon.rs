@@ -209,9 +209,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 now,
             )
             .await;
+            let unreachable = double_nat_problems(&state);
             report_new_problems(
                 &mut reported,
-                wanted.problems.iter().chain(&outcome.problems),
+                wanted.problems.iter().chain(&outcome.problems).chain(&unreachable),
             );
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
@@ -234,6 +235,32 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             mark_ready(&mut ready_sent, up);
         }
     }
+}
+
+/// A problem for every Service whose mapping the router granted on an external address the
+/// Internet cannot reach: the mapping exists but does not publish anything.
+pub fn double_nat_problems(state: &State) -> Vec<Problem> {
+    let mut problems: Vec<Problem> = state
+        .mappings
+        .values()
+        .filter(|r| r.status == MappingStatus::Active)
+        .filter_map(|r| {
+            let address = r.external_address?;
+            let why = crate::model::unreachable_external_address(address)?;
+            Some(Problem {
+                owner: r.owner.clone(),
+                kind: crate::model::ProblemKind::DoubleNat,
+                message: format!(
+                    "the router maps {}/{}, but its external address {address} cannot be reached \
+                     from the Internet: {why}",
+                    r.external_port, r.protocol
+                ),
+            })
+        })
+        .collect();
+    problems.sort();
+    problems.dedup_by(|a, b| a.owner == b.owner);
+    problems
 }
 
 /// Tells systemd the daemon is ready, once.

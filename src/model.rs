@@ -274,9 +274,52 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Why a router's external address cannot be reached from the Internet (double NAT: the
+/// router sits behind another NAT, e.g. the ISP's carrier-grade NAT), or `None` for a public
+/// address.
+pub fn unreachable_external_address(address: std::net::Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = address.octets();
+    if address.is_unspecified() {
+        Some("the router has no external address yet (0.0.0.0)")
+    } else if address.is_private() {
+        Some("it is a private address (RFC 1918): the router is behind another router")
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("it is a carrier-grade NAT address (100.64.0.0/10, RFC 6598): the ISP shares one public address among customers; ask for a public IPv4 address")
+    } else if address.is_loopback() || address.is_link_local() {
+        Some("it is a loopback or link-local address")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_cgnat_and_unspecified_external_addresses_are_double_nat() {
+        use std::net::Ipv4Addr;
+        for (address, double_nat) in [
+            ("0.0.0.0", true),
+            ("10.1.2.3", true),
+            ("172.16.0.1", true),
+            ("192.168.1.1", true),
+            ("100.64.0.1", true),
+            ("100.127.255.254", true),
+            ("169.254.1.1", true),
+            ("100.128.0.1", false),
+            ("100.63.255.255", false),
+            ("11.22.33.44", false),
+            ("203.0.113.7", false),
+        ] {
+            let address: Ipv4Addr = address.parse().expect("test address");
+            assert_eq!(
+                unreachable_external_address(address).is_some(),
+                double_nat,
+                "{address}"
+            );
+        }
+    }
 
     #[test]
     fn owner_tag_round_trips_and_rejects_foreign_descriptions() {
