@@ -13,6 +13,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+use holepunch::router::announce::{AnnounceListener, Announcement};
 use holepunch::router::natpmp::client::{NatpmpClient, Schedule};
 use holepunch::router::natpmp::codec as natpmp;
 use holepunch::router::{MapRequest, PortMapper, RouterError};
@@ -367,6 +368,50 @@ fn natpmp_client_gives_up_on_a_silent_gateway_within_the_schedule() {
     assert_eq!(packets, schedule.tries(), "{listing}");
 }
 
+/// Forged announcements from another LAN host, shaped like a NAT-PMP and a PCP gateway's.
+const FORGE: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.168.77.20", 5351))
+natpmp = bytes([0, 128, 0, 0, 0, 1, 0x86, 0x9f, 6, 6, 6, 6])
+pcp = bytes([2, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 0x86, 0x9f]) + bytes(12)
+for datagram in (natpmp, pcp):
+    s.sendto(datagram, ("224.0.0.1", 5350))
+"#;
+
+/// The listener hears miniupnpd's announcement when the router restarts, within 10 s, and
+/// ignores the forged ones another LAN host sent first. Two listeners share the port.
+#[test]
+fn announce_listener_hears_the_router_restart_and_ignores_other_hosts() {
+    let lab = Lab::up(PREFIX);
+    let mut step = Step::start(&lab, "announce");
+    step.expect("LISTENING");
+    let forged = lab.exec("node", &[lab::python(), "-c", FORGE]);
+    assert!(forged.status.success(), "{forged:?}");
+
+    let restarted = Instant::now();
+    lab.restart_router();
+    let heard = step.expect("ANNOUNCE");
+    let waited = restarted.elapsed();
+    step.finish();
+    assert!(waited < Duration::from_secs(10), "heard after {waited:?}");
+    let words: Vec<&str> = heard.split_whitespace().collect();
+    // miniupnpd 2.3.1 announces in PCP at start (measured): epoch 0.
+    let [kind, epoch, "ignored", ignored, "second", second] = words[..] else {
+        panic!("unexpected announcement line {heard:?}");
+    };
+    assert!(kind == "pcp" || kind == "natpmp", "{heard}");
+    assert!(epoch.parse::<u32>().unwrap() < 5, "{heard}");
+    assert_eq!(
+        ignored, "2",
+        "the forged datagrams were not both seen and ignored"
+    );
+    assert_eq!(
+        second, kind,
+        "the second listener on the port heard otherwise"
+    );
+}
+
 fn silent_schedule() -> Schedule {
     Schedule {
         initial: Duration::from_millis(250),
@@ -508,6 +553,34 @@ fn natpmp_step_in_lan() {
                     "{result:?}"
                 );
                 println!("UNREACHABLE {}", elapsed.as_millis());
+            }
+            "announce" => {
+                let mut listener = AnnounceListener::bind(lan_ip(), gateway()).expect("bind");
+                let mut second = AnnounceListener::bind(lan_ip(), gateway()).expect("share");
+                println!("LISTENING");
+                let describe = |announcement: Announcement| match announcement {
+                    Announcement::Pcp { epoch_secs } => format!("pcp {epoch_secs}"),
+                    Announcement::Natpmp {
+                        epoch_secs,
+                        external_address,
+                    } => {
+                        assert_eq!(external_address, WAN_IP);
+                        format!("natpmp {epoch_secs}")
+                    }
+                };
+                let heard = tokio::time::timeout(Duration::from_secs(20), listener.next())
+                    .await
+                    .expect("an announcement within 20 s");
+                let also = tokio::time::timeout(Duration::from_secs(2), second.next())
+                    .await
+                    .expect("the second listener hears it too");
+                let kind = |line: &str| line.split(' ').next().unwrap_or_default().to_owned();
+                println!(
+                    "ANNOUNCE {} ignored {} second {}",
+                    describe(heard),
+                    listener.ignored(),
+                    kind(&describe(also))
+                );
             }
             other => panic!("unknown step {other}"),
         }
