@@ -214,7 +214,11 @@ fn natpmp_client_maps_tcp_and_udp_that_carry_traffic_then_unmaps_idempotently() 
         "reached the LAN without a mapping"
     );
 
-    assert_eq!(run_step(&lab, "map", "GRANTED"), "tcp 18200 udp 18200");
+    let mut step = Step::start(&lab, "map");
+    let took = step.expect("TOOK");
+    assert_eq!(step.expect("GRANTED"), "tcp 18200 udp 18200");
+    step.finish();
+    eprintln!("measured: map calls (the first also asks the external address) took {took}");
     assert!(
         forwarded(&lab, "tcp", 18200, 18200),
         "{}",
@@ -366,6 +370,7 @@ fn natpmp_client_gives_up_on_a_silent_gateway_within_the_schedule() {
         .and_then(|count| count.parse().ok())
         .unwrap_or_else(|| panic!("no counter in {listing}"));
     assert_eq!(packets, schedule.tries(), "{listing}");
+    eprintln!("measured: silent gateway given up after {elapsed_ms} ms, {packets} datagrams sent");
 }
 
 /// Forged announcements from another LAN host, shaped like a NAT-PMP and a PCP gateway's.
@@ -395,6 +400,7 @@ fn announce_listener_hears_the_router_restart_and_ignores_other_hosts() {
     let waited = restarted.elapsed();
     step.finish();
     assert!(waited < Duration::from_secs(10), "heard after {waited:?}");
+    eprintln!("measured: announcement {heard:?} heard {waited:?} after the restart began");
     let words: Vec<&str> = heard.split_whitespace().collect();
     // miniupnpd 2.3.1 announces in PCP at start (measured): epoch 0.
     let [kind, epoch, "ignored", ignored, "second", second] = words[..] else {
@@ -476,11 +482,14 @@ fn natpmp_step_in_lan() {
         match step.as_str() {
             "map" => {
                 let mut granted = Vec::new();
+                let mut took = Vec::new();
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
+                    let started = Instant::now();
                     let grant = client
                         .map(&request(protocol, 18200))
                         .await
                         .expect("granted");
+                    took.push(format!("{protocol} {:?}", started.elapsed()));
                     assert_eq!(grant.external_address, Some(WAN_IP));
                     assert_eq!(grant.router, ROUTER_LAN_IP);
                     assert!(grant.epoch.is_some());
@@ -495,6 +504,7 @@ fn natpmp_step_in_lan() {
                     granted.push(format!("{protocol} {}", grant.external_port));
                 }
                 assert_eq!(client.external_address().await.expect("address"), WAN_IP);
+                println!("TOOK {}", took.join(", "));
                 println!("GRANTED {}", granted.join(" "));
             }
             "unmap" => {

@@ -24,6 +24,20 @@ use crate::state::MappingRecord;
 /// datagrams are seen whole and rejected by the codec.
 const RECV_BUFFER_BYTES: usize = 1500;
 
+/// The lifetime asked for when holepunch wants a permanent mapping (`router.lease_seconds =
+/// 0`): NAT-PMP has no permanent mappings, and lifetime 0 deletes (RFC 6886 §3.4).
+// NOTE: 7200 s is the lifetime RFC 6886 §3.3 recommends; the grant is renewed like any other.
+pub const PERMANENT_SUBSTITUTE_SECS: u32 = 7200;
+
+/// The lifetime to put in a mapping request for holepunch's `lifetime_secs`.
+fn requested_lifetime(lifetime_secs: u32) -> u32 {
+    if lifetime_secs == 0 {
+        PERMANENT_SUBSTITUTE_SECS
+    } else {
+        lifetime_secs
+    }
+}
+
 /// Retransmission schedule of one request (RFC 6886 §3.1): wait `initial` after the first
 /// transmission, doubling after each, for at most `max_tries` transmissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,7 +380,7 @@ impl PortMapper for NatpmpClient {
             protocol: request.protocol,
             internal_port: request.internal.port,
             suggested_external_port: request.external_port,
-            lifetime_secs: request.lifetime_secs,
+            lifetime_secs: requested_lifetime(request.lifetime_secs),
         };
         let response = self.exchange(&wire.encode(), Expect::Map(&wire)).await?;
         if response.result != ResultCode::Success {
@@ -660,6 +674,33 @@ mod tests {
             .filter(|req| req.as_slice() == [0, 0])
             .count();
         assert_eq!(asked, 1);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_request_asks_for_a_lifetime_never_for_a_delete() {
+        let gateway = FakeGateway::start(|req| {
+            let internal = u16::from_be_bytes([req[4], req[5]]);
+            vec![map_reply(128 + req[1], 0, 9, internal, internal)]
+        })
+        .await;
+        let mut client = gateway.client();
+        client.external_address = Some(EXTERNAL);
+        let permanent = MapRequest {
+            lifetime_secs: 0,
+            ..request(Protocol::Tcp, 18080)
+        };
+        client.map(&permanent).await.expect("granted");
+        let sent = gateway.requests().await;
+        assert_eq!(
+            sent,
+            [codec::MapRequest {
+                protocol: Protocol::Tcp,
+                internal_port: 18080,
+                suggested_external_port: 18080,
+                lifetime_secs: PERMANENT_SUBSTITUTE_SECS,
+            }
+            .encode()]
+        );
     }
 
     #[tokio::test]
