@@ -422,8 +422,8 @@ impl PortMapper for NatpmpClient {
         let wire = codec::MapRequest::delete(record.protocol, record.internal.port);
         let response = self.exchange(&wire.encode(), Expect::Map(&wire)).await?;
         match response.result {
-            // NOTE: deleting a mapping that does not exist is success (RFC 6886 §3.4), and
-            // so answers miniupnpd 2.3.1 (tests/natpmp_lab.rs).
+            // NOTE: measured on miniupnpd 2.3.1 (tests/natpmp_lab.rs): deleting a mapping
+            // that is already gone answers success, which is what was asked for.
             ResultCode::Success => Ok(()),
             other => Err(error_for_result(
                 other,
