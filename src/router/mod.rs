@@ -4,6 +4,7 @@
 //! Backends are idempotent (DESIGN.md, "Rules of the house"): removing what is already gone
 //! is success, adding what exists is a renewal.
 
+pub mod announce;
 pub mod choice;
 pub mod discover;
 pub mod natpmp;
