@@ -26,11 +26,15 @@ use crate::desired::desired;
 use crate::model::{Backend, MappingKey, Problem};
 use crate::plan::{Forwarding, plan};
 use crate::reconcile;
+use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
 use crate::router::{NoRouter, PortMapper};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
+/// After restoring on a router's announcement, further announcements within this window
+/// restore nothing more (NAT-PMP repeats its announcement).
+pub const ANNOUNCE_RESTORE_WINDOW_SECS: u64 = 5;
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
 /// How long to wait before looking for a missing kubeconfig again.
@@ -74,6 +78,15 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             Some(address) => Router::configured(config.router.backend, address),
         };
         let mut probe = Probe::default();
+        let mut announcements = address.as_ref().and_then(|address| {
+            AnnounceListener::bind(address.local, address.gateway)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e,
+                        "not listening for router restart announcements; a restart is noticed at the next verify instead");
+                })
+                .ok()
+        });
+        let mut last_announced_restore: Option<tokio::time::Instant> = None;
 
         // The cluster: wait for a usable kubeconfig without crash-looping.
         let client = loop {
@@ -132,6 +145,25 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
                 }
                 () = tokio::time::sleep(sleep_for) => {}
+                announcement = next_announcement(&mut announcements) => {
+                    tracing::info!(?announcement, "the router announced a restart (or a new external address)");
+                    match &mapper {
+                        // NOTE: RFC 6887 §14.1.3 and RFC 6886 §3.2.1: after a restart the
+                        // server announces; a restarted router holds no mappings (UPnP ones
+                        // included, on miniupnpd). NAT-PMP repeats its announcement up to ten
+                        // times, hence at most one restore per window.
+                        Some(router) if last_announced_restore
+                            .is_none_or(|at| at.elapsed() >= Duration::from_secs(ANNOUNCE_RESTORE_WINDOW_SECS)) =>
+                        {
+                            last_announced_restore = Some(tokio::time::Instant::now());
+                            let backend = router.backend();
+                            let marked = state.unconfirm(|r| r.backend == backend && backend != Backend::None);
+                            tracing::warn!(mappings = marked, %backend, "restoring every mapping after the router's announcement");
+                        }
+                        Some(_) => {}
+                        None => probe.retry_now(),
+                    }
+                }
                 wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
                     Wake::Stop => {
                             stop();
@@ -212,7 +244,11 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             let unreachable = double_nat_problems(&state);
             report_new_problems(
                 &mut reported,
-                wanted.problems.iter().chain(&outcome.problems).chain(&unreachable),
+                wanted
+                    .problems
+                    .iter()
+                    .chain(&outcome.problems)
+                    .chain(&unreachable),
             );
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
@@ -261,6 +297,14 @@ pub fn double_nat_problems(state: &State) -> Vec<Problem> {
     problems.sort();
     problems.dedup_by(|a, b| a.owner == b.owner);
     problems
+}
+
+/// The next announcement, or never when there is no listener.
+async fn next_announcement(listener: &mut Option<AnnounceListener>) -> Announcement {
+    match listener {
+        Some(listener) => listener.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Tells systemd the daemon is ready, once.
@@ -360,6 +404,11 @@ impl Probe {
                 None
             }
         }
+    }
+
+    /// Probe at the next pass (the router just announced itself).
+    fn retry_now(&mut self) {
+        self.next = tokio::time::Instant::now();
     }
 
     fn due_at(&self) -> jiff::Timestamp {
@@ -505,9 +554,10 @@ fn check_backend(config: &Config) -> Result<(), DaemonError> {
         return Ok(());
     }
     match config.router.backend {
-        BackendChoice::None | BackendChoice::Auto | BackendChoice::Pcp => Ok(()),
+        BackendChoice::None | BackendChoice::Auto | BackendChoice::Pcp | BackendChoice::Natpmp => {
+            Ok(())
+        }
         BackendChoice::Upnp => Err(DaemonError::BackendUnavailable("upnp")),
-        BackendChoice::Natpmp => Err(DaemonError::BackendUnavailable("natpmp")),
     }
 }
 

@@ -284,7 +284,9 @@ pub fn unreachable_external_address(address: std::net::Ipv4Addr) -> Option<&'sta
     } else if address.is_private() {
         Some("it is a private address (RFC 1918): the router is behind another router")
     } else if a == 100 && (64..128).contains(&b) {
-        Some("it is a carrier-grade NAT address (100.64.0.0/10, RFC 6598): the ISP shares one public address among customers; ask for a public IPv4 address")
+        Some(
+            "it is a carrier-grade NAT address (100.64.0.0/10, RFC 6598): the ISP shares one public address among customers; ask for a public IPv4 address",
+        )
     } else if address.is_loopback() || address.is_link_local() {
         Some("it is a loopback or link-local address")
     } else {

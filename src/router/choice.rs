@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::config::BackendChoice;
 use crate::model::{Backend, MappingKey};
+use crate::router::natpmp::client::NatpmpClient;
 use crate::router::pcp::client::{PcpClient, Schedule};
 use crate::router::{Grant, MapRequest, NoRouter, PortMapper, RouterError};
 use crate::state::MappingRecord;
@@ -34,6 +35,7 @@ pub struct RouterAddress {
 pub enum Router {
     None(NoRouter),
     Pcp(PcpClient),
+    Natpmp(NatpmpClient),
 }
 
 /// `auto` found nothing that answers.
@@ -55,7 +57,11 @@ impl Router {
         match choice {
             BackendChoice::None => Some(Router::None(NoRouter)),
             BackendChoice::Pcp => Some(Router::Pcp(PcpClient::new(address.gateway, address.local))),
-            BackendChoice::Auto | BackendChoice::Upnp | BackendChoice::Natpmp => None,
+            BackendChoice::Natpmp => Some(Router::Natpmp(NatpmpClient::new(
+                address.gateway,
+                address.local,
+            ))),
+            BackendChoice::Auto | BackendChoice::Upnp => None,
         }
     }
 
@@ -66,6 +72,10 @@ impl Router {
             (Backend::Pcp, Some(address)) => {
                 Some(Router::Pcp(PcpClient::new(address.gateway, address.local)))
             }
+            (Backend::Natpmp, Some(address)) => Some(Router::Natpmp(NatpmpClient::new(
+                address.gateway,
+                address.local,
+            ))),
             _ => None,
         }
     }
@@ -97,7 +107,20 @@ impl Router {
                         }
                     }
                 }
-                Backend::Natpmp | Backend::Upnp | Backend::None => {}
+                Backend::Natpmp => {
+                    let mut client = NatpmpClient::new(address.gateway, address.local);
+                    match client.external_address().await {
+                        Ok(external) => {
+                            tracing::info!(gateway = %address.gateway, %external, "the router speaks NAT-PMP");
+                            return Ok(Router::Natpmp(client));
+                        }
+                        Err(e) => {
+                            tracing::debug!(gateway = %address.gateway, error = %e, "NAT-PMP probe failed");
+                            tried.push(format!("NAT-PMP: {e}"));
+                        }
+                    }
+                }
+                Backend::Upnp | Backend::None => {}
             }
         }
         Err(NoRouterFound {
@@ -120,6 +143,7 @@ impl PortMapper for Router {
         match self {
             Router::None(r) => r.backend(),
             Router::Pcp(r) => r.backend(),
+            Router::Natpmp(r) => r.backend(),
         }
     }
 
@@ -127,6 +151,7 @@ impl PortMapper for Router {
         match self {
             Router::None(r) => r.map(request).await,
             Router::Pcp(r) => r.map(request).await,
+            Router::Natpmp(r) => r.map(request).await,
         }
     }
 
@@ -134,6 +159,7 @@ impl PortMapper for Router {
         match self {
             Router::None(r) => r.unmap(record).await,
             Router::Pcp(r) => r.unmap(record).await,
+            Router::Natpmp(r) => r.unmap(record).await,
         }
     }
 
@@ -141,6 +167,7 @@ impl PortMapper for Router {
         match self {
             Router::None(r) => r.lost(records).await,
             Router::Pcp(r) => r.lost(records).await,
+            Router::Natpmp(r) => r.lost(records).await,
         }
     }
 
@@ -148,6 +175,7 @@ impl PortMapper for Router {
         match self {
             Router::None(r) => r.take_restart(),
             Router::Pcp(r) => r.take_restart(),
+            Router::Natpmp(r) => r.take_restart(),
         }
     }
 }

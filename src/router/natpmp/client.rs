@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use super::codec::{self, Opcode, ResponseBody, ResultCode};
-use crate::model::{Backend, Protocol};
+use crate::model::{Backend, MappingKey, Protocol};
 use crate::router::pcp::client::renew_after;
 use crate::router::pcp::codec::VERSION as PCP_VERSION;
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
@@ -215,6 +215,12 @@ impl NatpmpClient {
         if let Some(address) = self.external_address {
             return Ok(address);
         }
+        self.ask_external_address().await
+    }
+
+    /// Asks the gateway for its external address even when one is cached: one round trip
+    /// that also shows the gateway's epoch (§3.6) and a changed address.
+    pub async fn ask_external_address(&mut self) -> Result<Ipv4Addr, RouterError> {
         let response = self
             .exchange(
                 &codec::ExternalAddressRequest.encode(),
@@ -372,6 +378,23 @@ impl NatpmpClient {
 impl PortMapper for NatpmpClient {
     fn backend(&self) -> Backend {
         Backend::Natpmp
+    }
+
+    /// NAT-PMP cannot list mappings; an external-address request shows the epoch, and an
+    /// inconsistent one (§3.6) means the gateway restarted and lost them all.
+    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ask_external_address().await?;
+        if self.take_restart() {
+            return Ok(records.iter().map(|r| r.key()).collect());
+        }
+        Ok(Vec::new())
+    }
+
+    fn take_restart(&mut self) -> bool {
+        std::mem::take(&mut self.epoch_jumped)
     }
 
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {

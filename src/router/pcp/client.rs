@@ -407,8 +407,14 @@ impl PortMapper for PcpClient {
 
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
         let nonce = parse_nonce(request.nonce.as_deref())?;
+        // NOTE: lifetime 0 deletes (RFC 6887 §15); PCP has no permanent mappings, so a
+        // "permanent" one (router.lease_seconds = 0) asks for a long lease and renews it.
+        let lifetime_secs = match request.lifetime_secs {
+            0 => crate::router::natpmp::client::PERMANENT_SUBSTITUTE_SECS,
+            secs => secs,
+        };
         let wire = codec::MapRequest {
-            lifetime_secs: request.lifetime_secs,
+            lifetime_secs,
             client_ip: self.client_ip,
             nonce,
             protocol: request.protocol.iana_number(),
