@@ -156,7 +156,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .iter()
                 .map(|n| (**n).clone())
                 .collect();
-            let wanted = desired(&services, &nodes, &config);
+            let wanted = desired(&services, &nodes, &[], &config);
             let now = jiff::Timestamp::now();
             let plan = plan(&wanted, &state, forwarding, now);
             if plan.router_calls() > 0
