@@ -1,7 +1,10 @@
 //! The cluster-facing writers against the in-test fake Kubernetes API (real HTTPS, checked
 //! with real `kubectl`): Events on Services (`holepunch::kube::events`) and the LoadBalancer
-//! status of holepunch's own class (`holepunch::kube::status`).
+//! status of holepunch's own class (`holepunch::kube::status`); and `holepunch plan` reading
+//! EndpointSlices for `externalTrafficPolicy: Local` Services.
 
+#[path = "support/bin.rs"]
+mod bin;
 #[path = "support/fake_api/mod.rs"]
 mod fake_api;
 
@@ -52,7 +55,7 @@ fn kubectl_json(kubeconfig: &Path, args: &[&str]) -> Value {
 
 struct Setup {
     fake: FakeApi,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     client: kube::Client,
 }
@@ -64,7 +67,7 @@ async fn setup() -> Setup {
     let client = fake.client().await;
     Setup {
         fake,
-        _dir: dir,
+        dir: dir,
         kubeconfig,
         client,
     }
@@ -201,6 +204,11 @@ async fn events_are_published_once_and_again_after_they_come_back() {
     assert_eq!(on_web["reportingInstance"], "holepunch-test-host");
     assert_eq!(on_web["regarding"]["kind"], "Service");
     assert_eq!(on_web["regarding"]["uid"], web["metadata"]["uid"]);
+    let described = kubectl(&s.kubeconfig, &["describe", "svc", "web"]);
+    assert!(
+        described.contains("Published") && described.contains("11.22.33.44:8080"),
+        "kubectl describe shows the Event: {described}"
+    );
 
     // Unchanged set: nothing new.
     let creates = event_creates(&s.fake);
@@ -416,4 +424,66 @@ async fn a_missing_status_permission_says_what_to_grant() {
         "{err}"
     );
     assert!(err.to_string().contains("rbac.yaml"), "{err}");
+}
+
+fn ready_node(name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+fn endpoint_slice(service: &str, node: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-x1"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.1.7"], "nodeName": node,
+                       "conditions": {"ready": ready}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    })
+}
+
+/// `holepunch plan` against the fake: its stdout.
+fn plan(config: &Path) -> String {
+    let out = bin::holepunch(&["plan", "--config", config.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "plan: {}", bin::text(&out.stderr));
+    bin::text(&out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_sends_local_traffic_only_to_a_node_hosting_a_ready_endpoint() {
+    let s = setup().await;
+    let config = bin::test_config(s.dir.path(), Some(&s.kubeconfig));
+    s.fake.apply_object(ready_node("node-a", "192.168.77.20"));
+    s.fake.apply_object(ready_node("node-b", "192.168.77.21"));
+    let mut web = service("web", None, None);
+    web["metadata"]["annotations"] = json!({"holepunch/punch-external": "true"});
+    web["spec"]["externalTrafficPolicy"] = json!("Local");
+    let web = s.fake.apply_object(web);
+    let node_port = web["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("a nodePort was allocated");
+    s.fake.apply_object(endpoint_slice("web", "node-b", true));
+
+    let on_b = format!("192.168.77.21:{node_port}");
+    let text = plan(&config);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("map") && l.contains("default/web") && l.contains(&on_b)),
+        "node-b hosts the only endpoint, node-a comes first by name: {text}"
+    );
+
+    s.fake.apply_object(endpoint_slice("web", "node-b", false));
+    let text = plan(&config);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("problem") && l.contains("default/web") && l.contains("no-target")),
+        "no ready endpoint, no target: {text}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("map")), "{text}");
 }

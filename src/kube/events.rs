@@ -6,6 +6,11 @@
 //! core/v1 Events in Kubernetes 1.19; the apiserver shows them through both), once each: an
 //! Event is published when it appears in the current set and again only after it has left
 //! the set and come back.
+//!
+//! Not `kube::runtime::events::Recorder`: it turns an Event seen again within its cache time
+//! into a PATCH of the old one's `series`, while an Event that comes back here is news and
+//! gets a new Event, and its cache is keyed without the note, so two different conflicts of one
+//! Service would be folded into one.
 
 use std::collections::BTreeSet;
 
