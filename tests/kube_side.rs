@@ -67,7 +67,7 @@ async fn setup() -> Setup {
     let client = fake.client().await;
     Setup {
         fake,
-        dir: dir,
+        dir,
         kubeconfig,
         client,
     }
