@@ -487,3 +487,46 @@ async fn plan_sends_local_traffic_only_to_a_node_hosting_a_ready_endpoint() {
     );
     assert!(!text.lines().any(|l| l.starts_with("map")), "{text}");
 }
+
+/// Not a timed test: prints what 200 Events and 200 status writes cost against the fake
+/// (`cargo test --test kube_side -- --ignored --nocapture measure`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn measure_200_events_and_200_status_writes() {
+    const SERVICES: usize = 200;
+    let s = setup().await;
+    let mut events = Vec::new();
+    for i in 0..SERVICES {
+        let name = format!("lb{i}");
+        s.fake.apply_object(service(&name, Some(CLASS), None));
+        events.push(event_for_live(&live_record(
+            &format!("default/{name}"),
+            20000 + i as u16,
+        )));
+    }
+    let mut publisher = EventPublisher::new(s.client.clone(), "host");
+    let started = std::time::Instant::now();
+    assert_eq!(publisher.publish_changes(&events).await, SERVICES);
+    let first = started.elapsed();
+    let started = std::time::Instant::now();
+    assert_eq!(publisher.publish_changes(&events).await, 0);
+    let unchanged = started.elapsed();
+
+    let all: BTreeSet<(String, String)> = (0..SERVICES)
+        .map(|i| ("default".to_owned(), format!("lb{i}")))
+        .collect();
+    let services = list_services(&s.client).await;
+    let started = std::time::Instant::now();
+    let updates = status_updates(&services, CLASS, Some(EXTERNAL_IP), &all);
+    let decide = started.elapsed();
+    let started = std::time::Instant::now();
+    for update in &updates {
+        write_status(&s.client, update).await.expect("written");
+    }
+    let writes = started.elapsed();
+    println!(
+        "{SERVICES} Events: {first:?} (unchanged set: {unchanged:?}); status_updates over \
+         {SERVICES} Services: {decide:?}; {} status writes: {writes:?}",
+        updates.len()
+    );
+}
