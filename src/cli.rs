@@ -229,7 +229,12 @@ fn dry_run(
             .map_err(|e| Failure::new(EXIT_UNREACHABLE, e))?,
     };
     let state = read_state_or_empty(&config.state.path)?;
-    let wanted = desired(&snapshot.services, &snapshot.nodes, &config);
+    let wanted = desired(
+        &snapshot.services,
+        &snapshot.nodes,
+        &snapshot.endpoint_slices,
+        &config,
+    );
     let plan = plan(
         &wanted,
         &state,

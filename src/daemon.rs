@@ -195,7 +195,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .iter()
                 .map(|n| (**n).clone())
                 .collect();
-            let wanted = desired(&services, &nodes, &config);
+            let wanted = desired(&services, &nodes, &[], &config);
             if mapper.is_none()
                 && let Some(address) = &address
             {

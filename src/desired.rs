@@ -1,15 +1,16 @@
-//! What the cluster asks for: Services + Nodes + Config -> the port mappings that should
-//! exist, and the problems that keep some Service ports from being published.
+//! What the cluster asks for: Services + Nodes + EndpointSlices + Config -> the port mappings
+//! that should exist, and the problems that keep some Service ports from being published.
 //!
 //! Pure and synchronous (DESIGN.md, "Code layout"): no sockets, files, clocks or environment.
 //! Annotations are untrusted input: every value is parsed strictly and size-limited, and a bad
 //! one becomes a [`Problem`] on its Service while every other Service goes on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::config::{Config, PortDenial};
 use crate::model::{
@@ -21,6 +22,9 @@ pub const PORT_ANNOTATION_PREFIX: &str = "holepunch.port/";
 
 /// Longest annotation value holepunch reads; anything longer is refused unread.
 pub const MAX_ANNOTATION_VALUE_BYTES: usize = 64;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The mappings the cluster asks for, one per slot of the router's port space, and the
 /// problems found on the way.
@@ -36,12 +40,37 @@ pub struct Desired {
 /// When two Service ports want the same external port and protocol, the Service created first
 /// wins (ties: the lower `namespace/name`, then the earlier port in `spec.ports`); every loser
 /// gets a [`ProblemKind::PortConflict`] naming the winner.
-pub fn desired(services: &[Service], nodes: &[Node], config: &Config) -> Desired {
-    let node_target = first_ready_node(nodes);
+///
+/// A nodePort target is the Ready node with the lowest name; for a Service with
+/// `externalTrafficPolicy: Local`, only among the nodes that host a ready endpoint of it
+/// (from `endpoint_slices`).
+pub fn desired(
+    services: &[Service],
+    nodes: &[Node],
+    endpoint_slices: &[EndpointSlice],
+    config: &Config,
+) -> Desired {
+    let ready = ready_nodes(nodes);
+    let hosting = nodes_hosting_ready_endpoints(endpoint_slices);
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut problems = Vec::new();
 
     for service in services {
+        let node_target = if traffic_stays_local(service) {
+            let owner = (
+                service.metadata.namespace.as_deref().unwrap_or_default(),
+                service.metadata.name.as_deref().unwrap_or_default(),
+            );
+            let hosts = hosting.get(&owner);
+            NodeTarget::Local(
+                ready
+                    .iter()
+                    .find(|(node, _)| hosts.is_some_and(|h| h.contains(node)))
+                    .map(|(_, ip)| *ip),
+            )
+        } else {
+            NodeTarget::Any(ready.first().map(|(_, ip)| *ip))
+        };
         collect_service(service, node_target, config, &mut candidates, &mut problems);
     }
 
@@ -84,9 +113,18 @@ struct Candidate {
     mapping: PortMapping,
 }
 
+/// The node address a Service's nodePort traffic would go to.
+#[derive(Clone, Copy)]
+enum NodeTarget {
+    /// The first Ready node.
+    Any(Option<Ipv4Addr>),
+    /// `externalTrafficPolicy: Local`: the first Ready node that hosts a ready endpoint.
+    Local(Option<Ipv4Addr>),
+}
+
 fn collect_service(
     service: &Service,
-    node_target: Option<Ipv4Addr>,
+    node_target: NodeTarget,
     config: &Config,
     candidates: &mut Vec<Candidate>,
     problems: &mut Vec<Problem>,
@@ -168,7 +206,10 @@ fn collect_service(
             );
             continue;
         }
-        let target = match (lb_ip, node_target, port.node_port) {
+        let node_ip = match node_target {
+            NodeTarget::Any(ip) | NodeTarget::Local(ip) => ip,
+        };
+        let target = match (lb_ip, node_ip, port.node_port) {
             (Some(ip), _, _) => Target {
                 endpoint: Endpoint::new(ip, service_port),
                 source: TargetSource::LoadBalancer,
@@ -181,12 +222,17 @@ fn collect_service(
                 Err(_) => continue,
             },
             (None, None, Some(_)) => {
-                report(
-                    ProblemKind::NoTarget,
-                    format!(
+                let message = match node_target {
+                    NodeTarget::Local(_) => format!(
+                        "port {service_port}: externalTrafficPolicy is Local and no Ready node \
+                         hosts a ready endpoint of this Service; wait for its pods to be \
+                         ready, or use externalTrafficPolicy: Cluster"
+                    ),
+                    NodeTarget::Any(_) => format!(
                         "port {service_port}: no node is Ready to receive its nodePort traffic"
                     ),
-                );
+                };
+                report(ProblemKind::NoTarget, message);
                 continue;
             }
             (None, _, None) => {
@@ -340,9 +386,51 @@ fn load_balancer_ip(service: &Service) -> Option<Ipv4Addr> {
         .find_map(|ingress| ingress.ip.as_deref()?.parse().ok())
 }
 
-/// The InternalIP of the Ready node with the lowest name: a stable choice that moves to
+/// Whether the Service keeps external traffic on the node it arrives at.
+fn traffic_stays_local(service: &Service) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.external_traffic_policy.as_deref())
+        == Some("Local")
+}
+
+/// For each Service, by (namespace, name), the nodes that host at least one ready endpoint.
+fn nodes_hosting_ready_endpoints(
+    slices: &[EndpointSlice],
+) -> BTreeMap<(&str, &str), BTreeSet<&str>> {
+    let mut hosting: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    for slice in slices {
+        let (Some(namespace), Some(service)) = (
+            slice.metadata.namespace.as_deref(),
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL)),
+        ) else {
+            continue;
+        };
+        let nodes = hosting.entry((namespace, service.as_str())).or_default();
+        for endpoint in &slice.endpoints {
+            // NOTE: EndpointConditions (discovery.k8s.io/v1): "ready ... A nil value should be
+            // interpreted as "true"".
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if let (true, Some(node)) = (ready, endpoint.node_name.as_deref()) {
+                nodes.insert(node);
+            }
+        }
+    }
+    hosting
+}
+
+/// The InternalIPs of the Ready nodes, by name: the first is a stable choice that moves to
 /// another node only when that one stops being Ready.
-fn first_ready_node(nodes: &[Node]) -> Option<Ipv4Addr> {
+fn ready_nodes(nodes: &[Node]) -> Vec<(&str, Ipv4Addr)> {
     let mut ready: Vec<(&str, Ipv4Addr)> = nodes
         .iter()
         .filter_map(|node| {
@@ -362,7 +450,7 @@ fn first_ready_node(nodes: &[Node]) -> Option<Ipv4Addr> {
         })
         .collect();
     ready.sort();
-    ready.first().map(|(_, ip)| *ip)
+    ready
 }
 
 #[cfg(test)]
@@ -773,7 +861,7 @@ pub(crate) mod tests {
     fn desired_table() {
         let config = Config::default();
         for case in cases() {
-            let d = desired(&case.services, &case.nodes, &config);
+            let d = desired(&case.services, &case.nodes, &[], &config);
             let want: Vec<_> = case
                 .mappings
                 .iter()
@@ -816,11 +904,14 @@ pub(crate) mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(
-            owners(&desired(&services, &nodes(), &config)),
+            owners(&desired(&services, &nodes(), &[], &config)),
             ["media/a", "games/b"]
         );
         config.kubernetes.namespaces.insert("media".into());
-        assert_eq!(owners(&desired(&services, &nodes(), &config)), ["media/a"]);
+        assert_eq!(
+            owners(&desired(&services, &nodes(), &[], &config)),
+            ["media/a"]
+        );
     }
 
     #[test]
@@ -828,8 +919,8 @@ pub(crate) mod tests {
         let a = service("a", "old", 100, &[ON], &[(8080, "TCP", Some(30001))]);
         let b = service("b", "young", 200, &[ON], &[(8080, "TCP", Some(30002))]);
         let config = Config::default();
-        let one = desired(&[a.clone(), b.clone()], &nodes(), &config);
-        let two = desired(&[b, a], &nodes(), &config);
+        let one = desired(&[a.clone(), b.clone()], &nodes(), &[], &config);
+        let two = desired(&[b, a], &nodes(), &[], &config);
         assert_eq!(one, two);
         assert!(
             one.problems[0].message.contains("a/old"),
@@ -847,7 +938,7 @@ pub(crate) mod tests {
             last: 80,
         });
         let svc = service("default", "web", 1, &[ON], &[(80, "TCP", Some(30080))]);
-        assert_eq!(desired(&[svc], &nodes(), &config).mappings.len(), 1);
+        assert_eq!(desired(&[svc], &nodes(), &[], &config).mappings.len(), 1);
     }
 
     #[test]
@@ -860,10 +951,200 @@ pub(crate) mod tests {
             &[("holepunch/punch-external", &long)],
             &[(8080, "TCP", Some(30080))],
         );
-        let d = desired(&[svc], &nodes(), &Config::default());
+        let d = desired(&[svc], &nodes(), &[], &Config::default());
         assert_eq!(d.problems.len(), 1);
         assert!(
             d.problems[0].message.len() < 300,
+            "{}",
+            d.problems[0].message
+        );
+    }
+
+    fn local(mut service: Service) -> Service {
+        if let Some(spec) = service.spec.as_mut() {
+            spec.external_traffic_policy = Some("Local".into());
+        }
+        service
+    }
+
+    /// An EndpointSlice of `ns/svc`: endpoints are (node name, conditions.ready).
+    fn slice(ns: &str, svc: &str, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions};
+        EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(format!("{svc}-abc")),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), svc.to_owned())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|(node, ready)| SliceEndpoint {
+                    addresses: vec!["10.244.0.5".into()],
+                    node_name: Some((*node).into()),
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ports: None,
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_table() {
+        struct LocalCase {
+            name: &'static str,
+            services: Vec<Service>,
+            nodes: Vec<Node>,
+            slices: Vec<EndpointSlice>,
+            /// (owner, target) of each mapping.
+            mappings: Vec<(&'static str, &'static str)>,
+            problems: Vec<(&'static str, ProblemKind)>,
+        }
+        let web = || {
+            local(service(
+                "default",
+                "web",
+                1,
+                &[ON],
+                &[(8080, "TCP", Some(30080))],
+            ))
+        };
+        let three_nodes = || {
+            vec![
+                node("a-node", "192.168.1.20", true),
+                node("b-node", "192.168.1.21", true),
+                node("c-node", "192.168.1.22", false),
+            ]
+        };
+        let cases = vec![
+            LocalCase {
+                name: "Local: the Ready node hosting a ready endpoint, not the first Ready node",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![slice("default", "web", &[("b-node", Some(true))])],
+                mappings: vec![("default/web", "192.168.1.21:30080")],
+                problems: vec![],
+            },
+            LocalCase {
+                name: "Local: ready unset counts as ready",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![slice("default", "web", &[("b-node", None)])],
+                mappings: vec![("default/web", "192.168.1.21:30080")],
+                problems: vec![],
+            },
+            LocalCase {
+                name: "Local: an endpoint that is not ready does not count",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![slice(
+                    "default",
+                    "web",
+                    &[("a-node", Some(false)), ("b-node", Some(true))],
+                )],
+                mappings: vec![("default/web", "192.168.1.21:30080")],
+                problems: vec![],
+            },
+            LocalCase {
+                name: "Local: an endpoint on a node that is not Ready does not count",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![slice("default", "web", &[("c-node", Some(true))])],
+                mappings: vec![],
+                problems: vec![("default/web", ProblemKind::NoTarget)],
+            },
+            LocalCase {
+                name: "Local: several hosting nodes, the lowest name wins; slices add up",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![
+                    slice("default", "web", &[("b-node", Some(true))]),
+                    slice("default", "web", &[("a-node", Some(true))]),
+                ],
+                mappings: vec![("default/web", "192.168.1.20:30080")],
+                problems: vec![],
+            },
+            LocalCase {
+                name: "Local: no slices at all means no target",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![],
+                mappings: vec![],
+                problems: vec![("default/web", ProblemKind::NoTarget)],
+            },
+            LocalCase {
+                name: "Local: slices of a same-named Service in another namespace do not count",
+                services: vec![web()],
+                nodes: three_nodes(),
+                slices: vec![slice("other", "web", &[("a-node", Some(true))])],
+                mappings: vec![],
+                problems: vec![("default/web", ProblemKind::NoTarget)],
+            },
+            LocalCase {
+                name: "Cluster policy ignores slices: first Ready node",
+                services: vec![service(
+                    "default",
+                    "web",
+                    1,
+                    &[ON],
+                    &[(8080, "TCP", Some(30080))],
+                )],
+                nodes: three_nodes(),
+                slices: vec![slice("default", "web", &[("b-node", Some(true))])],
+                mappings: vec![("default/web", "192.168.1.20:30080")],
+                problems: vec![],
+            },
+            LocalCase {
+                name: "Local with a load balancer IP: the IP is the target, slices do not matter",
+                services: vec![with_lb_ip(web(), "192.168.77.100")],
+                nodes: three_nodes(),
+                slices: vec![],
+                mappings: vec![("default/web", "192.168.77.100:8080")],
+                problems: vec![],
+            },
+        ];
+        let config = Config::default();
+        for case in cases {
+            let d = desired(&case.services, &case.nodes, &case.slices, &config);
+            let got: Vec<(String, String)> = d
+                .mappings
+                .values()
+                .map(|m| (m.owner.to_string(), m.target.endpoint.to_string()))
+                .collect();
+            let want: Vec<(String, String)> = case
+                .mappings
+                .iter()
+                .map(|(o, t)| (o.to_string(), t.to_string()))
+                .collect();
+            assert_eq!(got, want, "{}: mappings", case.name);
+            let want_problems: Vec<_> = case
+                .problems
+                .iter()
+                .map(|(o, k)| (o.to_string(), *k))
+                .collect();
+            assert_eq!(kinds(&d), want_problems, "{}: problems", case.name);
+        }
+    }
+
+    #[test]
+    fn local_without_endpoints_says_why() {
+        let svc = local(service(
+            "default",
+            "web",
+            1,
+            &[ON],
+            &[(8080, "TCP", Some(30080))],
+        ));
+        let d = desired(&[svc], &nodes(), &[], &Config::default());
+        assert!(
+            d.problems[0]
+                .message
+                .contains("externalTrafficPolicy is Local"),
             "{}",
             d.problems[0].message
         );

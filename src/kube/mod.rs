@@ -1,7 +1,9 @@
 //! The cluster side: a client built from the configured kubeconfig, and the Services and
 //! Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for dry runs).
 
+pub mod events;
 pub mod snapshot;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 

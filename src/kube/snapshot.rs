@@ -1,8 +1,9 @@
-//! A point-in-time view of the Services and Nodes holepunch reads.
+//! A point-in-time view of the Services, Nodes and EndpointSlices holepunch reads.
 
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
 use serde::Deserialize;
@@ -10,11 +11,13 @@ use serde::Deserialize;
 use super::{KubeError, request_error};
 use crate::config::KubernetesConfig;
 
-/// Services and Nodes, as `desired` takes them.
+/// Services, Nodes and EndpointSlices, as `desired` takes them.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub nodes: Vec<Node>,
+    /// Only `externalTrafficPolicy: Local` Services read them (which nodes host endpoints).
+    pub endpoint_slices: Vec<EndpointSlice>,
 }
 
 impl Snapshot {
@@ -23,33 +26,19 @@ impl Snapshot {
         client: &kube::Client,
         config: &KubernetesConfig,
     ) -> Result<Snapshot, KubeError> {
-        let params = ListParams::default();
-        let mut services = Vec::new();
-        if config.namespaces.is_empty() {
-            let api: Api<Service> = Api::all(client.clone());
-            services = api
-                .list(&params)
-                .await
-                .map_err(|e| request_error("list", "services", e))?
-                .items;
-        } else {
-            for namespace in &config.namespaces {
-                let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-                services.extend(
-                    api.list(&params)
-                        .await
-                        .map_err(|e| request_error("list", "services", e))?
-                        .items,
-                );
-            }
-        }
+        let services = list_namespaced(client, config, "services").await?;
+        let endpoint_slices = list_namespaced(client, config, "endpointslices").await?;
         let nodes: Api<Node> = Api::all(client.clone());
         let nodes = nodes
-            .list(&params)
+            .list(&ListParams::default())
             .await
             .map_err(|e| request_error("list", "nodes", e))?
             .items;
-        Ok(Snapshot { services, nodes })
+        Ok(Snapshot {
+            services,
+            nodes,
+            endpoint_slices,
+        })
     }
 
     /// Reads `kubectl get svc,nodes -A -o yaml` (or `-o json`) output: a `List`, single
@@ -95,7 +84,7 @@ impl Snapshot {
                 .to_owned()
         };
         match kind.as_str() {
-            "List" | "ServiceList" | "NodeList" => {
+            "List" | "ServiceList" | "NodeList" | "EndpointSliceList" => {
                 let items = value
                     .get("items")
                     .and_then(|i| i.as_array())
@@ -110,6 +99,10 @@ impl Snapshot {
                         }
                         ("NodeList", serde_json::Value::Object(mut map)) => {
                             map.entry("kind").or_insert("Node".into());
+                            serde_json::Value::Object(map)
+                        }
+                        ("EndpointSliceList", serde_json::Value::Object(mut map)) => {
+                            map.entry("kind").or_insert("EndpointSlice".into());
                             serde_json::Value::Object(map)
                         }
                         (_, item) => item,
@@ -128,10 +121,51 @@ impl Snapshot {
                 self.nodes
                     .push(serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?);
             }
+            "EndpointSlice" => {
+                let name = name();
+                self.endpoint_slices.push(
+                    serde_json::from_value(value)
+                        .map_err(|e| format!("EndpointSlice {name}: {e}"))?,
+                );
+            }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// Lists a namespaced kind in all namespaces, or in each allowed one.
+async fn list_namespaced<K>(
+    client: &kube::Client,
+    config: &KubernetesConfig,
+    resource: &'static str,
+) -> Result<Vec<K>, KubeError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let params = ListParams::default();
+    let apis: Vec<Api<K>> = if config.namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        config
+            .namespaces
+            .iter()
+            .map(|namespace| Api::namespaced(client.clone(), namespace))
+            .collect()
+    };
+    let mut items = Vec::new();
+    for api in apis {
+        items.extend(
+            api.list(&params)
+                .await
+                .map_err(|e| request_error("list", resource, e))?
+                .items,
+        );
+    }
+    Ok(items)
 }
 
 #[cfg(test)]
@@ -154,6 +188,11 @@ items:
 - apiVersion: v1
   kind: ConfigMap
   metadata: {name: c}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-abc, namespace: default, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.244.0.5], nodeName: n1, conditions: {ready: true}}]
 ---
 apiVersion: v1
 kind: Service
@@ -162,6 +201,13 @@ metadata: {name: two, namespace: default}
         let snapshot = Snapshot::from_text(text, Path::new("x.yaml")).expect("parses");
         assert_eq!(snapshot.services.len(), 2);
         assert_eq!(snapshot.nodes.len(), 1);
+        assert_eq!(snapshot.endpoint_slices.len(), 1);
+        assert_eq!(
+            snapshot.endpoint_slices[0].endpoints[0]
+                .node_name
+                .as_deref(),
+            Some("n1")
+        );
     }
 
     #[test]
