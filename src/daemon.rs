@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -23,6 +24,8 @@ use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
+use crate::kube::events::{self, EventPublisher};
+use crate::kube::status;
 use crate::model::{Backend, MappingKey, Problem};
 use crate::plan::{Forwarding, plan};
 use crate::reconcile;
@@ -123,7 +126,8 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
             }
         };
-        let cluster = ClusterWatch::start(client, &config);
+        let cluster = ClusterWatch::start(client.clone(), &config);
+        let mut cluster_report = ClusterReport::new(client, &config);
         tracing::info!("watching the cluster");
 
         let mut reported: BTreeSet<Problem> = BTreeSet::new();
@@ -180,7 +184,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 },
             }
             if !cluster.is_ready() {
-                notify_status("waiting for the first list of Services and Nodes");
+                notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
             let services: Vec<Service> = cluster
@@ -195,7 +199,13 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .iter()
                 .map(|n| (**n).clone())
                 .collect();
-            let wanted = desired(&services, &nodes, &[], &config);
+            let endpoint_slices: Vec<EndpointSlice> = cluster
+                .endpoint_slices
+                .state()
+                .iter()
+                .map(|e| (**e).clone())
+                .collect();
+            let wanted = desired(&services, &nodes, &endpoint_slices, &config);
             if mapper.is_none()
                 && let Some(address) = &address
             {
@@ -205,6 +215,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 // No router answers yet: nothing is planned, nothing already mapped is
                 // touched; the probe runs again when its backoff is over.
                 report_new_problems(&mut reported, wanted.problems.iter());
+                cluster_report
+                    .send(&wanted.problems, &state, &services)
+                    .await;
                 next_due = Some(probe.due_at());
                 notify_status(&format!(
                     "no router found yet; trying again in {} s",
@@ -241,15 +254,15 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 now,
             )
             .await;
-            let unreachable = double_nat_problems(&state);
-            report_new_problems(
-                &mut reported,
-                wanted
-                    .problems
-                    .iter()
-                    .chain(&outcome.problems)
-                    .chain(&unreachable),
-            );
+            let problems: Vec<Problem> = wanted
+                .problems
+                .iter()
+                .chain(&outcome.problems)
+                .cloned()
+                .chain(double_nat_problems(&state))
+                .collect();
+            report_new_problems(&mut reported, problems.iter());
+            cluster_report.send(&problems, &state, &services).await;
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
                 crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
@@ -269,6 +282,66 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 reported.len()
             ));
             mark_ready(&mut ready_sent, up);
+        }
+    }
+}
+
+/// What the cluster is told after a reconcile: Events on the Services (each once while it
+/// holds) and, for Services of holepunch's loadBalancerClass, the external IP in their status.
+struct ClusterReport {
+    client: kube::Client,
+    events: EventPublisher,
+    load_balancer_class: String,
+}
+
+impl ClusterReport {
+    fn new(client: kube::Client, config: &Config) -> ClusterReport {
+        let instance = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "holepunch".to_owned());
+        ClusterReport {
+            events: EventPublisher::new(client.clone(), &instance),
+            client,
+            load_balancer_class: config.kubernetes.load_balancer_class.clone(),
+        }
+    }
+
+    async fn send(&mut self, problems: &[Problem], state: &State, services: &[Service]) {
+        let live = state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active);
+        let events: Vec<_> = problems
+            .iter()
+            .filter_map(events::event_for_problem)
+            .chain(live.clone().map(events::event_for_live))
+            .collect();
+        self.events.publish_changes(&events).await;
+
+        let published: BTreeSet<(String, String)> = live
+            .clone()
+            .map(|r| (r.owner.namespace.clone(), r.owner.name.clone()))
+            .collect();
+        // The router's public address: the most recently granted mapping knows it best.
+        let external_ip = live
+            .filter(|r| r.external_address.is_some())
+            .max_by_key(|r| r.granted_at)
+            .and_then(|r| r.external_address);
+        for update in
+            status::status_updates(services, &self.load_balancer_class, external_ip, &published)
+        {
+            match status::write_status(&self.client, &update).await {
+                Ok(()) => {
+                    tracing::info!(service = %format!("{}/{}", update.namespace, update.name),
+                    ingress = ?update.ingress_ip, "LoadBalancer status written")
+                }
+                Err(e) => {
+                    tracing::warn!(service = %format!("{}/{}", update.namespace, update.name),
+                    error = %e, "could not write the LoadBalancer status; trying again at the next reconcile")
+                }
+            }
         }
     }
 }
@@ -565,9 +638,10 @@ fn check_backend(config: &Config) -> Result<(), DaemonError> {
 struct ClusterWatch {
     services: Store<Service>,
     nodes: Store<Node>,
+    endpoint_slices: Store<EndpointSlice>,
     changed: Arc<Notify>,
-    /// Set once each watch has completed its first list (services, nodes).
-    listed: [Arc<AtomicBool>; 2],
+    /// Set once each watch has completed its first list (services, nodes, endpoint slices).
+    listed: [Arc<AtomicBool>; 3],
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -584,7 +658,16 @@ impl ClusterWatch {
             };
         let (services, services_writer) = reflector::store();
         let (nodes, nodes_writer) = reflector::store();
+        let (endpoint_slices, slices_writer) = reflector::store();
+        // NOTE: EndpointSlices matter only for `externalTrafficPolicy: Local` (which nodes
+        // host a ready endpoint); they are watched in the Services' namespace scope.
+        let slices_api: Api<EndpointSlice> =
+            match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
+                [only] => Api::namespaced(client.clone(), only),
+                _ => Api::all(client.clone()),
+            };
         let listed = [
+            Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         ];
@@ -601,16 +684,26 @@ impl ClusterWatch {
             tokio::spawn(drive(
                 reflector::reflector(
                     nodes_writer,
-                    watcher(Api::<Node>::all(client), watch_config).default_backoff(),
+                    watcher(Api::<Node>::all(client), watch_config.clone()).default_backoff(),
                 ),
                 changed.clone(),
                 listed[1].clone(),
                 "nodes",
             )),
+            tokio::spawn(drive(
+                reflector::reflector(
+                    slices_writer,
+                    watcher(slices_api, watch_config).default_backoff(),
+                ),
+                changed.clone(),
+                listed[2].clone(),
+                "endpointslices",
+            )),
         ];
         ClusterWatch {
             services,
             nodes,
+            endpoint_slices,
             changed,
             listed,
             tasks,

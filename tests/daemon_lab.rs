@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json, text};
 use fake_api::FakeApi;
-use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
 
 const PREFIX: &str = "hpd-";
@@ -102,6 +102,27 @@ fn load_balancer_service(fake: &FakeApi) {
     }));
 }
 
+/// A Service of holepunch's own loadBalancerClass (no annotation needed), TCP 9090, targeted
+/// at the Ready node's InternalIP and nodePort 31090; and that node.
+fn own_class_service(fake: &FakeApi) {
+    fake.apply_object(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": NODE_IP}],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    }));
+    fake.apply_object(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "lb", "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "holepunch.io/router",
+            "ports": [{"name": "web", "port": 9090, "protocol": "TCP", "nodePort": 31090}]
+        }
+    }));
+}
+
 /// PCP found by `auto`, `direct` mode on a router that allows THIRD_PARTY: annotating the
 /// Service makes it reachable from the internet over TCP and UDP; a router restart is
 /// noticed and the mappings come back on the same ports without duplicates; deleting the
@@ -110,6 +131,7 @@ fn load_balancer_service(fake: &FakeApi) {
 fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
+    let _node_port = lab.echo_server("node", NODE_IP, 31090);
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
 
@@ -123,7 +145,52 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
         let kubeconfig = fake.write_kubeconfig(dir);
         let config = config(dir, &kubeconfig, "direct");
         load_balancer_service(&fake);
+        own_class_service(&fake);
         let daemon = Daemon::start(&config);
+
+        // holepunch's own class: published without an annotation, through the node's
+        // nodePort, and holepunch writes the router's address into the Service's status.
+        wait_until(
+            &daemon,
+            "the own-class Service to be reachable",
+            Duration::from_secs(20),
+            || lab.ask("wan", "tcp", ROUTER_WAN_IP, 9090, "lb").is_some(),
+        );
+        assert_eq!(
+            lab.ask("wan", "tcp", ROUTER_WAN_IP, 9090, "lb").as_deref(),
+            Some(format!("{WAN_CLIENT_IP} lb").as_str())
+        );
+        wait_until(
+            &daemon,
+            "the LoadBalancer status",
+            Duration::from_secs(10),
+            || {
+                kubectl(
+                    &kubeconfig,
+                    &[
+                        "get",
+                        "svc",
+                        "lb",
+                        "-o",
+                        "jsonpath={.status.loadBalancer.ingress[*].ip} {.status.loadBalancer.ingress[*].ipMode}",
+                    ],
+                ) == format!("{ROUTER_WAN_IP} Proxy")
+            },
+        );
+        // The annotated Service's status belongs to its own load balancer: untouched.
+        assert_eq!(
+            kubectl(
+                &kubeconfig,
+                &[
+                    "get",
+                    "svc",
+                    "game",
+                    "-o",
+                    "jsonpath={.status.loadBalancer.ingress[*].ip}"
+                ]
+            ),
+            LB_IP
+        );
 
         assert_eq!(lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "early"), None);
         kubectl(
@@ -151,6 +218,24 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
                 .as_deref(),
             Some(format!("{WAN_CLIENT_IP} voice").as_str())
         );
+        wait_until(
+            &daemon,
+            "a Published Event on the Service",
+            Duration::from_secs(10),
+            || {
+                let events = kubectl(&kubeconfig, &["get", "events", "-o", "json"]);
+                let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+                events["items"].as_array().is_some_and(|items| {
+                    items.iter().any(|e| {
+                        e["reason"] == "Published"
+                            && e["involvedObject"]["name"] == "game"
+                            && e["message"]
+                                .as_str()
+                                .is_some_and(|m| m.contains(&format!("{ROUTER_WAN_IP}:8080")))
+                    })
+                })
+            },
+        );
         let status = status_json(&config);
         let backends: Vec<&str> = status["mappings"]
             .as_array()
@@ -158,7 +243,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             .iter()
             .map(|m| m["backend"].as_str().unwrap_or(""))
             .collect();
-        assert_eq!(backends, ["pcp", "pcp"], "{status}");
+        assert_eq!(backends, ["pcp", "pcp", "pcp"], "{status}");
         assert_eq!(
             forwards_of(&lab, 8080).len(),
             2,
@@ -176,12 +261,12 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             "the mappings to come back after a router restart",
             Duration::from_secs(10),
             || {
-                daemon.log().matches("reconcile: restored").count() == 2
+                daemon.log().matches("reconcile: restored").count() == 3
                     && forwards_of(&lab, 8080).len() == 2
             },
         );
         eprintln!(
-            "router restart ({restart_took:?}) -> both mappings restored {:?} after it began",
+            "router restart ({restart_took:?}) -> all 3 mappings restored {:?} after it began",
             restarted.elapsed()
         );
         assert_eq!(
