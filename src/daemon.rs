@@ -42,8 +42,6 @@ pub const ANNOUNCE_RESTORE_WINDOW_SECS: u64 = 5;
 pub const DEBOUNCE_MS: u64 = 200;
 /// How long to wait before looking for a missing kubeconfig again.
 pub const KUBECONFIG_RETRY_SECS: u64 = 10;
-/// Server-side watch timeout: a half-open watch is replaced at least this often.
-pub const WATCH_TIMEOUT_SECS: u32 = 290;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -648,7 +646,7 @@ struct ClusterWatch {
 impl ClusterWatch {
     fn start(client: kube::Client, config: &Config) -> ClusterWatch {
         let changed = Arc::new(Notify::new());
-        let watch_config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+        let watch_config = watcher::Config::default().timeout(crate::kube::watch_timeout_secs());
         // NOTE: with an allow list of several namespaces, the cluster-wide watch is filtered
         // locally by `desired`; per-namespace watches need one reflector per namespace.
         let services_api: Api<Service> =

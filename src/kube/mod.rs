@@ -67,6 +67,26 @@ pub fn kubeconfig_path(config: &KubernetesConfig, env_kubeconfig: Option<&str>) 
     }
 }
 
+/// How long a watch may stay open before it is replaced: the server is asked to end it after
+/// this (`timeoutSeconds`), and a connection that stays silent for longer (half-open: the
+/// server or a middlebox went away without a word) is dropped by the client's read timeout.
+pub const WATCH_TIMEOUT_SECS: u32 = 290;
+/// Margin of the client's read timeout over the watch timeout.
+pub const READ_TIMEOUT_MARGIN_SECS: u32 = 10;
+/// Overrides [`WATCH_TIMEOUT_SECS`] (5-290 s), for tests and for networks whose middleboxes
+/// cut idle connections sooner.
+pub const WATCH_TIMEOUT_ENV: &str = "HOLEPUNCH_WATCH_TIMEOUT_SECS";
+
+/// The watch timeout: [`WATCH_TIMEOUT_ENV`] if set to a number in 5..=290, else
+/// [`WATCH_TIMEOUT_SECS`].
+pub fn watch_timeout_secs() -> u32 {
+    std::env::var(WATCH_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|secs| (5..=WATCH_TIMEOUT_SECS).contains(secs))
+        .unwrap_or(WATCH_TIMEOUT_SECS)
+}
+
 /// Builds a client from the kubeconfig (bearer tokens, client certificates and custom CAs
 /// are all handled by kube-rs).
 pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubeError> {
@@ -93,6 +113,10 @@ async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Clien
             path: path.into(),
             source,
         })?;
+    let mut client_config = client_config;
+    client_config.read_timeout = Some(std::time::Duration::from_secs(u64::from(
+        watch_timeout_secs() + READ_TIMEOUT_MARGIN_SECS,
+    )));
     kube::Client::try_from(client_config).map_err(|source| KubeError::Client {
         path: path.into(),
         source,
