@@ -7,6 +7,7 @@
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;
+pub mod upnp;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
