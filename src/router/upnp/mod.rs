@@ -397,8 +397,8 @@ impl UpnpClient {
                         tracing::debug!(index, %problem, "skipping a router mapping holepunch cannot read")
                     }
                 },
-                // NOTE: past the end, IGD says 713 (SpecifiedArrayIndexInvalid); miniupnpd and
-                // others say 714, and some IGDv1 firmware 402.
+                // NOTE: past the end, WANIPConnection:1 says 713 SpecifiedArrayIndexInvalid;
+                // some IGDv1 firmware answers 714 or 402 instead.
                 Reply::Fault(fault)
                     if matches!(
                         fault.code,
