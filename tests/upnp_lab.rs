@@ -324,6 +324,42 @@ fn upnp_insecure_router_maps_to_another_host() {
     );
 }
 
+/// miniupnpd 2.3.1 gives back descriptions of 64 bytes or more with stray bytes: an owner
+/// whose tag is that long must still be recognised by a fresh client (a restarted daemon),
+/// renewed and deleted, not reported as a conflict with itself.
+#[test]
+fn upnp_owner_with_a_long_tag_is_recognised_after_a_restart() {
+    let lab = Lab::up(PREFIX);
+    let name = "a-service-name-that-is-sixty-three-characters-long-0123456789ab";
+    assert_eq!(name.len(), 63);
+    let out = steps(
+        &lab,
+        &format!("map tcp 18250 192.168.77.10 {name}; entry tcp 18250"),
+    );
+    assert_eq!(out[0], "map OK 18250 lifetime 3600 renew 1800");
+    let written = holepunch::router::upnp::description_for(&Owner::new("lab", name));
+    assert_eq!(
+        out[1],
+        format!("entry 192.168.77.10:18250 {written} enabled lease 3600")
+    );
+    // A new process: nothing remembered, the router's description decides.
+    let out = steps(
+        &lab,
+        &format!(
+            "map tcp 18250 192.168.77.10 {name}; unmap tcp 18250 192.168.77.10 {name}; \
+             entry tcp 18250"
+        ),
+    );
+    assert_eq!(
+        out,
+        [
+            "map OK 18250 lifetime 3600 renew 1800",
+            "unmap OK",
+            "entry none"
+        ]
+    );
+}
+
 /// Prints the time of SSDP discovery, of a bare AddPortMapping, of `map` on first use
 /// (GetSpecificPortMappingEntry + AddPortMapping) and of a renewal (AddPortMapping only).
 /// Not a timed assertion: numbers for the report.
@@ -392,7 +428,8 @@ fn millis(started: Instant) -> f64 {
 
 /// The client side of the tests above, run inside the LAN namespace; not run on its own.
 /// `HOLEPUNCH_UPNP_STEPS` holds `;`-separated steps, each printing one `STEP ...` line:
-/// `discover`, `url`, `external`, `map <tcp|udp> <port> <internal ip>`, `unmap ...`,
+/// `discover`, `url`, `external`, `map <tcp|udp> <port> <internal ip> [<owner name>]`,
+/// `unmap ...` (same words),
 /// `entry <tcp|udp> <port>`, `list`, `timings`.
 #[test]
 #[ignore = "run by the upnp_* lab tests inside the LAN namespace"]
@@ -449,7 +486,11 @@ fn upnp_steps_in_lan() {
                 }
                 "map" => {
                     let address = words[3].parse().expect("address");
-                    match client.map(&map_request(protocol(), port(), address)).await {
+                    let mut request = map_request(protocol(), port(), address);
+                    if let Some(name) = words.get(4) {
+                        request.owner = Owner::new("lab", *name);
+                    }
+                    match client.map(&request).await {
                         Ok(grant) => {
                             assert_eq!(grant.router, client.router_identity());
                             println!(
@@ -464,7 +505,11 @@ fn upnp_steps_in_lan() {
                 }
                 "unmap" => {
                     let address = words[3].parse().expect("address");
-                    match client.unmap(&record(protocol(), port(), address)).await {
+                    let mut record = record(protocol(), port(), address);
+                    if let Some(name) = words.get(4) {
+                        record.owner = Owner::new("lab", *name);
+                    }
+                    match client.unmap(&record).await {
                         Ok(()) => println!("STEP unmap OK"),
                         Err(err) => println!("STEP unmap ERR {err:?}"),
                     }

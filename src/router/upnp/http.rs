@@ -46,8 +46,6 @@ pub enum HttpError {
     },
     #[error("{address} answered with redirect {status} (redirects are not followed)")]
     Redirect { address: String, status: u16 },
-    #[error("the response body from {address} is not UTF-8")]
-    NotUtf8 { address: String },
 }
 
 /// An `http://host[:port]/path` URL.
@@ -345,7 +343,10 @@ async fn exchange(
     if (300..400).contains(&status) {
         return Err(HttpError::Redirect { address, status });
     }
-    let body = String::from_utf8(body).map_err(|_| HttpError::NotUtf8 { address })?;
+    // NOTE: measured on miniupnpd 2.3.1 (nftables): a mapping description of 64 bytes or more
+    // comes back as its first 64 bytes plus 6 bytes of stray memory, often not UTF-8. Those
+    // bytes become U+FFFD rather than failing the whole call.
+    let body = String::from_utf8_lossy(&body).into_owned();
     Ok(HttpResponse { status, body })
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 pub use discovery::Discovery;
 
-use crate::model::{Backend, Protocol};
+use crate::model::{Backend, Owner, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::MappingRecord;
 use http::{HttpError, HttpUrl};
@@ -146,6 +146,40 @@ impl PortMappingEntry {
             lease_secs: lease.parse().map_err(|_| format!("lease {lease:?}"))?,
         })
     }
+}
+
+/// Longest description written: routers are known to keep 63 bytes intact (see
+/// [`description_for`]).
+pub const MAX_DESCRIPTION_BYTES: usize = 63;
+
+/// The description holepunch writes on `owner`'s mappings: its tag
+/// (`holepunch:<namespace>/<service>`) when that fits in [`MAX_DESCRIPTION_BYTES`], else the
+/// tag's first 54 bytes, `~` and 8 hex digits of a hash of the whole tag.
+// NOTE: measured on miniupnpd 2.3.1 (nftables backend): descriptions up to 63 bytes come back
+// intact; longer ones come back as their first 64 bytes followed by 6 bytes of stray memory
+// (a heap pointer), which a reader cannot match and may not even parse. A description that
+// fits is read back as written, and the hash keeps two long tags with the same start apart.
+// Compare router descriptions with this function (or [`description_matches`]), not with
+// `Owner::from_tag`, which cannot read the shortened form back.
+pub fn description_for(owner: &Owner) -> String {
+    let tag = owner.tag();
+    if tag.len() <= MAX_DESCRIPTION_BYTES {
+        return tag;
+    }
+    // FNV-1a, 32 bits: stable across builds and platforms, unlike `DefaultHasher`.
+    let hash = tag.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    let mut cut = MAX_DESCRIPTION_BYTES - 9;
+    while !tag.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:08x}", &tag[..cut])
+}
+
+/// Whether a description read back from the router is the one holepunch writes for `owner`.
+pub fn description_matches(stored: &str, owner: &Owner) -> bool {
+    stored == description_for(owner)
 }
 
 /// When to renew a lease of `lease_secs`: at half of it; never for a permanent one.
@@ -420,7 +454,7 @@ impl UpnpClient {
         let internal_port = request.internal.port.to_string();
         let client = request.internal.address.to_string();
         let lease = lease_secs.to_string();
-        let tag = request.owner.tag();
+        let description = description_for(&request.owner);
         self.call(
             "AddPortMapping",
             &[
@@ -430,7 +464,7 @@ impl UpnpClient {
                 ("NewInternalPort", &internal_port),
                 ("NewInternalClient", &client),
                 ("NewEnabled", "1"),
-                ("NewPortMappingDescription", &tag),
+                ("NewPortMappingDescription", &description),
                 ("NewLeaseDuration", &lease),
             ],
         )
@@ -438,8 +472,8 @@ impl UpnpClient {
     }
 
     /// Whether `entry` is the mapping `owner`'s tag describes, to `client`.
-    fn owned_by(entry: &PortMappingEntry, tag: &str, client: Ipv4Addr) -> bool {
-        entry.description == tag && entry.internal_client == client
+    fn owned_by(entry: &PortMappingEntry, owner: &Owner, client: Ipv4Addr) -> bool {
+        description_matches(&entry.description, owner) && entry.internal_client == client
     }
 }
 
@@ -450,21 +484,23 @@ impl PortMapper for UpnpClient {
 
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
         let key = (request.protocol, request.external_port);
-        let tag = request.owner.tag();
         // AddPortMapping replaces a mapping of the same host without a word, so before the
         // first add of a port, look: what is there must be this owner's, or nothing.
         if !self.mapped.contains(&key)
             && let Some(entry) = self
                 .specific_entry(request.protocol, request.external_port)
                 .await?
-            && !Self::owned_by(&entry, &tag, request.internal.address)
+            && !Self::owned_by(&entry, &request.owner, request.internal.address)
         {
             return Err(RouterError::Conflict {
                 port: request.external_port,
                 protocol: request.protocol,
                 detail: format!(
-                    "{}:{} holds it with description {:?} (not {tag:?}); holepunch leaves it alone",
-                    entry.internal_client, entry.internal_port, entry.description
+                    "{}:{} holds it with description {:?} (not {:?}); holepunch leaves it alone",
+                    entry.internal_client,
+                    entry.internal_port,
+                    entry.description,
+                    description_for(&request.owner)
                 ),
             });
         }
@@ -521,13 +557,12 @@ impl PortMapper for UpnpClient {
     async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
         let key = (record.protocol, record.external_port);
         self.mapped.remove(&key);
-        let tag = record.owner.tag();
         match self
             .specific_entry(record.protocol, record.external_port)
             .await?
         {
             None => return Ok(()),
-            Some(entry) if !Self::owned_by(&entry, &tag, record.internal.address) => {
+            Some(entry) if !Self::owned_by(&entry, &record.owner, record.internal.address) => {
                 tracing::warn!(
                     port = record.external_port,
                     protocol = %record.protocol,
@@ -583,6 +618,35 @@ mod tests {
     }
 
     const LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
+
+    #[test]
+    fn descriptions_are_the_tag_or_a_hashed_prefix_that_fits() {
+        let short = Owner::new("default", "web");
+        assert_eq!(description_for(&short), "holepunch:default/web");
+        assert!(description_matches("holepunch:default/web", &short));
+        assert!(!description_matches("holepunch:default/web2", &short));
+        assert!(!description_matches("", &short));
+        // 10 + 10 + 1 + 42 = 63 bytes: still the plain tag.
+        let fits = Owner::new("production", "a".repeat(42));
+        assert_eq!(description_for(&fits), fits.tag());
+        let long = Owner::new("production", "a".repeat(63));
+        let other = Owner::new("production", format!("{}b", "a".repeat(62)));
+        let written = description_for(&long);
+        assert_eq!(written.len(), MAX_DESCRIPTION_BYTES);
+        assert!(
+            written.starts_with("holepunch:production/aaaa"),
+            "{written}"
+        );
+        assert_eq!(written, description_for(&long), "deterministic");
+        assert_ne!(written, description_for(&other));
+        assert!(description_matches(&written, &long));
+        assert!(!description_matches(&written, &other));
+        // What miniupnpd would have given back for the full tag: not ours.
+        assert!(!description_matches(&long.tag()[..64], &long));
+        // Multi-byte characters are cut on a boundary, not in the middle.
+        let wide = Owner::new("ns", "é".repeat(40));
+        assert!(description_for(&wide).len() <= MAX_DESCRIPTION_BYTES);
+    }
 
     #[test]
     fn renew_at_half_the_lease() {
