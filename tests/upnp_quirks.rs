@@ -357,3 +357,31 @@ async fn delete_answering_714_is_success() {
         ]
     );
 }
+
+#[tokio::test]
+async fn list_skips_an_entry_whose_description_breaks_the_xml() {
+    let fake = FakeIgd::stray_bytes_in_descriptions().await;
+    fake.insert_mapping(
+        "TCP",
+        18089,
+        FakeMapping {
+            client: "127.0.0.5".into(),
+            internal_port: "80".into(),
+            description: "a-long-description-cut-at-64-bytes<\u{1}&j(NV".into(),
+            lease: "0".into(),
+        },
+    );
+    let mut client = discover(&fake).await;
+    client.map(&request(18090)).await.unwrap();
+    let listed = client.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].external_port, 18090);
+    assert_eq!(listed[0].description, "holepunch:default/web");
+    // The unreadable entry was asked for, skipped, and the listing went on to the end (713).
+    let indexes: Vec<String> = fake
+        .calls()
+        .iter()
+        .filter_map(|call| call.arg("NewPortMappingIndex"))
+        .collect();
+    assert_eq!(indexes, ["0", "1", "2"]);
+}

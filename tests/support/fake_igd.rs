@@ -52,6 +52,9 @@ pub struct Behaviour {
     /// GetSpecificPortMappingEntry still shows a mapping that DeletePortMapping says is gone
     /// (714): the mapping expired between the two calls.
     pub forgets_before_delete: bool,
+    /// Descriptions go out as stored, unescaped (miniupnpd 2.3.1 appends stray memory to
+    /// long ones, which may hold `<` or `&`).
+    pub stray_bytes_in_descriptions: bool,
 }
 
 impl Default for Behaviour {
@@ -65,6 +68,7 @@ impl Default for Behaviour {
             redirect_to: None,
             answer_from: None,
             forgets_before_delete: false,
+            stray_bytes_in_descriptions: false,
         }
     }
 }
@@ -226,6 +230,15 @@ impl FakeIgd {
     pub async fn answering_from(from: Ipv4Addr) -> FakeIgd {
         FakeIgd::start(Behaviour {
             answer_from: Some(from),
+            ..Behaviour::default()
+        })
+        .await
+    }
+
+    /// Descriptions sent back unescaped, as miniupnpd 2.3.1 does with its stray bytes.
+    pub async fn stray_bytes_in_descriptions() -> FakeIgd {
+        FakeIgd::start(Behaviour {
+            stray_bytes_in_descriptions: true,
             ..Behaviour::default()
         })
         .await
@@ -403,10 +416,21 @@ fn fault(code: u16, description: &str) -> (u16, String) {
     )
 }
 
-fn success(service: &str, action: &str, args: &[(&str, String)]) -> (u16, String) {
+fn success(
+    behaviour: &Behaviour,
+    service: &str,
+    action: &str,
+    args: &[(&str, String)],
+) -> (u16, String) {
     let args: String = args
         .iter()
-        .map(|(name, value)| format!("<{name}>{}</{name}>", escape(value)))
+        .map(|(name, value)| {
+            if behaviour.stray_bytes_in_descriptions && *name == "NewPortMappingDescription" {
+                format!("<{name}>{value}</{name}>")
+            } else {
+                format!("<{name}>{}</{name}>", escape(value))
+            }
+        })
         .collect();
     (
         200,
@@ -435,6 +459,7 @@ fn control(
     };
     match action {
         "GetExternalIPAddress" => success(
+            behaviour,
             service,
             action,
             &[("NewExternalIPAddress", EXTERNAL_IP.to_owned())],
@@ -472,7 +497,7 @@ fn control(
                     lease,
                 },
             );
-            success(service, action, &[])
+            success(behaviour, service, action, &[])
         }
         "DeletePortMapping" => {
             let Some(key) = key(body) else {
@@ -483,7 +508,7 @@ fn control(
                 return fault(714, "NoSuchEntryInArray");
             }
             match recorded.mappings.remove(&key) {
-                Some(_) => success(service, action, &[]),
+                Some(_) => success(behaviour, service, action, &[]),
                 None => fault(714, "NoSuchEntryInArray"),
             }
         }
@@ -493,6 +518,7 @@ fn control(
             };
             match recorded.mappings.get(&key) {
                 Some(mapping) => success(
+                    behaviour,
                     service,
                     action,
                     &[
@@ -512,6 +538,7 @@ fn control(
                 .unwrap_or(usize::MAX);
             match recorded.mappings.iter().nth(index) {
                 Some(((protocol, port), mapping)) => success(
+                    behaviour,
                     service,
                     action,
                     &[

@@ -32,6 +32,9 @@ use soap::{Arguments, Fault, Reply, code};
 /// Most entries `list` reads (a home router holds tens; a loop that never ends is a bug).
 pub const MAX_LISTED_ENTRIES: u32 = 4096;
 
+/// Unreadable entries `list` skips in a row before it gives up.
+const MAX_UNREADABLE_ENTRIES_IN_A_ROW: u32 = 3;
+
 /// Why no usable IGD was found.
 #[derive(Debug, thiserror::Error)]
 pub enum UpnpError {
@@ -339,6 +342,17 @@ impl UpnpClient {
 
     /// One SOAP action; transport failures and unreadable replies are `Unreachable`.
     async fn call(&self, action: &str, arguments: &[(&str, &str)]) -> Result<Reply, RouterError> {
+        self.exchange(action, arguments).await?.map_err(|err| {
+            RouterError::Unreachable(format!("UPnP {action} to {}: {err}", self.control))
+        })
+    }
+
+    /// One SOAP action: transport failures are the outer error, an unreadable reply the inner.
+    async fn exchange(
+        &self,
+        action: &str,
+        arguments: &[(&str, &str)],
+    ) -> Result<Result<Reply, soap::SoapError>, RouterError> {
         let body = soap::envelope(&self.service_type, action, arguments);
         let header = soap::action_header(&self.service_type, action);
         let response = http::request(
@@ -354,9 +368,7 @@ impl UpnpClient {
         )
         .await
         .map_err(|err| RouterError::Unreachable(format!("UPnP {action}: {err}")))?;
-        soap::parse_reply(response.status, &response.body, action).map_err(|err| {
-            RouterError::Unreachable(format!("UPnP {action} to {}: {err}", self.control))
-        })
+        Ok(soap::parse_reply(response.status, &response.body, action))
     }
 
     fn refused(action: &str, fault: &Fault) -> RouterError {
@@ -416,14 +428,35 @@ impl UpnpClient {
     /// every mapping the router lists (entries that are not IPv4 TCP/UDP are skipped).
     pub async fn list(&mut self) -> Result<Vec<PortMappingEntry>, RouterError> {
         let mut entries = Vec::new();
+        let mut unreadable_in_a_row = 0;
         for index in 0..MAX_LISTED_ENTRIES {
             let index_text = index.to_string();
-            let reply = self
-                .call(
+            let reply = match self
+                .exchange(
                     "GetGenericPortMappingEntry",
                     &[("NewPortMappingIndex", &index_text)],
                 )
-                .await?;
+                .await?
+            {
+                Ok(reply) => {
+                    unreadable_in_a_row = 0;
+                    reply
+                }
+                // NOTE: miniupnpd 2.3.1 sends long foreign descriptions with stray bytes (see
+                // `description_for`), which can break the XML of that one entry: skip it, but
+                // not forever.
+                Err(err) if unreadable_in_a_row < MAX_UNREADABLE_ENTRIES_IN_A_ROW => {
+                    unreadable_in_a_row += 1;
+                    tracing::debug!(index, error = %err, "skipping an unreadable router mapping");
+                    continue;
+                }
+                Err(err) => {
+                    return Err(RouterError::Unreachable(format!(
+                        "GetGenericPortMappingEntry {index} to {}: {err}",
+                        self.control
+                    )));
+                }
+            };
             match reply {
                 Reply::Success(args) => match PortMappingEntry::from_arguments(&args, None) {
                     Ok(entry) => entries.push(entry),
