@@ -9,13 +9,13 @@
 mod lab;
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Child;
 use std::time::Instant;
 
 use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
 use holepunch::router::upnp::http::{self, HttpUrl};
-use holepunch::router::upnp::{UpnpClient, soap};
+use holepunch::router::upnp::{Discovery, UpnpClient, soap};
 use holepunch::router::{MapRequest, PortMapper};
 use holepunch::state::{MappingRecord, MappingStatus};
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
@@ -189,15 +189,18 @@ fn upnp_maps_tcp_and_udp_that_carry_traffic_and_unmaps_idempotently() {
 }
 
 #[test]
-fn upnp_configured_url_skips_discovery() {
+fn upnp_configured_url_and_unicast_search_find_the_same_router() {
     let lab = Lab::up(PREFIX);
-    let out = steps(&lab, "url; external");
+    let out = steps(&lab, "url; external; unicast; external");
+    let service = "upnp:uuid:3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b \
+                   urn:schemas-upnp-org:service:WANIPConnection:2";
     assert_eq!(
         out,
         [
-            "url upnp:uuid:3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b \
-             urn:schemas-upnp-org:service:WANIPConnection:2",
-            "external 11.22.33.44"
+            format!("url {service}"),
+            "external 11.22.33.44".to_owned(),
+            format!("unicast {service}"),
+            "external 11.22.33.44".to_owned(),
         ]
     );
 }
@@ -446,6 +449,23 @@ fn upnp_steps_in_lan() {
         let mut discovery_ms = 0.0;
         for step in steps.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             let words: Vec<&str> = step.split_whitespace().collect();
+            if words[0] == "unicast" {
+                // Only the unicast M-SEARCH to the router's port 1900.
+                let options = Discovery {
+                    ssdp_target: SocketAddr::new(gateway.into(), 1900),
+                    ..Discovery::default()
+                };
+                let found = UpnpClient::discover_with(&options, gateway, lan, None)
+                    .await
+                    .expect("unicast SSDP discovery of the lab router");
+                println!(
+                    "STEP unicast {} {}",
+                    found.router_identity(),
+                    found.service_type()
+                );
+                client = Some(found);
+                continue;
+            }
             if words[0] == "url" {
                 let found = UpnpClient::discover(gateway, lan, Some(IGD_URL))
                     .await

@@ -132,14 +132,23 @@ pub(super) async fn search(
             address: lan_address,
             source,
         })?;
-    for target in ssdp::SEARCH_TARGETS {
-        socket
-            .send_to(ssdp::search_request(target).as_bytes(), options.ssdp_target)
-            .await
-            .map_err(|source| UpnpError::Search {
-                target: options.ssdp_target,
-                source,
-            })?;
+    let mut destinations = vec![options.ssdp_target];
+    // NOTE: UDA 1.1 §1.3.2 allows a unicast M-SEARCH to port 1900; miniupnpd 2.3.1 answers it
+    // (measured in the lab). It reaches the gateway even when multicast would leave by another
+    // interface (the socket is bound to an address, not to an interface).
+    if options.ssdp_target.ip().is_multicast() {
+        destinations.push(SocketAddr::V4(SocketAddrV4::new(gateway, ssdp::PORT)));
+    }
+    for destination in destinations {
+        for target in ssdp::SEARCH_TARGETS {
+            socket
+                .send_to(ssdp::search_request(target).as_bytes(), destination)
+                .await
+                .map_err(|source| UpnpError::Search {
+                    target: destination,
+                    source,
+                })?;
+        }
     }
     let deadline = tokio::time::Instant::now() + options.search_timeout;
     let pinned = gateway.to_string();
@@ -151,7 +160,7 @@ pub(super) async fn search(
         {
             Err(_elapsed) => break,
             Ok(Err(err)) => {
-                ignored.push(format!("receive error: {err}"));
+                note(&mut ignored, format!("receive error: {err}"));
                 continue;
             }
             Ok(Ok(received)) => received,

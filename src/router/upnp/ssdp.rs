@@ -5,6 +5,9 @@
 /// The SSDP multicast group and port (UDA 1.1 §1.3.2).
 pub const MULTICAST_TARGET: &str = "239.255.255.250:1900";
 
+/// The SSDP port.
+pub const PORT: u16 = 1900;
+
 /// Search targets: IGD v1 and v2 root devices.
 // NOTE: IGD:2 devices also answer IGD:1 searches (IGD:2 §2.1 backward compatibility), but some
 // only answer their own version, so both are asked for.
