@@ -234,6 +234,44 @@ fn upnp_router_restart_loses_the_mapping_and_map_restores_the_same_port() {
     );
 }
 
+/// A router restart that keeps its forwarding rules (miniupnpd stopped without a lease file,
+/// as `router-lab restart-router --keep-rules` does): the mapping is adopted and renewed in
+/// place, never duplicated.
+#[test]
+fn upnp_router_restart_keeping_rules_leaves_no_duplicates() {
+    let lab = Lab::up(PREFIX);
+    let out = steps(&lab, "map tcp 18260 192.168.77.10");
+    assert_eq!(out, ["map OK 18260 lifetime 3600 renew 1800"]);
+    let restart = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/router-lab"),
+    )
+    .args(["restart-router", "--keep-rules"])
+    .env("LAB_PREFIX", PREFIX)
+    .output()
+    .expect("run router-lab restart-router --keep-rules");
+    assert!(restart.status.success(), "{restart:?}");
+    assert!(
+        forwarded(&lab, "tcp", 18260, LAN_IP),
+        "{}",
+        lab.router_forwards()
+    );
+
+    let out = steps(&lab, "entry tcp 18260; map tcp 18260 192.168.77.10; list");
+    assert!(
+        out[0].starts_with("entry 192.168.77.10:18260 holepunch:lab/web-tcp-18260 enabled"),
+        "{}",
+        out[0]
+    );
+    assert_eq!(out[1], "map OK 18260 lifetime 3600 renew 1800");
+    assert_eq!(out[2].matches(" -> ").count(), 1, "{}", out[2]);
+    let rules = lab.router_forwards();
+    assert_eq!(
+        rules.matches("dport 18260 ").count(),
+        1,
+        "one forwarding rule:\n{rules}"
+    );
+}
+
 #[test]
 fn upnp_port_held_by_another_lan_host_is_a_conflict_and_left_untouched() {
     let lab = Lab::up(PREFIX);
