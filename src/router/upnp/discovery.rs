@@ -139,18 +139,25 @@ pub(super) async fn search(
     if options.ssdp_target.ip().is_multicast() {
         destinations.push(SocketAddr::V4(SocketAddrV4::new(gateway, ssdp::PORT)));
     }
+    // One destination is enough (multicast may have no route while unicast does).
+    let mut sent_any = false;
+    let mut last_failure = None;
     for destination in destinations {
         for target in ssdp::SEARCH_TARGETS {
-            socket
+            match socket
                 .send_to(ssdp::search_request(target).as_bytes(), destination)
                 .await
-                .map_err(|source| UpnpError::Search {
-                    target: destination,
-                    source,
-                })?;
+            {
+                Ok(_) => sent_any = true,
+                Err(source) => last_failure = Some((destination, source)),
+            }
         }
     }
+    if !sent_any && let Some((target, source)) = last_failure {
+        return Err(UpnpError::Search { target, source });
+    }
     let deadline = tokio::time::Instant::now() + options.search_timeout;
+    let hard_deadline = deadline + options.http_timeout;
     let pinned = gateway.to_string();
     let mut tried: HashSet<String> = HashSet::new();
     let mut ignored: Vec<String> = Vec::new();
@@ -195,14 +202,20 @@ pub(super) async fn search(
                 continue;
             }
         };
-        match fetch(options, &location, &pinned).await {
-            Ok(found) => {
+        // A gateway that keeps sending new LOCATIONs must not keep discovery going: every
+        // fetch ends by one HTTP timeout after the search deadline.
+        match tokio::time::timeout_at(hard_deadline, fetch(options, &location, &pinned)).await {
+            Ok(Ok(found)) => {
                 return Ok(Found {
                     boot_id: answer.boot_id,
                     ..found
                 });
             }
-            Err(err) => note(&mut ignored, err.to_string()),
+            Ok(Err(err)) => note(&mut ignored, err.to_string()),
+            Err(_elapsed) => {
+                note(&mut ignored, format!("{location}: no description in time"));
+                break;
+            }
         }
     }
     Err(UpnpError::NoGateway {

@@ -333,7 +333,7 @@ async fn exchange(
         received.extend_from_slice(&buf[..read]);
         // Chunk framing costs a few bytes per chunk; the cap on the raw bytes keeps a
         // peer from sending endless framing.
-        if received.len() > limit.saturating_mul(2) + MAX_HEAD_BYTES {
+        if received.len() > limit.saturating_mul(2).saturating_add(MAX_HEAD_BYTES) {
             return Err(malformed("too large"));
         }
         if let Some(done) = parse_response(&received, read == 0, limit).map_err(malformed)? {

@@ -5,10 +5,12 @@
 //! (725/402 permanent-only leases, 718 conflict vs secure mode, 606 low ports, 714 on delete)
 //! and the ownership rule: it changes or deletes only mappings tagged for their owner.
 //!
-//! igd-next is not used: its search follows any LOCATION (no pinning to the gateway), its
-//! AddPortMapping needs the SCPD fetched first and folds 402 into a generic error, and it has
-//! no GetSpecificPortMappingEntry. The few hundred lines here (a strict HTTP/1.1 client, an XML
-//! reader that refuses DOCTYPE, sans-io SOAP) keep every limit in one place.
+//! igd-next 0.18 is not used: its search takes an answer from any LAN host (LOCATION must
+//! match the responder, not the configured gateway), its 1 MiB body cap and 10 s request
+//! timeout are fixed, its AddPortMapping needs the service's SCPD fetched first, and it has no
+//! GetSpecificPortMappingEntry. The small pieces here (a strict HTTP/1.1 client, an XML reader
+//! that refuses DOCTYPE, sans-io SOAP, SSDP and description codecs) keep every limit in one
+//! place and under test.
 
 pub mod description;
 pub mod discovery;
