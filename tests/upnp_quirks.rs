@@ -385,3 +385,22 @@ async fn list_skips_an_entry_whose_description_breaks_the_xml() {
         .collect();
     assert_eq!(indexes, ["0", "1", "2"]);
 }
+
+#[tokio::test]
+async fn description_whose_url_base_points_elsewhere_is_refused() {
+    let (elsewhere, connections, _task) =
+        fake_igd::counting_listener(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await;
+    let fake = FakeIgd::url_base_pointing_elsewhere(format!("http://{elsewhere}/")).await;
+    match UpnpClient::discover_with(&options(&fake), HOST, HOST, None).await {
+        Err(err @ UpnpError::NoGateway { .. }) => {
+            assert!(err.to_string().contains("is not on 127.0.0.1"), "{err}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.connections(), 1, "the description was fetched once");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no call went elsewhere"
+    );
+}

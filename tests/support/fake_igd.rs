@@ -55,6 +55,8 @@ pub struct Behaviour {
     /// Descriptions go out as stored, unescaped (miniupnpd 2.3.1 appends stray memory to
     /// long ones, which may hold `<` or `&`).
     pub stray_bytes_in_descriptions: bool,
+    /// A URLBase in the description (UDA 1.0), against which control URLs resolve.
+    pub url_base: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -69,6 +71,7 @@ impl Default for Behaviour {
             answer_from: None,
             forgets_before_delete: false,
             stray_bytes_in_descriptions: false,
+            url_base: None,
         }
     }
 }
@@ -235,6 +238,15 @@ impl FakeIgd {
         .await
     }
 
+    /// A description whose URLBase sends the control calls to another host.
+    pub async fn url_base_pointing_elsewhere(base: String) -> FakeIgd {
+        FakeIgd::start(Behaviour {
+            url_base: Some(base),
+            ..Behaviour::default()
+        })
+        .await
+    }
+
     /// Descriptions sent back unescaped, as miniupnpd 2.3.1 does with its stray bytes.
     pub async fn stray_bytes_in_descriptions() -> FakeIgd {
         FakeIgd::start(Behaviour {
@@ -387,9 +399,14 @@ fn description(behaviour: &Behaviour) -> String {
     } else {
         1
     };
+    let url_base = behaviour
+        .url_base
+        .as_ref()
+        .map(|base| format!("<URLBase>{base}</URLBase>"))
+        .unwrap_or_default();
     format!(
         "<?xml version=\"1.0\"?>\r\n<root xmlns=\"urn:schemas-upnp-org:device-1-0\">\
-         <specVersion><major>1</major><minor>1</minor></specVersion><device>\
+         <specVersion><major>1</major><minor>1</minor></specVersion>{url_base}<device>\
          <deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:{major}</deviceType>\
          <friendlyName>fake</friendlyName><UDN>{UDN}</UDN><serviceList><service>\
          <serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType>\
