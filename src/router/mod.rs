@@ -9,6 +9,7 @@ pub mod choice;
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;
+pub mod upnp;
 
 use std::future::Future;
 use std::net::Ipv4Addr;
