@@ -338,7 +338,22 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
     let runtime = runtime()?;
     let mut unmapped = 0;
     for backend in [Backend::None, Backend::Pcp, Backend::Natpmp, Backend::Upnp] {
-        let Some(mut router) = Router::for_backend(backend, address.as_ref()) else {
+        if !state.mappings.values().any(|r| r.backend == backend) {
+            continue;
+        }
+        let router = match (backend, &address) {
+            (Backend::Upnp, Some(address)) => runtime
+                .block_on(Router::probe(
+                    address,
+                    config::BackendChoice::Upnp,
+                    None,
+                    config.router.igd_url.as_deref(),
+                ))
+                .inspect_err(|e| tracing::warn!("{e}"))
+                .ok(),
+            _ => Router::for_backend(backend, address.as_ref()),
+        };
+        let Some(mut router) = router else {
             continue;
         };
         // Nothing is wanted: the plan unmaps every recorded mapping of this backend.

@@ -52,11 +52,6 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Discover(#[from] DiscoverError),
-    #[error(
-        "router.backend = \"{0}\" is not available in this build yet; set router.backend = \
-         \"auto\" or \"none\", or exposure.mode = \"gateway\""
-    )]
-    BackendUnavailable(&'static str),
 }
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
@@ -72,7 +67,6 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
 
     'config: loop {
         let forwarding = forwarding(&config, None)?;
-        check_backend(&config)?;
         let address = router_address(&config, forwarding)?;
         let mut mapper: Option<Router> = match &address {
             None => Some(Router::None(NoRouter)),
@@ -207,7 +201,21 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             if mapper.is_none()
                 && let Some(address) = &address
             {
-                mapper = probe.run(address, preferred_backend(&state)).await;
+                mapper = probe
+                    .run(address, &config.router, preferred_backend(&state))
+                    .await;
+                if let Some(router) = mapper.as_mut() {
+                    // What a crash left on the router, known neither to the state nor wanted.
+                    let keep: BTreeSet<MappingKey> = state
+                        .mappings
+                        .keys()
+                        .chain(wanted.mappings.keys())
+                        .copied()
+                        .collect();
+                    if let Err(e) = router.purge_leftovers(&keep).await {
+                        tracing::warn!(error = %e, "could not look for leftover mappings on the router");
+                    }
+                }
             }
             let Some(router) = mapper.as_mut() else {
                 // No router answers yet: nothing is planned, nothing already mapped is
@@ -451,11 +459,23 @@ pub const PROBE_RETRY_SECS: u64 = 30;
 pub const PROBE_RETRY_MAX_SECS: u64 = 600;
 
 impl Probe {
-    async fn run(&mut self, address: &RouterAddress, preferred: Option<Backend>) -> Option<Router> {
+    async fn run(
+        &mut self,
+        address: &RouterAddress,
+        config: &config::RouterConfig,
+        preferred: Option<Backend>,
+    ) -> Option<Router> {
         if tokio::time::Instant::now() < self.next {
             return None;
         }
-        match Router::probe(address, preferred).await {
+        match Router::probe(
+            address,
+            config.backend,
+            preferred,
+            config.igd_url.as_deref(),
+        )
+        .await
+        {
             Ok(router) => {
                 tracing::info!(backend = %router.backend(), gateway = %address.gateway, "router found");
                 *self = Probe::default();
@@ -618,18 +638,6 @@ pub fn forwarding(
             Forwarding::Relay { lan_address }
         }
     })
-}
-
-fn check_backend(config: &Config) -> Result<(), DaemonError> {
-    if config.exposure.mode == ExposureMode::Gateway {
-        return Ok(());
-    }
-    match config.router.backend {
-        BackendChoice::None | BackendChoice::Auto | BackendChoice::Pcp | BackendChoice::Natpmp => {
-            Ok(())
-        }
-        BackendChoice::Upnp => Err(DaemonError::BackendUnavailable("upnp")),
-    }
 }
 
 /// Reflectors for Services and Nodes; `changed` fires on every event.

@@ -280,6 +280,40 @@ pub enum StateError {
     },
 }
 
+impl MappingRecord {
+    /// A record for a mapping found on the router but known nowhere else (a leftover), so
+    /// that it can be deleted through the backend that made it.
+    pub fn leftover(
+        owner: Owner,
+        key: MappingKey,
+        internal: Endpoint,
+        backend: Backend,
+    ) -> MappingRecord {
+        MappingRecord {
+            owner,
+            service_port: internal.port,
+            protocol: key.protocol,
+            external_port: key.external_port,
+            internal,
+            target: internal,
+            target_source: TargetSource::NodePort,
+            backend,
+            router: String::new(),
+            nonce: None,
+            lifetime_secs: 0,
+            granted_at: None,
+            renew_at: None,
+            expires_at: None,
+            epoch: None,
+            external_address: None,
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            last_error: None,
+        }
+    }
+}
+
 impl State {
     /// The state as the file holds it: `version = 1`, then one `[[mapping]]` per record.
     pub fn to_toml(&self) -> Result<String, StateError> {

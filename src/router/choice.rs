@@ -12,6 +12,7 @@ use crate::config::BackendChoice;
 use crate::model::{Backend, MappingKey};
 use crate::router::natpmp::client::NatpmpClient;
 use crate::router::pcp::client::{PcpClient, Schedule};
+use crate::router::upnp::UpnpClient;
 use crate::router::{Grant, MapRequest, NoRouter, PortMapper, RouterError};
 use crate::state::MappingRecord;
 
@@ -36,6 +37,7 @@ pub enum Router {
     None(NoRouter),
     Pcp(PcpClient),
     Natpmp(NatpmpClient),
+    Upnp(UpnpClient),
 }
 
 /// `auto` found nothing that answers.
@@ -80,12 +82,23 @@ impl Router {
         }
     }
 
-    /// `auto`: probe the protocols, `preferred` (what worked before) first.
+    /// Finds the router: with `router.backend = "upnp"` by UPnP discovery only (or the
+    /// configured description URL), with `auto` by probing PCP, NAT-PMP and UPnP in that
+    /// order, `preferred` (what worked before) first.
     pub async fn probe(
         address: &RouterAddress,
+        choice: BackendChoice,
         preferred: Option<Backend>,
+        igd_url: Option<&str>,
     ) -> Result<Router, NoRouterFound> {
-        let mut order = vec![Backend::Pcp, Backend::Natpmp, Backend::Upnp];
+        let mut order = match choice {
+            BackendChoice::Upnp => vec![Backend::Upnp],
+            BackendChoice::Pcp => vec![Backend::Pcp],
+            BackendChoice::Natpmp => vec![Backend::Natpmp],
+            BackendChoice::Auto | BackendChoice::None => {
+                vec![Backend::Pcp, Backend::Natpmp, Backend::Upnp]
+            }
+        };
         if let Some(first) = preferred.filter(|b| order.contains(b)) {
             order.retain(|b| *b != first);
             order.insert(0, first);
@@ -120,7 +133,20 @@ impl Router {
                         }
                     }
                 }
-                Backend::Upnp | Backend::None => {}
+                Backend::Upnp => {
+                    match UpnpClient::discover(address.gateway, address.local, igd_url).await {
+                        Ok(client) => {
+                            tracing::info!(gateway = %address.gateway, router = %client.router_identity(),
+                                service = client.service_type(), "the router speaks UPnP IGD");
+                            return Ok(Router::Upnp(client));
+                        }
+                        Err(e) => {
+                            tracing::debug!(gateway = %address.gateway, error = %e, "UPnP discovery failed");
+                            tried.push(format!("UPnP: {e}"));
+                        }
+                    }
+                }
+                Backend::None => {}
             }
         }
         Err(NoRouterFound {
@@ -138,12 +164,27 @@ fn probe_schedule() -> Schedule {
     }
 }
 
+impl Router {
+    /// Deletes holepunch's leftovers on the router that `keep` does not hold (UPnP, the only
+    /// protocol that can list mappings); 0 for the others.
+    pub async fn purge_leftovers(
+        &mut self,
+        keep: &std::collections::BTreeSet<MappingKey>,
+    ) -> Result<usize, RouterError> {
+        match self {
+            Router::Upnp(r) => r.purge_leftovers(keep).await,
+            Router::None(_) | Router::Pcp(_) | Router::Natpmp(_) => Ok(0),
+        }
+    }
+}
+
 impl PortMapper for Router {
     fn backend(&self) -> Backend {
         match self {
             Router::None(r) => r.backend(),
             Router::Pcp(r) => r.backend(),
             Router::Natpmp(r) => r.backend(),
+            Router::Upnp(r) => r.backend(),
         }
     }
 
@@ -152,6 +193,7 @@ impl PortMapper for Router {
             Router::None(r) => r.map(request).await,
             Router::Pcp(r) => r.map(request).await,
             Router::Natpmp(r) => r.map(request).await,
+            Router::Upnp(r) => r.map(request).await,
         }
     }
 
@@ -160,6 +202,7 @@ impl PortMapper for Router {
             Router::None(r) => r.unmap(record).await,
             Router::Pcp(r) => r.unmap(record).await,
             Router::Natpmp(r) => r.unmap(record).await,
+            Router::Upnp(r) => r.unmap(record).await,
         }
     }
 
@@ -168,6 +211,7 @@ impl PortMapper for Router {
             Router::None(r) => r.lost(records).await,
             Router::Pcp(r) => r.lost(records).await,
             Router::Natpmp(r) => r.lost(records).await,
+            Router::Upnp(r) => r.lost(records).await,
         }
     }
 
@@ -176,6 +220,7 @@ impl PortMapper for Router {
             Router::None(r) => r.take_restart(),
             Router::Pcp(r) => r.take_restart(),
             Router::Natpmp(r) => r.take_restart(),
+            Router::Upnp(r) => r.take_restart(),
         }
     }
 }

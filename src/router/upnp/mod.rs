@@ -25,7 +25,7 @@ use std::time::Duration;
 
 pub use discovery::Discovery;
 
-use crate::model::{Backend, Owner, Protocol};
+use crate::model::{Backend, MappingKey, Owner, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::MappingRecord;
 use http::{HttpError, HttpUrl};
@@ -261,6 +261,8 @@ pub struct UpnpClient {
     permanent_only: bool,
     /// Mappings this client created or renewed, whose ownership is known.
     mapped: HashSet<(Protocol, u16)>,
+    /// The router's external address as last asked (at the first grant and every verify).
+    external: Option<Ipv4Addr>,
 }
 
 impl UpnpClient {
@@ -307,6 +309,7 @@ impl UpnpClient {
             request_timeout: options.http_timeout,
             permanent_only: false,
             mapped: HashSet::new(),
+            external: None,
         })
     }
 
@@ -506,6 +509,54 @@ impl UpnpClient {
         .await
     }
 
+    /// The cached external address, asked for when not known yet. A router that does not
+    /// say is not an error here: the mapping itself was granted.
+    async fn known_external_address(&mut self) -> Option<Ipv4Addr> {
+        if self.external.is_none() {
+            match self.external_address().await {
+                Ok(address) => self.external = Some(address),
+                Err(e) => tracing::debug!(error = %e, "GetExternalIPAddress failed"),
+            }
+        }
+        self.external
+    }
+
+    /// Deletes holepunch's leftovers: mappings to this host whose description is a holepunch
+    /// tag, for a port `keep` does not hold (neither recorded in the state nor desired): what
+    /// a crash between the router's answer and the state file's write can leave behind.
+    /// Returns how many were deleted.
+    // NOTE: only tags that name their owner (`holepunch:<ns>/<name>`, up to 63 bytes) are
+    // recognised; a shortened long tag cannot be told from another holepunch host's.
+    pub async fn purge_leftovers(
+        &mut self,
+        keep: &std::collections::BTreeSet<crate::model::MappingKey>,
+    ) -> Result<usize, RouterError> {
+        let mut purged = 0;
+        for entry in self.list().await? {
+            let Some(owner) = Owner::from_tag(&entry.description) else {
+                continue;
+            };
+            let key = crate::model::MappingKey {
+                protocol: entry.protocol,
+                external_port: entry.external_port,
+            };
+            if entry.internal_client != self.lan_address || keep.contains(&key) {
+                continue;
+            }
+            let record = MappingRecord::leftover(
+                owner,
+                key,
+                crate::model::Endpoint::new(entry.internal_client, entry.internal_port),
+                Backend::Upnp,
+            );
+            self.unmap(&record).await?;
+            tracing::warn!(service = %record.owner, external_port = key.external_port,
+                protocol = %key.protocol, "deleted a leftover holepunch mapping the state file did not know");
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
     /// Whether `entry` is the mapping `owner`'s tag describes, to `client`.
     fn owned_by(entry: &PortMappingEntry, owner: &Owner, client: Ipv4Addr) -> bool {
         description_matches(&entry.description, owner) && entry.internal_client == client
@@ -515,6 +566,33 @@ impl UpnpClient {
 impl PortMapper for UpnpClient {
     fn backend(&self) -> Backend {
         Backend::Upnp
+    }
+
+    /// GetSpecificPortMappingEntry for each mapping: gone, or held by someone else, is lost.
+    /// A changed external address counts every mapping as lost, so that the restore records
+    /// the new address (and the Services' status and Events follow).
+    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+        let previous = self.external;
+        let current = self.external_address().await?;
+        self.external = Some(current);
+        if previous.is_some_and(|p| p != current) {
+            tracing::warn!(previous = ?previous, %current, "the router's external address changed");
+            return Ok(records.iter().map(|r| r.key()).collect());
+        }
+        let mut lost = Vec::new();
+        for record in records {
+            let held = self
+                .specific_entry(record.protocol, record.external_port)
+                .await?
+                .is_some_and(|entry| {
+                    Self::owned_by(&entry, &record.owner, record.internal.address)
+                });
+            if !held {
+                self.mapped.remove(&(record.protocol, record.external_port));
+                lost.push(record.key());
+            }
+        }
+        Ok(lost)
     }
 
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
@@ -567,7 +645,7 @@ impl PortMapper for UpnpClient {
                     external_port: request.external_port,
                     lifetime_secs: lease_secs,
                     renew_after: renew_after(lease_secs),
-                    external_address: None,
+                    external_address: self.known_external_address().await,
                     epoch: None,
                     router: self.router_identity(),
                 })
