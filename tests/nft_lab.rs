@@ -383,3 +383,284 @@ fn forwarding_check_follows_the_namespace_sysctl() {
     ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     in_netns(&ns.0, check_forwarding).expect("forwarding is on");
 }
+
+/// Serves TCP and UDP on the target address: answers every line with "<peer address> <line>".
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+host, port = sys.argv[1], int(sys.argv[2])
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((host, port)); t.listen(8)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((host, port))
+def serve_udp():
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(("%s %s" % (peer[0], data.decode().strip())).encode(), peer)
+def serve_tcp(c, peer):
+    for line in c.makefile("rb"):
+        c.sendall(("%s %s\n" % (peer[0], line.decode().strip())).encode())
+threading.Thread(target=serve_udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, peer = t.accept()
+    threading.Thread(target=serve_tcp, args=(c, peer), daemon=True).start()
+"#;
+
+/// One exchange from the internet client: prints the answer line. UDP retransmits 3 times.
+const CLIENT: &str = r#"
+import socket, sys
+proto, host, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if proto == "tcp":
+    c = socket.create_connection((host, port), timeout=3)
+    c.sendall(line.encode() + b"\n")
+    print(c.makefile("rb").readline().decode().strip())
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1.0)
+    for _ in range(3):
+        s.sendto(line.encode(), (host, port))
+        try:
+            print(s.recvfrom(2048)[0].decode().strip()); sys.exit(0)
+        except socket.timeout:
+            pass
+    sys.exit("no UDP answer")
+"#;
+
+/// Keeps one TCP connection open: sends every stdin line, prints every answer line.
+const INTERACTIVE_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+answers = c.makefile("rb")
+for line in sys.stdin:
+    c.sendall(line.encode())
+    print(answers.readline().decode().strip(), flush=True)
+"#;
+
+/// The echo server in `hpf-node`, stopped (by its PID) when dropped.
+struct EchoServer(Child);
+
+impl EchoServer {
+    fn start(lab: &Lab) -> EchoServer {
+        let port = TARGET_PORT.to_string();
+        let mut child = lab.spawn(
+            "node",
+            &[lab::python(), "-c", ECHO_SERVER, "192.168.77.100", &port],
+        );
+        let mut ready = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready", "echo server did not start");
+        EchoServer(child)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// From the internet client to the router's public address: the answer line.
+fn exchange(lab: &Lab, proto: &str, port: u16, line: &str) -> String {
+    let port = port.to_string();
+    let out = lab.exec(
+        "wan",
+        &[
+            lab::python(),
+            "-c",
+            CLIENT,
+            proto,
+            ROUTER_WAN_IP,
+            &port,
+            line,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{proto} {line:?} to {ROUTER_WAN_IP}:{port} got no answer: {}\nrules in hpf-lan:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&lab.exec("lan", &["nft", "list", "ruleset"]).stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The router maps WAN:port to the relay host's same port, as holepunch's relay mode asks.
+fn map_on_router(lab: &Lab, proto: &str, port: u16) {
+    let port = port.to_string();
+    let out = lab.exec(
+        "lan",
+        &[
+            "upnpc",
+            "-u",
+            "http://192.168.77.1:5000/rootDesc.xml",
+            "-e",
+            "holepunch:test/relay",
+            "-a",
+            LAN_IP,
+            &port,
+            &port,
+            proto,
+            "600",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("is redirected to internal"),
+        "upnpc -a {proto} {port}: {text}\n{}",
+        lab.router_log()
+    );
+}
+
+fn relay_lab(forwards: Vec<Forward>) -> (Lab, Ruleset) {
+    let lab = Lab::up(LAB_PREFIX);
+    let lan = lab.ns("lan");
+    let off = in_netns(&lan, check_forwarding).expect_err("forwarding is off in a new namespace");
+    assert!(matches!(off, NftError::ForwardingDisabled), "{off:?}");
+    let out = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(out.status.success(), "{out:?}");
+    in_netns(&lan, check_forwarding).expect("forwarding is on");
+    let ruleset = relay(forwards);
+    apply(&lan, &ruleset).expect("apply relay in hpf-lan");
+    (lab, ruleset)
+}
+
+#[test]
+fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
+    const PORT: u16 = 30080;
+    let (lab, _) = relay_lab(vec![
+        forward(Protocol::Tcp, PORT, TARGET_PORT),
+        forward(Protocol::Udp, PORT, TARGET_PORT),
+    ]);
+    let _server = EchoServer::start(&lab);
+    map_on_router(&lab, "TCP", PORT);
+    map_on_router(&lab, "UDP", PORT);
+
+    // The target sees the relay host: replies must come back through it.
+    assert_eq!(
+        exchange(&lab, "tcp", PORT, "hello tcp"),
+        format!("{LAN_IP} hello tcp")
+    );
+    assert_eq!(
+        exchange(&lab, "udp", PORT, "hello udp"),
+        format!("{LAN_IP} hello udp")
+    );
+
+    // Without holepunch's table the relay host has nothing on the port: the rules carried it.
+    assert!(in_netns(&lab.ns("lan"), || NftFirewall.remove()).unwrap());
+    let port = PORT.to_string();
+    let out = lab.exec(
+        "wan",
+        &[
+            lab::python(),
+            "-c",
+            CLIENT,
+            "tcp",
+            ROUTER_WAN_IP,
+            &port,
+            "gone",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "reached the target without the table"
+    );
+}
+
+#[test]
+fn gateway_on_the_router_keeps_the_client_source_address() {
+    const PORT: u16 = 30081;
+    let lab = Lab::up(LAB_PREFIX);
+    let rtr = lab.ns("rtr");
+    in_netns(&rtr, check_forwarding).expect("the lab router forwards");
+    // Before the ruleset, the router has nothing on this port.
+    let out = lab.exec(
+        "wan",
+        &[
+            lab::python(),
+            "-c",
+            CLIENT,
+            "tcp",
+            ROUTER_WAN_IP,
+            &PORT.to_string(),
+            "early",
+        ],
+    );
+    assert!(!out.status.success(), "reached the LAN without a ruleset");
+
+    let ruleset = Ruleset::Gateway {
+        wan_interface: "rwan".into(),
+        forwards: vec![
+            forward(Protocol::Tcp, PORT, TARGET_PORT),
+            forward(Protocol::Udp, PORT, TARGET_PORT),
+        ],
+    };
+    apply(&rtr, &ruleset).expect("apply gateway in hpf-rtr");
+    let _server = EchoServer::start(&lab);
+    assert_eq!(
+        exchange(&lab, "tcp", PORT, "via gw"),
+        format!("{WAN_CLIENT_IP} via gw")
+    );
+    assert_eq!(
+        exchange(&lab, "udp", PORT, "via gw"),
+        format!("{WAN_CLIENT_IP} via gw")
+    );
+}
+
+/// A daemon restart re-applies the same ruleset: an open connection through the relay must
+/// go on working, and so must one after a change that keeps its forward.
+#[test]
+fn an_open_tcp_connection_through_the_relay_survives_a_reapply() {
+    const PORT: u16 = 30082;
+    let web = forward(Protocol::Tcp, PORT, TARGET_PORT);
+    let (lab, ruleset) = relay_lab(vec![web]);
+    let _server = EchoServer::start(&lab);
+    map_on_router(&lab, "TCP", PORT);
+
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("wan"), lab::python(), "-c"])
+        .args([INTERACTIVE_CLIENT, ROUTER_WAN_IP, &PORT.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let mut output = BufReader::new(client.stdout.take().unwrap());
+    let say = |input: &mut ChildStdin, output: &mut BufReader<ChildStdout>, line: &str| {
+        writeln!(input, "{line}").unwrap();
+        input.flush().unwrap();
+        let mut answer = String::new();
+        output.read_line(&mut answer).unwrap();
+        answer.trim().to_owned()
+    };
+    assert_eq!(
+        say(&mut input, &mut output, "before"),
+        format!("{LAN_IP} before")
+    );
+
+    let lan = lab.ns("lan");
+    let started = Instant::now();
+    apply(&lan, &ruleset).expect("re-apply the same ruleset");
+    let reapply = started.elapsed();
+    assert_eq!(
+        say(&mut input, &mut output, "after"),
+        format!("{LAN_IP} after")
+    );
+
+    let grown = relay(vec![web, forward(Protocol::Udp, 30083, 53)]);
+    apply(&lan, &grown).expect("apply a grown ruleset");
+    assert_eq!(
+        say(&mut input, &mut output, "grown"),
+        format!("{LAN_IP} grown")
+    );
+    assert!(
+        reapply < Duration::from_secs(2),
+        "re-apply took {reapply:?}"
+    );
+
+    drop(input);
+    let status = client.wait().unwrap();
+    assert!(status.success(), "client failed after re-apply");
+}

@@ -63,6 +63,9 @@ pub enum NetlinkError {
     Decode(&'static str),
 }
 
+/// A map element as the kernel holds it: key bytes and data bytes.
+pub(crate) type RawElement = (Vec<u8>, Vec<u8>);
+
 /// One netlink message from a receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Message<'a> {
@@ -136,7 +139,7 @@ fn nested_value<'a>(
 }
 
 /// The `(key, data)` pairs of one NEWSETELEM message (payload after the netlink header).
-pub(crate) fn set_elements(payload: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, NetlinkError> {
+pub(crate) fn set_elements(payload: &[u8]) -> Result<Vec<RawElement>, NetlinkError> {
     let attrs = payload
         .get(NFGENMSG_BYTES..)
         .ok_or(NetlinkError::Decode("short set element message"))?;
@@ -346,7 +349,7 @@ impl NetfilterSocket {
         family: u8,
         table: &str,
         set: &str,
-    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, NetlinkError> {
+    ) -> Result<Option<Vec<RawElement>>, NetlinkError> {
         const DUMP_SEQ: u32 = 1;
         let request = get_elements_request(family, table, set, DUMP_SEQ);
         self.socket.send(&request).map_err(NetlinkError::Send)?;
@@ -423,14 +426,12 @@ mod tests {
             attributes(&[9, 0, 1, 0]),
             Err(NetlinkError::Decode(_))
         ));
-        assert!(matches!(
-            error_code(&Message {
-                kind: 2,
-                seq: 0,
-                payload: &[1]
-            }),
-            Err(_)
-        ));
+        let short = Message {
+            kind: NLMSG_ERROR,
+            seq: 0,
+            payload: &[1],
+        };
+        assert!(error_code(&short).is_err());
     }
 
     #[test]
