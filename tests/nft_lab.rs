@@ -517,7 +517,10 @@ fn map_on_router(lab: &Lab, proto: &str, port: u16) {
 fn relay_lab(forwards: Vec<Forward>) -> (Lab, Ruleset) {
     let lab = Lab::up(LAB_PREFIX);
     let lan = lab.ns("lan");
-    let off = in_netns(&lan, check_forwarding).expect_err("forwarding is off in a new namespace");
+    // A new namespace may inherit forwarding (net.core.devconf_inherit_init_net): turn it off.
+    let out = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    assert!(out.status.success(), "{out:?}");
+    let off = in_netns(&lan, check_forwarding).expect_err("forwarding is off");
     assert!(matches!(off, NftError::ForwardingDisabled), "{off:?}");
     let out = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     assert!(out.status.success(), "{out:?}");
@@ -663,4 +666,31 @@ fn an_open_tcp_connection_through_the_relay_survives_a_reapply() {
     drop(input);
     let status = client.wait().unwrap();
     assert!(status.success(), "client failed after re-apply");
+}
+
+/// 10,000 forwards take several netlink pages: they must still go in as one transaction, and
+/// a refusal on the last page must undo the first ones.
+#[test]
+fn ten_thousand_forwards_are_one_atomic_batch() {
+    const COUNT: u16 = 10_000;
+    let ns = Netns::new("hpf-t4");
+    let many: Vec<Forward> = (0..COUNT)
+        .map(|i| forward(Protocol::Tcp, 20_000 + i, 8000 + i % 1000))
+        .collect();
+    apply(&ns.0, &relay(many.clone())).expect("apply 10,000 forwards");
+    let held = in_netns(&ns.0, || NftFirewall.current()).unwrap();
+    assert_eq!(held.len(), usize::from(COUNT));
+    assert_eq!(held, many, "read back differs");
+    let listing = listed(&ns.0).unwrap();
+    assert_eq!(elements(&listing, "targets4").len(), usize::from(COUNT));
+
+    // Other forwards, plus a conflict at the very end of the batch.
+    let mut refused: Vec<Forward> = (0..COUNT)
+        .map(|i| forward(Protocol::Udp, 20_000 + i, 53))
+        .collect();
+    // Sorted last (apply sorts forwards), so the conflicting element is on the last page.
+    refused.push(forward(Protocol::Udp, 20_000 + COUNT - 1, 54));
+    let err = apply(&ns.0, &relay(refused)).expect_err("conflict on the last page");
+    assert!(matches!(err, NftError::Apply(_)), "{err:?}");
+    assert_eq!(in_netns(&ns.0, || NftFirewall.current()).unwrap(), many);
 }

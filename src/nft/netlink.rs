@@ -30,6 +30,10 @@ const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
 const NFGENMSG_BYTES: usize = 4;
 /// Attribute type bits without `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER`.
 const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `NLM_F_DUMP_INTR`: the object changed during the dump; its answer may be inconsistent.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+/// How often a dump is restarted after an interrupted one.
+const DUMP_TRIES: u32 = 3;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -59,6 +63,8 @@ pub enum NetlinkError {
     },
     #[error("the kernel answered a dump with an error: {0}")]
     Dump(#[source] io::Error),
+    #[error("the map changed {DUMP_TRIES} times while it was being read; try again")]
+    DumpInterrupted,
     #[error("a netlink answer from the kernel is malformed: {0}")]
     Decode(&'static str),
 }
@@ -70,6 +76,7 @@ pub(crate) type RawElement = (Vec<u8>, Vec<u8>);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Message<'a> {
     pub(crate) kind: u16,
+    pub(crate) flags: u16,
     pub(crate) seq: u32,
     pub(crate) payload: &'a [u8],
 }
@@ -96,6 +103,7 @@ pub(crate) fn messages(mut buf: &[u8]) -> Result<Vec<Message<'_>>, NetlinkError>
         }
         out.push(Message {
             kind: u16_at(buf, 4).ok_or(NetlinkError::Decode("header"))?,
+            flags: u16_at(buf, 6).ok_or(NetlinkError::Decode("header"))?,
             seq: u32_at(buf, 8).ok_or(NetlinkError::Decode("header"))?,
             payload: &buf[NLMSG_HEADER_BYTES..len],
         });
@@ -350,22 +358,37 @@ impl NetfilterSocket {
         table: &str,
         set: &str,
     ) -> Result<Option<Vec<RawElement>>, NetlinkError> {
-        const DUMP_SEQ: u32 = 1;
-        let request = get_elements_request(family, table, set, DUMP_SEQ);
-        self.socket.send(&request).map_err(NetlinkError::Send)?;
+        // NOTE: netlink(7): a dump that raced with a change carries NLM_F_DUMP_INTR; its
+        // answer may mix both states, so it is read again.
+        for seq in 1..=DUMP_TRIES {
+            let request = get_elements_request(family, table, set, seq);
+            self.socket.send(&request).map_err(NetlinkError::Send)?;
+            match self.read_dump(seq)? {
+                Dump::Interrupted => continue,
+                Dump::Missing => return Ok(None),
+                Dump::Elements(elements) => return Ok(Some(elements)),
+            }
+        }
+        Err(NetlinkError::DumpInterrupted)
+    }
+
+    fn read_dump(&mut self, seq: u32) -> Result<Dump, NetlinkError> {
         let mut out = Vec::new();
+        let mut interrupted = false;
         loop {
             let n = self.receive()?;
             for message in messages(&self.buffer[..n])? {
-                if message.seq != DUMP_SEQ {
+                if message.seq != seq {
                     continue;
                 }
+                interrupted |= message.flags & NLM_F_DUMP_INTR != 0;
                 match message.kind {
-                    NLMSG_DONE => return Ok(Some(out)),
+                    NLMSG_DONE if interrupted => return Ok(Dump::Interrupted),
+                    NLMSG_DONE => return Ok(Dump::Elements(out)),
                     NLMSG_ERROR => {
                         let code = error_code(&message)?;
                         if code == libc::ENOENT {
-                            return Ok(None);
+                            return Ok(Dump::Missing);
                         }
                         return Err(NetlinkError::Dump(io::Error::from_raw_os_error(code)));
                     }
@@ -374,6 +397,12 @@ impl NetfilterSocket {
             }
         }
     }
+}
+
+enum Dump {
+    Elements(Vec<RawElement>),
+    Missing,
+    Interrupted,
 }
 
 #[cfg(test)]
@@ -428,6 +457,7 @@ mod tests {
         ));
         let short = Message {
             kind: NLMSG_ERROR,
+            flags: 0,
             seq: 0,
             payload: &[1],
         };
