@@ -551,6 +551,35 @@ fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
         format!("{LAN_IP} hello udp")
     );
 
+    // Connections that another table DNATs on the relay host are not masqueraded (the rule
+    // is narrower than `ct status dnat masquerade`): the target answers the router's own
+    // address directly, which the UDP client accepts from any source.
+    for command in [
+        "add table ip other",
+        "add chain ip other pre { type nat hook prerouting priority -100 ; }",
+        "add rule ip other pre ip daddr 192.168.77.11 udp dport 8081 dnat to 192.168.77.100:8080",
+    ] {
+        let out = lab.exec("lan", &["nft", command]);
+        assert!(out.status.success(), "nft {command}: {out:?}");
+    }
+    let out = lab.exec(
+        "rtr",
+        &[
+            lab::python(),
+            "-c",
+            CLIENT,
+            "udp",
+            "192.168.77.11",
+            "8081",
+            "other",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "192.168.77.1 other"
+    );
+
     // Without holepunch's table the relay host has nothing on the port: the rules carried it.
     assert!(in_netns(&lab.ns("lan"), || NftFirewall.remove()).unwrap());
     let port = PORT.to_string();
