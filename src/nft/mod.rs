@@ -92,10 +92,11 @@ pub enum NftError {
          whitespace); set [exposure] wan_interface to the router's WAN interface, e.g. eth0"
     )]
     InterfaceName(String),
+    #[error("cannot talk to the kernel's nftables over netlink")]
+    Connect(#[source] NetlinkError),
     #[error(
-        "the kernel refused the holepunch nftables ruleset, nothing was changed (two forwards \
-         with the same protocol and port give 'File exists'; a kernel without nf_tables NAT \
-         gives 'No such file or directory')"
+        "the kernel did not apply table inet {TABLE_NAME}; the previous ruleset stays in place \
+         (a batch is all or nothing). 'File exists' means two forwards share a protocol and port"
     )]
     Apply(#[source] NetlinkError),
     #[error("cannot read table inet {TABLE_NAME} back from the kernel")]
@@ -107,6 +108,14 @@ pub enum NftError {
     Verify {
         expected: Vec<Forward>,
         found: Vec<Forward>,
+    },
+    #[error(
+        "table inet {TABLE_NAME} holds other rules than were applied (one per chain expected, \
+         by chain: expected {expected:?}, found {found:?}); is another program changing it?"
+    )]
+    VerifyRules {
+        expected: Vec<String>,
+        found: Vec<String>,
     },
     #[error("map {map} holds an element holepunch did not write (key {key:02x?})")]
     ForeignElement { map: &'static str, key: Vec<u8> },
@@ -130,11 +139,12 @@ pub struct NftFirewall;
 impl NftFirewall {
     /// One atomic batch: table `inet holepunch`, chains, rules, map elements = exactly
     /// `ruleset`. Re-applying the same ruleset does not disturb live connections (a single
-    /// transaction has no gap; conntrack keeps existing flows). Then reads the map back and
-    /// verifies it holds exactly the ruleset's forwards.
+    /// transaction has no gap; conntrack keeps existing flows). Then reads the map and the
+    /// rules back and verifies the map holds exactly the ruleset's forwards and each chain
+    /// its rules (their count; their expressions are checked by the tests against `nft -j`).
     pub fn apply(&self, ruleset: &Ruleset) -> Result<(), NftError> {
         let plan = plan(ruleset)?;
-        let mut socket = NetfilterSocket::open().map_err(NftError::Apply)?;
+        let mut socket = NetfilterSocket::open().map_err(NftError::Connect)?;
         socket
             .run_batch(&build_batch(&plan))
             .map_err(NftError::Apply)?;
@@ -145,6 +155,24 @@ impl NftFirewall {
         found.sort();
         if found != expected {
             return Err(NftError::Verify { expected, found });
+        }
+        let expected_rules: Vec<String> = plan
+            .chains
+            .iter()
+            .flat_map(|chain| {
+                let name = chain.name.to_string_lossy().into_owned();
+                std::iter::repeat_n(name, chain.rules.len())
+            })
+            .collect();
+        let found_rules = socket
+            .dump_rule_chains(libc::NFPROTO_INET as u8, TABLE_NAME)
+            .map_err(NftError::ReadBack)?
+            .unwrap_or_default();
+        if found_rules != expected_rules {
+            return Err(NftError::VerifyRules {
+                expected: expected_rules,
+                found: found_rules,
+            });
         }
         Ok(())
     }

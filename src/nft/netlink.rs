@@ -42,6 +42,8 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -178,19 +180,16 @@ fn push_attribute(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
     out.resize(align4(out.len()), 0);
 }
 
-/// A NFT_MSG_GETSETELEM dump request for `set` in `table` of `family`.
-pub(crate) fn get_elements_request(family: u8, table: &str, set: &str, seq: u32) -> Vec<u8> {
+/// A dump request of nf_tables message `msg` (`NFT_MSG_GET*`) with string attributes.
+fn dump_request(msg: i32, family: u8, attrs: &[(u16, &str)], seq: u32) -> Vec<u8> {
     let mut out = vec![0; NLMSG_HEADER_BYTES];
     out.extend_from_slice(&[family, libc::NFNETLINK_V0 as u8, 0, 0]);
-    for (kind, name) in [
-        (NFTA_SET_ELEM_LIST_TABLE, table),
-        (NFTA_SET_ELEM_LIST_SET, set),
-    ] {
+    for (kind, name) in attrs {
         let mut value = name.as_bytes().to_vec();
         value.push(0);
-        push_attribute(&mut out, kind, &value);
+        push_attribute(&mut out, *kind, &value);
     }
-    let kind = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | libc::NFT_MSG_GETSETELEM as u16;
+    let kind = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | msg as u16;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     let len = out.len() as u32;
     out[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -198,6 +197,38 @@ pub(crate) fn get_elements_request(family: u8, table: &str, set: &str, seq: u32)
     out[6..8].copy_from_slice(&flags.to_ne_bytes());
     out[8..12].copy_from_slice(&seq.to_ne_bytes());
     out
+}
+
+/// A NFT_MSG_GETSETELEM dump request for `set` in `table` of `family`.
+pub(crate) fn get_elements_request(family: u8, table: &str, set: &str, seq: u32) -> Vec<u8> {
+    let attrs = [
+        (NFTA_SET_ELEM_LIST_TABLE, table),
+        (NFTA_SET_ELEM_LIST_SET, set),
+    ];
+    dump_request(libc::NFT_MSG_GETSETELEM, family, &attrs, seq)
+}
+
+/// A NFT_MSG_GETRULE dump request for the rules of `table`.
+pub(crate) fn get_rules_request(family: u8, table: &str, seq: u32) -> Vec<u8> {
+    dump_request(
+        libc::NFT_MSG_GETRULE,
+        family,
+        &[(NFTA_RULE_TABLE, table)],
+        seq,
+    )
+}
+
+/// The chain a NEWRULE message (payload after the netlink header) belongs to.
+pub(crate) fn rule_chain(payload: &[u8]) -> Result<String, NetlinkError> {
+    let attrs = payload
+        .get(NFGENMSG_BYTES..)
+        .ok_or(NetlinkError::Decode("short rule message"))?;
+    let (_, name) = attributes(attrs)?
+        .into_iter()
+        .find(|(kind, _)| *kind == NFTA_RULE_CHAIN)
+        .ok_or(NetlinkError::Decode("rule without a chain"))?;
+    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+    Ok(String::from_utf8_lossy(name).into_owned())
 }
 
 /// A blocking netfilter netlink socket in the calling thread's network namespace.
@@ -358,15 +389,47 @@ impl NetfilterSocket {
         table: &str,
         set: &str,
     ) -> Result<Option<Vec<RawElement>>, NetlinkError> {
+        let Some(payloads) = self.dump(|seq| get_elements_request(family, table, set, seq))? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for payload in payloads {
+            out.extend(set_elements(&payload)?);
+        }
+        Ok(Some(out))
+    }
+
+    /// The chain of every rule in `table`, in order; `None` when the table does not exist.
+    pub(crate) fn dump_rule_chains(
+        &mut self,
+        family: u8,
+        table: &str,
+    ) -> Result<Option<Vec<String>>, NetlinkError> {
+        let Some(payloads) = self.dump(|seq| get_rules_request(family, table, seq))? else {
+            return Ok(None);
+        };
+        payloads
+            .iter()
+            .map(|p| rule_chain(p))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    /// The payloads of a dump's messages; `None` when the kernel answers ENOENT.
+    fn dump(
+        &mut self,
+        request: impl Fn(u32) -> Vec<u8>,
+    ) -> Result<Option<Vec<Vec<u8>>>, NetlinkError> {
         // NOTE: netlink(7): a dump that raced with a change carries NLM_F_DUMP_INTR; its
         // answer may mix both states, so it is read again.
         for seq in 1..=DUMP_TRIES {
-            let request = get_elements_request(family, table, set, seq);
-            self.socket.send(&request).map_err(NetlinkError::Send)?;
+            self.socket
+                .send(&request(seq))
+                .map_err(NetlinkError::Send)?;
             match self.read_dump(seq)? {
                 Dump::Interrupted => continue,
                 Dump::Missing => return Ok(None),
-                Dump::Elements(elements) => return Ok(Some(elements)),
+                Dump::Payloads(payloads) => return Ok(Some(payloads)),
             }
         }
         Err(NetlinkError::DumpInterrupted)
@@ -384,7 +447,7 @@ impl NetfilterSocket {
                 interrupted |= message.flags & NLM_F_DUMP_INTR != 0;
                 match message.kind {
                     NLMSG_DONE if interrupted => return Ok(Dump::Interrupted),
-                    NLMSG_DONE => return Ok(Dump::Elements(out)),
+                    NLMSG_DONE => return Ok(Dump::Payloads(out)),
                     NLMSG_ERROR => {
                         let code = error_code(&message)?;
                         if code == libc::ENOENT {
@@ -392,7 +455,7 @@ impl NetfilterSocket {
                         }
                         return Err(NetlinkError::Dump(io::Error::from_raw_os_error(code)));
                     }
-                    _ => out.extend(set_elements(message.payload)?),
+                    _ => out.push(message.payload.to_vec()),
                 }
             }
         }
@@ -400,7 +463,7 @@ impl NetfilterSocket {
 }
 
 enum Dump {
-    Elements(Vec<RawElement>),
+    Payloads(Vec<Vec<u8>>),
     Missing,
     Interrupted,
 }
@@ -485,6 +548,21 @@ mod tests {
                 vec![10, 0, 0, 1, 0x1f, 0x90, 0, 0]
             )]
         );
+    }
+
+    #[test]
+    fn a_rule_message_names_its_chain() {
+        let mut payload = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+        push_attribute(&mut payload, NFTA_RULE_TABLE, b"holepunch\0");
+        push_attribute(&mut payload, NFTA_RULE_CHAIN, b"prerouting\0");
+        assert_eq!(rule_chain(&payload).unwrap(), "prerouting");
+        assert!(matches!(
+            rule_chain(&payload[..4]),
+            Err(NetlinkError::Decode(_))
+        ));
+        let request = get_rules_request(1, "holepunch", 2);
+        let parsed = messages(&request).unwrap();
+        assert_eq!(parsed[0].kind, (10 << 8) | libc::NFT_MSG_GETRULE as u16);
     }
 
     #[test]
