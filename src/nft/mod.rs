@@ -9,8 +9,8 @@
 //! scripts do): packets see the old or the new ruleset, never a gap, and connections already
 //! NATed keep their conntrack entries. Other tables are never touched.
 //!
-//! Building blocks: [`expr`] (expressions with explicit registers), [`map`] (maps with data,
-//! which the nftnl crate lacks), [`netlink`] (one `sendmsg` per batch, every ack read).
+//! Building blocks: `expr` (expressions with explicit registers), `map` (maps with data,
+//! which the nftnl crate lacks), `netlink` (one `sendmsg` per batch, every ack read).
 
 mod expr;
 mod map;

@@ -1,9 +1,9 @@
 //! The netfilter netlink socket: sending one nftables batch and reading every acknowledgement,
-//! and dumping a map's elements.
+//! and dumping a map's elements and a table's rules.
 //!
 //! Follows netlink(7) and nfnetlink (`linux/netfilter/nfnetlink.h`, `nf_tables.h`). Replies
-//! are decoded here in safe Rust ([`messages`], [`set_elements`]) so the decoding is unit
-//! tested without a kernel; only the socket calls are `unsafe`.
+//! are decoded here in safe Rust (`messages`, `set_elements`, `rule_chain`), so the decoding
+//! is unit tested without a kernel; only the socket calls are `unsafe`.
 
 use std::collections::BTreeSet;
 use std::ffi::c_void;
