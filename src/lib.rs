@@ -10,6 +10,7 @@ pub mod desired;
 pub mod kube;
 pub mod logging;
 pub mod model;
+pub mod nft;
 pub mod plan;
 pub mod reconcile;
 pub mod router;

@@ -1,0 +1,595 @@
+//! Local nftables rules for the `relay` and `gateway` exposure modes (DESIGN.md, "How traffic
+//! flows"): one table, `inet holepunch`, owned by holepunch and written over netlink with
+//! nftnl + mnl (never by running `nft`).
+//!
+//! The data path is a map, as kube-proxy's nftables mode does it: one DNAT rule looks
+//! `address . protocol . port` up in a map, so a packet costs one lookup whatever the number
+//! of forwards. Every [`NftFirewall::apply`] is one atomic transaction that replaces the table
+//! with exactly the wanted ruleset (`add table; delete table; add table ...`, as `nft -f`
+//! scripts do): packets see the old or the new ruleset, never a gap, and connections already
+//! NATed keep their conntrack entries. Other tables are never touched.
+//!
+//! Building blocks: `expr` (expressions with explicit registers), `map` (maps with data,
+//! which the nftnl crate lacks), `netlink` (one `sendmsg` per batch, every ack read).
+
+mod expr;
+mod map;
+pub mod netlink;
+
+use std::ffi::CStr;
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
+
+use crate::model::{Endpoint, Protocol};
+use expr::{REG_1, REG32_00, RawExpr};
+use map::{GATEWAY_SHAPE, Map, MapShape, RELAY_SHAPE};
+use netlink::{NetfilterSocket, NetlinkError};
+
+/// The one table holepunch owns.
+pub const TABLE_NAME: &str = "holepunch";
+const TABLE: &CStr = c"holepunch";
+/// Relay map: `ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service`.
+pub const RELAY_MAP: &str = "targets4";
+/// Gateway map: `inet_proto . inet_service : ipv4_addr . inet_service`.
+pub const GATEWAY_MAP: &str = "gateway4";
+/// The conntrack mark bit set on connections holepunch DNATs in relay mode; only those are
+/// masqueraded, so the host's other forwarded traffic keeps its source address. Other bits
+/// of the mark are kept (`ct mark set ct mark | bit`).
+pub const RELAYED_CT_MARK: u32 = 0x0100_0000;
+/// Netfilter priorities `dstnat` and `srcnat` (NF_IP_PRI_NAT_DST / NF_IP_PRI_NAT_SRC).
+const PRIORITY_DSTNAT: i32 = -100;
+const PRIORITY_SRCNAT: i32 = 100;
+/// The longest interface name the kernel accepts (IFNAMSIZ without the NUL).
+const INTERFACE_NAME_MAX_BYTES: usize = 15;
+const MAP_ID: u32 = 1;
+const IP_FORWARD_PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// One forwarded port: packets for `protocol` `port` go to `target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Forward {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target: Endpoint,
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} -> {}", self.port, self.protocol, self.target)
+    }
+}
+
+/// What the table holds, for one exposure mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ruleset {
+    /// relay: DNAT lan_address:port -> target, masquerade only holepunch's own connections
+    Relay {
+        lan_address: Ipv4Addr,
+        forwards: Vec<Forward>,
+    },
+    /// gateway: DNAT on wan_interface, port -> target, client source address kept
+    Gateway {
+        wan_interface: String,
+        forwards: Vec<Forward>,
+    },
+}
+
+impl Ruleset {
+    pub fn forwards(&self) -> &[Forward] {
+        match self {
+            Ruleset::Relay { forwards, .. } | Ruleset::Gateway { forwards, .. } => forwards,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error(
+        "wan_interface {0:?} is not an interface name (1 to 15 bytes, no '/', ':' or \
+         whitespace); set [exposure] wan_interface to the router's WAN interface, e.g. eth0"
+    )]
+    InterfaceName(String),
+    #[error("cannot talk to the kernel's nftables over netlink")]
+    Connect(#[source] NetlinkError),
+    #[error(
+        "the kernel did not apply table inet {TABLE_NAME}; the previous ruleset stays in place \
+         (a batch is all or nothing). 'File exists' means two forwards share a protocol and port"
+    )]
+    Apply(#[source] NetlinkError),
+    #[error("cannot read table inet {TABLE_NAME} back from the kernel")]
+    ReadBack(#[source] NetlinkError),
+    #[error(
+        "table inet {TABLE_NAME} holds other forwards than were applied (expected {expected:?}, \
+         found {found:?}); is another program changing it?"
+    )]
+    Verify {
+        expected: Vec<Forward>,
+        found: Vec<Forward>,
+    },
+    #[error(
+        "table inet {TABLE_NAME} holds other rules than were applied (one per chain expected, \
+         by chain: expected {expected:?}, found {found:?}); is another program changing it?"
+    )]
+    VerifyRules {
+        expected: Vec<String>,
+        found: Vec<String>,
+    },
+    #[error("map {map} holds an element holepunch did not write (key {key:02x?})")]
+    ForeignElement { map: &'static str, key: Vec<u8> },
+    #[error("cannot delete table inet {TABLE_NAME}")]
+    Remove(#[source] NetlinkError),
+    #[error("cannot read {IP_FORWARD_PATH} to check IPv4 forwarding")]
+    ReadForwarding(#[source] io::Error),
+    #[error(
+        "IPv4 forwarding is off, so relay and gateway cannot forward traffic: set \
+         net.ipv4.ip_forward=1 (sysctl -w net.ipv4.ip_forward=1, and in /etc/sysctl.d/ to keep \
+         it across reboots)"
+    )]
+    ForwardingDisabled,
+}
+
+/// The nftables firewall of this host's (the calling thread's) network namespace.
+/// Synchronous: netlink sockets block; call it from `spawn_blocking`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NftFirewall;
+
+impl NftFirewall {
+    /// One atomic batch: table `inet holepunch`, chains, rules, map elements = exactly
+    /// `ruleset`. Re-applying the same ruleset does not disturb live connections (a single
+    /// transaction has no gap; conntrack keeps existing flows). Then reads the map and the
+    /// rules back and verifies the map holds exactly the ruleset's forwards and each chain
+    /// its rules (their count; their expressions are checked by the tests against `nft -j`).
+    pub fn apply(&self, ruleset: &Ruleset) -> Result<(), NftError> {
+        let plan = plan(ruleset)?;
+        let mut socket = NetfilterSocket::open().map_err(NftError::Connect)?;
+        socket
+            .run_batch(&build_batch(&plan))
+            .map_err(NftError::Apply)?;
+        let mut expected: Vec<Forward> = ruleset.forwards().to_vec();
+        expected.sort();
+        expected.dedup();
+        let mut found = read_map(&mut socket, plan.map)?.unwrap_or_default();
+        found.sort();
+        if found != expected {
+            return Err(NftError::Verify { expected, found });
+        }
+        let expected_rules: Vec<String> = plan
+            .chains
+            .iter()
+            .flat_map(|chain| {
+                let name = chain.name.to_string_lossy().into_owned();
+                std::iter::repeat_n(name, chain.rules.len())
+            })
+            .collect();
+        let found_rules = socket
+            .dump_rule_chains(libc::NFPROTO_INET as u8, TABLE_NAME)
+            .map_err(NftError::ReadBack)?
+            .unwrap_or_default();
+        if found_rules != expected_rules {
+            return Err(NftError::VerifyRules {
+                expected: expected_rules,
+                found: found_rules,
+            });
+        }
+        Ok(())
+    }
+
+    /// The forwards the kernel holds now in holepunch's maps (read back over netlink), sorted.
+    /// Empty when the table does not exist.
+    pub fn current(&self) -> Result<Vec<Forward>, NftError> {
+        let mut socket = NetfilterSocket::open().map_err(NftError::ReadBack)?;
+        let mut forwards = Vec::new();
+        for kind in [MapKind::Relay, MapKind::Gateway] {
+            forwards.extend(read_map(&mut socket, kind)?.unwrap_or_default());
+        }
+        forwards.sort();
+        Ok(forwards)
+    }
+
+    /// Delete table inet holepunch (absent = Ok(false)). Other tables are never touched.
+    pub fn remove(&self) -> Result<bool, NftError> {
+        let table = Table::new(TABLE, ProtoFamily::Inet);
+        let mut batch = Batch::new();
+        batch.add(&table, MsgType::Del);
+        let mut socket = NetfilterSocket::open().map_err(NftError::Remove)?;
+        match socket.run_batch(&batch.finalize()) {
+            Ok(()) => Ok(true),
+            Err(NetlinkError::Refused { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(NftError::Remove(err)),
+        }
+    }
+}
+
+/// ip_forward check for relay/gateway: a clear error saying which sysctl to set.
+pub fn check_forwarding() -> Result<(), NftError> {
+    forwarding_enabled(Path::new(IP_FORWARD_PATH))
+}
+
+fn forwarding_enabled(path: &Path) -> Result<(), NftError> {
+    let value = std::fs::read_to_string(path).map_err(NftError::ReadForwarding)?;
+    if value.trim() == "1" {
+        Ok(())
+    } else {
+        Err(NftError::ForwardingDisabled)
+    }
+}
+
+/// Which of holepunch's maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MapKind {
+    Relay,
+    Gateway,
+}
+
+impl MapKind {
+    fn name(self) -> &'static str {
+        match self {
+            MapKind::Relay => RELAY_MAP,
+            MapKind::Gateway => GATEWAY_MAP,
+        }
+    }
+
+    fn c_name(self) -> &'static CStr {
+        match self {
+            MapKind::Relay => c"targets4",
+            MapKind::Gateway => c"gateway4",
+        }
+    }
+
+    fn shape(self) -> MapShape {
+        match self {
+            MapKind::Relay => RELAY_SHAPE,
+            MapKind::Gateway => GATEWAY_SHAPE,
+        }
+    }
+}
+
+fn read_map(socket: &mut NetfilterSocket, kind: MapKind) -> Result<Option<Vec<Forward>>, NftError> {
+    let family = libc::NFPROTO_INET as u8;
+    let Some(elements) = socket
+        .dump_elements(family, TABLE_NAME, kind.name())
+        .map_err(NftError::ReadBack)?
+    else {
+        return Ok(None);
+    };
+    elements
+        .into_iter()
+        .map(|(key, data)| {
+            decode_element(kind, &key, &data).ok_or(NftError::ForeignElement {
+                map: kind.name(),
+                key,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn decode_element(kind: MapKind, key: &[u8], data: &[u8]) -> Option<Forward> {
+    let (protocol, port) = match kind {
+        MapKind::Relay => map::decode_relay_key(key).map(|(_, protocol, port)| (protocol, port))?,
+        MapKind::Gateway => map::decode_gateway_key(key)?,
+    };
+    let (address, target_port) = map::decode_target(data)?;
+    Some(Forward {
+        protocol,
+        port,
+        target: Endpoint::new(address, target_port),
+    })
+}
+
+/// A base chain and its rules, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChainPlan {
+    name: &'static CStr,
+    hook: Hook,
+    priority: i32,
+    rules: Vec<Vec<RawExpr>>,
+}
+
+/// Everything the table will hold, as data: the pure half of [`NftFirewall::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TablePlan {
+    map: MapKind,
+    elements: Vec<(Vec<u8>, Vec<u8>)>,
+    chains: Vec<ChainPlan>,
+}
+
+const R0: u32 = REG32_00;
+const R1: u32 = REG32_00 + 1;
+const R2: u32 = REG32_00 + 2;
+const R4: u32 = REG32_00 + 4;
+
+fn nfproto_ipv4() -> [RawExpr; 2] {
+    [
+        expr::meta(libc::NFT_META_NFPROTO, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV4 as u8]),
+    ]
+}
+
+/// `th dport`: TCP and UDP both carry the destination port at offset 2.
+fn transport_dport(dreg: u32) -> RawExpr {
+    expr::payload(libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, dreg)
+}
+
+fn plan(ruleset: &Ruleset) -> Result<TablePlan, NftError> {
+    let mut forwards = ruleset.forwards().to_vec();
+    forwards.sort();
+    forwards.dedup();
+    match ruleset {
+        Ruleset::Relay { lan_address, .. } => {
+            let kind = MapKind::Relay;
+            let elements = forwards
+                .iter()
+                .map(|f| {
+                    let key = map::relay_key(*lan_address, f.protocol, f.port);
+                    (key, map::target_data(f.target.address, f.target.port))
+                })
+                .collect();
+            // ip daddr . meta l4proto . th dport -> R0..R2; found: addr -> R0, port -> R1
+            let mut dnat: Vec<RawExpr> = nfproto_ipv4().into();
+            dnat.extend([
+                expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 16, 4, R0),
+                expr::meta(libc::NFT_META_L4PROTO, R1),
+                transport_dport(R2),
+                expr::map_lookup(kind.c_name(), MAP_ID, R0, R0),
+                // NOTE: nft 1.0.6 lists this rule as `ct mark set ct mark | 0x01000000 dnat
+                // ip to ... map @targets4`, but the mark is set only after the lookup found
+                // the key (a miss ends the rule), and before the DNAT, which is terminal.
+                expr::ct_load(libc::NFT_CT_MARK, R4),
+                expr::bitwise(
+                    R4,
+                    &(!RELAYED_CT_MARK).to_ne_bytes(),
+                    &RELAYED_CT_MARK.to_ne_bytes(),
+                ),
+                expr::ct_set(libc::NFT_CT_MARK, R4),
+                expr::dnat_ipv4(R0, R1),
+            ]);
+            let masquerade = vec![
+                expr::ct_load(libc::NFT_CT_MARK, REG_1),
+                expr::bitwise(REG_1, &RELAYED_CT_MARK.to_ne_bytes(), &[0; 4]),
+                expr::cmp(libc::NFT_CMP_NEQ, REG_1, &[0; 4]),
+                expr::masquerade(),
+            ];
+            Ok(TablePlan {
+                map: kind,
+                elements,
+                chains: vec![
+                    ChainPlan {
+                        name: c"prerouting",
+                        hook: Hook::PreRouting,
+                        priority: PRIORITY_DSTNAT,
+                        rules: vec![dnat],
+                    },
+                    ChainPlan {
+                        name: c"postrouting",
+                        hook: Hook::PostRouting,
+                        priority: PRIORITY_SRCNAT,
+                        rules: vec![masquerade],
+                    },
+                ],
+            })
+        }
+        Ruleset::Gateway { wan_interface, .. } => {
+            let name = interface_name(wan_interface)?;
+            let kind = MapKind::Gateway;
+            let elements = forwards
+                .iter()
+                .map(|f| {
+                    let key = map::gateway_key(f.protocol, f.port);
+                    (key, map::target_data(f.target.address, f.target.port))
+                })
+                .collect();
+            let mut dnat = vec![
+                expr::meta(libc::NFT_META_IIFNAME, REG_1),
+                expr::cmp(libc::NFT_CMP_EQ, REG_1, &name),
+            ];
+            dnat.extend(nfproto_ipv4());
+            dnat.extend([
+                expr::meta(libc::NFT_META_L4PROTO, R0),
+                transport_dport(R1),
+                expr::map_lookup(kind.c_name(), MAP_ID, R0, R0),
+                expr::dnat_ipv4(R0, R1),
+            ]);
+            Ok(TablePlan {
+                map: kind,
+                elements,
+                chains: vec![ChainPlan {
+                    name: c"prerouting",
+                    hook: Hook::PreRouting,
+                    priority: PRIORITY_DSTNAT,
+                    rules: vec![dnat],
+                }],
+            })
+        }
+    }
+}
+
+/// The interface name as `meta iifname` holds it: zero-padded to IFNAMSIZ.
+fn interface_name(name: &str) -> Result<[u8; INTERFACE_NAME_MAX_BYTES + 1], NftError> {
+    let valid = !name.is_empty()
+        && name.len() <= INTERFACE_NAME_MAX_BYTES
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
+    if !valid {
+        return Err(NftError::InterfaceName(name.to_owned()));
+    }
+    let mut out = [0u8; INTERFACE_NAME_MAX_BYTES + 1];
+    out[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(out)
+}
+
+/// The batch for a plan: the table is created if missing, deleted, and created again with
+/// everything in it, all in one transaction.
+fn build_batch(plan: &TablePlan) -> nftnl::FinalizedBatch {
+    let table = Table::new(TABLE, ProtoFamily::Inet);
+    let mut batch = Batch::new();
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    batch.add(&table, MsgType::Add);
+
+    let mut map = Map::new(plan.map.c_name(), MAP_ID, &table, plan.map.shape());
+    for (key, data) in &plan.elements {
+        map.add(key, data);
+    }
+    batch.add(&map, MsgType::Add);
+    map.add_elements_to(&mut batch);
+
+    for chain_plan in &plan.chains {
+        let mut chain = Chain::new(chain_plan.name, &table);
+        chain.set_type(ChainType::Nat);
+        chain.set_hook(chain_plan.hook, chain_plan.priority);
+        chain.set_policy(Policy::Accept);
+        batch.add(&chain, MsgType::Add);
+        for exprs in &chain_plan.rules {
+            let mut rule = Rule::new(&chain);
+            for e in exprs {
+                rule.add_expr(e);
+            }
+            batch.add(&rule, MsgType::Add);
+        }
+    }
+    batch.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nftnl::nftnl_sys as sys;
+
+    fn forward(protocol: Protocol, port: u16, target: [u8; 4], target_port: u16) -> Forward {
+        Forward {
+            protocol,
+            port,
+            target: Endpoint::new(Ipv4Addr::from(target), target_port),
+        }
+    }
+
+    fn relay(forwards: Vec<Forward>) -> Ruleset {
+        Ruleset::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 77, 10),
+            forwards,
+        }
+    }
+
+    #[test]
+    fn relay_plan_has_one_element_per_forward_and_drops_exact_duplicates() {
+        let web = forward(Protocol::Tcp, 30080, [192, 168, 77, 100], 8080);
+        let dns = forward(Protocol::Udp, 30053, [192, 168, 77, 100], 53);
+        let plan = plan(&relay(vec![web, dns, web])).unwrap();
+        assert_eq!(plan.map, MapKind::Relay);
+        assert_eq!(plan.elements.len(), 2);
+        let decoded: Vec<_> = plan
+            .elements
+            .iter()
+            .map(|(k, d)| decode_element(MapKind::Relay, k, d).unwrap())
+            .collect();
+        assert_eq!(decoded, vec![web, dns]);
+    }
+
+    #[test]
+    fn relay_dnat_looks_up_a_concatenated_key_and_marks_before_nat() {
+        let plan = plan(&relay(vec![])).unwrap();
+        let names: Vec<_> = plan
+            .chains
+            .iter()
+            .map(|c| (c.name, c.hook, c.priority))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (c"prerouting", Hook::PreRouting, -100),
+                (c"postrouting", Hook::PostRouting, 100)
+            ]
+        );
+        let dnat = &plan.chains[0].rules[0];
+        let kinds: Vec<_> = dnat.iter().map(|e| e.name.to_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "meta", "cmp", "payload", "meta", "payload", "lookup", "ct", "bitwise", "ct", "nat"
+            ]
+        );
+        // The key parts sit in consecutive 32-bit registers, where the lookup reads them.
+        assert_eq!(dnat[2].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R0));
+        assert_eq!(dnat[3].u32_attr(sys::NFTNL_EXPR_META_DREG), Some(R1));
+        assert_eq!(dnat[4].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R2));
+        assert_eq!(dnat[5].u32_attr(sys::NFTNL_EXPR_LOOKUP_SREG), Some(R0));
+        // The found address and port are where the DNAT takes them from.
+        assert_eq!(dnat[5].u32_attr(sys::NFTNL_EXPR_LOOKUP_DREG), Some(R0));
+        assert_eq!(dnat[9].u32_attr(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), Some(R0));
+        assert_eq!(
+            dnat[9].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
+            Some(R1)
+        );
+        // The mark is set in a register the key and the data do not use.
+        assert_eq!(dnat[8].u32_attr(sys::NFTNL_EXPR_CT_SREG), Some(R4));
+        let masquerade = &plan.chains[1].rules[0];
+        assert_eq!(masquerade.last().unwrap().name, c"masq");
+    }
+
+    #[test]
+    fn gateway_matches_the_interface_and_keys_on_protocol_and_port() {
+        let rules = Ruleset::Gateway {
+            wan_interface: "rwan".into(),
+            forwards: vec![forward(Protocol::Udp, 5000, [10, 0, 0, 2], 5001)],
+        };
+        let plan = plan(&rules).unwrap();
+        assert_eq!(plan.map, MapKind::Gateway);
+        assert_eq!(
+            plan.chains.len(),
+            1,
+            "no masquerade: the client address is kept"
+        );
+        let dnat = &plan.chains[0].rules[0];
+        assert_eq!(
+            dnat[1].attrs[2],
+            expr::Attr::Bytes(
+                sys::NFTNL_EXPR_CMP_DATA,
+                b"rwan\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()
+            )
+        );
+        let (key, data) = &plan.elements[0];
+        assert_eq!(
+            decode_element(MapKind::Gateway, key, data),
+            Some(forward(Protocol::Udp, 5000, [10, 0, 0, 2], 5001))
+        );
+    }
+
+    #[test]
+    fn bad_interface_names_are_refused_before_anything_is_sent() {
+        for name in ["", "a-very-long-interface0", "eth0/1", "wan 0", ".."] {
+            let rules = Ruleset::Gateway {
+                wan_interface: name.into(),
+                forwards: vec![],
+            };
+            assert!(
+                matches!(plan(&rules), Err(NftError::InterfaceName(n)) if n == name),
+                "{name:?}"
+            );
+        }
+        assert!(interface_name("enp3s0f1.100").is_ok());
+    }
+
+    #[test]
+    fn forwarding_check_reads_the_sysctl_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ip_forward");
+        std::fs::write(&path, "1\n").unwrap();
+        assert!(forwarding_enabled(&path).is_ok());
+        std::fs::write(&path, "0\n").unwrap();
+        let err = forwarding_enabled(&path).unwrap_err();
+        assert!(err.to_string().contains("net.ipv4.ip_forward=1"), "{err}");
+        let missing = forwarding_enabled(&dir.path().join("absent")).unwrap_err();
+        assert!(matches!(missing, NftError::ReadForwarding(_)));
+    }
+}
