@@ -7,20 +7,17 @@
 //! host `hpf-lan`, the target server on 192.168.77.100 in `hpf-node`, the internet client in
 //! `hpf-wan`. Needs root.
 
-#[allow(dead_code)]
 #[path = "support/lab.rs"]
 mod lab;
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use holepunch::model::{Endpoint, Protocol};
 use holepunch::nft::{Forward, NftError, NftFirewall, Ruleset, check_forwarding};
-use lab::{LAN_IP, Lab, ROUTER_WAN_IP, WAN_CLIENT_IP};
+use lab::{LAN_IP, Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::Value;
 
 const LAB_PREFIX: &str = "hpf-";
@@ -82,22 +79,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
     }
-}
-
-/// Run `f` on a thread that has joined network namespace `ns`.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(format!("/run/netns/{ns}")).expect("namespace file");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: `file` is an open namespace file; setns changes only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("namespace thread")
-    })
 }
 
 fn forward(protocol: Protocol, port: u16, target_port: u16) -> Forward {

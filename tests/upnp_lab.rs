@@ -5,7 +5,6 @@
 //! real TCP and UDP from the WAN namespace through the router's NAT. Needs root.
 
 #[path = "support/lab.rs"]
-#[allow(dead_code)]
 mod lab;
 
 use std::io::{BufRead, BufReader, Read};
