@@ -378,6 +378,16 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         }
     }
     println!("removed {unmapped} mappings, {} left", state.mappings.len());
+    match crate::nft::NftFirewall.remove() {
+        Ok(true) => println!("removed the nftables table inet {}", crate::nft::TABLE_NAME),
+        Ok(false) => {}
+        Err(e) => {
+            return Err(Failure::new(
+                EXIT_OTHER,
+                anyhow::anyhow!("cannot remove the nftables table: {e}"),
+            ));
+        }
+    }
     if !state.mappings.is_empty() {
         return Err(Failure::new(
             EXIT_UNREACHABLE,

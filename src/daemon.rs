@@ -27,6 +27,7 @@ use crate::desired::desired;
 use crate::kube::events::{self, EventPublisher};
 use crate::kube::status;
 use crate::model::{Backend, MappingKey, Problem};
+use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
 use crate::reconcile;
 use crate::router::announce::{AnnounceListener, Announcement};
@@ -82,6 +83,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .ok()
         });
         let mut last_announced_restore: Option<tokio::time::Instant> = None;
+        let mut firewall = LocalRules::default();
+        if forwarding != Forwarding::Direct
+            && let Err(e) = nft::check_forwarding()
+        {
+            tracing::error!("{e}");
+        }
 
         // The cluster: wait for a usable kubeconfig without crash-looping.
         let client = loop {
@@ -260,6 +267,17 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 now,
             )
             .await;
+            let check_rules = firewall.last_check.is_none_or(|at| at.elapsed() >= verify);
+            firewall
+                .sync(
+                    Ruleset::for_state(
+                        forwarding,
+                        config.exposure.wan_interface.as_deref(),
+                        &state,
+                    ),
+                    check_rules,
+                )
+                .await;
             let problems: Vec<Problem> = wanted
                 .problems
                 .iter()
@@ -273,7 +291,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             next_due =
                 crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
             if router.take_restart() {
-                let lost = state.unconfirm(|r| r.backend == backend);
+                // What was granted in this pass already lives in the new epoch.
+                let lost = state
+                    .unconfirm(|r| r.backend == backend && r.granted_at.is_none_or(|at| at < now));
                 tracing::warn!(mappings = lost, %backend,
                     "the router restarted and lost its mappings; restoring them on the same ports");
                 next_due = Some(jiff::Timestamp::now());
@@ -288,6 +308,77 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 reported.len()
             ));
             mark_ready(&mut ready_sent, up);
+        }
+    }
+}
+
+/// holepunch's nftables table, kept equal to the mappings in the state: applied when they
+/// change, and every verify interval read back and re-applied if someone changed it.
+#[derive(Default)]
+struct LocalRules {
+    /// What was last applied; `None` until the first apply succeeds (or after a failure).
+    applied: Option<Option<Ruleset>>,
+    last_check: Option<tokio::time::Instant>,
+}
+
+impl LocalRules {
+    async fn sync(&mut self, wanted: Option<Ruleset>, check: bool) {
+        if check {
+            self.last_check = Some(tokio::time::Instant::now());
+        }
+        if self.applied.as_ref() == Some(&wanted) {
+            if !check {
+                return;
+            }
+            let expected: Vec<Forward> = wanted
+                .as_ref()
+                .map(|r| {
+                    let mut forwards = r.forwards().to_vec();
+                    forwards.sort();
+                    forwards
+                })
+                .unwrap_or_default();
+            match tokio::task::spawn_blocking(|| NftFirewall.current()).await {
+                Ok(Ok(current)) if current == expected => return,
+                Ok(Ok(current)) => tracing::warn!(
+                    expected = expected.len(),
+                    found = current.len(),
+                    "the nftables table changed underneath holepunch; applying it again"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the nftables table back; applying it again")
+                }
+                Err(e) => tracing::warn!(error = %e, "nftables check did not finish"),
+            }
+        }
+        let ruleset = wanted.clone();
+        let result = tokio::task::spawn_blocking(move || match &ruleset {
+            Some(ruleset) => NftFirewall.apply(ruleset).map(|()| true),
+            None => NftFirewall.remove(),
+        })
+        .await;
+        match result {
+            Ok(Ok(changed)) => {
+                match &wanted {
+                    Some(ruleset) => tracing::info!(
+                        forwards = ruleset.forwards().len(),
+                        "nftables table applied"
+                    ),
+                    None if changed => tracing::info!(
+                        "nftables table removed (this exposure mode needs no local rules)"
+                    ),
+                    None => {}
+                }
+                self.applied = Some(wanted);
+            }
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                self.applied = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "nftables update did not finish");
+                self.applied = None;
+            }
         }
     }
 }

@@ -62,6 +62,14 @@ async fn annotating_publishes_and_unannotating_or_deleting_unpublishes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = fake.write_kubeconfig(dir.path());
     let config = test_config(dir.path(), Some(&kubeconfig));
+    // Direct mode: this test runs in the machine's own network namespace, where holepunch
+    // must not install relay rules (tests/daemon_lab.rs covers relay inside the lab).
+    let body = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(
+        &config,
+        body.replace("[exposure]\n", "[exposure]\nmode = \"direct\"\n"),
+    )
+    .expect("write config");
     fake.apply_object(json!({
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
         "status": {

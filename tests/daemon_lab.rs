@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json, text};
 use fake_api::FakeApi;
-use lab::{Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
 
 const PREFIX: &str = "hpd-";
@@ -71,11 +71,11 @@ fn forwards_of(lab: &Lab, port: u16) -> Vec<String> {
         .collect()
 }
 
-fn config(dir: &Path, kubeconfig: &Path, mode: &str) -> std::path::PathBuf {
+fn config(dir: &Path, kubeconfig: &Path, mode: &str, backend: &str) -> std::path::PathBuf {
     let path = dir.join("holepunch.toml");
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
-         [router]\nbackend = \"auto\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
+         [router]\nbackend = \"{backend}\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
          [exposure]\nmode = \"{mode}\"\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
@@ -143,7 +143,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             .expect("runtime");
         let fake = runtime.block_on(FakeApi::start());
         let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig, "direct");
+        let config = config(dir, &kubeconfig, "direct", "auto");
         load_balancer_service(&fake);
         own_class_service(&fake);
         let daemon = Daemon::start(&config);
@@ -298,5 +298,212 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
         );
         drop(fake);
         runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
+
+/// The cluster and the daemon, inside the lab's LAN namespace: `body` gets the fake API, the
+/// kubeconfig, the config path and the running daemon.
+fn with_daemon_in_lan(
+    lab: &Lab,
+    mode: &str,
+    backend: &str,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = config(dir, &kubeconfig, mode, backend);
+        let daemon = Daemon::start(&config);
+        body(&fake, &kubeconfig, &config, &daemon);
+        drop(daemon);
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
+
+/// The nft table holepunch keeps in namespace `ns`, as `nft list` prints it.
+fn holepunch_table(lab: &Lab, ns: &str) -> String {
+    text(
+        &lab.exec(ns, &["nft", "list", "table", "inet", "holepunch"])
+            .stdout,
+    )
+}
+
+/// Relay mode, the default, with NAT-PMP: the router maps to this host, holepunch's nftables
+/// rules carry the traffic on to the LoadBalancer IP. With the announcement port blocked, a
+/// router restart is noticed by the epoch (RFC 6886 §3.6) at the next verify, and the
+/// mappings come back on the same ports.
+#[test]
+fn relay_mode_through_natpmp_and_nftables_recovers_by_the_epoch() {
+    let lab = Lab::up(PREFIX);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let sysctl = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    // No announcements reach the daemon: only the epoch check can see the restart.
+    let block = lab.exec(
+        "lan",
+        &["nft", "add table inet block; add chain inet block input { type filter hook input priority 0; udp dport 5350 drop; }"],
+    );
+    assert!(block.status.success(), "{block:?}");
+
+    with_daemon_in_lan(
+        &lab,
+        "relay",
+        "natpmp",
+        |fake, kubeconfig, config, daemon| {
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "TCP through the relay",
+                Duration::from_secs(20),
+                || {
+                    lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "relay")
+                        .is_some()
+                },
+            );
+            // Relayed: the target sees this host (masquerade), not the internet client.
+            assert_eq!(
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "relay")
+                    .as_deref(),
+                Some(format!("{LAN_IP} relay").as_str())
+            );
+            assert_eq!(
+                lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "voice")
+                    .as_deref(),
+                Some(format!("{LAN_IP} voice").as_str())
+            );
+            let table = holepunch_table(&lab, "lan");
+            assert!(
+                table.contains(&format!("{LAN_IP} . tcp . 8080 : {LB_IP} . 8080")),
+                "{table}"
+            );
+            let backends: Vec<String> = status_json(config)["mappings"]
+                .as_array()
+                .expect("mappings")
+                .iter()
+                .map(|m| m["backend"].as_str().unwrap_or("").to_owned())
+                .collect();
+            assert_eq!(backends, ["natpmp", "natpmp"]);
+
+            // RFC 6886 §3.6 tells a restart from the epoch only when the new epoch is behind
+            // what the old one would be by now (with 2 s of slack): give the lab's router, up
+            // for a second or two, the uptime a real one has.
+            std::thread::sleep(Duration::from_secs(6));
+            let restarted = Instant::now();
+            lab.restart_router();
+            wait_until(
+                daemon,
+                "the epoch check to restore both mappings",
+                Duration::from_secs(15),
+                || {
+                    daemon.log().matches("reconcile: restored").count() == 2
+                        && forwards_of(&lab, 8080).len() == 2
+                },
+            );
+            eprintln!(
+                "NAT-PMP router restart -> restored {:?} after it began (verify interval 5 s)",
+                restarted.elapsed()
+            );
+            assert_eq!(
+                lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "back")
+                    .as_deref(),
+                Some(format!("{LAN_IP} back").as_str())
+            );
+            assert!(
+                !daemon.log().contains("announced"),
+                "announcements were blocked"
+            );
+
+            kubectl(kubeconfig, &["delete", "svc", "game"]);
+            wait_until(
+                daemon,
+                "mappings and rules to go",
+                Duration::from_secs(20),
+                || {
+                    forwards_of(&lab, 8080).is_empty()
+                        && !holepunch_table(&lab, "lan").contains(&format!("{LAN_IP} . tcp"))
+                },
+            );
+            assert_eq!(lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "late"), None);
+        },
+    );
+}
+
+/// Relay mode with UPnP: found by SSDP, verified with GetSpecificPortMappingEntry every
+/// verify interval; what a router restart lost comes back on the same port, once.
+#[test]
+fn relay_mode_through_upnp_restores_what_the_router_lost() {
+    let lab = Lab::up(PREFIX);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let sysctl = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(sysctl.status.success(), "{sysctl:?}");
+
+    with_daemon_in_lan(&lab, "relay", "upnp", |fake, kubeconfig, config, daemon| {
+        load_balancer_service(fake);
+        kubectl(
+            kubeconfig,
+            &["annotate", "svc", "game", "holepunch/punch-external=true"],
+        );
+        wait_until(
+            daemon,
+            "TCP through the relay",
+            Duration::from_secs(20),
+            || lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "upnp").is_some(),
+        );
+        assert_eq!(
+            lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "voice")
+                .as_deref(),
+            Some(format!("{LAN_IP} voice").as_str())
+        );
+        let status = status_json(config);
+        assert_eq!(status["mappings"][0]["backend"], "upnp", "{status}");
+        assert_eq!(
+            status["mappings"][0]["external_address"], ROUTER_WAN_IP,
+            "{status}"
+        );
+
+        lab.restart_router();
+        let restarted = Instant::now();
+        wait_until(
+            daemon,
+            "the verify to restore both mappings",
+            Duration::from_secs(15),
+            || {
+                daemon.log().matches("reconcile: restored").count() == 2
+                    && forwards_of(&lab, 8080).len() == 2
+            },
+        );
+        eprintln!(
+            "UPnP router restart -> restored {:?} after it (verify interval 5 s)",
+            restarted.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(
+            forwards_of(&lab, 8080).len(),
+            2,
+            "no duplicates: {}",
+            lab.router_forwards()
+        );
+        assert_eq!(
+            daemon.log().matches("reconcile: restored").count(),
+            2,
+            "restored once"
+        );
+        assert_eq!(
+            lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "again")
+                .as_deref(),
+            Some(format!("{LAN_IP} again").as_str())
+        );
     });
 }

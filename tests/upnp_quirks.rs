@@ -352,6 +352,8 @@ async fn delete_answering_714_is_success() {
         [
             "GetSpecificPortMappingEntry",
             "AddPortMapping",
+            // The first grant learns the external address (cached afterwards).
+            "GetExternalIPAddress",
             "GetSpecificPortMappingEntry",
             "DeletePortMapping"
         ]

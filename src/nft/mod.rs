@@ -25,6 +25,8 @@ use std::path::Path;
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
 use crate::model::{Endpoint, Protocol};
+use crate::plan::Forwarding;
+use crate::state::{MappingRecord, State};
 use expr::{REG_1, REG32_00, RawExpr};
 use map::{GATEWAY_SHAPE, Map, MapShape, RELAY_SHAPE};
 use netlink::{NetfilterSocket, NetlinkError};
@@ -78,6 +80,41 @@ pub enum Ruleset {
 }
 
 impl Ruleset {
+    /// What the table must hold for the mappings recorded in `state`, in the exposure mode
+    /// `forwarding`: relay forwards this host's port (the router's mapping lands there) to the
+    /// target, gateway forwards the external port arriving on `wan_interface`. `None` in
+    /// direct mode, which needs no local rules.
+    pub fn for_state(
+        forwarding: Forwarding,
+        wan_interface: Option<&str>,
+        state: &State,
+    ) -> Option<Ruleset> {
+        let forward = |record: &MappingRecord, port| Forward {
+            protocol: record.protocol,
+            port,
+            target: record.target,
+        };
+        match forwarding {
+            Forwarding::Direct => None,
+            Forwarding::Relay { lan_address } => Some(Ruleset::Relay {
+                lan_address,
+                forwards: state
+                    .mappings
+                    .values()
+                    .map(|r| forward(r, r.internal.port))
+                    .collect(),
+            }),
+            Forwarding::Gateway => Some(Ruleset::Gateway {
+                wan_interface: wan_interface.unwrap_or_default().to_owned(),
+                forwards: state
+                    .mappings
+                    .values()
+                    .map(|r| forward(r, r.external_port))
+                    .collect(),
+            }),
+        }
+    }
+
     pub fn forwards(&self) -> &[Forward] {
         match self {
             Ruleset::Relay { forwards, .. } | Ruleset::Gateway { forwards, .. } => forwards,
