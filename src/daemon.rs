@@ -33,7 +33,7 @@ use crate::reconcile;
 use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
-use crate::router::{NoRouter, PortMapper};
+use crate::router::{NoRouter, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
 /// After restoring on a router's announcement, further announcements within this window
@@ -496,7 +496,30 @@ async fn check_router(router: &mut Router, state: &mut State) {
         .filter(|r| r.backend == backend && r.status == MappingStatus::Active)
         .collect();
     let asked = granted.len();
-    match router.lost(&granted).await {
+    let waiting = state.mappings.values().any(|r| {
+        r.backend == backend
+            && r.last_error
+                .as_deref()
+                .is_some_and(RouterError::was_unreachable)
+    });
+    if granted.is_empty() && !waiting {
+        return;
+    }
+    // One request even with nothing granted: it tells whether the router answers again.
+    let result = router.lost(&granted).await;
+    if result.is_ok() {
+        // The router answers: what failed because it did not need not wait for its backoff.
+        let retried = state.due_now(jiff::Timestamp::now(), |r| {
+            r.backend == backend
+                && r.last_error
+                    .as_deref()
+                    .is_some_and(RouterError::was_unreachable)
+        });
+        if retried > 0 {
+            tracing::info!(mappings = retried, %backend, "the router answers again; retrying what it missed");
+        }
+    }
+    match result {
         Ok(lost) if lost.is_empty() => {
             tracing::debug!(%backend, mappings = asked, "checked the router: nothing lost");
         }

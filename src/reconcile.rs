@@ -98,7 +98,10 @@ pub async fn execute<M: PortMapper>(
     }
     save(state, store, &mut outcome);
 
-    // 2. Talk to the router.
+    // 2. Talk to the router. Once it does not answer, the rest of this pass is not sent:
+    // each request would wait out its whole retransmission schedule for nothing, holding
+    // the daemon; they fail at once and are retried when the router answers again.
+    let mut silent: Option<String> = None;
     for action in &plan.actions {
         match action {
             Action::Unmap { record } if record.backend != backend => {
@@ -114,22 +117,24 @@ pub async fn execute<M: PortMapper>(
                         "forgetting a mapping made through another router protocol; the router drops it when its lease ends");
                 }
             }
-            Action::Unmap { record } => match mapper.unmap(record).await {
-                Ok(()) => {
-                    state.mappings.remove(&record.key());
-                    outcome.unmapped += 1;
-                    tracing::info!(service = %record.owner, external_port = record.external_port,
+            Action::Unmap { record } => {
+                match unless_silent(&mut silent, mapper.unmap(record)).await {
+                    Ok(()) => {
+                        state.mappings.remove(&record.key());
+                        outcome.unmapped += 1;
+                        tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, backend = %record.backend, "unmapped");
-                }
-                Err(e) => {
-                    outcome.failed += 1;
-                    tracing::warn!(service = %record.owner, external_port = record.external_port,
+                    }
+                    Err(e) => {
+                        outcome.failed += 1;
+                        tracing::warn!(service = %record.owner, external_port = record.external_port,
                         error = %e, "could not remove mapping; will retry");
-                    if let Some(kept) = state.mappings.get_mut(&record.key()) {
-                        kept.last_error = Some(e.to_string());
+                        if let Some(kept) = state.mappings.get_mut(&record.key()) {
+                            kept.last_error = Some(e.to_string());
+                        }
                     }
                 }
-            },
+            }
             Action::Map { mapping, .. }
             | Action::Restore { mapping, .. }
             | Action::Renew { mapping, .. } => {
@@ -144,7 +149,7 @@ pub async fn execute<M: PortMapper>(
                     lifetime_secs: lease_secs,
                     nonce: record.nonce.clone(),
                 };
-                let result = mapper.map(&request).await;
+                let result = unless_silent(&mut silent, mapper.map(&request)).await;
                 let result = match result {
                     Ok(grant) if grant.external_port != request.external_port => {
                         // NOTE: miniupnpd may grant another port even with PREFER_FAILURE
@@ -210,6 +215,24 @@ pub async fn execute<M: PortMapper>(
     }
     save(state, store, &mut outcome);
     outcome
+}
+
+/// Runs `call` unless the router was found silent earlier in this pass; notes an
+/// [`RouterError::Unreachable`] answer for the calls after it.
+async fn unless_silent<T>(
+    silent: &mut Option<String>,
+    call: impl std::future::Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    if let Some(reason) = silent {
+        return Err(RouterError::Unreachable(format!(
+            "not sent, an earlier request of this pass got no answer ({reason})"
+        )));
+    }
+    let result = call.await;
+    if let Err(RouterError::Unreachable(reason)) = &result {
+        *silent = Some(reason.clone());
+    }
+    result
 }
 
 fn verb(action: &Action) -> &'static str {
@@ -374,6 +397,7 @@ mod tests {
                     epoch: Some(5),
                     router: "192.168.1.1".into(),
                 }),
+                Err("silent") => Err(RouterError::Unreachable("no answer".into())),
                 Err(reason) => Err(RouterError::Refused {
                     reason: reason.into(),
                     retry_after: None,
@@ -540,6 +564,52 @@ mod tests {
         );
         assert_eq!(outcome.unmapped, 3);
         assert!(state.mappings.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_a_silent_router_the_rest_of_the_pass_is_not_sent() {
+        let desired = crate::desired::Desired {
+            mappings: [8080, 8081, 8082]
+                .map(|p| (key(p), mapping(p)))
+                .into_iter()
+                .collect(),
+            problems: vec![],
+        };
+        let forwarding = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 1, 10),
+        };
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let mut state = State::default();
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::from([(8080, Err("silent"))]),
+            calls: vec![],
+        };
+        let first = plan(&desired, &state, forwarding, now);
+        let outcome = execute(
+            &first,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!(
+            router.calls,
+            ["map 8080 nonce=true"],
+            "one wait for a silent router, not three"
+        );
+        assert_eq!(outcome.failed, 3);
+        assert!(state.mappings.values().all(|r| {
+            r.status == MappingStatus::Failed
+                && r.last_error
+                    .as_deref()
+                    .is_some_and(RouterError::was_unreachable)
+        }));
+        assert!(
+            outcome.problems.is_empty(),
+            "silence is not the Services' problem"
+        );
     }
 
     #[test]

@@ -324,6 +324,26 @@ impl State {
         toml::to_string(&file).map_err(|source| StateError::Encode { source })
     }
 
+    /// Makes the mappings `which` selects due at `now`: a failed one is retried, an active
+    /// one renewed, without waiting for its backoff (the router answers again). Returns how
+    /// many.
+    pub fn due_now(
+        &mut self,
+        now: Timestamp,
+        mut which: impl FnMut(&MappingRecord) -> bool,
+    ) -> usize {
+        let mut due = 0;
+        for record in self.mappings.values_mut().filter(|r| which(r)) {
+            match record.status {
+                MappingStatus::Failed => record.retry_at = None,
+                MappingStatus::Active => record.renew_at = Some(now),
+                MappingStatus::Pending => continue,
+            }
+            due += 1;
+        }
+        due
+    }
+
     /// Marks the active mappings `which` selects as `pending`: the router may have lost them
     /// (it restarted, or said it no longer holds them), so the next plan restores them with
     /// the same external port (and PCP nonce). Returns how many were marked.
@@ -979,6 +999,28 @@ mod tests {
 
     fn open(path: &Path) -> (StateFile, Loaded) {
         StateFile::open(path).expect("open state file")
+    }
+
+    #[test]
+    fn due_now_retries_failed_and_renews_active_records_at_once() {
+        let now = at("2025-01-02T03:10:00Z");
+        let mut failed = full_record(4000);
+        failed.status = MappingStatus::Failed;
+        let mut state = state_of([full_record(30080), minimal_record(5000), failed]);
+        assert_eq!(
+            state.due_now(now, |_| true),
+            2,
+            "the pending one is due anyway"
+        );
+        let record = |port| {
+            state
+                .mappings
+                .values()
+                .find(|r| r.external_port == port)
+                .cloned()
+        };
+        assert_eq!(record(4000).and_then(|r| r.retry_at), None);
+        assert_eq!(record(30080).and_then(|r| r.renew_at), Some(now));
     }
 
     #[test]

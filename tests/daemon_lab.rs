@@ -507,3 +507,86 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
         );
     });
 }
+
+/// The number of packets an nft counter named `name` in table `inet block` has seen.
+fn blocked_packets(lab: &Lab, ns: &str) -> u64 {
+    let out = text(
+        &lab.exec(ns, &["nft", "list", "table", "inet", "block"])
+            .stdout,
+    );
+    out.split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A router that does not answer (its PCP port dropped on the way): the daemon retries at
+/// the RFC 6887 pace (never more than a packet a second), touches nothing, and once the
+/// router answers again the mappings are made within the verify interval plus 10 s.
+#[test]
+fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let block = lab.exec(
+        "lan",
+        &["nft", "add table inet block; add chain inet block out { type filter hook output priority 0; udp dport 5351 counter drop; }"],
+    );
+    assert!(block.status.success(), "{block:?}");
+
+    with_daemon_in_lan(&lab, "direct", "pcp", |fake, kubeconfig, config, daemon| {
+        load_balancer_service(fake);
+        let blocked_at = Instant::now();
+        kubectl(
+            kubeconfig,
+            &["annotate", "svc", "game", "holepunch/punch-external=true"],
+        );
+        wait_until(
+            daemon,
+            "the requests to fail",
+            Duration::from_secs(60),
+            || {
+                status_json(config)["mappings"]
+                    .as_array()
+                    .is_some_and(|all| {
+                        all.len() == 2
+                            && all.iter().all(|m| {
+                                m["status"] == "failed"
+                                    && m["last_error"]
+                                        .as_str()
+                                        .is_some_and(|e| e.contains("did not answer"))
+                            })
+                    })
+            },
+        );
+        std::thread::sleep(Duration::from_secs(5));
+        let packets = blocked_packets(&lab, "lan");
+        let seconds = blocked_at.elapsed().as_secs_f64();
+        eprintln!("router unreachable: {packets} PCP packets in {seconds:.1} s");
+        assert!(packets >= 3, "it did try: {packets}");
+        assert!(
+            packets as f64 <= seconds,
+            "{packets} packets in {seconds:.1} s"
+        );
+        assert_eq!(forwards_of(&lab, 8080), Vec::<String>::new());
+
+        let unblock = lab.exec("lan", &["nft", "delete", "table", "inet", "block"]);
+        assert!(unblock.status.success(), "{unblock:?}");
+        let back = Instant::now();
+        wait_until(
+            daemon,
+            "the mappings once the router answers",
+            Duration::from_secs(15),
+            || forwards_of(&lab, 8080).len() == 2,
+        );
+        eprintln!(
+            "router back -> mappings made in {:?} (verify interval 5 s)",
+            back.elapsed()
+        );
+        assert_eq!(
+            lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "finally")
+                .as_deref(),
+            Some(format!("{WAN_CLIENT_IP} finally").as_str())
+        );
+    });
+}

@@ -62,8 +62,18 @@ pub enum RouterError {
         retry_after: Option<Duration>,
     },
     /// No answer, or no usable answer.
-    #[error("the router did not answer: {0}")]
+    #[error("{UNREACHABLE_PREFIX}: {0}")]
     Unreachable(String),
+}
+
+/// How an [`RouterError::Unreachable`] reads in a mapping's `last_error`.
+pub const UNREACHABLE_PREFIX: &str = "the router did not answer";
+
+impl RouterError {
+    /// Whether a recorded `last_error` says the router did not answer (rather than refused).
+    pub fn was_unreachable(last_error: &str) -> bool {
+        last_error.starts_with(UNREACHABLE_PREFIX)
+    }
 }
 
 /// One router protocol.

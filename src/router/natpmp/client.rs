@@ -383,9 +383,6 @@ impl PortMapper for NatpmpClient {
     /// NAT-PMP cannot list mappings; an external-address request shows the epoch, and an
     /// inconsistent one (§3.6) means the gateway restarted and lost them all.
     async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
         self.ask_external_address().await?;
         if self.take_restart() {
             return Ok(records.iter().map(|r| r.key()).collect());
