@@ -282,6 +282,34 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             lab.router_forwards()
         );
 
+        let log = daemon.stop();
+        assert!(log.contains("the router speaks PCP"), "{log}");
+        assert!(
+            log.contains("restoring every mapping after the router's announcement"),
+            "{log}"
+        );
+
+        // A stop leaves the mappings in place; the next daemon takes them over with the
+        // nonces in the state file, and can delete them (another nonce would get
+        // NOT_AUTHORIZED and the router would keep forwarding).
+        assert_eq!(
+            forwards_of(&lab, 8080).len(),
+            2,
+            "{}",
+            lab.router_forwards()
+        );
+        let daemon = Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "the restarted daemon's first reconcile",
+            Duration::from_secs(20),
+            || daemon.log().contains("first reconcile done"),
+        );
+        assert!(
+            !daemon.log().contains("reconcile: mapped"),
+            "{}",
+            daemon.log()
+        );
         kubectl(&kubeconfig, &["delete", "svc", "game"]);
         wait_until(
             &daemon,
@@ -290,12 +318,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             || forwards_of(&lab, 8080).is_empty(),
         );
         assert_eq!(lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "late"), None);
-        let log = daemon.stop();
-        assert!(log.contains("the router speaks PCP"), "{log}");
-        assert!(
-            log.contains("restoring every mapping after the router's announcement"),
-            "{log}"
-        );
+        drop(daemon);
         drop(fake);
         runtime.shutdown_timeout(Duration::from_secs(1));
     });
