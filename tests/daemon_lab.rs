@@ -76,11 +76,17 @@ fn config(dir: &Path, kubeconfig: &Path, mode: &str, backend: &str) -> std::path
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"{backend}\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
-         [exposure]\nmode = \"{mode}\"\n\n\
+         [exposure]\nmode = \"{mode}\"\n{wan}\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
         dir = dir.display(),
-        kubeconfig = kubeconfig.display()
+        kubeconfig = kubeconfig.display(),
+        // The lab router's WAN side (gateway mode runs on the router).
+        wan = if mode == "gateway" {
+            "wan_interface = \"rwan\"\n"
+        } else {
+            ""
+        },
     );
     std::fs::write(&path, body).expect("write config");
     path
@@ -332,9 +338,20 @@ fn with_daemon_in_lan(
     backend: &str,
     body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
 ) {
+    with_daemon_in(lab, "lan", mode, backend, body);
+}
+
+/// [`with_daemon_in_lan`] in another of the lab's namespaces (`rtr`: on the router itself).
+fn with_daemon_in(
+    lab: &Lab,
+    ns: &str,
+    mode: &str,
+    backend: &str,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
+    in_netns(&lab.ns(ns), || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -612,4 +629,51 @@ fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
             Some(format!("{WAN_CLIENT_IP} finally").as_str())
         );
     });
+}
+
+/// Gateway mode: holepunch on the Linux router itself, no port-mapping protocol; its nftables
+/// rules on the WAN interface carry traffic to the Service and keep the client's address.
+#[test]
+fn gateway_mode_on_the_router_keeps_the_client_address() {
+    let lab = Lab::up(PREFIX);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    with_daemon_in(
+        &lab,
+        "rtr",
+        "gateway",
+        "none",
+        |fake, kubeconfig, config, daemon| {
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "TCP through the gateway",
+                Duration::from_secs(20),
+                || lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "gw").is_some(),
+            );
+            assert_eq!(
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "gw").as_deref(),
+                Some(format!("{WAN_CLIENT_IP} gw").as_str())
+            );
+            assert_eq!(
+                lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "gw-udp")
+                    .as_deref(),
+                Some(format!("{WAN_CLIENT_IP} gw-udp").as_str())
+            );
+            assert_eq!(
+                forwards_of(&lab, 8080),
+                Vec::<String>::new(),
+                "no router mapping"
+            );
+            let status = status_json(config);
+            assert_eq!(status["mappings"][0]["backend"], "none", "{status}");
+            kubectl(kubeconfig, &["delete", "svc", "game"]);
+            wait_until(daemon, "the rule to go", Duration::from_secs(20), || {
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "gone").is_none()
+            });
+        },
+    );
 }
