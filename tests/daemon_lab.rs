@@ -480,8 +480,9 @@ fn relay_mode_through_natpmp_and_nftables_recovers_by_the_epoch() {
     );
 }
 
-/// Relay mode with UPnP: found by SSDP, verified with GetSpecificPortMappingEntry every
-/// verify interval; what a router restart lost comes back on the same port, once.
+/// Relay mode with UPnP: found by SSDP, holepunch's own leftovers purged at start (and only
+/// those), verified with GetSpecificPortMappingEntry every verify interval; what a router
+/// restart lost comes back on the same port, once.
 #[test]
 fn relay_mode_through_upnp_restores_what_the_router_lost() {
     let lab = Lab::up(PREFIX);
@@ -489,7 +490,47 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
     let sysctl = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     assert!(sysctl.status.success(), "{sysctl:?}");
 
+    // What a crash after the router's answer and before the state write leaves behind: a
+    // tagged mapping to this host that no state file knows. And someone else's mapping.
+    for (description, port) in [("holepunch:default/old", "18099"), ("Skype", "18098")] {
+        let added = lab.exec(
+            "lan",
+            &[
+                "upnpc",
+                "-e",
+                description,
+                "-a",
+                LAN_IP,
+                port,
+                port,
+                "TCP",
+                "600",
+            ],
+        );
+        assert!(added.status.success(), "{added:?}");
+    }
+    assert_eq!(
+        forwards_of(&lab, 18099).len(),
+        1,
+        "{}",
+        lab.router_forwards()
+    );
+
     with_daemon_in_lan(&lab, "relay", "upnp", |fake, kubeconfig, config, daemon| {
+        wait_until(
+            daemon,
+            "the leftover to be purged",
+            Duration::from_secs(20),
+            || forwards_of(&lab, 18099).is_empty(),
+        );
+        assert!(
+            daemon
+                .log()
+                .contains("deleted a leftover holepunch mapping"),
+            "{}",
+            daemon.log()
+        );
+        assert_eq!(forwards_of(&lab, 18098).len(), 1, "not ours: kept");
         load_balancer_service(fake);
         kubectl(
             kubeconfig,
