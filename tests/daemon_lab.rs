@@ -718,3 +718,48 @@ fn gateway_mode_on_the_router_keeps_the_client_address() {
         },
     );
 }
+
+/// Leases are renewed before they end: with the router's shortest lease (miniupnpd
+/// `min_lifetime=120`), PCP renews at a random point in 1/2-5/8 of it, 60-75 s after the
+/// grant, and the router never stops forwarding.
+#[test]
+fn leases_are_renewed_before_they_expire() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    with_daemon_in_lan(
+        &lab,
+        "direct",
+        "pcp",
+        |fake, kubeconfig, _config, daemon| {
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(daemon, "both mappings", Duration::from_secs(20), || {
+                forwards_of(&lab, 8080).len() == 2
+            });
+            let granted = Instant::now();
+            let mut gaps = 0;
+            wait_until(daemon, "both renewals", Duration::from_secs(90), || {
+                if forwards_of(&lab, 8080).len() != 2 {
+                    gaps += 1;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+                daemon.log().matches("reconcile: renewed").count() >= 2
+            });
+            let renewed_after = granted.elapsed();
+            eprintln!("lease 120 s: renewed {renewed_after:?} after the grant");
+            assert!(
+                (Duration::from_secs(55)..Duration::from_secs(80)).contains(&renewed_after),
+                "renewed after {renewed_after:?}"
+            );
+            assert_eq!(gaps, 0, "the router stopped forwarding at some point");
+            assert_eq!(
+                daemon.log().matches("reconcile: mapped").count(),
+                2,
+                "renewed, not re-mapped"
+            );
+        },
+    );
+}
