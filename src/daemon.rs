@@ -186,24 +186,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
-            let services: Vec<Service> = cluster
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect();
-            let nodes: Vec<Node> = cluster
-                .nodes
-                .state()
-                .iter()
-                .map(|n| (**n).clone())
-                .collect();
-            let endpoint_slices: Vec<EndpointSlice> = cluster
-                .endpoint_slices
-                .state()
-                .iter()
-                .map(|e| (**e).clone())
-                .collect();
+            let services = cluster.services();
+            let nodes = cluster.nodes();
+            let endpoint_slices = cluster.endpoint_slices();
             let wanted = desired(&services, &nodes, &endpoint_slices, &config);
             if mapper.is_none()
                 && let Some(address) = &address
@@ -756,82 +741,97 @@ pub fn forwarding(
 
 /// Reflectors for Services and Nodes; `changed` fires on every event.
 struct ClusterWatch {
-    services: Store<Service>,
+    /// One store per watched namespace (one for all when no allow list is set).
+    services: Vec<Store<Service>>,
     nodes: Store<Node>,
-    endpoint_slices: Store<EndpointSlice>,
+    endpoint_slices: Vec<Store<EndpointSlice>>,
     changed: Arc<Notify>,
-    /// Set once each watch has completed its first list (services, nodes, endpoint slices).
-    listed: [Arc<AtomicBool>; 3],
+    /// Set once each watch has completed its first list.
+    listed: Vec<Arc<AtomicBool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ClusterWatch {
     fn start(client: kube::Client, config: &Config) -> ClusterWatch {
-        let changed = Arc::new(Notify::new());
-        let watch_config = watcher::Config::default().timeout(crate::kube::watch_timeout_secs());
-        // NOTE: with an allow list of several namespaces, the cluster-wide watch is filtered
-        // locally by `desired`; per-namespace watches need one reflector per namespace.
-        let services_api: Api<Service> =
-            match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
-                [only] => Api::namespaced(client.clone(), only),
-                _ => Api::all(client.clone()),
-            };
-        let (services, services_writer) = reflector::store();
-        let (nodes, nodes_writer) = reflector::store();
-        let (endpoint_slices, slices_writer) = reflector::store();
-        // NOTE: EndpointSlices matter only for `externalTrafficPolicy: Local` (which nodes
-        // host a ready endpoint); they are watched in the Services' namespace scope.
-        let slices_api: Api<EndpointSlice> =
-            match config.kubernetes.namespaces.iter().collect::<Vec<_>>()[..] {
-                [only] => Api::namespaced(client.clone(), only),
-                _ => Api::all(client.clone()),
-            };
-        let listed = [
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        ];
-        let tasks = vec![
-            tokio::spawn(drive(
-                reflector::reflector(
-                    services_writer,
-                    watcher(services_api, watch_config.clone()).default_backoff(),
-                ),
-                changed.clone(),
-                listed[0].clone(),
-                "services",
-            )),
-            tokio::spawn(drive(
-                reflector::reflector(
-                    nodes_writer,
-                    watcher(Api::<Node>::all(client), watch_config.clone()).default_backoff(),
-                ),
-                changed.clone(),
-                listed[1].clone(),
-                "nodes",
-            )),
-            tokio::spawn(drive(
-                reflector::reflector(
-                    slices_writer,
-                    watcher(slices_api, watch_config).default_backoff(),
-                ),
-                changed.clone(),
-                listed[2].clone(),
-                "endpointslices",
-            )),
-        ];
-        ClusterWatch {
-            services,
-            nodes,
-            endpoint_slices,
-            changed,
-            listed,
-            tasks,
+        let mut watch = ClusterWatch {
+            services: Vec::new(),
+            nodes: reflector::store().0,
+            endpoint_slices: Vec::new(),
+            changed: Arc::new(Notify::new()),
+            listed: Vec::new(),
+            tasks: Vec::new(),
+        };
+        // NOTE: with an allow list, Services and EndpointSlices are watched in those
+        // namespaces only, so a ServiceAccount bound to them by RoleBindings suffices (a
+        // cluster-wide watch would be refused). EndpointSlices matter only for
+        // `externalTrafficPolicy: Local` (which nodes host a ready endpoint).
+        let namespaces = &config.kubernetes.namespaces;
+        if namespaces.is_empty() {
+            let services = watch.reflect(Api::all(client.clone()), "services");
+            let slices = watch.reflect(Api::all(client.clone()), "endpointslices");
+            watch.services.push(services);
+            watch.endpoint_slices.push(slices);
+        } else {
+            for namespace in namespaces {
+                let services =
+                    watch.reflect(Api::namespaced(client.clone(), namespace), "services");
+                let slices =
+                    watch.reflect(Api::namespaced(client.clone(), namespace), "endpointslices");
+                watch.services.push(services);
+                watch.endpoint_slices.push(slices);
+            }
         }
+        watch.nodes = watch.reflect(Api::all(client), "nodes");
+        watch
+    }
+
+    /// Starts a reflector for `api`: its store, kept current, and a change notification on
+    /// every event.
+    fn reflect<K>(&mut self, api: Api<K>, what: &'static str) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let watch_config = watcher::Config::default().timeout(crate::kube::watch_timeout_secs());
+        let (store, writer) = reflector::store();
+        let listed = Arc::new(AtomicBool::new(false));
+        self.tasks.push(tokio::spawn(drive(
+            reflector::reflector(writer, watcher(api, watch_config).default_backoff()),
+            self.changed.clone(),
+            listed.clone(),
+            what,
+        )));
+        self.listed.push(listed);
+        store
     }
 
     fn is_ready(&self) -> bool {
         self.listed.iter().all(|flag| flag.load(Ordering::Acquire))
+    }
+
+    fn services(&self) -> Vec<Service> {
+        self.services
+            .iter()
+            .flat_map(|store| store.state())
+            .map(|s| (*s).clone())
+            .collect()
+    }
+
+    fn nodes(&self) -> Vec<Node> {
+        self.nodes.state().iter().map(|n| (**n).clone()).collect()
+    }
+
+    fn endpoint_slices(&self) -> Vec<EndpointSlice> {
+        self.endpoint_slices
+            .iter()
+            .flat_map(|store| store.state())
+            .map(|e| (*e).clone())
+            .collect()
     }
 }
 

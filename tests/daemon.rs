@@ -146,3 +146,54 @@ async fn annotating_publishes_and_unannotating_or_deleting_unpublishes() {
     assert!(log.contains("mapped"), "{log}");
     assert!(log.contains("unmapped"), "{log}");
 }
+
+/// With an allow list of namespaces, only those are watched (so RoleBindings in them are
+/// enough rights), and Services elsewhere are not published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_watches_only_its_namespaces() {
+    let fake = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = fake.write_kubeconfig(dir.path());
+    let config = test_config(dir.path(), Some(&kubeconfig));
+    let body = std::fs::read_to_string(&config).expect("read config");
+    let body = body
+        .replace("[exposure]\n", "[exposure]\nmode = \"direct\"\n")
+        .replace(
+            "[kubernetes]\n",
+            "[kubernetes]\nnamespaces = [\"media\", \"games\"]\n",
+        );
+    std::fs::write(&config, body).expect("write config");
+    for (namespace, port) in [("media", 8096), ("games", 25565), ("private", 8443)] {
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "name": "app", "namespace": namespace,
+                "annotations": {"holepunch/punch-external": "true"}
+            },
+            "spec": {"type": "LoadBalancer", "ports": [{"port": port, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.168.77.100"}]}}
+        }));
+    }
+    let daemon = Daemon::start(&config);
+    let config = config.as_path();
+    wait_for("the allowed namespaces' Services", || {
+        mappings(config)
+            == [
+                row(8096, "tcp", "media/app", "active"),
+                row(25565, "tcp", "games/app", "active"),
+            ]
+    });
+    let service_paths: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|p| p.ends_with("/services") || p.ends_with("/endpointslices"))
+        .collect();
+    assert!(
+        service_paths
+            .iter()
+            .all(|p| p.contains("/namespaces/media/") || p.contains("/namespaces/games/")),
+        "{service_paths:?}"
+    );
+    drop(daemon);
+}
