@@ -321,6 +321,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
             &in_box,
         ])
     });
+    let mut step = Instant::now();
     machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
 
     // Type=notify: "active" means the daemon sent READY=1. Without a kubeconfig it waits,
@@ -364,6 +365,13 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         field(starting, "TARGET").starts_with("holepunch"),
         "{starting}"
     );
+    // ExecStartPre's check-config does not dump the whole config into the journal.
+    assert_eq!(machine.property("StandardOutput"), "null");
+    let messages: Vec<&str> = journal.iter().map(|e| field(e, "MESSAGE")).collect();
+    assert!(!messages.contains(&"[kubernetes]"), "{messages:?}");
+
+    costs.push(("start+journal".to_owned(), step.elapsed().as_secs_f64()));
+    step = Instant::now();
 
     // A broken config on reload is refused with file:line:column, and the daemon keeps running.
     machine.sh("printf '[router]\\nlease_seconds = \"soon\"\\n' >/etc/holepunch.toml");
@@ -394,6 +402,9 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
             .any(|e| field(e, "MESSAGE") == "config reloaded")
             .then_some(())
     });
+
+    costs.push(("reloads".to_owned(), step.elapsed().as_secs_f64()));
+    step = Instant::now();
 
     // remove keeps the state directory and the config; purge runs cleanup and removes both.
     machine.exec_ok(&[
@@ -442,7 +453,8 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         "purge left the config"
     );
 
-    drop(machine);
+    costs.push(("remove+purge".to_owned(), step.elapsed().as_secs_f64()));
+    timed("down", &mut costs, || drop(machine));
     let summary: Vec<String> = costs
         .iter()
         .map(|(what, secs)| format!("{what} {secs:.1}s"))
