@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const POLL_TIMEOUT_SECS: u64 = 30;
 const POLL_INTERVAL_MS: u64 = 200;
+/// Where prerm keeps the binary and config for a later purge (debian/prerm).
+const STASH: &str = "/var/lib/holepunch/purge";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -121,6 +123,26 @@ impl SystemdBox {
                 Err(e) => panic!("journalctl printed a line that is not JSON ({e}): {line}"),
             })
             .collect()
+    }
+
+    /// `apt-get -y <args>`, asserted to succeed; returns what it printed (both streams).
+    fn apt(&self, args: &[&str]) -> String {
+        let mut command = vec![
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "-y",
+            "-q",
+        ];
+        command.extend_from_slice(args);
+        let out = self.exec(&command);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "apt-get {args:?} failed:\n{said}");
+        said
     }
 
     fn exists(&self, path: &str) -> bool {
@@ -310,17 +332,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     let in_box = format!("/root/{}", deb.file_name().unwrap().to_string_lossy());
     machine.copy(&deb, &in_box);
     // The box has holepunch's libraries already, so apt installs the file without a network.
-    timed("install", &mut costs, || {
-        machine.exec_ok(&[
-            "env",
-            "DEBIAN_FRONTEND=noninteractive",
-            "apt-get",
-            "install",
-            "-y",
-            "-q",
-            &in_box,
-        ])
-    });
+    timed("install", &mut costs, || machine.apt(&["install", &in_box]));
     let mut step = Instant::now();
     machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
 
@@ -406,52 +418,52 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     costs.push(("reloads".to_owned(), step.elapsed().as_secs_f64()));
     step = Instant::now();
 
-    // remove keeps the state directory and the config; purge runs cleanup and removes both.
-    machine.exec_ok(&[
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "remove",
-        "-y",
-        "-q",
-        "holepunch",
-    ]);
-    assert!(
-        machine.exists("/var/lib/holepunch"),
-        "remove deleted the state directory"
-    );
-    assert!(
-        machine.exists("/etc/holepunch.toml"),
-        "remove deleted the config"
-    );
+    // remove keeps the state directory, the config and a copy for purge; reinstalling drops
+    // the copy and starts the daemon again.
+    machine.apt(&["remove", "holepunch"]);
+    for kept in ["/var/lib/holepunch", "/etc/holepunch.toml", STASH] {
+        assert!(machine.exists(kept), "remove deleted {kept}");
+    }
     assert_ne!(machine.property("ActiveState"), "active");
-    let purge = machine.exec(&[
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "purge",
-        "-y",
-        "-q",
-        "holepunch",
-    ]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&purge.stdout),
-        String::from_utf8_lossy(&purge.stderr)
+    machine.apt(&["install", &in_box]);
+    assert!(!machine.exists(STASH), "reinstalling kept {STASH}");
+    poll("holepunch.service to be active again", || {
+        (machine.property("ActiveState") == "active").then_some(())
+    });
+
+    // purge runs cleanup and removes the state directory and the config; a config that went
+    // bad meanwhile does not stop cleanup (it falls back to the defaults).
+    machine.sh("printf '[router]\\nlease_seconds = \"soon\"\\n' >/etc/holepunch.toml");
+    machine.apt(&["remove", "holepunch"]);
+    let said = machine.apt(&["purge", "holepunch"]);
+    assert!(
+        said.contains("the config is invalid; cleaning up with the default settings"),
+        "{said}"
     );
-    assert!(purge.status.success(), "{said}");
     assert!(
         said.contains("removed 0 mappings, 0 left"),
         "purge did not run cleanup:\n{said}"
     );
+    for gone in ["/var/lib/holepunch", "/etc/holepunch.toml"] {
+        assert!(!machine.exists(gone), "purge left {gone}");
+    }
+
+    // The same straight from installed, with the shipped config.
+    machine.apt(&["install", &in_box]);
+    let said = machine.apt(&["purge", "holepunch"]);
     assert!(
-        !machine.exists("/var/lib/holepunch"),
-        "purge left the state directory"
+        said.contains("removed 0 mappings, 0 left"),
+        "purge did not run cleanup:\n{said}"
     );
-    assert!(
-        !machine.exists("/etc/holepunch.toml"),
-        "purge left the config"
-    );
+    assert!(!said.contains("invalid"), "{said}");
+    for gone in [
+        "/var/lib/holepunch",
+        "/etc/holepunch.toml",
+        "/usr/bin/holepunch",
+    ] {
+        assert!(!machine.exists(gone), "purge left {gone}");
+    }
+    assert_eq!(machine.property("LoadState"), "not-found");
 
     costs.push(("remove+purge".to_owned(), step.elapsed().as_secs_f64()));
     timed("down", &mut costs, || drop(machine));
