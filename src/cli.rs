@@ -106,6 +106,23 @@ pub enum Command {
 
     /// Print the version.
     Version,
+
+    /// Write the manual pages or the shell completions into a directory (package builds).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        directory: PathBuf,
+    },
+}
+
+/// What `holepunch generate` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    /// holepunch.8 and holepunch.toml.5.
+    Man,
+    /// bash (`holepunch`) and zsh (`_holepunch`) completions.
+    Completions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,6 +146,12 @@ pub fn execute(cli: Cli) -> ExitCode {
         } => dry_run(&cli.config, from_file.as_deref(), lan_address),
         Command::Status { output } => status(&cli.config, output),
         Command::Cleanup => cleanup(&cli.config),
+        Command::Generate { what, directory } => match what {
+            Generated::Man => crate::manual::write_manuals(&directory),
+            Generated::Completions => crate::manual::write_completions(&directory),
+        }
+        .map(|files| files.iter().for_each(|file| println!("{}", file.display())))
+        .map_err(|e| Failure::new(EXIT_OTHER, e)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
