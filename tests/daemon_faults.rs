@@ -120,7 +120,10 @@ fn count_pcp_packets(lab: &Lab) {
 }
 
 fn pcp_packets(lab: &Lab) -> u64 {
-    let out = lab.exec("rtr", &["nft", "list", "chain", "inet", "hpx_pcp_count", "in"]);
+    let out = lab.exec(
+        "rtr",
+        &["nft", "list", "chain", "inet", "hpx_pcp_count", "in"],
+    );
     assert!(out.status.success(), "nft list: {}", text(&out.stderr));
     let listing = text(&out.stdout);
     listing
@@ -276,8 +279,8 @@ impl Published<'_> {
 /// call. Then a kubectl change is still seen.
 #[test]
 fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
-    let started = Instant::now();
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let started = Instant::now();
     with_web_published(&lab, &[], |p| {
         let packets = pcp_packets(p.lab);
         let calls = router_call_lines(&p.daemon);
@@ -312,7 +315,11 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
         // NOTE: a reconcile follows the relist within the 200 ms debounce; give it time to
         // (wrongly) call the router.
         std::thread::sleep(Duration::from_millis(SETTLE_MS));
-        assert_eq!(pcp_packets(p.lab), packets, "no PCP packet after the relist");
+        assert_eq!(
+            pcp_packets(p.lab),
+            packets,
+            "no PCP packet after the relist"
+        );
         assert_eq!(router_call_lines(&p.daemon), calls, "{}", p.daemon.log());
         assert_eq!(forwards_of(p.lab, WEB_PORT), 1);
         assert_eq!(
@@ -322,9 +329,11 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
         );
 
         let took = p.annotate_after_and_see_it_mapped();
-        eprintln!("410: relisted and watching again in {relisted:?}; then annotate -> mapped in {took:?}");
+        eprintln!(
+            "410: relisted and watching again in {relisted:?}; then annotate -> mapped in {took:?}"
+        );
     });
-    eprintln!("test took {:?}", started.elapsed());
+    eprintln!("test took {:?} once its lab was up", started.elapsed());
 }
 
 /// The API is away for 30 s: nothing is unmapped on the router or in the state file, and no
@@ -332,8 +341,8 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
 /// the fake's store) is reconciled within 30 s of the API's return.
 #[test]
 fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
-    let started = Instant::now();
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let started = Instant::now();
     with_web_published(&lab, &[], |p| {
         let packets = pcp_packets(p.lab);
         p.runtime.block_on(p.fake.stop());
@@ -346,7 +355,11 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
             assert_eq!(forwards_of(p.lab, WEB_PORT), 1, "{}", p.daemon.log());
             assert_eq!(forwards_of(p.lab, LATE_PORT), 0);
             assert_eq!(recorded(&p.config), [active("default/web", WEB_PORT)]);
-            assert_eq!(pcp_packets(p.lab), packets, "no router call while the API is away");
+            assert_eq!(
+                pcp_packets(p.lab),
+                packets,
+                "no router call while the API is away"
+            );
             checks += 1;
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -375,7 +388,7 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
             "API down {OUTAGE_SECS} s ({checks} checks: nothing removed); changes applied {took:?} after its return"
         );
     });
-    eprintln!("test took {:?}", started.elapsed());
+    eprintln!("test took {:?} once its lab was up", started.elapsed());
 }
 
 /// Half-open watches: the API keeps the connections open and sends nothing. With a 5 s watch
@@ -383,8 +396,8 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
 /// meanwhile is seen within the read timeout plus a margin.
 #[test]
 fn half_open_watch_recovers_within_the_watch_timeout() {
-    let started = Instant::now();
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let started = Instant::now();
     let timeout = SHORT_WATCH_TIMEOUT_SECS.to_string();
     let env = [(holepunch::kube::WATCH_TIMEOUT_ENV, timeout.as_str())];
     with_web_published(&lab, &env, |p| {
@@ -422,7 +435,7 @@ fn half_open_watch_recovers_within_the_watch_timeout() {
             hung.elapsed()
         );
     });
-    eprintln!("test took {:?}", started.elapsed());
+    eprintln!("test took {:?} once its lab was up", started.elapsed());
 }
 
 fn service_watches(fake: &FakeApi) -> usize {
