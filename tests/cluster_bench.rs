@@ -139,18 +139,17 @@ fn wait_until(daemon: &Daemon, what: &str, limit: Duration, mut condition: impl 
     }
 }
 
-/// Kernel timestamps (seconds since the epoch) of PCP requests leaving the LAN host.
+/// Kernel timestamps (seconds since the epoch) of PCP packets on the LAN host: requests
+/// leaving it (`true`) and the router's answers (`false`).
 struct Capture {
     child: std::process::Child,
-    stamps: Arc<Mutex<Vec<f64>>>,
+    packets: Arc<Mutex<Vec<(f64, bool)>>>,
 }
 
 impl Capture {
     fn start() -> Capture {
         let mut child = Command::new("tcpdump")
-            .args([
-                "-i", "any", "-n", "-l", "-tt", "udp", "and", "dst", "port", "5351",
-            ])
+            .args(["-i", "any", "-n", "-l", "-tt", "udp", "and", "port", "5351"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -162,31 +161,52 @@ impl Capture {
             let read = stderr.read_line(&mut said).expect("tcpdump starts");
             assert!(read > 0, "tcpdump stopped: {said}");
         }
-        let stamps = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stamps);
+        let packets = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&packets);
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         std::thread::spawn(move || {
+            // `1795599236.264445 lan0  Out IP 192.168.77.10.50751 > 192.168.77.1.5351: UDP, ...`
             for line in stdout.lines().map_while(Result::ok) {
-                if let Some(stamp) = line
-                    .split_whitespace()
-                    .next()
-                    .and_then(|t| t.parse::<f64>().ok())
-                {
-                    sink.lock().expect("stamps").push(stamp);
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let stamp = words.first().and_then(|t| t.parse::<f64>().ok());
+                let to = words
+                    .iter()
+                    .position(|w| *w == ">")
+                    .and_then(|i| words.get(i + 1));
+                if let (Some(stamp), Some(to)) = (stamp, to) {
+                    let request = to.ends_with(".5351:");
+                    sink.lock().expect("packets").push((stamp, request));
                 }
             }
         });
-        Capture { child, stamps }
+        Capture { child, packets }
     }
 
     /// The first request that left at or after `after` (seconds since the epoch).
     fn first_after(&self, after: f64) -> Option<f64> {
-        self.stamps
+        self.packets
             .lock()
-            .expect("stamps")
+            .expect("packets")
             .iter()
-            .copied()
-            .find(|&t| t >= after)
+            .find(|&&(t, request)| request && t >= after)
+            .map(|&(t, _)| t)
+    }
+
+    /// For each answer so far, how long after its request it came (ms).
+    fn answer_times_ms(&self) -> Vec<f64> {
+        let mut asked = None;
+        let mut times = Vec::new();
+        for &(t, request) in self.packets.lock().expect("packets").iter() {
+            match (request, asked) {
+                (true, _) => asked = Some(t),
+                (false, Some(at)) => {
+                    times.push((t - at) * 1e3);
+                    asked = None;
+                }
+                (false, None) => {}
+            }
+        }
+        times
     }
 }
 
@@ -258,6 +278,13 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             || active_mappings(&config) == PUBLISHED,
         );
         let to_published = started.elapsed();
+        let router_answers_ms = capture.answer_times_ms();
+        assert_eq!(
+            router_answers_ms.len(),
+            PUBLISHED,
+            "one PCP exchange per mapping"
+        );
+        let waiting_for_router_secs = router_answers_ms.iter().sum::<f64>() / 1e3;
         std::thread::sleep(Duration::from_secs(SETTLE_SECS));
         let (rss_published, _) = memory_kib(daemon.pid());
 
@@ -302,6 +329,13 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
         eprintln!(
             "| daemon start -> {PUBLISHED} mappings live | {:.1} s |",
             to_published.as_secs_f64()
+        );
+        eprintln!("| of which waiting for miniupnpd's answers | {waiting_for_router_secs:.1} s |");
+        eprintln!(
+            "| miniupnpd's answer time for the 1st / 100th / 200th mapping | {:.0} / {:.0} / {:.0} ms |",
+            router_answers_ms[0],
+            router_answers_ms[PUBLISHED / 2 - 1],
+            router_answers_ms[PUBLISHED - 1]
         );
         eprintln!(
             "| VmRSS, {PUBLISHED} published, settled {SETTLE_SECS} s | {:.1} MiB |",
