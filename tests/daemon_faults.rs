@@ -1,5 +1,6 @@
 //! `holepunch run` while the Kubernetes API misbehaves (issue 3 "Done when", issue 8's
-//! API-server rows): 410 Gone, an API outage of 30 s, and a half-open watch.
+//! API-server rows): 410 Gone (and a relist that fails), an API outage of 30 s, and a
+//! half-open watch.
 //!
 //! Real peers: the daemon runs on the LAN host of the router lab (prefix `hpx-`, miniupnpd
 //! 2.3.1 in insecure mode so PCP may map to the LoadBalancer IP), talks PCP to miniupnpd,
@@ -50,6 +51,8 @@ const MARGIN_SECS: u64 = 10;
 /// After a relist, how long the daemon has to show it would call the router (it would do so
 /// within its 200 ms debounce).
 const SETTLE_MS: u64 = 2_000;
+/// How many Services requests fail (500) after the 410 in the failing-relist test.
+const FAILED_LISTS: usize = 3;
 const ROUTER_CALL_LINES: [&str; 4] = [
     "reconcile: mapped",
     "reconcile: renewed",
@@ -331,6 +334,55 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
         let took = p.annotate_after_and_see_it_mapped();
         eprintln!(
             "410: relisted and watching again in {relisted:?}; then annotate -> mapped in {took:?}"
+        );
+    });
+    eprintln!("test took {:?} once its lab was up", started.elapsed());
+}
+
+/// 410 Gone and then the relist itself fails (500) a few times: the daemon keeps what it
+/// knew, unmaps nothing and calls the router not once, and catches up when the list works.
+#[test]
+fn failing_relist_keeps_every_mapping_and_calls_no_router() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let started = Instant::now();
+    with_web_published(&lab, &[], |p| {
+        let packets = pcp_packets(p.lab);
+        let calls = router_call_lines(&p.daemon);
+        p.fake.clear_requests();
+        p.fake
+            .fail_next_matching(FAILED_LISTS, 500, Some("GET"), Some("/api/v1/services"));
+        p.fake.compact();
+        p.fake.drop_watches();
+        let recovered = wait_until(
+            &p.daemon,
+            "the Services relist to fail and then succeed",
+            Duration::from_secs(40),
+            || {
+                let requests = p.fake.requests();
+                let services = |r: &&fake_api::RecordedRequest| r.path == "/api/v1/services";
+                let failed = requests
+                    .iter()
+                    .filter(services)
+                    .filter(|r| r.status == 500)
+                    .count();
+                // Meanwhile the mapping stays on the router and in the state file.
+                assert_eq!(forwards_of(p.lab, WEB_PORT), 1, "{}", p.daemon.log());
+                assert_eq!(pcp_packets(p.lab), packets, "{}", p.daemon.log());
+                failed == FAILED_LISTS
+                    && requests
+                        .iter()
+                        .filter(services)
+                        .any(|r| r.status == 200 && !r.is_watch())
+                    && p.fake.open_watches() == 3
+            },
+        );
+        std::thread::sleep(Duration::from_millis(SETTLE_MS));
+        assert_eq!(pcp_packets(p.lab), packets, "no PCP packet");
+        assert_eq!(router_call_lines(&p.daemon), calls, "{}", p.daemon.log());
+        assert_eq!(recorded(&p.config), [active("default/web", WEB_PORT)]);
+        let took = p.annotate_after_and_see_it_mapped();
+        eprintln!(
+            "relist failed {FAILED_LISTS} times, watching again after {recovered:?}; then annotate -> mapped in {took:?}"
         );
     });
     eprintln!("test took {:?} once its lab was up", started.elapsed());
