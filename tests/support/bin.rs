@@ -33,17 +33,29 @@ pub struct Daemon(pub Child, PathBuf);
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (e.g.
+    /// `HOLEPUNCH_WATCH_TIMEOUT_SECS`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
         let log_path = config.with_file_name("daemon.log");
         let log = std::fs::File::create(&log_path).expect("create daemon.log");
         let child = Command::new(BIN)
             .args(["run", "--config", config.to_str().expect("utf-8")])
             .env_remove("KUBECONFIG")
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn holepunch run");
         Daemon(child, log_path)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     /// What it has logged so far.

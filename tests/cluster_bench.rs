@@ -1,0 +1,363 @@
+//! Benchmark of the Kubernetes side (issue 3 "Done when"), not a timed test: it prints a
+//! table and asserts only that the daemon did its job.
+//!
+//! ```text
+//! cargo test --test cluster_bench -- --ignored --nocapture
+//! ```
+//!
+//! (root, the router lab's prerequisites; it uses lab prefix `hpx-`.) The daemon runs on the
+//! lab's LAN host against the in-test fake API holding 10,000 Services, 200 of them
+//! annotated (LoadBalancer Services, `direct` mode, PCP to miniupnpd in insecure mode), and:
+//! - resident memory: `VmRSS` (and the peak, `VmHWM`) of the daemon's process once the 200
+//!   mappings are live and again after the latency runs;
+//! - latency: from just before `kubectl annotate` starts to the PCP request leaving the
+//!   daemon's host (tcpdump's kernel timestamp on the LAN host), over [`RUNS`] Services, one
+//!   at a time, each awaited on the router.
+//!
+//! Leases of an hour and an hourly router check keep every other PCP packet out of the runs.
+
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+#[path = "support/lab.rs"]
+mod lab;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bin::{Daemon, status_json, text};
+use fake_api::FakeApi;
+use lab::{Lab, in_netns};
+use serde_json::json;
+
+const PREFIX: &str = "hpx-";
+const LB_IP: &str = "192.168.77.100";
+const SERVICES: usize = 10_000;
+const PUBLISHED: usize = 200;
+/// Annotate-to-request runs (one Service each).
+const RUNS: usize = 20;
+const PUBLISHED_FIRST_PORT: u16 = 20_000;
+const RUN_FIRST_PORT: u16 = 21_000;
+const PUBLISH_ALL_LIMIT_SECS: u64 = 180;
+/// Lets the daemon's allocations settle (Events, status writes) before memory is read.
+const SETTLE_SECS: u64 = 5;
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) {
+    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs (install kubernetes-client)");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+fn load_balancer(name: &str, port: u16, annotated: bool) -> serde_json::Value {
+    let annotations = if annotated {
+        json!({"holepunch/punch-external": "true"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+    })
+}
+
+/// A Service nobody publishes, as most of a cluster's are.
+fn cluster_ip(index: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {
+            "name": format!("internal-{index}"),
+            "namespace": format!("team-{}", index % 50),
+            "labels": {"app": format!("app-{index}")}
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {"app": format!("app-{index}")},
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+        }
+    })
+}
+
+fn config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
+    let path = dir.join("holepunch.toml");
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
+         [router]\nbackend = \"pcp\"\nlease_seconds = 3600\nverify_interval_seconds = 3600\n\n\
+         [exposure]\nmode = \"direct\"\n\n\
+         [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
+         [log]\nformat = \"text\"\nlevel = \"info\"\n",
+        dir = dir.display(),
+        kubeconfig = kubeconfig.display()
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+fn active_mappings(config: &Path) -> usize {
+    status_json(config)["mappings"]
+        .as_array()
+        .map(|all| all.iter().filter(|m| m["status"] == "active").count())
+        .unwrap_or(0)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn wait_until(daemon: &Daemon, what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kernel timestamps (seconds since the epoch) of PCP packets on the LAN host: requests
+/// leaving it (`true`) and the router's answers (`false`).
+struct Capture {
+    child: std::process::Child,
+    packets: Arc<Mutex<Vec<(f64, bool)>>>,
+}
+
+impl Capture {
+    fn start() -> Capture {
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "any", "-n", "-l", "-tt", "udp", "and", "port", "5351"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpdump runs");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        // tcpdump says "listening on any ..." once it captures.
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            let read = stderr.read_line(&mut said).expect("tcpdump starts");
+            assert!(read > 0, "tcpdump stopped: {said}");
+        }
+        let packets = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&packets);
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        std::thread::spawn(move || {
+            // `1795599236.264445 lan0  Out IP 192.168.77.10.50751 > 192.168.77.1.5351: UDP, ...`
+            for line in stdout.lines().map_while(Result::ok) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let stamp = words.first().and_then(|t| t.parse::<f64>().ok());
+                let to = words
+                    .iter()
+                    .position(|w| *w == ">")
+                    .and_then(|i| words.get(i + 1));
+                if let (Some(stamp), Some(to)) = (stamp, to) {
+                    let request = to.ends_with(".5351:");
+                    sink.lock().expect("packets").push((stamp, request));
+                }
+            }
+        });
+        Capture { child, packets }
+    }
+
+    /// The first request that left at or after `after` (seconds since the epoch).
+    fn first_after(&self, after: f64) -> Option<f64> {
+        self.packets
+            .lock()
+            .expect("packets")
+            .iter()
+            .find(|&&(t, request)| request && t >= after)
+            .map(|&(t, _)| t)
+    }
+
+    /// For each answer so far, how long after its request it came (ms).
+    fn answer_times_ms(&self) -> Vec<f64> {
+        let mut asked = None;
+        let mut times = Vec::new();
+        for &(t, request) in self.packets.lock().expect("packets").iter() {
+            match (request, asked) {
+                (true, _) => asked = Some(t),
+                (false, Some(at)) => {
+                    times.push((t - at) * 1e3);
+                    asked = None;
+                }
+                (false, None) => {}
+            }
+        }
+        times
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn epoch_secs(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+    let index = ((sorted_ms.len() - 1) as f64 * p).round() as usize;
+    sorted_ms[index]
+}
+
+#[test]
+#[ignore = "benchmark: cargo test --test cluster_bench -- --ignored --nocapture"]
+fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = config(dir, &kubeconfig);
+
+        let loading = Instant::now();
+        for i in 0..PUBLISHED {
+            fake.apply_object(load_balancer(
+                &format!("published-{i}"),
+                PUBLISHED_FIRST_PORT + i as u16,
+                true,
+            ));
+        }
+        for i in 0..RUNS {
+            fake.apply_object(load_balancer(
+                &format!("bench-{i}"),
+                RUN_FIRST_PORT + i as u16,
+                false,
+            ));
+        }
+        for i in 0..SERVICES - PUBLISHED - RUNS {
+            fake.apply_object(cluster_ip(i));
+        }
+        assert_eq!(fake.objects("Service").len(), SERVICES);
+        eprintln!(
+            "fake API loaded with {SERVICES} Services in {:?}",
+            loading.elapsed()
+        );
+
+        let capture = Capture::start();
+        let started = Instant::now();
+        let daemon = Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "the 200 annotated Services to be mapped",
+            Duration::from_secs(PUBLISH_ALL_LIMIT_SECS),
+            || active_mappings(&config) == PUBLISHED,
+        );
+        let to_published = started.elapsed();
+        let router_answers_ms = capture.answer_times_ms();
+        assert_eq!(
+            router_answers_ms.len(),
+            PUBLISHED,
+            "one PCP exchange per mapping"
+        );
+        let waiting_for_router_secs = router_answers_ms.iter().sum::<f64>() / 1e3;
+        std::thread::sleep(Duration::from_secs(SETTLE_SECS));
+        let (rss_published, _) = memory_kib(daemon.pid());
+
+        let mut latencies_ms = Vec::new();
+        let mut kubectl_ms = Vec::new();
+        for i in 0..RUNS {
+            let port = RUN_FIRST_PORT + i as u16;
+            let before = SystemTime::now();
+            let clock = Instant::now();
+            kubectl(
+                &kubeconfig,
+                &[
+                    "annotate",
+                    "svc",
+                    &format!("bench-{i}"),
+                    "holepunch/punch-external=true",
+                ],
+            );
+            kubectl_ms.push(clock.elapsed().as_secs_f64() * 1e3);
+            wait_until(
+                &daemon,
+                &format!("bench-{i} on the router"),
+                Duration::from_secs(10),
+                || lab.router_forwards().contains(&format!("dport {port} ")),
+            );
+            let sent = capture
+                .first_after(epoch_secs(before))
+                .unwrap_or_else(|| panic!("no PCP request captured for bench-{i}"));
+            latencies_ms.push((sent - epoch_secs(before)) * 1e3);
+        }
+        let (rss_after, hwm) = memory_kib(daemon.pid());
+        assert_eq!(active_mappings(&config), PUBLISHED + RUNS);
+        drop(capture);
+        daemon.stop();
+
+        latencies_ms.sort_by(f64::total_cmp);
+        kubectl_ms.sort_by(f64::total_cmp);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        eprintln!();
+        eprintln!("| figure ({SERVICES} Services watched, {PUBLISHED} published, PCP) | value |");
+        eprintln!("|---|---|");
+        eprintln!(
+            "| daemon start -> {PUBLISHED} mappings live | {:.1} s |",
+            to_published.as_secs_f64()
+        );
+        eprintln!("| of which waiting for miniupnpd's answers | {waiting_for_router_secs:.1} s |");
+        eprintln!(
+            "| miniupnpd's answer time for the 1st / 100th / 200th mapping | {:.0} / {:.0} / {:.0} ms |",
+            router_answers_ms[0],
+            router_answers_ms[PUBLISHED / 2 - 1],
+            router_answers_ms[PUBLISHED - 1]
+        );
+        eprintln!(
+            "| VmRSS, {PUBLISHED} published, settled {SETTLE_SECS} s | {:.1} MiB |",
+            mib(rss_published)
+        );
+        eprintln!(
+            "| VmRSS after {RUNS} more published / peak VmHWM | {:.1} MiB / {:.1} MiB |",
+            mib(rss_after),
+            mib(hwm)
+        );
+        eprintln!(
+            "| kubectl annotate -> PCP request sent: median (p90, min-max) of {RUNS} | {:.0} ms ({:.0}, {:.0}-{:.0}) |",
+            percentile(&latencies_ms, 0.5),
+            percentile(&latencies_ms, 0.9),
+            latencies_ms[0],
+            latencies_ms[RUNS - 1]
+        );
+        eprintln!(
+            "| of which kubectl itself runs: median | {:.0} ms |",
+            percentile(&kubectl_ms, 0.5)
+        );
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
