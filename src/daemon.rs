@@ -37,6 +37,9 @@ use crate::router::discover::{self, DiscoverError};
 use crate::router::{NoRouter, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
+/// With `router.backend = "auto"`, checks the router may miss in a row before the protocols
+/// are probed again.
+pub const SILENT_CHECKS_BEFORE_PROBING: u32 = 3;
 /// After restoring on a router's announcement, further announcements within this window
 /// restore nothing more (NAT-PMP repeats its announcement).
 pub const ANNOUNCE_RESTORE_WINDOW_SECS: u64 = 5;
@@ -141,6 +144,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let mut next_due: Option<jiff::Timestamp> = None;
         let verify = Duration::from_secs(config.router.verify_interval_secs.into());
         let mut last_check = tokio::time::Instant::now();
+        let mut silent_checks: u32 = 0;
         loop {
             if watchdog.is_some() {
                 // Every pass through the loop proves it alive, however busy the cluster is.
@@ -234,7 +238,24 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             };
             if last_check.elapsed() >= verify {
                 last_check = tokio::time::Instant::now();
-                check_router(router, &mut state).await;
+                if check_router(router, &mut state).await {
+                    silent_checks = 0;
+                } else {
+                    silent_checks += 1;
+                }
+                // A UPnP router may come back on another control URL (discover again at
+                // once); with `auto`, a router silent for three checks may have been
+                // replaced by one that speaks another protocol (probe again).
+                let rediscover = router.backend() == Backend::Upnp
+                    || (config.router.backend == BackendChoice::Auto
+                        && silent_checks >= SILENT_CHECKS_BEFORE_PROBING);
+                if silent_checks > 0 && rediscover {
+                    tracing::warn!(backend = %router.backend(), checks = silent_checks,
+                        "the router stopped answering; looking for it again (mappings stay as recorded)");
+                    mapper = None;
+                    silent_checks = 0;
+                    continue;
+                }
             }
             let backend = router.backend();
             let moved = state.unconfirm(|r| r.backend != backend);
@@ -481,7 +502,8 @@ fn mark_ready(ready_sent: &mut bool, mappings_up: usize) {
 
 /// Asks the router which of the mappings it granted it no longer holds, and marks those for
 /// restoring (DESIGN.md: verify, restore what the router lost, re-add nothing that is there).
-async fn check_router(router: &mut Router, state: &mut State) {
+/// `false` when the router did not answer.
+async fn check_router(router: &mut Router, state: &mut State) -> bool {
     let backend = router.backend();
     let granted: Vec<&MappingRecord> = state
         .mappings
@@ -496,7 +518,7 @@ async fn check_router(router: &mut Router, state: &mut State) {
                 .is_some_and(RouterError::was_unreachable)
     });
     if granted.is_empty() && !waiting {
-        return;
+        return true;
     }
     // One request even with nothing granted: it tells whether the router answers again.
     let result = router.lost(&granted).await;
@@ -515,14 +537,23 @@ async fn check_router(router: &mut Router, state: &mut State) {
     match result {
         Ok(lost) if lost.is_empty() => {
             tracing::debug!(%backend, mappings = asked, "checked the router: nothing lost");
+            true
         }
         Ok(lost) => {
             let lost: BTreeSet<MappingKey> = lost.into_iter().collect();
             let marked = state.unconfirm(|r| lost.contains(&r.key()));
             tracing::warn!(mappings = marked, %backend,
                 "the router no longer holds some mappings; restoring them on the same ports");
+            true
         }
-        Err(e) => tracing::warn!(%backend, error = %e, "could not check the router's mappings"),
+        Err(e @ RouterError::Unreachable(_)) => {
+            tracing::warn!(%backend, error = %e, "could not check the router's mappings");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%backend, error = %e, "could not check the router's mappings");
+            true
+        }
     }
 }
 
