@@ -26,6 +26,7 @@ use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
 use crate::kube::events::{self, EventPublisher};
 use crate::kube::status;
+use crate::metrics::{self, Instrumented, Metrics, Operation};
 use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
@@ -65,8 +66,33 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let watchdog = sd_notify::watchdog_enabled();
     let mut ready_sent = false;
+    let metrics = Metrics::new(
+        config.router.lease_secs,
+        Duration::from_secs(config.router.verify_interval_secs.into()),
+    );
+    // NOTE: bound once: a changed metrics.listen takes effect at the next start.
+    let _metrics_server = match config.metrics.listen {
+        Some(address) => match metrics::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics and /healthz");
+                Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                    listener,
+                    metrics.clone(),
+                ))))
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                None
+            }
+        },
+        None => None,
+    };
 
     'config: loop {
+        metrics.configure(
+            config.router.lease_secs,
+            Duration::from_secs(config.router.verify_interval_secs.into()),
+        );
         let forwarding = forwarding(&config, None)?;
         let address = router_address(&config, forwarding)?;
         let mut mapper: Option<Router> = match &address {
@@ -95,6 +121,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             match crate::kube::client(&config.kubernetes).await {
                 Ok(client) => break client,
                 Err(e) => {
+                    metrics.loop_alive();
                     tracing::error!("{e}");
                     notify_status(&first_line(&e.to_string()));
                     if !ready_sent {
@@ -125,7 +152,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
             }
         };
-        let cluster = ClusterWatch::start(client.clone(), &config);
+        let cluster = ClusterWatch::start(client.clone(), &config, metrics.clone());
         let mut cluster_report = ClusterReport::new(client, &config);
         tracing::info!("watching the cluster");
 
@@ -134,6 +161,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let verify = Duration::from_secs(config.router.verify_interval_secs.into());
         let mut last_check = tokio::time::Instant::now();
         loop {
+            metrics.loop_alive();
             if watchdog.is_some() {
                 // Every pass through the loop proves it alive, however busy the cluster is.
                 let _ = sd_notify::notify(&[NotifyState::Watchdog]);
@@ -208,9 +236,20 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             if mapper.is_none()
                 && let Some(address) = &address
             {
+                let probing = probe.is_due();
+                let started = (jiff::Timestamp::now(), tokio::time::Instant::now());
                 mapper = probe
                     .run(address, &config.router, preferred_backend(&state))
                     .await;
+                if probing {
+                    metrics.router_request(
+                        mapper.as_ref().map_or(Backend::None, PortMapper::backend),
+                        Operation::Probe,
+                        if mapper.is_some() { "ok" } else { "unreachable" },
+                        started.0,
+                        started.1.elapsed(),
+                    );
+                }
                 if let Some(router) = mapper.as_mut() {
                     // What a crash left on the router, known neither to the state nor wanted.
                     let keep: BTreeSet<MappingKey> = state
@@ -228,6 +267,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 // No router answers yet: nothing is planned, nothing already mapped is
                 // touched; the probe runs again when its backoff is over.
                 report_new_problems(&mut reported, wanted.problems.iter());
+                metrics.observe_state(&state, &wanted.problems, None);
                 cluster_report
                     .send(&wanted.problems, &state, &services)
                     .await;
@@ -241,7 +281,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             };
             if last_check.elapsed() >= verify {
                 last_check = tokio::time::Instant::now();
-                check_router(router, &mut state).await;
+                check_router(&mut Instrumented::new(router, &metrics), &mut state).await;
             }
             let backend = router.backend();
             let moved = state.unconfirm(|r| r.backend != backend);
@@ -258,10 +298,11 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             {
                 tracing::debug!("plan:\n{plan}");
             }
+            let reconcile_started = tokio::time::Instant::now();
             let outcome = reconcile::execute(
                 &plan,
                 &mut state,
-                router,
+                &mut Instrumented::new(&mut *router, &metrics),
                 &mut store,
                 config.router.lease_secs,
                 now,
@@ -286,6 +327,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .chain(double_nat_problems(&state))
                 .collect();
             report_new_problems(&mut reported, problems.iter());
+            metrics.reconciled(
+                reconcile_started.elapsed(),
+                &state,
+                &problems,
+                outcome.save_error.as_ref().map(|e| e.to_string()).as_deref(),
+            );
             cluster_report.send(&problems, &state, &services).await;
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
@@ -488,7 +535,7 @@ fn mark_ready(ready_sent: &mut bool, mappings_up: usize) {
 
 /// Asks the router which of the mappings it granted it no longer holds, and marks those for
 /// restoring (DESIGN.md: verify, restore what the router lost, re-add nothing that is there).
-async fn check_router(router: &mut Router, state: &mut State) {
+async fn check_router(router: &mut impl PortMapper, state: &mut State) {
     let backend = router.backend();
     let granted: Vec<&MappingRecord> = state
         .mappings
@@ -588,6 +635,11 @@ impl Probe {
         }
     }
 
+    /// Whether [`Probe::run`] would ask the router now (its backoff is over).
+    fn is_due(&self) -> bool {
+        tokio::time::Instant::now() >= self.next
+    }
+
     /// Probe at the next pass (the router just announced itself).
     fn retry_now(&mut self) {
         self.next = tokio::time::Instant::now();
@@ -668,6 +720,15 @@ fn reload(path: &Path) -> Option<Config> {
     result
 }
 
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Wake {
     Stop,
     Reload,
@@ -743,7 +804,7 @@ struct ClusterWatch {
 }
 
 impl ClusterWatch {
-    fn start(client: kube::Client, config: &Config) -> ClusterWatch {
+    fn start(client: kube::Client, config: &Config, metrics: Arc<Metrics>) -> ClusterWatch {
         let changed = Arc::new(Notify::new());
         let watch_config = watcher::Config::default().timeout(crate::kube::watch_timeout_secs());
         // NOTE: with an allow list of several namespaces, the cluster-wide watch is filtered
@@ -777,6 +838,7 @@ impl ClusterWatch {
                 changed.clone(),
                 listed[0].clone(),
                 "services",
+                metrics.clone(),
             )),
             tokio::spawn(drive(
                 reflector::reflector(
@@ -786,6 +848,7 @@ impl ClusterWatch {
                 changed.clone(),
                 listed[1].clone(),
                 "nodes",
+                metrics.clone(),
             )),
             tokio::spawn(drive(
                 reflector::reflector(
@@ -795,6 +858,7 @@ impl ClusterWatch {
                 changed.clone(),
                 listed[2].clone(),
                 "endpointslices",
+                metrics,
             )),
         ];
         ClusterWatch {
@@ -825,6 +889,7 @@ async fn drive<K>(
     changed: Arc<Notify>,
     listed: Arc<AtomicBool>,
     what: &'static str,
+    metrics: Arc<Metrics>,
 ) {
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
@@ -836,6 +901,7 @@ async fn drive<K>(
                 changed.notify_one();
             }
             Err(e) => {
+                metrics.watch_restarted(what);
                 let e = match e {
                     watcher::Error::InitialListFailed(source)
                     | watcher::Error::WatchStartFailed(source)

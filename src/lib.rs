@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod desired;
 pub mod kube;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod plan;
