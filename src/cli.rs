@@ -511,7 +511,138 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Endpoint, MappingKey, Owner, Protocol};
+    use crate::state::MappingRecord;
     use clap::CommandFactory;
+
+    fn record(port: u16, status: MappingStatus, granted: Option<&str>) -> MappingRecord {
+        let internal = Endpoint {
+            address: "192.168.77.10".parse().expect("ip"),
+            port,
+        };
+        let mut record = MappingRecord::leftover(
+            Owner {
+                namespace: "default".into(),
+                name: format!("web{port}"),
+            },
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            },
+            internal,
+            Backend::Pcp,
+        );
+        record.status = status;
+        record.router = "192.168.77.1".into();
+        record.lifetime_secs = 3600;
+        record.granted_at = granted.map(|g| g.parse().expect("timestamp"));
+        record.expires_at = record
+            .granted_at
+            .map(|g| g + jiff::SignedDuration::from_secs(3600));
+        record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
+        record
+    }
+
+    fn sample() -> State {
+        let mut state = State::default();
+        let mut failed = record(8082, MappingStatus::Failed, None);
+        failed.last_error = Some("the router refused: NOT_AUTHORIZED".into());
+        for r in [
+            record(8080, MappingStatus::Active, Some("2025-01-01T00:00:00Z")),
+            record(8081, MappingStatus::Pending, None),
+            failed,
+        ] {
+            state.mappings.insert(r.key(), r);
+        }
+        state
+    }
+
+    #[test]
+    fn status_table_tells_each_mapping_and_sums_up() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let table = status_table(&sample(), now, false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].starts_with("SERVICE"), "{table}");
+        let active: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            active,
+            [
+                "default/web8080",
+                "tcp",
+                "11.22.33.44:8080",
+                "192.168.77.10:8080",
+                "pcp",
+                "39m30s",
+                "active"
+            ]
+        );
+        // Not granted: the router's address from the summary, no lease.
+        assert!(lines[2].contains("11.22.33.44:8081"), "{table}");
+        assert!(
+            lines[3].contains("failed") && lines[3].ends_with("NOT_AUTHORIZED"),
+            "{table}"
+        );
+        assert_eq!(
+            lines[4],
+            "3 mappings: 1 active, 1 pending, 1 failed; router 192.168.77.1, \
+             external IP 11.22.33.44, backend pcp"
+        );
+        assert!(!table.contains('\x1b'), "no colours off a terminal");
+
+        let coloured = status_table(&sample(), now, true);
+        assert!(coloured.contains("\x1b[32mactive  \x1b[0m"), "{coloured}");
+        assert!(
+            coloured.contains("\x1b[31mthe router refused"),
+            "{coloured}"
+        );
+    }
+
+    #[test]
+    fn an_empty_state_says_so() {
+        let table = status_table(&State::default(), Timestamp::now(), false);
+        assert!(
+            table.ends_with(
+                "0 mappings: 0 active, 0 pending, 0 failed; router unknown, \
+                 external IP unknown, backend unknown\n"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn lease_left_reads_like_a_clock() {
+        let granted = "2025-01-01T00:00:00Z";
+        let at = |t: &str| t.parse::<Timestamp>().expect("timestamp");
+        let r = record(8080, MappingStatus::Active, Some(granted));
+        assert_eq!(lease_left(&r, at("2025-01-01T00:00:00Z")), "1h00m");
+        assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
+        assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
+        let mut permanent = r.clone();
+        permanent.expires_at = None;
+        permanent.lifetime_secs = 0;
+        assert_eq!(lease_left(&permanent, at(granted)), "permanent");
+        assert_eq!(
+            lease_left(&record(1, MappingStatus::Pending, None), at(granted)),
+            "-"
+        );
+    }
+
+    #[test]
+    fn status_json_has_the_summary_and_lease_left() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let json = status_json(&sample(), now);
+        assert_eq!(json["summary"]["active"], 1);
+        assert_eq!(json["summary"]["failed"], 1);
+        assert_eq!(json["summary"]["external_address"], "11.22.33.44");
+        assert_eq!(json["summary"]["backend"], "pcp");
+        assert_eq!(json["mappings"][0]["owner"], "default/web8080");
+        assert_eq!(json["mappings"][0]["lease_left_secs"], 2370);
+        assert_eq!(
+            json["mappings"][1]["lease_left_secs"],
+            serde_json::Value::Null
+        );
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

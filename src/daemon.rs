@@ -245,7 +245,11 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     metrics.router_request(
                         mapper.as_ref().map_or(Backend::None, PortMapper::backend),
                         Operation::Probe,
-                        if mapper.is_some() { "ok" } else { "unreachable" },
+                        if mapper.is_some() {
+                            "ok"
+                        } else {
+                            "unreachable"
+                        },
                         started.0,
                         started.1.elapsed(),
                     );
@@ -331,7 +335,11 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 reconcile_started.elapsed(),
                 &state,
                 &problems,
-                outcome.save_error.as_ref().map(|e| e.to_string()).as_deref(),
+                outcome
+                    .save_error
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .as_deref(),
             );
             cluster_report.send(&problems, &state, &services).await;
             // Due times of what was just granted count too, not only of what was planned.

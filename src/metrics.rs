@@ -2,7 +2,9 @@
 //! HTTP on `metrics.listen` (`/metrics` and `/healthz`).
 //!
 //! `/metrics` speaks the OpenMetrics 1.0 text format (what Prometheus asks for first) through
-//! the official `prometheus-client` crate. Names follow the Prometheus conventions: a
+//! the official `prometheus-client` crate, and the classic Prometheus text format 0.0.4 to
+//! clients that do not ask for OpenMetrics (curl, `promtool check metrics`), as client_golang
+//! negotiates it. Names follow the Prometheus conventions: a
 //! `holepunch_` prefix, the unit in the name, `_total` on counters. Labels are few and
 //! bounded (backend, protocol, state, operation, result, problem kind): never one per Service.
 //!
@@ -34,9 +36,11 @@ use crate::model::{Backend, MappingKey, Problem, ProblemKind, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State};
 
-/// `Content-Type` of `/metrics`.
+/// `Content-Type` of `/metrics` for clients that accept OpenMetrics (Prometheus does).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of `/metrics` for everyone else (curl, promtool): the classic text format.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// How long the event loop may go without progress (a pass, or a router call finishing)
 /// beyond one verify interval before `/healthz` calls it stuck. A pass may wait on a few
 /// router calls that time out (PCP gives up after ~21 s each).
@@ -250,7 +254,9 @@ impl Metrics {
             problems.clone(),
         );
         for kind in PROBLEM_KINDS {
-            problems.get_or_create(&[("kind", problem_label(kind))]).set(0);
+            problems
+                .get_or_create(&[("kind", problem_label(kind))])
+                .set(0);
         }
         let state_write_failures = Counter::default();
         registry.register(
@@ -332,7 +338,9 @@ impl Metrics {
 
     /// A cluster watch was interrupted and restarts with backoff.
     pub fn watch_restarted(&self, resource: &'static str) {
-        self.watch_restarts.get_or_create(&[("resource", resource)]).inc();
+        self.watch_restarts
+            .get_or_create(&[("resource", resource)])
+            .inc();
     }
 
     /// After a reconcile pass: the mappings as recorded, the problems reported, and whether
@@ -422,8 +430,7 @@ impl Metrics {
         health(&HealthInputs {
             now,
             last_progress: observed.last_progress,
-            stall_limit: observed.verify_interval
-                + Duration::from_secs(LOOP_STALL_GRACE_SECS),
+            stall_limit: observed.verify_interval + Duration::from_secs(LOOP_STALL_GRACE_SECS),
             unreachable_since: observed.unreachable_since,
             lease_expiries: &observed.lease_expiries,
             lease_secs: observed.lease_secs,
@@ -511,8 +518,16 @@ pub fn health(inputs: &HealthInputs<'_>) -> Health {
                 ),
             };
         }
-        let holds = match inputs.lease_expiries.iter().filter(|at| **at > inputs.now).min() {
-            Some(at) => format!("; the earliest lease runs out in {} s", secs_until(inputs.now, *at)),
+        let holds = match inputs
+            .lease_expiries
+            .iter()
+            .filter(|at| **at > inputs.now)
+            .min()
+        {
+            Some(at) => format!(
+                "; the earliest lease runs out in {} s",
+                secs_until(inputs.now, *at)
+            ),
             None => String::new(),
         };
         return Health {
@@ -627,7 +642,17 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = respond(&metrics, request.method(), request.uri().path());
+                let openmetrics = request
+                    .headers()
+                    .get_all(hyper::header::ACCEPT)
+                    .iter()
+                    .any(|v| v.to_str().is_ok_and(accepts_openmetrics));
+                let response = respond(
+                    &metrics,
+                    request.method(),
+                    request.uri().path(),
+                    openmetrics,
+                );
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -641,8 +666,48 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-/// The answer to one request.
-fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Whether an `Accept` header value names OpenMetrics.
+fn accepts_openmetrics(accept: &str) -> bool {
+    accept
+        .split(',')
+        .any(|kind| kind.trim().starts_with("application/openmetrics-text"))
+}
+
+/// OpenMetrics text as the classic Prometheus text format 0.0.4: counter families are named
+/// with their `_total` suffix, and `# UNIT` and `# EOF` go (the classic parser knows neither).
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The answer to one request; `openmetrics`: the client accepts OpenMetrics.
+fn respond(
+    metrics: &Metrics,
+    method: &Method,
+    path: &str,
+    openmetrics: bool,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         return plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -652,7 +717,12 @@ fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Byte
     let now = Timestamp::now();
     match path {
         "/metrics" => match metrics.encode(now) {
-            Ok(text) => with_type(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
+            Ok(text) if openmetrics => with_type(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
+            Ok(text) => with_type(
+                StatusCode::OK,
+                PROMETHEUS_TEXT_CONTENT_TYPE,
+                to_prometheus_text(&text),
+            ),
             Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
         "/healthz" => {
@@ -843,9 +913,7 @@ mod tests {
             message: "taken".into(),
         }];
         metrics.reconciled(Duration::from_millis(30), &state, &problems, None);
-        let text = metrics
-            .encode(at("2025-01-01T00:01:00Z"))
-            .expect("encode");
+        let text = metrics.encode(at("2025-01-01T00:01:00Z")).expect("encode");
         for line in [
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"active\"} 2",
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"failed\"} 1",
@@ -865,7 +933,10 @@ mod tests {
         metrics.reconciled(Duration::ZERO, &State::default(), &[], Some("disk full"));
         let text = metrics.encode(Timestamp::now()).expect("encode");
         assert!(!text.contains("holepunch_lease_expiry_seconds "), "{text}");
-        assert!(text.contains("holepunch_state_write_failures_total 1"), "{text}");
+        assert!(
+            text.contains("holepunch_state_write_failures_total 1"),
+            "{text}"
+        );
         assert!(!metrics.health(Timestamp::now()).healthy);
     }
 
@@ -905,7 +976,9 @@ mod tests {
     async fn instrumented_requests_are_counted_by_result_and_move_router_up() {
         let metrics = Metrics::new(120, Duration::from_secs(60));
         let mut silent = Silent;
-        let result = Instrumented::new(&mut silent, &metrics).map(&request()).await;
+        let result = Instrumented::new(&mut silent, &metrics)
+            .map(&request())
+            .await;
         assert!(matches!(result, Err(RouterError::Unreachable(_))));
         let text = metrics.encode(Timestamp::now()).expect("encode");
         assert!(text.contains("holepunch_router_requests_total{backend=\"natpmp\",operation=\"map\",result=\"unreachable\"} 1"), "{text}");
@@ -931,21 +1004,49 @@ mod tests {
     #[test]
     fn http_answers_per_path_and_method() {
         let metrics = Metrics::new(120, Duration::from_secs(60));
-        let ok = respond(&metrics, &Method::GET, "/healthz");
+        let ok = respond(&metrics, &Method::GET, "/healthz", false);
         assert_eq!(ok.status(), StatusCode::OK);
-        let scrape = respond(&metrics, &Method::GET, "/metrics");
+        let scrape = respond(&metrics, &Method::GET, "/metrics", true);
         assert_eq!(scrape.status(), StatusCode::OK);
         assert_eq!(
             scrape.headers()[hyper::header::CONTENT_TYPE],
             OPENMETRICS_CONTENT_TYPE
         );
+        let classic = respond(&metrics, &Method::GET, "/metrics", false);
         assert_eq!(
-            respond(&metrics, &Method::GET, "/nope").status(),
+            classic.headers()[hyper::header::CONTENT_TYPE],
+            PROMETHEUS_TEXT_CONTENT_TYPE
+        );
+        assert_eq!(
+            respond(&metrics, &Method::GET, "/nope", false).status(),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            respond(&metrics, &Method::POST, "/metrics").status(),
+            respond(&metrics, &Method::POST, "/metrics", false).status(),
             StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[test]
+    fn accept_header_picks_the_format() {
+        assert!(accepts_openmetrics(
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1"
+        ));
+        assert!(!accepts_openmetrics("*/*"));
+        assert!(!accepts_openmetrics("text/plain"));
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_openmetrics_lines() {
+        let openmetrics = "# HELP x_requests Requests.\n# TYPE x_requests counter\n\
+                           x_requests_total{a=\"b\"} 2\n# HELP x_up Up.\n# TYPE x_up gauge\n\
+                           x_up 1\n# HELP x_took_seconds Took.\n# TYPE x_took_seconds gauge\n\
+                           # UNIT x_took_seconds seconds\nx_took_seconds 0.5\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(openmetrics),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\n\
+             x_requests_total{a=\"b\"} 2\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n\
+             # HELP x_took_seconds Took.\n# TYPE x_took_seconds gauge\nx_took_seconds 0.5\n"
         );
     }
 }
