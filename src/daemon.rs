@@ -26,7 +26,7 @@ use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
 use crate::kube::events::{self, EventPublisher};
 use crate::kube::status;
-use crate::metrics::{self, Instrumented, Metrics, Operation};
+use crate::metrics::{self, Instrumented, Metrics};
 use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
@@ -242,14 +242,8 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     .run(address, &config.router, preferred_backend(&state))
                     .await;
                 if probing {
-                    metrics.router_request(
-                        mapper.as_ref().map_or(Backend::None, PortMapper::backend),
-                        Operation::Probe,
-                        if mapper.is_some() {
-                            "ok"
-                        } else {
-                            "unreachable"
-                        },
+                    metrics.probed(
+                        mapper.as_ref().map(PortMapper::backend),
                         started.0,
                         started.1.elapsed(),
                     );

@@ -314,7 +314,28 @@ impl Metrics {
         started: Timestamp,
         took: Duration,
     ) {
-        let backend = backend_label(backend);
+        self.count_request(backend_label(backend), operation, result, started, took);
+    }
+
+    /// A probe for the router's protocol finished: `found` is what answered, `None` when
+    /// nothing did (counted with `backend="unknown"`, `result="unreachable"`).
+    pub fn probed(&self, found: Option<Backend>, started: Timestamp, took: Duration) {
+        match found {
+            Some(backend) => self.router_request(backend, Operation::Probe, "ok", started, took),
+            None => {
+                self.count_request("unknown", Operation::Probe, "unreachable", started, took);
+            }
+        }
+    }
+
+    fn count_request(
+        &self,
+        backend: &'static str,
+        operation: Operation,
+        result: &'static str,
+        started: Timestamp,
+        took: Duration,
+    ) {
         self.router_requests
             .get_or_create(&[
                 ("backend", backend),
@@ -999,6 +1020,17 @@ mod tests {
         assert!(!text.contains("operation=\"verify\""), "{text}");
         assert!(text.contains("holepunch_router_up 1"), "{text}");
         assert!(metrics.observed().unreachable_since.is_none());
+
+        // A probe that found nothing: the router is silent, whatever protocol it speaks.
+        metrics.probed(None, Timestamp::now(), Duration::from_secs(3));
+        let text = metrics.encode(Timestamp::now()).expect("encode");
+        assert!(
+            text.contains(
+                "holepunch_router_requests_total{backend=\"unknown\",operation=\"probe\",result=\"unreachable\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("holepunch_router_up 0"), "{text}");
     }
 
     #[test]
