@@ -186,6 +186,9 @@ struct Observed {
     verify_interval: Duration,
     state_write_error: Option<String>,
     mappings_up: usize,
+    /// The series of `holepunch_mappings` and of the address info metric now exposed.
+    mapping_series: Vec<MappingLabels>,
+    address_series: Option<AddressLabels>,
 }
 
 impl Metrics {
@@ -284,6 +287,8 @@ impl Metrics {
                 verify_interval,
                 state_write_error: None,
                 mappings_up: 0,
+                mapping_series: Vec::new(),
+                address_series: None,
             }),
         })
     }
@@ -380,15 +385,51 @@ impl Metrics {
     /// The mappings as recorded, the problems reported, and whether the state could be
     /// saved (also while no router is found and nothing is reconciled).
     pub fn observe_state(&self, state: &State, problems: &[Problem], save_error: Option<&str>) {
-        self.mappings.clear();
+        // Set the new counts, then drop the series that went away: a scrape in between
+        // never sees a mapping count fall to nothing and come back.
+        let mut counts: std::collections::BTreeMap<MappingLabels, i64> = Default::default();
         for record in state.mappings.values() {
-            self.mappings
-                .get_or_create(&[
+            *counts
+                .entry([
                     ("backend", backend_label(record.backend)),
                     ("protocol", protocol_label(record.protocol)),
                     ("state", status_label(record.status)),
                 ])
-                .inc();
+                .or_default() += 1;
+        }
+        for (labels, count) in &counts {
+            self.mappings.get_or_create(labels).set(*count);
+        }
+        let address = state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active && r.external_address.is_some())
+            .max_by_key(|r| r.granted_at)
+            .and_then(|r| {
+                Some([
+                    ("backend", backend_label(r.backend).to_owned()),
+                    ("address", r.external_address?.to_string()),
+                ])
+            });
+        if let Some(labels) = &address {
+            self.external_address.get_or_create(labels).set(1);
+        }
+        {
+            let mut observed = self.observed();
+            for gone in observed
+                .mapping_series
+                .iter()
+                .filter(|labels| !counts.contains_key(*labels))
+            {
+                self.mappings.remove(gone);
+            }
+            if let Some(gone) = observed.address_series.take()
+                && Some(&gone) != address.as_ref()
+            {
+                self.external_address.remove(&gone);
+            }
+            observed.mapping_series = counts.into_keys().collect();
+            observed.address_series = address;
         }
         for kind in PROBLEM_KINDS {
             let owners: std::collections::BTreeSet<_> = problems
@@ -399,21 +440,6 @@ impl Metrics {
             self.problems
                 .get_or_create(&[("kind", problem_label(kind))])
                 .set(i64::try_from(owners.len()).unwrap_or(i64::MAX));
-        }
-        self.external_address.clear();
-        if let Some(latest) = state
-            .mappings
-            .values()
-            .filter(|r| r.status == MappingStatus::Active && r.external_address.is_some())
-            .max_by_key(|r| r.granted_at)
-            && let Some(address) = latest.external_address
-        {
-            self.external_address
-                .get_or_create(&[
-                    ("backend", backend_label(latest.backend).to_owned()),
-                    ("address", address.to_string()),
-                ])
-                .set(1);
         }
         if save_error.is_some() {
             self.state_write_failures.inc();
@@ -953,6 +979,11 @@ mod tests {
         // Nothing granted: no lease metric at all rather than a made-up number.
         metrics.reconciled(Duration::ZERO, &State::default(), &[], Some("disk full"));
         let text = metrics.encode(Timestamp::now()).expect("encode");
+        assert!(
+            !text.contains("holepunch_mappings{"),
+            "gone mappings go: {text}"
+        );
+        assert!(!text.contains("address=\""), "{text}");
         assert!(!text.contains("holepunch_lease_expiry_seconds "), "{text}");
         assert!(
             text.contains("holepunch_state_write_failures_total 1"),

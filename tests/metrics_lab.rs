@@ -300,3 +300,60 @@ fn metrics_match_the_router_and_health_follows_the_leases() {
     );
     eprintln!("the test took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// The README's two alert rules, through `promtool test rules`: a mapping down for 5
+/// minutes fires (not before), and leases about to run out while the router is silent fire
+/// with the seconds left.
+#[test]
+fn readme_alert_rules_fire_as_documented() {
+    let readme = std::fs::read_to_string(bin::repo("README.md")).expect("README.md");
+    let rules = readme
+        .split("```yaml\n")
+        .filter_map(|block| block.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.starts_with("groups:"))
+        .expect("a ```yaml block with the alert rules in README.md");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("rules.yml"), rules).expect("write rules");
+    let series = |name: &str, labels: &str, values: &str| {
+        format!(
+            "      - series: '{name}{{instance=\"nas:9473\",job=\"holepunch\"{labels}}}'\n        values: '{values}'\n"
+        )
+    };
+    let tests = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}\
+         \x20   alert_rule_test:\n\
+         \x20     - eval_time: 5m\n        alertname: HolepunchMappingDown\n        exp_alerts: []\n\
+         \x20     - eval_time: 7m\n        alertname: HolepunchMappingDown\n        exp_alerts:\n\
+         \x20         - exp_labels: {{instance: \"nas:9473\"}}\n\
+         \x20           exp_annotations: {{summary: \"1 mappings are not up on the router for 5 minutes; see `holepunch status`\"}}\n\
+         \x20     - eval_time: 1m\n        alertname: HolepunchLeasesExpiringRouterUnreachable\n        exp_alerts: []\n\
+         \x20     - eval_time: 3m\n        alertname: HolepunchLeasesExpiringRouterUnreachable\n        exp_alerts:\n\
+         \x20         - exp_labels: {{instance: \"nas:9473\", job: \"holepunch\"}}\n\
+         \x20           exp_annotations: {{summary: \"the router does not answer and a lease runs out in 200 s\"}}\n",
+        series(
+            "holepunch_mappings",
+            ",backend=\"pcp\",protocol=\"tcp\",state=\"failed\"",
+            "0 1 1 1 1 1 1 1 1"
+        ),
+        series(
+            "holepunch_mappings",
+            ",backend=\"pcp\",protocol=\"tcp\",state=\"active\"",
+            "2 1 1 1 1 1 1 1 1"
+        ),
+        // Silent from minute 1; the lease ends in 500 s, then 200 s.
+        series("holepunch_router_up", "", "1 0 0 0 0"),
+        series("holepunch_lease_expiry_seconds", "", "800 500 350 200 100"),
+    );
+    std::fs::write(dir.path().join("tests.yml"), tests).expect("write tests");
+    let out = Command::new("promtool")
+        .args(["test", "rules", "tests.yml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool runs (apt install prometheus)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
