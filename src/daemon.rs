@@ -88,6 +88,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         None => None,
     };
 
+    // What the state file holds counts from the start (leases from a previous run included).
+    metrics.observe_state(&state, &[], None);
+
     'config: loop {
         metrics.configure(
             config.router.lease_secs,
@@ -121,7 +124,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             match crate::kube::client(&config.kubernetes).await {
                 Ok(client) => break client,
                 Err(e) => {
-                    metrics.loop_alive();
+                    metrics.waiting_for_cluster(Some(&e.to_string()));
                     tracing::error!("{e}");
                     notify_status(&first_line(&e.to_string()));
                     if !ready_sent {
@@ -211,9 +214,13 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 },
             }
             if !cluster.is_ready() {
+                metrics.waiting_for_cluster(Some(
+                    "the first list of Services, Nodes and EndpointSlices has not arrived",
+                ));
                 notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
+            metrics.waiting_for_cluster(None);
             let services: Vec<Service> = cluster
                 .services
                 .state()

@@ -181,6 +181,7 @@ pub struct Metrics {
 struct Observed {
     last_progress: Timestamp,
     unreachable_since: Option<Timestamp>,
+    waiting_for_cluster: Option<String>,
     lease_expiries: Vec<Timestamp>,
     lease_secs: u32,
     verify_interval: Duration,
@@ -282,6 +283,7 @@ impl Metrics {
             observed: Mutex::new(Observed {
                 last_progress: Timestamp::now(),
                 unreachable_since: None,
+                waiting_for_cluster: None,
                 lease_expiries: Vec::new(),
                 lease_secs,
                 verify_interval,
@@ -303,6 +305,14 @@ impl Metrics {
         let mut observed = self.observed();
         observed.lease_secs = lease_secs;
         observed.verify_interval = verify_interval;
+    }
+
+    /// The daemon cannot reach the cluster yet (`why`), or can again (`None`); nothing is
+    /// reconciled, so nothing is renewed, meanwhile.
+    pub fn waiting_for_cluster(&self, why: Option<&str>) {
+        let mut observed = self.observed();
+        observed.last_progress = Timestamp::now();
+        observed.waiting_for_cluster = why.map(|why| first_line(why).to_owned());
     }
 
     /// The event loop made a pass (or waits, alive, for something).
@@ -479,6 +489,7 @@ impl Metrics {
             last_progress: observed.last_progress,
             stall_limit: observed.verify_interval + Duration::from_secs(LOOP_STALL_GRACE_SECS),
             unreachable_since: observed.unreachable_since,
+            waiting_for_cluster: observed.waiting_for_cluster.as_deref(),
             lease_expiries: &observed.lease_expiries,
             lease_secs: observed.lease_secs,
             state_write_error: observed.state_write_error.as_deref(),
@@ -508,6 +519,8 @@ pub struct HealthInputs<'a> {
     pub stall_limit: Duration,
     /// Since when the router has not answered; `None` while it answers.
     pub unreachable_since: Option<Timestamp>,
+    /// Why the cluster cannot be reached yet, while the daemon waits for it.
+    pub waiting_for_cluster: Option<&'a str>,
     /// When the granted leases run out.
     pub lease_expiries: &'a [Timestamp],
     /// `router.lease_seconds` (0: permanent).
@@ -537,6 +550,23 @@ pub fn health(inputs: &HealthInputs<'_>) -> Health {
                 "the event loop has made no progress for {stalled} s; restart holepunch and \
                  report its log"
             ),
+        };
+    }
+    if let Some(why) = inputs.waiting_for_cluster {
+        // NOTE: nothing is renewed before the cluster is read (DESIGN.md: nothing is changed
+        // while the cluster cannot be read), so recorded leases run out meanwhile.
+        let lapsed = inputs
+            .lease_expiries
+            .iter()
+            .filter(|at| **at <= inputs.now)
+            .count();
+        return Health {
+            healthy: lapsed == 0,
+            reason: if lapsed == 0 {
+                format!("waiting for the cluster: {why}")
+            } else {
+                format!("waiting for the cluster, and {lapsed} leases ran out meanwhile: {why}")
+            },
         };
     }
     if let Some(since) = inputs.unreachable_since {
@@ -819,6 +849,7 @@ mod tests {
             last_progress: at(now),
             stall_limit: Duration::from_secs(360),
             unreachable_since: None,
+            waiting_for_cluster: None,
             lease_expiries: expiries,
             lease_secs: 120,
             state_write_error: None,
@@ -881,6 +912,24 @@ mod tests {
                 },
                 true,
                 "retrying",
+            ),
+            (
+                "no kubeconfig yet, leases hold",
+                HealthInputs {
+                    waiting_for_cluster: Some("no kubeconfig at /etc/holepunch/kubeconfig"),
+                    ..inputs("2025-01-01T00:01:00Z", &expiries)
+                },
+                true,
+                "waiting for the cluster: no kubeconfig",
+            ),
+            (
+                "no kubeconfig yet, a lease ran out",
+                HealthInputs {
+                    waiting_for_cluster: Some("no kubeconfig at /etc/holepunch/kubeconfig"),
+                    ..inputs("2025-01-01T00:02:30Z", &expiries)
+                },
+                false,
+                "waiting for the cluster, and 1 leases ran out meanwhile",
             ),
             (
                 "stuck loop",

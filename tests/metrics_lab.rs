@@ -34,17 +34,22 @@ const METRICS_ADDRESS: &str = "127.0.0.1:9473";
 /// `GET path` from the daemon's metrics listener: status code and body; `(0, error)` while
 /// nothing listens.
 fn get(path: &str) -> (u16, String) {
-    get_accepting(path, "*/*")
+    get_from(METRICS_ADDRESS, path, "*/*")
 }
 
 /// [`get`] with an `Accept` header.
 fn get_accepting(path: &str, accept: &str) -> (u16, String) {
+    get_from(METRICS_ADDRESS, path, accept)
+}
+
+/// `GET path` from `address`, with an `Accept` header.
+fn get_from(address: &str, path: &str, accept: &str) -> (u16, String) {
     let attempt = || -> std::io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect(METRICS_ADDRESS)?;
+        let mut stream = TcpStream::connect(address)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: {METRICS_ADDRESS}\r\nAccept: {accept}\r\n\
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: {accept}\r\n\
              Connection: close\r\n\r\n"
         )?;
         let mut response = Vec::new();
@@ -356,4 +361,73 @@ fn readme_alert_rules_fire_as_documented() {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// Without a kubeconfig the daemon waits and renews nothing: `/healthz` says so, and turns
+/// 503 when a lease recorded in the state file has run out meanwhile; `/metrics` shows the
+/// recorded mappings from the start. (Loopback of this namespace only; no router involved.)
+#[test]
+fn healthz_while_waiting_for_the_cluster() {
+    for (lapsed, code, reason) in [
+        (false, 200, "waiting for the cluster: "),
+        (
+            true,
+            503,
+            "waiting for the cluster, and 1 leases ran out meanwhile: ",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let address = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            probe.local_addr().expect("address").to_string()
+        };
+        let config = dir.path().join("holepunch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[kubernetes]\nkubeconfig = \"{dir}/no-kubeconfig\"\n\n[router]\nbackend = \"pcp\"\n\
+                 address = \"127.0.0.1\"\n\n[exposure]\nlan_address = \"127.0.0.1\"\n\n\
+                 [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"{address}\"\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("write config");
+        let expires = if lapsed {
+            jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60)
+        } else {
+            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)
+        };
+        let record = bin::state_record(8080, "pcp").replace(
+            "status = \"active\"",
+            &format!(
+                "lifetime_secs = 3600\ngranted_at = \"{}\"\nexpires_at = \"{expires}\"\n\
+                 status = \"active\"",
+                expires - jiff::SignedDuration::from_secs(3600)
+            ),
+        );
+        std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+        std::fs::write(
+            dir.path().join("state/state.toml"),
+            format!("version = 1\n\n{record}"),
+        )
+        .expect("write state");
+
+        let daemon = bin::Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "/healthz to answer",
+            Duration::from_secs(20),
+            || get_from(&address, "/healthz", "*/*").0 != 0,
+        );
+        let (got_code, got_reason) = get_from(&address, "/healthz", "*/*");
+        assert_eq!(got_code, code, "{got_reason}");
+        assert!(
+            got_reason.starts_with(reason) && got_reason.contains("kubeconfig"),
+            "{got_reason}"
+        );
+        let metrics = get_from(&address, "/metrics", "*/*").1;
+        assert_eq!(sample(&metrics, ACTIVE_TCP), Some(1.0), "{metrics}");
+        let left = sample(&metrics, LEASE_EXPIRY).expect("lease expiry");
+        assert_eq!(left < 0.0, lapsed, "{metrics}");
+    }
 }
