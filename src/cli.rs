@@ -264,20 +264,34 @@ fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
     let config = load_config(path)?;
     let state = read_state_or_empty(&config.state.path)?;
     let now = Timestamp::now();
-    match output {
+    let text = match output {
         OutputFormat::Json => {
-            let text = serde_json::to_string_pretty(&status_json(&state, now))
+            let mut text = serde_json::to_string_pretty(&status_json(&state, now))
                 .map_err(|e| Failure::new(EXIT_OTHER, e))?;
-            println!("{text}");
+            text.push('\n');
+            text
         }
         OutputFormat::Table => {
             // NOTE: https://no-color.org: a set, non-empty NO_COLOR turns colours off.
             let colour = std::io::stdout().is_terminal()
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-            print!("{}", status_table(&state, now, colour));
+            status_table(&state, now, colour)
         }
+    };
+    print_out(&text)
+}
+
+/// Writes to standard output; a reader that went away (`status | head`) is no failure.
+fn print_out(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::new(
+            EXIT_OTHER,
+            anyhow::Error::new(e).context("cannot write to standard output"),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The line under the table: how many mappings stand where, and which router holds them.
@@ -350,6 +364,7 @@ pub fn lease_left(record: &crate::state::MappingRecord, now: Timestamp) -> Strin
         None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
         None => "-".to_owned(),
         Some(left) if left <= 0 => "expired".to_owned(),
+        Some(left) if left >= 86400 => format!("{}d{:02}h", left / 86400, left % 86400 / 3600),
         Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
         Some(left) if left >= 60 => format!("{}m{:02}s", left / 60, left % 60),
         Some(left) => format!("{left}s"),
@@ -409,8 +424,7 @@ pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
             MappingStatus::Active => ("active", GREEN),
             MappingStatus::Failed => ("failed", RED),
         };
-        let _ = writeln!(
-            out,
+        let row = format!(
             "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
             record.owner.to_string(),
             record.protocol.to_string(),
@@ -421,6 +435,7 @@ pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
             paint(format!("{status:<8}"), code),
             paint(record.last_error.clone().unwrap_or_default(), RED),
         );
+        let _ = writeln!(out, "{}", row.trim_end());
     }
     let _ = writeln!(out, "{summary}");
     out
@@ -616,6 +631,7 @@ mod tests {
         let at = |t: &str| t.parse::<Timestamp>().expect("timestamp");
         let r = record(8080, MappingStatus::Active, Some(granted));
         assert_eq!(lease_left(&r, at("2025-01-01T00:00:00Z")), "1h00m");
+        assert_eq!(lease_left(&r, at("2024-12-30T00:00:00Z")), "2d01h");
         assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
         assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
         let mut permanent = r.clone();

@@ -537,9 +537,10 @@ pub struct Health {
     pub reason: String,
 }
 
-/// Healthy while the event loop makes progress and the router, if it does not answer, has
-/// not let a lease run out meanwhile (nor been silent for a whole lease); a failed state
-/// save is unhealthy too, since a restart would then forget mappings.
+/// Healthy while the event loop makes progress and no lease runs out unrenewed: while the
+/// daemon waits for the cluster (it renews nothing then), or while the router does not answer
+/// (nor may it be silent for a whole lease). A failed state save is unhealthy too, since a
+/// restart would then forget mappings.
 pub fn health(inputs: &HealthInputs<'_>) -> Health {
     let secs = |from: Timestamp| inputs.now.duration_since(from).as_secs().max(0);
     let stalled = secs(inputs.last_progress);
