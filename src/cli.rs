@@ -283,61 +283,184 @@ fn read_state_or_empty(path: &Path) -> Result<State, Failure> {
 }
 
 fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
+    use std::io::IsTerminal;
     let config = load_config(path)?;
     let state = read_state_or_empty(&config.state.path)?;
     let now = Timestamp::now();
-    match output {
+    let text = match output {
         OutputFormat::Json => {
-            let records: Vec<_> = state.mappings.values().collect();
-            let text = serde_json::to_string_pretty(&serde_json::json!({ "mappings": records }))
+            let mut text = serde_json::to_string_pretty(&status_json(&state, now))
                 .map_err(|e| Failure::new(EXIT_OTHER, e))?;
-            println!("{text}");
+            text.push('\n');
+            text
         }
-        OutputFormat::Table => print!("{}", status_table(&state, now)),
-    }
-    Ok(())
+        OutputFormat::Table => {
+            // NOTE: https://no-color.org: a set, non-empty NO_COLOR turns colours off.
+            let colour = std::io::stdout().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            status_table(&state, now, colour)
+        }
+    };
+    print_out(&text)
 }
 
-/// One row per mapping: owner, protocol, public port, target, backend, lease left, status,
-/// last error.
-pub fn status_table(state: &State, now: Timestamp) -> String {
+/// Writes to standard output; a reader that went away (`status | head`) is no failure.
+fn print_out(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::new(
+            EXIT_OTHER,
+            anyhow::Error::new(e).context("cannot write to standard output"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The line under the table: how many mappings stand where, and which router holds them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StatusSummary {
+    pub mappings: usize,
+    pub active: usize,
+    pub pending: usize,
+    pub failed: usize,
+    /// The router that granted the latest mapping (its address, for UPnP with its UDN).
+    pub router: Option<String>,
+    pub external_address: Option<Ipv4Addr>,
+    /// The backend of the latest grant: the one in use.
+    pub backend: Option<Backend>,
+}
+
+impl StatusSummary {
+    pub fn of(state: &State) -> StatusSummary {
+        let count = |status| {
+            state
+                .mappings
+                .values()
+                .filter(|r| r.status == status)
+                .count()
+        };
+        let latest = state
+            .mappings
+            .values()
+            .filter(|r| r.granted_at.is_some())
+            .max_by_key(|r| r.granted_at);
+        StatusSummary {
+            mappings: state.mappings.len(),
+            active: count(MappingStatus::Active),
+            pending: count(MappingStatus::Pending),
+            failed: count(MappingStatus::Failed),
+            router: latest.map(|r| r.router.clone()).filter(|r| !r.is_empty()),
+            external_address: latest.and_then(|r| r.external_address),
+            backend: latest.map(|r| r.backend),
+        }
+    }
+}
+
+impl std::fmt::Display for StatusSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} mappings: {} active, {} pending, {} failed; router {}, external IP {}, backend {}",
+            self.mappings,
+            self.active,
+            self.pending,
+            self.failed,
+            self.router.as_deref().unwrap_or("unknown"),
+            self.external_address
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            self.backend
+                .map_or_else(|| "unknown".to_owned(), |b| b.to_string()),
+        )
+    }
+}
+
+/// Seconds until the lease runs out (negative: it ran out); `None` for permanent leases and
+/// mappings not granted.
+pub fn lease_left_secs(record: &crate::state::MappingRecord, now: Timestamp) -> Option<i64> {
+    record.expires_at.map(|at| at.as_second() - now.as_second())
+}
+
+/// The lease as a person reads it: `59m12s`, `permanent`, `expired`, `-` (not granted).
+pub fn lease_left(record: &crate::state::MappingRecord, now: Timestamp) -> String {
+    match lease_left_secs(record, now) {
+        None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
+        None => "-".to_owned(),
+        Some(left) if left <= 0 => "expired".to_owned(),
+        Some(left) if left >= 86400 => format!("{}d{:02}h", left / 86400, left % 86400 / 3600),
+        Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
+        Some(left) if left >= 60 => format!("{}m{:02}s", left / 60, left % 60),
+        Some(left) => format!("{left}s"),
+    }
+}
+
+/// `status -o json`: the summary, and every record as the state file holds it plus
+/// `lease_left_secs`.
+pub fn status_json(state: &State, now: Timestamp) -> serde_json::Value {
+    let mappings: Vec<serde_json::Value> = state
+        .mappings
+        .values()
+        .map(|record| {
+            let mut value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
+            if let Some(fields) = value.as_object_mut() {
+                fields.insert(
+                    "lease_left_secs".to_owned(),
+                    serde_json::json!(lease_left_secs(record, now)),
+                );
+            }
+            value
+        })
+        .collect();
+    serde_json::json!({ "summary": StatusSummary::of(state), "mappings": mappings })
+}
+
+const GREEN: &str = "\x1b[32m";
+const YELLOW: &str = "\x1b[33m";
+const RED: &str = "\x1b[31m";
+const RESET: &str = "\x1b[0m";
+
+/// One row per mapping: owner, protocol, public `ip:port`, target, backend, lease left,
+/// status, last error; then the summary. `colour`: status and errors in ANSI colours (only
+/// for a terminal).
+pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
     use std::fmt::Write;
+    let paint = |text: String, code: &str| {
+        if colour && !text.trim().is_empty() {
+            format!("{code}{text}{RESET}")
+        } else {
+            text
+        }
+    };
+    let summary = StatusSummary::of(state);
     let mut out = format!(
         "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}\n",
-        "SERVICE", "PROTO", "EXTERNAL", "TARGET", "BACKEND", "LEASE", "STATUS", "LAST ERROR"
+        "SERVICE", "PROTO", "PUBLIC", "TARGET", "BACKEND", "LEASE", "STATUS", "LAST ERROR"
     );
     for record in state.mappings.values() {
-        let external = match record.external_address {
+        let address = record.external_address.or(summary.external_address);
+        let public = match address {
             Some(address) => format!("{address}:{}", record.external_port),
-            None => format!("*:{}", record.external_port),
+            None => format!("?:{}", record.external_port),
         };
-        let lease = match record.expires_at {
-            None if record.lifetime_secs == 0 && record.granted_at.is_some() => {
-                "permanent".to_owned()
-            }
-            None => "-".to_owned(),
-            Some(at) if at <= now => "expired".to_owned(),
-            Some(at) => format!("{}s", at.as_second() - now.as_second()),
+        let (status, code) = match record.status {
+            MappingStatus::Pending => ("pending", YELLOW),
+            MappingStatus::Active => ("active", GREEN),
+            MappingStatus::Failed => ("failed", RED),
         };
-        let status = match record.status {
-            MappingStatus::Pending => "pending",
-            MappingStatus::Active => "active",
-            MappingStatus::Failed => "failed",
-        };
-        let _ = writeln!(
-            out,
-            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}",
+        let row = format!(
+            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
             record.owner.to_string(),
             record.protocol.to_string(),
-            external,
+            public,
             record.target.to_string(),
             record.backend.to_string(),
-            lease,
-            status,
-            record.last_error.as_deref().unwrap_or("")
+            lease_left(record, now),
+            paint(format!("{status:<8}"), code),
+            paint(record.last_error.clone().unwrap_or_default(), RED),
         );
+        let _ = writeln!(out, "{}", row.trim_end());
     }
-    let _ = writeln!(out, "{} mappings", state.mappings.len());
+    let _ = writeln!(out, "{summary}");
     out
 }
 
@@ -426,7 +549,139 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Endpoint, MappingKey, Owner, Protocol};
+    use crate::state::MappingRecord;
     use clap::CommandFactory;
+
+    fn record(port: u16, status: MappingStatus, granted: Option<&str>) -> MappingRecord {
+        let internal = Endpoint {
+            address: "192.168.77.10".parse().expect("ip"),
+            port,
+        };
+        let mut record = MappingRecord::leftover(
+            Owner {
+                namespace: "default".into(),
+                name: format!("web{port}"),
+            },
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            },
+            internal,
+            Backend::Pcp,
+        );
+        record.status = status;
+        record.router = "192.168.77.1".into();
+        record.lifetime_secs = 3600;
+        record.granted_at = granted.map(|g| g.parse().expect("timestamp"));
+        record.expires_at = record
+            .granted_at
+            .map(|g| g + jiff::SignedDuration::from_secs(3600));
+        record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
+        record
+    }
+
+    fn sample() -> State {
+        let mut state = State::default();
+        let mut failed = record(8082, MappingStatus::Failed, None);
+        failed.last_error = Some("the router refused: NOT_AUTHORIZED".into());
+        for r in [
+            record(8080, MappingStatus::Active, Some("2025-01-01T00:00:00Z")),
+            record(8081, MappingStatus::Pending, None),
+            failed,
+        ] {
+            state.mappings.insert(r.key(), r);
+        }
+        state
+    }
+
+    #[test]
+    fn status_table_tells_each_mapping_and_sums_up() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let table = status_table(&sample(), now, false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].starts_with("SERVICE"), "{table}");
+        let active: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            active,
+            [
+                "default/web8080",
+                "tcp",
+                "11.22.33.44:8080",
+                "192.168.77.10:8080",
+                "pcp",
+                "39m30s",
+                "active"
+            ]
+        );
+        // Not granted: the router's address from the summary, no lease.
+        assert!(lines[2].contains("11.22.33.44:8081"), "{table}");
+        assert!(
+            lines[3].contains("failed") && lines[3].ends_with("NOT_AUTHORIZED"),
+            "{table}"
+        );
+        assert_eq!(
+            lines[4],
+            "3 mappings: 1 active, 1 pending, 1 failed; router 192.168.77.1, \
+             external IP 11.22.33.44, backend pcp"
+        );
+        assert!(!table.contains('\x1b'), "no colours off a terminal");
+
+        let coloured = status_table(&sample(), now, true);
+        assert!(coloured.contains("\x1b[32mactive  \x1b[0m"), "{coloured}");
+        assert!(
+            coloured.contains("\x1b[31mthe router refused"),
+            "{coloured}"
+        );
+    }
+
+    #[test]
+    fn an_empty_state_says_so() {
+        let table = status_table(&State::default(), Timestamp::now(), false);
+        assert!(
+            table.ends_with(
+                "0 mappings: 0 active, 0 pending, 0 failed; router unknown, \
+                 external IP unknown, backend unknown\n"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn lease_left_reads_like_a_clock() {
+        let granted = "2025-01-01T00:00:00Z";
+        let at = |t: &str| t.parse::<Timestamp>().expect("timestamp");
+        let r = record(8080, MappingStatus::Active, Some(granted));
+        assert_eq!(lease_left(&r, at("2025-01-01T00:00:00Z")), "1h00m");
+        assert_eq!(lease_left(&r, at("2024-12-30T00:00:00Z")), "2d01h");
+        assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
+        assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
+        let mut permanent = r.clone();
+        permanent.expires_at = None;
+        permanent.lifetime_secs = 0;
+        assert_eq!(lease_left(&permanent, at(granted)), "permanent");
+        assert_eq!(
+            lease_left(&record(1, MappingStatus::Pending, None), at(granted)),
+            "-"
+        );
+    }
+
+    #[test]
+    fn status_json_has_the_summary_and_lease_left() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let json = status_json(&sample(), now);
+        assert_eq!(json["summary"]["active"], 1);
+        assert_eq!(json["summary"]["failed"], 1);
+        assert_eq!(json["summary"]["external_address"], "11.22.33.44");
+        assert_eq!(json["summary"]["backend"], "pcp");
+        assert_eq!(json["mappings"][0]["owner"], "default/web8080");
+        assert_eq!(json["mappings"][0]["lease_left_secs"], 2370);
+        assert_eq!(
+            json["mappings"][1]["lease_left_secs"],
+            serde_json::Value::Null
+        );
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

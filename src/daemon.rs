@@ -27,6 +27,7 @@ use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
 use crate::kube::events::{self, EventPublisher};
 use crate::kube::status;
+use crate::metrics::{self, Instrumented, Metrics};
 use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
@@ -76,8 +77,36 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let watchdog = sd_notify::watchdog_enabled();
     let mut ready_sent = false;
+    let metrics = Metrics::new(
+        config.router.lease_secs,
+        Duration::from_secs(config.router.verify_interval_secs.into()),
+    );
+    // NOTE: bound once: a changed metrics.listen takes effect at the next start.
+    let _metrics_server = match config.metrics.listen {
+        Some(address) => match metrics::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics and /healthz");
+                Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                    listener,
+                    metrics.clone(),
+                ))))
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                None
+            }
+        },
+        None => None,
+    };
+
+    // What the state file holds counts from the start (leases from a previous run included).
+    metrics.observe_state(&state, &[], None);
 
     'config: loop {
+        metrics.configure(
+            config.router.lease_secs,
+            Duration::from_secs(config.router.verify_interval_secs.into()),
+        );
         let forwarding = forwarding(&config, None)?;
         let address = router_address(&config, forwarding)?;
         let mut mapper: Option<Router> = match &address {
@@ -106,6 +135,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             match crate::kube::client(&config.kubernetes).await {
                 Ok(client) => break client,
                 Err(e) => {
+                    metrics.waiting_for_cluster(Some(&e.to_string()));
                     tracing::error!("{e}");
                     notify_status(&first_line(&e.to_string()));
                     if !ready_sent {
@@ -136,7 +166,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
             }
         };
-        let cluster = ClusterWatch::start(client.clone(), &config);
+        let cluster = ClusterWatch::start(client.clone(), &config, metrics.clone());
         let mut cluster_report = ClusterReport::new(client, &config);
         tracing::info!("watching the cluster");
 
@@ -146,6 +176,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let mut last_check = tokio::time::Instant::now();
         let mut silent_checks: u32 = 0;
         loop {
+            metrics.loop_alive();
             if watchdog.is_some() {
                 // Every pass through the loop proves it alive, however busy the cluster is.
                 let _ = sd_notify::notify(&[NotifyState::Watchdog]);
@@ -195,9 +226,13 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 },
             }
             if !cluster.is_ready() {
+                metrics.waiting_for_cluster(Some(
+                    "the first list of Services, Nodes and EndpointSlices has not arrived",
+                ));
                 notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
+            metrics.waiting_for_cluster(None);
             let services = cluster.services();
             let nodes = cluster.nodes();
             let endpoint_slices = cluster.endpoint_slices();
@@ -205,9 +240,18 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             if mapper.is_none()
                 && let Some(address) = &address
             {
+                let probing = probe.is_due();
+                let started = (jiff::Timestamp::now(), tokio::time::Instant::now());
                 mapper = probe
                     .run(address, &config.router, preferred_backend(&state))
                     .await;
+                if probing {
+                    metrics.probed(
+                        mapper.as_ref().map(PortMapper::backend),
+                        started.0,
+                        started.1.elapsed(),
+                    );
+                }
                 if let Some(router) = mapper.as_mut() {
                     // What a crash left on the router, known neither to the state nor wanted.
                     let keep: BTreeSet<MappingKey> = state
@@ -225,6 +269,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 // No router answers yet: nothing is planned, nothing already mapped is
                 // touched; the probe runs again when its backoff is over.
                 report_new_problems(&mut reported, wanted.problems.iter());
+                metrics.observe_state(&state, &wanted.problems, None);
                 cluster_report
                     .send(&wanted.problems, &state, &services)
                     .await;
@@ -238,7 +283,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             };
             if last_check.elapsed() >= verify {
                 last_check = tokio::time::Instant::now();
-                if check_router(router, &mut state).await {
+                if check_router(&mut Instrumented::new(router, &metrics), &mut state).await {
                     silent_checks = 0;
                 } else {
                     silent_checks += 1;
@@ -272,10 +317,11 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             {
                 tracing::debug!("plan:\n{plan}");
             }
+            let reconcile_started = tokio::time::Instant::now();
             let outcome = reconcile::execute(
                 &plan,
                 &mut state,
-                router,
+                &mut Instrumented::new(&mut *router, &metrics),
                 &mut store,
                 config.router.lease_secs,
                 now,
@@ -300,6 +346,16 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 .chain(double_nat_problems(&state))
                 .collect();
             report_new_problems(&mut reported, problems.iter());
+            metrics.reconciled(
+                reconcile_started.elapsed(),
+                &state,
+                &problems,
+                outcome
+                    .save_error
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .as_deref(),
+            );
             cluster_report.send(&problems, &state, &services).await;
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
@@ -503,7 +559,7 @@ fn mark_ready(ready_sent: &mut bool, mappings_up: usize) {
 /// Asks the router which of the mappings it granted it no longer holds, and marks those for
 /// restoring (DESIGN.md: verify, restore what the router lost, re-add nothing that is there).
 /// `false` when the router did not answer.
-async fn check_router(router: &mut Router, state: &mut State) -> bool {
+async fn check_router(router: &mut impl PortMapper, state: &mut State) -> bool {
     let backend = router.backend();
     let granted: Vec<&MappingRecord> = state
         .mappings
@@ -635,6 +691,11 @@ impl Probe {
         }
     }
 
+    /// Whether [`Probe::run`] would ask the router now (its backoff is over).
+    fn is_due(&self) -> bool {
+        tokio::time::Instant::now() >= self.next
+    }
+
     /// Probe at the next pass (the router just announced itself).
     fn retry_now(&mut self) {
         self.next = tokio::time::Instant::now();
@@ -715,6 +776,15 @@ fn reload(path: &Path) -> Option<Config> {
     result
 }
 
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Wake {
     Stop,
     Reload,
@@ -788,10 +858,11 @@ struct ClusterWatch {
     /// Set once each watch has completed its first list.
     listed: Vec<Arc<AtomicBool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClusterWatch {
-    fn start(client: kube::Client, config: &Config) -> ClusterWatch {
+    fn start(client: kube::Client, config: &Config, metrics: Arc<Metrics>) -> ClusterWatch {
         let mut watch = ClusterWatch {
             services: Vec::new(),
             nodes: reflector::store().0,
@@ -799,6 +870,7 @@ impl ClusterWatch {
             changed: Arc::new(Notify::new()),
             listed: Vec::new(),
             tasks: Vec::new(),
+            metrics,
         };
         // NOTE: with an allow list, Services and EndpointSlices are watched in those
         // namespaces only, so a ServiceAccount bound to them by RoleBindings suffices (a
@@ -844,6 +916,7 @@ impl ClusterWatch {
             self.changed.clone(),
             listed.clone(),
             what,
+            self.metrics.clone(),
         )));
         self.listed.push(listed);
         store
@@ -933,6 +1006,7 @@ async fn drive<K>(
     changed: Arc<Notify>,
     listed: Arc<AtomicBool>,
     what: &'static str,
+    metrics: Arc<Metrics>,
 ) {
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
@@ -944,6 +1018,7 @@ async fn drive<K>(
                 changed.notify_one();
             }
             Err(e) => {
+                metrics.watch_restarted(what);
                 let e = match e {
                     watcher::Error::InitialListFailed(source)
                     | watcher::Error::WatchStartFailed(source)

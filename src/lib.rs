@@ -10,6 +10,7 @@ pub mod desired;
 pub mod kube;
 pub mod logging;
 pub mod manual;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod plan;

@@ -9,16 +9,17 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
 #[path = "support/fake_api/mod.rs"]
 mod fake_api;
 #[path = "support/lab.rs"]
 mod lab;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json, text};
+use daemon_lab::{config, forwards_of, kubectl, wait_until, with_daemon_in, with_daemon_in_lan};
 use fake_api::FakeApi;
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
@@ -26,71 +27,6 @@ use serde_json::json;
 const PREFIX: &str = "hpd-";
 /// The LoadBalancer IP (as MetalLB would announce it) on the lab's node host.
 const LB_IP: &str = "192.168.77.100";
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs (install kubernetes-client)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// Polls `condition` every 100 ms until it holds; panics after `limit` with `what` and the
-/// daemon's log.
-fn wait_until(
-    daemon: &Daemon,
-    what: &str,
-    limit: Duration,
-    mut condition: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
-/// The router's forwarding rules for `port`, one per mapping.
-fn forwards_of(lab: &Lab, port: u16) -> Vec<String> {
-    lab.router_forwards()
-        .lines()
-        .filter(|line| line.contains(&format!("dport {port} ")))
-        .map(|line| line.trim().to_owned())
-        .collect()
-}
-
-fn config(dir: &Path, kubeconfig: &Path, mode: &str, backend: &str) -> std::path::PathBuf {
-    let path = dir.join("holepunch.toml");
-    let body = format!(
-        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
-         [router]\nbackend = \"{backend}\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
-         [exposure]\nmode = \"{mode}\"\n{wan}\n\
-         [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
-         [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
-        dir = dir.display(),
-        kubeconfig = kubeconfig.display(),
-        // The lab router's WAN side (gateway mode runs on the router).
-        wan = if mode == "gateway" {
-            "wan_interface = \"rwan\"\n"
-        } else {
-            ""
-        },
-    );
-    std::fs::write(&path, body).expect("write config");
-    path
-}
 
 /// A Service of type LoadBalancer with the lab's LB IP, TCP and UDP on port 8080.
 fn load_balancer_service(fake: &FakeApi) {
@@ -330,44 +266,6 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
     });
 }
 
-/// The cluster and the daemon, inside the lab's LAN namespace: `body` gets the fake API, the
-/// kubeconfig, the config path and the running daemon.
-fn with_daemon_in_lan(
-    lab: &Lab,
-    mode: &str,
-    backend: &str,
-    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
-) {
-    with_daemon_in(lab, "lan", mode, backend, body);
-}
-
-/// [`with_daemon_in_lan`] in another of the lab's namespaces (`rtr`: on the router itself).
-fn with_daemon_in(
-    lab: &Lab,
-    ns: &str,
-    mode: &str,
-    backend: &str,
-    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
-) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns(ns), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig, mode, backend);
-        let daemon = Daemon::start(&config);
-        body(&fake, &kubeconfig, &config, &daemon);
-        drop(daemon);
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
-    });
-}
-
 /// The nft table holepunch keeps in namespace `ns`, as `nft list` prints it.
 fn holepunch_table(lab: &Lab, ns: &str) -> String {
     text(
@@ -397,6 +295,7 @@ fn relay_mode_through_natpmp_and_nftables_recovers_by_the_epoch() {
         &lab,
         "relay",
         "natpmp",
+        "",
         |fake, kubeconfig, config, daemon| {
             load_balancer_service(fake);
             kubectl(
@@ -516,77 +415,83 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
         lab.router_forwards()
     );
 
-    with_daemon_in_lan(&lab, "relay", "upnp", |fake, kubeconfig, config, daemon| {
-        wait_until(
-            daemon,
-            "the leftover to be purged",
-            Duration::from_secs(20),
-            || forwards_of(&lab, 18099).is_empty(),
-        );
-        assert!(
-            daemon
-                .log()
-                .contains("deleted a leftover holepunch mapping"),
-            "{}",
-            daemon.log()
-        );
-        assert_eq!(forwards_of(&lab, 18098).len(), 1, "not ours: kept");
-        load_balancer_service(fake);
-        kubectl(
-            kubeconfig,
-            &["annotate", "svc", "game", "holepunch/punch-external=true"],
-        );
-        wait_until(
-            daemon,
-            "TCP through the relay",
-            Duration::from_secs(20),
-            || lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "upnp").is_some(),
-        );
-        assert_eq!(
-            lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "voice")
-                .as_deref(),
-            Some(format!("{LAN_IP} voice").as_str())
-        );
-        let status = status_json(config);
-        assert_eq!(status["mappings"][0]["backend"], "upnp", "{status}");
-        assert_eq!(
-            status["mappings"][0]["external_address"], ROUTER_WAN_IP,
-            "{status}"
-        );
+    with_daemon_in_lan(
+        &lab,
+        "relay",
+        "upnp",
+        "",
+        |fake, kubeconfig, config, daemon| {
+            wait_until(
+                daemon,
+                "the leftover to be purged",
+                Duration::from_secs(20),
+                || forwards_of(&lab, 18099).is_empty(),
+            );
+            assert!(
+                daemon
+                    .log()
+                    .contains("deleted a leftover holepunch mapping"),
+                "{}",
+                daemon.log()
+            );
+            assert_eq!(forwards_of(&lab, 18098).len(), 1, "not ours: kept");
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "TCP through the relay",
+                Duration::from_secs(20),
+                || lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "upnp").is_some(),
+            );
+            assert_eq!(
+                lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, "voice")
+                    .as_deref(),
+                Some(format!("{LAN_IP} voice").as_str())
+            );
+            let status = status_json(config);
+            assert_eq!(status["mappings"][0]["backend"], "upnp", "{status}");
+            assert_eq!(
+                status["mappings"][0]["external_address"], ROUTER_WAN_IP,
+                "{status}"
+            );
 
-        lab.restart_router();
-        let restarted = Instant::now();
-        wait_until(
-            daemon,
-            "the verify to restore both mappings",
-            Duration::from_secs(15),
-            || {
-                daemon.log().matches("reconcile: restored").count() == 2
-                    && forwards_of(&lab, 8080).len() == 2
-            },
-        );
-        eprintln!(
-            "UPnP router restart -> restored {:?} after it (verify interval 5 s)",
-            restarted.elapsed()
-        );
-        std::thread::sleep(Duration::from_secs(6));
-        assert_eq!(
-            forwards_of(&lab, 8080).len(),
-            2,
-            "no duplicates: {}",
-            lab.router_forwards()
-        );
-        assert_eq!(
-            daemon.log().matches("reconcile: restored").count(),
-            2,
-            "restored once"
-        );
-        assert_eq!(
-            lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "again")
-                .as_deref(),
-            Some(format!("{LAN_IP} again").as_str())
-        );
-    });
+            lab.restart_router();
+            let restarted = Instant::now();
+            wait_until(
+                daemon,
+                "the verify to restore both mappings",
+                Duration::from_secs(15),
+                || {
+                    daemon.log().matches("reconcile: restored").count() == 2
+                        && forwards_of(&lab, 8080).len() == 2
+                },
+            );
+            eprintln!(
+                "UPnP router restart -> restored {:?} after it (verify interval 5 s)",
+                restarted.elapsed()
+            );
+            std::thread::sleep(Duration::from_secs(6));
+            assert_eq!(
+                forwards_of(&lab, 8080).len(),
+                2,
+                "no duplicates: {}",
+                lab.router_forwards()
+            );
+            assert_eq!(
+                daemon.log().matches("reconcile: restored").count(),
+                2,
+                "restored once"
+            );
+            assert_eq!(
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "again")
+                    .as_deref(),
+                Some(format!("{LAN_IP} again").as_str())
+            );
+        },
+    );
 }
 
 /// The number of packets an nft counter named `name` in table `inet block` has seen.
@@ -615,61 +520,67 @@ fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
     );
     assert!(block.status.success(), "{block:?}");
 
-    with_daemon_in_lan(&lab, "direct", "pcp", |fake, kubeconfig, config, daemon| {
-        load_balancer_service(fake);
-        let blocked_at = Instant::now();
-        kubectl(
-            kubeconfig,
-            &["annotate", "svc", "game", "holepunch/punch-external=true"],
-        );
-        wait_until(
-            daemon,
-            "the requests to fail",
-            Duration::from_secs(60),
-            || {
-                status_json(config)["mappings"]
-                    .as_array()
-                    .is_some_and(|all| {
-                        all.len() == 2
-                            && all.iter().all(|m| {
-                                m["status"] == "failed"
-                                    && m["last_error"]
-                                        .as_str()
-                                        .is_some_and(|e| e.contains("did not answer"))
-                            })
-                    })
-            },
-        );
-        std::thread::sleep(Duration::from_secs(5));
-        let packets = blocked_packets(&lab, "lan");
-        let seconds = blocked_at.elapsed().as_secs_f64();
-        eprintln!("router unreachable: {packets} PCP packets in {seconds:.1} s");
-        assert!(packets >= 3, "it did try: {packets}");
-        assert!(
-            packets as f64 <= seconds,
-            "{packets} packets in {seconds:.1} s"
-        );
-        assert_eq!(forwards_of(&lab, 8080), Vec::<String>::new());
+    with_daemon_in_lan(
+        &lab,
+        "direct",
+        "pcp",
+        "",
+        |fake, kubeconfig, config, daemon| {
+            load_balancer_service(fake);
+            let blocked_at = Instant::now();
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "the requests to fail",
+                Duration::from_secs(60),
+                || {
+                    status_json(config)["mappings"]
+                        .as_array()
+                        .is_some_and(|all| {
+                            all.len() == 2
+                                && all.iter().all(|m| {
+                                    m["status"] == "failed"
+                                        && m["last_error"]
+                                            .as_str()
+                                            .is_some_and(|e| e.contains("did not answer"))
+                                })
+                        })
+                },
+            );
+            std::thread::sleep(Duration::from_secs(5));
+            let packets = blocked_packets(&lab, "lan");
+            let seconds = blocked_at.elapsed().as_secs_f64();
+            eprintln!("router unreachable: {packets} PCP packets in {seconds:.1} s");
+            assert!(packets >= 3, "it did try: {packets}");
+            assert!(
+                packets as f64 <= seconds,
+                "{packets} packets in {seconds:.1} s"
+            );
+            assert_eq!(forwards_of(&lab, 8080), Vec::<String>::new());
 
-        let unblock = lab.exec("lan", &["nft", "delete", "table", "inet", "block"]);
-        assert!(unblock.status.success(), "{unblock:?}");
-        let back = Instant::now();
-        wait_until(
-            daemon,
-            "the mappings once the router answers",
-            Duration::from_secs(15),
-            || forwards_of(&lab, 8080).len() == 2,
-        );
-        eprintln!(
-            "router back -> mappings made in {:?} (verify interval 5 s)",
-            back.elapsed()
-        );
-        assert_eq!(
-            lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "finally")
-                .as_deref(),
-            Some(format!("{WAN_CLIENT_IP} finally").as_str())
-        );
-    });
+            let unblock = lab.exec("lan", &["nft", "delete", "table", "inet", "block"]);
+            assert!(unblock.status.success(), "{unblock:?}");
+            let back = Instant::now();
+            wait_until(
+                daemon,
+                "the mappings once the router answers",
+                Duration::from_secs(15),
+                || forwards_of(&lab, 8080).len() == 2,
+            );
+            eprintln!(
+                "router back -> mappings made in {:?} (verify interval 5 s)",
+                back.elapsed()
+            );
+            assert_eq!(
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "finally")
+                    .as_deref(),
+                Some(format!("{WAN_CLIENT_IP} finally").as_str())
+            );
+        },
+    );
 }
 
 /// Gateway mode: holepunch on the Linux router itself, no port-mapping protocol; its nftables
@@ -683,6 +594,7 @@ fn gateway_mode_on_the_router_keeps_the_client_address() {
         "rtr",
         "gateway",
         "none",
+        "",
         |fake, kubeconfig, config, daemon| {
             load_balancer_service(fake);
             kubectl(
@@ -730,6 +642,7 @@ fn leases_are_renewed_before_they_expire() {
         &lab,
         "direct",
         "pcp",
+        "",
         |fake, kubeconfig, _config, daemon| {
             load_balancer_service(fake);
             kubectl(

@@ -1,0 +1,132 @@
+//! The daemon in the router lab's LAN namespace with the in-test fake Kubernetes API, for
+//! the lab tests that run `holepunch run` (tests/daemon_lab.rs, tests/metrics_lab.rs).
+//!
+//! Include after `bin`, `fake_api` and `lab`: `#[path = "support/daemon_lab.rs"] mod daemon_lab;`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::bin::{Daemon, text};
+use crate::fake_api::FakeApi;
+use crate::lab::{Lab, in_netns};
+
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs (install kubernetes-client)");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Polls `condition` every 100 ms until it holds; panics after `limit` with `what` and the
+/// daemon's log.
+pub fn wait_until(
+    daemon: &Daemon,
+    what: &str,
+    limit: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// The router's forwarding rules for `port`, one per mapping.
+pub fn forwards_of(lab: &Lab, port: u16) -> Vec<String> {
+    lab.router_forwards()
+        .lines()
+        .filter(|line| line.contains(&format!("dport {port} ")))
+        .map(|line| line.trim().to_owned())
+        .collect()
+}
+
+/// A config for the lab: `backend`, `mode`, leases of 120 s (miniupnpd's least), verify every
+/// 5 s, no metrics listener.
+pub fn config(dir: &Path, kubeconfig: &Path, mode: &str, backend: &str) -> std::path::PathBuf {
+    config_with_metrics(dir, kubeconfig, mode, backend, "")
+}
+
+/// [`config`] with `metrics.listen = metrics_listen`.
+pub fn config_with_metrics(
+    dir: &Path,
+    kubeconfig: &Path,
+    mode: &str,
+    backend: &str,
+    metrics_listen: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("holepunch.toml");
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
+         [router]\nbackend = \"{backend}\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
+         [exposure]\nmode = \"{mode}\"\n{wan}\n\
+         [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"{metrics_listen}\"\n\n\
+         [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
+        dir = dir.display(),
+        kubeconfig = kubeconfig.display(),
+        // The lab router's WAN side (gateway mode runs on the router).
+        wan = if mode == "gateway" {
+            "wan_interface = \"rwan\"\n"
+        } else {
+            ""
+        },
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+/// The cluster and the daemon, inside the lab's LAN namespace: `body` gets the fake API, the
+/// kubeconfig, the config path and the running daemon (`metrics_listen`: see
+/// [`config_with_metrics`]).
+pub fn with_daemon_in_lan(
+    lab: &Lab,
+    mode: &str,
+    backend: &str,
+    metrics_listen: &str,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
+) {
+    with_daemon_in(lab, "lan", mode, backend, metrics_listen, body);
+}
+
+/// [`with_daemon_in_lan`] in another of the lab's namespaces (`rtr`: on the router itself).
+pub fn with_daemon_in(
+    lab: &Lab,
+    ns: &str,
+    mode: &str,
+    backend: &str,
+    metrics_listen: &str,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns(ns), || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = config_with_metrics(dir, &kubeconfig, mode, backend, metrics_listen);
+        let daemon = Daemon::start(&config);
+        body(&fake, &kubeconfig, &config, &daemon);
+        drop(daemon);
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
