@@ -676,3 +676,96 @@ fn leases_are_renewed_before_they_expire() {
         },
     );
 }
+
+/// Packets the router received on udp/5351 (PCP and NAT-PMP), from a counter rule in its
+/// namespace (added on first use).
+fn router_pcp_packets(lab: &Lab) -> u64 {
+    let list = lab.exec("rtr", &["nft", "list", "table", "inet", "count"]);
+    if !list.status.success() {
+        let add = lab.exec(
+            "rtr",
+            &["nft", "add table inet count; add chain inet count input { type filter hook input priority -10; udp dport 5351 counter; }"],
+        );
+        assert!(add.status.success(), "{add:?}");
+        return 0;
+    }
+    text(&list.stdout)
+        .split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A denied port (22 is on the default deny list) is refused before anything reaches the
+/// router: a Warning Event on the Service says why, the router sees no packet for it, and
+/// the Service's other port is published as usual.
+#[test]
+fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    router_pcp_packets(&lab);
+    with_daemon_in_lan(
+        &lab,
+        "direct",
+        "pcp",
+        "",
+        |fake, kubeconfig, _config, daemon| {
+            fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "shell", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "ssh", "port": 22, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+        }));
+            wait_until(
+                daemon,
+                "the first reconcile",
+                Duration::from_secs(20),
+                || daemon.log().contains("first reconcile done"),
+            );
+            let before = router_pcp_packets(&lab);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "shell", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "a DeniedPort Warning on the Service",
+                Duration::from_secs(20),
+                || {
+                    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
+                    let events: serde_json::Value =
+                        serde_json::from_str(&events).unwrap_or_default();
+                    events["items"].as_array().is_some_and(|items| {
+                        items.iter().any(|e| {
+                            e["type"] == "Warning"
+                                && e["reason"] == "DeniedPort"
+                                && e["involvedObject"]["name"] == "shell"
+                        })
+                    })
+                },
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            assert_eq!(
+                router_pcp_packets(&lab),
+                before,
+                "nothing was sent for the denied port"
+            );
+            assert_eq!(forwards_of(&lab, 22), Vec::<String>::new());
+
+            // The check above can fail: an allowed port on the same daemon does reach the router.
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "the allowed Service's mappings",
+                Duration::from_secs(20),
+                || forwards_of(&lab, 8080).len() == 2,
+            );
+            assert!(router_pcp_packets(&lab) > before);
+        },
+    );
+}
