@@ -5,8 +5,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-if ! pkg-config --version >/dev/null 2>&1 && command -v apt-get >/dev/null; then
-    apt-get install -y pkg-config
+# The nftables code links libnftnl and libmnl: their headers and pkg-config are needed.
+if command -v apt-get >/dev/null &&
+    ! pkg-config --exists libnftnl libmnl 2>/dev/null; then
+    apt-get install -y pkg-config libnftnl-dev libmnl-dev
 fi
 cargo build --release --locked
 install -D -m 0755 target/release/holepunch /usr/local/bin/holepunch
