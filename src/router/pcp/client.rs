@@ -271,23 +271,23 @@ impl PcpClient {
     }
 
     async fn socket(&mut self) -> Result<&UdpSocket, RouterError> {
-        if self.socket.is_none() {
-            let unreachable = |what: &str, err: io::Error| {
-                RouterError::Unreachable(format!(
-                    "PCP: cannot {what} ({} -> {}:{}): {err}",
-                    self.client_ip, self.gateway, self.server_port
-                ))
-            };
-            let socket = UdpSocket::bind((self.client_ip, 0))
-                .await
-                .map_err(|err| unreachable("bind the UDP socket", err))?;
-            socket
-                .connect((self.gateway, self.server_port))
-                .await
-                .map_err(|err| unreachable("connect the UDP socket", err))?;
-            self.socket = Some(socket);
+        if let Some(socket) = self.socket.take() {
+            return Ok(self.socket.insert(socket));
         }
-        Ok(self.socket.as_ref().expect("socket was just set"))
+        let unreachable = |what: &str, err: io::Error| {
+            RouterError::Unreachable(format!(
+                "PCP: cannot {what} ({} -> {}:{}): {err}",
+                self.client_ip, self.gateway, self.server_port
+            ))
+        };
+        let socket = UdpSocket::bind((self.client_ip, 0))
+            .await
+            .map_err(|err| unreachable("bind the UDP socket", err))?;
+        socket
+            .connect((self.gateway, self.server_port))
+            .await
+            .map_err(|err| unreachable("connect the UDP socket", err))?;
+        Ok(self.socket.insert(socket))
     }
 
     /// Send `request` until a matching response arrives or the schedule runs out.
