@@ -3,7 +3,8 @@
 //! (`tests/lab/systemd-box`, systemd-nspawn), driven with systemctl and read with journalctl.
 //!
 //! Needs root (CI runs as root); the first run installs systemd-container, debootstrap and the
-//! package build tools, and caches the box's base system. Boxes are named `hpk<pid>`.
+//! package build tools, and caches the box's base system. Boxes are named `hpk<pid>` and
+//! `hpk<pid>lab` (the one in the router lab, prefix `hpk-`).
 
 #[path = "support/bin.rs"]
 mod bin;
@@ -187,7 +188,22 @@ fn timed<T>(what: &str, costs: &mut Vec<(String, f64)>, step: impl FnOnce() -> T
     value
 }
 
+/// The package, built once per test process: two `build-deb` runs in one tree at the same
+/// time clean each other's files (tests run in parallel).
 fn build_package(costs: &mut Vec<(String, f64)>) -> PathBuf {
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(deb) = built.as_ref() {
+        return deb.clone();
+    }
+    let deb = build_package_now(costs);
+    *built = Some(deb.clone());
+    deb
+}
+
+fn build_package_now(costs: &mut Vec<(String, f64)>) -> PathBuf {
     // The debug build `cargo test` made is packaged; a release build would cost minutes more.
     // Without the variables cargo sets for a test: build scripts (ring's) watch some of them,
     // and a change would rebuild half the tree twice (here, and in the next `cargo test`).
@@ -498,7 +514,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     );
 }
 
-/// The router lab's prefix for the package test; the box is `hpk<pid>`.
+/// The router lab's prefix for the package test; its box is `hpk<pid>lab`.
 const LAB_PREFIX: &str = "hpk-";
 /// The LoadBalancer IP on the lab's node host, as MetalLB would announce it.
 const LB_IP: &str = "192.168.77.100";
@@ -566,7 +582,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         }));
 
         let machine = timed("create", &mut costs, || {
-            SystemdBox::create(&format!("hpk{}", std::process::id()))
+            SystemdBox::create(&format!("hpk{}lab", std::process::id()))
         });
         timed("boot in lan", &mut costs, || {
             machine.boot_in(&lab.ns("lan"))
