@@ -3,11 +3,27 @@
 //! (`tests/lab/systemd-box`, systemd-nspawn), driven with systemctl and read with journalctl.
 //!
 //! Needs root (CI runs as root); the first run installs systemd-container, debootstrap and the
-//! package build tools, and caches the box's base system. Boxes are named `hpk<pid>`.
+//! package build tools, and caches the box's base system. Boxes are named `hpk<pid>` and
+//! `hpk<pid>lab` (the one in the router lab, prefix `hpk-`).
 
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+#[path = "support/lab.rs"]
+mod lab;
+
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use daemon_lab::{forwards_of, kubectl};
+use fake_api::FakeApi;
+use lab::{Lab, ROUTER_WAN_IP, in_netns};
+use serde_json::json;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const POLL_TIMEOUT_SECS: u64 = 30;
@@ -89,6 +105,11 @@ impl SystemdBox {
         run_ok(self.script().arg("boot"));
     }
 
+    /// Boots the box inside network namespace `netns` (with CAP_NET_ADMIN there).
+    fn boot_in(&self, netns: &str) {
+        run_ok(self.script().args(["boot", "--netns", netns]));
+    }
+
     fn copy(&self, source: &Path, destination: &str) {
         run_ok(self.script().arg("copy").arg(source).arg(destination));
     }
@@ -167,7 +188,22 @@ fn timed<T>(what: &str, costs: &mut Vec<(String, f64)>, step: impl FnOnce() -> T
     value
 }
 
+/// The package, built once per test process: two `build-deb` runs in one tree at the same
+/// time clean each other's files (tests run in parallel).
 fn build_package(costs: &mut Vec<(String, f64)>) -> PathBuf {
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(deb) = built.as_ref() {
+        return deb.clone();
+    }
+    let deb = build_package_now(costs);
+    *built = Some(deb.clone());
+    deb
+}
+
+fn build_package_now(costs: &mut Vec<(String, f64)>) -> PathBuf {
     // The debug build `cargo test` made is packaged; a release build would cost minutes more.
     // Without the variables cargo sets for a test: build scripts (ring's) watch some of them,
     // and a change would rebuild half the tree twice (here, and in the next `cargo test`).
@@ -473,6 +509,207 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         .collect();
     println!(
         "package test cost: {}, total {:.1}s",
+        summary.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The router lab's prefix for the package test; its box is `hpk<pid>lab`.
+const LAB_PREFIX: &str = "hpk-";
+/// The LoadBalancer IP on the lab's node host, as MetalLB would announce it.
+const LB_IP: &str = "192.168.77.100";
+const LB_PORT: u16 = 8080;
+
+/// From the lab's internet side: a request over a new TCP connection every 200 ms until the
+/// file argv[3] exists; prints "started" after the first, "fail N reason" for each failure,
+/// and "sent S failed F" at the end.
+const REQUEST_LOOP: &str = r#"
+import os, socket, sys, time
+ip, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sent = failed = 0
+while not os.path.exists(stop):
+    sent += 1
+    try:
+        s = socket.create_connection((ip, port), timeout=2)
+        s.settimeout(2)
+        s.sendall(b"r%d\n" % sent)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        if not data.endswith(b"\n"):
+            raise OSError("connection closed without an answer")
+    except OSError as e:
+        failed += 1
+        print("fail", sent, e, flush=True)
+    if sent == 1:
+        print("started", flush=True)
+    time.sleep(0.2)
+print("sent", sent, "failed", failed, flush=True)
+"#;
+
+#[test]
+fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_everything() {
+    require_root();
+    let started = Instant::now();
+    let mut costs = Vec::new();
+    let deb = build_package(&mut costs);
+
+    let lab = timed("lab up", &mut costs, || Lab::up(LAB_PREFIX));
+    let _echo = lab.echo_server("node", LB_IP, LB_PORT);
+    let forwarding = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(forwarding.status.success(), "{forwarding:?}");
+    let dir = tempfile::tempdir().unwrap();
+
+    // The fake API listens on 127.0.0.1 of the LAN namespace, which the box shares; kubectl
+    // runs from this thread, inside that namespace too.
+    in_netns(&lab.ns("lan"), || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir.path());
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "game", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": LB_PORT, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+        }));
+
+        let machine = timed("create", &mut costs, || {
+            SystemdBox::create(&format!("hpk{}lab", std::process::id()))
+        });
+        timed("boot in lan", &mut costs, || {
+            machine.boot_in(&lab.ns("lan"))
+        });
+        // The capability nft needs, in the box's bounding set (bit 12 of CapBnd).
+        let status = machine.exec_ok(&["grep", "CapBnd", "/proc/1/status"]);
+        let bounding = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or(0);
+        assert_ne!(
+            bounding & (1 << 12),
+            0,
+            "the box lacks CAP_NET_ADMIN: {status}"
+        );
+
+        let in_box = format!("/root/{}", deb.file_name().unwrap().to_string_lossy());
+        machine.copy(&deb, &in_box);
+        machine.copy(&kubeconfig, "/etc/holepunch/kubeconfig");
+        // /etc/holepunch.toml stays as shipped: relay mode, backend auto, 192.168.0.0/16 allowed.
+        timed("install", &mut costs, || machine.apt(&["install", &in_box]));
+        let step = Instant::now();
+        machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
+        poll("holepunch.service to become active", || {
+            (machine.property("ActiveState") == "active").then_some(())
+        });
+        kubectl(
+            &kubeconfig,
+            &["annotate", "svc", "game", "holepunch/punch-external=true"],
+        );
+        // Relay: the router forwards to the box (192.168.77.10), whose nft DNATs to the LB IP.
+        let answer = poll("11.22.33.44:8080 to answer from the internet", || {
+            lab.ask("wan", "tcp", ROUTER_WAN_IP, LB_PORT, "hello")
+        });
+        assert!(answer.ends_with(" hello"), "{answer}");
+        assert!(!forwards_of(&lab, LB_PORT).is_empty());
+        let tables = machine.exec_ok(&["nft", "list", "tables"]);
+        assert!(tables.contains("table inet holepunch"), "{tables}");
+        costs.push(("start+publish".to_owned(), step.elapsed().as_secs_f64()));
+
+        // A restart under load: no request from the internet may fail.
+        let step = Instant::now();
+        let stop = dir.path().join("stop-requests");
+        let stop_arg = stop.to_string_lossy().into_owned();
+        let port = LB_PORT.to_string();
+        let mut client = lab.spawn(
+            "wan",
+            &[
+                lab::python(),
+                "-c",
+                REQUEST_LOOP,
+                ROUTER_WAN_IP,
+                &port,
+                &stop_arg,
+            ],
+        );
+        let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+        let mut said = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let first = line == "started";
+            said.push(line);
+            if first {
+                break;
+            }
+        }
+        let main_pid = machine.property("MainPID");
+        machine.exec_ok(&["systemctl", "restart", "holepunch"]);
+        poll("holepunch.service to be active with a new process", || {
+            let pid = machine.property("MainPID");
+            (machine.property("ActiveState") == "active" && pid != "0" && pid != main_pid)
+                .then_some(())
+        });
+        // Keep asking for a while after the new process is up (it re-applies its rules).
+        std::thread::sleep(Duration::from_secs(3));
+        std::fs::write(&stop, b"").unwrap();
+        said.extend(lines.map_while(Result::ok));
+        let _ = client.wait();
+        let summary = said.last().cloned().unwrap_or_default();
+        let numbers: Vec<u64> = summary
+            .split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        assert!(
+            summary.starts_with("sent ") && numbers.len() == 2,
+            "the request loop said: {said:?}"
+        );
+        println!(
+            "across systemctl restart: {} requests sent, {} failed",
+            numbers[0], numbers[1]
+        );
+        assert!(numbers[0] >= 10, "too few requests: {said:?}");
+        assert_eq!(
+            numbers[1], 0,
+            "requests failed across the restart: {said:?}"
+        );
+        costs.push((
+            "restart under load".to_owned(),
+            step.elapsed().as_secs_f64(),
+        ));
+
+        // purge removes the router's forward, the box's table and the state.
+        let step = Instant::now();
+        machine.apt(&["purge", "holepunch"]);
+        poll("the router to stop forwarding 8080", || {
+            forwards_of(&lab, LB_PORT).is_empty().then_some(())
+        });
+        let tables = machine.exec_ok(&["nft", "list", "tables"]);
+        assert!(!tables.contains("table inet holepunch"), "{tables}");
+        assert!(
+            !machine.exists("/var/lib/holepunch"),
+            "purge left /var/lib/holepunch"
+        );
+        costs.push(("purge".to_owned(), step.elapsed().as_secs_f64()));
+
+        timed("down", &mut costs, || drop(machine));
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+    drop(lab);
+    let summary: Vec<String> = costs
+        .iter()
+        .map(|(what, secs)| format!("{what} {secs:.1}s"))
+        .collect();
+    println!(
+        "package-in-lab test cost: {}, total {:.1}s",
         summary.join(", "),
         started.elapsed().as_secs_f64()
     );
