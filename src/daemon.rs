@@ -303,6 +303,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
             }
             let backend = router.backend();
+            retire_other_protocols(&mut state, backend, address.as_ref(), &config).await;
             let moved = state.unconfirm(|r| r.backend != backend);
             if moved > 0 {
                 tracing::info!(mappings = moved, %backend, "re-requesting mappings made through another router protocol");
@@ -544,6 +545,62 @@ async fn next_announcement(listener: &mut Option<AnnounceListener>) -> Announcem
     match listener {
         Some(listener) => listener.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Deletes, through the protocol that made them, the active mappings recorded with another
+/// protocol than `current` (the config changed, or `auto` found another one), before they
+/// are requested again through `current`: one protocol cannot delete another's mapping, and
+/// a permanent one would otherwise stay on the router for good. What cannot be deleted is
+/// said, and ends with its lease.
+async fn retire_other_protocols(
+    state: &mut State,
+    current: Backend,
+    address: Option<&RouterAddress>,
+    config: &Config,
+) {
+    let others: BTreeSet<Backend> = state
+        .mappings
+        .values()
+        .filter(|r| r.status == MappingStatus::Active)
+        .map(|r| r.backend)
+        .filter(|b| *b != current && *b != Backend::None)
+        .collect();
+    for old in others {
+        let router = match (old, address) {
+            (Backend::Upnp, Some(address)) => Router::probe(
+                address,
+                BackendChoice::Upnp,
+                None,
+                config.router.igd_url.as_deref(),
+            )
+            .await
+            .ok(),
+            _ => Router::for_backend(old, address),
+        };
+        let records: Vec<MappingRecord> = state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active && r.backend == old)
+            .cloned()
+            .collect();
+        let Some(mut router) = router else {
+            tracing::warn!(mappings = records.len(), protocol = %old,
+                "cannot reach the router through the protocol that made these mappings; they end with their leases");
+            continue;
+        };
+        for record in records {
+            match router.unmap(&record).await {
+                Ok(()) => {
+                    tracing::info!(service = %record.owner, external_port = record.external_port,
+                    protocol = %record.protocol, made_with = %old, "deleted before re-requesting it through {current}")
+                }
+                Err(e) => {
+                    tracing::warn!(service = %record.owner, external_port = record.external_port,
+                    made_with = %old, error = %e, "could not delete a mapping made through another protocol; it ends with its lease")
+                }
+            }
+        }
     }
 }
 
@@ -960,8 +1017,8 @@ impl Drop for ClusterWatch {
 /// NOTE: kube-runtime's default (client-go's reflector: 0.8 s doubling to 30 s, plus up to
 /// 100 % jitter) can leave the daemon blind for up to a minute after the API returns from an
 /// outage; issue 3 asks that changes be reconciled within 30 s of its return. Capped at
-/// [`WATCH_RETRY_MAX_MS`] (10 s with jitter), three watches cost the API at most one request
-/// every 1.7 s while it is away.
+/// [`WATCH_RETRY_MAX_MS`] (10 s with jitter): each watch asks at most every 5 s on average
+/// while the API is away (3 watches, or 2 per allowed namespace + 1 with an allow list).
 #[derive(Debug, Default)]
 pub struct WatchBackoff {
     failures: u32,

@@ -17,6 +17,8 @@ use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
 /// First retry after a failure; doubles with each further failure.
 pub const RETRY_FLOOR_SECS: u64 = 30;
+/// Shortest wait before a renewal, whatever lease the router granted.
+pub const MIN_RENEW_SECS: u64 = 30;
 /// Longest wait between retries (DESIGN.md: "30 s short, 30 min long").
 pub const RETRY_CEILING_SECS: u64 = 30 * 60;
 
@@ -301,14 +303,27 @@ fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
     record.granted_at = Some(now);
     let lifetime = Duration::from_secs(grant.lifetime_secs.into());
     record.expires_at = (grant.lifetime_secs > 0).then(|| after(now, lifetime));
-    record.renew_at =
-        (grant.lifetime_secs > 0).then(|| after(now, grant.renew_after.unwrap_or(lifetime / 2)));
+    record.renew_at = (grant.lifetime_secs > 0).then(|| {
+        after(
+            now,
+            renew_delay(grant.renew_after.unwrap_or(lifetime / 2), lifetime),
+        )
+    });
     record.epoch = grant.epoch;
     record.external_address = grant.external_address.or(record.external_address);
     record.router = grant.router.clone();
     record.retry_at = None;
     record.failures = 0;
     record.last_error = None;
+}
+
+/// When to renew: the backend's choice, but never sooner than [`MIN_RENEW_SECS`] (a router
+/// granting a lease of a few seconds must not make holepunch ask every second: the floor
+/// wins over the lease), and otherwise before the lease ends.
+fn renew_delay(wanted: Duration, lifetime: Duration) -> Duration {
+    wanted
+        .min(lifetime.saturating_sub(Duration::from_secs(1)))
+        .max(Duration::from_secs(MIN_RENEW_SECS))
 }
 
 /// Records a failed request. A failed renewal of a lease that is still valid keeps the
@@ -610,6 +625,23 @@ mod tests {
             outcome.problems.is_empty(),
             "silence is not the Services' problem"
         );
+    }
+
+    #[test]
+    fn renewals_wait_at_least_the_floor_and_never_past_the_lease() {
+        let secs = Duration::from_secs;
+        assert_eq!(
+            renew_delay(secs(1), secs(2)),
+            secs(30),
+            "a 2 s lease is not chased"
+        );
+        assert_eq!(
+            renew_delay(secs(200), secs(120)),
+            secs(119),
+            "before the lease ends"
+        );
+        assert_eq!(renew_delay(secs(1), secs(120)), secs(30), "floor");
+        assert_eq!(renew_delay(secs(70), secs(120)), secs(70));
     }
 
     #[test]
