@@ -18,6 +18,8 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
 #[path = "support/fake_api/mod.rs"]
 mod fake_api;
 #[path = "support/lab.rs"]
@@ -29,7 +31,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bin::{Daemon, status_json, text};
+use bin::{Daemon, status_json};
+use daemon_lab::{kubectl, wait_until};
 use fake_api::FakeApi;
 use lab::{Lab, in_netns};
 use serde_json::json;
@@ -45,20 +48,6 @@ const RUN_FIRST_PORT: u16 = 21_000;
 const PUBLISH_ALL_LIMIT_SECS: u64 = 180;
 /// Lets the daemon's allocations settle (Events, status writes) before memory is read.
 const SETTLE_SECS: u64 = 5;
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) {
-    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs (install kubernetes-client)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        text(&out.stderr)
-    );
-}
 
 fn load_balancer(name: &str, port: u16, annotated: bool) -> serde_json::Value {
     let annotations = if annotated {
@@ -125,18 +114,6 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap_or_else(|| panic!("no {name} in {status}"))
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn wait_until(daemon: &Daemon, what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Kernel timestamps (seconds since the epoch) of PCP packets on the LAN host: requests

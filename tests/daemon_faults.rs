@@ -16,16 +16,18 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
 #[path = "support/fake_api/mod.rs"]
 mod fake_api;
 #[path = "support/lab.rs"]
 mod lab;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bin::{Daemon, status_json, text};
+use bin::{Daemon, status_json};
+use daemon_lab::{forwards_of, kubectl, wait_until};
 use fake_api::FakeApi;
 use lab::{Lab, in_netns};
 use serde_json::{Value, json};
@@ -60,21 +62,6 @@ const ROUTER_CALL_LINES: [&str; 4] = [
     "reconcile: unmapped",
 ];
 
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs (install kubernetes-client)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 /// A LoadBalancer Service with the lab's LB IP and one TCP port, annotated or not.
 fn service(name: &str, port: u16, annotated: bool) -> Value {
     let annotations = if annotated {
@@ -106,43 +93,6 @@ fn config(dir: &Path, kubeconfig: &Path) -> PathBuf {
     );
     std::fs::write(&path, body).expect("write config");
     path
-}
-
-/// Counts every UDP packet that reaches the router's PCP port (5351).
-fn count_pcp_packets(lab: &Lab) {
-    let out = lab.exec(
-        "rtr",
-        &[
-            "nft",
-            "add table inet hpx_pcp_count; \
-             add chain inet hpx_pcp_count in { type filter hook input priority -300 ; }; \
-             add rule inet hpx_pcp_count in udp dport 5351 counter",
-        ],
-    );
-    assert!(out.status.success(), "nft counter: {}", text(&out.stderr));
-}
-
-fn pcp_packets(lab: &Lab) -> u64 {
-    let out = lab.exec(
-        "rtr",
-        &["nft", "list", "chain", "inet", "hpx_pcp_count", "in"],
-    );
-    assert!(out.status.success(), "nft list: {}", text(&out.stderr));
-    let listing = text(&out.stdout);
-    listing
-        .split("counter packets ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {listing}"))
-}
-
-/// The router's forwarding rules for `port`, one per mapping.
-fn forwards_of(lab: &Lab, port: u16) -> usize {
-    lab.router_forwards()
-        .lines()
-        .filter(|line| line.contains(&format!("dport {port} ")))
-        .count()
 }
 
 /// `(owner, external port, status)` of every mapping in the daemon's state file.
@@ -178,26 +128,6 @@ fn router_call_lines(daemon: &Daemon) -> usize {
         .sum()
 }
 
-/// Polls `condition` every 100 ms until it holds; panics after `limit` with `what` and the
-/// daemon's log. Returns how long it took.
-fn wait_until(
-    daemon: &Daemon,
-    what: &str,
-    limit: Duration,
-    mut condition: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
 /// The fake API and the daemon in the lab's LAN namespace, with `default/web` published on
 /// the router.
 struct Published<'a> {
@@ -212,7 +142,7 @@ struct Published<'a> {
 /// Runs `body` with [`Published`] set up inside the lab's LAN namespace; the daemon gets
 /// `env`.
 fn with_web_published(lab: &Lab, env: &[(&str, &str)], body: impl FnOnce(&Published) + Send) {
-    count_pcp_packets(lab);
+    lab.count_router_pcp_packets();
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     in_netns(&lab.ns("lan"), || {
@@ -233,7 +163,7 @@ fn with_web_published(lab: &Lab, env: &[(&str, &str)], body: impl FnOnce(&Publis
             "default/web mapped on the router and recorded",
             Duration::from_secs(20),
             || {
-                forwards_of(lab, WEB_PORT) == 1
+                forwards_of(lab, WEB_PORT).len() == 1
                     && recorded(&config) == [active("default/web", WEB_PORT)]
             },
         );
@@ -261,7 +191,7 @@ fn with_web_published(lab: &Lab, env: &[(&str, &str)], body: impl FnOnce(&Publis
 impl Published<'_> {
     /// Annotates `default/after` with kubectl and waits for its mapping: the watch works.
     fn annotate_after_and_see_it_mapped(&self) -> Duration {
-        let packets = pcp_packets(self.lab);
+        let packets = self.lab.router_pcp_packets();
         kubectl(
             &self.kubeconfig,
             &["annotate", "svc", "after", "holepunch/punch-external=true"],
@@ -270,9 +200,12 @@ impl Published<'_> {
             &self.daemon,
             "default/after mapped after kubectl annotate",
             Duration::from_secs(10),
-            || forwards_of(self.lab, AFTER_PORT) == 1,
+            || forwards_of(self.lab, AFTER_PORT).len() == 1,
         );
-        assert!(pcp_packets(self.lab) > packets, "the counter counts");
+        assert!(
+            self.lab.router_pcp_packets() > packets,
+            "the counter counts"
+        );
         took
     }
 }
@@ -285,7 +218,7 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let started = Instant::now();
     with_web_published(&lab, &[], |p| {
-        let packets = pcp_packets(p.lab);
+        let packets = p.lab.router_pcp_packets();
         let calls = router_call_lines(&p.daemon);
         p.fake.clear_requests();
         p.fake.compact();
@@ -319,12 +252,12 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
         // (wrongly) call the router.
         std::thread::sleep(Duration::from_millis(SETTLE_MS));
         assert_eq!(
-            pcp_packets(p.lab),
+            p.lab.router_pcp_packets(),
             packets,
             "no PCP packet after the relist"
         );
         assert_eq!(router_call_lines(&p.daemon), calls, "{}", p.daemon.log());
-        assert_eq!(forwards_of(p.lab, WEB_PORT), 1);
+        assert_eq!(forwards_of(p.lab, WEB_PORT).len(), 1);
         assert_eq!(
             recorded(&p.config),
             [active("default/web", WEB_PORT)],
@@ -346,7 +279,7 @@ fn failing_relist_keeps_every_mapping_and_calls_no_router() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let started = Instant::now();
     with_web_published(&lab, &[], |p| {
-        let packets = pcp_packets(p.lab);
+        let packets = p.lab.router_pcp_packets();
         let calls = router_call_lines(&p.daemon);
         p.fake.clear_requests();
         p.fake
@@ -366,8 +299,8 @@ fn failing_relist_keeps_every_mapping_and_calls_no_router() {
                     .filter(|r| r.status == 500)
                     .count();
                 // Meanwhile the mapping stays on the router and in the state file.
-                assert_eq!(forwards_of(p.lab, WEB_PORT), 1, "{}", p.daemon.log());
-                assert_eq!(pcp_packets(p.lab), packets, "{}", p.daemon.log());
+                assert_eq!(forwards_of(p.lab, WEB_PORT).len(), 1, "{}", p.daemon.log());
+                assert_eq!(p.lab.router_pcp_packets(), packets, "{}", p.daemon.log());
                 failed == FAILED_LISTS
                     && requests
                         .iter()
@@ -377,7 +310,7 @@ fn failing_relist_keeps_every_mapping_and_calls_no_router() {
             },
         );
         std::thread::sleep(Duration::from_millis(SETTLE_MS));
-        assert_eq!(pcp_packets(p.lab), packets, "no PCP packet");
+        assert_eq!(p.lab.router_pcp_packets(), packets, "no PCP packet");
         assert_eq!(router_call_lines(&p.daemon), calls, "{}", p.daemon.log());
         assert_eq!(recorded(&p.config), [active("default/web", WEB_PORT)]);
         let took = p.annotate_after_and_see_it_mapped();
@@ -396,7 +329,7 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let started = Instant::now();
     with_web_published(&lab, &[], |p| {
-        let packets = pcp_packets(p.lab);
+        let packets = p.lab.router_pcp_packets();
         p.runtime.block_on(p.fake.stop());
         let down = Instant::now();
         p.fake.apply_object(service("web", WEB_PORT, false));
@@ -404,11 +337,11 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
 
         let mut checks = 0;
         while down.elapsed() < Duration::from_secs(OUTAGE_SECS) {
-            assert_eq!(forwards_of(p.lab, WEB_PORT), 1, "{}", p.daemon.log());
-            assert_eq!(forwards_of(p.lab, LATE_PORT), 0);
+            assert_eq!(forwards_of(p.lab, WEB_PORT).len(), 1, "{}", p.daemon.log());
+            assert_eq!(forwards_of(p.lab, LATE_PORT).len(), 0);
             assert_eq!(recorded(&p.config), [active("default/web", WEB_PORT)]);
             assert_eq!(
-                pcp_packets(p.lab),
+                p.lab.router_pcp_packets(),
                 packets,
                 "no router call while the API is away"
             );
@@ -428,7 +361,7 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
             &p.daemon,
             "the changes made during the outage on the router",
             Duration::from_secs(AFTER_OUTAGE_LIMIT_SECS),
-            || forwards_of(p.lab, WEB_PORT) == 0 && forwards_of(p.lab, LATE_PORT) == 1,
+            || forwards_of(p.lab, WEB_PORT).is_empty() && forwards_of(p.lab, LATE_PORT).len() == 1,
         );
         wait_until(
             &p.daemon,
@@ -475,13 +408,17 @@ fn half_open_watch_recovers_within_the_watch_timeout() {
             &p.daemon,
             "the change behind a half-open watch on the router",
             Duration::from_secs(limit + MARGIN_SECS),
-            || forwards_of(p.lab, LATE_PORT) == 1,
+            || forwards_of(p.lab, LATE_PORT).len() == 1,
         );
         assert!(
             service_watches(&p.fake) > watches_before,
             "seen through a new watch"
         );
-        assert_eq!(forwards_of(p.lab, WEB_PORT), 1, "nothing else touched");
+        assert_eq!(
+            forwards_of(p.lab, WEB_PORT).len(),
+            1,
+            "nothing else touched"
+        );
         eprintln!(
             "half-open watch: change seen {took:?} after it was made (read timeout {limit} s); {:?} since the hang",
             hung.elapsed()

@@ -494,17 +494,13 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
     );
 }
 
-/// The number of packets an nft counter named `name` in table `inet block` has seen.
+/// The packets the drop counter in table `inet block` of namespace `ns` has seen.
 fn blocked_packets(lab: &Lab, ns: &str) -> u64 {
     let out = text(
         &lab.exec(ns, &["nft", "list", "table", "inet", "block"])
             .stdout,
     );
-    out.split_whitespace()
-        .skip_while(|word| *word != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    lab::counted_packets(&out).unwrap_or(0)
 }
 
 /// A router that does not answer (its PCP port dropped on the way): the daemon retries at
@@ -677,26 +673,6 @@ fn leases_are_renewed_before_they_expire() {
     );
 }
 
-/// Packets the router received on udp/5351 (PCP and NAT-PMP), from a counter rule in its
-/// namespace (added on first use).
-fn router_pcp_packets(lab: &Lab) -> u64 {
-    let list = lab.exec("rtr", &["nft", "list", "table", "inet", "count"]);
-    if !list.status.success() {
-        let add = lab.exec(
-            "rtr",
-            &["nft", "add table inet count; add chain inet count input { type filter hook input priority -10; udp dport 5351 counter; }"],
-        );
-        assert!(add.status.success(), "{add:?}");
-        return 0;
-    }
-    text(&list.stdout)
-        .split_whitespace()
-        .skip_while(|word| *word != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A denied port (22 is on the default deny list) is refused before anything reaches the
 /// router: a Warning Event on the Service says why, the router sees no packet for it, and
 /// the Service's other port is published as usual.
@@ -704,7 +680,7 @@ fn router_pcp_packets(lab: &Lab) -> u64 {
 fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
-    router_pcp_packets(&lab);
+    lab.count_router_pcp_packets();
     with_daemon_in_lan(
         &lab,
         "direct",
@@ -723,7 +699,7 @@ fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
                 Duration::from_secs(20),
                 || daemon.log().contains("first reconcile done"),
             );
-            let before = router_pcp_packets(&lab);
+            let before = lab.router_pcp_packets();
             kubectl(
                 kubeconfig,
                 &["annotate", "svc", "shell", "holepunch/punch-external=true"],
@@ -747,7 +723,7 @@ fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
             );
             std::thread::sleep(Duration::from_secs(1));
             assert_eq!(
-                router_pcp_packets(&lab),
+                lab.router_pcp_packets(),
                 before,
                 "nothing was sent for the denied port"
             );
@@ -765,7 +741,7 @@ fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
                 Duration::from_secs(20),
                 || forwards_of(&lab, 8080).len() == 2,
             );
-            assert!(router_pcp_packets(&lab) > before);
+            assert!(lab.router_pcp_packets() > before);
         },
     );
 }

@@ -18,7 +18,7 @@ use holepunch::router::natpmp::client::{NatpmpClient, Schedule};
 use holepunch::router::natpmp::codec as natpmp;
 use holepunch::router::{MapRequest, PortMapper, RouterError};
 use holepunch::state::{MappingRecord, MappingStatus};
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, WAN_CLIENT_IP, listen, received, send_from_wan};
 
 const PREFIX: &str = "hpn-";
 const WAN_IP: Ipv4Addr = Ipv4Addr::new(11, 22, 33, 44);
@@ -43,73 +43,6 @@ fn forwarded(lab: &Lab, proto: &str, external: u16, internal: u16) -> bool {
             && line.contains(&format!("dport {external} "))
             && line.contains(&format!("dnat ip to {LAN_IP}:{internal}"))
     })
-}
-
-/// Start a python3 one-shot listener in the LAN namespace; returns once it listens.
-fn listen(lab: &Lab, proto: &str, port: u16) -> Child {
-    let script = format!(
-        r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_{kind})
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port}))
-s.settimeout(15)
-{listen}
-print("ready", flush=True)
-{receive}
-print("%s %s" % (peer[0], data.decode().strip()), flush=True)
-"#,
-        kind = if proto == "tcp" { "STREAM" } else { "DGRAM" },
-        listen = if proto == "tcp" { "s.listen(1)" } else { "" },
-        receive = if proto == "tcp" {
-            "c, peer = s.accept()\nc.settimeout(10)\ndata = c.makefile('rb').readline()"
-        } else {
-            "data, peer = s.recvfrom(2048)"
-        },
-    );
-    let mut child = lab.spawn("lan", &[lab::python(), "-c", &script]);
-    let mut ready = String::new();
-    let stdout = child.stdout.as_mut().unwrap();
-    // Byte by byte, so that nothing after "ready" is buffered away from `received`.
-    let mut byte = [0u8; 1];
-    while !ready.ends_with('\n') && stdout.read(&mut byte).unwrap_or(0) == 1 {
-        ready.push(char::from(byte[0]));
-    }
-    assert_eq!(ready.trim(), "ready", "listener did not start");
-    child
-}
-
-/// The line the listener received, as "<peer address> <line>".
-fn received(mut child: Child) -> String {
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    assert!(status.success(), "listener failed: {err}");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    line.trim().to_owned()
-}
-
-/// From the internet client: send `line` to the router's public address. TCP fails when
-/// the router does not forward the port (connection refused).
-fn send_from_wan(lab: &Lab, proto: &str, port: u16, line: &str) -> std::process::Output {
-    let script = format!(
-        r#"
-import socket, time
-if "{proto}" == "tcp":
-    c = socket.create_connection(("{ROUTER_WAN_IP}", {port}), timeout=2)
-    c.sendall(b"{line}\n")
-    c.close()
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for _ in range(5):
-        s.sendto(b"{line}\n", ("{ROUTER_WAN_IP}", {port}))
-        time.sleep(0.1)
-"#
-    );
-    lab.exec("wan", &[lab::python(), "-c", &script])
 }
 
 /// This test binary, re-run inside the LAN namespace on one step of `natpmp_step_in_lan`.
@@ -205,8 +138,8 @@ fn run_step(lab: &Lab, name: &str, word: &str) -> String {
 #[test]
 fn natpmp_client_maps_tcp_and_udp_that_carry_traffic_then_unmaps_idempotently() {
     let lab = Lab::up(PREFIX);
-    let tcp = listen(&lab, "tcp", 18200);
-    let udp = listen(&lab, "udp", 18200);
+    let tcp = listen(&lab, "lan", "tcp", 18200);
+    let udp = listen(&lab, "lan", "udp", 18200);
     assert!(
         !send_from_wan(&lab, "tcp", 18200, "too early")
             .status
@@ -245,7 +178,7 @@ fn natpmp_client_maps_tcp_and_udp_that_carry_traffic_then_unmaps_idempotently() 
     run_step(&lab, "unmap", "UNMAPPED");
     let rules = lab.router_forwards();
     assert!(!rules.contains("dport 18200 "), "{rules}");
-    let mut late = listen(&lab, "tcp", 18200);
+    let mut late = listen(&lab, "lan", "tcp", 18200);
     let too_late = send_from_wan(&lab, "tcp", 18200, "too late");
     late.kill().ok();
     late.wait().ok();
@@ -530,7 +463,7 @@ fn natpmp_step_in_lan() {
                     .await
                     .expect("renewed");
                 assert_eq!(grant.external_port, 18210);
-                assert!(!client.epoch_jumped(), "a steady router looked restarted");
+                assert!(!client.take_restart(), "a steady router looked restarted");
                 println!("STEADY {}", client.last_epoch().expect("epoch"));
                 wait_for_outer();
                 // The daemon's renewal after the restart: it sees the jump and re-creates.
@@ -538,11 +471,10 @@ fn natpmp_step_in_lan() {
                     .map(&request(Protocol::Tcp, 18210))
                     .await
                     .expect("granted again");
-                assert!(client.epoch_jumped(), "the restart went unnoticed");
+                assert!(client.take_restart(), "the restart went unnoticed");
                 assert_eq!(grant.external_port, 18210);
                 assert_eq!(grant.external_address, Some(WAN_IP));
-                client.clear_epoch_jump();
-                assert!(!client.epoch_jumped());
+                assert!(!client.take_restart(), "reading the restart clears it");
                 println!("JUMPED {}", client.last_epoch().expect("epoch"));
             }
             "conflict" => {

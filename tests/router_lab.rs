@@ -7,16 +7,14 @@
 #[path = "support/lab.rs"]
 mod lab;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Child;
 use std::thread;
 use std::time::Duration;
 
 use holepunch::model::Protocol;
 use holepunch::router::natpmp::codec as natpmp;
 use holepunch::router::pcp::codec as pcp;
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, WAN_CLIENT_IP, listen, received, send_from_wan};
 
 const PREFIX: &str = "hpt-";
 const WAN_IP: Ipv4Addr = Ipv4Addr::new(11, 22, 33, 44);
@@ -204,76 +202,10 @@ fn pcp_mapping_is_gone_after_a_router_restart_and_can_be_recreated() {
     assert!(forwarded(&lab, "tcp", 18082), "{}", lab.router_forwards());
 }
 
-/// Start a python3 one-shot listener in the LAN namespace; returns once it listens.
-fn listen(lab: &Lab, proto: &str, port: u16) -> Child {
-    let script = format!(
-        r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_{kind})
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port}))
-s.settimeout(15)
-{listen}
-print("ready", flush=True)
-{receive}
-print("%s %s" % (peer[0], data.decode().strip()), flush=True)
-"#,
-        kind = if proto == "tcp" { "STREAM" } else { "DGRAM" },
-        listen = if proto == "tcp" { "s.listen(1)" } else { "" },
-        receive = if proto == "tcp" {
-            "c, peer = s.accept()\nc.settimeout(10)\ndata = c.makefile('rb').readline()"
-        } else {
-            "data, peer = s.recvfrom(2048)"
-        },
-    );
-    let mut child = lab.spawn("lan", &[lab::python(), "-c", &script]);
-    let mut ready = String::new();
-    let stdout = child.stdout.as_mut().unwrap();
-    // Read byte by byte so that nothing after "ready" is buffered away from the caller.
-    let mut byte = [0u8; 1];
-    while !ready.ends_with('\n') && stdout.read(&mut byte).unwrap_or(0) == 1 {
-        ready.push(char::from(byte[0]));
-    }
-    assert_eq!(ready.trim(), "ready", "listener did not start");
-    child
-}
-
-/// The line the listener received, as "<peer address> <line>".
-fn received(mut child: Child) -> String {
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    assert!(status.success(), "listener failed: {err}");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    line.trim().to_owned()
-}
-
-/// From the internet client: send `line` to the router's public address.
-fn send_from_wan(lab: &Lab, proto: &str, port: u16, line: &str) -> std::process::Output {
-    let script = format!(
-        r#"
-import socket, sys, time
-if "{proto}" == "tcp":
-    c = socket.create_connection(("{ROUTER_WAN_IP}", {port}), timeout=2)
-    c.sendall(b"{line}\n")
-    c.close()
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for _ in range(5):
-        s.sendto(b"{line}\n", ("{ROUTER_WAN_IP}", {port}))
-        time.sleep(0.1)
-"#
-    );
-    lab.exec("wan", &[lab::python(), "-c", &script])
-}
-
 #[test]
 fn pcp_tcp_mapping_carries_traffic_from_the_internet() {
     let lab = Lab::up(PREFIX);
-    let listener = listen(&lab, "tcp", 18080);
+    let listener = listen(&lab, "lan", "tcp", 18080);
     // Before the mapping the router itself answers: connection refused.
     let unmapped = send_from_wan(&lab, "tcp", 18080, "too early");
     assert!(
@@ -301,7 +233,7 @@ fn pcp_tcp_mapping_carries_traffic_from_the_internet() {
 #[test]
 fn natpmp_udp_mapping_carries_traffic_from_the_internet() {
     let lab = Lab::up(PREFIX);
-    let listener = listen(&lab, "udp", 18090);
+    let listener = listen(&lab, "lan", "udp", 18090);
     let request = natpmp::MapRequest {
         protocol: Protocol::Udp,
         internal_port: 18090,

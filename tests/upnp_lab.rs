@@ -7,9 +7,7 @@
 #[path = "support/lab.rs"]
 mod lab;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::Child;
 use std::time::Instant;
 
 use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
@@ -17,7 +15,7 @@ use holepunch::router::upnp::http::{self, HttpUrl};
 use holepunch::router::upnp::{Discovery, UpnpClient, soap};
 use holepunch::router::{MapRequest, PortMapper};
 use holepunch::state::{MappingRecord, MappingStatus};
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, WAN_CLIENT_IP, listen, received, send_from_wan};
 
 const PREFIX: &str = "hpu-";
 const IGD_URL: &str = "http://192.168.77.1:5000/rootDesc.xml";
@@ -56,71 +54,6 @@ fn forwarded(lab: &Lab, proto: &str, port: u16, to: &str) -> bool {
             && line.contains(&format!("dport {port} "))
             && line.contains(&format!("dnat ip to {to}:{port}"))
     })
-}
-
-/// A python3 one-shot listener in namespace `ns`; returns once it listens.
-fn listen(lab: &Lab, ns: &str, proto: &str, port: u16) -> Child {
-    let script = format!(
-        r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_{kind})
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port}))
-s.settimeout(15)
-{listen}
-print("ready", flush=True)
-{receive}
-print("%s %s" % (peer[0], data.decode().strip()), flush=True)
-"#,
-        kind = if proto == "tcp" { "STREAM" } else { "DGRAM" },
-        listen = if proto == "tcp" { "s.listen(1)" } else { "" },
-        receive = if proto == "tcp" {
-            "c, peer = s.accept()\nc.settimeout(10)\ndata = c.makefile('rb').readline()"
-        } else {
-            "data, peer = s.recvfrom(2048)"
-        },
-    );
-    let mut child = lab.spawn(ns, &[lab::python(), "-c", &script]);
-    let mut ready = String::new();
-    let stdout = child.stdout.as_mut().unwrap();
-    let mut byte = [0u8; 1];
-    while !ready.ends_with('\n') && stdout.read(&mut byte).unwrap_or(0) == 1 {
-        ready.push(char::from(byte[0]));
-    }
-    assert_eq!(ready.trim(), "ready", "listener did not start");
-    child
-}
-
-/// The line the listener received, as "<peer address> <line>".
-fn received(mut child: Child) -> String {
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).ok();
-    assert!(status.success(), "listener failed: {err}");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    line.trim().to_owned()
-}
-
-/// From the internet client: send `line` to the router's public address.
-fn send_from_wan(lab: &Lab, proto: &str, port: u16, line: &str) -> std::process::Output {
-    let script = format!(
-        r#"
-import socket, time
-if "{proto}" == "tcp":
-    c = socket.create_connection(("{ROUTER_WAN_IP}", {port}), timeout=2)
-    c.sendall(b"{line}\n")
-    c.close()
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for _ in range(5):
-        s.sendto(b"{line}\n", ("{ROUTER_WAN_IP}", {port}))
-        time.sleep(0.1)
-"#
-    );
-    lab.exec("wan", &[lab::python(), "-c", &script])
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -309,6 +310,51 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Starts counting the UDP packets that reach the router's PCP/NAT-PMP port (5351), with
+    /// a counter rule in a table of its own in the router namespace.
+    pub fn count_router_pcp_packets(&self) {
+        let out = self.exec(
+            "rtr",
+            &[
+                "nft",
+                "add table inet hp_pcp_count; \
+                 add chain inet hp_pcp_count in { type filter hook input priority -300 ; }; \
+                 add rule inet hp_pcp_count in udp dport 5351 counter",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "nft counter: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Packets counted since [`Lab::count_router_pcp_packets`].
+    pub fn router_pcp_packets(&self) -> u64 {
+        let out = self.exec(
+            "rtr",
+            &["nft", "list", "chain", "inet", "hp_pcp_count", "in"],
+        );
+        assert!(
+            out.status.success(),
+            "nft list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+        counted_packets(&listing).unwrap_or_else(|| panic!("no counter in {listing}"))
+    }
+}
+
+/// The packets of the first `counter` in an `nft list` output.
+pub fn counted_packets(listing: &str) -> Option<u64> {
+    listing
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 impl Drop for EchoServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -348,6 +394,73 @@ impl Drop for Lab {
             );
         }
     }
+}
+
+/// A python3 one-shot listener in namespace `ns`; returns once it listens.
+pub fn listen(lab: &Lab, ns: &str, proto: &str, port: u16) -> Child {
+    let script = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_{kind})
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port}))
+s.settimeout(15)
+{listen}
+print("ready", flush=True)
+{receive}
+print("%s %s" % (peer[0], data.decode().strip()), flush=True)
+"#,
+        kind = if proto == "tcp" { "STREAM" } else { "DGRAM" },
+        listen = if proto == "tcp" { "s.listen(1)" } else { "" },
+        receive = if proto == "tcp" {
+            "c, peer = s.accept()\nc.settimeout(10)\ndata = c.makefile('rb').readline()"
+        } else {
+            "data, peer = s.recvfrom(2048)"
+        },
+    );
+    let mut child = lab.spawn(ns, &[python(), "-c", &script]);
+    let mut ready = String::new();
+    let stdout = child.stdout.as_mut().unwrap();
+    // Byte by byte, so that nothing after "ready" is buffered away from `received`.
+    let mut byte = [0u8; 1];
+    while !ready.ends_with('\n') && stdout.read(&mut byte).unwrap_or(0) == 1 {
+        ready.push(char::from(byte[0]));
+    }
+    assert_eq!(ready.trim(), "ready", "listener did not start");
+    child
+}
+
+/// The line the listener received, as "<peer address> <line>".
+pub fn received(mut child: Child) -> String {
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert!(status.success(), "listener failed: {err}");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+/// From the internet client: send `line` to the router's public address. TCP fails when
+/// the router does not forward the port (connection refused).
+pub fn send_from_wan(lab: &Lab, proto: &str, port: u16, line: &str) -> std::process::Output {
+    let script = format!(
+        r#"
+import socket, time
+if "{proto}" == "tcp":
+    c = socket.create_connection(("{ROUTER_WAN_IP}", {port}), timeout=2)
+    c.sendall(b"{line}\n")
+    c.close()
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(5):
+        s.sendto(b"{line}\n", ("{ROUTER_WAN_IP}", {port}))
+        time.sleep(0.1)
+"#
+    );
+    lab.exec("wan", &[python(), "-c", &script])
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -184,29 +184,9 @@ impl NatpmpClient {
         self
     }
 
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
-    }
-
-    pub fn schedule(&self) -> Schedule {
-        self.schedule
-    }
-
     /// The gateway's seconds-since-start-of-epoch in the last response, if any.
     pub fn last_epoch(&self) -> Option<u32> {
         self.epoch.map(|seen| seen.server_secs)
-    }
-
-    /// Whether a response showed an epoch inconsistent with the one before (§3.6): the
-    /// gateway restarted and lost its mappings. Stays set until
-    /// [`NatpmpClient::clear_epoch_jump`].
-    pub fn epoch_jumped(&self) -> bool {
-        self.epoch_jumped
-    }
-
-    /// Acknowledge an epoch jump (after re-creating the mappings).
-    pub fn clear_epoch_jump(&mut self) {
-        self.epoch_jumped = false;
     }
 
     /// The gateway's external IPv4 address (§3.2), asked once and cached until the gateway
@@ -621,14 +601,13 @@ mod tests {
         client.observe_epoch(500);
         client.external_address = Some(EXTERNAL);
         client.observe_epoch(501);
-        assert!(!client.epoch_jumped());
+        assert!(!client.take_restart());
         assert_eq!(client.external_address, Some(EXTERNAL));
         client.observe_epoch(3);
-        assert!(client.epoch_jumped());
+        assert!(client.take_restart());
         assert_eq!(client.last_epoch(), Some(3));
         assert_eq!(client.external_address, None);
-        client.clear_epoch_jump();
-        assert!(!client.epoch_jumped());
+        assert!(!client.take_restart(), "reading the restart clears it");
     }
 
     #[test]

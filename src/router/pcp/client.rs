@@ -196,28 +196,9 @@ impl PcpClient {
         self
     }
 
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
-    }
-
-    pub fn schedule(&self) -> Schedule {
-        self.schedule
-    }
-
     /// The server epoch of the last matching response, if any.
     pub fn last_epoch(&self) -> Option<u32> {
         self.epoch.map(|seen| seen.server_secs)
-    }
-
-    /// Whether a response showed an epoch inconsistent with the one before (§8.5): the
-    /// router restarted and lost its mappings. Stays set until [`PcpClient::clear_epoch_jump`].
-    pub fn epoch_jumped(&self) -> bool {
-        self.epoch_jumped
-    }
-
-    /// Acknowledge an epoch jump (after re-creating the mappings).
-    pub fn clear_epoch_jump(&mut self) {
-        self.epoch_jumped = false;
     }
 
     /// Sends an ANNOUNCE request (RFC 6887 §14.1): whether the gateway speaks PCP, and its
@@ -542,12 +523,11 @@ mod tests {
         let mut client = PcpClient::new(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST);
         client.observe_epoch(500);
         client.observe_epoch(500);
-        assert!(!client.epoch_jumped());
+        assert!(!client.take_restart());
         client.observe_epoch(3);
-        assert!(client.epoch_jumped());
+        assert!(client.take_restart());
         assert_eq!(client.last_epoch(), Some(3));
-        client.clear_epoch_jump();
-        assert!(!client.epoch_jumped());
+        assert!(!client.take_restart(), "reading the restart clears it");
     }
 
     #[test]
