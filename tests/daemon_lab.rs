@@ -673,6 +673,96 @@ fn leases_are_renewed_before_they_expire() {
     );
 }
 
+/// The ISP gives the router a new WAN address: miniupnpd keeps its mappings and announces the
+/// change; within 10 s the Service's LoadBalancer status and a Published Event carry the new
+/// address, the internet reaches the Service there, and nothing is mapped twice.
+#[test]
+fn a_new_external_address_reaches_the_service_status_and_events() {
+    const NEW_WAN_IP: &str = "11.22.33.45";
+    let lab = Lab::up_with(PREFIX, &["--insecure", "--dynamic-wan"]);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let _node_port = lab.echo_server("node", NODE_IP, 31090);
+    with_daemon_in_lan(
+        &lab,
+        "direct",
+        "pcp",
+        "",
+        |fake, kubeconfig, config, daemon| {
+            own_class_service(fake);
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            let status_ip = || {
+                kubectl(
+                    kubeconfig,
+                    &[
+                        "get",
+                        "svc",
+                        "lb",
+                        "-o",
+                        "jsonpath={.status.loadBalancer.ingress[*].ip}",
+                    ],
+                )
+            };
+            let published_at = |address: &str| {
+                let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
+                let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+                events["items"].as_array().is_some_and(|items| {
+                    items.iter().any(|e| {
+                        e["reason"] == "Published"
+                            && e["involvedObject"]["name"] == "game"
+                            && e["message"]
+                                .as_str()
+                                .is_some_and(|m| m.contains(&format!("{address}:8080")))
+                    })
+                })
+            };
+            wait_until(
+                daemon,
+                "the old address in status",
+                Duration::from_secs(20),
+                || status_ip() == ROUTER_WAN_IP && published_at(ROUTER_WAN_IP),
+            );
+            assert!(
+                lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "before")
+                    .is_some()
+            );
+
+            let changed = Instant::now();
+            lab.change_wan_ip(NEW_WAN_IP);
+            let took = wait_until(
+                daemon,
+                "the new address in the Service status and a Published Event",
+                Duration::from_secs(10),
+                || status_ip() == NEW_WAN_IP && published_at(NEW_WAN_IP),
+            );
+            eprintln!("external address changed -> status and Event updated in {took:?}");
+            assert!(changed.elapsed() < Duration::from_secs(10));
+            assert_eq!(
+                lab.ask("wan", "tcp", NEW_WAN_IP, 8080, "after").as_deref(),
+                Some(format!("{WAN_CLIENT_IP} after").as_str())
+            );
+            assert!(lab.ask("wan", "tcp", NEW_WAN_IP, 9090, "lb").is_some());
+            assert_eq!(
+                forwards_of(&lab, 8080).len(),
+                2,
+                "no duplicates: {}",
+                lab.router_forwards()
+            );
+            let status = status_json(config);
+            let addresses: Vec<&str> = status["mappings"]
+                .as_array()
+                .expect("mappings")
+                .iter()
+                .map(|m| m["external_address"].as_str().unwrap_or(""))
+                .collect();
+            assert_eq!(addresses, [NEW_WAN_IP; 3], "{status}");
+        },
+    );
+}
+
 /// A denied port (22 is on the default deny list) is refused before anything reaches the
 /// router: a Warning Event on the Service says why, the router sees no packet for it, and
 /// the Service's other port is published as usual.

@@ -204,6 +204,18 @@ impl Lab {
         );
     }
 
+    /// The ISP hands the router a new WAN address (`router-lab change-wan-ip`; the lab must be
+    /// up with `--dynamic-wan`): miniupnpd keeps its mappings and announces the change.
+    pub fn change_wan_ip(&self, address: &str) {
+        let out = self.script(&["change-wan-ip", address]);
+        assert!(
+            out.status.success(),
+            "router-lab change-wan-ip failed: {}\nrouter log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.router_log()
+        );
+    }
+
     /// The router's port-forwarding rules (the nft chain miniupnpd writes its DNATs into).
     pub fn router_forwards(&self) -> String {
         let out = self.exec(
