@@ -763,6 +763,123 @@ fn a_new_external_address_reaches_the_service_status_and_events() {
     );
 }
 
+/// Another LAN host already holds 8080/tcp on the router (upnpc from the node host): the
+/// daemon takes nothing from it (the router offers PCP another port, which holepunch gives
+/// back), says so in a Warning Event, maps the free 8080/udp as usual, and retries the
+/// conflicting port only after its backoff (30 s ± 10 %).
+#[test]
+fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let _other = lab.echo_server("node", NODE_IP, 8080);
+    let taken = lab.exec(
+        "node",
+        &[
+            "upnpc",
+            "-u",
+            "http://192.168.77.1:5000/rootDesc.xml",
+            "-e",
+            "another program",
+            "-a",
+            NODE_IP,
+            "8080",
+            "8080",
+            "TCP",
+        ],
+    );
+    assert!(taken.status.success(), "upnpc: {taken:?}");
+    let others = forwards_of(&lab, 8080);
+    assert!(
+        others.len() == 1 && others[0].contains(&format!("{NODE_IP}:8080")),
+        "{}",
+        lab.router_forwards()
+    );
+    with_daemon_in_lan(
+        &lab,
+        "direct",
+        "pcp",
+        "",
+        |fake, kubeconfig, config, daemon| {
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            wait_until(
+                daemon,
+                "a RouterRefused Warning for 8080/tcp",
+                Duration::from_secs(20),
+                || {
+                    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
+                    let events: serde_json::Value =
+                        serde_json::from_str(&events).unwrap_or_default();
+                    events["items"].as_array().is_some_and(|items| {
+                        items.iter().any(|e| {
+                            e["type"] == "Warning"
+                                && e["reason"] == "RouterRefused"
+                                && e["involvedObject"]["name"] == "game"
+                                && e["message"].as_str().is_some_and(|m| m.contains("8080"))
+                        })
+                    })
+                },
+            );
+            // Nothing stolen: the other host's forward is the only TCP one, unchanged; the
+            // free UDP port is holepunch's; the port the router offered instead is given back.
+            let forwards = forwards_of(&lab, 8080);
+            // miniupnpd matches the IP protocol byte: 0x6 is TCP, 0x11 UDP.
+            let tcp: Vec<&String> = forwards.iter().filter(|f| f.contains(" 0x6 ")).collect();
+            assert!(
+                tcp.len() == 1 && tcp[0].contains(&format!("{NODE_IP}:8080")),
+                "{}",
+                lab.router_forwards()
+            );
+            wait_until(daemon, "8080/udp mapped", Duration::from_secs(10), || {
+                forwards_of(&lab, 8080)
+                    .iter()
+                    .any(|f| f.contains(" 0x11 ") && f.contains(&format!("{LB_IP}:8080")))
+            });
+            wait_until(
+                daemon,
+                "the offered port given back",
+                Duration::from_secs(10),
+                || {
+                    lab.router_forwards()
+                        .lines()
+                        .filter(|l| l.contains("dnat"))
+                        .count()
+                        == 2
+                },
+            );
+            let status = status_json(config);
+            let record = status["mappings"]
+                .as_array()
+                .expect("mappings")
+                .iter()
+                .find(|m| m["protocol"] == "tcp")
+                .cloned()
+                .expect("the tcp record");
+            assert_eq!(record["status"], "failed", "{record}");
+            // The failure was a few seconds ago at most; the backoff is 27-33 s.
+            let retry_at: jiff::Timestamp = record["retry_at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("retry_at");
+            let wait = retry_at
+                .duration_since(jiff::Timestamp::now())
+                .as_secs_f64();
+            eprintln!("port conflict: the next attempt is in {wait:.1} s");
+            assert!((15.0..=33.0).contains(&wait), "{record}");
+            let failures = daemon.log().matches("router request failed").count();
+            std::thread::sleep(Duration::from_secs(5));
+            assert_eq!(
+                daemon.log().matches("router request failed").count(),
+                failures,
+                "no retry inside the backoff"
+            );
+        },
+    );
+}
+
 /// A denied port (22 is on the default deny list) is refused before anything reaches the
 /// router: a Warning Event on the Service says why, the router sees no packet for it, and
 /// the Service's other port is published as usual.
