@@ -880,6 +880,101 @@ fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
     );
 }
 
+/// The operator switches the router protocol (NAT-PMP → UPnP → PCP, each by editing the config
+/// and SIGHUP): every mapping is deleted through the protocol that made it before it is
+/// requested through the new one, so the router never holds two forwards for a port and none is
+/// left behind, and the Service stays reachable.
+#[test]
+fn switching_the_router_protocol_leaves_no_mapping_behind() {
+    let lab = Lab::up(PREFIX);
+    let _server = lab.echo_server("node", LB_IP, 8080);
+    let sysctl = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    with_daemon_in_lan(
+        &lab,
+        "relay",
+        "natpmp",
+        "",
+        |fake, kubeconfig, config, daemon| {
+            load_balancer_service(fake);
+            kubectl(
+                kubeconfig,
+                &["annotate", "svc", "game", "holepunch/punch-external=true"],
+            );
+            let backends = || -> Vec<String> {
+                status_json(config)["mappings"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .map(|m| format!("{} {}", m["backend"], m["status"]))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            wait_until(daemon, "NAT-PMP mappings", Duration::from_secs(20), || {
+                forwards_of(&lab, 8080).len() == 2
+                    && lab
+                        .ask("wan", "tcp", ROUTER_WAN_IP, 8080, "natpmp")
+                        .is_some()
+            });
+            let original = std::fs::read_to_string(config).expect("read config");
+            for (from, to) in [("natpmp", "upnp"), ("upnp", "pcp")] {
+                let edited = std::fs::read_to_string(config)
+                    .expect("read config")
+                    .replace(
+                        &format!("backend = \"{from}\""),
+                        &format!("backend = \"{to}\""),
+                    );
+                std::fs::write(config, edited).expect("write config");
+                let switched = Instant::now();
+                // SAFETY: kill(2) on the daemon this test started.
+                assert_eq!(
+                    unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGHUP) },
+                    0
+                );
+                let mut most = 0;
+                wait_until(
+                    daemon,
+                    &format!("both mappings re-made through {to}"),
+                    Duration::from_secs(30),
+                    || {
+                        most = most.max(forwards_of(&lab, 8080).len());
+                        backends() == vec![format!("\"{to}\" \"active\""); 2]
+                            && forwards_of(&lab, 8080).len() == 2
+                    },
+                );
+                eprintln!("{from} -> {to}: re-made in {:?}", switched.elapsed());
+                assert!(
+                    most <= 2,
+                    "the router held {most} forwards for 8080 at once"
+                );
+                let deleted = daemon
+                    .log()
+                    .lines()
+                    .filter(|l| {
+                        l.contains(&format!("deleted before re-requesting it through {to}"))
+                            && l.contains(&format!("made_with={from}"))
+                    })
+                    .count();
+                assert_eq!(deleted, 2, "{}", daemon.log());
+                assert_eq!(
+                    lab.ask("wan", "udp", ROUTER_WAN_IP, 8080, to).as_deref(),
+                    Some(format!("{LAN_IP} {to}").as_str())
+                );
+            }
+            // PCP now holds them (the daemon's nonces): deleting the Service removes both.
+            kubectl(kubeconfig, &["delete", "svc", "game"]);
+            wait_until(
+                daemon,
+                "the router to drop both",
+                Duration::from_secs(20),
+                || forwards_of(&lab, 8080).is_empty(),
+            );
+            assert!(original.contains("backend = \"natpmp\""));
+        },
+    );
+}
+
 /// A denied port (22 is on the default deny list) is refused before anything reaches the
 /// router: a Warning Event on the Service says why, the router sees no packet for it, and
 /// the Service's other port is published as usual.
