@@ -238,7 +238,7 @@ async fn events_are_published_once_and_again_after_they_come_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_publish_is_retried_and_a_deleted_service_is_not() {
+async fn a_failed_publish_is_retried_after_a_backoff_and_a_deleted_service_is_not() {
     let s = setup().await;
     s.fake.apply_object(service("web", None, None));
     let mut publisher = EventPublisher::new(s.client.clone(), "host");
@@ -260,13 +260,24 @@ async fn a_failed_publish_is_retried_and_a_deleted_service_is_not() {
     );
     assert!(events_seen_by_kubectl(&s.kubeconfig).is_empty());
 
+    // Not at the very next reconcile: the refused Event has a backoff of its own.
     s.fake.clear_requests();
     assert_eq!(
         publisher
             .publish_changes(&[denied.clone(), gone.clone()])
             .await,
+        0
+    );
+    assert_eq!(s.fake.requests().len(), 0, "{:#?}", s.fake.requests());
+
+    s.fake.clear_requests();
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    assert_eq!(
+        publisher
+            .publish_changes_at(&[denied.clone(), gone.clone()], later)
+            .await,
         1,
-        "the failed one is retried"
+        "the failed one is retried after its backoff"
     );
     let gets_of_gone = s
         .fake

@@ -5,14 +5,17 @@
 //! [`EventPublisher`] writes them as `events.k8s.io/v1` Events (the API that replaced
 //! core/v1 Events in Kubernetes 1.19; the apiserver shows them through both), once each: an
 //! Event is published when it appears in the current set and again only after it has left
-//! the set and come back.
+//! the set and come back. A publish the API refuses is retried with a backoff of its own
+//! ([`EVENT_RETRY_FLOOR_SECS`] doubling to [`EVENT_RETRY_CEILING_SECS`]), not at every
+//! reconcile.
 //!
 //! Not `kube::runtime::events::Recorder`: it turns an Event seen again within its cache time
 //! into a PATCH of the old one's `series`, while an Event that comes back here is news and
 //! gets a new Event, and its cache is keyed without the note, so two different conflicts of one
 //! Service would be folded into one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -35,6 +38,12 @@ pub const MAX_INSTANCE_BYTES: usize = 128;
 
 /// `reason` of the Event for a live mapping.
 pub const REASON_PUBLISHED: &str = "Published";
+
+/// Wait before the first retry of an Event the API refused.
+pub const EVENT_RETRY_FLOOR_SECS: u64 = 5;
+
+/// Longest wait between retries of an Event the API keeps refusing.
+pub const EVENT_RETRY_CEILING_SECS: u64 = 300;
 
 /// Normal or Warning, as Kubernetes Events have it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -152,6 +161,29 @@ pub struct EventPublisher {
     instance: String,
     /// The Events of the previous call that were published (or whose Service is gone).
     published: BTreeSet<ServiceEvent>,
+    /// Events the API refused: how often in a row, and when to try again.
+    refused: BTreeMap<ServiceEvent, Retry>,
+}
+
+/// The backoff of one refused Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Retry {
+    failures: u32,
+    at: Instant,
+}
+
+impl Retry {
+    /// The retry after `failures` refusals in a row, the last at `now`.
+    fn after(failures: u32, now: Instant) -> Retry {
+        let doublings = failures.saturating_sub(1).min(16);
+        let wait = Duration::from_secs(EVENT_RETRY_FLOOR_SECS)
+            .saturating_mul(1 << doublings)
+            .min(Duration::from_secs(EVENT_RETRY_CEILING_SECS));
+        Retry {
+            failures,
+            at: now + wait,
+        }
+    }
 }
 
 impl EventPublisher {
@@ -170,33 +202,51 @@ impl EventPublisher {
             client,
             instance: instance.to_owned(),
             published: BTreeSet::new(),
+            refused: BTreeMap::new(),
         }
     }
 
     /// Publishes the events in `current` that were not in the previous call's set; an event
     /// that disappears is forgotten, so it is published again if it comes back. An unchanged
-    /// set publishes nothing. A failed publish is logged and retried on the next call.
-    /// Returns how many Events were created.
+    /// set publishes nothing. A failed publish is logged and retried on a later call, once
+    /// its backoff has passed. Returns how many Events were created.
     pub async fn publish_changes(&mut self, current: &[ServiceEvent]) -> usize {
+        self.publish_changes_at(current, Instant::now()).await
+    }
+
+    /// [`EventPublisher::publish_changes`] as if called at `now` (tests step the clock).
+    pub async fn publish_changes_at(&mut self, current: &[ServiceEvent], now: Instant) -> usize {
         let current: BTreeSet<&ServiceEvent> = current.iter().collect();
         self.published.retain(|event| current.contains(event));
+        self.refused.retain(|event, _| current.contains(event));
         let mut created = 0;
         for event in current {
             if self.published.contains(event) {
                 continue;
             }
+            let failures = match self.refused.get(event) {
+                Some(retry) if retry.at > now => continue,
+                Some(retry) => retry.failures,
+                None => 0,
+            };
             match self.publish(event).await {
                 Ok(true) => {
                     created += 1;
+                    self.refused.remove(event);
                     self.published.insert(event.clone());
                 }
                 Ok(false) => {
                     // The Service is gone: nothing to attach the Event to, and nothing to retry.
+                    self.refused.remove(event);
                     self.published.insert(event.clone());
                 }
                 Err(e) => {
+                    let retry = Retry::after(failures.saturating_add(1), now);
                     tracing::warn!(service = %format!("{}/{}", event.namespace, event.name),
-                        reason = %event.reason, error = %e, "could not publish an Event; will retry");
+                        reason = %event.reason, error = %e,
+                        retry_in_secs = retry.at.duration_since(now).as_secs(),
+                        "could not publish an Event; will retry");
+                    self.refused.insert(event.clone(), retry);
                 }
             }
         }
@@ -272,6 +322,16 @@ mod tests {
     use super::*;
     use crate::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
     use crate::state::MappingStatus;
+
+    #[test]
+    fn a_refused_event_waits_5_s_doubling_to_5_min() {
+        let now = Instant::now();
+        let waits: Vec<u64> = [1, 2, 3, 6, 7, 40]
+            .into_iter()
+            .map(|failures| Retry::after(failures, now).at.duration_since(now).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 160, 300, 300]);
+    }
 
     fn problem(kind: ProblemKind, message: &str) -> Problem {
         Problem {
