@@ -341,10 +341,19 @@ fn demo_walkthrough() {
         let yaml_path = demo.dir().join("web.yaml");
         std::fs::write(&yaml_path, &yaml).expect("write web.yaml");
         demo.show(&yaml);
-        demo.command(&format!("{kubectl_cmd} apply -f web.yaml"));
+        // NOTE: the fake API serves no OpenAPI v2 schemas; kubectl up to 1.26 (Debian 12 ships
+        // 1.20) then refuses `apply` with NotFound unless validation is off. Real clusters
+        // need no such flag.
+        demo.say("(--validate=false: the demo's small API server has no OpenAPI schemas to validate against)");
+        demo.command(&format!("{kubectl_cmd} apply --validate=false -f web.yaml"));
         let applied = kubectl(
             &kubeconfig,
-            &["apply", "-f", yaml_path.to_str().expect("utf-8 path")],
+            &[
+                "apply",
+                "--validate=false",
+                "-f",
+                yaml_path.to_str().expect("utf-8 path"),
+            ],
         );
         demo.show(&applied);
         assert!(applied.contains("service/web"), "{applied}");

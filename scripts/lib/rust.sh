@@ -1,10 +1,13 @@
+# shellcheck shell=bash
 # Finding and running cargo from scripts that run as root (sudo make demo), sourced by
 # scripts/dev-deps and scripts/demo. sudo resets PATH, so a rustup install in the invoking
 # user's home is not on it: look there too, and run cargo as the user who owns it, so that
 # their toolchain is used and target/ stays theirs.
 
-# The oldest Rust that builds holepunch (Cargo.toml's rust-version).
-RUST_MIN_MINOR=89
+# The oldest Rust that builds holepunch: Cargo.toml's rust-version (1.<minor>). The scripts
+# that source this file run from the repository's root.
+# shellcheck disable=SC2034 # used by scripts/dev-deps
+RUST_MIN_MINOR=$(sed -n 's/^rust-version = "1\.\([0-9]*\).*/\1/p' Cargo.toml)
 
 # Prints the path of a cargo binary: the one on PATH, else rustup's in $CARGO_HOME, in the
 # sudo user's home, or in root's. Fails when there is none.
