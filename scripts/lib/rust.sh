@@ -25,6 +25,12 @@ find_cargo() {
     return 1
 }
 
+# Runs a command as another user (runuser lives in /usr/sbin, which a user's PATH may lack).
+as_user() {
+    local user=$1; shift
+    PATH=$PATH:/usr/sbin:/sbin runuser -u "$user" -- "$@"
+}
+
 # Runs cargo with the arguments given, as the user who owns the cargo binary, with the
 # rustup homes that go with it (sudo may have left $HOME pointing elsewhere).
 run_cargo() {
@@ -36,7 +42,7 @@ run_cargo() {
     local environment=(HOME="$home" PATH="$(dirname "$cargo"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         CARGO_HOME="${CARGO_HOME:-$cargo_home}" RUSTUP_HOME="${RUSTUP_HOME:-$home/.rustup}")
     if [[ $EUID -eq 0 && $owner != root ]]; then
-        runuser -u "$owner" -- env "${environment[@]}" "$cargo" "$@"
+        as_user "$owner" env "${environment[@]}" "$cargo" "$@"
     else
         env "${environment[@]}" "$cargo" "$@"
     fi
@@ -56,6 +62,6 @@ install_rust() {
     local user=${SUDO_USER:-root} home
     home=$(getent passwd "$user" | cut -d: -f6)
     echo "installing Rust with rustup for $user (into $home/.cargo) ..." >&2
-    runuser -u "$user" -- env HOME="$home" sh -c \
+    as_user "$user" env HOME="$home" sh -c \
         "curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y -q --profile default" >&2
 }
