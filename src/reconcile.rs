@@ -362,10 +362,9 @@ fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now:
                     "the state file is saved again; asking the router for what was held back"
                 );
                 if released > 0 {
-                    // Their retry is recorded on disk too.
-                    if let Err(e) = store.persist(state) {
-                        outcome.save_error = Some(e);
-                    }
+                    // Their retry is recorded on disk too (this save cannot release again:
+                    // the one before it worked).
+                    save(state, store, outcome, now);
                 }
             }
         }
