@@ -824,225 +824,243 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_unsaved_state_holds_back_new_requests_and_lets_renewals_and_unmaps_go() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let an_hour_ago = now - SignedDuration::from_hours(1);
-        let mut state = State::default();
-        // 8080: renewal due. 8083: restore of a recorded nonce (pending since a crash).
-        // 8082: made through UPnP, to be restored through PCP (needs a fresh nonce).
-        // 8090: no longer wanted. 8081: new.
-        state.mappings.insert(
-            key(8080),
-            granted(8080, now - SignedDuration::from_secs(61)),
-        );
-        let mut pending = granted(8083, an_hour_ago);
-        pending.status = MappingStatus::Pending;
-        state.mappings.insert(key(8083), pending);
-        let mut upnp = granted(8082, now - SignedDuration::from_secs(10));
-        upnp.backend = Backend::Upnp;
-        upnp.nonce = None;
-        upnp.status = MappingStatus::Pending;
-        state.mappings.insert(key(8082), upnp);
-        state.mappings.insert(
-            key(8090),
-            granted(8090, now - SignedDuration::from_secs(10)),
-        );
-        let recorded_nonce = state.mappings[&key(8083)].nonce.clone();
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
-        let wanted = direct(&[8080, 8081, 8082, 8083]);
-        let mut router = ScriptedRouter {
-            grants: BTreeMap::new(),
-            calls: vec![],
-        };
-        let mut disk = StateStore::new(Refusing {
-            error: Some(libc::EROFS),
-            saved: vec![],
-        });
-        let first = plan(&wanted, &state, forwarding, now);
-        let outcome = execute(&first, &mut state, &mut router, &mut disk, 120, now).await;
+    /// Runs `body` on a current-thread runtime, one such test at a time: both hit the
+    /// save-failure log lines, and tracing caches a callsite's interest for every thread
+    /// when it is first hit (a test capturing the log must not race another hitting them).
+    fn one_at_a_time(body: impl std::future::Future<Output = ()>) {
+        static SAVE_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = SAVE_LOG
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(body);
+    }
 
-        assert_eq!(
-            router.calls,
-            ["unmap 8090", "map 8083 nonce=true", "map 8080 nonce=true"],
-            "unmaps, restores of recorded nonces and renewals go; the new ones do not"
-        );
-        assert_eq!(state.mappings[&key(8083)].nonce, recorded_nonce);
-        assert_eq!(state.mappings[&key(8083)].status, MappingStatus::Active);
-        for port in [8081, 8082] {
-            let record = &state.mappings[&key(port)];
-            assert_eq!(record.status, MappingStatus::Failed, "{port}");
-            let error = record.last_error.as_deref().unwrap_or_default();
-            assert!(
-                error.starts_with(
-                    "state file could not be saved: cannot write the temporary state file"
-                ) && error.contains("Read-only file system")
-                    && error.ends_with(&format!(
-                        "not asking the router for {port}/tcp until it can"
-                    )),
-                "{error}"
+    #[test]
+    fn an_unsaved_state_holds_back_new_requests_and_lets_renewals_and_unmaps_go() {
+        one_at_a_time(async {
+            let now = Timestamp::from_second(1_800_000_000).expect("valid");
+            let an_hour_ago = now - SignedDuration::from_hours(1);
+            let mut state = State::default();
+            // 8080: renewal due. 8083: restore of a recorded nonce (pending since a crash).
+            // 8082: made through UPnP, to be restored through PCP (needs a fresh nonce).
+            // 8090: no longer wanted. 8081: new.
+            state.mappings.insert(
+                key(8080),
+                granted(8080, now - SignedDuration::from_secs(61)),
             );
+            let mut pending = granted(8083, an_hour_ago);
+            pending.status = MappingStatus::Pending;
+            state.mappings.insert(key(8083), pending);
+            let mut upnp = granted(8082, now - SignedDuration::from_secs(10));
+            upnp.backend = Backend::Upnp;
+            upnp.nonce = None;
+            upnp.status = MappingStatus::Pending;
+            state.mappings.insert(key(8082), upnp);
+            state.mappings.insert(
+                key(8090),
+                granted(8090, now - SignedDuration::from_secs(10)),
+            );
+            let recorded_nonce = state.mappings[&key(8083)].nonce.clone();
+            let forwarding = Forwarding::Relay {
+                lan_address: Ipv4Addr::new(192, 168, 1, 10),
+            };
+            let wanted = direct(&[8080, 8081, 8082, 8083]);
+            let mut router = ScriptedRouter {
+                grants: BTreeMap::new(),
+                calls: vec![],
+            };
+            let mut disk = StateStore::new(Refusing {
+                error: Some(libc::EROFS),
+                saved: vec![],
+            });
+            let first = plan(&wanted, &state, forwarding, now);
+            let outcome = execute(&first, &mut state, &mut router, &mut disk, 120, now).await;
+
+            assert_eq!(
+                router.calls,
+                ["unmap 8090", "map 8083 nonce=true", "map 8080 nonce=true"],
+                "unmaps, restores of recorded nonces and renewals go; the new ones do not"
+            );
+            assert_eq!(state.mappings[&key(8083)].nonce, recorded_nonce);
+            assert_eq!(state.mappings[&key(8083)].status, MappingStatus::Active);
+            for port in [8081, 8082] {
+                let record = &state.mappings[&key(port)];
+                assert_eq!(record.status, MappingStatus::Failed, "{port}");
+                let error = record.last_error.as_deref().unwrap_or_default();
+                assert!(
+                    error.starts_with(
+                        "state file could not be saved: cannot write the temporary state file"
+                    ) && error.contains("Read-only file system")
+                        && error.ends_with(&format!(
+                            "not asking the router for {port}/tcp until it can"
+                        )),
+                    "{error}"
+                );
+                let wait = record
+                    .retry_at
+                    .expect("retry")
+                    .duration_since(now)
+                    .as_secs();
+                assert!((27..=33).contains(&wait), "retry in {wait} s");
+            }
+            assert_eq!(
+                (
+                    outcome.renewed,
+                    outcome.restored,
+                    outcome.unmapped,
+                    outcome.mapped
+                ),
+                (1, 1, 1, 0)
+            );
+            assert_eq!(outcome.failed, 2);
+            assert!(outcome.save_error.is_some());
+            assert!(
+                disk.failure()
+                    .is_some_and(|why| why.contains("Read-only file system"))
+            );
+            assert!(disk.target.saved.is_empty());
+
+            // The retry is due and the directory is still read-only (now full): the nonce the
+            // held-back mapping got in memory is on no disk, so it is still not sent.
+            let later = now + SignedDuration::from_secs(40);
+            disk.target.error = Some(libc::ENOSPC);
+            let retry = plan(&wanted, &state, forwarding, later);
+            assert!(retry.router_calls() >= 2, "{retry}");
+            execute(&retry, &mut state, &mut router, &mut disk, 120, later).await;
+            assert_eq!(router.calls.len(), 3, "{:?}", router.calls);
+            let record = &state.mappings[&key(8081)];
+            assert_eq!(record.failures, 2);
             let wait = record
                 .retry_at
                 .expect("retry")
-                .duration_since(now)
+                .duration_since(later)
                 .as_secs();
-            assert!((27..=33).contains(&wait), "retry in {wait} s");
-        }
-        assert_eq!(
-            (
-                outcome.renewed,
-                outcome.restored,
-                outcome.unmapped,
-                outcome.mapped
-            ),
-            (1, 1, 1, 0)
-        );
-        assert_eq!(outcome.failed, 2);
-        assert!(outcome.save_error.is_some());
-        assert!(
-            disk.failure()
-                .is_some_and(|why| why.contains("Read-only file system"))
-        );
-        assert!(disk.target.saved.is_empty());
-
-        // The retry is due and the directory is still read-only (now full): the nonce the
-        // held-back mapping got in memory is on no disk, so it is still not sent.
-        let later = now + SignedDuration::from_secs(40);
-        disk.target.error = Some(libc::ENOSPC);
-        let retry = plan(&wanted, &state, forwarding, later);
-        assert!(retry.router_calls() >= 2, "{retry}");
-        execute(&retry, &mut state, &mut router, &mut disk, 120, later).await;
-        assert_eq!(router.calls.len(), 3, "{:?}", router.calls);
-        let record = &state.mappings[&key(8081)];
-        assert_eq!(record.failures, 2);
-        let wait = record
-            .retry_at
-            .expect("retry")
-            .duration_since(later)
-            .as_secs();
-        assert!((54..=66).contains(&wait), "backoff doubles: {wait} s");
-        assert!(
-            record
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("No space left"))
-        );
-
-        // Writable again: a pass with nothing to send saves, and what was held back is due
-        // at once instead of after its backoff.
-        disk.target.error = None;
-        let quiet_at = later + SignedDuration::from_secs(1);
-        let quiet = plan(&wanted, &state, forwarding, quiet_at);
-        assert_eq!(quiet.router_calls(), 0, "{quiet}");
-        let outcome = execute(&quiet, &mut state, &mut router, &mut disk, 120, quiet_at).await;
-        assert!(outcome.save_error.is_none() && disk.failure().is_none());
-        assert_eq!(router.calls.len(), 3);
-        let on_disk = disk.target.saved.last().expect("saved").clone();
-        assert!(on_disk.mappings[&key(8081)].retry_at.is_none());
-
-        let release = plan(&wanted, &state, forwarding, quiet_at);
-        execute(&release, &mut state, &mut router, &mut disk, 120, quiet_at).await;
-        assert_eq!(
-            router.calls[3..],
-            ["map 8081 nonce=true", "map 8082 nonce=true"]
-        );
-        for port in [8081, 8082] {
-            let record = &state.mappings[&key(port)];
-            assert_eq!(record.status, MappingStatus::Active, "{port}");
-            assert_eq!(
-                record.nonce,
-                on_disk.mappings[&key(port)].nonce,
-                "sent with the nonce that was on disk"
+            assert!((54..=66).contains(&wait), "backoff doubles: {wait} s");
+            assert!(
+                record
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("No space left"))
             );
-        }
+
+            // Writable again: a pass with nothing to send saves, and what was held back is due
+            // at once instead of after its backoff.
+            disk.target.error = None;
+            let quiet_at = later + SignedDuration::from_secs(1);
+            let quiet = plan(&wanted, &state, forwarding, quiet_at);
+            assert_eq!(quiet.router_calls(), 0, "{quiet}");
+            let outcome = execute(&quiet, &mut state, &mut router, &mut disk, 120, quiet_at).await;
+            assert!(outcome.save_error.is_none() && disk.failure().is_none());
+            assert_eq!(router.calls.len(), 3);
+            let on_disk = disk.target.saved.last().expect("saved").clone();
+            assert!(on_disk.mappings[&key(8081)].retry_at.is_none());
+
+            let release = plan(&wanted, &state, forwarding, quiet_at);
+            execute(&release, &mut state, &mut router, &mut disk, 120, quiet_at).await;
+            assert_eq!(
+                router.calls[3..],
+                ["map 8081 nonce=true", "map 8082 nonce=true"]
+            );
+            for port in [8081, 8082] {
+                let record = &state.mappings[&key(port)];
+                assert_eq!(record.status, MappingStatus::Active, "{port}");
+                assert_eq!(
+                    record.nonce,
+                    on_disk.mappings[&key(port)].nonce,
+                    "sent with the nonce that was on disk"
+                );
+            }
+        });
     }
 
-    #[tokio::test]
-    async fn a_failing_state_directory_is_logged_when_it_begins_changes_and_ends() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Log(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Log {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("log").extend_from_slice(bytes);
-                Ok(bytes.len())
+    #[test]
+    fn a_failing_state_directory_is_logged_when_it_begins_changes_and_ends() {
+        one_at_a_time(async {
+            use std::sync::{Arc, Mutex};
+            #[derive(Clone, Default)]
+            struct Log(Arc<Mutex<Vec<u8>>>);
+            impl std::io::Write for Log {
+                fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                    self.0.lock().expect("log").extend_from_slice(bytes);
+                    Ok(bytes.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
             }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let log = Log::default();
-        let writer = log.clone();
-        let _guard = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(move || writer.clone())
-                .finish(),
-        );
+            let log = Log::default();
+            let writer = log.clone();
+            let _guard = tracing::subscriber::set_default(
+                tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::INFO)
+                    .with_writer(move || writer.clone())
+                    .finish(),
+            );
 
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
-        let mut state = State::default();
-        let mut router = ScriptedRouter {
-            grants: BTreeMap::new(),
-            calls: vec![],
-        };
-        let mut disk = StateStore::new(Refusing {
-            error: Some(libc::EROFS),
-            saved: vec![],
+            let now = Timestamp::from_second(1_800_000_000).expect("valid");
+            let forwarding = Forwarding::Relay {
+                lan_address: Ipv4Addr::new(192, 168, 1, 10),
+            };
+            let mut state = State::default();
+            let mut router = ScriptedRouter {
+                grants: BTreeMap::new(),
+                calls: vec![],
+            };
+            let mut disk = StateStore::new(Refusing {
+                error: Some(libc::EROFS),
+                saved: vec![],
+            });
+            for (pass, error) in [
+                libc::EROFS,
+                libc::EROFS,
+                libc::EROFS,
+                libc::ENOSPC,
+                libc::ENOSPC,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                disk.target.error = Some(error);
+                // A new Service each pass: every pass saves (twice) and fails.
+                let at = now + SignedDuration::from_secs(pass as i64);
+                let wanted = direct(&[8080 + pass as u16]);
+                let pass = plan(&wanted, &state, forwarding, at);
+                execute(&pass, &mut state, &mut router, &mut disk, 120, at).await;
+            }
+            disk.target.error = None;
+            let idle = plan(&crate::desired::Desired::default(), &state, forwarding, now);
+            execute(&idle, &mut state, &mut router, &mut disk, 120, now).await;
+
+            let text = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
+            let errors: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("could not save the state file"))
+                .collect();
+            assert_eq!(
+                errors.len(),
+                2,
+                "once for read-only, once for full:\n{text}"
+            );
+            assert!(
+                errors[0].contains("Read-only file system")
+                    && errors[0].contains("check free space and permissions")
+            );
+            assert!(errors[1].contains("No space left on device"));
+            assert_eq!(
+                text.matches("the state file is saved again").count(),
+                1,
+                "{text}"
+            );
+            assert_eq!(
+                router.calls,
+                Vec::<String>::new(),
+                "held back, then forgotten without a router call"
+            );
+            assert!(state.mappings.is_empty());
         });
-        for (pass, error) in [
-            libc::EROFS,
-            libc::EROFS,
-            libc::EROFS,
-            libc::ENOSPC,
-            libc::ENOSPC,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            disk.target.error = Some(error);
-            // A new Service each pass: every pass saves (twice) and fails.
-            let at = now + SignedDuration::from_secs(pass as i64);
-            let wanted = direct(&[8080 + pass as u16]);
-            let pass = plan(&wanted, &state, forwarding, at);
-            execute(&pass, &mut state, &mut router, &mut disk, 120, at).await;
-        }
-        disk.target.error = None;
-        let idle = plan(&crate::desired::Desired::default(), &state, forwarding, now);
-        execute(&idle, &mut state, &mut router, &mut disk, 120, now).await;
-
-        let text = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
-        let errors: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("could not save the state file"))
-            .collect();
-        assert_eq!(
-            errors.len(),
-            2,
-            "once for read-only, once for full:\n{text}"
-        );
-        assert!(
-            errors[0].contains("Read-only file system")
-                && errors[0].contains("check free space and permissions")
-        );
-        assert!(errors[1].contains("No space left on device"));
-        assert_eq!(
-            text.matches("the state file is saved again").count(),
-            1,
-            "{text}"
-        );
-        assert_eq!(
-            router.calls,
-            Vec::<String>::new(),
-            "held back, then forgotten without a router call"
-        );
-        assert!(state.mappings.is_empty());
     }
 
     #[test]
