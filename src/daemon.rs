@@ -358,6 +358,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
                 crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
+            if outcome.released > 0 {
+                // The state can be saved again: what waited for it goes at the next pass.
+                next_due = Some(jiff::Timestamp::now());
+            }
             if router.take_restart() {
                 // What was granted in this pass already lives in the new epoch.
                 let lost = state

@@ -44,6 +44,8 @@ pub struct Outcome {
     /// The state could not be saved; the in-memory state is still right and the next save
     /// will try again.
     pub save_error: Option<StateError>,
+    /// Requests held back for an unsaved state that a save just released: due now.
+    pub released: usize,
 }
 
 /// How a request held back because the state could not be saved reads in a mapping's
@@ -357,6 +359,7 @@ fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now:
             outcome.save_error = None;
             if before.is_some() {
                 let released = state.due_now(now, held_back);
+                outcome.released += released;
                 tracing::info!(
                     held_back = released,
                     "the state file is saved again; asking the router for what was held back"
@@ -954,6 +957,7 @@ mod tests {
             assert_eq!(quiet.router_calls(), 0, "{quiet}");
             let outcome = execute(&quiet, &mut state, &mut router, &mut disk, 120, quiet_at).await;
             assert!(outcome.save_error.is_none() && disk.failure().is_none());
+            assert_eq!(outcome.released, 2, "8081 and 8082 are due now");
             assert_eq!(router.calls.len(), 3);
             let on_disk = disk.target.saved.last().expect("saved").clone();
             assert!(on_disk.mappings[&key(8081)].retry_at.is_none());
