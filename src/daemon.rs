@@ -31,7 +31,7 @@ use crate::metrics::{self, Instrumented, Metrics};
 use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
-use crate::reconcile;
+use crate::reconcile::{self, Persist};
 use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
@@ -69,7 +69,8 @@ pub enum DaemonError {
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonError> {
-    let (mut store, loaded) = StateFile::open(&config.state.path)?;
+    let (store, loaded) = StateFile::open(&config.state.path)?;
+    let mut store = reconcile::StateStore::new(store);
     if let Some(recovery) = &loaded.recovery {
         tracing::error!(moved_to = %recovery.moved_to.display(), "{recovery}");
     }
@@ -351,16 +352,16 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 reconcile_started.elapsed(),
                 &state,
                 &problems,
-                outcome
-                    .save_error
-                    .as_ref()
-                    .map(|e| e.to_string())
-                    .as_deref(),
+                store.failure(),
             );
             cluster_report.send(&problems, &state, &services).await;
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
                 crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
+            if outcome.released > 0 {
+                // The state can be saved again: what waited for it goes at the next pass.
+                next_due = Some(jiff::Timestamp::now());
+            }
             if router.take_restart() {
                 // What was granted in this pass already lives in the new epoch.
                 let lost = state

@@ -4,13 +4,21 @@
 //! recorded as `pending` (with its PCP nonce) and saved **before** it is sent, so a crash at
 //! any point leaves a state that can renew or delete what the router may hold. Failures are
 //! recorded with a backoff; the plan retries them when it is due.
+//!
+//! When that save fails (state directory read-only or full), nothing is sent that a crash
+//! would leave holepunch unable to renew or delete: new mappings and restores that needed a
+//! fresh PCP nonce are held back (see [`HELD_BACK_PREFIX`]) and retried with the usual
+//! backoff, while renewals of recorded mappings and unmaps still go, so serving goes on. The
+//! old state file is left as it was. [`StateStore`] remembers the failure so it is logged
+//! when it begins, changes or ends rather than at every pass.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
-use crate::model::{Backend, PortMapping, Problem, ProblemKind};
+use crate::model::{Backend, MappingKey, PortMapping, Problem, ProblemKind};
 use crate::plan::{Action, Plan};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
@@ -36,18 +44,81 @@ pub struct Outcome {
     /// The state could not be saved; the in-memory state is still right and the next save
     /// will try again.
     pub save_error: Option<StateError>,
+    /// Requests held back for an unsaved state that a save just released: due now.
+    pub released: usize,
 }
 
-/// Where the reconciler persists the state. The daemon uses the locked [`StateFile`]; tests
-/// may keep it in memory.
+/// How a request held back because the state could not be saved reads in a mapping's
+/// `last_error`; such a mapping is not on disk yet, so it stays held back until a save works.
+pub const HELD_BACK_PREFIX: &str = "state file could not be saved";
+
+/// Whether this mapping's last request was held back for an unsaved state.
+fn held_back(record: &MappingRecord) -> bool {
+    record
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.starts_with(HELD_BACK_PREFIX))
+}
+
+/// Where the reconciler persists the state. The daemon uses a [`StateStore`] around the
+/// locked [`StateFile`]; tests may keep it in memory.
 pub trait Persist {
     fn persist(&mut self, state: &State) -> Result<(), StateError>;
+
+    /// Why the last save failed (with its causes), `None` after a success. A target that
+    /// does not remember answers `None`: every failure is then logged.
+    fn failure(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Persist for StateFile {
     fn persist(&mut self, state: &State) -> Result<(), StateError> {
         self.save(state)
     }
+}
+
+/// A [`Persist`] target that remembers whether its last save failed and why. While it fails,
+/// [`execute`] saves at every pass (one with nothing to send too), logs the failure only when
+/// it begins or changes, and once a save works again makes what it held back due at once.
+#[derive(Debug)]
+pub struct StateStore<P> {
+    target: P,
+    failure: Option<String>,
+}
+
+impl<P: Persist> StateStore<P> {
+    pub fn new(target: P) -> StateStore<P> {
+        StateStore {
+            target,
+            failure: None,
+        }
+    }
+}
+
+impl<P: Persist> Persist for StateStore<P> {
+    fn persist(&mut self, state: &State) -> Result<(), StateError> {
+        let result = self.target.persist(state);
+        self.failure = result.as_ref().err().map(|e| with_causes(e));
+        result
+    }
+
+    fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+}
+
+/// An error and its `source()` chain on one line (the OS error says *why*, the message what
+/// to do).
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
 }
 
 /// Applies `plan` at `now`: router calls through `mapper`, results into `state`, saved with
@@ -66,23 +137,34 @@ pub async fn execute<M: PortMapper>(
         .iter()
         .all(|a| matches!(a, Action::Report { .. }))
     {
-        // Nothing changes: no router call and no write to the disk.
+        // Nothing changes: no router call and no write to the disk, unless an earlier save
+        // failed: the disk is behind, try again.
+        if store.failure().is_some() {
+            save(state, store, &mut outcome, now);
+        }
         return outcome;
     }
     let backend = mapper.backend();
 
-    // 1. Record what is about to be requested, then save: pending before sending.
+    // 1. Record what is about to be requested, then save: pending before sending. Requests
+    // that only a successful save lets holepunch undo after a crash are noted.
+    let mut unsaved: BTreeSet<MappingKey> = BTreeSet::new();
     for action in &plan.actions {
         match action {
             Action::Map { mapping, internal } => {
                 let record = new_record(mapping, *internal, backend);
                 state.mappings.insert(mapping.key(), record);
+                unsaved.insert(mapping.key());
             }
             Action::Restore { mapping, .. } => {
                 if let Some(record) = state.mappings.get_mut(&mapping.key()) {
                     record.status = MappingStatus::Pending;
                     if backend == Backend::Pcp && record.nonce.is_none() {
                         record.nonce = Some(random_nonce());
+                        unsaved.insert(mapping.key());
+                    }
+                    if held_back(record) {
+                        unsaved.insert(mapping.key());
                     }
                     record.backend = backend;
                 }
@@ -98,7 +180,23 @@ pub async fn execute<M: PortMapper>(
             Action::Renew { .. } | Action::Unmap { .. } | Action::Report { .. } => {}
         }
     }
-    save(state, store, &mut outcome);
+    save(state, store, &mut outcome, now);
+    let not_sent: BTreeSet<MappingKey> = match &outcome.save_error {
+        Some(e) => {
+            let why = with_causes(e);
+            for key in &unsaved {
+                if let Some(record) = state.mappings.get_mut(key) {
+                    hold_back(record, &why, now, rand::rng().random_range(0.9..1.1));
+                    outcome.failed += 1;
+                    tracing::warn!(service = %record.owner, external_port = record.external_port,
+                        protocol = %record.protocol, retry_at = ?record.retry_at,
+                        "not asking the router until the state file can be saved");
+                }
+            }
+            unsaved
+        }
+        None => BTreeSet::new(),
+    };
 
     // 2. Talk to the router. Once it does not answer, the rest of this pass is not sent:
     // each request would wait out its whole retransmission schedule for nothing, holding
@@ -106,6 +204,11 @@ pub async fn execute<M: PortMapper>(
     let mut silent: Option<String> = None;
     for action in &plan.actions {
         match action {
+            Action::Unmap { record } if held_back(record) => {
+                // Held back, never sent: the router holds nothing to delete.
+                state.mappings.remove(&record.key());
+                outcome.unmapped += 1;
+            }
             Action::Unmap { record } if record.backend != backend => {
                 // Another protocol made it: this one cannot delete it (a PCP nonce means
                 // nothing to UPnP). Backend "none" holds nothing on the router; a real one's
@@ -137,6 +240,8 @@ pub async fn execute<M: PortMapper>(
                     }
                 }
             }
+            Action::Map { mapping, .. } | Action::Restore { mapping, .. }
+                if not_sent.contains(&mapping.key()) => {}
             Action::Map { mapping, .. }
             | Action::Restore { mapping, .. }
             | Action::Renew { mapping, .. } => {
@@ -215,7 +320,7 @@ pub async fn execute<M: PortMapper>(
             Action::Retarget { .. } | Action::Report { .. } => {}
         }
     }
-    save(state, store, &mut outcome);
+    save(state, store, &mut outcome, now);
     outcome
 }
 
@@ -245,14 +350,57 @@ fn verb(action: &Action) -> &'static str {
     }
 }
 
-fn save(state: &State, store: &mut impl Persist, outcome: &mut Outcome) {
+/// Saves `state`. A failure is logged when it begins or changes (not at every pass while it
+/// lasts); once a save works after a failure, the requests held back for it are due now.
+fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now: Timestamp) {
+    let before = store.failure().map(str::to_owned);
     match store.persist(state) {
-        Ok(()) => outcome.save_error = None,
+        Ok(()) => {
+            outcome.save_error = None;
+            if before.is_some() {
+                let released = state.due_now(now, held_back);
+                outcome.released += released;
+                tracing::info!(
+                    held_back = released,
+                    "the state file is saved again; asking the router for what was held back"
+                );
+                if released > 0 {
+                    // Their retry is recorded on disk too (this save cannot release again:
+                    // the one before it worked).
+                    save(state, store, outcome, now);
+                }
+            }
+        }
         Err(e) => {
-            tracing::error!(error = %e, "could not save the state file; keeping the state in memory and serving on");
+            let why = with_causes(&e);
+            if before.as_deref() != Some(why.as_str()) {
+                tracing::error!(error = %why,
+                    "could not save the state file; the old one stays as it was, mappings already made are renewed, new ones wait until it can be saved");
+            } else {
+                tracing::debug!(error = %why, "the state file still cannot be saved");
+            }
             outcome.save_error = Some(e);
         }
     }
+}
+
+/// Records a request not sent because the state holding it could not be saved: it is
+/// retried with the usual backoff (or at once when a save works again).
+fn hold_back(record: &mut MappingRecord, why: &str, now: Timestamp, jitter: f64) {
+    record.failures = record.failures.saturating_add(1);
+    record.last_error = Some(format!(
+        "{HELD_BACK_PREFIX}: {why}; not asking the router for {} until it can",
+        record.key()
+    ));
+    record.status = MappingStatus::Failed;
+    record.retry_at = Some(after(
+        now,
+        retry_delay(
+            record.failures,
+            Duration::from_secs(RETRY_FLOOR_SECS),
+            jitter,
+        ),
+    ));
 }
 
 fn new_record(
@@ -625,6 +773,298 @@ mod tests {
             outcome.problems.is_empty(),
             "silence is not the Services' problem"
         );
+    }
+
+    /// A state directory that refuses writes while `error` is set (read-only: EROFS, full:
+    /// ENOSPC), keeping what was saved before.
+    #[derive(Default)]
+    struct Refusing {
+        error: Option<i32>,
+        saved: Vec<State>,
+    }
+
+    impl Persist for Refusing {
+        fn persist(&mut self, state: &State) -> Result<(), StateError> {
+            match self.error {
+                Some(errno) => Err(StateError::WriteTemp {
+                    temp: "/var/lib/holepunch/.state.toml.tmp".into(),
+                    source: std::io::Error::from_raw_os_error(errno),
+                }),
+                None => {
+                    self.saved.push(state.clone());
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// A PCP record for port `port` as a grant at `granted` left it.
+    fn granted(port: u16, granted: Timestamp) -> MappingRecord {
+        let mut record = new_record(
+            &mapping(port),
+            Endpoint::new(Ipv4Addr::new(192, 168, 1, 10), port),
+            Backend::Pcp,
+        );
+        record_grant(
+            &mut record,
+            &Grant {
+                external_port: port,
+                lifetime_secs: 120,
+                renew_after: Some(Duration::from_secs(60)),
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            },
+            granted,
+        );
+        record
+    }
+
+    fn direct(ports: &[u16]) -> crate::desired::Desired {
+        crate::desired::Desired {
+            mappings: ports.iter().map(|p| (key(*p), mapping(*p))).collect(),
+            problems: vec![],
+        }
+    }
+
+    /// Runs `body` on a current-thread runtime, one such test at a time: both hit the
+    /// save-failure log lines, and tracing caches a callsite's interest for every thread
+    /// when it is first hit (a test capturing the log must not race another hitting them).
+    fn one_at_a_time(body: impl std::future::Future<Output = ()>) {
+        static SAVE_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = SAVE_LOG
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(body);
+    }
+
+    #[test]
+    fn an_unsaved_state_holds_back_new_requests_and_lets_renewals_and_unmaps_go() {
+        one_at_a_time(async {
+            let now = Timestamp::from_second(1_800_000_000).expect("valid");
+            let an_hour_ago = now - SignedDuration::from_hours(1);
+            let mut state = State::default();
+            // 8080: renewal due. 8083: restore of a recorded nonce (pending since a crash).
+            // 8082: made through UPnP, to be restored through PCP (needs a fresh nonce).
+            // 8090: no longer wanted. 8081: new.
+            state.mappings.insert(
+                key(8080),
+                granted(8080, now - SignedDuration::from_secs(61)),
+            );
+            let mut pending = granted(8083, an_hour_ago);
+            pending.status = MappingStatus::Pending;
+            state.mappings.insert(key(8083), pending);
+            let mut upnp = granted(8082, now - SignedDuration::from_secs(10));
+            upnp.backend = Backend::Upnp;
+            upnp.nonce = None;
+            upnp.status = MappingStatus::Pending;
+            state.mappings.insert(key(8082), upnp);
+            state.mappings.insert(
+                key(8090),
+                granted(8090, now - SignedDuration::from_secs(10)),
+            );
+            let recorded_nonce = state.mappings[&key(8083)].nonce.clone();
+            let forwarding = Forwarding::Relay {
+                lan_address: Ipv4Addr::new(192, 168, 1, 10),
+            };
+            let wanted = direct(&[8080, 8081, 8082, 8083]);
+            let mut router = ScriptedRouter {
+                grants: BTreeMap::new(),
+                calls: vec![],
+            };
+            let mut disk = StateStore::new(Refusing {
+                error: Some(libc::EROFS),
+                saved: vec![],
+            });
+            let first = plan(&wanted, &state, forwarding, now);
+            let outcome = execute(&first, &mut state, &mut router, &mut disk, 120, now).await;
+
+            assert_eq!(
+                router.calls,
+                ["unmap 8090", "map 8083 nonce=true", "map 8080 nonce=true"],
+                "unmaps, restores of recorded nonces and renewals go; the new ones do not"
+            );
+            assert_eq!(state.mappings[&key(8083)].nonce, recorded_nonce);
+            assert_eq!(state.mappings[&key(8083)].status, MappingStatus::Active);
+            for port in [8081, 8082] {
+                let record = &state.mappings[&key(port)];
+                assert_eq!(record.status, MappingStatus::Failed, "{port}");
+                let error = record.last_error.as_deref().unwrap_or_default();
+                assert!(
+                    error.starts_with(
+                        "state file could not be saved: cannot write the temporary state file"
+                    ) && error.contains("Read-only file system")
+                        && error.ends_with(&format!(
+                            "not asking the router for {port}/tcp until it can"
+                        )),
+                    "{error}"
+                );
+                let wait = record
+                    .retry_at
+                    .expect("retry")
+                    .duration_since(now)
+                    .as_secs();
+                assert!((27..=33).contains(&wait), "retry in {wait} s");
+            }
+            assert_eq!(
+                (
+                    outcome.renewed,
+                    outcome.restored,
+                    outcome.unmapped,
+                    outcome.mapped
+                ),
+                (1, 1, 1, 0)
+            );
+            assert_eq!(outcome.failed, 2);
+            assert!(outcome.save_error.is_some());
+            assert!(
+                disk.failure()
+                    .is_some_and(|why| why.contains("Read-only file system"))
+            );
+            assert!(disk.target.saved.is_empty());
+
+            // The retry is due and the directory is still read-only (now full): the nonce the
+            // held-back mapping got in memory is on no disk, so it is still not sent.
+            let later = now + SignedDuration::from_secs(40);
+            disk.target.error = Some(libc::ENOSPC);
+            let retry = plan(&wanted, &state, forwarding, later);
+            assert!(retry.router_calls() >= 2, "{retry}");
+            execute(&retry, &mut state, &mut router, &mut disk, 120, later).await;
+            assert_eq!(router.calls.len(), 3, "{:?}", router.calls);
+            let record = &state.mappings[&key(8081)];
+            assert_eq!(record.failures, 2);
+            let wait = record
+                .retry_at
+                .expect("retry")
+                .duration_since(later)
+                .as_secs();
+            assert!((54..=66).contains(&wait), "backoff doubles: {wait} s");
+            assert!(
+                record
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("No space left"))
+            );
+
+            // Writable again: a pass with nothing to send saves, and what was held back is due
+            // at once instead of after its backoff.
+            disk.target.error = None;
+            let quiet_at = later + SignedDuration::from_secs(1);
+            let quiet = plan(&wanted, &state, forwarding, quiet_at);
+            assert_eq!(quiet.router_calls(), 0, "{quiet}");
+            let outcome = execute(&quiet, &mut state, &mut router, &mut disk, 120, quiet_at).await;
+            assert!(outcome.save_error.is_none() && disk.failure().is_none());
+            assert_eq!(outcome.released, 2, "8081 and 8082 are due now");
+            assert_eq!(router.calls.len(), 3);
+            let on_disk = disk.target.saved.last().expect("saved").clone();
+            assert!(on_disk.mappings[&key(8081)].retry_at.is_none());
+
+            let release = plan(&wanted, &state, forwarding, quiet_at);
+            execute(&release, &mut state, &mut router, &mut disk, 120, quiet_at).await;
+            assert_eq!(
+                router.calls[3..],
+                ["map 8081 nonce=true", "map 8082 nonce=true"]
+            );
+            for port in [8081, 8082] {
+                let record = &state.mappings[&key(port)];
+                assert_eq!(record.status, MappingStatus::Active, "{port}");
+                assert_eq!(
+                    record.nonce,
+                    on_disk.mappings[&key(port)].nonce,
+                    "sent with the nonce that was on disk"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_failing_state_directory_is_logged_when_it_begins_changes_and_ends() {
+        one_at_a_time(async {
+            use std::sync::{Arc, Mutex};
+            #[derive(Clone, Default)]
+            struct Log(Arc<Mutex<Vec<u8>>>);
+            impl std::io::Write for Log {
+                fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                    self.0.lock().expect("log").extend_from_slice(bytes);
+                    Ok(bytes.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let log = Log::default();
+            let writer = log.clone();
+            let _guard = tracing::subscriber::set_default(
+                tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::INFO)
+                    .with_writer(move || writer.clone())
+                    .finish(),
+            );
+
+            let now = Timestamp::from_second(1_800_000_000).expect("valid");
+            let forwarding = Forwarding::Relay {
+                lan_address: Ipv4Addr::new(192, 168, 1, 10),
+            };
+            let mut state = State::default();
+            let mut router = ScriptedRouter {
+                grants: BTreeMap::new(),
+                calls: vec![],
+            };
+            let mut disk = StateStore::new(Refusing {
+                error: Some(libc::EROFS),
+                saved: vec![],
+            });
+            for (pass, error) in [
+                libc::EROFS,
+                libc::EROFS,
+                libc::EROFS,
+                libc::ENOSPC,
+                libc::ENOSPC,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                disk.target.error = Some(error);
+                // A new Service each pass: every pass saves (twice) and fails.
+                let at = now + SignedDuration::from_secs(pass as i64);
+                let wanted = direct(&[8080 + pass as u16]);
+                let pass = plan(&wanted, &state, forwarding, at);
+                execute(&pass, &mut state, &mut router, &mut disk, 120, at).await;
+            }
+            disk.target.error = None;
+            let idle = plan(&crate::desired::Desired::default(), &state, forwarding, now);
+            execute(&idle, &mut state, &mut router, &mut disk, 120, now).await;
+
+            let text = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
+            let errors: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("could not save the state file"))
+                .collect();
+            assert_eq!(
+                errors.len(),
+                2,
+                "once for read-only, once for full:\n{text}"
+            );
+            assert!(
+                errors[0].contains("Read-only file system")
+                    && errors[0].contains("check free space and permissions")
+            );
+            assert!(errors[1].contains("No space left on device"));
+            assert_eq!(
+                text.matches("the state file is saved again").count(),
+                1,
+                "{text}"
+            );
+            assert_eq!(
+                router.calls,
+                Vec::<String>::new(),
+                "held back, then forgotten without a router call"
+            );
+            assert!(state.mappings.is_empty());
+        });
     }
 
     #[test]
