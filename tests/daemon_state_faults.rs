@@ -35,7 +35,10 @@ use fake_api::FakeApi;
 use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
 
+// One prefix per test: their labs come up side by side (the SIGSTOP test alone waits 130 s).
 const PREFIX: &str = "hpw-";
+const STOP_PREFIX: &str = "hpv-";
+const CAPTURE_PREFIX: &str = "hpy-";
 /// The LoadBalancer IP (as MetalLB would announce it) on the lab's node host.
 const LB_IP: &str = "192.168.77.100";
 /// Where `/metrics` and `/healthz` listen, inside the lab's LAN namespace.
@@ -412,7 +415,7 @@ fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
 /// daemon sees the lease ran out (wall clock) and restores it within 10 s.
 #[test]
 fn a_daemon_stopped_past_its_lease_restores_within_10_s_of_resuming() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(STOP_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
     with_daemon_in_lan(
         &lab,
@@ -471,7 +474,7 @@ fn a_daemon_stopped_past_its_lease_restores_within_10_s_of_resuming() {
 /// Service's requests afterwards.
 #[test]
 fn a_denied_port_puts_no_packet_on_the_wire_to_the_router() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(CAPTURE_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path().to_owned();

@@ -12,10 +12,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 
 /// The router's LAN address, where NAT-PMP and PCP listen (udp/5351).
 pub const ROUTER_LAN_IP: &str = "192.168.77.1";
@@ -28,7 +29,39 @@ pub const NODE_IP: &str = "192.168.77.20";
 /// The client on the internet (namespace `wan`).
 pub const WAN_CLIENT_IP: &str = "11.22.33.1";
 
-static LAB_LOCK: Mutex<()> = Mutex::new(());
+/// The prefixes whose lab is up in this process: a lab waits for its prefix to be free, so
+/// tests with one prefix take turns while tests with different prefixes run side by side.
+static LABS_UP: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+static LAB_DOWN: Condvar = Condvar::new();
+
+/// Holds `prefix` for one lab; frees it when dropped (after the lab's `down`).
+struct PrefixHeld(String);
+
+impl PrefixHeld {
+    fn take(prefix: &str) -> PrefixHeld {
+        // A test that panicked while holding the lock still tore its lab down in `Drop`.
+        let mut up = LABS_UP
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while up.contains(prefix) {
+            up = LAB_DOWN
+                .wait(up)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        up.insert(prefix.to_owned());
+        PrefixHeld(prefix.to_owned())
+    }
+}
+
+impl Drop for PrefixHeld {
+    fn drop(&mut self) {
+        LABS_UP
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.0);
+        LAB_DOWN.notify_all();
+    }
+}
 
 /// Sends one UDP datagram from a bound source address and prints the first answer that comes
 /// from the address it was sent to, in hex. Retransmits twice, one second apart.
@@ -53,8 +86,8 @@ sys.exit("no answer from %s:%d" % (host, port))
 
 pub struct Lab {
     prefix: String,
-    // Dropped after `Drop::drop` has run `down`: the next lab starts on a clean machine.
-    _guard: MutexGuard<'static, ()>,
+    // Dropped after `Drop::drop` has run `down`: the next lab of this prefix starts clean.
+    _held: PrefixHeld,
 }
 
 fn script() -> PathBuf {
@@ -91,21 +124,19 @@ fn check_prerequisites() {
 
 impl Lab {
     /// Build the lab with namespaces `<prefix>rtr`, `<prefix>lan`, `<prefix>wan`,
-    /// `<prefix>node`, waiting for any other lab of this process to be torn down first.
+    /// `<prefix>node`, waiting for another lab of this process with the same prefix to be torn
+    /// down first.
     pub fn up(prefix: &str) -> Lab {
         Lab::up_with(prefix, &[])
     }
 
     /// [`Lab::up`] with options for the script (`--insecure`, `--lease-file`).
     pub fn up_with(prefix: &str, options: &[&str]) -> Lab {
-        // A test that panicked while holding the lock still tore its lab down in `Drop`.
-        let guard = LAB_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = PrefixHeld::take(prefix);
         check_prerequisites();
         let lab = Lab {
             prefix: prefix.to_owned(),
-            _guard: guard,
+            _held: held,
         };
         // Leftovers of a run that was killed before its `Drop` would make `up` refuse.
         lab.script(&["down"]);
