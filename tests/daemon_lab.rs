@@ -25,6 +25,9 @@ use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
 
 const PREFIX: &str = "hpd-";
+// The two slowest tests get labs of their own, so they run beside the others.
+const LEASE_PREFIX: &str = "hpe-";
+const SILENT_PREFIX: &str = "hpg-";
 /// The LoadBalancer IP (as MetalLB would announce it) on the lab's node host.
 const LB_IP: &str = "192.168.77.100";
 
@@ -508,7 +511,7 @@ fn blocked_packets(lab: &Lab, ns: &str) -> u64 {
 /// router answers again the mappings are made within the verify interval plus 10 s.
 #[test]
 fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(SILENT_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
     let block = lab.exec(
         "lan",
@@ -632,7 +635,7 @@ fn gateway_mode_on_the_router_keeps_the_client_address() {
 /// grant, and the router never stops forwarding.
 #[test]
 fn leases_are_renewed_before_they_expire() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(LEASE_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
     with_daemon_in_lan(
         &lab,
