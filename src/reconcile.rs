@@ -5,12 +5,13 @@
 //! any point leaves a state that can renew or delete what the router may hold. Failures are
 //! recorded with a backoff; the plan retries them when it is due.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
-use crate::model::{Backend, PortMapping, Problem, ProblemKind};
+use crate::model::{Backend, MappingKey, PortMapping, Problem, ProblemKind};
 use crate::plan::{Action, Plan};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
@@ -70,12 +71,32 @@ pub async fn execute<M: PortMapper>(
         return outcome;
     }
     let backend = mapper.backend();
+    // Keys whose owned record is unmapped and then mapped again in this pass (a new owner
+    // or a new internal endpoint): the unmap must leave the new record in place.
+    let remapped: BTreeSet<MappingKey> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Map { mapping, .. } => Some(mapping.key()),
+            _ => None,
+        })
+        .collect();
 
     // 1. Record what is about to be requested, then save: pending before sending.
     for action in &plan.actions {
         match action {
             Action::Map { mapping, internal } => {
-                let record = new_record(mapping, *internal, backend);
+                let mut record = new_record(mapping, *internal, backend);
+                // NOTE: RFC 6887 §11.3: a PCP server refuses a request for a mapping it holds
+                // under another nonce (NOT_AUTHORIZED). The record replaced here is unmapped
+                // later in this pass; until then the router knows its nonce, and a crash
+                // in between must leave that nonce on disk.
+                if let Some(old) = state.mappings.get(&mapping.key())
+                    && old.backend == backend
+                    && old.nonce.is_some()
+                {
+                    record.nonce.clone_from(&old.nonce);
+                }
                 state.mappings.insert(mapping.key(), record);
             }
             Action::Restore { mapping, .. } => {
@@ -110,7 +131,9 @@ pub async fn execute<M: PortMapper>(
                 // Another protocol made it: this one cannot delete it (a PCP nonce means
                 // nothing to UPnP). Backend "none" holds nothing on the router; a real one's
                 // lease runs out by itself.
-                state.mappings.remove(&record.key());
+                if !remapped.contains(&record.key()) {
+                    state.mappings.remove(&record.key());
+                }
                 outcome.unmapped += 1;
                 if record.backend != Backend::None {
                     tracing::warn!(service = %record.owner, external_port = record.external_port,
@@ -122,7 +145,9 @@ pub async fn execute<M: PortMapper>(
             Action::Unmap { record } => {
                 match unless_silent(&mut silent, mapper.unmap(record)).await {
                     Ok(()) => {
-                        state.mappings.remove(&record.key());
+                        if !remapped.contains(&record.key()) {
+                            state.mappings.remove(&record.key());
+                        }
                         outcome.unmapped += 1;
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, backend = %record.backend, "unmapped");
@@ -579,6 +604,53 @@ mod tests {
         );
         assert_eq!(outcome.unmapped, 3);
         assert!(state.mappings.is_empty());
+    }
+
+    /// A router port changes owner (the Service that held it is gone and another one wants
+    /// it): the plan unmaps the old record and maps the new one on the same key. Found by
+    /// tests/daemon_crash.rs: the new record must keep the old nonce (a crash before the unmap
+    /// otherwise leaves a state whose nonce the router refuses with NOT_AUTHORIZED), and the
+    /// unmap must not drop the new record (it was then never requested in that pass).
+    #[tokio::test]
+    async fn a_port_changing_owner_keeps_its_nonce_and_is_mapped_in_the_same_pass() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        let forwarding = Forwarding::Relay { lan_address: lan };
+        let old_owner = mapping(8090);
+        let mut record = new_record(&old_owner, Endpoint::new(lan, 8090), Backend::Pcp);
+        record.status = MappingStatus::Active;
+        let old_nonce = record.nonce.clone();
+        let mut state = State::default();
+        state.mappings.insert(key(8090), record);
+
+        let mut new_owner = mapping(8090);
+        new_owner.owner = Owner::new("default", "twin-b");
+        let desired = crate::desired::Desired {
+            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
+            problems: vec![],
+        };
+        let handover = plan(&desired, &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::new(),
+            calls: vec![],
+        };
+        let mut saved = Saved::default();
+        let outcome = execute(&handover, &mut state, &mut router, &mut saved, 120, now).await;
+
+        let before = &saved.0[0].mappings[&key(8090)];
+        assert_eq!(before.owner, new_owner.owner);
+        assert_eq!(before.status, MappingStatus::Pending);
+        assert_eq!(
+            before.nonce, old_nonce,
+            "on disk before the unmap: the nonce the router knows"
+        );
+        assert_eq!(router.calls, ["unmap 8090", "map 8090 nonce=true"]);
+        assert_eq!((outcome.unmapped, outcome.mapped), (1, 1));
+        let after = &state.mappings[&key(8090)];
+        assert_eq!(
+            (&after.owner, after.status),
+            (&new_owner.owner, MappingStatus::Active)
+        );
     }
 
     #[tokio::test]
