@@ -116,6 +116,15 @@ pub async fn execute<M: PortMapper>(
                     outcome.retargeted += 1;
                 }
             }
+            Action::Unmap { record } if record.backend == backend => {
+                // Until the router answers, nobody knows whether it still holds the mapping:
+                // if holepunch dies now and the Service is wanted again by the next start, the
+                // mapping must be requested again, not trusted as active (found by
+                // tests/daemon_crash.rs).
+                if let Some(kept) = state.mappings.get_mut(&record.key()) {
+                    kept.status = MappingStatus::Pending;
+                }
+            }
             Action::Renew { .. } | Action::Unmap { .. } | Action::Report { .. } => {}
         }
     }
@@ -650,6 +659,62 @@ mod tests {
         assert_eq!(
             (&after.owner, after.status),
             (&new_owner.owner, MappingStatus::Active)
+        );
+    }
+
+    /// An unmap is recorded as pending before it is sent: killed before the answer, the next
+    /// start must not take the mapping for granted if the Service is wanted again (the router
+    /// may have deleted it already).
+    #[tokio::test]
+    async fn an_unmap_is_unconfirmed_on_disk_before_it_is_sent() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        let forwarding = Forwarding::Relay { lan_address: lan };
+        let mut record = new_record(&mapping(8081), Endpoint::new(lan, 8081), Backend::Pcp);
+        record_grant(
+            &mut record,
+            &Grant {
+                external_port: 8081,
+                lifetime_secs: 120,
+                renew_after: None,
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            },
+            now,
+        );
+        let mut state = State::default();
+        state.mappings.insert(key(8081), record);
+        let unwanted = plan(&crate::desired::Desired::default(), &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::new(),
+            calls: vec![],
+        };
+        let mut saved = Saved::default();
+        execute(&unwanted, &mut state, &mut router, &mut saved, 120, now).await;
+        assert_eq!(router.calls, ["unmap 8081"]);
+        assert!(
+            saved.0[1].mappings.is_empty(),
+            "gone once the router said so"
+        );
+
+        // What a crash right after the unmap left for the next start, which wants it again.
+        let on_disk = &saved.0[0];
+        assert_eq!(on_disk.mappings[&key(8081)].status, MappingStatus::Pending);
+        let wanted_again = crate::desired::Desired {
+            mappings: [(key(8081), mapping(8081))].into_iter().collect(),
+            problems: vec![],
+        };
+        let next = plan(&wanted_again, on_disk, forwarding, now);
+        assert!(
+            matches!(
+                next.actions.as_slice(),
+                [Action::Restore {
+                    reason: crate::plan::RestoreReason::Unconfirmed,
+                    ..
+                }]
+            ),
+            "{next}"
         );
     }
 
