@@ -69,6 +69,8 @@ const SETTLE_LIMIT_SECS: u64 = 60;
 const TWIN_PORT: u16 = 8090;
 /// A handover is one reconcile pass; the verify interval (5 s) must not be what ends it.
 const HANDOVER_LIMIT_SECS: u64 = 3;
+/// A clean start checks the router, nftables and the state after every this many kills.
+const SETTLE_EVERY: usize = 25;
 /// The share of random runs that start with every renewal due.
 const RENEWAL_SHARE: f64 = 0.25;
 
@@ -364,6 +366,7 @@ fn sigkill_at_random_points_loses_nothing() {
         let mut router_calls: BTreeMap<&str, usize> = BTreeMap::new();
         let loop_started = Instant::now();
         let mut renewal_iterations = 0;
+        let mut settles = Vec::new();
         for iteration in 0..ITERATIONS {
             for _ in 0..rng.random_range(0..=2) {
                 cluster.churn(&mut rng);
@@ -398,13 +401,21 @@ fn sigkill_at_random_points_loses_nothing() {
                 *router_calls.entry(line).or_default() += log.matches(line).count();
             }
             all_logs.push_str(&log);
+            if (iteration + 1) % SETTLE_EVERY == 0 && iteration + 1 < ITERATIONS {
+                // A clean start now and then: whatever the kills so far left behind, it
+                // settles on exactly what the cluster wants.
+                let daemon = Daemon::start(&config);
+                let took = wait_settled(&lab, &daemon, &state_path, &cluster);
+                all_logs.push_str(&daemon.stop());
+                settles.push(took);
+            }
         }
         let loop_took = loop_started.elapsed();
         eprintln!(
             "{ITERATIONS} random kills in {loop_took:?}: {killed_before_ready} before the first \
              reconcile was done; by delay band {DELAY_BANDS_MS:?} ms: {killed_in_band:?}; \
              {renewal_iterations} renewed something before the kill; router calls the killed \
-             daemons logged: {router_calls:?}"
+             daemons logged: {router_calls:?}; clean starts in between settled in {settles:?}"
         );
 
         // 2. A router port changing owner: twin-a (the older twin) holds 8090; unpublished,
