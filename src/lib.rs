@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod daemon;
 pub mod desired;
 pub mod kube;

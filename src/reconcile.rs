@@ -145,6 +145,16 @@ pub async fn execute<M: PortMapper>(
         return outcome;
     }
     let backend = mapper.backend();
+    // Keys whose owned record is unmapped and then mapped again in this pass (a new owner
+    // or a new internal endpoint): the unmap must leave the new record in place.
+    let remapped: BTreeSet<MappingKey> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Map { mapping, .. } => Some(mapping.key()),
+            _ => None,
+        })
+        .collect();
 
     // 1. Record what is about to be requested, then save: pending before sending. Requests
     // that only a successful save lets holepunch undo after a crash are noted.
@@ -152,7 +162,17 @@ pub async fn execute<M: PortMapper>(
     for action in &plan.actions {
         match action {
             Action::Map { mapping, internal } => {
-                let record = new_record(mapping, *internal, backend);
+                let mut record = new_record(mapping, *internal, backend);
+                // NOTE: RFC 6887 §11.3: a PCP server refuses a request for a mapping it holds
+                // under another nonce (NOT_AUTHORIZED). The record replaced here is unmapped
+                // later in this pass; until then the router knows its nonce, and a crash
+                // in between must leave that nonce on disk.
+                if let Some(old) = state.mappings.get(&mapping.key())
+                    && old.backend == backend
+                    && old.nonce.is_some()
+                {
+                    record.nonce.clone_from(&old.nonce);
+                }
                 state.mappings.insert(mapping.key(), record);
                 unsaved.insert(mapping.key());
             }
@@ -175,6 +195,15 @@ pub async fn execute<M: PortMapper>(
                     record.target_source = mapping.target.source;
                     record.service_port = mapping.service_port;
                     outcome.retargeted += 1;
+                }
+            }
+            Action::Unmap { record } if record.backend == backend => {
+                // Until the router answers, nobody knows whether it still holds the mapping:
+                // if holepunch dies now and the Service is wanted again by the next start, the
+                // mapping must be requested again, not trusted as active (found by
+                // tests/daemon_crash.rs).
+                if let Some(kept) = state.mappings.get_mut(&record.key()) {
+                    kept.status = MappingStatus::Pending;
                 }
             }
             Action::Renew { .. } | Action::Unmap { .. } | Action::Report { .. } => {}
@@ -213,7 +242,9 @@ pub async fn execute<M: PortMapper>(
                 // Another protocol made it: this one cannot delete it (a PCP nonce means
                 // nothing to UPnP). Backend "none" holds nothing on the router; a real one's
                 // lease runs out by itself.
-                state.mappings.remove(&record.key());
+                if !remapped.contains(&record.key()) {
+                    state.mappings.remove(&record.key());
+                }
                 outcome.unmapped += 1;
                 if record.backend != Backend::None {
                     tracing::warn!(service = %record.owner, external_port = record.external_port,
@@ -225,7 +256,9 @@ pub async fn execute<M: PortMapper>(
             Action::Unmap { record } => {
                 match unless_silent(&mut silent, mapper.unmap(record)).await {
                     Ok(()) => {
-                        state.mappings.remove(&record.key());
+                        if !remapped.contains(&record.key()) {
+                            state.mappings.remove(&record.key());
+                        }
                         outcome.unmapped += 1;
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, backend = %record.backend, "unmapped");
@@ -727,6 +760,109 @@ mod tests {
         );
         assert_eq!(outcome.unmapped, 3);
         assert!(state.mappings.is_empty());
+    }
+
+    /// A router port changes owner (the Service that held it is gone and another one wants
+    /// it): the plan unmaps the old record and maps the new one on the same key. Found by
+    /// tests/daemon_crash.rs: the new record must keep the old nonce (a crash before the unmap
+    /// otherwise leaves a state whose nonce the router refuses with NOT_AUTHORIZED), and the
+    /// unmap must not drop the new record (it was then never requested in that pass).
+    #[tokio::test]
+    async fn a_port_changing_owner_keeps_its_nonce_and_is_mapped_in_the_same_pass() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        let forwarding = Forwarding::Relay { lan_address: lan };
+        let old_owner = mapping(8090);
+        let mut record = new_record(&old_owner, Endpoint::new(lan, 8090), Backend::Pcp);
+        record.status = MappingStatus::Active;
+        let old_nonce = record.nonce.clone();
+        let mut state = State::default();
+        state.mappings.insert(key(8090), record);
+
+        let mut new_owner = mapping(8090);
+        new_owner.owner = Owner::new("default", "twin-b");
+        let desired = crate::desired::Desired {
+            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
+            problems: vec![],
+        };
+        let handover = plan(&desired, &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::new(),
+            calls: vec![],
+        };
+        let mut saved = Saved::default();
+        let outcome = execute(&handover, &mut state, &mut router, &mut saved, 120, now).await;
+
+        let before = &saved.0[0].mappings[&key(8090)];
+        assert_eq!(before.owner, new_owner.owner);
+        assert_eq!(before.status, MappingStatus::Pending);
+        assert_eq!(
+            before.nonce, old_nonce,
+            "on disk before the unmap: the nonce the router knows"
+        );
+        assert_eq!(router.calls, ["unmap 8090", "map 8090 nonce=true"]);
+        assert_eq!((outcome.unmapped, outcome.mapped), (1, 1));
+        let after = &state.mappings[&key(8090)];
+        assert_eq!(
+            (&after.owner, after.status),
+            (&new_owner.owner, MappingStatus::Active)
+        );
+    }
+
+    /// An unmap is recorded as pending before it is sent: killed before the answer, the next
+    /// start must not take the mapping for granted if the Service is wanted again (the router
+    /// may have deleted it already).
+    #[tokio::test]
+    async fn an_unmap_is_unconfirmed_on_disk_before_it_is_sent() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        let forwarding = Forwarding::Relay { lan_address: lan };
+        let mut record = new_record(&mapping(8081), Endpoint::new(lan, 8081), Backend::Pcp);
+        record_grant(
+            &mut record,
+            &Grant {
+                external_port: 8081,
+                lifetime_secs: 120,
+                renew_after: None,
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            },
+            now,
+        );
+        let mut state = State::default();
+        state.mappings.insert(key(8081), record);
+        let unwanted = plan(&crate::desired::Desired::default(), &state, forwarding, now);
+        let mut router = ScriptedRouter {
+            grants: BTreeMap::new(),
+            calls: vec![],
+        };
+        let mut saved = Saved::default();
+        execute(&unwanted, &mut state, &mut router, &mut saved, 120, now).await;
+        assert_eq!(router.calls, ["unmap 8081"]);
+        assert!(
+            saved.0[1].mappings.is_empty(),
+            "gone once the router said so"
+        );
+
+        // What a crash right after the unmap left for the next start, which wants it again.
+        let on_disk = &saved.0[0];
+        assert_eq!(on_disk.mappings[&key(8081)].status, MappingStatus::Pending);
+        let wanted_again = crate::desired::Desired {
+            mappings: [(key(8081), mapping(8081))].into_iter().collect(),
+            problems: vec![],
+        };
+        let next = plan(&wanted_again, on_disk, forwarding, now);
+        assert!(
+            matches!(
+                next.actions.as_slice(),
+                [Action::Restore {
+                    reason: crate::plan::RestoreReason::Unconfirmed,
+                    ..
+                }]
+            ),
+            "{next}"
+        );
     }
 
     #[tokio::test]

@@ -503,11 +503,13 @@ impl StateFile {
             source,
         })?;
         drop(file);
+        crate::crashpoint::reached(crate::crashpoint::STATE_TEMP_WRITTEN);
         fs::rename(&self.temp, &self.path).map_err(|source| StateError::Rename {
             temp: self.temp.clone(),
             path: self.path.clone(),
             source,
         })?;
+        crate::crashpoint::reached(crate::crashpoint::STATE_RENAMED);
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
             .map_err(|source| StateError::SyncDir {

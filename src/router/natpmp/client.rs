@@ -293,6 +293,7 @@ impl NatpmpClient {
             if let Err(err) = socket.send(request).await {
                 last_problem = Some(format!("send failed: {err}"));
             }
+            crate::crashpoint::reached(crate::crashpoint::NATPMP_SENT);
             loop {
                 let received = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await
                 {

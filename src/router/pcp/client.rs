@@ -305,6 +305,7 @@ impl PcpClient {
             if let Err(err) = socket.send(bytes).await {
                 last_problem = Some(format!("send failed: {err}"));
             }
+            crate::crashpoint::reached(crate::crashpoint::PCP_SENT);
             loop {
                 let received = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await
                 {
