@@ -177,6 +177,20 @@ impl fmt::Display for Plan {
     }
 }
 
+/// How a failed unmap reads in the record's `last_error`; with its `retry_at`, the unmap
+/// waits for its backoff instead of being sent again at every reconcile.
+pub const UNMAP_FAILED_PREFIX: &str = "could not remove the mapping";
+
+/// When a record no longer wanted may be unmapped again, if an earlier try failed and its
+/// backoff has not passed.
+fn unmap_backing_off(record: &MappingRecord, now: Timestamp) -> Option<Timestamp> {
+    let failed_unmap = record
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.starts_with(UNMAP_FAILED_PREFIX));
+    record.retry_at.filter(|at| failed_unmap && *at > now)
+}
+
 /// Compares what the cluster wants with what holepunch holds, at `now`.
 pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Timestamp) -> Plan {
     let mut unmaps = Vec::new();
@@ -193,9 +207,12 @@ pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Times
 
     for (key, record) in &state.mappings {
         let Some(mapping) = desired.mappings.get(key) else {
-            unmaps.push(Action::Unmap {
-                record: record.clone(),
-            });
+            match unmap_backing_off(record, now) {
+                Some(retry_at) => schedule(Some(retry_at)),
+                None => unmaps.push(Action::Unmap {
+                    record: record.clone(),
+                }),
+            }
             continue;
         };
         let internal = forwarding.internal(mapping);

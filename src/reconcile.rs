@@ -19,7 +19,7 @@ use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
 use crate::model::{Backend, MappingKey, PortMapping, Problem, ProblemKind};
-use crate::plan::{Action, Plan};
+use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
 
@@ -265,10 +265,20 @@ pub async fn execute<M: PortMapper>(
                     }
                     Err(e) => {
                         outcome.failed += 1;
-                        tracing::warn!(service = %record.owner, external_port = record.external_port,
-                        error = %e, "could not remove mapping; will retry");
                         if let Some(kept) = state.mappings.get_mut(&record.key()) {
-                            kept.last_error = Some(e.to_string());
+                            kept.failures = kept.failures.saturating_add(1);
+                            kept.last_error = Some(format!("{UNMAP_FAILED_PREFIX}: {e}"));
+                            kept.retry_at = Some(after(
+                                now,
+                                retry_delay(
+                                    kept.failures,
+                                    Duration::from_secs(RETRY_FLOOR_SECS),
+                                    rand::rng().random_range(0.9..1.1),
+                                ),
+                            ));
+                            tracing::warn!(service = %record.owner, external_port = record.external_port,
+                                protocol = %record.protocol, error = %e, retry_at = ?kept.retry_at,
+                                "could not remove the mapping; will retry");
                         }
                     }
                 }
@@ -954,6 +964,98 @@ mod tests {
             granted,
         );
         record
+    }
+
+    /// A router that grants every map and refuses every unmap.
+    struct RefusingUnmaps(usize);
+
+    impl PortMapper for RefusingUnmaps {
+        fn backend(&self) -> Backend {
+            Backend::Pcp
+        }
+
+        async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+            Ok(Grant {
+                external_port: request.external_port,
+                lifetime_secs: 120,
+                renew_after: Some(Duration::from_secs(60)),
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            })
+        }
+
+        async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
+            self.0 += 1;
+            Err(RouterError::Refused {
+                reason: "NOT_AUTHORIZED".into(),
+                retry_after: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_unmap_waits_for_its_backoff_not_the_next_reconcile() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let forwarding = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 1, 10),
+        };
+        let mut state = State::default();
+        state.mappings.insert(
+            key(8080),
+            granted(8080, now - SignedDuration::from_secs(10)),
+        );
+        let mut router = RefusingUnmaps(0);
+        let gone = direct(&[]);
+        let first = plan(&gone, &state, forwarding, now);
+        let outcome = execute(
+            &first,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!((router.0, outcome.failed), (1, 1));
+        let record = state.mappings.get(&key(8080)).expect("kept for the retry");
+        assert!(
+            record
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(UNMAP_FAILED_PREFIX) && e.contains("NOT_AUTHORIZED")),
+            "{record:?}"
+        );
+        let retry_at = record.retry_at.expect("a retry time");
+        let wait = retry_at.duration_since(now).as_secs();
+        assert!((27..=33).contains(&wait), "{wait} s");
+
+        // The cluster changes again a second later: nothing for the router, the retry is due.
+        let soon = now + SignedDuration::from_secs(1);
+        let quiet = plan(&gone, &state, forwarding, soon);
+        assert_eq!(quiet.router_calls(), 0, "{quiet:?}");
+        assert_eq!(quiet.next_due, Some(retry_at));
+
+        // Its time comes: sent again, and refused again the wait doubles.
+        let later = retry_at + SignedDuration::from_secs(1);
+        let again = plan(&gone, &state, forwarding, later);
+        assert_eq!(again.router_calls(), 1);
+        execute(
+            &again,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            later,
+        )
+        .await;
+        let second = state.mappings[&key(8080)].retry_at.expect("retry");
+        let wait = second.duration_since(later).as_secs();
+        assert!((54..=66).contains(&wait), "{wait} s");
+
+        // Wanted again meanwhile: requested at once, not left to the unmap's backoff.
+        let back = plan(&direct(&[8080]), &state, forwarding, later);
+        assert_eq!(back.router_calls(), 1, "{back:?}");
     }
 
     fn direct(ports: &[u16]) -> crate::desired::Desired {
