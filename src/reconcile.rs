@@ -265,7 +265,13 @@ pub async fn execute<M: PortMapper>(
                     }
                     Err(e) => {
                         outcome.failed += 1;
-                        if let Some(kept) = state.mappings.get_mut(&record.key()) {
+                        tracing::warn!(service = %record.owner, external_port = record.external_port,
+                            protocol = %record.protocol, error = %e,
+                            "could not remove the mapping; will retry after a backoff");
+                        // (A record re-mapped in this pass is the new one: its map decides.)
+                        if !remapped.contains(&record.key())
+                            && let Some(kept) = state.mappings.get_mut(&record.key())
+                        {
                             kept.failures = kept.failures.saturating_add(1);
                             kept.last_error = Some(format!("{UNMAP_FAILED_PREFIX}: {e}"));
                             kept.retry_at = Some(after(
@@ -276,9 +282,6 @@ pub async fn execute<M: PortMapper>(
                                     rand::rng().random_range(0.9..1.1),
                                 ),
                             ));
-                            tracing::warn!(service = %record.owner, external_port = record.external_port,
-                                protocol = %record.protocol, error = %e, retry_at = ?kept.retry_at,
-                                "could not remove the mapping; will retry");
                         }
                     }
                 }
