@@ -33,6 +33,9 @@ use lab::{Lab, in_netns};
 use serde_json::{Value, json};
 
 const PREFIX: &str = "hpx-";
+// The two slowest tests get labs of their own, so they run beside the others.
+const OUTAGE_PREFIX: &str = "hpq-";
+const HALF_OPEN_PREFIX: &str = "hpr-";
 /// The LoadBalancer IP (as MetalLB would announce it) on the lab's node host.
 const LB_IP: &str = "192.168.77.100";
 /// Published from the start.
@@ -326,7 +329,7 @@ fn failing_relist_keeps_every_mapping_and_calls_no_router() {
 /// the fake's store) is reconciled within 30 s of the API's return.
 #[test]
 fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(OUTAGE_PREFIX, &["--insecure"]);
     let started = Instant::now();
     with_web_published(&lab, &[], |p| {
         let packets = p.lab.router_pcp_packets();
@@ -381,7 +384,7 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
 /// meanwhile is seen within the read timeout plus a margin.
 #[test]
 fn half_open_watch_recovers_within_the_watch_timeout() {
-    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let lab = Lab::up_with(HALF_OPEN_PREFIX, &["--insecure"]);
     let started = Instant::now();
     let timeout = SHORT_WATCH_TIMEOUT_SECS.to_string();
     let env = [(holepunch::kube::WATCH_TIMEOUT_ENV, timeout.as_str())];
