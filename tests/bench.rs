@@ -212,9 +212,12 @@ fn bench_pcp_annotate_noop_and_steady_state() {
             fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
         }
         let daemon = Daemon::start(&config);
-        wait_until(&daemon, "the first reconcile", Duration::from_secs(30), || {
-            daemon.log().contains("first reconcile done")
-        });
+        wait_until(
+            &daemon,
+            "the first reconcile",
+            Duration::from_secs(30),
+            || daemon.log().contains("first reconcile done"),
+        );
 
         let spacing = Duration::from_secs_f64(
             LEASE_SECS as f64 * MEAN_RENEWAL_FRACTION / f64::from(PCP_RUNS),
@@ -254,8 +257,8 @@ fn bench_pcp_annotate_noop_and_steady_state() {
 
         // Steady state: every mapping is renewed at its own time; the router is checked
         // (one ANNOUNCE) every VERIFY_SECS.
-        let settle = (first_grant + spacing * u32::from(PCP_RUNS))
-            .saturating_duration_since(Instant::now());
+        let settle =
+            (first_grant + spacing * u32::from(PCP_RUNS)).saturating_duration_since(Instant::now());
         std::thread::sleep(settle);
         let packets = lab.router_pcp_packets();
         let window = Instant::now();
@@ -265,10 +268,10 @@ fn bench_pcp_annotate_noop_and_steady_state() {
         let mappings = f64::from(PCP_RUNS);
         let per_mapping_hour = steady_calls as f64 / (mappings * window_hours);
         let checks_per_hour = 3600.0 / f64::from(VERIFY_SECS);
-        let expected = 3600.0 / (f64::from(LEASE_SECS) * MEAN_RENEWAL_FRACTION)
-            + checks_per_hour / mappings;
-        let expected_default = 3600.0 / (DEFAULT_LEASE_SECS * MEAN_RENEWAL_FRACTION)
-            + checks_per_hour / mappings;
+        let expected =
+            3600.0 / (f64::from(LEASE_SECS) * MEAN_RENEWAL_FRACTION) + checks_per_hour / mappings;
+        let expected_default =
+            3600.0 / (DEFAULT_LEASE_SECS * MEAN_RENEWAL_FRACTION) + checks_per_hour / mappings;
         let renewed = daemon.log().matches("reconcile: renewed").count();
         let remapped = daemon.log().matches("reconcile: mapped").count();
         daemon.stop();
@@ -296,8 +299,14 @@ fn bench_pcp_annotate_noop_and_steady_state() {
         report("steady_window_secs", window_hours * 3600.0, "s");
 
         assert_eq!(remapped, usize::from(PCP_RUNS), "renewed, never re-mapped");
-        assert!(noop_passes > 0, "no reconcile pass ran for the no-op changes");
-        assert_eq!(noop_calls, 0, "router calls for Services that did not change");
+        assert!(
+            noop_passes > 0,
+            "no reconcile pass ran for the no-op changes"
+        );
+        assert_eq!(
+            noop_calls, 0,
+            "router calls for Services that did not change"
+        );
         assert!(
             (per_mapping_hour / expected - 1.0).abs() < 0.25,
             "{per_mapping_hour:.1} router calls per mapping-hour, expected {expected:.1}"
@@ -325,9 +334,12 @@ fn bench_upnp_annotate() {
             fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
         }
         let daemon = Daemon::start(&config);
-        wait_until(&daemon, "the first reconcile", Duration::from_secs(30), || {
-            daemon.log().contains("first reconcile done")
-        });
+        wait_until(
+            &daemon,
+            "the first reconcile",
+            Duration::from_secs(30),
+            || daemon.log().contains("first reconcile done"),
+        );
         let client = runtime
             .block_on(holepunch::router::upnp::UpnpClient::discover(
                 ROUTER_LAN_IP.parse().expect("lab address"),
@@ -453,7 +465,9 @@ fn bench_start_to_ready_with_1000_services_and_a_state_file() {
         report("ready_services", f64::from(READY_SERVICES), "Services");
         report("ready_router_calls", router_calls as f64, "calls");
         assert!(
-            log.contains(&format!("first reconcile done; ready mappings={READY_SERVICES}")),
+            log.contains(&format!(
+                "first reconcile done; ready mappings={READY_SERVICES}"
+            )),
             "{log}"
         );
         assert_eq!(
