@@ -455,15 +455,19 @@ fn bench_start_to_ready_with_1000_services_and_a_state_file() {
                 break started.elapsed();
             }
         };
+        // NOTE: the first reconcile reports every live mapping as an Event before READY=1
+        // (src/daemon.rs, ClusterReport::send): part of what this figure measures.
+        let events = fake.objects("Event").len();
         let log = daemon.stop();
         let router_calls = lab.router_pcp_packets();
         eprintln!(
-            "start -> READY=1: {ready:?}, {router_calls} PCP packets to the router, log:\n{}",
+            "start -> READY=1: {ready:?}, {router_calls} PCP packets to the router, {events} Events, log:\n{}",
             log.lines().take(20).collect::<Vec<_>>().join("\n")
         );
         report("ready_ms", ready.as_secs_f64() * 1e3, "ms");
         report("ready_services", f64::from(READY_SERVICES), "Services");
         report("ready_router_calls", router_calls as f64, "calls");
+        report("ready_events_posted", events as f64, "Events");
         assert!(
             log.contains(&format!(
                 "first reconcile done; ready mappings={READY_SERVICES}"
