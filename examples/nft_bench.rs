@@ -7,7 +7,7 @@
 //! and `hpf-benchc` (the client, joined by a veth pair), deleted at the end:
 //! `cargo run --example nft_bench [-- COUNT]`. holepunch's time includes reading the map back
 //! and verifying it; `nft -f`'s includes starting the process and parsing the script, which is
-//! what a daemon shelling out to nft would pay.
+//! what a daemon shelling out to nft would pay. `scripts/bench` reads its `BENCH` lines.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -220,6 +220,10 @@ fn main() -> Result<(), BoxError> {
         "ratio holepunch / nft -f:             {:>8.2} (goal <= 1.0)",
         ours.as_secs_f64() / theirs.as_secs_f64()
     );
+    // For scripts/bench: `BENCH <key>\t<value>\t<unit>`.
+    println!("BENCH nft_forwards\t{count}\tforwards");
+    println!("BENCH nft_apply_ms\t{:.3}\tms", ours.as_secs_f64() * 1e3);
+    println!("BENCH nft_f_ms\t{:.3}\tms", theirs.as_secs_f64() * 1e3);
 
     // New connections through the DNAT to a server that accepts and closes at once.
     let listener = TcpListener::bind((RELAY_ADDRESS, SERVER_PORT))?;
@@ -267,5 +271,7 @@ fn main() -> Result<(), BoxError> {
         "ratio {count} forwards / 1 forward:    {:>8.3} (goal >= 0.95)",
         with_many / with_one
     );
+    println!("BENCH conn_rate_1\t{with_one:.1}\tconn/s");
+    println!("BENCH conn_rate_many\t{with_many:.1}\tconn/s");
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Benchmark of the Kubernetes side (issue 3 "Done when"), not a timed test: it prints a
-//! table and asserts only that the daemon did its job.
+//! table (and `BENCH` lines for `scripts/bench`) and asserts only that the daemon did its job.
 //!
 //! ```text
 //! cargo test --test cluster_bench -- --ignored --nocapture
@@ -24,6 +24,8 @@ mod daemon_lab;
 mod fake_api;
 #[path = "support/lab.rs"]
 mod lab;
+#[path = "support/measure.rs"]
+mod measure;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -35,6 +37,7 @@ use bin::{Daemon, status_json};
 use daemon_lab::{kubectl, wait_until};
 use fake_api::FakeApi;
 use lab::{Lab, in_netns};
+use measure::{memory_kib, percentile, report};
 use serde_json::json;
 
 const PREFIX: &str = "hpx-";
@@ -100,20 +103,6 @@ fn active_mappings(config: &Path) -> usize {
         .as_array()
         .map(|all| all.iter().filter(|m| m["status"] == "active").count())
         .unwrap_or(0)
-}
-
-/// `VmRSS` and `VmHWM` of `pid`, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Kernel timestamps (seconds since the epoch) of PCP packets on the LAN host: requests
@@ -198,11 +187,6 @@ fn epoch_secs(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs_f64()
-}
-
-fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
-    let index = ((sorted_ms.len() - 1) as f64 * p).round() as usize;
-    sorted_ms[index]
 }
 
 #[test]
@@ -333,6 +317,19 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
         eprintln!(
             "| of which kubectl itself runs: median | {:.0} ms |",
             percentile(&kubectl_ms, 0.5)
+        );
+        report("rss_10000_services_mib", mib(rss_published), "MiB");
+        report("rss_peak_mib", mib(hwm), "MiB");
+        report("start_to_200_live_secs", to_published.as_secs_f64(), "s");
+        report(
+            "start_to_200_router_wait_secs",
+            waiting_for_router_secs,
+            "s",
+        );
+        report(
+            "kubectl_annotate_to_pcp_request_ms",
+            percentile(&latencies_ms, 0.5),
+            "ms",
         );
         drop(fake);
         runtime.shutdown_timeout(Duration::from_secs(1));

@@ -1,0 +1,488 @@
+//! Benchmarks of the daemon against the lab router (issue 8, "Benchmark harness"), not timed
+//! tests: each prints `BENCH <key>\t<value>\t<unit>` lines (see `support/measure.rs`) that
+//! `scripts/bench` gathers into one table, and asserts only what must hold for the numbers
+//! to mean anything.
+//!
+//! ```text
+//! cargo test --release --test bench -- --ignored --nocapture --test-threads=1
+//! ```
+//!
+//! (root; lab prefix `hpb-`, miniupnpd in insecure mode so that `direct` mode may map the
+//! LoadBalancer IP.) The daemon runs on the lab's LAN host against the in-test fake API:
+//! - PCP: `annotated -> mapping live` (the Service written to the API until the daemon logs
+//!   the router's grant) next to one bare PCP MAP exchange with the same router; router calls
+//!   (packets counted at the router's port 5351) during reconciles where nothing changed;
+//!   router calls per mapping-hour at steady state with 120 s leases;
+//! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping;
+//! - start -> `READY=1` (read from the daemon's `NOTIFY_SOCKET`) with 1,000 Services and a
+//!   state file that already holds their mappings.
+
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+#[path = "support/lab.rs"]
+mod lab;
+#[path = "support/measure.rs"]
+mod measure;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bin::Daemon;
+use daemon_lab::{forwards_of, wait_until};
+use fake_api::FakeApi;
+use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
+use holepunch::router::pcp::codec::{self, Nonce, ResultCode};
+use holepunch::state::{MappingRecord, MappingStatus, State};
+use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP, in_netns};
+use measure::{LB_IP, lab_config, load_balancer, median, percentile, reconcile_passes, report};
+
+const PREFIX: &str = "hpb-";
+/// miniupnpd's shortest lease in the lab (`min_lifetime=120`).
+const LEASE_SECS: u32 = 120;
+/// The default `router.verify_interval_seconds`.
+const VERIFY_SECS: u32 = 60;
+/// The default `router.lease_seconds`, for the expected steady-state figure.
+const DEFAULT_LEASE_SECS: f64 = 3600.0;
+/// PCP renews at a random point in 1/2-5/8 of the lease: on average at 9/16 of it.
+const MEAN_RENEWAL_FRACTION: f64 = 0.5625;
+/// Where the daemon serves metrics, inside the LAN namespace.
+const METRICS_ADDRESS: &str = "127.0.0.1:19480";
+/// PCP runs: Services annotated one at a time, spread over one mean renewal interval so that
+/// their renewals are spread evenly over the steady-state window.
+const PCP_RUNS: u16 = 20;
+const UPNP_RUNS: u16 = 10;
+/// Of the PCP runs, the first this many are each followed by a reconcile where nothing changed.
+const NOOP_ROUNDS: u16 = 8;
+/// Steady-state window: two mean renewal intervals at 120 s (`HOLEPUNCH_BENCH_STEADY_SECS`).
+const STEADY_SECS: u64 = 135;
+/// Services and mappings for start -> READY=1.
+const READY_SERVICES: u16 = 1000;
+const POLL_MS: u64 = 2;
+
+/// Polls the daemon's log every [`POLL_MS`] until it has logged the router's grant for
+/// `port`; returns when it saw it.
+fn wait_for_grant(daemon: &Daemon, port: u16, limit: Duration) -> Instant {
+    let started = Instant::now();
+    let needle = format!("external_port={port} ");
+    loop {
+        let log = daemon.log();
+        if log
+            .lines()
+            .any(|line| line.contains("reconcile: mapped") && line.contains(&needle))
+        {
+            return Instant::now();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "no grant for port {port} within {limit:?}; the daemon logged:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(POLL_MS));
+    }
+}
+
+/// One bare PCP MAP exchange with the router for `port` (THIRD_PARTY, as `direct` mode
+/// sends it): request out, answer in, in milliseconds. Runs on a thread inside the LAN
+/// namespace.
+fn raw_pcp_map_ms(port: u16) -> f64 {
+    let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
+    let request = codec::MapRequest {
+        lifetime_secs: LEASE_SECS,
+        client_ip: lan,
+        nonce: Nonce::random(&mut rand::rng()),
+        protocol: Protocol::Tcp.iana_number(),
+        internal_port: port,
+        suggested_external_port: port,
+        suggested_external_ip: None,
+        third_party: Some(LB_IP.parse().expect("lab address")),
+        prefer_failure: true,
+    };
+    let socket = UdpSocket::bind((lan, 0)).expect("bind in the LAN namespace");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let bytes = request.encode();
+    let mut answer = [0u8; 1100];
+    let started = Instant::now();
+    socket
+        .send_to(&bytes, (ROUTER_LAN_IP, 5351))
+        .expect("send MAP");
+    let (len, _) = socket.recv_from(&mut answer).expect("the router answers");
+    let took = started.elapsed();
+    let response = codec::decode_response(&answer[..len]).expect("a PCP answer");
+    assert_eq!(response.result, ResultCode::Success, "{response:?}");
+    took.as_secs_f64() * 1e3
+}
+
+/// One bare AddPortMapping (a hand-written SOAP request on a fresh connection, as any IGD
+/// client sends it) to `control_url` for `port`, in milliseconds.
+fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
+    let rest = control_url
+        .strip_prefix("http://")
+        .expect("an http control URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let body = format!(
+        "<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+         s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
+         <u:AddPortMapping xmlns:u=\"{service}\"><NewRemoteHost></NewRemoteHost>\
+         <NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
+         <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LB_IP}</NewInternalClient>\
+         <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench</NewPortMappingDescription>\
+         <NewLeaseDuration>{LEASE_SECS}</NewLeaseDuration></u:AddPortMapping></s:Body></s:Envelope>\r\n"
+    );
+    let request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
+         SOAPAction: \"{service}#AddPortMapping\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(host).expect("connect to the IGD");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let took = started.elapsed();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    took.as_secs_f64() * 1e3
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Waits for at least one reconcile pass after `before` passes and for the daemon to go
+/// quiet (no pass for longer than its debounce); `false` if no pass came at all.
+fn wait_for_passes(before: f64) -> bool {
+    let started = Instant::now();
+    let mut last = before;
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let now = reconcile_passes(METRICS_ADDRESS).unwrap_or(last);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+        if last > before && quiet_since.elapsed() > Duration::from_millis(600) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last > before
+}
+
+/// PCP: annotated -> live vs a bare MAP; router calls during no-op reconciles; router calls
+/// per mapping-hour at steady state.
+#[test]
+#[ignore = "benchmark: scripts/bench"]
+fn bench_pcp_annotate_noop_and_steady_state() {
+    let steady_secs = std::env::var("HOLEPUNCH_BENCH_STEADY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(STEADY_SECS);
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    lab.count_router_pcp_packets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = runtime();
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = lab_config(
+            dir,
+            &kubeconfig,
+            "pcp",
+            LEASE_SECS,
+            VERIFY_SECS,
+            METRICS_ADDRESS,
+        );
+        let name = |i: u16| format!("pcp-{i}");
+        let port = |i: u16| 21_000 + i;
+        for i in 0..PCP_RUNS {
+            fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
+        }
+        let daemon = Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "the first reconcile",
+            Duration::from_secs(30),
+            || daemon.log().contains("first reconcile done"),
+        );
+
+        let spacing = Duration::from_secs_f64(
+            LEASE_SECS as f64 * MEAN_RENEWAL_FRACTION / f64::from(PCP_RUNS),
+        );
+        let (mut raw_ms, mut ours_ms) = (Vec::new(), Vec::new());
+        let (mut noop_calls, mut noop_passes) = (0u64, 0u16);
+        let mut noop_done = Duration::ZERO;
+        let first_grant = Instant::now();
+        for i in 0..PCP_RUNS {
+            let slot = first_grant + spacing * u32::from(i);
+            std::thread::sleep(slot.saturating_duration_since(Instant::now()));
+            // The bare exchange first, on its own port: both see a chain of the same length.
+            raw_ms.push(raw_pcp_map_ms(22_000 + i));
+            let annotated = Instant::now();
+            fake.apply_object(load_balancer(&name(i), port(i), true, "0"));
+            let live = wait_for_grant(&daemon, port(i), Duration::from_secs(10));
+            ours_ms.push((live - annotated).as_secs_f64() * 1e3);
+            assert_eq!(forwards_of(&lab, port(i)).len(), 1, "port {}", port(i));
+
+            if i < NOOP_ROUNDS {
+                // Every published Service changes in a way holepunch must ignore; no lease
+                // is near its renewal (the first is due 60 s after the first grant).
+                let passes = reconcile_passes(METRICS_ADDRESS).expect("metrics");
+                let packets = lab.router_pcp_packets();
+                for j in 0..=i {
+                    fake.apply_object(load_balancer(&name(j), port(j), true, &format!("r{i}")));
+                }
+                if wait_for_passes(passes) {
+                    noop_passes += 1;
+                }
+                noop_calls += lab.router_pcp_packets() - packets;
+                noop_done = first_grant.elapsed();
+            }
+        }
+        // Otherwise a renewal (60 s after a grant at the earliest) could fall into a round.
+        assert!(
+            noop_done < Duration::from_secs(60),
+            "the no-op rounds ended {noop_done:?} after the first grant"
+        );
+
+        // Steady state: every mapping is renewed at its own time; the router is checked
+        // (one ANNOUNCE) every VERIFY_SECS.
+        let settle =
+            (first_grant + spacing * u32::from(PCP_RUNS)).saturating_duration_since(Instant::now());
+        std::thread::sleep(settle);
+        let packets = lab.router_pcp_packets();
+        let window = Instant::now();
+        std::thread::sleep(Duration::from_secs(steady_secs));
+        let steady_calls = lab.router_pcp_packets() - packets;
+        let window_hours = window.elapsed().as_secs_f64() / 3600.0;
+        let mappings = f64::from(PCP_RUNS);
+        let per_mapping_hour = steady_calls as f64 / (mappings * window_hours);
+        let checks_per_hour = 3600.0 / f64::from(VERIFY_SECS);
+        let expected =
+            3600.0 / (f64::from(LEASE_SECS) * MEAN_RENEWAL_FRACTION) + checks_per_hour / mappings;
+        let expected_default =
+            3600.0 / (DEFAULT_LEASE_SECS * MEAN_RENEWAL_FRACTION) + checks_per_hour / mappings;
+        let renewed = daemon.log().matches("reconcile: renewed").count();
+        let remapped = daemon.log().matches("reconcile: mapped").count();
+        daemon.stop();
+
+        eprintln!(
+            "PCP annotated -> live (ms): {ours_ms:?}\nbare MAP (ms): {raw_ms:?}\n\
+             no-op: {noop_calls} router calls in {NOOP_ROUNDS} rounds ({noop_passes} passes)\n\
+             steady: {steady_calls} calls in {:.0} s for {PCP_RUNS} mappings, {renewed} renewals logged",
+            window_hours * 3600.0
+        );
+        report("pcp_annotate_live_ms", median(&ours_ms), "ms");
+        report("pcp_annotate_live_p90_ms", percentile(&ours_ms, 0.9), "ms");
+        report("pcp_raw_map_ms", median(&raw_ms), "ms");
+        report("noop_router_calls", noop_calls as f64, "calls");
+        report("noop_rounds", f64::from(NOOP_ROUNDS), "rounds");
+        report("noop_passes", f64::from(noop_passes), "passes");
+        report("steady_calls_per_mapping_hour", per_mapping_hour, "calls");
+        report("steady_expected_per_mapping_hour", expected, "calls");
+        report(
+            "steady_expected_default_lease_per_mapping_hour",
+            expected_default,
+            "calls",
+        );
+        report("steady_mappings", mappings, "mappings");
+        report("steady_window_secs", window_hours * 3600.0, "s");
+
+        assert_eq!(remapped, usize::from(PCP_RUNS), "renewed, never re-mapped");
+        assert!(
+            noop_passes > 0,
+            "no reconcile pass ran for the no-op changes"
+        );
+        assert_eq!(
+            noop_calls, 0,
+            "router calls for Services that did not change"
+        );
+        assert!(
+            (per_mapping_hour / expected - 1.0).abs() < 0.25,
+            "{per_mapping_hour:.1} router calls per mapping-hour, expected {expected:.1}"
+        );
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
+
+/// UPnP: annotated -> live vs a bare AddPortMapping to the same control URL.
+#[test]
+#[ignore = "benchmark: scripts/bench"]
+fn bench_upnp_annotate() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = runtime();
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = lab_config(dir, &kubeconfig, "upnp", LEASE_SECS, VERIFY_SECS, "");
+        let name = |i: u16| format!("upnp-{i}");
+        let port = |i: u16| 23_000 + i;
+        for i in 0..UPNP_RUNS {
+            fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
+        }
+        let daemon = Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "the first reconcile",
+            Duration::from_secs(30),
+            || daemon.log().contains("first reconcile done"),
+        );
+        let client = runtime
+            .block_on(holepunch::router::upnp::UpnpClient::discover(
+                ROUTER_LAN_IP.parse().expect("lab address"),
+                LAN_IP.parse().expect("lab address"),
+                Some("http://192.168.77.1:5000/rootDesc.xml"),
+            ))
+            .expect("the lab's IGD");
+        let (control, service) = (client.control_url(), client.service_type().to_owned());
+
+        let (mut raw_ms, mut ours_ms) = (Vec::new(), Vec::new());
+        for i in 0..UPNP_RUNS {
+            raw_ms.push(raw_upnp_add_ms(&control, &service, 24_000 + i));
+            let annotated = Instant::now();
+            fake.apply_object(load_balancer(&name(i), port(i), true, "0"));
+            let live = wait_for_grant(&daemon, port(i), Duration::from_secs(10));
+            ours_ms.push((live - annotated).as_secs_f64() * 1e3);
+            assert_eq!(forwards_of(&lab, port(i)).len(), 1, "port {}", port(i));
+        }
+        daemon.stop();
+        eprintln!("UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}");
+        report("upnp_annotate_live_ms", median(&ours_ms), "ms");
+        report("upnp_annotate_live_p90_ms", percentile(&ours_ms, 0.9), "ms");
+        report("upnp_raw_add_ms", median(&raw_ms), "ms");
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
+
+/// A state file holding a fresh PCP mapping for each of `count` Services (ports from
+/// 30,000), as the daemon would have left it a minute ago.
+fn write_state(path: &Path, count: u16) {
+    let now = jiff::Timestamp::now();
+    let lb: Ipv4Addr = LB_IP.parse().expect("lab address");
+    let granted = now - jiff::SignedDuration::from_secs(60);
+    let mut mappings = BTreeMap::new();
+    for i in 0..count {
+        let port = 30_000 + i;
+        let endpoint = Endpoint::new(lb, port);
+        let record = MappingRecord {
+            owner: Owner::new("default", format!("svc-{i}")),
+            service_port: port,
+            protocol: Protocol::Tcp,
+            external_port: port,
+            internal: endpoint,
+            target: endpoint,
+            target_source: TargetSource::LoadBalancer,
+            backend: Backend::Pcp,
+            router: ROUTER_LAN_IP.to_owned(),
+            nonce: Some(format!("{:024x}", u128::from(i) + 1)),
+            lifetime_secs: 3600,
+            granted_at: Some(granted),
+            renew_at: Some(granted + jiff::SignedDuration::from_secs(1800)),
+            expires_at: Some(granted + jiff::SignedDuration::from_secs(3600)),
+            epoch: None,
+            external_address: Some(ROUTER_WAN_IP.parse().expect("lab address")),
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            last_error: None,
+        };
+        mappings.insert(
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            },
+            record,
+        );
+    }
+    let state = State { mappings };
+    let dir = path.parent().expect("state dir");
+    std::fs::create_dir_all(dir).expect("state dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::write(path, state.to_toml().expect("state as TOML")).expect("write state");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+/// Start -> `READY=1` on `NOTIFY_SOCKET` with 1,000 Services whose mappings the state file
+/// already holds: nothing to ask the router, so this is the daemon's own start-up cost.
+#[test]
+#[ignore = "benchmark: scripts/bench"]
+fn bench_start_to_ready_with_1000_services_and_a_state_file() {
+    let lab = Lab::up_with(PREFIX, &["--insecure"]);
+    lab.count_router_pcp_packets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = runtime();
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        let config = lab_config(dir, &kubeconfig, "pcp", 3600, VERIFY_SECS, "");
+        for i in 0..READY_SERVICES {
+            fake.apply_object(load_balancer(&format!("svc-{i}"), 30_000 + i, true, "0"));
+        }
+        write_state(&dir.join("state/state.toml"), READY_SERVICES);
+        let socket_path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+
+        let started = Instant::now();
+        let daemon = Daemon::start_with_env(
+            &config,
+            &[("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8"))],
+        );
+        let mut message = [0u8; 4096];
+        let ready = loop {
+            let len = socket.recv(&mut message).unwrap_or_else(|e| {
+                panic!("no READY=1 ({e}); the daemon logged:\n{}", daemon.log())
+            });
+            let text = String::from_utf8_lossy(&message[..len]);
+            if text.lines().any(|line| line == "READY=1") {
+                break started.elapsed();
+            }
+        };
+        // NOTE: the first reconcile reports every live mapping as an Event before READY=1
+        // (src/daemon.rs, ClusterReport::send): part of what this figure measures.
+        let events = fake.objects("Event").len();
+        let log = daemon.stop();
+        let router_calls = lab.router_pcp_packets();
+        eprintln!(
+            "start -> READY=1: {ready:?}, {router_calls} PCP packets to the router, {events} Events, log:\n{}",
+            log.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+        report("ready_ms", ready.as_secs_f64() * 1e3, "ms");
+        report("ready_services", f64::from(READY_SERVICES), "Services");
+        report("ready_router_calls", router_calls as f64, "calls");
+        report("ready_events_posted", events as f64, "Events");
+        assert!(
+            log.contains(&format!(
+                "first reconcile done; ready mappings={READY_SERVICES}"
+            )),
+            "{log}"
+        );
+        assert_eq!(
+            log.matches("reconcile: mapped").count(),
+            0,
+            "the state file's mappings were requested again:\n{log}"
+        );
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+}
