@@ -329,6 +329,12 @@ impl NetfilterSocket {
     }
 
     fn receive(&mut self) -> Result<usize, NetlinkError> {
+        self.receive_with(0)
+    }
+
+    /// [`NetfilterSocket::receive`] with `recv(2)` flags (`MSG_DONTWAIT`: only what is
+    /// already queued; an empty queue is [`NetlinkError::Timeout`]).
+    fn receive_with(&mut self, flags: libc::c_int) -> Result<usize, NetlinkError> {
         let fd = self.socket.as_raw_fd();
         // SAFETY: the kernel writes at most `buffer.len()` bytes into `buffer`.
         let n = unsafe {
@@ -336,7 +342,7 @@ impl NetfilterSocket {
                 fd,
                 self.buffer.as_mut_ptr().cast::<c_void>(),
                 self.buffer.len(),
-                0,
+                flags,
             )
         };
         if n < 0 {
@@ -351,13 +357,20 @@ impl NetfilterSocket {
 
     // NOTE: CRATES.md pitfall: the first acknowledgement may be a success for an early
     // message while a later one failed; read until every sequence number of the batch was
-    // answered. nfnetlink answers all messages even after a failure, except when it cannot
-    // queue the answers (ENOMEM on the batch header): then the timeout ends the wait.
+    // answered. An aborted batch never acknowledges its end message, though
+    // (`nfnetlink_rcv_batch` queues every answer and delivers them all before `sendmsg`
+    // returns): once an error is in, read only what is already queued, or each refused batch
+    // (deleting a table that is not there, at every start in direct mode) would wait out the
+    // receive timeout.
     fn read_acks(&mut self, expected: Range<u32>) -> Result<(), NetlinkError> {
         let mut pending: BTreeSet<u32> = expected.collect();
         let mut first_error: Option<NetlinkError> = None;
         while !pending.is_empty() {
-            let n = match self.receive() {
+            let received = match first_error {
+                None => self.receive(),
+                Some(_) => self.receive_with(libc::MSG_DONTWAIT),
+            };
+            let n = match received {
                 Ok(n) => n,
                 Err(NetlinkError::Timeout) if first_error.is_some() => break,
                 Err(err) => return Err(err),
