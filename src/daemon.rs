@@ -194,12 +194,22 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 () = tokio::time::sleep(sleep_for) => {}
                 announcement = next_announcement(&mut announcements) => {
                     tracing::info!(?announcement, "the router announced a restart (or a new external address)");
+                    // A NAT-PMP announcement names the external address: one that differs
+                    // from what the mappings recorded is news even inside the window (a
+                    // router that just started and then got its address from the ISP).
+                    let new_address = match &announcement {
+                        Announcement::Natpmp { external_address, .. } => state
+                            .mappings
+                            .values()
+                            .any(|r| r.external_address.is_some_and(|a| a != *external_address)),
+                        Announcement::Pcp { .. } => false,
+                    };
                     match &mapper {
                         // NOTE: RFC 6887 §14.1.3 and RFC 6886 §3.2.1: after a restart the
                         // server announces; a restarted router holds no mappings (UPnP ones
                         // included, on miniupnpd). NAT-PMP repeats its announcement up to ten
                         // times, hence at most one restore per window.
-                        Some(router) if last_announced_restore
+                        Some(router) if new_address || last_announced_restore
                             .is_none_or(|at| at.elapsed() >= Duration::from_secs(ANNOUNCE_RESTORE_WINDOW_SECS)) =>
                         {
                             last_announced_restore = Some(tokio::time::Instant::now());

@@ -676,9 +676,11 @@ fn leases_are_renewed_before_they_expire() {
     );
 }
 
-/// The ISP gives the router a new WAN address: miniupnpd keeps its mappings and announces the
-/// change; within 10 s the Service's LoadBalancer status and a Published Event carry the new
-/// address, the internet reaches the Service there, and nothing is mapped twice.
+/// The ISP gives the router a new WAN address, right after a reboot: miniupnpd keeps its
+/// mappings and announces the change; within 10 s the Service's LoadBalancer status and a
+/// Published Event carry the new address, the internet reaches the Service there, and nothing
+/// is mapped twice. (Found in CI: an address announced within 5 s of a restart announcement
+/// was ignored as a repeat.)
 #[test]
 fn a_new_external_address_reaches_the_service_status_and_events() {
     const NEW_WAN_IP: &str = "11.22.33.45";
@@ -733,6 +735,18 @@ fn a_new_external_address_reaches_the_service_status_and_events() {
                     .is_some()
             );
 
+            // The router reboots, and its new address comes from the ISP while its restart
+            // announcements are still fresh: the address change is news all the same.
+            lab.restart_router();
+            wait_until(
+                daemon,
+                "the restore after the reboot",
+                Duration::from_secs(10),
+                || {
+                    daemon.log().matches("reconcile: restored").count() >= 3
+                        && forwards_of(&lab, 8080).len() == 2
+                },
+            );
             let changed = Instant::now();
             lab.change_wan_ip(NEW_WAN_IP);
             let took = wait_until(
