@@ -19,7 +19,9 @@ mod lab;
 use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json, text};
-use daemon_lab::{config, forwards_of, kubectl, wait_until, with_daemon_in, with_daemon_in_lan};
+use daemon_lab::{
+    config, forwards_of, has_event, kubectl, wait_until, with_daemon_in, with_daemon_in_lan,
+};
 use fake_api::FakeApi;
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
@@ -168,17 +170,13 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             "a Published Event on the Service",
             Duration::from_secs(10),
             || {
-                let events = kubectl(&kubeconfig, &["get", "events", "-o", "json"]);
-                let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
-                events["items"].as_array().is_some_and(|items| {
-                    items.iter().any(|e| {
-                        e["reason"] == "Published"
-                            && e["involvedObject"]["name"] == "game"
-                            && e["message"]
-                                .as_str()
-                                .is_some_and(|m| m.contains(&format!("{ROUTER_WAN_IP}:8080")))
-                    })
-                })
+                has_event(
+                    &kubeconfig,
+                    None,
+                    "Published",
+                    "game",
+                    &format!("{ROUTER_WAN_IP}:8080"),
+                )
             },
         );
         let status = status_json(&config);
@@ -712,17 +710,13 @@ fn a_new_external_address_reaches_the_service_status_and_events() {
                 )
             };
             let published_at = |address: &str| {
-                let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
-                let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
-                events["items"].as_array().is_some_and(|items| {
-                    items.iter().any(|e| {
-                        e["reason"] == "Published"
-                            && e["involvedObject"]["name"] == "game"
-                            && e["message"]
-                                .as_str()
-                                .is_some_and(|m| m.contains(&format!("{address}:8080")))
-                    })
-                })
+                has_event(
+                    kubeconfig,
+                    None,
+                    "Published",
+                    "game",
+                    &format!("{address}:8080"),
+                )
             };
             wait_until(
                 daemon,
@@ -826,19 +820,7 @@ fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
                 daemon,
                 "a RouterRefused Warning for 8080/tcp",
                 Duration::from_secs(20),
-                || {
-                    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
-                    let events: serde_json::Value =
-                        serde_json::from_str(&events).unwrap_or_default();
-                    events["items"].as_array().is_some_and(|items| {
-                        items.iter().any(|e| {
-                            e["type"] == "Warning"
-                                && e["reason"] == "RouterRefused"
-                                && e["involvedObject"]["name"] == "game"
-                                && e["message"].as_str().is_some_and(|m| m.contains("8080"))
-                        })
-                    })
-                },
+                || has_event(kubeconfig, Some("Warning"), "RouterRefused", "game", "8080"),
             );
             // Nothing stolen: the other host's forward is the only TCP one, unchanged; the
             // free UDP port is holepunch's; the port the router offered instead is given back.
@@ -1027,18 +1009,7 @@ fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
                 daemon,
                 "a DeniedPort Warning on the Service",
                 Duration::from_secs(20),
-                || {
-                    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
-                    let events: serde_json::Value =
-                        serde_json::from_str(&events).unwrap_or_default();
-                    events["items"].as_array().is_some_and(|items| {
-                        items.iter().any(|e| {
-                            e["type"] == "Warning"
-                                && e["reason"] == "DeniedPort"
-                                && e["involvedObject"]["name"] == "shell"
-                        })
-                    })
-                },
+                || has_event(kubeconfig, Some("Warning"), "DeniedPort", "shell", ""),
             );
             std::thread::sleep(Duration::from_secs(1));
             assert_eq!(

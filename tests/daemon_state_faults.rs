@@ -30,7 +30,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bin::{BIN, text};
-use daemon_lab::{config_with_metrics, forwards_of, kubectl, wait_until, with_daemon_in_lan};
+use daemon_lab::{
+    config_with_metrics, forwards_of, has_event, kubectl, wait_until, with_daemon_in_lan,
+};
 use fake_api::FakeApi;
 use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::json;
@@ -499,18 +501,7 @@ fn a_denied_port_puts_no_packet_on_the_wire_to_the_router() {
                 daemon,
                 "a DeniedPort Warning on the Service",
                 Duration::from_secs(20),
-                || {
-                    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
-                    let events: serde_json::Value =
-                        serde_json::from_str(&events).unwrap_or_default();
-                    events["items"].as_array().is_some_and(|items| {
-                        items.iter().any(|e| {
-                            e["type"] == "Warning"
-                                && e["reason"] == "DeniedPort"
-                                && e["involvedObject"]["name"] == "shell"
-                        })
-                    })
-                },
+                || has_event(kubeconfig, Some("Warning"), "DeniedPort", "shell", ""),
             );
             // Watch the wire past one verify interval (5 s): the checks send nothing either.
             let window = Duration::from_secs(6);

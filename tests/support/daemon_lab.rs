@@ -27,6 +27,27 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
+/// Whether the cluster holds an Event on Service `service` with `reason` whose message contains
+/// `text` (`kind`: "Warning" or "Normal", or any when `None`), as `kubectl get events` lists it.
+pub fn has_event(
+    kubeconfig: &Path,
+    kind: Option<&str>,
+    reason: &str,
+    service: &str,
+    text: &str,
+) -> bool {
+    let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
+    events["items"].as_array().is_some_and(|items| {
+        items.iter().any(|e| {
+            kind.is_none_or(|kind| e["type"] == kind)
+                && e["reason"] == reason
+                && e["involvedObject"]["name"] == service
+                && e["message"].as_str().is_some_and(|m| m.contains(text))
+        })
+    })
+}
+
 /// Polls `condition` every 100 ms until it holds; panics after `limit` with `what` and the
 /// daemon's log.
 pub fn wait_until(
