@@ -36,7 +36,7 @@ use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
 use crate::router::{NoRouter, PortMapper, RouterError};
-use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
+use crate::state::{Failure, MappingRecord, MappingStatus, State, StateError, StateFile};
 
 /// With `router.backend = "auto"`, checks the router may miss in a row before the protocols
 /// are probed again.
@@ -638,12 +638,10 @@ async fn check_router(router: &mut impl PortMapper, state: &mut State) -> bool {
         .filter(|r| r.backend == backend && r.status == MappingStatus::Active)
         .collect();
     let asked = granted.len();
-    let waiting = state.mappings.values().any(|r| {
-        r.backend == backend
-            && r.last_error
-                .as_deref()
-                .is_some_and(RouterError::was_unreachable)
-    });
+    let waiting = state
+        .mappings
+        .values()
+        .any(|r| r.backend == backend && r.failure == Some(Failure::RouterSilent));
     if granted.is_empty() && !waiting {
         return true;
     }
@@ -652,10 +650,7 @@ async fn check_router(router: &mut impl PortMapper, state: &mut State) -> bool {
     if result.is_ok() {
         // The router answers: what failed because it did not need not wait for its backoff.
         let retried = state.due_now(jiff::Timestamp::now(), |r| {
-            r.backend == backend
-                && r.last_error
-                    .as_deref()
-                    .is_some_and(RouterError::was_unreachable)
+            r.backend == backend && r.failure == Some(Failure::RouterSilent)
         });
         if retried > 0 {
             tracing::info!(mappings = retried, %backend, "the router answers again; retrying what it missed");

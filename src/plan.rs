@@ -12,7 +12,7 @@ use jiff::Timestamp;
 
 use crate::desired::Desired;
 use crate::model::{Endpoint, PortMapping, Problem};
-use crate::state::{MappingRecord, MappingStatus, State};
+use crate::state::{Failure, MappingRecord, MappingStatus, State};
 
 /// Where the router forwards a mapping's traffic, by exposure mode (DESIGN.md, "How traffic
 /// flows").
@@ -84,7 +84,7 @@ pub enum Action {
         previous: Endpoint,
     },
     /// Delete an owned mapping that is no longer wanted (or wanted differently).
-    Unmap { record: MappingRecord },
+    Unmap { record: Box<MappingRecord> },
     /// Tell the Service's owner why something is not published.
     Report { problem: Problem },
 }
@@ -177,17 +177,14 @@ impl fmt::Display for Plan {
     }
 }
 
-/// How a failed unmap reads in the record's `last_error`; with its `retry_at`, the unmap
-/// waits for its backoff instead of being sent again at every reconcile.
+/// How a failed unmap reads in the record's `last_error` (and how a version 1 state file,
+/// which has no `failure`, says so).
 pub const UNMAP_FAILED_PREFIX: &str = "could not remove the mapping";
 
 /// When a record no longer wanted may be unmapped again, if an earlier try failed and its
 /// backoff has not passed.
 fn unmap_backing_off(record: &MappingRecord, now: Timestamp) -> Option<Timestamp> {
-    let failed_unmap = record
-        .last_error
-        .as_deref()
-        .is_some_and(|e| e.starts_with(UNMAP_FAILED_PREFIX));
+    let failed_unmap = record.failure == Some(Failure::UnmapFailed);
     record.retry_at.filter(|at| failed_unmap && *at > now)
 }
 
@@ -210,7 +207,7 @@ pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Times
             match unmap_backing_off(record, now) {
                 Some(retry_at) => schedule(Some(retry_at)),
                 None => unmaps.push(Action::Unmap {
-                    record: record.clone(),
+                    record: Box::new(record.clone()),
                 }),
             }
             continue;
@@ -219,7 +216,7 @@ pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Times
         if mapping.owner != record.owner || internal != record.internal {
             // The router must forward elsewhere or tag it for someone else: replace it.
             unmaps.push(Action::Unmap {
-                record: record.clone(),
+                record: Box::new(record.clone()),
             });
             maps.push(Action::Map {
                 mapping: mapping.clone(),
@@ -335,6 +332,8 @@ mod tests {
             status,
             retry_at: None,
             failures: 0,
+            replaces: Vec::new(),
+            failure: None,
             last_error: None,
         }
     }

@@ -21,7 +21,7 @@ use rand::Rng;
 use crate::model::{Backend, MappingKey, PortMapping, Problem, ProblemKind};
 use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile};
+use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile};
 
 /// First retry after a failure; doubles with each further failure.
 pub const RETRY_FLOOR_SECS: u64 = 30;
@@ -49,15 +49,13 @@ pub struct Outcome {
 }
 
 /// How a request held back because the state could not be saved reads in a mapping's
-/// `last_error`; such a mapping is not on disk yet, so it stays held back until a save works.
+/// `last_error` (and how a version 1 state file, which has no `failure`, says so). Such a
+/// mapping is not on disk yet, so it stays held back until a save works.
 pub const HELD_BACK_PREFIX: &str = "state file could not be saved";
 
 /// Whether this mapping's last request was held back for an unsaved state.
 fn held_back(record: &MappingRecord) -> bool {
-    record
-        .last_error
-        .as_deref()
-        .is_some_and(|e| e.starts_with(HELD_BACK_PREFIX))
+    record.failure == Some(Failure::HeldBack)
 }
 
 /// Where the reconciler persists the state. The daemon uses a [`StateStore`] around the
@@ -169,9 +167,14 @@ pub async fn execute<M: PortMapper>(
                 // in between must leave that nonce on disk.
                 if let Some(old) = state.mappings.get(&mapping.key())
                     && old.backend == backend
-                    && old.nonce.is_some()
                 {
-                    record.nonce.clone_from(&old.nonce);
+                    if old.nonce.is_some() {
+                        record.nonce.clone_from(&old.nonce);
+                    }
+                    // The old owner's router mapping (and any its own handover left) is
+                    // deleted later in this pass; a crash before that must not forget it, or
+                    // in direct mode the router refuses the new one until that lease ends.
+                    record.replaces = replaced_by_handover(old);
                 }
                 state.mappings.insert(mapping.key(), record);
                 unsaved.insert(mapping.key());
@@ -179,6 +182,11 @@ pub async fn execute<M: PortMapper>(
             Action::Restore { mapping, .. } => {
                 if let Some(record) = state.mappings.get_mut(&mapping.key()) {
                     record.status = MappingStatus::Pending;
+                    if record.backend != backend {
+                        // Earlier owners' mappings made through another protocol cannot be
+                        // deleted through this one; their leases run out by themselves.
+                        record.replaces.clear();
+                    }
                     if backend == Backend::Pcp && record.nonce.is_none() {
                         record.nonce = Some(random_nonce());
                         unsaved.insert(mapping.key());
@@ -231,6 +239,10 @@ pub async fn execute<M: PortMapper>(
     // each request would wait out its whole retransmission schedule for nothing, holding
     // the daemon; they fail at once and are retried when the router answers again.
     let mut silent: Option<String> = None;
+    // Keys whose old owner's unmap failed in this pass: the new owner's map is tried anyway
+    // (with the same internal endpoint the router takes it as the same mapping), not a
+    // second unmap.
+    let mut unmap_failed: BTreeSet<MappingKey> = BTreeSet::new();
     for action in &plan.actions {
         match action {
             Action::Unmap { record } if held_back(record) => {
@@ -254,10 +266,13 @@ pub async fn execute<M: PortMapper>(
                 }
             }
             Action::Unmap { record } => {
-                match unless_silent(&mut silent, mapper.unmap(record)).await {
+                match unmap_with_replaced(mapper, record, &mut silent).await {
                     Ok(()) => {
                         if !remapped.contains(&record.key()) {
                             state.mappings.remove(&record.key());
+                        } else if let Some(new) = state.mappings.get_mut(&record.key()) {
+                            let gone = replaced_by_handover(record);
+                            new.replaces.retain(|r| !gone.contains(r));
                         }
                         outcome.unmapped += 1;
                         tracing::info!(service = %record.owner, external_port = record.external_port,
@@ -269,10 +284,11 @@ pub async fn execute<M: PortMapper>(
                             protocol = %record.protocol, error = %e,
                             "could not remove the mapping; will retry after a backoff");
                         // (A record re-mapped in this pass is the new one: its map decides.)
-                        if !remapped.contains(&record.key())
-                            && let Some(kept) = state.mappings.get_mut(&record.key())
-                        {
+                        if remapped.contains(&record.key()) {
+                            unmap_failed.insert(record.key());
+                        } else if let Some(kept) = state.mappings.get_mut(&record.key()) {
                             kept.failures = kept.failures.saturating_add(1);
+                            kept.failure = Some(Failure::UnmapFailed);
                             kept.last_error = Some(format!("{UNMAP_FAILED_PREFIX}: {e}"));
                             kept.retry_at = Some(after(
                                 now,
@@ -291,6 +307,40 @@ pub async fn execute<M: PortMapper>(
             Action::Map { mapping, .. }
             | Action::Restore { mapping, .. }
             | Action::Renew { mapping, .. } => {
+                let Some(record) = state.mappings.get(&mapping.key()) else {
+                    continue;
+                };
+                if !record.replaces.is_empty() && !unmap_failed.contains(&mapping.key()) {
+                    // A handover a crash (or a failed unmap) interrupted: the earlier owners'
+                    // mappings go first, or the router refuses this one.
+                    let earlier = record.clone();
+                    let result = unmap_replaced(mapper, &earlier, &mut silent).await;
+                    let Some(record) = state.mappings.get_mut(&mapping.key()) else {
+                        continue;
+                    };
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(service = %record.owner, external_port = record.external_port,
+                                protocol = %record.protocol, earlier_owners = record.replaces.len(),
+                                "deleted the earlier owners' mappings of this port");
+                            record.replaces.clear();
+                        }
+                        Err(e) => {
+                            outcome.failed += 1;
+                            tracing::warn!(service = %record.owner, external_port = record.external_port,
+                                protocol = %record.protocol, error = %e,
+                                "could not delete the earlier owner's mapping of this port; will retry after a backoff");
+                            record_failure(
+                                record,
+                                &e,
+                                now,
+                                false,
+                                rand::rng().random_range(0.9..1.1),
+                            );
+                            continue;
+                        }
+                    }
+                }
                 let Some(record) = state.mappings.get(&mapping.key()) else {
                     continue;
                 };
@@ -370,6 +420,43 @@ pub async fn execute<M: PortMapper>(
     outcome
 }
 
+/// The router mappings a handover from `old` leaves to delete: those `old`'s own handover
+/// left, then `old`'s, unless it was never sent (held back for an unsaved state).
+fn replaced_by_handover(old: &MappingRecord) -> Vec<Replaced> {
+    let mut replaced = old.replaces.clone();
+    let own = Replaced {
+        owner: old.owner.clone(),
+        address: old.internal.address,
+        port: old.internal.port,
+    };
+    if !held_back(old) && !replaced.contains(&own) {
+        replaced.push(own);
+    }
+    replaced
+}
+
+/// Deletes the earlier owners' mappings `record` replaces, oldest first.
+async fn unmap_replaced<M: PortMapper>(
+    mapper: &mut M,
+    record: &MappingRecord,
+    silent: &mut Option<String>,
+) -> Result<(), RouterError> {
+    for replaced in &record.replaces {
+        unless_silent(silent, mapper.unmap(&record.as_replaced(replaced))).await?;
+    }
+    Ok(())
+}
+
+/// Deletes `record`'s router mapping, and first the earlier owners' it replaces.
+async fn unmap_with_replaced<M: PortMapper>(
+    mapper: &mut M,
+    record: &MappingRecord,
+    silent: &mut Option<String>,
+) -> Result<(), RouterError> {
+    unmap_replaced(mapper, record, silent).await?;
+    unless_silent(silent, mapper.unmap(record)).await
+}
+
 /// Runs `call` unless the router was found silent earlier in this pass; notes an
 /// [`RouterError::Unreachable`] answer for the calls after it.
 async fn unless_silent<T>(
@@ -434,6 +521,7 @@ fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now:
 /// retried with the usual backoff (or at once when a save works again).
 fn hold_back(record: &mut MappingRecord, why: &str, now: Timestamp, jitter: f64) {
     record.failures = record.failures.saturating_add(1);
+    record.failure = Some(Failure::HeldBack);
     record.last_error = Some(format!(
         "{HELD_BACK_PREFIX}: {why}; not asking the router for {} until it can",
         record.key()
@@ -474,6 +562,8 @@ fn new_record(
         status: MappingStatus::Pending,
         retry_at: None,
         failures: 0,
+        replaces: Vec::new(),
+        failure: None,
         last_error: None,
     }
 }
@@ -508,7 +598,10 @@ fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
     record.router = grant.router.clone();
     record.retry_at = None;
     record.failures = 0;
+    record.failure = None;
     record.last_error = None;
+    // The router gave this port to this mapping: no earlier owner's mapping holds it.
+    record.replaces.clear();
 }
 
 /// When to renew: the backend's choice, but never sooner than [`MIN_RENEW_SECS`] (a router
@@ -530,6 +623,7 @@ fn record_failure(
     jitter: f64,
 ) {
     record.failures = record.failures.saturating_add(1);
+    record.failure = Some(error.failure());
     record.last_error = Some(error.to_string());
     let floor = match error {
         RouterError::Refused {
@@ -822,6 +916,205 @@ mod tests {
         );
     }
 
+    /// A router port's forwarding as a router keeps it: one internal endpoint per external
+    /// port; a map for another endpoint is a conflict until the holder's mapping is deleted
+    /// (miniupnpd in direct mode). Records the calls with owner and internal endpoint.
+    #[derive(Default)]
+    struct ForwardingRouter {
+        forwards: BTreeMap<u16, Endpoint>,
+        calls: Vec<String>,
+    }
+
+    impl PortMapper for ForwardingRouter {
+        fn backend(&self) -> Backend {
+            Backend::Pcp
+        }
+
+        async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+            let port = request.external_port;
+            self.calls.push(format!(
+                "map {port} {} -> {}",
+                request.owner, request.internal
+            ));
+            match self.forwards.get(&port) {
+                Some(held) if *held != request.internal => {
+                    return Err(RouterError::Conflict {
+                        port,
+                        protocol: request.protocol,
+                        detail: format!("{held} holds it"),
+                    });
+                }
+                _ => self.forwards.insert(port, request.internal),
+            };
+            Ok(Grant {
+                external_port: port,
+                lifetime_secs: 120,
+                renew_after: None,
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            })
+        }
+
+        async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+            let port = record.external_port;
+            self.calls.push(format!(
+                "unmap {port} {} -> {}",
+                record.owner, record.internal
+            ));
+            if self.forwards.get(&port) == Some(&record.internal) {
+                self.forwards.remove(&port);
+            }
+            Ok(())
+        }
+    }
+
+    /// Direct mode: the twins' mappings of one router port point at different targets. Killed
+    /// after the handover is on disk and before the old owner's mapping is deleted, the next
+    /// start must delete that mapping first; the router refused the new one until the old
+    /// lease ended before `replaces` (found while reviewing tests/daemon_crash.rs).
+    #[tokio::test]
+    async fn a_handover_cut_short_deletes_the_old_owners_mapping_on_the_next_start() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let target = |host: u8| Endpoint::new(Ipv4Addr::new(192, 168, 1, host), 30000);
+        let owned = |name: &str, host: u8| {
+            let mut m = mapping(8090);
+            m.owner = Owner::new("default", name);
+            m.target.endpoint = target(host);
+            m
+        };
+        let wants = |m: &PortMapping| crate::desired::Desired {
+            mappings: [(key(8090), m.clone())].into_iter().collect(),
+            problems: vec![],
+        };
+        let (a, b, c) = (
+            owned("twin-a", 21),
+            owned("twin-b", 22),
+            owned("twin-c", 23),
+        );
+        let mut router = ForwardingRouter::default();
+        let mut state = State::default();
+        let mut saved = Saved::default();
+        let first = plan(&wants(&a), &state, Forwarding::Direct, now);
+        execute(&first, &mut state, &mut router, &mut saved, 120, now).await;
+        assert_eq!(router.forwards[&8090], target(21));
+        let nonce = state.mappings[&key(8090)].nonce.clone();
+
+        // twin-a unpublished: what the pass saved before it sent anything, as a SIGKILL
+        // right then leaves it.
+        let mut saved = Saved::default();
+        let handover = plan(&wants(&b), &state, Forwarding::Direct, now);
+        execute(
+            &handover,
+            &mut state.clone(),
+            &mut ForwardingRouter::default(),
+            &mut saved,
+            120,
+            now,
+        )
+        .await;
+        let mut on_disk = saved.0[0].clone();
+        let record = &on_disk.mappings[&key(8090)];
+        assert_eq!(
+            (&record.owner, record.status),
+            (&b.owner, MappingStatus::Pending)
+        );
+        assert_eq!(record.nonce, nonce);
+        let old = Replaced {
+            owner: a.owner.clone(),
+            address: target(21).address,
+            port: target(21).port,
+        };
+        assert_eq!(record.replaces, std::slice::from_ref(&old));
+
+        // The next start wants twin-c instead: twin-b's record is replaced in turn, and must
+        // carry twin-a's mapping along (twin-b's was never sent).
+        let mut saved = Saved::default();
+        let to_c = plan(&wants(&c), &on_disk, Forwarding::Direct, now);
+        let mut probe = on_disk.clone();
+        execute(
+            &to_c,
+            &mut probe,
+            &mut ForwardingRouter::default(),
+            &mut saved,
+            120,
+            now,
+        )
+        .await;
+        let twin_b = Replaced {
+            owner: b.owner.clone(),
+            address: target(22).address,
+            port: target(22).port,
+        };
+        assert_eq!(
+            saved.0[0].mappings[&key(8090)].replaces,
+            [old.clone(), twin_b]
+        );
+
+        // The next start still wants twin-b: twin-a's mapping goes first, then twin-b's map.
+        let restart = plan(&wants(&b), &on_disk, Forwarding::Direct, now);
+        let outcome = execute(
+            &restart,
+            &mut on_disk,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!(
+            router.calls[1..],
+            [
+                "unmap 8090 default/twin-a -> 192.168.1.21:30000",
+                "map 8090 default/twin-b -> 192.168.1.22:30000"
+            ]
+        );
+        assert_eq!((outcome.restored, outcome.failed), (1, 0));
+        assert_eq!(router.forwards[&8090], target(22));
+        let record = &on_disk.mappings[&key(8090)];
+        assert_eq!(record.status, MappingStatus::Active);
+        assert!(record.replaces.is_empty(), "{record:?}");
+        assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+    }
+
+    /// The old owner's unmap fails in the handover pass: the new owner's map is still tried
+    /// once (no second unmap); granted, the router forwards the port to the new owner, so
+    /// nothing is left to delete.
+    #[tokio::test]
+    async fn a_handover_whose_unmap_fails_tries_the_map_once_and_then_forgets_the_old() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        let forwarding = Forwarding::Relay { lan_address: lan };
+        let mut record = new_record(&mapping(8090), Endpoint::new(lan, 8090), Backend::Pcp);
+        record.status = MappingStatus::Active;
+        let mut state = State::default();
+        state.mappings.insert(key(8090), record);
+        let mut new_owner = mapping(8090);
+        new_owner.owner = Owner::new("default", "twin-b");
+        let desired = crate::desired::Desired {
+            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
+            problems: vec![],
+        };
+        let handover = plan(&desired, &state, forwarding, now);
+        let mut router = RefusingUnmaps(0);
+        let outcome = execute(
+            &handover,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!((router.0, outcome.failed, outcome.mapped), (1, 1, 1));
+        let record = &state.mappings[&key(8090)];
+        assert_eq!(
+            (&record.owner, record.status, record.failure),
+            (&new_owner.owner, MappingStatus::Active, None)
+        );
+        assert!(record.replaces.is_empty(), "{record:?}");
+    }
+
     /// An unmap is recorded as pending before it is sent: killed before the answer, the next
     /// start must not take the mapping for granted if the Service is wanted again (the router
     /// may have deleted it already).
@@ -913,10 +1206,7 @@ mod tests {
         );
         assert_eq!(outcome.failed, 3);
         assert!(state.mappings.values().all(|r| {
-            r.status == MappingStatus::Failed
-                && r.last_error
-                    .as_deref()
-                    .is_some_and(RouterError::was_unreachable)
+            r.status == MappingStatus::Failed && r.failure == Some(Failure::RouterSilent)
         }));
         assert!(
             outcome.problems.is_empty(),
@@ -1022,6 +1312,7 @@ mod tests {
         .await;
         assert_eq!((router.0, outcome.failed), (1, 1));
         let record = state.mappings.get(&key(8080)).expect("kept for the retry");
+        assert_eq!(record.failure, Some(Failure::UnmapFailed));
         assert!(
             record
                 .last_error

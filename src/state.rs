@@ -1,11 +1,17 @@
 //! The state file: every mapping holepunch owns, so nothing is leaked or forgotten across
 //! restarts, crashes and upgrades (DESIGN.md, "State, lifecycle, signals").
 //!
-//! Format version 1 is TOML: `version = 1` first, then one `[[mapping]]` table per
+//! Format version 2 is TOML: `version = 2` first, then one `[[mapping]]` table per
 //! [`MappingRecord`], in key order (protocol, then external port), timestamps as RFC 3339
 //! strings. Each record ends with its `internal` and `target` sub-tables, whose fields are all
 //! required, and the file ends with a newline: a file that does not was cut short, so a record
 //! cut anywhere never reads as a complete one (not even `port = 80` cut from `port = 8096`).
+//!
+//! Version 2 added what version 1 kept only in words: why the last request failed
+//! ([`Failure`], version 1 had only the `last_error` text) and the earlier owners' router
+//! mappings a record still has to delete ([`Replaced`]). A version 1 file is read (its
+//! failures recognised from their text) and written back as version 2; an older holepunch
+//! refuses a version 2 file without touching it.
 //!
 //! [`StateFile`] is the running daemon's handle. It holds an exclusive, non-blocking `flock`
 //! on the sibling `<name>.lock` (our PID written inside, so a second instance can name us),
@@ -32,8 +38,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
 
-/// The state file format this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// The state file format this build writes (and the newest it reads).
+pub const STATE_VERSION: u32 = 2;
+/// The oldest format this build reads.
+const OLDEST_READ_VERSION: i64 = 1;
+
+/// Why a mapping's last request did not succeed, which decides what its retry waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// The router did not answer: retried as soon as it answers again.
+    RouterSilent,
+    /// The router answered no (refused, conflict): retried after the backoff.
+    Refused,
+    /// Never sent: the state file that would have held it could not be saved. Retried as
+    /// soon as a save works.
+    HeldBack,
+    /// Deleting it failed: the next try waits for the backoff.
+    UnmapFailed,
+}
+
+/// A router mapping that an earlier owner of the same router port had, which holepunch has
+/// not deleted yet. In `direct` mode the owners' mappings point at different internal
+/// endpoints, and the router refuses the new one while the old one holds the port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replaced {
+    pub owner: Owner,
+    /// The internal endpoint the router forwards the port to for that owner.
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl Replaced {
+    pub fn internal(&self) -> Endpoint {
+        Endpoint::new(self.address, self.port)
+    }
+}
 
 /// Where a recorded mapping stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +96,11 @@ pub struct MappingRecord {
     pub service_port: u16,
     pub protocol: Protocol,
     pub external_port: u16,
+    /// Earlier owners' mappings on this router port, still to be deleted (same backend and
+    /// nonce as this record), oldest first. Empty once this record is granted.
+    // (Before `internal`: tables are written in field order, so `target` stays the last one.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<Replaced>,
     /// What the router forwards to: this host in `relay` mode, the target in `direct` mode.
     pub internal: Endpoint,
     /// Where the traffic finally goes.
@@ -91,6 +137,9 @@ pub struct MappingRecord {
     /// Consecutive failures, for backoff.
     #[serde(default)]
     pub failures: u32,
+    /// Why the last request failed; `None` once one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -100,6 +149,17 @@ impl MappingRecord {
         MappingKey {
             protocol: self.protocol,
             external_port: self.external_port,
+        }
+    }
+
+    /// This record as the earlier owner `replaced` had it: what deleting that owner's
+    /// router mapping needs (same port, protocol, backend and nonce).
+    pub fn as_replaced(&self, replaced: &Replaced) -> MappingRecord {
+        MappingRecord {
+            owner: replaced.owner.clone(),
+            internal: replaced.internal(),
+            replaces: Vec::new(),
+            ..self.clone()
         }
     }
 }
@@ -309,13 +369,15 @@ impl MappingRecord {
             status: MappingStatus::Active,
             retry_at: None,
             failures: 0,
+            replaces: Vec::new(),
+            failure: None,
             last_error: None,
         }
     }
 }
 
 impl State {
-    /// The state as the file holds it: `version = 1`, then one `[[mapping]]` per record.
+    /// The state as the file holds it: `version = 2`, then one `[[mapping]]` per record.
     pub fn to_toml(&self) -> Result<String, StateError> {
         let file = FileOut {
             version: STATE_VERSION,
@@ -759,11 +821,14 @@ fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
     if file.version > i64::from(STATE_VERSION) {
         return Err(Unreadable::Newer(file.version));
     }
-    if file.version != i64::from(STATE_VERSION) {
+    if file.version < OLDEST_READ_VERSION {
         return Err(Unreadable::UnknownVersion(file.version));
     }
     let mut state = State::default();
-    for record in file.mapping {
+    for mut record in file.mapping {
+        if file.version == 1 {
+            record.failure = failure_in_words(&record);
+        }
         match state.mappings.entry(record.key()) {
             Entry::Vacant(slot) => {
                 slot.insert(record);
@@ -772,6 +837,21 @@ fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
         }
     }
     Ok(state)
+}
+
+/// Why a record's last request failed, read from its `last_error` text: all a version 1
+/// file says (and all a salvaged record may have kept).
+fn failure_in_words(record: &MappingRecord) -> Option<Failure> {
+    let text = record.last_error.as_deref()?;
+    Some(if text.starts_with(crate::router::UNREACHABLE_PREFIX) {
+        Failure::RouterSilent
+    } else if text.starts_with(crate::reconcile::HELD_BACK_PREFIX) {
+        Failure::HeldBack
+    } else if text.starts_with(crate::plan::UNMAP_FAILED_PREFIX) {
+        Failure::UnmapFailed
+    } else {
+        Failure::Refused
+    })
 }
 
 /// `version` from the top-level keys before the first table header, if they parse.
@@ -802,6 +882,9 @@ fn salvage(text: &str) -> (State, usize) {
             continue;
         };
         record.status = MappingStatus::Pending;
+        if record.failure.is_none() {
+            record.failure = failure_in_words(&record);
+        }
         match state.mappings.entry(record.key()) {
             Entry::Vacant(slot) => {
                 slot.insert(record);
@@ -941,6 +1024,12 @@ mod tests {
             status: MappingStatus::Active,
             retry_at: Some(at("2025-01-02T03:05:05.5Z")),
             failures: 2,
+            replaces: vec![Replaced {
+                owner: Owner::new("media", "old-jellyfin"),
+                address: Ipv4Addr::new(192, 168, 77, 21),
+                port: 31096,
+            }],
+            failure: Some(Failure::Refused),
             last_error: Some("router said \"no\"\nthen hung up".to_owned()),
         }
     }
@@ -967,6 +1056,8 @@ mod tests {
             status: MappingStatus::Pending,
             retry_at: None,
             failures: 0,
+            replaces: Vec::new(),
+            failure: None,
             last_error: None,
         }
     }
@@ -1080,7 +1171,7 @@ mod tests {
         // Inserted out of order: the file lists tcp before udp, lower ports first.
         let state = state_of([minimal_record(5000), full_record(30081), full_record(30080)]);
         let text = state.to_toml().expect("encode");
-        assert!(text.starts_with("version = 1\n"), "{text}");
+        assert!(text.starts_with("version = 2\n"), "{text}");
         assert!(text.ends_with('\n'));
         let ports: Vec<&str> = text
             .lines()
@@ -1119,7 +1210,7 @@ port = 31000
             text.contains("granted_at = \"2025-01-02T03:04:05Z\"\n"),
             "{text}"
         );
-        assert_eq!(State::default().to_toml().expect("encode"), "version = 1\n");
+        assert_eq!(State::default().to_toml().expect("encode"), "version = 2\n");
     }
 
     #[test]
@@ -1161,7 +1252,7 @@ port = 31000
     #[test]
     fn newer_version_is_refused_and_left_untouched() {
         for text in [
-            "version = 2\n\n[[mapping]]\nsomething_new = true\n",
+            "version = 3\n\n[[mapping]]\nsomething_new = true\n",
             // Newer and also unreadable to this build: still refused, not moved aside.
             "version = 7\n[[mapping\x00garbage",
         ] {
@@ -1203,6 +1294,66 @@ port = 31000
             record.status = MappingStatus::Pending;
         }
         state
+    }
+
+    #[test]
+    fn a_record_ends_with_its_target_even_while_it_replaces_another() {
+        let text = state_of([full_record(30080)]).to_toml().expect("encode");
+        let tables: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+        assert_eq!(
+            tables,
+            [
+                "[[mapping]]",
+                "[[mapping.replaces]]",
+                "[mapping.internal]",
+                "[mapping.target]"
+            ],
+            "{text}"
+        );
+        assert!(text.contains("failure = \"refused\"\n"), "{text}");
+        assert_eq!(
+            decode(text.as_bytes()).ok(),
+            Some(state_of([full_record(30080)]))
+        );
+    }
+
+    /// A version 1 file (written by holepunch before `failure` and `replaces`) is read, its
+    /// failures recognised from their words, and written back as version 2.
+    #[test]
+    fn a_version_1_file_is_read_and_its_failures_recognised_from_their_text() {
+        let v1 = |port: u16, last_error: &str| {
+            format!(
+                "[[mapping]]\nowner = \"games/minecraft\"\nservice_port = 25565\nprotocol = \"tcp\"\n\
+                 external_port = {port}\ntarget_source = \"node-port\"\nbackend = \"pcp\"\n\
+                 status = \"failed\"\nfailures = 1\nlast_error = {last_error:?}\n\n\
+                 [mapping.internal]\naddress = \"192.168.77.10\"\nport = {port}\n\n\
+                 [mapping.target]\naddress = \"192.168.77.21\"\nport = 31000\n\n"
+            )
+        };
+        let text = format!(
+            "version = 1\n\n{}{}{}{}",
+            v1(1, "the router did not answer: no answer after 9 tries"),
+            v1(
+                2,
+                "state file could not be saved: disk full; not asking the router"
+            ),
+            v1(3, "could not remove the mapping: NOT_AUTHORIZED"),
+            v1(4, "the router refused: CANNOT_PROVIDE_EXTERNAL")
+        );
+        let state = decode(text.as_bytes()).unwrap_or_else(|_| panic!("{text}"));
+        let failures: Vec<Option<Failure>> = state.mappings.values().map(|r| r.failure).collect();
+        assert_eq!(
+            failures,
+            [
+                Some(Failure::RouterSilent),
+                Some(Failure::HeldBack),
+                Some(Failure::UnmapFailed),
+                Some(Failure::Refused)
+            ]
+        );
+        let written = state.to_toml().expect("encode");
+        assert!(written.starts_with("version = 2\n"), "{written}");
+        assert_eq!(decode(written.as_bytes()).ok(), Some(state));
     }
 
     #[test]
@@ -1292,7 +1443,7 @@ port = 31000
         assert_eq!(fs::read(&recovery.moved_to).expect("moved aside"), garbage);
         assert_eq!(
             fs::read_to_string(&path).expect("new file"),
-            "version = 1\n"
+            "version = 2\n"
         );
     }
 
@@ -1335,7 +1486,7 @@ port = 31000
             state_of([second])
                 .to_toml()
                 .expect("encode")
-                .trim_start_matches("version = 1\n")
+                .trim_start_matches("version = 2\n")
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.toml");

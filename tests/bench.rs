@@ -401,6 +401,8 @@ fn write_state(path: &Path, count: u16) {
             status: MappingStatus::Active,
             retry_at: None,
             failures: 0,
+            replaces: Vec::new(),
+            failure: None,
             last_error: None,
         };
         mappings.insert(

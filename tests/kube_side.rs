@@ -110,6 +110,8 @@ fn live_record(owner: &str, external_port: u16) -> MappingRecord {
         status: MappingStatus::Active,
         retry_at: None,
         failures: 0,
+        replaces: Vec::new(),
+        failure: None,
         last_error: None,
     }
 }

@@ -391,6 +391,8 @@ fn record(protocol: Protocol, port: u16) -> MappingRecord {
         status: MappingStatus::Active,
         retry_at: None,
         failures: 0,
+        replaces: Vec::new(),
+        failure: None,
         last_error: None,
     }
 }

@@ -394,6 +394,8 @@ fn record(protocol: Protocol, port: u16, address: Ipv4Addr) -> MappingRecord {
         status: MappingStatus::Active,
         retry_at: None,
         failures: 0,
+        replaces: Vec::new(),
+        failure: None,
         last_error: None,
     }
 }

@@ -427,6 +427,8 @@ mod tests {
             status: MappingStatus::Active,
             retry_at: None,
             failures: 0,
+            replaces: Vec::new(),
+            failure: None,
             last_error: None,
         }
     }

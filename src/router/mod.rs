@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
-use crate::state::MappingRecord;
+use crate::state::{Failure, MappingRecord};
 
 /// A request to create or renew one mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,13 +66,17 @@ pub enum RouterError {
     Unreachable(String),
 }
 
-/// How an [`RouterError::Unreachable`] reads in a mapping's `last_error`.
+/// How an [`RouterError::Unreachable`] reads in a mapping's `last_error` (and how a version 1
+/// state file, which has no `failure`, says so).
 pub const UNREACHABLE_PREFIX: &str = "the router did not answer";
 
 impl RouterError {
-    /// Whether a recorded `last_error` says the router did not answer (rather than refused).
-    pub fn was_unreachable(last_error: &str) -> bool {
-        last_error.starts_with(UNREACHABLE_PREFIX)
+    /// The kind of failure this error records on a mapping.
+    pub fn failure(&self) -> Failure {
+        match self {
+            RouterError::Unreachable(_) => Failure::RouterSilent,
+            _ => Failure::Refused,
+        }
     }
 }
 
