@@ -13,6 +13,11 @@
 //! half-way, and one run at each named crash point (`holepunch::crashpoint`: after the
 //! state's temp file is synced, after the rename, right after a PCP request left the socket).
 //!
+//! A second test (prefix `hpk-`, miniupnpd in insecure mode) kills a handover half-way in
+//! `direct` mode, through PCP and through UPnP: there the twins' mappings point at different
+//! internal endpoints, so the router refuses the new owner's mapping while the old one stands,
+//! and a restart must delete the old one first.
+//!
 //! It found two bugs in `reconcile` (unit tests there now): an unmap sent but not yet
 //! answered was still recorded as active, and a port changing owner got a new nonce on disk
 //! before the router had deleted the old one.
@@ -32,11 +37,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bin::{Daemon, text};
-use daemon_lab::{config, wait_until};
+use daemon_lab::{config, forwards_of, wait_until};
 use fake_api::FakeApi;
 use holepunch::crashpoint;
 use holepunch::state::{MappingStatus, State, StateFile};
-use lab::{LAN_IP, Lab, ROUTER_WAN_IP, in_netns};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -607,6 +612,253 @@ fn sigkill_at_random_points_loses_nothing() {
              traffic from the internet reaches each; every Service deleted -> router, nftables \
              and state empty in {emptied:?}; no NOT_AUTHORIZED"
         );
+        drop(fake);
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    });
+    eprintln!("test took {:?} once its lab was up", started.elapsed());
+}
+
+/// The direct-mode handover test's own lab (insecure miniupnpd: it maps to other hosts).
+const DIRECT_PREFIX: &str = "hpk-";
+/// twin-b has no load balancer IP: its target is the node's nodePort.
+const TWIN_B_NODE_PORT: u16 = 31090;
+/// A restart finishes a handover in one pass; the 120 s lease of the old owner's mapping
+/// must not be what ends it.
+const DIRECT_FINISH_LIMIT_SECS: u64 = 10;
+
+/// A twin for direct mode, asking for [`TWIN_PORT`]: twin-a is a LoadBalancer Service (target
+/// `LB_IP:TWIN_PORT`), twin-b a NodePort Service (target `NODE_IP:TWIN_B_NODE_PORT`), so the
+/// router forwards the same external port to a different internal endpoint for each.
+fn direct_twin(name: &str, annotated: bool) -> Value {
+    let mut service = service(name, TWIN_PORT, annotated);
+    if name == "twin-b" {
+        service["spec"]["type"] = json!("NodePort");
+        service["spec"]["ports"][0]["nodePort"] = json!(TWIN_B_NODE_PORT);
+        service["status"] = json!({});
+    }
+    service
+}
+
+/// `(owner, status, internal endpoint)` of each record for [`TWIN_PORT`] in the state file (a
+/// file that does not parse panics: a killed daemon must leave one that does).
+fn twin_records(state_path: &Path, log: &str) -> Vec<(String, MappingStatus, String)> {
+    let state = holepunch::state::read_state(state_path)
+        .unwrap_or_else(|e| panic!("the state file does not parse: {e}\ndaemon log:\n{log}"));
+    state
+        .mappings
+        .values()
+        .filter(|r| r.external_port == TWIN_PORT)
+        .map(|r| (r.owner.to_string(), r.status, r.internal.to_string()))
+        .collect()
+}
+
+/// Whether the router holds exactly one rule for [`TWIN_PORT`] and it forwards to `target`.
+fn router_forwards_only_to(lab: &Lab, target: &str) -> bool {
+    matches!(forwards_of(lab, TWIN_PORT).as_slice(), [rule] if rule.contains(target))
+}
+
+/// The lines of `log` about [`TWIN_PORT`] that say a router request for it failed.
+fn refusals_of_twin_port(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| {
+            line.contains(&format!("external_port={TWIN_PORT}"))
+                || line.contains(&format!("port {TWIN_PORT}/"))
+        })
+        .filter(|line| {
+            let lower = line.to_lowercase();
+            ["refused", "conflict", "taken", "failed"]
+                .iter()
+                .any(|word| lower.contains(word))
+        })
+        .collect()
+}
+
+/// One direct-mode handover through `backend`, killed half-way and finished by a restart (see
+/// [`a_direct_mode_handover_killed_half_way_is_finished_on_restart`]); the daemons' logs.
+fn direct_handover(
+    lab: &Lab,
+    fake: &FakeApi,
+    kubeconfig: &Path,
+    dir: &Path,
+    backend: &str,
+) -> String {
+    std::fs::create_dir_all(dir).expect("the backend's directory");
+    let config = config(dir, kubeconfig, "direct", backend);
+    let state_path = dir.join("state/state.toml");
+    let a_target = format!("{LB_IP}:{TWIN_PORT}");
+    let b_target = format!("{NODE_IP}:{TWIN_B_NODE_PORT}");
+    let mut logs = String::new();
+    fake.apply_object(direct_twin("twin-a", true));
+    // Different creation seconds: twin-a is the older twin, the port's owner.
+    std::thread::sleep(Duration::from_millis(1_100));
+    fake.apply_object(direct_twin("twin-b", true));
+
+    // 1. twin-a holds the port; only its echo server runs, so an answer comes from it.
+    let a_server = lab.echo_server("node", LB_IP, TWIN_PORT);
+    let daemon = Daemon::start(&config);
+    wait_until(
+        &daemon,
+        &format!("{backend}: twin-a to hold the port"),
+        Duration::from_secs(20),
+        || {
+            twin_records(&state_path, &daemon.log())
+                == [(
+                    "default/twin-a".to_owned(),
+                    MappingStatus::Active,
+                    a_target.clone(),
+                )]
+                && router_forwards_only_to(lab, &a_target)
+        },
+    );
+    assert_eq!(
+        lab.ask("wan", "tcp", ROUTER_WAN_IP, TWIN_PORT, "a")
+            .as_deref(),
+        Some(format!("{WAN_CLIENT_IP} a").as_str()),
+        "{backend}: twin-a's server answers from the internet\n{}",
+        lab.router_forwards()
+    );
+    logs.push_str(&daemon.stop());
+
+    // 2. Unpublished, twin-a hands the port to twin-b; killed right after the state file
+    // records twin-b as pending, before the router hears of it.
+    fake.apply_object(direct_twin("twin-a", false));
+    let armed = format!("{}:1", crashpoint::STATE_RENAMED);
+    let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
+    let log = wait_for_crash(daemon, &armed);
+    assert_eq!(
+        twin_records(&state_path, &log),
+        [(
+            "default/twin-b".to_owned(),
+            MappingStatus::Pending,
+            b_target.clone()
+        )],
+        "{backend}: killed after the save, the state holds twin-b as pending\n{log}"
+    );
+    assert!(
+        router_forwards_only_to(lab, &a_target),
+        "{backend}: killed before the unmap, the router still forwards to twin-a ({a_target}):\n{}",
+        lab.router_forwards()
+    );
+    logs.push_str(&log);
+
+    // 3. A clean start finishes the handover: the router forwards the port to twin-b only.
+    drop(a_server);
+    let _b_server = lab.echo_server("node", NODE_IP, TWIN_B_NODE_PORT);
+    let daemon = Daemon::start(&config);
+    let started = Instant::now();
+    while !(twin_records(&state_path, &daemon.log())
+        == [(
+            "default/twin-b".to_owned(),
+            MappingStatus::Active,
+            b_target.clone(),
+        )]
+        && router_forwards_only_to(lab, &b_target))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(DIRECT_FINISH_LIMIT_SECS),
+            "{backend}: the restart did not finish the handover within \
+             {DIRECT_FINISH_LIMIT_SECS} s: the state holds {:?}, the router's rules for port \
+             {TWIN_PORT} are {:?} (wanted only one, to twin-b at {b_target}); the daemon's \
+             refusals: {:#?}\ndaemon log:\n{}",
+            twin_records(&state_path, &daemon.log()),
+            forwards_of(lab, TWIN_PORT),
+            refusals_of_twin_port(&daemon.log()),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let finished = started.elapsed();
+    assert_eq!(
+        lab.ask("wan", "tcp", ROUTER_WAN_IP, TWIN_PORT, "b")
+            .as_deref(),
+        Some(format!("{WAN_CLIENT_IP} b").as_str()),
+        "{backend}: twin-b's server answers from the internet\n{}",
+        lab.router_forwards()
+    );
+    // Still exactly that, a little later (no late duplicate).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        router_forwards_only_to(lab, &b_target),
+        "{backend}: {}",
+        lab.router_forwards()
+    );
+    let refusals: Vec<String> = refusals_of_twin_port(&daemon.log())
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        refusals.is_empty(),
+        "{backend}: the restart had requests for port {TWIN_PORT} refused: {refusals:#?}"
+    );
+    eprintln!(
+        "{backend}: killed half-way, port {TWIN_PORT} forwarded to twin-a ({a_target}); a \
+         restart handed it to twin-b ({b_target}) in {finished:?}"
+    );
+
+    // 4. Both twins deleted: nothing left on the router or in the state.
+    for name in ["twin-a", "twin-b"] {
+        fake.delete_object("Service", "default", name);
+    }
+    wait_until(
+        &daemon,
+        &format!("{backend}: the router and the state file to be empty"),
+        Duration::from_secs(20),
+        || {
+            twin_records(&state_path, &daemon.log()).is_empty()
+                && forwards_of(lab, TWIN_PORT).is_empty()
+        },
+    );
+    logs.push_str(&daemon.stop());
+    logs
+}
+
+/// A handover killed half-way in `direct` mode, through PCP and through UPnP: the twins'
+/// mappings point at DIFFERENT internal endpoints (twin-a's LoadBalancer IP, twin-b's
+/// nodePort), so the router refuses the new owner's mapping while the old one stands. Killed
+/// after the state file records twin-b as pending and before the router deleted twin-a's
+/// mapping, a clean start must delete the old mapping and make the new one within
+/// [`DIRECT_FINISH_LIMIT_SECS`], not retry until the old lease ends.
+#[test]
+fn a_direct_mode_handover_killed_half_way_is_finished_on_restart() {
+    let lab = Lab::up_with(DIRECT_PREFIX, &["--insecure"]);
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    in_netns(&lab.ns("lan"), || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fake = runtime.block_on(FakeApi::start());
+        let kubeconfig = fake.write_kubeconfig(dir);
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": NODE_IP}],
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }
+        }));
+        let mut logs = String::new();
+        for backend in ["pcp", "upnp"] {
+            logs.push_str(&direct_handover(
+                &lab,
+                &fake,
+                &kubeconfig,
+                &dir.join(backend),
+                backend,
+            ));
+        }
+        for (what, text) in [
+            ("the daemons' logs", logs.as_str()),
+            ("the router's log", lab.router_log().as_str()),
+        ] {
+            let lower = text.to_lowercase();
+            assert!(
+                !lower.contains("not_authorized") && !lower.contains("unauthorized"),
+                "NOT_AUTHORIZED in {what}:\n{text}"
+            );
+        }
         drop(fake);
         runtime.shutdown_timeout(Duration::from_secs(1));
     });
