@@ -18,7 +18,7 @@ use crate::model::Backend;
 use crate::plan::{Action, Forwarding, plan};
 use crate::reconcile;
 use crate::router::choice::Router;
-use crate::state::{MappingStatus, State, StateError, StateFile, read_state};
+use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile, read_state};
 
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -456,12 +456,30 @@ pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
             record.backend.to_string(),
             lease_left(record, now),
             paint(format!("{status:<8}"), code),
-            paint(record.last_error.clone().unwrap_or_default(), RED),
+            paint(note_for(record), RED),
         );
         let _ = writeln!(out, "{}", row.trim_end());
     }
     let _ = writeln!(out, "{summary}");
     out
+}
+
+/// The last column of `status`: the last error, and an unfinished port handover.
+fn note_for(record: &MappingRecord) -> String {
+    use std::fmt::Write;
+    let mut note = record.last_error.clone().unwrap_or_default();
+    for replaced in &record.replaces {
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
+        let _ = write!(
+            note,
+            "still to delete {}'s mapping to {}",
+            replaced.owner,
+            replaced.internal()
+        );
+    }
+    note
 }
 
 fn cleanup(path: &Path) -> Result<(), Failure> {
@@ -585,9 +603,15 @@ mod tests {
         let mut state = State::default();
         let mut failed = record(8082, MappingStatus::Failed, None);
         failed.last_error = Some("the router refused: NOT_AUTHORIZED".into());
+        let mut handover = record(8081, MappingStatus::Pending, None);
+        handover.replaces.push(crate::state::Replaced {
+            owner: "default/old".parse().expect("owner"),
+            address: "192.168.77.21".parse().expect("ip"),
+            port: 31000,
+        });
         for r in [
             record(8080, MappingStatus::Active, Some("2025-01-01T00:00:00Z")),
-            record(8081, MappingStatus::Pending, None),
+            handover,
             failed,
         ] {
             state.mappings.insert(r.key(), r);
@@ -617,6 +641,10 @@ mod tests {
         );
         // Not granted: the router's address from the summary, no lease.
         assert!(lines[2].contains("11.22.33.44:8081"), "{table}");
+        assert!(
+            lines[2].ends_with("still to delete default/old's mapping to 192.168.77.21:31000"),
+            "{table}"
+        );
         assert!(
             lines[3].contains("failed") && lines[3].ends_with("NOT_AUTHORIZED"),
             "{table}"

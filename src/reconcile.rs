@@ -245,8 +245,9 @@ pub async fn execute<M: PortMapper>(
     let mut unmap_failed: BTreeSet<MappingKey> = BTreeSet::new();
     for action in &plan.actions {
         match action {
-            Action::Unmap { record } if held_back(record) => {
-                // Held back, never sent: the router holds nothing to delete.
+            Action::Unmap { record } if held_back(record) && record.replaces.is_empty() => {
+                // Held back, never sent: the router holds nothing to delete. (One that
+                // replaces another's mapping goes on below: that mapping must be deleted.)
                 state.mappings.remove(&record.key());
                 outcome.unmapped += 1;
             }
@@ -1075,6 +1076,46 @@ mod tests {
         assert_eq!(record.status, MappingStatus::Active);
         assert!(record.replaces.is_empty(), "{record:?}");
         assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+    }
+
+    /// A new owner held back (the state could not be saved) while the old owner's unmap
+    /// failed, then unpublished: the old owner's mapping is still deleted, not forgotten
+    /// with the record that was never sent.
+    #[tokio::test]
+    async fn an_unsent_new_owner_that_is_unpublished_still_deletes_the_old_owners_mapping() {
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let old_internal = Endpoint::new(Ipv4Addr::new(192, 168, 1, 21), 30000);
+        let mut record = new_record(&mapping(8090), mapping(8090).target.endpoint, Backend::Pcp);
+        hold_back(&mut record, "disk full", now, 1.0);
+        record.replaces.push(Replaced {
+            owner: Owner::new("default", "twin-a"),
+            address: old_internal.address,
+            port: old_internal.port,
+        });
+        let mut state = State::default();
+        state.mappings.insert(key(8090), record);
+        let mut router = ForwardingRouter::default();
+        router.forwards.insert(8090, old_internal);
+        let gone = plan(&direct(&[]), &state, Forwarding::Direct, now);
+        let outcome = execute(
+            &gone,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+        )
+        .await;
+        assert_eq!(
+            router.calls,
+            [
+                "unmap 8090 default/twin-a -> 192.168.1.21:30000",
+                "unmap 8090 default/s8090 -> 192.168.1.20:30000"
+            ]
+        );
+        assert!(router.forwards.is_empty(), "{:?}", router.forwards);
+        assert!(state.mappings.is_empty());
+        assert_eq!(outcome.unmapped, 1);
     }
 
     /// The old owner's unmap fails in the handover pass: the new owner's map is still tried
