@@ -659,6 +659,33 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
+    const LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+    const RELAY: Forwarding = Forwarding::Relay { lan_address: LAN };
+
+    /// The moment the tests start at.
+    fn start() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).expect("valid")
+    }
+
+    /// [`execute`] with a 120 s lease, saving into a store nobody reads.
+    async fn run<M: PortMapper>(
+        plan: &Plan,
+        state: &mut State,
+        router: &mut M,
+        now: Timestamp,
+    ) -> Outcome {
+        execute(plan, state, router, &mut Saved::default(), 120, now).await
+    }
+
+    /// What executing `plan` saves before its first router call: what a SIGKILL right then
+    /// leaves on disk.
+    async fn saved_before_sending(plan: &Plan, state: &State, now: Timestamp) -> State {
+        let mut saved = Saved::default();
+        let mut router = ForwardingRouter::default();
+        execute(plan, &mut state.clone(), &mut router, &mut saved, 120, now).await;
+        saved.0.swap_remove(0)
+    }
+
     /// Keeps every saved state, to check what was on disk when the router was asked.
     #[derive(Default)]
     struct Saved(Vec<State>);
@@ -737,17 +764,9 @@ mod tests {
 
     #[tokio::test]
     async fn records_pending_before_sending_then_grants_conflicts_and_failures() {
-        let desired = crate::desired::Desired {
-            mappings: [8080, 8081, 8082]
-                .map(|p| (key(p), mapping(p)))
-                .into_iter()
-                .collect(),
-            problems: vec![],
-        };
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let desired = wanting_ports(&[8080, 8081, 8082]);
+        let forwarding = RELAY;
+        let now = start();
         let mut state = State::default();
         let first = plan(&desired, &state, forwarding, now);
         let mut router = ScriptedRouter {
@@ -828,7 +847,7 @@ mod tests {
     async fn a_mapping_made_through_another_protocol_is_forgotten_not_sent() {
         // Records from backend "none" (and from a protocol no longer in use) cannot be
         // deleted through this router: they are dropped without a router call.
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let now = start();
         let mut state = State::default();
         for (port, backend) in [
             (8080, Backend::None),
@@ -844,23 +863,13 @@ mod tests {
             state.mappings.insert(key(port), record);
         }
         let nothing_wanted = crate::desired::Desired::default();
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
+        let forwarding = RELAY;
         let unmaps = plan(&nothing_wanted, &state, forwarding, now);
         let mut router = ScriptedRouter {
             grants: BTreeMap::new(),
             calls: vec![],
         };
-        let outcome = execute(
-            &unmaps,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let outcome = run(&unmaps, &mut state, &mut router, now).await;
         assert_eq!(
             router.calls,
             ["unmap 8082"],
@@ -870,6 +879,23 @@ mod tests {
         assert!(state.mappings.is_empty());
     }
 
+    /// Port 8090 held (active, relay, PCP) by default/s8090, and the cluster now wants it for
+    /// default/twin-b: the state, the new owner, and the plan (unmap, then map).
+    fn relay_handover(now: Timestamp) -> (State, PortMapping, Plan) {
+        let mut record = new_record(&mapping(8090), Endpoint::new(LAN, 8090), Backend::Pcp);
+        record.status = MappingStatus::Active;
+        let mut state = State::default();
+        state.mappings.insert(key(8090), record);
+        let mut new_owner = mapping(8090);
+        new_owner.owner = Owner::new("default", "twin-b");
+        let desired = crate::desired::Desired {
+            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
+            problems: vec![],
+        };
+        let handover = plan(&desired, &state, RELAY, now);
+        (state, new_owner, handover)
+    }
+
     /// A router port changes owner (the Service that held it is gone and another one wants
     /// it): the plan unmaps the old record and maps the new one on the same key. Found by
     /// tests/daemon_crash.rs: the new record must keep the old nonce (a crash before the unmap
@@ -877,23 +903,9 @@ mod tests {
     /// unmap must not drop the new record (it was then never requested in that pass).
     #[tokio::test]
     async fn a_port_changing_owner_keeps_its_nonce_and_is_mapped_in_the_same_pass() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let lan = Ipv4Addr::new(192, 168, 1, 10);
-        let forwarding = Forwarding::Relay { lan_address: lan };
-        let old_owner = mapping(8090);
-        let mut record = new_record(&old_owner, Endpoint::new(lan, 8090), Backend::Pcp);
-        record.status = MappingStatus::Active;
-        let old_nonce = record.nonce.clone();
-        let mut state = State::default();
-        state.mappings.insert(key(8090), record);
-
-        let mut new_owner = mapping(8090);
-        new_owner.owner = Owner::new("default", "twin-b");
-        let desired = crate::desired::Desired {
-            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
-            problems: vec![],
-        };
-        let handover = plan(&desired, &state, forwarding, now);
+        let now = start();
+        let (mut state, new_owner, handover) = relay_handover(now);
+        let old_nonce = state.mappings[&key(8090)].nonce.clone();
         let mut router = ScriptedRouter {
             grants: BTreeMap::new(),
             calls: vec![],
@@ -976,7 +988,7 @@ mod tests {
     /// lease ended before `replaces` (found while reviewing tests/daemon_crash.rs).
     #[tokio::test]
     async fn a_handover_cut_short_deletes_the_old_owners_mapping_on_the_next_start() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let now = start();
         let target = |host: u8| Endpoint::new(Ipv4Addr::new(192, 168, 1, host), 30000);
         let owned = |name: &str, host: u8| {
             let mut m = mapping(8090);
@@ -995,26 +1007,15 @@ mod tests {
         );
         let mut router = ForwardingRouter::default();
         let mut state = State::default();
-        let mut saved = Saved::default();
         let first = plan(&wants(&a), &state, Forwarding::Direct, now);
-        execute(&first, &mut state, &mut router, &mut saved, 120, now).await;
+        run(&first, &mut state, &mut router, now).await;
         assert_eq!(router.forwards[&8090], target(21));
         let nonce = state.mappings[&key(8090)].nonce.clone();
 
         // twin-a unpublished: what the pass saved before it sent anything, as a SIGKILL
         // right then leaves it.
-        let mut saved = Saved::default();
         let handover = plan(&wants(&b), &state, Forwarding::Direct, now);
-        execute(
-            &handover,
-            &mut state.clone(),
-            &mut ForwardingRouter::default(),
-            &mut saved,
-            120,
-            now,
-        )
-        .await;
-        let mut on_disk = saved.0[0].clone();
+        let mut on_disk = saved_before_sending(&handover, &state, now).await;
         let record = &on_disk.mappings[&key(8090)];
         assert_eq!(
             (&record.owner, record.status),
@@ -1030,39 +1031,21 @@ mod tests {
 
         // The next start wants twin-c instead: twin-b's record is replaced in turn, and must
         // carry twin-a's mapping along (twin-b's was never sent).
-        let mut saved = Saved::default();
         let to_c = plan(&wants(&c), &on_disk, Forwarding::Direct, now);
-        let mut probe = on_disk.clone();
-        execute(
-            &to_c,
-            &mut probe,
-            &mut ForwardingRouter::default(),
-            &mut saved,
-            120,
-            now,
-        )
-        .await;
+        let after_to_c = saved_before_sending(&to_c, &on_disk, now).await;
         let twin_b = Replaced {
             owner: b.owner.clone(),
             address: target(22).address,
             port: target(22).port,
         };
         assert_eq!(
-            saved.0[0].mappings[&key(8090)].replaces,
+            after_to_c.mappings[&key(8090)].replaces,
             [old.clone(), twin_b]
         );
 
         // The next start still wants twin-b: twin-a's mapping goes first, then twin-b's map.
         let restart = plan(&wants(&b), &on_disk, Forwarding::Direct, now);
-        let outcome = execute(
-            &restart,
-            &mut on_disk,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let outcome = run(&restart, &mut on_disk, &mut router, now).await;
         assert_eq!(
             router.calls[1..],
             [
@@ -1083,7 +1066,7 @@ mod tests {
     /// with the record that was never sent.
     #[tokio::test]
     async fn an_unsent_new_owner_that_is_unpublished_still_deletes_the_old_owners_mapping() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let now = start();
         let old_internal = Endpoint::new(Ipv4Addr::new(192, 168, 1, 21), 30000);
         let mut record = new_record(&mapping(8090), mapping(8090).target.endpoint, Backend::Pcp);
         hold_back(&mut record, "disk full", now, 1.0);
@@ -1096,16 +1079,8 @@ mod tests {
         state.mappings.insert(key(8090), record);
         let mut router = ForwardingRouter::default();
         router.forwards.insert(8090, old_internal);
-        let gone = plan(&direct(&[]), &state, Forwarding::Direct, now);
-        let outcome = execute(
-            &gone,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let gone = plan(&wanting_ports(&[]), &state, Forwarding::Direct, now);
+        let outcome = run(&gone, &mut state, &mut router, now).await;
         assert_eq!(
             router.calls,
             [
@@ -1123,30 +1098,10 @@ mod tests {
     /// nothing is left to delete.
     #[tokio::test]
     async fn a_handover_whose_unmap_fails_tries_the_map_once_and_then_forgets_the_old() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let lan = Ipv4Addr::new(192, 168, 1, 10);
-        let forwarding = Forwarding::Relay { lan_address: lan };
-        let mut record = new_record(&mapping(8090), Endpoint::new(lan, 8090), Backend::Pcp);
-        record.status = MappingStatus::Active;
-        let mut state = State::default();
-        state.mappings.insert(key(8090), record);
-        let mut new_owner = mapping(8090);
-        new_owner.owner = Owner::new("default", "twin-b");
-        let desired = crate::desired::Desired {
-            mappings: [(key(8090), new_owner.clone())].into_iter().collect(),
-            problems: vec![],
-        };
-        let handover = plan(&desired, &state, forwarding, now);
+        let now = start();
+        let (mut state, new_owner, handover) = relay_handover(now);
         let mut router = RefusingUnmaps(0);
-        let outcome = execute(
-            &handover,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let outcome = run(&handover, &mut state, &mut router, now).await;
         assert_eq!((router.0, outcome.failed, outcome.mapped), (1, 1, 1));
         let record = &state.mappings[&key(8090)];
         assert_eq!(
@@ -1161,10 +1116,9 @@ mod tests {
     /// may have deleted it already).
     #[tokio::test]
     async fn an_unmap_is_unconfirmed_on_disk_before_it_is_sent() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let lan = Ipv4Addr::new(192, 168, 1, 10);
-        let forwarding = Forwarding::Relay { lan_address: lan };
-        let mut record = new_record(&mapping(8081), Endpoint::new(lan, 8081), Backend::Pcp);
+        let now = start();
+        let forwarding = RELAY;
+        let mut record = new_record(&mapping(8081), Endpoint::new(LAN, 8081), Backend::Pcp);
         record_grant(
             &mut record,
             &Grant {
@@ -1214,32 +1168,16 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_silent_router_the_rest_of_the_pass_is_not_sent() {
-        let desired = crate::desired::Desired {
-            mappings: [8080, 8081, 8082]
-                .map(|p| (key(p), mapping(p)))
-                .into_iter()
-                .collect(),
-            problems: vec![],
-        };
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let desired = wanting_ports(&[8080, 8081, 8082]);
+        let forwarding = RELAY;
+        let now = start();
         let mut state = State::default();
         let mut router = ScriptedRouter {
             grants: BTreeMap::from([(8080, Err("silent"))]),
             calls: vec![],
         };
         let first = plan(&desired, &state, forwarding, now);
-        let outcome = execute(
-            &first,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let outcome = run(&first, &mut state, &mut router, now).await;
         assert_eq!(
             router.calls,
             ["map 8080 nonce=true"],
@@ -1330,27 +1268,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_unmap_waits_for_its_backoff_not_the_next_reconcile() {
-        let now = Timestamp::from_second(1_800_000_000).expect("valid");
-        let forwarding = Forwarding::Relay {
-            lan_address: Ipv4Addr::new(192, 168, 1, 10),
-        };
+        let now = start();
+        let forwarding = RELAY;
         let mut state = State::default();
         state.mappings.insert(
             key(8080),
             granted(8080, now - SignedDuration::from_secs(10)),
         );
         let mut router = RefusingUnmaps(0);
-        let gone = direct(&[]);
+        let gone = wanting_ports(&[]);
         let first = plan(&gone, &state, forwarding, now);
-        let outcome = execute(
-            &first,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            now,
-        )
-        .await;
+        let outcome = run(&first, &mut state, &mut router, now).await;
         assert_eq!((router.0, outcome.failed), (1, 1));
         let record = state.mappings.get(&key(8080)).expect("kept for the retry");
         assert_eq!(record.failure, Some(Failure::UnmapFailed));
@@ -1375,25 +1303,17 @@ mod tests {
         let later = retry_at + SignedDuration::from_secs(1);
         let again = plan(&gone, &state, forwarding, later);
         assert_eq!(again.router_calls(), 1);
-        execute(
-            &again,
-            &mut state,
-            &mut router,
-            &mut Saved::default(),
-            120,
-            later,
-        )
-        .await;
+        run(&again, &mut state, &mut router, later).await;
         let second = state.mappings[&key(8080)].retry_at.expect("retry");
         let wait = second.duration_since(later).as_secs();
         assert!((54..=66).contains(&wait), "{wait} s");
 
         // Wanted again meanwhile: requested at once, not left to the unmap's backoff.
-        let back = plan(&direct(&[8080]), &state, forwarding, later);
+        let back = plan(&wanting_ports(&[8080]), &state, forwarding, later);
         assert_eq!(back.router_calls(), 1, "{back:?}");
     }
 
-    fn direct(ports: &[u16]) -> crate::desired::Desired {
+    fn wanting_ports(ports: &[u16]) -> crate::desired::Desired {
         crate::desired::Desired {
             mappings: ports.iter().map(|p| (key(*p), mapping(*p))).collect(),
             problems: vec![],
@@ -1417,7 +1337,7 @@ mod tests {
     #[test]
     fn an_unsaved_state_holds_back_new_requests_and_lets_renewals_and_unmaps_go() {
         one_at_a_time(async {
-            let now = Timestamp::from_second(1_800_000_000).expect("valid");
+            let now = start();
             let an_hour_ago = now - SignedDuration::from_hours(1);
             let mut state = State::default();
             // 8080: renewal due. 8083: restore of a recorded nonce (pending since a crash).
@@ -1440,10 +1360,8 @@ mod tests {
                 granted(8090, now - SignedDuration::from_secs(10)),
             );
             let recorded_nonce = state.mappings[&key(8083)].nonce.clone();
-            let forwarding = Forwarding::Relay {
-                lan_address: Ipv4Addr::new(192, 168, 1, 10),
-            };
-            let wanted = direct(&[8080, 8081, 8082, 8083]);
+            let forwarding = RELAY;
+            let wanted = wanting_ports(&[8080, 8081, 8082, 8083]);
             let mut router = ScriptedRouter {
                 grants: BTreeMap::new(),
                 calls: vec![],
@@ -1577,10 +1495,8 @@ mod tests {
                     .finish(),
             );
 
-            let now = Timestamp::from_second(1_800_000_000).expect("valid");
-            let forwarding = Forwarding::Relay {
-                lan_address: Ipv4Addr::new(192, 168, 1, 10),
-            };
+            let now = start();
+            let forwarding = RELAY;
             let mut state = State::default();
             let mut router = ScriptedRouter {
                 grants: BTreeMap::new(),
@@ -1603,7 +1519,7 @@ mod tests {
                 disk.target.error = Some(error);
                 // A new Service each pass: every pass saves (twice) and fails.
                 let at = now + SignedDuration::from_secs(pass as i64);
-                let wanted = direct(&[8080 + pass as u16]);
+                let wanted = wanting_ports(&[8080 + pass as u16]);
                 let pass = plan(&wanted, &state, forwarding, at);
                 execute(&pass, &mut state, &mut router, &mut disk, 120, at).await;
             }
