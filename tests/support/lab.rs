@@ -3,9 +3,11 @@
 //!
 //! Every lab uses the same addresses (192.168.77.0/24 on the LAN, 11.22.33.0/24 "on the
 //! internet") inside its own namespaces, named by a prefix: labs with different prefixes are
-//! independent, so each test binary uses its own prefix, and [`Lab::up`] takes a
-//! process-wide lock (released by [`Lab`]'s `Drop` after `down`) so that the tests of one
-//! binary take turns with theirs.
+//! independent, so each test binary uses its own prefix, and [`Lab::up`] takes a lock on its
+//! prefix (released by [`Lab`]'s `Drop` after `down`) so that the tests of one binary take
+//! turns with theirs. The lock is also a file lock (`/run/holepunch-lab/<prefix>.lock`), so
+//! that a second `cargo test` running the same binary waits instead of tearing down the
+//! first one's lab.
 //!
 //! Needs root and `ip netns` (CI runs as root); without them the tests fail with a message
 //! saying so, they are not skipped. The script installs its own apt packages on first use.
@@ -35,10 +37,33 @@ static LABS_UP: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 static LAB_DOWN: Condvar = Condvar::new();
 
 /// Holds `prefix` for one lab; frees it when dropped (after the lab's `down`).
-struct PrefixHeld(String);
+struct PrefixHeld(String, std::fs::File);
 
 impl PrefixHeld {
     fn take(prefix: &str) -> PrefixHeld {
+        let held = Self::take_in_process(prefix);
+        let dir = Path::new("/run/holepunch-lab");
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let path = dir.join(format!("{prefix}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        if file.try_lock().is_err() {
+            eprintln!(
+                "lab {prefix}: another process holds {}; waiting for it",
+                path.display()
+            );
+            file.lock()
+                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+        }
+        PrefixHeld(held, file)
+    }
+
+    /// The in-process half: tests of one binary with the same prefix take turns.
+    fn take_in_process(prefix: &str) -> String {
         // A test that panicked while holding the lock still tore its lab down in `Drop`.
         let mut up = LABS_UP
             .lock()
@@ -49,7 +74,7 @@ impl PrefixHeld {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         up.insert(prefix.to_owned());
-        PrefixHeld(prefix.to_owned())
+        prefix.to_owned()
     }
 }
 
