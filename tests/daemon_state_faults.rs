@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use bin::{BIN, text};
 use daemon_lab::{
-    config_with_metrics, forwards_of, has_event, kubectl, wait_until, with_daemon_in_lan,
-    with_fake_cluster_at,
+    config_with_metrics, forwards_of, has_event, kubectl, wait_until, wait_until_logged,
+    with_daemon_in_lan, with_fake_cluster_at,
 };
 use fake_api::FakeApi;
 use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP};
@@ -148,17 +148,8 @@ impl ConfinedDaemon {
     }
 
     /// Polls `condition` every 100 ms until it holds; panics after `limit` with the log.
-    fn wait(&self, what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
-        let start = Instant::now();
-        while !condition() {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        start.elapsed()
+    fn wait(&self, what: &str, limit: Duration, condition: impl FnMut() -> bool) -> Duration {
+        wait_until_logged(|| self.log(), what, limit, condition)
     }
 }
 

@@ -58,6 +58,16 @@ pub fn wait_until(
     daemon: &Daemon,
     what: &str,
     limit: Duration,
+    condition: impl FnMut() -> bool,
+) -> Duration {
+    wait_until_logged(|| daemon.log(), what, limit, condition)
+}
+
+/// [`wait_until`] for a daemon started some other way: `log` reads its log for the panic.
+pub fn wait_until_logged(
+    log: impl Fn() -> String,
+    what: &str,
+    limit: Duration,
     mut condition: impl FnMut() -> bool,
 ) -> Duration {
     let start = Instant::now();
@@ -65,7 +75,7 @@ pub fn wait_until(
         assert!(
             start.elapsed() < limit,
             "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-            daemon.log()
+            log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
