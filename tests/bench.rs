@@ -37,12 +37,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bin::Daemon;
-use daemon_lab::{forwards_of, wait_until};
+use daemon_lab::{forwards_of, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
 use holepunch::router::pcp::codec::{self, Nonce, ResultCode};
 use holepunch::state::{MappingRecord, MappingStatus, State};
-use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP, in_netns};
+use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP};
 use measure::{LB_IP, lab_config, load_balancer, median, percentile, reconcile_passes, report};
 
 const PREFIX: &str = "hpb-";
@@ -153,14 +153,6 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
     took.as_secs_f64() * 1e3
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Waits for at least one reconcile pass after `before` passes and for the daemon to go
 /// quiet (no pass for longer than its debounce); `false` if no pass came at all.
 fn wait_for_passes(before: f64) -> bool {
@@ -181,6 +173,101 @@ fn wait_for_passes(before: f64) -> bool {
     last > before
 }
 
+/// `annotated -> mapping live` runs for one backend: Services `<backend>-<i>` on ports from
+/// `first_port`, written unannotated before the daemon starts; run `i` annotates one and times
+/// it until the daemon logs the router's grant, next to one bare router call.
+struct AnnotateRuns<'a> {
+    lab: &'a Lab,
+    fake: &'a FakeApi,
+    backend: &'static str,
+    first_port: u16,
+    /// `annotated -> live` of each run, in ms.
+    ours_ms: Vec<f64>,
+    /// The bare router call of each run, in ms.
+    raw_ms: Vec<f64>,
+}
+
+impl<'a> AnnotateRuns<'a> {
+    fn new(lab: &'a Lab, fake: &'a FakeApi, backend: &'static str, first_port: u16) -> Self {
+        AnnotateRuns {
+            lab,
+            fake,
+            backend,
+            first_port,
+            ours_ms: Vec::new(),
+            raw_ms: Vec::new(),
+        }
+    }
+
+    fn name(&self, i: u16) -> String {
+        format!("{}-{i}", self.backend)
+    }
+
+    fn port(&self, i: u16) -> u16 {
+        self.first_port + i
+    }
+
+    /// Writes the `count` Services unannotated, starts the daemon on this backend (metrics on
+    /// `metrics_listen`, none when empty) and waits for its first reconcile.
+    fn start_daemon(&self, dir: &Path, kubeconfig: &Path, count: u16, metrics: &str) -> Daemon {
+        let config = lab_config(
+            dir,
+            kubeconfig,
+            self.backend,
+            LEASE_SECS,
+            VERIFY_SECS,
+            metrics,
+        );
+        for i in 0..count {
+            self.fake
+                .apply_object(load_balancer(&self.name(i), self.port(i), false, "0"));
+        }
+        let daemon = Daemon::start(&config);
+        wait_until(
+            &daemon,
+            "the first reconcile",
+            Duration::from_secs(30),
+            || daemon.log().contains("first reconcile done"),
+        );
+        daemon
+    }
+
+    /// Run `i`: the bare router call `raw` first (on its own port: both see a chain of the
+    /// same length), then Service `<backend>-<i>` annotated until the grant, which must leave
+    /// one forwarding rule on the router.
+    fn run(&mut self, daemon: &Daemon, i: u16, raw: impl FnOnce() -> f64) {
+        self.raw_ms.push(raw());
+        let annotated = Instant::now();
+        self.fake
+            .apply_object(load_balancer(&self.name(i), self.port(i), true, "0"));
+        let live = wait_for_grant(daemon, self.port(i), Duration::from_secs(10));
+        self.ours_ms.push((live - annotated).as_secs_f64() * 1e3);
+        assert_eq!(
+            forwards_of(self.lab, self.port(i)).len(),
+            1,
+            "port {}",
+            self.port(i)
+        );
+    }
+
+    /// `BENCH <backend>_annotate_live_ms` (the median), its p90 and `BENCH <raw_key>` (the
+    /// bare call's median).
+    fn report(&self, raw_key: &str) {
+        let backend = self.backend;
+        report(
+            &format!("{backend}_annotate_live_ms"),
+            median(&self.ours_ms),
+            "ms",
+        );
+        report(
+            &format!("{backend}_annotate_live_p90_ms"),
+            percentile(&self.ours_ms, 0.9),
+            "ms",
+        );
+        report(raw_key, median(&self.raw_ms), "ms");
+    }
+}
+
 /// PCP: annotated -> live vs a bare MAP; router calls during no-op reconciles; router calls
 /// per mapping-hour at steady state.
 #[test]
@@ -192,50 +279,20 @@ fn bench_pcp_annotate_noop_and_steady_state() {
         .unwrap_or(STEADY_SECS);
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     lab.count_router_pcp_packets();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = runtime();
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = lab_config(
-            dir,
-            &kubeconfig,
-            "pcp",
-            LEASE_SECS,
-            VERIFY_SECS,
-            METRICS_ADDRESS,
-        );
-        let name = |i: u16| format!("pcp-{i}");
-        let port = |i: u16| 21_000 + i;
-        for i in 0..PCP_RUNS {
-            fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
-        }
-        let daemon = Daemon::start(&config);
-        wait_until(
-            &daemon,
-            "the first reconcile",
-            Duration::from_secs(30),
-            || daemon.log().contains("first reconcile done"),
-        );
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let mut runs = AnnotateRuns::new(&lab, fake, "pcp", 21_000);
+        let daemon = runs.start_daemon(dir, kubeconfig, PCP_RUNS, METRICS_ADDRESS);
 
         let spacing = Duration::from_secs_f64(
             LEASE_SECS as f64 * MEAN_RENEWAL_FRACTION / f64::from(PCP_RUNS),
         );
-        let (mut raw_ms, mut ours_ms) = (Vec::new(), Vec::new());
         let (mut noop_calls, mut noop_passes) = (0u64, 0u16);
         let mut noop_done = Duration::ZERO;
         let first_grant = Instant::now();
         for i in 0..PCP_RUNS {
             let slot = first_grant + spacing * u32::from(i);
             std::thread::sleep(slot.saturating_duration_since(Instant::now()));
-            // The bare exchange first, on its own port: both see a chain of the same length.
-            raw_ms.push(raw_pcp_map_ms(22_000 + i));
-            let annotated = Instant::now();
-            fake.apply_object(load_balancer(&name(i), port(i), true, "0"));
-            let live = wait_for_grant(&daemon, port(i), Duration::from_secs(10));
-            ours_ms.push((live - annotated).as_secs_f64() * 1e3);
-            assert_eq!(forwards_of(&lab, port(i)).len(), 1, "port {}", port(i));
+            runs.run(&daemon, i, || raw_pcp_map_ms(22_000 + i));
 
             if i < NOOP_ROUNDS {
                 // Every published Service changes in a way holepunch must ignore; no lease
@@ -243,7 +300,8 @@ fn bench_pcp_annotate_noop_and_steady_state() {
                 let passes = reconcile_passes(METRICS_ADDRESS).expect("metrics");
                 let packets = lab.router_pcp_packets();
                 for j in 0..=i {
-                    fake.apply_object(load_balancer(&name(j), port(j), true, &format!("r{i}")));
+                    let (name, port) = (runs.name(j), runs.port(j));
+                    fake.apply_object(load_balancer(&name, port, true, &format!("r{i}")));
                 }
                 if wait_for_passes(passes) {
                     noop_passes += 1;
@@ -279,15 +337,16 @@ fn bench_pcp_annotate_noop_and_steady_state() {
         let remapped = daemon.log().matches("reconcile: mapped").count();
         daemon.stop();
 
+        let AnnotateRuns {
+            ours_ms, raw_ms, ..
+        } = &runs;
         eprintln!(
             "PCP annotated -> live (ms): {ours_ms:?}\nbare MAP (ms): {raw_ms:?}\n\
              no-op: {noop_calls} router calls in {NOOP_ROUNDS} rounds ({noop_passes} passes)\n\
              steady: {steady_calls} calls in {:.0} s for {PCP_RUNS} mappings, {renewed} renewals logged",
             window_hours * 3600.0
         );
-        report("pcp_annotate_live_ms", median(&ours_ms), "ms");
-        report("pcp_annotate_live_p90_ms", percentile(&ours_ms, 0.9), "ms");
-        report("pcp_raw_map_ms", median(&raw_ms), "ms");
+        runs.report("pcp_raw_map_ms");
         report("noop_router_calls", noop_calls as f64, "calls");
         report("noop_rounds", f64::from(NOOP_ROUNDS), "rounds");
         report("noop_passes", f64::from(noop_passes), "passes");
@@ -314,8 +373,6 @@ fn bench_pcp_annotate_noop_and_steady_state() {
             (per_mapping_hour / expected - 1.0).abs() < 0.25,
             "{per_mapping_hour:.1} router calls per mapping-hour, expected {expected:.1}"
         );
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }
 
@@ -324,25 +381,9 @@ fn bench_pcp_annotate_noop_and_steady_state() {
 #[ignore = "benchmark: scripts/bench"]
 fn bench_upnp_annotate() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = runtime();
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = lab_config(dir, &kubeconfig, "upnp", LEASE_SECS, VERIFY_SECS, "");
-        let name = |i: u16| format!("upnp-{i}");
-        let port = |i: u16| 23_000 + i;
-        for i in 0..UPNP_RUNS {
-            fake.apply_object(load_balancer(&name(i), port(i), false, "0"));
-        }
-        let daemon = Daemon::start(&config);
-        wait_until(
-            &daemon,
-            "the first reconcile",
-            Duration::from_secs(30),
-            || daemon.log().contains("first reconcile done"),
-        );
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, runtime| {
+        let mut runs = AnnotateRuns::new(&lab, fake, "upnp", 23_000);
+        let daemon = runs.start_daemon(dir, kubeconfig, UPNP_RUNS, "");
         let client = runtime
             .block_on(holepunch::router::upnp::UpnpClient::discover(
                 ROUTER_LAN_IP.parse().expect("lab address"),
@@ -352,22 +393,17 @@ fn bench_upnp_annotate() {
             .expect("the lab's IGD");
         let (control, service) = (client.control_url(), client.service_type().to_owned());
 
-        let (mut raw_ms, mut ours_ms) = (Vec::new(), Vec::new());
         for i in 0..UPNP_RUNS {
-            raw_ms.push(raw_upnp_add_ms(&control, &service, 24_000 + i));
-            let annotated = Instant::now();
-            fake.apply_object(load_balancer(&name(i), port(i), true, "0"));
-            let live = wait_for_grant(&daemon, port(i), Duration::from_secs(10));
-            ours_ms.push((live - annotated).as_secs_f64() * 1e3);
-            assert_eq!(forwards_of(&lab, port(i)).len(), 1, "port {}", port(i));
+            runs.run(&daemon, i, || {
+                raw_upnp_add_ms(&control, &service, 24_000 + i)
+            });
         }
         daemon.stop();
+        let AnnotateRuns {
+            ours_ms, raw_ms, ..
+        } = &runs;
         eprintln!("UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}");
-        report("upnp_annotate_live_ms", median(&ours_ms), "ms");
-        report("upnp_annotate_live_p90_ms", percentile(&ours_ms, 0.9), "ms");
-        report("upnp_raw_add_ms", median(&raw_ms), "ms");
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
+        runs.report("upnp_raw_add_ms");
     });
 }
 
@@ -428,13 +464,8 @@ fn write_state(path: &Path, count: u16) {
 fn bench_start_to_ready_with_1000_services_and_a_state_file() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     lab.count_router_pcp_packets();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = runtime();
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = lab_config(dir, &kubeconfig, "pcp", 3600, VERIFY_SECS, "");
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let config = lab_config(dir, kubeconfig, "pcp", 3600, VERIFY_SECS, "");
         for i in 0..READY_SERVICES {
             fake.apply_object(load_balancer(&format!("svc-{i}"), 30_000 + i, true, "0"));
         }
@@ -484,7 +515,5 @@ fn bench_start_to_ready_with_1000_services_and_a_state_file() {
             0,
             "the state file's mappings were requested again:\n{log}"
         );
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }

@@ -34,9 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bin::{Daemon, status_json};
-use daemon_lab::{kubectl, wait_until};
-use fake_api::FakeApi;
-use lab::{Lab, in_netns};
+use daemon_lab::{kubectl, wait_until, with_fake_cluster_in};
+use lab::Lab;
 use measure::{memory_kib, percentile, report};
 use serde_json::json;
 
@@ -193,17 +192,8 @@ fn epoch_secs(at: SystemTime) -> f64 {
 #[ignore = "benchmark: cargo test --test cluster_bench -- --ignored --nocapture"]
 fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig);
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let config = config(dir, kubeconfig);
 
         let loading = Instant::now();
         for i in 0..PUBLISHED {
@@ -256,7 +246,7 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             let before = SystemTime::now();
             let clock = Instant::now();
             kubectl(
-                &kubeconfig,
+                kubeconfig,
                 &[
                     "annotate",
                     "svc",
@@ -331,7 +321,5 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             percentile(&latencies_ms, 0.5),
             "ms",
         );
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }

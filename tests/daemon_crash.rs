@@ -37,11 +37,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bin::{Daemon, text};
-use daemon_lab::{config, forwards_of, wait_until};
+use daemon_lab::{config, forwards_of, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::crashpoint;
 use holepunch::state::{MappingStatus, State, StateFile};
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -344,21 +344,12 @@ fn sigkill_at_random_points_loses_nothing() {
         .iter()
         .map(|port| lab.echo_server("node", LB_IP, *port))
         .collect();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
 
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig, "relay", "pcp");
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let config = config(dir, kubeconfig, "relay", "pcp");
         let state_path = dir.join("state/state.toml");
         let mut cluster = Cluster {
-            fake: &fake,
+            fake,
             services: BTreeMap::new(),
         };
         for (name, _) in SERVICES {
@@ -612,8 +603,6 @@ fn sigkill_at_random_points_loses_nothing() {
              traffic from the internet reaches each; every Service deleted -> router, nftables \
              and state empty in {emptied:?}; no NOT_AUTHORIZED"
         );
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
     eprintln!("test took {:?} once its lab was up", started.elapsed());
 }
@@ -822,16 +811,7 @@ fn direct_handover(
 fn a_direct_mode_handover_killed_half_way_is_finished_on_restart() {
     let lab = Lab::up_with(DIRECT_PREFIX, &["--insecure"]);
     let started = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
         fake.apply_object(json!({
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
             "status": {
@@ -843,8 +823,8 @@ fn a_direct_mode_handover_killed_half_way_is_finished_on_restart() {
         for backend in ["pcp", "upnp"] {
             logs.push_str(&direct_handover(
                 &lab,
-                &fake,
-                &kubeconfig,
+                fake,
+                kubeconfig,
                 &dir.join(backend),
                 backend,
             ));
@@ -859,8 +839,6 @@ fn a_direct_mode_handover_killed_half_way_is_finished_on_restart() {
                 "NOT_AUTHORIZED in {what}:\n{text}"
             );
         }
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
     eprintln!("test took {:?} once its lab was up", started.elapsed());
 }

@@ -27,10 +27,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json};
-use daemon_lab::{forwards_of, kubectl, wait_until};
+use daemon_lab::{forwards_of, kubectl, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
-use lab::{Lab, in_netns};
+use lab::Lab;
 use serde_json::{Value, json};
+use tokio::runtime::Runtime;
 
 const PREFIX: &str = "hpx-";
 // The two slowest tests get labs of their own, so they run beside the others.
@@ -135,9 +136,9 @@ fn router_call_lines(daemon: &Daemon) -> usize {
 /// the router.
 struct Published<'a> {
     lab: &'a Lab,
-    runtime: tokio::runtime::Runtime,
-    fake: FakeApi,
-    kubeconfig: PathBuf,
+    runtime: &'a Runtime,
+    fake: &'a FakeApi,
+    kubeconfig: &'a Path,
     config: PathBuf,
     daemon: Daemon,
 }
@@ -146,17 +147,8 @@ struct Published<'a> {
 /// `env`.
 fn with_web_published(lab: &Lab, env: &[(&str, &str)], body: impl FnOnce(&Published) + Send) {
     lab.count_router_pcp_packets();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig);
+    with_fake_cluster_in(lab, "lan", |fake, dir, kubeconfig, runtime| {
+        let config = config(dir, kubeconfig);
         fake.apply_object(service("web", WEB_PORT, true));
         fake.apply_object(service("late", LATE_PORT, false));
         fake.apply_object(service("after", AFTER_PORT, false));
@@ -179,15 +171,7 @@ fn with_web_published(lab: &Lab, env: &[(&str, &str)], body: impl FnOnce(&Publis
             daemon,
         };
         body(&published);
-        let Published {
-            runtime,
-            fake,
-            daemon,
-            ..
-        } = published;
-        daemon.stop();
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
+        published.daemon.stop();
     });
 }
 
@@ -196,7 +180,7 @@ impl Published<'_> {
     fn annotate_after_and_see_it_mapped(&self) -> Duration {
         let packets = self.lab.router_pcp_packets();
         kubectl(
-            &self.kubeconfig,
+            self.kubeconfig,
             &["annotate", "svc", "after", "holepunch/punch-external=true"],
         );
         let took = wait_until(
@@ -403,7 +387,7 @@ fn half_open_watch_recovers_within_the_watch_timeout() {
         );
         // New watches are answered again; the hung ones stay silent.
         p.fake.set_hang_watches(false);
-        let watches_before = service_watches(&p.fake);
+        let watches_before = service_watches(p.fake);
         let hung = Instant::now();
         p.fake.apply_object(service("late", LATE_PORT, true));
         let limit = SHORT_WATCH_TIMEOUT_SECS + holepunch::kube::READ_TIMEOUT_MARGIN_SECS as u64;
@@ -414,7 +398,7 @@ fn half_open_watch_recovers_within_the_watch_timeout() {
             || forwards_of(p.lab, LATE_PORT).len() == 1,
         );
         assert!(
-            service_watches(&p.fake) > watches_before,
+            service_watches(p.fake) > watches_before,
             "seen through a new watch"
         );
         assert_eq!(

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use bin::{Daemon, status_json, text};
 use daemon_lab::{
     config, forwards_of, has_event, kubectl, wait_until, with_daemon_in, with_daemon_in_lan,
+    with_fake_cluster_in,
 };
 use fake_api::FakeApi;
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
 use serde_json::json;
 
 const PREFIX: &str = "hpd-";
@@ -79,20 +80,11 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
     let _node_port = lab.echo_server("node", NODE_IP, 31090);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
 
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config(dir, &kubeconfig, "direct", "auto");
-        load_balancer_service(&fake);
-        own_class_service(&fake);
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let config = config(dir, kubeconfig, "direct", "auto");
+        load_balancer_service(fake);
+        own_class_service(fake);
         let daemon = Daemon::start(&config);
 
         // holepunch's own class: published without an annotation, through the node's
@@ -113,7 +105,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             Duration::from_secs(10),
             || {
                 kubectl(
-                    &kubeconfig,
+                    kubeconfig,
                     &[
                         "get",
                         "svc",
@@ -127,7 +119,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
         // The annotated Service's status belongs to its own load balancer: untouched.
         assert_eq!(
             kubectl(
-                &kubeconfig,
+                kubeconfig,
                 &[
                     "get",
                     "svc",
@@ -141,7 +133,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
 
         assert_eq!(lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "early"), None);
         kubectl(
-            &kubeconfig,
+            kubeconfig,
             &["annotate", "svc", "game", "holepunch/punch-external=true"],
         );
         let took = wait_until(
@@ -171,7 +163,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             Duration::from_secs(10),
             || {
                 has_event(
-                    &kubeconfig,
+                    kubeconfig,
                     None,
                     "Published",
                     "game",
@@ -253,7 +245,7 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
             "{}",
             daemon.log()
         );
-        kubectl(&kubeconfig, &["delete", "svc", "game"]);
+        kubectl(kubeconfig, &["delete", "svc", "game"]);
         wait_until(
             &daemon,
             "the router to drop the mappings",
@@ -262,8 +254,6 @@ fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
         );
         assert_eq!(lab.ask("wan", "tcp", ROUTER_WAN_IP, 8080, "late"), None);
         drop(daemon);
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }
 

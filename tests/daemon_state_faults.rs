@@ -31,10 +31,11 @@ use std::time::{Duration, Instant};
 
 use bin::{BIN, text};
 use daemon_lab::{
-    config_with_metrics, forwards_of, has_event, kubectl, wait_until, with_daemon_in_lan,
+    config_with_metrics, forwards_of, has_event, kubectl, wait_until, wait_until_logged,
+    with_daemon_in_lan, with_fake_cluster_at,
 };
 use fake_api::FakeApi;
-use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP};
 use serde_json::json;
 
 // One prefix per test: their labs come up side by side (the SIGSTOP test alone waits 130 s).
@@ -147,17 +148,8 @@ impl ConfinedDaemon {
     }
 
     /// Polls `condition` every 100 ms until it holds; panics after `limit` with the log.
-    fn wait(&self, what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
-        let start = Instant::now();
-        while !condition() {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        start.elapsed()
+    fn wait(&self, what: &str, limit: Duration, condition: impl FnMut() -> bool) -> Duration {
+        wait_until_logged(|| self.log(), what, limit, condition)
     }
 }
 
@@ -271,20 +263,13 @@ fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
         )
     });
 
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config_with_metrics(dir, &kubeconfig, "direct", "pcp", METRICS);
+    with_fake_cluster_at(&lab, "lan", dir, |fake, dir, kubeconfig, _| {
+        let config = config_with_metrics(dir, kubeconfig, "direct", "pcp", METRICS);
         let daemon = ConfinedDaemon::start(&config, &dir.join("state"));
         let state_dir = daemon.dir().to_owned();
 
-        tcp_service(&fake, "web", 8080);
-        annotate(&kubeconfig, "web");
+        tcp_service(fake, "web", 8080);
+        annotate(kubeconfig, "web");
         daemon.wait("web published", Duration::from_secs(20), || {
             carries(&lab, 8080, "hello") && daemon.state_text().contains("status = \"active\"")
         });
@@ -316,8 +301,8 @@ fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
                 )),
             }
             let faulted = Instant::now();
-            tcp_service(&fake, new, port);
-            annotate(&kubeconfig, new);
+            tcp_service(fake, new, port);
+            annotate(kubeconfig, new);
 
             daemon.wait(
                 &format!("the {fault} error in the log"),
@@ -408,8 +393,6 @@ fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
             assert!(daemon.log()[log_at..].contains("the state file is saved again"));
         }
         drop(daemon);
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }
 

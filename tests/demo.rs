@@ -30,9 +30,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bin::{BIN, Daemon, status_json, text, wait_for};
-use daemon_lab::{config, forwards_of, kubectl, wait_until};
-use fake_api::FakeApi;
-use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns, python};
+use daemon_lab::{config, forwards_of, kubectl, wait_until, with_fake_cluster_at};
+use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, python};
 use serde_json::json;
 
 /// The demo's own lab prefix: it can run beside the other lab tests.
@@ -264,23 +263,16 @@ fn demo_walkthrough() {
     );
     demo.ok("the router listens: UPnP on http://192.168.77.1:5000, PCP and NAT-PMP on udp/5351");
 
+    demo.step(
+        "a Kubernetes cluster",
+        "No real cluster needed: a small Kubernetes API server (the one holepunch's tests\n\
+         use) runs on the LAN host, with one Ready node, node-a, at 192.168.77.20.\n\
+         kubectl and holepunch talk to it through an ordinary kubeconfig.",
+    );
+    let dir = demo.dir().to_owned();
     // The cluster and the daemon live in the LAN host's namespace: this thread enters it, and
     // the sockets and processes it makes (kubectl, holepunch) are there too.
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-
-        demo.step(
-            "a Kubernetes cluster",
-            "No real cluster needed: a small Kubernetes API server (the one holepunch's tests\n\
-             use) runs on the LAN host, with one Ready node, node-a, at 192.168.77.20.\n\
-             kubectl and holepunch talk to it through an ordinary kubeconfig.",
-        );
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(demo.dir());
+    with_fake_cluster_at(&lab, "lan", &dir, |fake, _, kubeconfig, _| {
         fake.apply_object(json!({
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
             "status": {
@@ -290,7 +282,7 @@ fn demo_walkthrough() {
         }));
         let kubectl_cmd = format!("kubectl --kubeconfig {}", kubeconfig.display());
         demo.command(&format!("{kubectl_cmd} get nodes -o name"));
-        let nodes = kubectl(&kubeconfig, &["get", "nodes", "-o", "name"]);
+        let nodes = kubectl(kubeconfig, &["get", "nodes", "-o", "name"]);
         demo.show(&nodes);
         assert_eq!(nodes.trim(), "node/node-a");
         demo.ok("kubectl reaches the cluster");
@@ -347,7 +339,7 @@ fn demo_walkthrough() {
         demo.say("(--validate=false: the demo's small API server has no OpenAPI schemas to validate against)");
         demo.command(&format!("{kubectl_cmd} apply --validate=false -f web.yaml"));
         let applied = kubectl(
-            &kubeconfig,
+            kubeconfig,
             &[
                 "apply",
                 "--validate=false",
@@ -366,7 +358,7 @@ fn demo_walkthrough() {
              carry the traffic on to the node. backend = \"auto\" tries PCP, then NAT-PMP, then\n\
              UPnP, and keeps the first the router answers. Its config file:",
         );
-        let config = config(demo.dir(), &kubeconfig, "relay", "auto");
+        let config = config(demo.dir(), kubeconfig, "relay", "auto");
         demo.show(&std::fs::read_to_string(&config).expect("read the config"));
         demo.say("Relay forwards packets, so the LAN host must route:");
         demo.command(&format!(
@@ -507,7 +499,7 @@ fn demo_walkthrough() {
             "{kubectl_cmd} get events --field-selector involvedObject.name=web"
         ));
         let published = || {
-            let events = kubectl(&kubeconfig, &["get", "events", "-o", "json"]);
+            let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
             let events: serde_json::Value = serde_json::from_str(&events).unwrap_or_default();
             events["items"].as_array().and_then(|items| {
                 items
@@ -537,7 +529,7 @@ fn demo_walkthrough() {
              own rule. Then everything the demo started stops, and the lab is taken down.",
         );
         demo.command(&format!("{kubectl_cmd} delete svc web"));
-        demo.show(&kubectl(&kubeconfig, &["delete", "svc", "web"]));
+        demo.show(&kubectl(kubeconfig, &["delete", "svc", "web"]));
         wait_until(
             &daemon,
             "the router's mapping to go",
@@ -563,8 +555,6 @@ fn demo_walkthrough() {
             "holepunch logged an error:\n{log}"
         );
         drop(web);
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 
     demo.command(&format!("LAB_PREFIX={PREFIX} tests/lab/router-lab down"));

@@ -449,21 +449,15 @@ impl Drop for EchoServer {
     }
 }
 
+/// Runs [`CLIENT`] in the lab's namespace `ns`: sends `line` over `proto` to `host:port`.
+fn run_client(lab: &Lab, ns: &str, proto: &str, host: &str, port: &str, line: &str) -> Output {
+    lab.exec(ns, &[lab::python(), "-c", CLIENT, proto, host, port, line])
+}
+
 /// From the internet client to the router's public address: the answer line.
 fn exchange(lab: &Lab, proto: &str, port: u16, line: &str) -> String {
     let port = port.to_string();
-    let out = lab.exec(
-        "wan",
-        &[
-            lab::python(),
-            "-c",
-            CLIENT,
-            proto,
-            ROUTER_WAN_IP,
-            &port,
-            line,
-        ],
-    );
+    let out = run_client(lab, "wan", proto, ROUTER_WAN_IP, &port, line);
     assert!(
         out.status.success(),
         "{proto} {line:?} to {ROUTER_WAN_IP}:{port} got no answer: {}\nrules in hpf-lan:\n{}",
@@ -548,18 +542,7 @@ fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
         let out = lab.exec("lan", &["nft", command]);
         assert!(out.status.success(), "nft {command}: {out:?}");
     }
-    let out = lab.exec(
-        "rtr",
-        &[
-            lab::python(),
-            "-c",
-            CLIENT,
-            "udp",
-            "192.168.77.11",
-            "8081",
-            "other",
-        ],
-    );
+    let out = run_client(&lab, "rtr", "udp", "192.168.77.11", "8081", "other");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -569,18 +552,7 @@ fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
     // Without holepunch's table the relay host has nothing on the port: the rules carried it.
     assert!(in_netns(&lab.ns("lan"), || NftFirewall.remove()).unwrap());
     let port = PORT.to_string();
-    let out = lab.exec(
-        "wan",
-        &[
-            lab::python(),
-            "-c",
-            CLIENT,
-            "tcp",
-            ROUTER_WAN_IP,
-            &port,
-            "gone",
-        ],
-    );
+    let out = run_client(&lab, "wan", "tcp", ROUTER_WAN_IP, &port, "gone");
     assert!(
         !out.status.success(),
         "reached the target without the table"
@@ -594,17 +566,13 @@ fn gateway_on_the_router_keeps_the_client_source_address() {
     let rtr = lab.ns("rtr");
     in_netns(&rtr, check_forwarding).expect("the lab router forwards");
     // Before the ruleset, the router has nothing on this port.
-    let out = lab.exec(
+    let out = run_client(
+        &lab,
         "wan",
-        &[
-            lab::python(),
-            "-c",
-            CLIENT,
-            "tcp",
-            ROUTER_WAN_IP,
-            &PORT.to_string(),
-            "early",
-        ],
+        "tcp",
+        ROUTER_WAN_IP,
+        &PORT.to_string(),
+        "early",
     );
     assert!(!out.status.success(), "reached the LAN without a ruleset");
 

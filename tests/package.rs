@@ -20,9 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use daemon_lab::{forwards_of, kubectl};
-use fake_api::FakeApi;
-use lab::{Lab, ROUTER_WAN_IP, in_netns};
+use daemon_lab::{forwards_of, kubectl, with_fake_cluster_in};
+use lab::{Lab, ROUTER_WAN_IP};
 use serde_json::json;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -562,18 +561,10 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
     let _echo = lab.echo_server("node", LB_IP, LB_PORT);
     let forwarding = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     assert!(forwarding.status.success(), "{forwarding:?}");
-    let dir = tempfile::tempdir().unwrap();
 
     // The fake API listens on 127.0.0.1 of the LAN namespace, which the box shares; kubectl
     // runs from this thread, inside that namespace too.
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir.path());
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
         fake.apply_object(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "game", "namespace": "default"},
@@ -602,7 +593,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
 
         let in_box = format!("/root/{}", deb.file_name().unwrap().to_string_lossy());
         machine.copy(&deb, &in_box);
-        machine.copy(&kubeconfig, "/etc/holepunch/kubeconfig");
+        machine.copy(kubeconfig, "/etc/holepunch/kubeconfig");
         // /etc/holepunch.toml stays as shipped: relay mode, backend auto, 192.168.0.0/16 allowed.
         timed("install", &mut costs, || machine.apt(&["install", &in_box]));
         let step = Instant::now();
@@ -611,7 +602,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             (machine.property("ActiveState") == "active").then_some(())
         });
         kubectl(
-            &kubeconfig,
+            kubeconfig,
             &["annotate", "svc", "game", "holepunch/punch-external=true"],
         );
         // Relay: the router forwards to the box (192.168.77.10), whose nft DNATs to the LB IP.
@@ -626,7 +617,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
 
         // A restart under load: no request from the internet may fail.
         let step = Instant::now();
-        let stop = dir.path().join("stop-requests");
+        let stop = dir.join("stop-requests");
         let stop_arg = stop.to_string_lossy().into_owned();
         let port = LB_PORT.to_string();
         let mut client = lab.spawn(
@@ -700,8 +691,6 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         costs.push(("purge".to_owned(), step.elapsed().as_secs_f64()));
 
         timed("down", &mut costs, || drop(machine));
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
     drop(lab);
     let summary: Vec<String> = costs

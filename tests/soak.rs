@@ -33,9 +33,8 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use bin::Daemon;
-use daemon_lab::wait_until;
-use fake_api::FakeApi;
-use lab::{Lab, in_netns};
+use daemon_lab::{wait_until, with_fake_cluster_in};
+use lab::Lab;
 use measure::{lab_config, load_balancer, median, memory_kib, open_fds};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -159,17 +158,8 @@ fn soak_memory_descriptors_and_renewals_under_service_churn() {
 
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     lab.count_router_pcp_packets();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
-    in_netns(&lab.ns("lan"), || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let fake = runtime.block_on(FakeApi::start());
-        let kubeconfig = fake.write_kubeconfig(dir);
-        let config = lab_config(dir, &kubeconfig, "pcp", LEASE_SECS, VERIFY_SECS, "");
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        let config = lab_config(dir, kubeconfig, "pcp", LEASE_SECS, VERIFY_SECS, "");
         for i in 0..STABLE {
             let port = STABLE_FIRST_PORT + i;
             fake.apply_object(load_balancer(&format!("stable-{i}"), port, true, "0"));
@@ -337,7 +327,5 @@ fn soak_memory_descriptors_and_renewals_under_service_churn() {
             longest_quiet < MAX_RENEWAL_GAP_SECS,
             "a stable mapping went {longest_quiet:.0} s without a renewal at the end"
         );
-        drop(fake);
-        runtime.shutdown_timeout(Duration::from_secs(1));
     });
 }

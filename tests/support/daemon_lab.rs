@@ -1,5 +1,7 @@
 //! The daemon in the router lab's LAN namespace with the in-test fake Kubernetes API, for
-//! the lab tests that run `holepunch run` (tests/daemon_lab.rs, tests/metrics_lab.rs).
+//! the lab tests that run `holepunch run` (tests/daemon_lab.rs, tests/metrics_lab.rs, ...);
+//! [`with_fake_cluster_in`] is the fake cluster alone, for tests that start the daemon
+//! themselves.
 //!
 //! Include after `bin`, `fake_api` and `lab`: `#[path = "support/daemon_lab.rs"] mod daemon_lab;`.
 #![allow(dead_code)]
@@ -7,6 +9,8 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use tokio::runtime::Runtime;
 
 use crate::bin::{Daemon, text};
 use crate::fake_api::FakeApi;
@@ -54,6 +58,16 @@ pub fn wait_until(
     daemon: &Daemon,
     what: &str,
     limit: Duration,
+    condition: impl FnMut() -> bool,
+) -> Duration {
+    wait_until_logged(|| daemon.log(), what, limit, condition)
+}
+
+/// [`wait_until`] for a daemon started some other way: `log` reads its log for the panic.
+pub fn wait_until_logged(
+    log: impl Fn() -> String,
+    what: &str,
+    limit: Duration,
     mut condition: impl FnMut() -> bool,
 ) -> Duration {
     let start = Instant::now();
@@ -61,7 +75,7 @@ pub fn wait_until(
         assert!(
             start.elapsed() < limit,
             "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
-            daemon.log()
+            log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -133,8 +147,36 @@ pub fn with_daemon_in(
     metrics_listen: &str,
     body: impl FnOnce(&FakeApi, &Path, &Path, &Daemon) + Send,
 ) {
+    with_fake_cluster_in(lab, ns, |fake, dir, kubeconfig, _| {
+        let config = config_with_metrics(dir, kubeconfig, mode, backend, metrics_listen);
+        let daemon = Daemon::start(&config);
+        body(fake, kubeconfig, &config, &daemon);
+        drop(daemon);
+    });
+}
+
+/// A fake cluster inside the lab's namespace `ns` (`lan`, `rtr`, ...): this thread enters it,
+/// builds a 2-thread runtime, starts the fake API and writes its kubeconfig into a fresh
+/// temporary directory. `body` gets the fake API, that directory, the kubeconfig and the
+/// runtime (for `block_on`); after it the fake API is dropped before the runtime shuts down
+/// (its server runs on that runtime).
+pub fn with_fake_cluster_in<T: Send>(
+    lab: &Lab,
+    ns: &str,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Runtime) -> T + Send,
+) -> T {
     let dir = tempfile::tempdir().expect("tempdir");
-    let dir = dir.path();
+    with_fake_cluster_at(lab, ns, dir.path(), body)
+}
+
+/// [`with_fake_cluster_in`] with the kubeconfig written into `dir`, which the caller owns (and
+/// may use before and after).
+pub fn with_fake_cluster_at<T: Send>(
+    lab: &Lab,
+    ns: &str,
+    dir: &Path,
+    body: impl FnOnce(&FakeApi, &Path, &Path, &Runtime) -> T + Send,
+) -> T {
     in_netns(&lab.ns(ns), || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -143,11 +185,9 @@ pub fn with_daemon_in(
             .expect("runtime");
         let fake = runtime.block_on(FakeApi::start());
         let kubeconfig = fake.write_kubeconfig(dir);
-        let config = config_with_metrics(dir, &kubeconfig, mode, backend, metrics_listen);
-        let daemon = Daemon::start(&config);
-        body(&fake, &kubeconfig, &config, &daemon);
-        drop(daemon);
+        let out = body(&fake, dir, &kubeconfig, &runtime);
         drop(fake);
         runtime.shutdown_timeout(Duration::from_secs(1));
-    });
+        out
+    })
 }
