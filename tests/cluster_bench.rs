@@ -5,7 +5,7 @@
 //! cargo test --test cluster_bench -- --ignored --nocapture
 //! ```
 //!
-//! (root, the router lab's prerequisites; it uses lab prefix `hpx-`.) The daemon runs on the
+//! (root, the router lab's prerequisites; it uses lab prefix `hpj-`.) The daemon runs on the
 //! lab's LAN host against the in-test fake API holding 10,000 Services, 200 of them
 //! annotated (LoadBalancer Services, `direct` mode, PCP to miniupnpd in insecure mode), and:
 //! - resident memory: `VmRSS` (and the peak, `VmHWM`) of the daemon's process once the 200
@@ -39,7 +39,7 @@ use lab::Lab;
 use measure::{memory_kib, percentile, report};
 use serde_json::json;
 
-const PREFIX: &str = "hpx-";
+const PREFIX: &str = "hpj-";
 const LB_IP: &str = "192.168.77.100";
 const SERVICES: usize = 10_000;
 const PUBLISHED: usize = 200;

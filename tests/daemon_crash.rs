@@ -13,7 +13,7 @@
 //! half-way, and one run at each named crash point (`holepunch::crashpoint`: after the
 //! state's temp file is synced, after the rename, right after a PCP request left the socket).
 //!
-//! A second test (prefix `hpk-`, miniupnpd in insecure mode) kills a handover half-way in
+//! A second test (prefix `hph-`, miniupnpd in insecure mode) kills a handover half-way in
 //! `direct` mode, through PCP and through UPnP: there the twins' mappings point at different
 //! internal endpoints, so the router refuses the new owner's mapping while the old one stands,
 //! and a restart must delete the old one first.
@@ -608,7 +608,7 @@ fn sigkill_at_random_points_loses_nothing() {
 }
 
 /// The direct-mode handover test's own lab (insecure miniupnpd: it maps to other hosts).
-const DIRECT_PREFIX: &str = "hpk-";
+const DIRECT_PREFIX: &str = "hph-";
 /// twin-b has no load balancer IP: its target is the node's nodePort.
 const TWIN_B_NODE_PORT: u16 = 31090;
 /// A restart finishes a handover in one pass; the 120 s lease of the old owner's mapping
