@@ -1,17 +1,20 @@
-//! SIGKILL at random points, 100 times (issue 8, fault table row "SIGKILL at random
-//! points"): every state file a killed daemon leaves parses, and after a clean restart the
-//! router holds exactly the desired mappings, nftables exactly the desired entries, traffic
-//! from the internet reaches each, and nothing anywhere says NOT_AUTHORIZED (a PCP nonce the
-//! state file lost).
+//! SIGKILL at random points, 100 times through PCP and 50 times through UPnP (issue 8, fault
+//! table row "SIGKILL at random points"): every state file a killed daemon leaves parses, and
+//! after a clean restart the router holds exactly the desired mappings, nftables exactly the
+//! desired entries, traffic from the internet reaches each, and nothing anywhere says
+//! NOT_AUTHORIZED (a PCP nonce the state file lost).
 //!
-//! Real peers: the daemon runs on the LAN host of the router lab (prefix `hpc-`, miniupnpd
-//! 2.3.1 in secure mode), `relay` mode so the kernel's nftables is involved, backend PCP;
-//! the cluster is the in-test fake API in the same namespace, its Services changed straight
-//! in its store while the daemon works. Kills are SIGKILL after a random delay (seeded:
-//! `CRASH_SEED=<n>` repeats a run; a quarter of the runs start with every renewal due), a
-//! clean start every 25 kills, a router port handed from one Service to another and killed
-//! half-way, and one run at each named crash point (`holepunch::crashpoint`: after the
-//! state's temp file is synced, after the rename, right after a PCP request left the socket).
+//! Real peers: the daemon runs on the LAN host of the router lab (miniupnpd 2.3.1 in secure
+//! mode), `relay` mode so the kernel's nftables is involved; backend PCP in the lab with prefix
+//! `hpc-`, backend UPnP IGD in the lab with prefix `hpo-` (there a restarted daemon knows its
+//! mappings only from the state file and the description `holepunch:<ns>/<name>` on the
+//! router). The cluster is the in-test fake API in the same namespace, its Services changed
+//! straight in its store while the daemon works. Kills are SIGKILL after a random delay
+//! (seeded: `CRASH_SEED=<n>` repeats a run; a quarter of the runs start with every renewal
+//! due), a clean start every 25 kills, a router port handed from one Service to another and
+//! killed half-way, and one run at each named crash point (`holepunch::crashpoint`: after the
+//! state's temp file is synced, after the rename, and for PCP right after a request left the
+//! socket; UPnP has no such point).
 //!
 //! A second test (prefix `hph-`, miniupnpd in insecure mode) kills a handover half-way in
 //! `direct` mode, through PCP and through UPnP: there the twins' mappings point at different
@@ -40,16 +43,23 @@ use bin::{Daemon, text};
 use daemon_lab::{config, forwards_of, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::crashpoint;
+use holepunch::model::Backend;
 use holepunch::state::{MappingStatus, State, StateFile};
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-const PREFIX: &str = "hpc-";
+/// The PCP run's lab.
+const PCP_PREFIX: &str = "hpc-";
+/// The UPnP run's lab.
+const UPNP_PREFIX: &str = "hpo-";
 /// The LoadBalancer IP (as MetalLB would announce it) on the lab's node host.
 const LB_IP: &str = "192.168.77.100";
-const ITERATIONS: usize = 100;
+/// Random kills through PCP.
+const PCP_ITERATIONS: usize = 100;
+/// Random kills through UPnP (each SOAP call is slower than a PCP datagram).
+const UPNP_ITERATIONS: usize = 50;
 /// The Services the churn plays with, and the port each asks for. The twins want the same
 /// port: the older one wins (`holepunch::desired`), so unpublishing the winner hands the
 /// router port to the other owner (an unmap and a map of the same port in one pass).
@@ -70,7 +80,8 @@ const NAMED_RUNS: [(&str, u32); 6] = [
     (crashpoint::STATE_TEMP_WRITTEN, 2),
     (crashpoint::STATE_RENAMED, 1),
     (crashpoint::STATE_RENAMED, 2),
-    // With `backend = "pcp"` there is no probe: the first requests are the reconcile's.
+    // With `backend = "pcp"` there is no probe: the first requests are the reconcile's. Only
+    // for PCP (a UPnP daemon never reaches it).
     (crashpoint::PCP_SENT, 1),
     (crashpoint::PCP_SENT, 2),
 ];
@@ -177,14 +188,15 @@ impl Cluster<'_> {
     }
 }
 
-/// The state file must parse, without any recovery; PCP records carry their nonce.
+/// The state file must parse, without any recovery; PCP records carry their nonce (UPnP
+/// records have none).
 fn check_state(state_path: &Path, when: &str, log: &str) -> State {
     let state = holepunch::state::read_state(state_path).unwrap_or_else(|e| {
         panic!("{when}: the state file does not parse: {e}\ndaemon log:\n{log}")
     });
     for record in state.mappings.values() {
         assert!(
-            record.nonce.is_some(),
+            record.backend != Backend::Pcp || record.nonce.is_some(),
             "{when}: a PCP record without its nonce: {record:?}"
         );
     }
@@ -328,13 +340,27 @@ const ROUTER_CALL_LINES: [&str; 4] = [
 
 #[test]
 fn sigkill_at_random_points_loses_nothing() {
-    let lab = Lab::up(PREFIX);
+    sigkill_at_random_points(PCP_PREFIX, Backend::Pcp, PCP_ITERATIONS);
+}
+
+/// The same churn, kills and final checks through UPnP IGD: no nonces; the handover killed
+/// half-way leaves twin-b pending with twin-a's mapping still to delete in `replaces`.
+#[test]
+fn sigkill_at_random_points_loses_nothing_through_upnp() {
+    sigkill_at_random_points(UPNP_PREFIX, Backend::Upnp, UPNP_ITERATIONS);
+}
+
+/// `iterations` random kills of a `relay`-mode daemon talking `backend` to the router in the
+/// lab `prefix`, a handover killed half-way, one run at each named crash point `backend`
+/// reaches, then a clean start that must settle on exactly what the cluster wants.
+fn sigkill_at_random_points(prefix: &str, backend: Backend, iterations: usize) {
+    let lab = Lab::up(prefix);
     let started = Instant::now();
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (CRASH_SEED={seed} repeats this run)");
+    eprintln!("{backend}: seed {seed} (CRASH_SEED={seed} repeats this run)");
     let mut rng = StdRng::seed_from_u64(seed);
     let sysctl = lab.exec("lan", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     assert!(sysctl.status.success(), "{sysctl:?}");
@@ -346,7 +372,7 @@ fn sigkill_at_random_points_loses_nothing() {
         .collect();
 
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
-        let config = config(dir, kubeconfig, "relay", "pcp");
+        let config = config(dir, kubeconfig, "relay", &backend.to_string());
         let state_path = dir.join("state/state.toml");
         let mut cluster = Cluster {
             fake,
@@ -368,7 +394,7 @@ fn sigkill_at_random_points_loses_nothing() {
         let loop_started = Instant::now();
         let mut renewal_iterations = 0;
         let mut settles = Vec::new();
-        for iteration in 0..ITERATIONS {
+        for iteration in 0..iterations {
             for _ in 0..rng.random_range(0..=2) {
                 cluster.churn(&mut rng);
             }
@@ -402,7 +428,7 @@ fn sigkill_at_random_points_loses_nothing() {
                 *router_calls.entry(line).or_default() += log.matches(line).count();
             }
             all_logs.push_str(&log);
-            if (iteration + 1) % SETTLE_EVERY == 0 && iteration + 1 < ITERATIONS {
+            if (iteration + 1) % SETTLE_EVERY == 0 && iteration + 1 < iterations {
                 // A clean start now and then: whatever the kills so far left behind, it
                 // settles on exactly what the cluster wants.
                 let daemon = Daemon::start(&config);
@@ -413,7 +439,7 @@ fn sigkill_at_random_points_loses_nothing() {
         }
         let loop_took = loop_started.elapsed();
         eprintln!(
-            "{ITERATIONS} random kills in {loop_took:?}: {killed_before_ready} before the first \
+            "{backend}: {iterations} random kills in {loop_took:?}: {killed_before_ready} before the first \
              reconcile was done; by delay band {DELAY_BANDS_MS:?} ms: {killed_in_band:?}; \
              {renewal_iterations} renewed something before the kill; router calls the killed \
              daemons logged: {router_calls:?}; clean starts in between settled in {settles:?}"
@@ -422,7 +448,8 @@ fn sigkill_at_random_points_loses_nothing() {
         // 2. A router port changing owner: twin-a (the older twin) holds 8090; unpublished,
         // twin-b is next in line. Once with the daemon running (one pass: unmap, then map),
         // then killed after the state file records the handover and before the router hears
-        // of it: the record on disk keeps the nonce the router knows.
+        // of it: the record on disk keeps the nonce the router knows (PCP), or names twin-a's
+        // mapping as still to delete (UPnP, which has no nonce).
         for name in ["twin-a", "twin-b"] {
             fake.delete_object("Service", "default", name);
         }
@@ -467,36 +494,79 @@ fn sigkill_at_random_points_loses_nothing() {
             || holds("twin-a"),
         );
         all_logs.push_str(&daemon.stop());
-        let nonce_of = |state: &State| {
-            state
-                .mappings
-                .values()
-                .find(|r| r.external_port == TWIN_PORT)
-                .map(|r| (r.owner.to_string(), r.status, r.nonce.clone()))
-        };
-        let held = nonce_of(&check_state(&state_path, "twin-a", "")).and_then(|(.., n)| n);
-        cluster.put("twin-a", false);
-        let armed = format!("{}:1", crashpoint::STATE_RENAMED);
-        let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
-        let log = wait_for_crash(daemon, &armed);
-        assert_eq!(
-            nonce_of(&check_state(&state_path, "handover", &log)),
-            Some((
-                "default/twin-b".to_owned(),
-                MappingStatus::Pending,
-                held.clone()
-            )),
-            "killed before the unmap, the state must still hold the router's nonce\n{log}"
-        );
-        eprintln!(
-            "port {TWIN_PORT} handed from twin-a to twin-b in {handed:?} (one pass); killed \
-             before the unmap was sent, the state file kept the router's nonce"
-        );
-        all_logs.push_str(&log);
+        if backend == Backend::Pcp {
+            let nonce_of = |state: &State| {
+                state
+                    .mappings
+                    .values()
+                    .find(|r| r.external_port == TWIN_PORT)
+                    .map(|r| (r.owner.to_string(), r.status, r.nonce.clone()))
+            };
+            let held = nonce_of(&check_state(&state_path, "twin-a", "")).and_then(|(.., n)| n);
+            cluster.put("twin-a", false);
+            let armed = format!("{}:1", crashpoint::STATE_RENAMED);
+            let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
+            let log = wait_for_crash(daemon, &armed);
+            assert_eq!(
+                nonce_of(&check_state(&state_path, "handover", &log)),
+                Some((
+                    "default/twin-b".to_owned(),
+                    MappingStatus::Pending,
+                    held.clone()
+                )),
+                "killed before the unmap, the state must still hold the router's nonce\n{log}"
+            );
+            eprintln!(
+                "{backend}: port {TWIN_PORT} handed from twin-a to twin-b in {handed:?} (one pass); killed \
+                 before the unmap was sent, the state file kept the router's nonce"
+            );
+            all_logs.push_str(&log);
+        } else {
+            cluster.put("twin-a", false);
+            let armed = format!("{}:1", crashpoint::STATE_RENAMED);
+            let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
+            let log = wait_for_crash(daemon, &armed);
+            let handover = |state: &State| {
+                state
+                    .mappings
+                    .values()
+                    .find(|r| r.external_port == TWIN_PORT)
+                    .map(|r| {
+                        let replaced: Vec<String> =
+                            r.replaces.iter().map(|old| old.owner.to_string()).collect();
+                        (r.owner.to_string(), r.status, replaced)
+                    })
+            };
+            assert_eq!(
+                handover(&check_state(&state_path, "handover", &log)),
+                Some((
+                    "default/twin-b".to_owned(),
+                    MappingStatus::Pending,
+                    vec!["default/twin-a".to_owned()]
+                )),
+                "killed before the unmap, the state must hold twin-b pending and twin-a's \
+                 mapping still to delete\n{log}"
+            );
+            assert_eq!(
+                forwards_of(&lab, TWIN_PORT).len(),
+                1,
+                "killed before the unmap, the router still holds twin-a's one mapping:\n{}",
+                lab.router_forwards()
+            );
+            eprintln!(
+                "{backend}: port {TWIN_PORT} handed from twin-a to twin-b in {handed:?} (one pass); killed \
+                 before the unmap was sent, the state file holds twin-b pending, replacing twin-a"
+            );
+            all_logs.push_str(&log);
+        }
 
-        // 3. One run at each named crash point, each after a change the daemon must apply,
-        // and once more killed right after a renewal left for the router.
-        for (point, nth) in NAMED_RUNS {
+        // 3. One run at each named crash point the backend reaches, each after a change the
+        // daemon must apply, and (PCP) once more killed right after a renewal left for the
+        // router.
+        for (point, nth) in NAMED_RUNS
+            .into_iter()
+            .filter(|(point, _)| backend == Backend::Pcp || *point != crashpoint::PCP_SENT)
+        {
             let armed = format!("{point}:{nth}");
             cluster.flip(&mut rng);
             cluster.flip(&mut rng);
@@ -508,31 +578,33 @@ fn sigkill_at_random_points_loses_nothing() {
             );
             let state = check_state(&state_path, &armed, &log);
             eprintln!(
-                "crash point {armed}: killed itself; the state file parses ({} records: {:?})",
+                "{backend}: crash point {armed}: killed itself; the state file parses ({} records: {:?})",
                 state.mappings.len(),
                 records(&state)
             );
             all_logs.push_str(&log);
         }
 
-        // Killed right after a renewal left: settle first, so that renewals are all there is
-        // to do, then make them due.
-        let daemon = Daemon::start(&config);
-        wait_settled(&lab, &daemon, &state_path, &cluster);
-        all_logs.push_str(&daemon.stop());
-        let due = make_renewals_due(&state_path);
-        let armed = format!("{}:1", crashpoint::PCP_SENT);
-        let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
-        let log = wait_for_crash(daemon, &armed);
-        assert!(
-            log.contains("crash point pcp-sent reached (time 1)") && log.contains("renew    "),
-            "{log}"
-        );
-        check_state(&state_path, "killed after a renewal was sent", &log);
-        eprintln!(
-            "crash point {armed} with {due} renewals due: killed after the first left; the state file parses"
-        );
-        all_logs.push_str(&log);
+        if backend == Backend::Pcp {
+            // Killed right after a renewal left: settle first, so that renewals are all there is
+            // to do, then make them due.
+            let daemon = Daemon::start(&config);
+            wait_settled(&lab, &daemon, &state_path, &cluster);
+            all_logs.push_str(&daemon.stop());
+            let due = make_renewals_due(&state_path);
+            let armed = format!("{}:1", crashpoint::PCP_SENT);
+            let daemon = Daemon::start_with_env(&config, &[(crashpoint::CRASH_AT_ENV, &armed)]);
+            let log = wait_for_crash(daemon, &armed);
+            assert!(
+                log.contains("crash point pcp-sent reached (time 1)") && log.contains("renew    "),
+                "{log}"
+            );
+            check_state(&state_path, "killed after a renewal was sent", &log);
+            eprintln!(
+                "crash point {armed} with {due} renewals due: killed after the first left; the state file parses"
+            );
+            all_logs.push_str(&log);
+        }
 
         // 4. A clean start settles on exactly what the cluster wants.
         let daemon = Daemon::start(&config);
@@ -599,12 +671,15 @@ fn sigkill_at_random_points_loses_nothing() {
             .collect();
         assert!(aside.is_empty(), "damaged state files: {aside:?}");
         eprintln!(
-            "clean start settled in {settled:?} on ports {want_ports:?} ({desired:?}); \
+            "{backend}: clean start settled in {settled:?} on ports {want_ports:?} ({desired:?}); \
              traffic from the internet reaches each; every Service deleted -> router, nftables \
              and state empty in {emptied:?}; no NOT_AUTHORIZED"
         );
     });
-    eprintln!("test took {:?} once its lab was up", started.elapsed());
+    eprintln!(
+        "{backend}: test took {:?} once its lab was up",
+        started.elapsed()
+    );
 }
 
 /// The direct-mode handover test's own lab (insecure miniupnpd: it maps to other hosts).
