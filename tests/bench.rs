@@ -41,7 +41,7 @@ use daemon_lab::{forwards_of, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
 use holepunch::router::pcp::codec::{self, Nonce, ResultCode};
-use holepunch::state::{MappingRecord, MappingStatus, State};
+use holepunch::state::{MappingRecord, State};
 use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP};
 use measure::{LB_IP, lab_config, load_balancer, median, percentile, reconcile_passes, report};
 
@@ -417,37 +417,27 @@ fn write_state(path: &Path, count: u16) {
     for i in 0..count {
         let port = 30_000 + i;
         let endpoint = Endpoint::new(lb, port);
-        let record = MappingRecord {
-            owner: Owner::new("default", format!("svc-{i}")),
-            service_port: port,
+        let key = MappingKey {
             protocol: Protocol::Tcp,
             external_port: port,
-            internal: endpoint,
-            target: endpoint,
+        };
+        let record = MappingRecord {
             target_source: TargetSource::LoadBalancer,
-            backend: Backend::Pcp,
             router: ROUTER_LAN_IP.to_owned(),
             nonce: Some(format!("{:024x}", u128::from(i) + 1)),
             lifetime_secs: 3600,
             granted_at: Some(granted),
             renew_at: Some(granted + jiff::SignedDuration::from_secs(1800)),
             expires_at: Some(granted + jiff::SignedDuration::from_secs(3600)),
-            epoch: None,
             external_address: Some(ROUTER_WAN_IP.parse().expect("lab address")),
-            status: MappingStatus::Active,
-            retry_at: None,
-            failures: 0,
-            replaces: Vec::new(),
-            failure: None,
-            last_error: None,
+            ..MappingRecord::leftover(
+                Owner::new("default", format!("svc-{i}")),
+                key,
+                endpoint,
+                Backend::Pcp,
+            )
         };
-        mappings.insert(
-            MappingKey {
-                protocol: Protocol::Tcp,
-                external_port: port,
-            },
-            record,
-        );
+        mappings.insert(key, record);
     }
     let state = State { mappings };
     let dir = path.parent().expect("state dir");

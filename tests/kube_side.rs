@@ -17,8 +17,8 @@ use fake_api::FakeApi;
 use holepunch::kube::KubeError;
 use holepunch::kube::events::{EventKind, EventPublisher, event_for_live, event_for_problem};
 use holepunch::kube::status::{StatusUpdate, status_updates, write_status};
-use holepunch::model::{Backend, Endpoint, Owner, Problem, ProblemKind, Protocol, TargetSource};
-use holepunch::state::{MappingRecord, MappingStatus};
+use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Problem, ProblemKind, Protocol};
+use holepunch::state::MappingRecord;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::ListParams;
@@ -91,28 +91,19 @@ fn service(name: &str, class: Option<&str>, ingress: Option<Value>) -> Value {
 
 fn live_record(owner: &str, external_port: u16) -> MappingRecord {
     MappingRecord {
-        owner: owner.parse().expect("owner"),
         service_port: 8080,
-        protocol: Protocol::Tcp,
-        external_port,
-        internal: Endpoint::new(Ipv4Addr::new(192, 168, 77, 10), external_port),
         target: Endpoint::new(Ipv4Addr::new(192, 168, 77, 20), 30080),
-        target_source: TargetSource::NodePort,
-        backend: Backend::Upnp,
-        router: String::new(),
-        nonce: None,
         lifetime_secs: 3600,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
-        epoch: None,
         external_address: Some(EXTERNAL_IP),
-        status: MappingStatus::Active,
-        retry_at: None,
-        failures: 0,
-        replaces: Vec::new(),
-        failure: None,
-        last_error: None,
+        ..MappingRecord::leftover(
+            owner.parse().expect("owner"),
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port,
+            },
+            Endpoint::new(Ipv4Addr::new(192, 168, 77, 10), external_port),
+            Backend::Upnp,
+        )
     }
 }
 

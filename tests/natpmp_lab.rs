@@ -12,12 +12,12 @@ use std::net::Ipv4Addr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 use holepunch::router::announce::{AnnounceListener, Announcement};
 use holepunch::router::natpmp::client::{NatpmpClient, Schedule};
 use holepunch::router::natpmp::codec as natpmp;
 use holepunch::router::{MapRequest, PortMapper, RouterError};
-use holepunch::state::{MappingRecord, MappingStatus};
+use holepunch::state::MappingRecord;
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, WAN_CLIENT_IP, listen, received, send_from_wan};
 
 const PREFIX: &str = "hpn-";
@@ -370,30 +370,18 @@ fn request(protocol: Protocol, port: u16) -> MapRequest {
 }
 
 fn record(protocol: Protocol, port: u16) -> MappingRecord {
-    let internal = Endpoint::new(lan_ip(), port);
     MappingRecord {
-        owner: Owner::new("default", "web"),
-        service_port: port,
-        protocol,
-        external_port: port,
-        internal,
-        target: internal,
-        target_source: TargetSource::NodePort,
-        backend: Backend::Natpmp,
         router: ROUTER_LAN_IP.to_owned(),
-        nonce: None,
         lifetime_secs: 600,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
-        epoch: None,
-        external_address: None,
-        status: MappingStatus::Active,
-        retry_at: None,
-        failures: 0,
-        replaces: Vec::new(),
-        failure: None,
-        last_error: None,
+        ..MappingRecord::leftover(
+            Owner::new("default", "web"),
+            MappingKey {
+                protocol,
+                external_port: port,
+            },
+            Endpoint::new(lan_ip(), port),
+            Backend::Natpmp,
+        )
     }
 }
 

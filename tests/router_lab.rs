@@ -315,10 +315,10 @@ fn pcp_client_maps_unmaps_idempotently_and_reports_a_silent_gateway() {
 #[test]
 #[ignore = "run by pcp_client_maps_unmaps_idempotently_and_reports_a_silent_gateway"]
 fn pcp_client_step_in_lan() {
-    use holepunch::model::{Backend, Endpoint, Owner, TargetSource};
+    use holepunch::model::{Backend, Endpoint, MappingKey, Owner};
     use holepunch::router::pcp::client::{PcpClient, Schedule};
     use holepunch::router::{MapRequest, PortMapper, RouterError};
-    use holepunch::state::{MappingRecord, MappingStatus};
+    use holepunch::state::MappingRecord;
 
     let step = std::env::var("HOLEPUNCH_PCP_STEP").expect("set by the outer test");
     let nonce = std::env::var("HOLEPUNCH_PCP_NONCE").expect("set by the outer test");
@@ -352,28 +352,17 @@ fn pcp_client_step_in_lan() {
             "unmap" => {
                 let mut client = PcpClient::new(gateway, lan_ip());
                 let record = MappingRecord {
-                    owner: Owner::new("default", "web"),
-                    service_port: 18100,
-                    protocol: Protocol::Tcp,
-                    external_port: 18100,
-                    internal,
-                    target: internal,
-                    target_source: TargetSource::NodePort,
-                    backend: Backend::Pcp,
-                    router: String::new(),
                     nonce: Some(nonce.clone()),
                     lifetime_secs: 600,
-                    granted_at: None,
-                    renew_at: None,
-                    expires_at: None,
-                    epoch: None,
-                    external_address: None,
-                    status: MappingStatus::Active,
-                    retry_at: None,
-                    failures: 0,
-                    replaces: Vec::new(),
-                    failure: None,
-                    last_error: None,
+                    ..MappingRecord::leftover(
+                        Owner::new("default", "web"),
+                        MappingKey {
+                            protocol: Protocol::Tcp,
+                            external_port: 18100,
+                        },
+                        internal,
+                        Backend::Pcp,
+                    )
                 };
                 client
                     .unmap(&record)

@@ -10,11 +10,11 @@ mod lab;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 use holepunch::router::upnp::http::{self, HttpUrl};
 use holepunch::router::upnp::{Discovery, UpnpClient, soap};
 use holepunch::router::{MapRequest, PortMapper};
-use holepunch::state::{MappingRecord, MappingStatus};
+use holepunch::state::MappingRecord;
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_LAN_IP, WAN_CLIENT_IP, listen, received, send_from_wan};
 
 const PREFIX: &str = "hpu-";
@@ -373,30 +373,17 @@ fn map_request(protocol: Protocol, port: u16, address: Ipv4Addr) -> MapRequest {
 }
 
 fn record(protocol: Protocol, port: u16, address: Ipv4Addr) -> MappingRecord {
-    let internal = Endpoint::new(address, port);
     MappingRecord {
-        owner: owner_for(protocol, port),
-        service_port: port,
-        protocol,
-        external_port: port,
-        internal,
-        target: internal,
-        target_source: TargetSource::NodePort,
-        backend: Backend::Upnp,
-        router: String::new(),
-        nonce: None,
         lifetime_secs: 3600,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
-        epoch: None,
-        external_address: None,
-        status: MappingStatus::Active,
-        retry_at: None,
-        failures: 0,
-        replaces: Vec::new(),
-        failure: None,
-        last_error: None,
+        ..MappingRecord::leftover(
+            owner_for(protocol, port),
+            MappingKey {
+                protocol,
+                external_port: port,
+            },
+            Endpoint::new(address, port),
+            Backend::Upnp,
+        )
     }
 }
 

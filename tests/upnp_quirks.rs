@@ -12,11 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fake_igd::{EXTERNAL_IP, FakeIgd, FakeMapping, UDN, WANIP1, WANIP2, WANPPP1};
-use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 use holepunch::router::upnp::http::HttpError;
 use holepunch::router::upnp::{Discovery, UpnpClient, UpnpError};
 use holepunch::router::{MapRequest, PortMapper, RouterError};
-use holepunch::state::{MappingRecord, MappingStatus};
+use holepunch::state::MappingRecord;
 
 const HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const HTTP_TIMEOUT_MS: u64 = 300;
@@ -49,30 +49,18 @@ fn request(port: u16) -> MapRequest {
 }
 
 fn record(port: u16) -> MappingRecord {
-    let internal = Endpoint::new(HOST, 8080);
     MappingRecord {
-        owner: Owner::new("default", "web"),
         service_port: 80,
-        protocol: Protocol::Tcp,
-        external_port: port,
-        internal,
-        target: internal,
-        target_source: TargetSource::NodePort,
-        backend: Backend::Upnp,
-        router: String::new(),
-        nonce: None,
         lifetime_secs: 3600,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
-        epoch: None,
-        external_address: None,
-        status: MappingStatus::Active,
-        retry_at: None,
-        failures: 0,
-        replaces: Vec::new(),
-        failure: None,
-        last_error: None,
+        ..MappingRecord::leftover(
+            Owner::new("default", "web"),
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            },
+            Endpoint::new(HOST, 8080),
+            Backend::Upnp,
+        )
     }
 }
 

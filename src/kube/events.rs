@@ -320,8 +320,7 @@ fn action(event: &ServiceEvent) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
-    use crate::state::MappingStatus;
+    use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 
     #[test]
     fn a_refused_event_waits_5_s_doubling_to_5_min() {
@@ -408,28 +407,19 @@ mod tests {
 
     fn record(external: Option<&str>) -> MappingRecord {
         MappingRecord {
-            owner: Owner::new("default", "web"),
             service_port: 8080,
-            protocol: Protocol::Tcp,
-            external_port: 18080,
-            internal: Endpoint::new("192.168.77.10".parse().expect("ip"), 18080),
             target: Endpoint::new("192.168.77.20".parse().expect("ip"), 30080),
-            target_source: TargetSource::NodePort,
-            backend: Backend::Pcp,
-            router: String::new(),
-            nonce: None,
             lifetime_secs: 120,
-            granted_at: None,
-            renew_at: None,
-            expires_at: None,
-            epoch: None,
             external_address: external.map(|ip| ip.parse().expect("ip")),
-            status: MappingStatus::Active,
-            retry_at: None,
-            failures: 0,
-            replaces: Vec::new(),
-            failure: None,
-            last_error: None,
+            ..MappingRecord::leftover(
+                Owner::new("default", "web"),
+                MappingKey {
+                    protocol: Protocol::Tcp,
+                    external_port: 18080,
+                },
+                Endpoint::new("192.168.77.10".parse().expect("ip"), 18080),
+                Backend::Pcp,
+            )
         }
     }
 

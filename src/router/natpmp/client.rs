@@ -438,8 +438,7 @@ impl PortMapper for NatpmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, Owner, TargetSource};
-    use crate::state::MappingStatus;
+    use crate::model::{Endpoint, MappingKey, Owner};
 
     const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
     const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -463,30 +462,17 @@ mod tests {
     }
 
     fn record(protocol: Protocol, port: u16, address: Ipv4Addr) -> MappingRecord {
-        let internal = Endpoint::new(address, port);
         MappingRecord {
-            owner: Owner::new("default", "web"),
-            service_port: port,
-            protocol,
-            external_port: port,
-            internal,
-            target: internal,
-            target_source: TargetSource::NodePort,
-            backend: Backend::Natpmp,
-            router: String::new(),
-            nonce: None,
             lifetime_secs: 600,
-            granted_at: None,
-            renew_at: None,
-            expires_at: None,
-            epoch: None,
-            external_address: None,
-            status: MappingStatus::Active,
-            retry_at: None,
-            failures: 0,
-            replaces: Vec::new(),
-            failure: None,
-            last_error: None,
+            ..MappingRecord::leftover(
+                Owner::new("default", "web"),
+                MappingKey {
+                    protocol,
+                    external_port: port,
+                },
+                Endpoint::new(address, port),
+                Backend::Natpmp,
+            )
         }
     }
 
