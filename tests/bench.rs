@@ -37,7 +37,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bin::Daemon;
-use daemon_lab::{forwards_of, wait_until, with_fake_cluster_in};
+use daemon_lab::{forwards_of, wait_for_first_reconcile, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
 use holepunch::router::pcp::codec::{self, Nonce, ResultCode};
@@ -223,12 +223,7 @@ impl<'a> AnnotateRuns<'a> {
                 .apply_object(load_balancer(&self.name(i), self.port(i), false, "0"));
         }
         let daemon = Daemon::start(&config);
-        wait_until(
-            &daemon,
-            "the first reconcile",
-            Duration::from_secs(30),
-            || daemon.log().contains("first reconcile done"),
-        );
+        wait_for_first_reconcile(&daemon, Duration::from_secs(30));
         daemon
     }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use bin::{Daemon, status_json, text};
 use daemon_lab::{
-    config, forwards_of, has_event, kubectl, wait_until, with_daemon_in, with_daemon_in_lan,
-    with_fake_cluster_in,
+    config, forwards_of, has_event, kubectl, wait_for_first_reconcile, wait_until, with_daemon_in,
+    with_daemon_in_lan, with_fake_cluster_in,
 };
 use fake_api::FakeApi;
 use lab::{LAN_IP, Lab, NODE_IP, ROUTER_WAN_IP, WAN_CLIENT_IP};
@@ -984,12 +984,7 @@ fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
             "spec": {"type": "LoadBalancer", "ports": [{"name": "ssh", "port": 22, "protocol": "TCP"}]},
             "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
         }));
-            wait_until(
-                daemon,
-                "the first reconcile",
-                Duration::from_secs(20),
-                || daemon.log().contains("first reconcile done"),
-            );
+            wait_for_first_reconcile(daemon, Duration::from_secs(20));
             let before = lab.router_pcp_packets();
             kubectl(
                 kubeconfig,

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use bin::{BIN, text};
 use daemon_lab::{
-    config_with_metrics, forwards_of, has_event, kubectl, wait_until, wait_until_logged,
-    with_daemon_in_lan, with_fake_cluster_at,
+    config_with_metrics, forwards_of, has_event, kubectl, wait_for_first_reconcile, wait_until,
+    wait_until_logged, with_daemon_in_lan, with_fake_cluster_at,
 };
 use fake_api::FakeApi;
 use lab::{Lab, ROUTER_WAN_IP, WAN_CLIENT_IP};
@@ -469,12 +469,7 @@ fn a_denied_port_puts_no_packet_on_the_wire_to_the_router() {
         "pcp",
         "",
         |fake, kubeconfig, _config, daemon| {
-            wait_until(
-                daemon,
-                "the first reconcile",
-                Duration::from_secs(20),
-                || daemon.log().contains("first reconcile done"),
-            );
+            wait_for_first_reconcile(daemon, Duration::from_secs(20));
             let capture =
                 Capture::start(&lab, &dir, "pcp", "br0", "udp port 5351 or udp port 5350");
             tcp_service(fake, "shell", 22);

@@ -63,6 +63,14 @@ pub fn wait_until(
     wait_until_logged(|| daemon.log(), what, limit, condition)
 }
 
+/// Waits up to `limit` for the daemon's first reconcile (its "first reconcile done; ready"
+/// line, logged with READY=1).
+pub fn wait_for_first_reconcile(daemon: &Daemon, limit: Duration) -> Duration {
+    wait_until(daemon, "the first reconcile", limit, || {
+        daemon.log().contains("first reconcile done")
+    })
+}
+
 /// [`wait_until`] for a daemon started some other way: `log` reads its log for the panic.
 pub fn wait_until_logged(
     log: impl Fn() -> String,
