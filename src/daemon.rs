@@ -370,7 +370,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             let up = state
                 .mappings
                 .values()
-                .filter(|r| r.status == crate::state::MappingStatus::Active)
+                .filter(|r| r.status == MappingStatus::Active)
                 .count();
             notify_status(&format!(
                 "{up} mappings up through {backend}, {} problems",

@@ -313,28 +313,21 @@ mod tests {
 
     fn record(m: &PortMapping, forwarding: Forwarding, status: MappingStatus) -> MappingRecord {
         MappingRecord {
-            owner: m.owner.clone(),
             service_port: m.service_port,
-            protocol: m.protocol,
-            external_port: m.external_port,
-            internal: forwarding.internal(m),
             target: m.target.endpoint,
             target_source: m.target.source,
-            backend: Backend::Upnp,
             router: "192.168.1.1".into(),
-            nonce: None,
             lifetime_secs: 3600,
             granted_at: Some(t(0)),
             renew_at: Some(t(1800)),
             expires_at: Some(t(3600)),
-            epoch: None,
-            external_address: None,
             status,
-            retry_at: None,
-            failures: 0,
-            replaces: Vec::new(),
-            failure: None,
-            last_error: None,
+            ..MappingRecord::leftover(
+                m.owner.clone(),
+                m.key(),
+                forwarding.internal(m),
+                Backend::Upnp,
+            )
         }
     }
 
