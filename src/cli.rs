@@ -548,7 +548,10 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         Err(e) => {
             return Err(Failure::new(
                 EXIT_OTHER,
-                anyhow::anyhow!("cannot remove the nftables table: {e}"),
+                anyhow::Error::new(e).context(
+                    "cannot remove the nftables table (holepunch cleanup needs root, or \
+                     CAP_NET_ADMIN)",
+                ),
             ));
         }
     }

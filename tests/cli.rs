@@ -218,12 +218,19 @@ fn cleanup_removes_what_it_can_and_never_forgets_a_router_mapping() {
     );
     std::fs::write(state_dir.join("state.toml"), state).expect("write state");
 
-    let out = holepunch(&["cleanup", "--config", config.to_str().expect("utf-8")]);
+    // In a network namespace of its own (a user namespace makes that possible without root),
+    // holding a table inet holepunch that cleanup must remove: the machine's own nftables are
+    // never touched, and the test runs as any user.
+    let out = in_own_netns(
+        "nft add table inet holepunch",
+        &["cleanup", "--config", config.to_str().expect("utf-8")],
+    );
     assert_eq!(out.status.code(), Some(5), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("removed 1 mappings, 1 left"), "{stdout}");
     assert!(
-        text(&out.stdout).contains("removed 1 mappings, 1 left"),
-        "{}",
-        text(&out.stdout)
+        stdout.contains("removed the nftables table inet holepunch"),
+        "{stdout}"
     );
     let owners: Vec<String> = status_json(&config)["mappings"]
         .as_array()
@@ -232,4 +239,24 @@ fn cleanup_removes_what_it_can_and_never_forgets_a_router_mapping() {
         .map(|m| m["owner"].as_str().unwrap_or("").to_owned())
         .collect();
     assert_eq!(owners, ["default/web8081"]);
+}
+
+/// Runs `holepunch <args>` in a new network namespace (inside a new user namespace, where this
+/// user is root: no privileges needed) after the shell command `setup` ran there.
+fn in_own_netns(setup: &str, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "sh", "-ec"])
+        .arg(r#"PATH="$PATH:/usr/sbin:/sbin"; eval "$1"; shift; exec "$@""#)
+        .args(["sh", setup, bin::BIN])
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("HOLEPUNCH_CONFIG")
+        .output()
+        .expect("unshare runs (util-linux)");
+    assert!(
+        !text(&out.stderr).starts_with("unshare:"),
+        "this test needs user namespaces (kernel.unprivileged_userns_clone=1, or root): {}",
+        text(&out.stderr)
+    );
+    out
 }
