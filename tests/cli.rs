@@ -211,6 +211,8 @@ fn a_truncated_state_file_is_moved_aside_and_its_readable_records_kept() {
             })
             .unwrap_or(false)
             && state_dir.join("state.toml").exists()
+            // The file is moved aside before the daemon logs it: wait for both.
+            && daemon.log().contains("STATE FILE DAMAGED")
     });
     let log = daemon.stop();
     assert!(log.contains("STATE FILE DAMAGED"), "not said loudly: {log}");
