@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fake_igd::{EXTERNAL_IP, FakeIgd, FakeMapping, UDN, WANIP1, WANIP2, WANPPP1};
+use fake_igd::{Behaviour, EXTERNAL_IP, FakeIgd, FakeMapping, UDN, WANIP1, WANIP2, WANPPP1};
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
 use holepunch::router::upnp::http::HttpError;
 use holepunch::router::upnp::{Discovery, UpnpClient, UpnpError};
@@ -180,6 +180,51 @@ async fn dsl_modem_with_only_wanpppconnection_is_used_through_it() {
     );
     assert!(calls.iter().any(|call| call.action == "DeletePortMapping"));
     assert_eq!(fake.mapping("TCP", 18085), None);
+}
+
+/// The service types GetStatusInfo was asked of, in order.
+fn status_asked(fake: &FakeIgd) -> Vec<String> {
+    fake.calls()
+        .iter()
+        .filter(|call| call.action == "GetStatusInfo")
+        .map(|call| {
+            call.soap_action
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pppoe_router_with_a_disconnected_wanipconnection_is_used_through_the_connected_ppp_one() {
+    // Both connected: the preference order holds, and the first answer settles it.
+    let both = FakeIgd::start(Behaviour {
+        services: vec![WANIP1, WANPPP1],
+        ..Behaviour::default()
+    })
+    .await;
+    assert_eq!(discover(&both).await.service_type(), WANIP1);
+    assert_eq!(status_asked(&both), [WANIP1]);
+
+    let fake = FakeIgd::ppp_connected_beside_disconnected_ip().await;
+    let mut client = discover(&fake).await;
+    assert_eq!(client.service_type(), WANPPP1);
+    assert_eq!(status_asked(&fake), [WANIP1, WANPPP1]);
+    client.map(&request(18086)).await.unwrap();
+    let add = fake
+        .calls()
+        .into_iter()
+        .find(|call| call.action == "AddPortMapping")
+        .expect("AddPortMapping sent");
+    assert!(add.soap_action.starts_with(WANPPP1), "{add:?}");
+    assert!(fake.mapping("TCP", 18086).is_some());
+
+    // One service: nothing to choose, no GetStatusInfo.
+    let single = FakeIgd::wanppp_only().await;
+    assert_eq!(discover(&single).await.service_type(), WANPPP1);
+    assert!(status_asked(&single).is_empty());
 }
 
 #[tokio::test]

@@ -57,6 +57,8 @@ pub struct Behaviour {
     pub stray_bytes_in_descriptions: bool,
     /// A URLBase in the description (UDA 1.0), against which control URLs resolve.
     pub url_base: Option<String>,
+    /// Services whose GetStatusInfo says `Disconnected` (the others say `Connected`).
+    pub disconnected: Vec<&'static str>,
 }
 
 impl Default for Behaviour {
@@ -72,6 +74,7 @@ impl Default for Behaviour {
             forgets_before_delete: false,
             stray_bytes_in_descriptions: false,
             url_base: None,
+            disconnected: Vec::new(),
         }
     }
 }
@@ -188,6 +191,17 @@ impl FakeIgd {
     pub async fn wanppp_only() -> FakeIgd {
         FakeIgd::start(Behaviour {
             services: vec![WANPPP1],
+            ..Behaviour::default()
+        })
+        .await
+    }
+
+    /// A PPPoE router that lists a disconnected WANIPConnection:1 before the connected
+    /// WANPPPConnection:1 that carries the traffic.
+    pub async fn ppp_connected_beside_disconnected_ip() -> FakeIgd {
+        FakeIgd::start(Behaviour {
+            services: vec![WANIP1, WANPPP1],
+            disconnected: vec![WANIP1],
             ..Behaviour::default()
         })
         .await
@@ -475,6 +489,23 @@ fn control(
         ))
     };
     match action {
+        "GetStatusInfo" => {
+            let status = if behaviour.disconnected.iter().any(|s| *s == service) {
+                "Disconnected"
+            } else {
+                "Connected"
+            };
+            success(
+                behaviour,
+                service,
+                action,
+                &[
+                    ("NewConnectionStatus", status.to_owned()),
+                    ("NewLastConnectionError", "ERROR_NONE".to_owned()),
+                    ("NewUptime", "42".to_owned()),
+                ],
+            )
+        }
         "GetExternalIPAddress" => success(
             behaviour,
             service,
