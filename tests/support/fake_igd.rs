@@ -490,7 +490,7 @@ fn control(
     };
     match action {
         "GetStatusInfo" => {
-            let status = if behaviour.disconnected.iter().any(|s| *s == service) {
+            let status = if behaviour.disconnected.contains(&service) {
                 "Disconnected"
             } else {
                 "Connected"

@@ -15,6 +15,7 @@
 pub mod description;
 pub mod discovery;
 pub mod http;
+pub mod pinhole;
 pub mod soap;
 pub mod ssdp;
 pub mod xml;
