@@ -98,7 +98,7 @@ impl Pcp6Client {
         }
     }
 
-    /// Creates or renews (same nonce) the pinhole.
+    /// Creates the pinhole, or renews it in place (same nonce; see [`Pcp6Client::renew`]).
     pub async fn map(&mut self, map: &PinholeMap) -> Result<PinholeGrant, RouterError> {
         let lifetime_secs = match map.lifetime_secs {
             0 => crate::router::natpmp::client::PERMANENT_SUBSTITUTE_SECS,
@@ -151,14 +151,37 @@ impl Pcp6Client {
         })
     }
 
+    /// Renews the pinhole by replacing it: delete (lifetime 0, its nonce), then MAP again.
+    /// Use this, not [`Pcp6Client::map`], to renew.
+    // NOTE: miniupnpd 2.3.1 (nftables) keeps an IPv6 pinhole's nonce only in the rule's
+    // description, and renewing through MAP (pcpserver.c CreatePCPMap_FW ->
+    // upnp_update_inboundpinhole) rewrites the rule without it: from then on a delete with the
+    // right nonce is refused NOT_AUTHORIZED and the pinhole stays open until its lifetime ends
+    // (measured in the lab). Replacing keeps the nonce on the rule. New inbound connections
+    // that arrive between the two answers (about a millisecond) are dropped and retried by the
+    // peer; established ones are not affected (the router's firewall drops only new flows).
+    pub async fn renew(&mut self, map: &PinholeMap) -> Result<PinholeGrant, RouterError> {
+        match self.delete(map).await {
+            Ok(()) => {}
+            // Already renewed in place (by `map`): the replace cannot happen, renew in place.
+            Err(RouterError::Refused { reason, .. }) => {
+                tracing::debug!(%reason, port = map.internal_port,
+                    "PCP: could not replace the IPv6 pinhole; renewing it in place");
+            }
+            Err(err) => return Err(err),
+        }
+        self.map(map).await
+    }
+
     /// Deletes the pinhole (lifetime 0, the same nonce, §15); one that is gone is success.
     pub async fn delete(&mut self, map: &PinholeMap) -> Result<(), RouterError> {
         let request = self.wire(map, 0);
         let response = self.exchange(&request).await?;
         match response.result {
             ResultCode::Success => Ok(()),
-            // NOTE: miniupnpd 2.3.1 answers NO_RESOURCES to deleting a mapping it does not
-            // hold (measured for IPv4 and IPv6 in the lab): gone is what was asked for.
+            // NOTE: deleting a pinhole it does not hold, miniupnpd 2.3.1 answers SUCCESS for
+            // IPv6 (pcpserver.c DeletePCPMap leaves the result unset; measured in the lab) and
+            // NO_RESOURCES for IPv4 mappings: either way, gone is what was asked for.
             ResultCode::NoResources => Ok(()),
             other => Err(error_for_result(
                 other,
