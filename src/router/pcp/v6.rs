@@ -128,7 +128,7 @@ impl Pcp6Client {
             }
         };
         if body.assigned_external_port != map.internal_port {
-            // Not the pinhole asked for: give it back (DESIGN rule: compare granted vs wanted).
+            // Not the pinhole asked for: give it back rather than open another port.
             let wanted = map.internal_port;
             let granted = body.assigned_external_port;
             if let Err(err) = self.delete(map).await {
@@ -203,7 +203,7 @@ impl Pcp6Client {
             ))
         };
         // NOTE: the source address must be the client-IP field, or the router answers
-        // ADDRESS_MISMATCH (RFC 6887 §8.1; README "Protocol rules").
+        // ADDRESS_MISMATCH (RFC 6887 §8.1).
         let socket = UdpSocket::bind((self.client_ip, 0))
             .await
             .map_err(|err| unreachable("bind the UDP socket", err))?;
