@@ -420,15 +420,22 @@ fn pcp_map_over_ipv6_opens_a_pinhole_and_lifetime_zero_with_its_nonce_closes_it(
     assert!(!reaches(&lab, "tcp", LAN, 18630), "open after delete");
     assert!(reaches(&lab, "udp", LAN, 18630), "the UDP pinhole went too");
 
-    // A router restart loses the pinhole; the same MAP (same nonce) restores it.
-    lab.restart_router();
-    assert!(!reaches(&lab, "udp", LAN, 18630), "open after the restart");
+    // A router restart loses the pinhole; the client sees the epoch start again (§8.5), and
+    // the same MAP (same nonce) restores the pinhole.
     in_lan(&lab, async || {
         let mut client = pcp_client();
         client
             .map(&pcp_map(Protocol::Udp, 18630, udp))
             .await
+            .expect("MAP (a renewal in place)");
+        assert!(!client.take_restart(), "a restart seen before one happened");
+        lab.restart_router();
+        assert!(!reaches(&lab, "udp", LAN, 18630), "open after the restart");
+        client
+            .map(&pcp_map(Protocol::Udp, 18630, udp))
+            .await
             .expect("MAP after the restart");
+        assert!(client.take_restart(), "the restart went unnoticed");
     });
     assert!(reaches(&lab, "udp", LAN, 18630), "not restored");
     in_lan(&lab, async || {
