@@ -326,6 +326,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     Ruleset::for_state(
                         forwarding,
                         config.exposure.wan_interface.as_deref(),
+                        address
+                            .as_ref()
+                            .map(|a| a.gateway)
+                            .or(config.router.address),
                         &state,
                     ),
                     check_rules,
