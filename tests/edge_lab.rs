@@ -334,7 +334,8 @@ fn forge(lab: &Lab, sport: u16, count: u32, gap_secs: f64) {
 /// sees comes from an announcement: a real restart is believed and restores the mapping on
 /// its port; then 40 forged announcements from the router's address but another port cost
 /// nothing, and a flood of 300 from its port 5351 costs at most [`CHECK_BURST`] requests and
-/// restores nothing, records no forged address, and the Service stays reachable.
+/// restores nothing, records no forged address, and the Service stays reachable; a second
+/// real restart once the budget is back restores again.
 #[test]
 #[cfg_attr(
     not(feature = "lab"),
@@ -467,6 +468,19 @@ fn forged_announcements_cost_a_few_requests_and_a_real_restart_still_restores() 
             "{}",
             daemon.log()
         );
+
+        // The flood spent the budget, which comes back (one check per 30 s): a second real
+        // restart, 31 s after the first, is believed and restores again.
+        let since = restarted.elapsed();
+        std::thread::sleep(Duration::from_secs(31).saturating_sub(since));
+        lab.restart_router();
+        wait_until(
+            &daemon,
+            "the restore after the second restart",
+            Duration::from_secs(10),
+            || restored() == 2 && forwards_of(&lab, PORT).len() == 1,
+        );
+        assert!(reached("restored again"), "{}", daemon.log());
         drop(daemon);
     });
 }
