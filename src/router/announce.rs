@@ -32,7 +32,7 @@ use super::natpmp::codec as natpmp;
 use super::pcp::client::{CHECK_SCHEDULE, PcpClient, epoch_is_consistent};
 use super::pcp::codec as pcp;
 use crate::model::Backend;
-use crate::state::{MappingStatus, State};
+use crate::state::{MappingRecord, MappingStatus, State};
 
 // NOTE: RFC 6887 §14.1.3 reuses NAT-PMP's group and port (RFC 6886 §3.2.1), so one socket
 // hears both protocols.
@@ -57,8 +57,12 @@ pub const CHECK_REFILL_SECS: u64 = 30;
 /// At most one restore of lost mappings per this many seconds, whatever arrives.
 pub const RESTORE_INTERVAL_SECS: u64 = 30;
 /// Slack when the router's epoch is compared with holepunch's clock, plus 1/16 of the time
-/// compared (RFC 6887 §8.5 allows as much).
-const EPOCH_SLACK_SECS: i64 = 2;
+/// compared (RFC 6887 §8.5 allows as much), on top of the epoch's 1 s granularity.
+const EPOCH_SLACK_MS: i64 = 1000;
+/// A router that answers with an epoch this small (re)started within the last seconds: the
+/// epoch cannot tell whether a mapping granted just before is still there, so every mapping
+/// granted before the answer is restored (asking for one it holds is a renewal).
+const FRESH_EPOCH_SECS: u32 = 2;
 /// The NAT-PMP check: two tries, 1 s then 2 s (as PCP's [`CHECK_SCHEDULE`]).
 const NATPMP_CHECK_SCHEDULE: NatpmpSchedule = NatpmpSchedule {
     initial: Duration::from_secs(1),
@@ -227,6 +231,8 @@ pub enum Verdict {
 /// What the router answered to a [`Check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouterAnswer {
+    /// The request it answered.
+    pub check: Check,
     /// Seconds since the router's mapping table was (re)initialized.
     pub epoch_secs: u32,
     /// Its external address, when the check tells it (NAT-PMP).
@@ -234,12 +240,34 @@ pub struct RouterAnswer {
 }
 
 impl RouterAnswer {
-    /// Whether the router's table began after a mapping was granted at `granted_at`, i.e.
-    /// the router restarted since and lost it. `now` is the wall clock of the answer.
-    pub fn restarted_since(&self, granted_at: Timestamp, now: Timestamp) -> bool {
-        let age_secs = now.duration_since(granted_at).as_secs();
-        let epoch_secs = i64::from(self.epoch_secs);
-        epoch_secs + EPOCH_SLACK_SECS + age_secs / 16 < age_secs
+    /// Whether the router restarted since it granted `record` (and so lost it): its table is
+    /// younger than `record` would be had it run on, that is its epoch now (under `epoch + 1`
+    /// s) is behind the epoch at the grant (when `record` carries one of this answer's
+    /// protocol; else 0) plus the time since (RFC 6887 §8.5, RFC 6886 §3.6; with 1 s + 1/16
+    /// of slack). A router that just (re)started ([`FRESH_EPOCH_SECS`]) lost everything it
+    /// granted before. `now` is the wall clock of the answer.
+    pub fn lost(&self, record: &MappingRecord, now: Timestamp) -> bool {
+        let Some(granted_at) = record.granted_at else {
+            return false;
+        };
+        let age_ms = i64::try_from(now.duration_since(granted_at).as_millis()).unwrap_or(i64::MAX);
+        if age_ms < 0 {
+            return false;
+        }
+        if self.epoch_secs <= FRESH_EPOCH_SECS {
+            return true;
+        }
+        let same_protocol = matches!(
+            (self.check, record.backend),
+            (Check::Pcp, Backend::Pcp) | (Check::Natpmp, Backend::Natpmp)
+        );
+        let epoch_at_grant = match record.epoch {
+            Some(epoch) if same_protocol => i64::from(epoch),
+            _ => 0,
+        };
+        let table_under_ms = (i64::from(self.epoch_secs) + 1) * 1000;
+        let had_it_run_on_ms = (epoch_at_grant * 1000).saturating_add(age_ms);
+        table_under_ms + EPOCH_SLACK_MS + age_ms / 16 <= had_it_run_on_ms
     }
 }
 
@@ -285,6 +313,7 @@ impl AnnounceGate {
         self.confirmed = Some((
             now,
             RouterAnswer {
+                check: Check::Natpmp,
                 epoch_secs: answer.epoch_secs,
                 external_address,
             },
@@ -383,11 +412,7 @@ pub fn apply_answer(
         }
     }
     if backend != Backend::None && gate.may_restore(now) {
-        response.restored = state.unconfirm(|r| {
-            r.backend == backend
-                && r.granted_at
-                    .is_some_and(|at| answer.restarted_since(at, wall))
-        });
+        response.restored = state.unconfirm(|r| r.backend == backend && answer.lost(r, wall));
         if response.restored > 0 {
             gate.restored(now);
         }
@@ -403,6 +428,7 @@ pub async fn ask(router: &RouterAddress, check: Check) -> Result<RouterAnswer, R
                 PcpClient::new(router.gateway, router.local).with_schedule(CHECK_SCHEDULE);
             let epoch_secs = client.announce().await?;
             Ok(RouterAnswer {
+                check,
                 epoch_secs,
                 external_address: None,
             })
@@ -415,6 +441,7 @@ pub async fn ask(router: &RouterAddress, check: Check) -> Result<RouterAnswer, R
                 RouterError::Unreachable("NAT-PMP answer without an epoch".to_owned())
             })?;
             Ok(RouterAnswer {
+                check,
                 epoch_secs,
                 external_address: Some(address),
             })
@@ -709,22 +736,47 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_is_the_router_table_being_younger_than_the_mapping() {
-        let answer = |epoch_secs| RouterAnswer {
+    fn a_restart_is_the_router_epoch_behind_what_it_would_be() {
+        let answer = |check, epoch_secs| RouterAnswer {
+            check,
             epoch_secs,
             external_address: None,
         };
-        // Granted 100 s ago; the router's table is 3 s old: it restarted since.
-        assert!(answer(3).restarted_since(wall(0), wall(100)));
+        // A UPnP mapping (no epoch) granted 100 s ago; the router's table is 3 s old.
+        let mut upnp = granted_state().mappings.into_values().next().unwrap();
+        upnp.backend = Backend::Upnp;
+        upnp.epoch = None;
+        assert!(answer(Check::Pcp, 3).lost(&upnp, wall(100)));
         // Its table is older than the mapping: no restart.
-        assert!(!answer(5000).restarted_since(wall(0), wall(100)));
-        assert!(!answer(100).restarted_since(wall(0), wall(100)));
-        // Within the slack (2 s + 1/16): clocks differ, no conclusion.
-        assert!(!answer(0).restarted_since(wall(0), wall(2)));
-        assert!(!answer(92).restarted_since(wall(0), wall(100)));
-        assert!(answer(91).restarted_since(wall(0), wall(100)));
-        // A grant "in the future" (the clock went back) is no restart.
-        assert!(!answer(0).restarted_since(wall(50), wall(0)));
+        assert!(!answer(Check::Pcp, 5000).lost(&upnp, wall(100)));
+        assert!(!answer(Check::Natpmp, 100).lost(&upnp, wall(100)));
+        // Within the slack (1 s granularity + 1 s + 1/16): clocks differ, no conclusion.
+        assert!(!answer(Check::Pcp, 92).lost(&upnp, wall(100)));
+        assert!(!answer(Check::Pcp, 3).lost(&upnp, wall(5)));
+        // A router that just started lost what it granted before, however recently.
+        assert!(answer(Check::Pcp, 0).lost(&upnp, wall(1)));
+        assert!(answer(Check::Pcp, 2).lost(&upnp, wall(0)));
+        assert!(answer(Check::Pcp, 91).lost(&upnp, wall(100)));
+        // A grant "in the future" (the clock went back), or none, is no restart.
+        assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(-50)));
+        upnp.granted_at = None;
+        assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(100)));
+
+        // A PCP mapping granted by a router up for an hour, which restarted 5 s later and is
+        // asked 3 s after that: the age alone cannot tell, the epoch at the grant can.
+        let mut pcp = granted_state().mappings.into_values().next().unwrap();
+        pcp.epoch = Some(3600);
+        assert!(answer(Check::Pcp, 3).lost(&pcp, wall(8)));
+        assert!(!answer(Check::Pcp, 3608).lost(&pcp, wall(8)));
+        assert!(
+            !answer(Check::Pcp, 3606).lost(&pcp, wall(8)),
+            "within the slack"
+        );
+        // A NAT-PMP epoch is not compared with a PCP one (routers may count them apart).
+        assert!(answer(Check::Pcp, 3600).lost(&pcp, wall(8)));
+        assert!(!answer(Check::Natpmp, 3600).lost(&pcp, wall(8)));
+        // ... though by the age alone a table younger than the mapping lost it.
+        assert!(answer(Check::Natpmp, 3).lost(&pcp, wall(8)));
     }
 
     #[test]
@@ -738,6 +790,7 @@ mod tests {
             Verdict::Check(Check::Natpmp)
         );
         let answer = RouterAnswer {
+            check: Check::Natpmp,
             epoch_secs: 5,
             external_address: Some(EXTERNAL),
         };
@@ -774,6 +827,7 @@ mod tests {
             record.status = MappingStatus::Active;
         }
         let again = RouterAnswer {
+            check: Check::Pcp,
             epoch_secs: 1,
             external_address: None,
         };
@@ -804,6 +858,7 @@ mod tests {
         let mut state = granted_state();
         // The router is up since long before the mappings (epoch 10,000 at wall 100).
         let real = |secs: u64| RouterAnswer {
+            check: Check::Natpmp,
             epoch_secs: 9_900 + secs as u32,
             external_address: Some(EXTERNAL),
         };
@@ -847,6 +902,7 @@ mod tests {
         let verdict = gate.on_announcement(later, &Announcement::Pcp { epoch_secs: 2 });
         assert_eq!(verdict, Verdict::Check(Check::Pcp));
         let restart = RouterAnswer {
+            check: Check::Pcp,
             epoch_secs: 2,
             external_address: None,
         };
@@ -872,6 +928,7 @@ mod tests {
             Verdict::Check(Check::Natpmp)
         );
         let answer = RouterAnswer {
+            check: Check::Natpmp,
             epoch_secs: 10_000,
             external_address: Some(NEW),
         };
@@ -915,6 +972,7 @@ mod tests {
         let mut gate = AnnounceGate::new();
         let mut state = granted_state();
         let answer = RouterAnswer {
+            check: Check::Pcp,
             epoch_secs: 0,
             external_address: None,
         };
