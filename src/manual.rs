@@ -1,5 +1,5 @@
 //! Manual pages and shell completions, generated from the sources the program itself uses, so
-//! they cannot drift: holepunch(8) and the bash and zsh completions from the clap definition
+//! they cannot drift: holepunch(8) and the bash, zsh and fish completions from the clap definition
 //! that also prints `--help` ([`Cli`]), holepunch.toml(5) from the shipped, documented default
 //! config `etc/holepunch.toml` (which a config test keeps equal to the defaults and the
 //! schema). The Debian package build calls them through the hidden `holepunch generate`.
@@ -255,8 +255,8 @@ pub fn write_manuals(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
     )
 }
 
-/// Writes the bash (`holepunch`) and zsh (`_holepunch`) completions into `dir`, named as
-/// bash-completion and zsh look them up; returns the files written.
+/// Writes the bash (`holepunch`), zsh (`_holepunch`) and fish (`holepunch.fish`) completions
+/// into `dir`, named as bash-completion, zsh and fish look them up; returns the files written.
 pub fn write_completions(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
     create_dir(dir)?;
     write_all(
@@ -264,6 +264,7 @@ pub fn write_completions(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
         [
             ("holepunch", completion(Shell::Bash)),
             ("_holepunch", completion(Shell::Zsh)),
+            ("holepunch.fish", completion(Shell::Fish)),
         ],
     )
 }
@@ -371,9 +372,15 @@ mod tests {
 
     #[test]
     fn completions_know_the_commands_but_not_the_hidden_one() {
-        for shell in [Shell::Bash, Shell::Zsh] {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let script = String::from_utf8(completion(shell)).unwrap();
-            for command in ["check-config", "cleanup", "--config"] {
+            // fish names long options without the dashes (`-l config`).
+            let option = if shell == Shell::Fish {
+                "-l config"
+            } else {
+                "--config"
+            };
+            for command in ["check-config", "cleanup", option] {
                 assert!(script.contains(command), "{shell} lacks {command}");
             }
             assert!(
