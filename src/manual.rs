@@ -99,7 +99,11 @@ pub fn command_page() -> Result<Vec<u8>, ManualError> {
     }
     commands.push_str(
         ".SH FILES\n.TP\n/etc/holepunch.toml\nThe config file, see \\fBholepunch.toml\\fR(5).\n\
+         .TP\n/etc/holepunch/kubeconfig\nThe kubeconfig (root's; the service gets a copy at start, \
+         so restart it after a change). One that others can write is refused.\n\
          .TP\n/var/lib/holepunch/state.toml\nEvery mapping holepunch owns.\n\
+         .TP\n/usr/lib/sysctl.d/60-holepunch.conf\nTurns on IPv4 forwarding for relay mode; \
+         override it in /etc/sysctl.d/.\n\
          .TP\n/usr/share/holepunch/\nThe Kubernetes RBAC manifest and the kubeconfig recipe.\n\
          .SH SEE ALSO\n\\fBholepunch.toml\\fR(5), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1)\n",
     );

@@ -719,6 +719,21 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     });
     assert!(status.starts_with("cannot use the kubeconfig"), "{status}");
     assert_eq!(machine.property("ActiveState"), "active");
+    // One copied in after the start is not in the credentials: the daemon says to restart.
+    machine.exec_ok(&["mv", KUBECONFIG, "/root/kubeconfig"]);
+    machine.exec_ok(&["systemctl", "restart", "holepunch"]);
+    poll("the daemon to wait for a kubeconfig", || {
+        let status = machine.property("StatusText");
+        status.starts_with("no kubeconfig at").then_some(())
+    });
+    machine.exec_ok(&["mv", "/root/kubeconfig", KUBECONFIG]);
+    let status = poll("the daemon to notice the late kubeconfig", || {
+        let status = machine.property("StatusText");
+        status
+            .contains("copied in after holepunch started")
+            .then_some(status)
+    });
+    assert!(status.contains("systemctl restart holepunch"), "{status}");
     machine.exec_ok(&["rm", KUBECONFIG]);
     machine.exec_ok(&["systemctl", "restart", "holepunch"]);
 
@@ -911,7 +926,11 @@ fn upgrade_from_the_root_run_0_1_0_keeps_state_and_mappings() {
         "{version}"
     );
     assert!(machine.exists("/usr/lib/systemd/system/holepunch.service"));
-    assert_eq!(machine.property("LoadState"), "loaded", "systemd lost the unit");
+    assert_eq!(
+        machine.property("LoadState"),
+        "loaded",
+        "systemd lost the unit"
+    );
     poll("the new daemon to be active", || {
         let pid = machine.property("MainPID");
         (machine.property("ActiveState") == "active" && pid != "0" && pid != old_pid).then_some(())
