@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod snapshot;
+pub mod source;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,25 @@ pub enum KubeError {
          /usr/share/holepunch/kubeconfig.md), or set kubernetes.kubeconfig in the config file"
     )]
     KubeconfigMissing { path: PathBuf },
+    #[error(
+        "{path} was copied in after holepunch started: the service gets it from systemd at \
+         start (LoadCredential=); run systemctl restart holepunch"
+    )]
+    KubeconfigAfterStart { path: PathBuf },
+    #[error(
+        "refusing the kubeconfig {path}: {why}, so they could point holepunch at another API server; run: {fix}"
+    )]
+    KubeconfigUntrusted {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+    #[error("cannot check who may change the kubeconfig {path}: {source}")]
+    KubeconfigStat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot use the kubeconfig {path}: {source}")]
     Kubeconfig {
         path: PathBuf,
@@ -91,7 +111,27 @@ pub fn watch_timeout_secs() -> u32 {
 /// are all handled by kube-rs).
 pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubeError> {
     let path = kubeconfig_path(config, std::env::var("KUBECONFIG").ok().as_deref());
+    source::check_trusted(&path)?;
+    let credentials = std::env::var_os(source::CREDENTIALS_DIRECTORY_ENV).map(PathBuf::from);
+    if credentials.is_some() && path == Path::new(defaults::KUBECONFIG_PATH) {
+        // Run by the unit: the service may not read root's file, systemd copied it at start
+        // (README "Packaging").
+        return match source::credential_kubeconfig(credentials.as_deref()) {
+            Some(copy) => client_from(&copy, config.context.clone()).await,
+            None if path.exists() => Err(KubeError::KubeconfigAfterStart { path }),
+            None => Err(KubeError::KubeconfigMissing { path }),
+        };
+    }
     client_from(&path, config.context.clone()).await
+}
+
+/// Refuses a kubeconfig that users other than root (and holepunch's own) can change; for
+/// `holepunch check-config`, so the unit's start and reload refuse it too.
+pub fn check_kubeconfig(config: &KubernetesConfig) -> Result<(), KubeError> {
+    source::check_trusted(&kubeconfig_path(
+        config,
+        std::env::var("KUBECONFIG").ok().as_deref(),
+    ))
 }
 
 async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Client, KubeError> {
