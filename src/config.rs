@@ -429,14 +429,8 @@ impl Config {
                         "interface",
                         toml_string(ha.interface.as_deref().unwrap_or("")),
                     ),
-                    (
-                        "lease_duration_seconds",
-                        ha.lease_duration_secs.to_string(),
-                    ),
-                    (
-                        "renew_deadline_seconds",
-                        ha.renew_deadline_secs.to_string(),
-                    ),
+                    ("lease_duration_seconds", ha.lease_duration_secs.to_string()),
+                    ("renew_deadline_seconds", ha.renew_deadline_secs.to_string()),
                     ("retry_period_seconds", ha.retry_period_secs.to_string()),
                 ],
             )
@@ -1753,7 +1747,9 @@ impl Source<'_> {
         }
         let (identity, span) = string(&raw.identity, "");
         if identity.len() > MAX_HA_IDENTITY_LEN
-            || identity.chars().any(|c| c.is_whitespace() || c.is_control())
+            || identity
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(self.invalid(
                 span,
@@ -1771,7 +1767,10 @@ impl Source<'_> {
             None
         } else {
             match address.parse::<Ipv4Net>() {
-                Ok(net) if net.prefix_len() < 31 && (net.addr() == net.network() || net.addr() == net.broadcast()) => {
+                Ok(net)
+                    if net.prefix_len() < 31
+                        && (net.addr() == net.network() || net.addr() == net.broadcast()) =>
+                {
                     return Err(self.invalid(
                         span,
                         "ha.address",
@@ -2739,7 +2738,10 @@ format = "journald"
                 "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 12\nrenew_deadline_seconds = 13\n",
                 "ha.renew_deadline_seconds",
                 "13",
-                &["is not shorter than the lease duration", "client-go's defaults: 2, 10, 15"],
+                &[
+                    "is not shorter than the lease duration",
+                    "client-go's defaults: 2, 10, 15",
+                ],
             ),
             case(
                 "lease duration below the default renew deadline",
