@@ -9,9 +9,12 @@
 //!   file's `[[mapping]]` format);
 //! - [`lease`]: reading and writing the Lease and that ConfigMap through the API server, every
 //!   write with a resourceVersion precondition, every request with a timeout;
+//! - [`address`]: the floating relay address, added, announced (gratuitous ARP) and removed
+//!   through the kernel;
 //! - [`runner`]: the async loop that drives an election against the API server and publishes
 //!   where this host stands.
 
+pub mod address;
 pub mod election;
 pub mod lease;
 pub mod mirror;
