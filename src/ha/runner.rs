@@ -50,6 +50,35 @@ impl Standing {
     }
 }
 
+/// Where the kernel keeps this host's name.
+const HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
+
+/// Why this host's identity could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read this host's name from {HOSTNAME_PATH}; set ha.identity")]
+    ReadHostname {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this host has no name ({HOSTNAME_PATH} is empty); set ha.identity")]
+    EmptyHostname,
+}
+
+/// The holder identity: `ha.identity`, else the host name.
+pub fn identity(ha: &crate::config::HaConfig) -> Result<String, IdentityError> {
+    if let Some(identity) = &ha.identity {
+        return Ok(identity.clone());
+    }
+    let name = std::fs::read_to_string(HOSTNAME_PATH)
+        .map_err(|source| IdentityError::ReadHostname { source })?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(IdentityError::EmptyHostname);
+    }
+    Ok(name.to_owned())
+}
+
 /// One host's election loop.
 pub struct Runner {
     election: Election,
@@ -78,6 +107,22 @@ impl Runner {
             },
             receiver,
         )
+    }
+
+    /// The loop `[ha]` configures, for `identity` (see [`identity`]), over `client`.
+    pub fn from_config(
+        client: kube::Client,
+        ha: &crate::config::HaConfig,
+        identity: String,
+    ) -> (Runner, watch::Receiver<Standing>) {
+        let timings = Timings::from_config(ha);
+        let store = LeaseStore::new(
+            client,
+            &ha.lease_namespace,
+            &ha.lease_name,
+            super::lease::request_timeout(&timings),
+        );
+        Runner::new(identity, timings, store)
     }
 
     /// Runs until `stop` completes, then releases the Lease if this host holds it.
@@ -200,4 +245,55 @@ fn chain(error: &LeaseError) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ha(identity: Option<&str>) -> crate::config::HaConfig {
+        crate::config::HaConfig {
+            lease_name: "holepunch".into(),
+            lease_namespace: "holepunch".into(),
+            identity: identity.map(str::to_owned),
+            address: None,
+            interface: None,
+            lease_duration_secs: 15,
+            renew_deadline_secs: 10,
+            retry_period_secs: 2,
+        }
+    }
+
+    #[test]
+    fn identity_is_the_configured_one_else_the_host_name() {
+        assert_eq!(
+            identity(&ha(Some("node-a"))).ok().as_deref(),
+            Some("node-a")
+        );
+        let host = std::fs::read_to_string(HOSTNAME_PATH).expect("the test host has a name");
+        assert_eq!(identity(&ha(None)).ok().as_deref(), Some(host.trim()));
+    }
+
+    #[test]
+    fn standing_acts_only_as_leader_before_the_deadline() {
+        let now = Instant::now();
+        let leader = Standing {
+            identity: "node-a".into(),
+            role: Role::Leader {
+                until: now + Duration::from_secs(1),
+            },
+            transitions: 0,
+        };
+        assert!(leader.may_act(now));
+        assert!(!leader.may_act(now + Duration::from_secs(1)));
+        assert_eq!(leader.holder(), Some("node-a"));
+        let follower = Standing {
+            role: Role::Follower {
+                holder: "node-b".into(),
+            },
+            ..leader
+        };
+        assert!(!follower.may_act(now));
+        assert_eq!(follower.holder(), Some("node-b"));
+    }
 }
