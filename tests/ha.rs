@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use fake_api::FakeApi;
 use holepunch::ha::election::{LeaseRecord, Role, Timings, WriteFailure};
-use holepunch::ha::lease::{LeaseStore, MirrorStore, request_timeout};
+use holepunch::ha::lease::{LeaseError, LeaseStore, MirrorStore, MirrorWriter, request_timeout};
 use holepunch::ha::runner::{Runner, Standing};
 use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
 use holepunch::state::{MappingRecord, MappingStatus, State};
@@ -614,4 +614,103 @@ async fn an_unreachable_api_fails_within_the_request_timeout() {
         "{error}"
     );
     assert_eq!(error.failure(), WriteFailure::Other);
+}
+
+/// The mirror across a handover: the leader saves its records; a follower may not; the leader
+/// is partitioned away, the next holder takes over the same records (same PCP nonce) and
+/// saves its own; the old leader, healed, is refused by its clock, and even a copy of it that
+/// still believed it leads is refused by the precondition (a later holder wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_holder_takes_over_the_mirrored_mappings() {
+    let t = quick();
+    let fake = FakeApi::start().await;
+    let hosts = vec![
+        start_host(&fake, "node-a", t).await,
+        start_host(&fake, "node-b", t).await,
+    ];
+    let leader = wait_for_leader(&hosts, t.lease_duration * 2).await;
+    let other = 1 - leader;
+    let writer = |host: usize| {
+        let fake = &fake;
+        let link = &hosts[host].link;
+        async move {
+            MirrorWriter::new(MirrorStore::new(
+                client_through(fake, link).await,
+                NAMESPACE,
+                LEASE,
+                request_timeout(&t),
+            ))
+        }
+    };
+    let mut old = writer(leader).await;
+    let mut new = writer(other).await;
+
+    assert_eq!(old.take_over().await.expect("read the mirror"), None);
+    let first = state_of([record(8443, "0123456789abcdef01234567")]);
+    let leader_standing = hosts[leader].standing.borrow().clone();
+    old.save(&first, &leader_standing)
+        .await
+        .expect("the leader saves its records");
+    let follower_standing = hosts[other].standing.borrow().clone();
+    let refused = new
+        .save(&first, &follower_standing)
+        .await
+        .expect_err("a follower may not save");
+    assert!(matches!(refused, LeaseError::Fenced { .. }), "{refused}");
+
+    hosts[leader].link.set_cut(true);
+    let (next, _) = wait_for_other(&hosts, leader, t.lease_duration + t.retry_period * 2).await;
+    assert_eq!(next, other);
+    let taken = new
+        .take_over()
+        .await
+        .expect("read the mirror")
+        .expect("the old leader's records are there");
+    assert_eq!(taken.state, first);
+    assert_eq!(taken.holder.as_deref(), Some(hosts[leader].name.as_str()));
+    let nonce = taken
+        .state
+        .mappings
+        .values()
+        .next()
+        .and_then(|r| r.nonce.clone());
+    assert_eq!(nonce.as_deref(), Some("0123456789abcdef01234567"));
+    let second = state_of([
+        record(8443, "0123456789abcdef01234567"),
+        record(8080, "fedcba9876543210fedcba98"),
+    ]);
+    let new_standing = hosts[other].standing.borrow().clone();
+    assert!(new_standing.transitions > leader_standing.transitions);
+    new.save(&second, &new_standing)
+        .await
+        .expect("the new leader saves");
+
+    // Healed, the old leader no longer acts: refused before any request.
+    hosts[leader].link.set_cut(false);
+    let now_standing = hosts[leader].standing.borrow().clone();
+    let refused = old
+        .save(&first, &now_standing)
+        .await
+        .expect_err("the old leader is fenced");
+    assert!(matches!(refused, LeaseError::Fenced { .. }), "{refused}");
+    // A stale copy that still claims to lead: the write conflicts, the reread shows a later
+    // holder, nothing is overwritten.
+    let zombie = holepunch::ha::runner::Standing {
+        role: Role::Leader {
+            until: Instant::now() + Duration::from_secs(60),
+        },
+        ..leader_standing
+    };
+    let refused = old
+        .save(&first, &zombie)
+        .await
+        .expect_err("a later holder wrote");
+    assert!(matches!(refused, LeaseError::Fenced { .. }), "{refused}");
+    let stored = MirrorStore::new(fake.client().await, NAMESPACE, LEASE, request_timeout(&t))
+        .get()
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(stored.state, second);
+    assert_eq!(stored.holder.as_deref(), Some(hosts[other].name.as_str()));
 }

@@ -97,6 +97,10 @@ pub enum LeaseError {
         #[source]
         source: MirrorError,
     },
+    #[error(
+        "not writing the mapping records to ConfigMap {at}: this host does not hold the Lease (any more); the active host writes them"
+    )]
+    Fenced { at: String },
     #[error("cannot prepare the mapping records for ConfigMap {at}")]
     EncodeMirror {
         at: String,
@@ -114,7 +118,9 @@ impl LeaseError {
             | LeaseError::Replace { source, .. }
             | LeaseError::GetMirror { source, .. }
             | LeaseError::WriteMirror { source, .. } => source.is_conflict(),
-            LeaseError::DecodeMirror { .. } | LeaseError::EncodeMirror { .. } => false,
+            LeaseError::DecodeMirror { .. }
+            | LeaseError::EncodeMirror { .. }
+            | LeaseError::Fenced { .. } => false,
         };
         if conflict {
             WriteFailure::Conflict
@@ -343,6 +349,78 @@ impl MirrorStore {
             source,
         })?;
         Ok(written.metadata.resource_version.unwrap_or_default())
+    }
+}
+
+/// The active host's side of the mirror: takes over the records a previous holder wrote, and
+/// saves its own, only while it may act (checked at each save, against the clock) and never
+/// over the records of a later holder.
+pub struct MirrorWriter {
+    store: MirrorStore,
+    /// The version last read or written: the precondition of the next save.
+    resource_version: Option<String>,
+}
+
+impl MirrorWriter {
+    pub fn new(store: MirrorStore) -> MirrorWriter {
+        MirrorWriter {
+            store,
+            resource_version: None,
+        }
+    }
+
+    /// Reads the records the previous holder left (`None`: there are none), to renew the
+    /// same mappings with the same nonces; the next save replaces exactly this version.
+    pub async fn take_over(&mut self) -> Result<Option<Mirrored>, LeaseError> {
+        let found = self.store.get().await?;
+        self.resource_version = found.as_ref().map(|m| m.resource_version.clone());
+        Ok(found)
+    }
+
+    /// Saves `state` as the records of `standing`'s holder, if it may act now. A conflict
+    /// (someone wrote since our last read) is read again and retried once, unless a later
+    /// holder (more Lease transitions) wrote them: then this host has been replaced.
+    pub async fn save(
+        &mut self,
+        state: &State,
+        standing: &super::runner::Standing,
+    ) -> Result<(), LeaseError> {
+        let fenced = || LeaseError::Fenced {
+            at: self.store.at.clone(),
+        };
+        for attempt in 0..2 {
+            if !standing.may_act(std::time::Instant::now()) {
+                return Err(fenced());
+            }
+            let written = self
+                .store
+                .write(
+                    state,
+                    &standing.identity,
+                    standing.transitions,
+                    self.resource_version.as_deref(),
+                )
+                .await;
+            match written {
+                Ok(version) => {
+                    self.resource_version = Some(version);
+                    return Ok(());
+                }
+                Err(error) if attempt == 0 && error.failure() == WriteFailure::Conflict => {
+                    let current = self.store.get().await?;
+                    if current
+                        .as_ref()
+                        .and_then(|m| m.transitions)
+                        .is_some_and(|theirs| theirs > standing.transitions)
+                    {
+                        return Err(fenced());
+                    }
+                    self.resource_version = current.map(|m| m.resource_version);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(fenced())
     }
 }
 
