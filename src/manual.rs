@@ -157,7 +157,12 @@ pub fn config_page(doc: &str, version: &str) -> String {
     };
     for line in doc.lines() {
         let trimmed = line.trim();
-        if let Some(section) = trimmed
+        // A commented-out header (`#[ha]`) is a section that is absent by default.
+        let header = trimmed
+            .strip_prefix('#')
+            .filter(|rest| rest.starts_with('['))
+            .unwrap_or(trimmed);
+        if let Some(section) = header
             .strip_prefix('[')
             .and_then(|rest| rest.strip_suffix(']'))
         {
@@ -322,6 +327,19 @@ mod tests {
         let deny = page.find("Default: \\fI[\"22\", \"25\"]\\fR").unwrap();
         assert!(description < router && router < lease && lease < address);
         assert!(address < ports && ports < deny);
+
+        // A commented-out section is still a section: its keys are not filed under the
+        // section before it.
+        let page = config_page(
+            "[log]\n# Level.\nlevel = \"info\"\n#[ha]\n# The Lease.\n#lease_name = \"holepunch\"\n",
+            "0",
+        );
+        let ha = page.find(".SS \"[ha]\"").unwrap();
+        let level = page.find("\\fBlevel\\fR").unwrap();
+        let lease_name = page
+            .find("\\fBlease_name\\fR\nThe Lease.\nUnset by default.")
+            .unwrap();
+        assert!(level < ha && ha < lease_name, "{page}");
     }
 
     #[test]
@@ -336,7 +354,15 @@ mod tests {
             }
         }
         assert!(keys >= 20, "only {keys} keys found in etc/holepunch.toml");
-        for section in ["kubernetes", "router", "exposure", "ports", "state", "log"] {
+        for section in [
+            "kubernetes",
+            "router",
+            "exposure",
+            "ports",
+            "state",
+            "log",
+            "ha",
+        ] {
             assert!(page.contains(&format!(".SS \"[{section}]\"")), "{section}");
         }
         // No prose line may start a roff request by accident.
