@@ -29,6 +29,9 @@ const RATE_SECS: f64 = 1.5;
 const DEFAULT_COUNT: usize = 10_000;
 const ROUNDS: usize = 5;
 const LAN_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
+/// The client plays the router: the relay DNAT catches what comes from it (README.md,
+/// "Security model: traffic and the router").
+const CLIENT_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 
 /// Deletes the namespaces when dropped, also on an early return.
 struct Namespaces;
@@ -123,7 +126,9 @@ fn nft_script(forwards: &[Forward], mark: u32) -> String {
     }
     script.push_str(&format!(
         "    }}\n  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-         meta nfproto ipv4 ct mark set ct mark | {mark:#x} dnat ip to ip daddr . meta l4proto . th dport map @targets4\n  }}\n  \
+         meta nfproto ipv4 iifname \"bs0\" ip saddr != 10.99.0.0 ip saddr != 10.99.0.2-10.99.0.255 \
+         ip saddr != 192.168.77.0-192.168.77.255 \
+         ct mark set ct mark | {mark:#x} dnat ip to ip daddr . meta l4proto . th dport map @targets4\n  }}\n  \
          chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
          ct mark & {mark:#x} != 0 masquerade\n  }}\n}}\n"
     ));
@@ -169,6 +174,16 @@ fn main() -> Result<(), BoxError> {
         "bc0",
     ])?;
     ip(&["-n", NAMESPACE, "addr", "add", "10.99.0.2/24", "dev", "bs0"])?;
+    // The relay address of the 10,000-forward ruleset must be on an interface to be applied.
+    ip(&[
+        "-n",
+        NAMESPACE,
+        "addr",
+        "add",
+        "192.168.77.10/24",
+        "dev",
+        "bs0",
+    ])?;
     for (ns, link) in [
         (CLIENT_NAMESPACE, "lo"),
         (CLIENT_NAMESPACE, "bc0"),
@@ -183,6 +198,7 @@ fn main() -> Result<(), BoxError> {
     let forwards = forwards(count);
     let ruleset = Ruleset::Relay {
         lan_address: LAN_ADDRESS,
+        router: Some(CLIENT_ADDRESS),
         forwards: forwards.clone(),
     };
     let script_path = std::env::temp_dir().join("hpf-bench.nft");
@@ -239,6 +255,7 @@ fn main() -> Result<(), BoxError> {
     };
     let one = Ruleset::Relay {
         lan_address: RELAY_ADDRESS,
+        router: Some(CLIENT_ADDRESS),
         forwards: vec![mapped],
     };
     let mut others: Vec<Forward> = forwards
@@ -249,6 +266,7 @@ fn main() -> Result<(), BoxError> {
     others.push(mapped);
     let many = Ruleset::Relay {
         lan_address: RELAY_ADDRESS,
+        router: Some(CLIENT_ADDRESS),
         forwards: others,
     };
     let (mut with_one, mut with_many) = (Vec::new(), Vec::new());

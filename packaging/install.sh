@@ -17,6 +17,14 @@ sed 's#/usr/bin/holepunch#/usr/local/bin/holepunch#g' systemd/holepunch.service 
 if [ ! -e /etc/holepunch.toml ]; then
     install -D -m 0644 etc/holepunch.toml /etc/holepunch.toml
 fi
+# What the Debian package also ships (README "Packaging"): the system user the unit runs as,
+# the directory for the kubeconfig, and IPv4 forwarding for relay mode.
+install -D -m 0644 debian/holepunch.sysusers /etc/sysusers.d/holepunch.conf
+systemd-sysusers /etc/sysusers.d/holepunch.conf
+install -d -m 0755 /etc/holepunch
+install -D -m 0644 packaging/sysctl/60-holepunch.conf /etc/sysctl.d/60-holepunch.conf
+sysctl -q -p /etc/sysctl.d/60-holepunch.conf ||
+    echo "could not enable IPv4 forwarding; relay mode needs it: sysctl -w net.ipv4.ip_forward=1" >&2
 /usr/local/bin/holepunch check-config --config /etc/holepunch.toml >/dev/null
 
 if [ -d /run/systemd/system ]; then

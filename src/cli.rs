@@ -127,7 +127,7 @@ pub enum Command {
 pub enum Generated {
     /// holepunch.8 and holepunch.toml.5.
     Man,
-    /// bash (`holepunch`) and zsh (`_holepunch`) completions.
+    /// bash (`holepunch`), zsh (`_holepunch`) and fish (`holepunch.fish`) completions.
     Completions,
 }
 
@@ -247,6 +247,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn check_config(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
+    crate::kube::check_kubeconfig(&config.kubernetes).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
     print!("{}", config.to_toml());
     eprintln!("{}: the config is valid", path.display());
     Ok(())

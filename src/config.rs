@@ -52,6 +52,12 @@ pub mod defaults {
     pub const METRICS_LISTEN: &str = "127.0.0.1:9473";
     pub const LOG_LEVEL: &str = "info";
     pub const LOG_FORMAT: LogFormat = LogFormat::Auto;
+    // [ha]: client-go's leader-election defaults (15 s / 10 s / 2 s).
+    pub const HA_LEASE_NAME: &str = "holepunch";
+    pub const HA_LEASE_NAMESPACE: &str = "holepunch";
+    pub const HA_LEASE_DURATION_SECS: u32 = 15;
+    pub const HA_RENEW_DEADLINE_SECS: u32 = 10;
+    pub const HA_RETRY_PERIOD_SECS: u32 = 2;
 }
 
 /// Longest lease holepunch asks a router for: one week. 0 asks for a permanent mapping.
@@ -71,6 +77,8 @@ pub struct Config {
     pub state: StateConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// `None` (no `[ha]` section): one host, no Lease.
+    pub ha: Option<HaConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +228,28 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[ha]`: several hosts, one active through a `coordination.k8s.io/v1` Lease (README.md, "High
+/// availability (building blocks)").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    pub lease_name: String,
+    pub lease_namespace: String,
+    /// `None`: this host's name.
+    pub identity: Option<String>,
+    /// The floating relay address with its prefix; `None` in direct mode.
+    pub address: Option<Ipv4Net>,
+    /// `None`: the interface of the default route.
+    pub interface: Option<String>,
+    pub lease_duration_secs: u32,
+    pub renew_deadline_secs: u32,
+    pub retry_period_secs: u32,
+}
+
+/// Bounds of the `[ha]` timings, seconds: a Lease shorter than 2 s leaves no room for a retry,
+/// one longer than an hour is no failover.
+pub const MIN_HA_SECS: u32 = 1;
+pub const MAX_HA_SECS: u32 = 3600;
+
 /// The config-file spelling of each enum value, and the list of them for error messages.
 macro_rules! keywords {
     ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
@@ -313,6 +343,7 @@ impl Default for Config {
                 level: defaults::LOG_LEVEL.to_owned(),
                 format: defaults::LOG_FORMAT,
             },
+            ha: None,
         }
     }
 }
@@ -383,8 +414,29 @@ impl Config {
                 ],
             ),
         ];
+        let ha = self.ha.as_ref().map(|ha| {
+            (
+                "ha",
+                vec![
+                    ("lease_name", toml_string(&ha.lease_name)),
+                    ("lease_namespace", toml_string(&ha.lease_namespace)),
+                    (
+                        "identity",
+                        toml_string(ha.identity.as_deref().unwrap_or("")),
+                    ),
+                    ("address", toml_display(ha.address.as_ref())),
+                    (
+                        "interface",
+                        toml_string(ha.interface.as_deref().unwrap_or("")),
+                    ),
+                    ("lease_duration_seconds", ha.lease_duration_secs.to_string()),
+                    ("renew_deadline_seconds", ha.renew_deadline_secs.to_string()),
+                    ("retry_period_seconds", ha.retry_period_secs.to_string()),
+                ],
+            )
+        });
         let mut out = String::new();
-        for (section, keys) in sections {
+        for (section, keys) in sections.into_iter().chain(ha) {
             if !out.is_empty() {
                 out.push('\n');
             }
@@ -622,6 +674,8 @@ struct RawConfig {
     state: RawState,
     metrics: RawMetrics,
     log: RawLog,
+    /// Absent: one host. Spanned, so that a mode conflict can point at the section.
+    ha: Option<Spanned<RawHa>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -679,6 +733,19 @@ struct RawMetrics {
 struct RawLog {
     level: RawString,
     format: RawString,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHa {
+    lease_name: RawString,
+    lease_namespace: RawString,
+    identity: RawString,
+    address: RawString,
+    interface: RawString,
+    lease_duration_seconds: RawInteger,
+    renew_deadline_seconds: RawInteger,
+    retry_period_seconds: RawInteger,
 }
 
 /// The TOML type a key takes, for "wrong type" messages.
@@ -827,6 +894,36 @@ const SCHEMA: &[SectionSpec] = &[
         keys: &[
             key("level", Kind::String, r#"level = "info""#),
             key("format", Kind::String, r#"format = "auto""#),
+        ],
+    },
+    SectionSpec {
+        name: "ha",
+        example: "[ha]",
+        keys: &[
+            key("lease_name", Kind::String, r#"lease_name = "holepunch""#),
+            key(
+                "lease_namespace",
+                Kind::String,
+                r#"lease_namespace = "holepunch""#,
+            ),
+            key("identity", Kind::String, r#"identity = "node-a""#),
+            key("address", Kind::String, r#"address = "192.168.1.250/24""#),
+            key("interface", Kind::String, r#"interface = "eth0""#),
+            key(
+                "lease_duration_seconds",
+                Kind::Integer,
+                "lease_duration_seconds = 15",
+            ),
+            key(
+                "renew_deadline_seconds",
+                Kind::Integer,
+                "renew_deadline_seconds = 10",
+            ),
+            key(
+                "retry_period_seconds",
+                Kind::Integer,
+                "retry_period_seconds = 2",
+            ),
         ],
     },
 ];
@@ -1164,6 +1261,7 @@ impl Source<'_> {
     fn validate(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
         let router = self.router(&raw.router)?;
         let exposure = self.exposure(&raw.exposure)?;
+        let mode = exposure.mode;
         self.check_gateway(raw, &router, &exposure)?;
         Ok(Config {
             kubernetes: self.kubernetes(&raw.kubernetes)?,
@@ -1173,6 +1271,7 @@ impl Source<'_> {
             state: self.state(&raw.state)?,
             metrics: self.metrics(&raw.metrics)?,
             log: self.log(&raw.log)?,
+            ha: self.ha(raw.ha.as_ref(), &raw.exposure, mode)?,
         })
     }
 
@@ -1596,6 +1695,201 @@ impl Source<'_> {
             level: level.to_owned(),
             format,
         })
+    }
+}
+
+impl Source<'_> {
+    /// `[ha]`: names the Kubernetes objects, timings in client-go's order (retry < renew
+    /// deadline < lease duration), and the floating address the exposure mode needs.
+    fn ha(
+        &self,
+        raw: Option<&Spanned<RawHa>>,
+        exposure: &RawExposure,
+        mode: ExposureMode,
+    ) -> Result<Option<HaConfig>, ConfigError> {
+        let Some(spanned) = raw else {
+            return Ok(None);
+        };
+        let raw = spanned.get_ref();
+        if mode == ExposureMode::Gateway {
+            return Err(self.invalid(
+                exposure
+                    .mode
+                    .as_ref()
+                    .map(Spanned::span)
+                    .or(Some(spanned.span())),
+                "exposure.mode",
+                "[ha] is not available in gateway mode: holepunch runs on the router itself, and there is only one router",
+                "remove the [ha] section, or use exposure.mode = \"relay\" or \"direct\" on hosts behind the router",
+            ));
+        }
+
+        let (lease_name, span) = string(&raw.lease_name, defaults::HA_LEASE_NAME);
+        if let Some(problem) = dns_subdomain_problem(lease_name) {
+            return Err(self.invalid(
+                span,
+                "ha.lease_name",
+                format!("{} is not a Lease name: {problem}", shown(lease_name)),
+                format!(
+                    "write a DNS name like \"{}\" (lowercase letters, digits, '-' and '.')",
+                    defaults::HA_LEASE_NAME
+                ),
+            ));
+        }
+        let (namespace, span) = string(&raw.lease_namespace, defaults::HA_LEASE_NAMESPACE);
+        if let Some(problem) = dns_label_problem(namespace) {
+            return Err(self.invalid(
+                span,
+                "ha.lease_namespace",
+                format!("{} is not a namespace name: {problem}", shown(namespace)),
+                "write the namespace holepunch's RBAC grants Leases and ConfigMaps in, as `kubectl get namespaces` shows it",
+            ));
+        }
+        let (identity, span) = string(&raw.identity, "");
+        if identity.len() > MAX_HA_IDENTITY_LEN
+            || identity
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.invalid(
+                span,
+                "ha.identity",
+                format!(
+                    "{} is not a holder identity: at most {MAX_HA_IDENTITY_LEN} characters, no spaces",
+                    shown(identity)
+                ),
+                "write a name unique to this host, like \"node-a\", or \"\" for the host name",
+            ));
+        }
+
+        let (address, span) = string(&raw.address, "");
+        let address = if address.is_empty() {
+            None
+        } else {
+            match address.parse::<Ipv4Net>() {
+                Ok(net)
+                    if net.prefix_len() < 31
+                        && (net.addr() == net.network() || net.addr() == net.broadcast()) =>
+                {
+                    return Err(self.invalid(
+                        span,
+                        "ha.address",
+                        format!("{} is the network's own or broadcast address", shown(address)),
+                        "write a free host address of the LAN with its prefix, like \"192.168.1.250/24\"",
+                    ));
+                }
+                Ok(net) => Some(net),
+                Err(_) => {
+                    return Err(self.invalid(
+                        span,
+                        "ha.address",
+                        format!("{} is not an IPv4 address with a prefix", shown(address)),
+                        "write a free host address of the LAN with its prefix, like \"192.168.1.250/24\"",
+                    ));
+                }
+            }
+        };
+        match (mode, address) {
+            (ExposureMode::Relay, None) => {
+                return Err(self.invalid(
+                    span.or(Some(spanned.span())),
+                    "ha.address",
+                    "relay mode with [ha] needs a floating address: the router maps to it, and it moves with the Lease",
+                    "set ha.address to a free LAN address with its prefix, like \"192.168.1.250/24\"",
+                ));
+            }
+            (ExposureMode::Direct, Some(_)) => {
+                return Err(self.invalid(
+                    span,
+                    "ha.address",
+                    "direct mode needs no floating address: the router maps to the Services' targets, not to a host",
+                    "remove ha.address (or set it to \"\"), or use exposure.mode = \"relay\"",
+                ));
+            }
+            _ => {}
+        }
+
+        let (interface, span) = string(&raw.interface, "");
+        if let Some(problem) = ifname_problem(interface) {
+            return Err(self.invalid(
+                span,
+                "ha.interface",
+                format!("{} is not an interface name: {problem}", shown(interface)),
+                "write the LAN interface as `ip link` names it, like \"eth0\", or \"\" for the default route's",
+            ));
+        }
+
+        const TIMING_FIX: &str = "keep retry_period_seconds < renew_deadline_seconds < lease_duration_seconds (client-go's defaults: 2, 10, 15)";
+        let bounds = MIN_HA_SECS..MAX_HA_SECS;
+        let duration = self.seconds(
+            &raw.lease_duration_seconds,
+            "ha.lease_duration_seconds",
+            defaults::HA_LEASE_DURATION_SECS,
+            bounds.clone(),
+            TIMING_FIX,
+        )?;
+        let renew = self.seconds(
+            &raw.renew_deadline_seconds,
+            "ha.renew_deadline_seconds",
+            defaults::HA_RENEW_DEADLINE_SECS,
+            bounds.clone(),
+            TIMING_FIX,
+        )?;
+        let retry = self.seconds(
+            &raw.retry_period_seconds,
+            "ha.retry_period_seconds",
+            defaults::HA_RETRY_PERIOD_SECS,
+            bounds,
+            TIMING_FIX,
+        )?;
+        let span_of = |value: &RawInteger| value.as_ref().map(Spanned::span);
+        if renew >= duration {
+            return Err(self.invalid(
+                span_of(&raw.renew_deadline_seconds)
+                    .or(span_of(&raw.lease_duration_seconds))
+                    .or(Some(spanned.span())),
+                "ha.renew_deadline_seconds",
+                format!(
+                    "the renew deadline ({renew} s) is not shorter than the lease duration ({duration} s): a host that lost the Lease could still be acting when another takes it"
+                ),
+                TIMING_FIX,
+            ));
+        }
+        if retry >= renew {
+            return Err(self.invalid(
+                span_of(&raw.retry_period_seconds)
+                    .or(span_of(&raw.renew_deadline_seconds))
+                    .or(Some(spanned.span())),
+                "ha.retry_period_seconds",
+                format!(
+                    "the retry period ({retry} s) is not shorter than the renew deadline ({renew} s): the holder would get no second try before it must step down"
+                ),
+                TIMING_FIX,
+            ));
+        }
+
+        Ok(Some(HaConfig {
+            lease_name: lease_name.to_owned(),
+            lease_namespace: namespace.to_owned(),
+            identity: (!identity.is_empty()).then(|| identity.to_owned()),
+            address,
+            interface: (!interface.is_empty()).then(|| interface.to_owned()),
+            lease_duration_secs: duration,
+            renew_deadline_secs: renew,
+            retry_period_secs: retry,
+        }))
+    }
+}
+
+/// Longest `ha.identity`; client-go's holderIdentity has no limit, a host name has 253.
+const MAX_HA_IDENTITY_LEN: usize = 253;
+
+/// Why `name` is not a DNS-1123 subdomain (a Lease or ConfigMap name), if it is not.
+fn dns_subdomain_problem(name: &str) -> Option<&'static str> {
+    if name.len() > 253 {
+        Some("it is longer than 253 characters")
+    } else {
+        name.split('.').find_map(dns_label_problem)
     }
 }
 
@@ -2287,9 +2581,11 @@ format = "json"
         };
         assert_eq!(config, Config::default());
         for section in SCHEMA {
+            // [ha] is documented commented out: its absence means one host.
+            let header = format!("[{}]", section.name);
             assert!(
                 text.lines()
-                    .any(|line| line == format!("[{}]", section.name)),
+                    .any(|line| line == header || line == format!("#{header}")),
                 "etc/holepunch.toml lacks [{}]",
                 section.name
             );
@@ -2395,6 +2691,163 @@ format = "journald"
             "{printed}"
         );
         assert!(printed.contains("lease_seconds = 0\n"), "{printed}");
+    }
+
+    const HA_MINIMAL: &str = "[ha]\naddress = \"192.168.1.250/24\"\n";
+
+    #[test]
+    fn ha_rules() {
+        check_cases(&[
+            case(
+                "relay mode without a floating address",
+                "[ha]\nlease_name = \"holepunch\"\n",
+                "ha.address",
+                "[ha]",
+                &["needs a floating address", "192.168.1.250/24"],
+            ),
+            case(
+                "address without a prefix",
+                "[ha]\naddress = \"192.168.1.250\"\n",
+                "ha.address",
+                "\"192.168.1.250\"",
+                &["not an IPv4 address with a prefix"],
+            ),
+            case(
+                "network address",
+                "[ha]\naddress = \"192.168.1.0/24\"\n",
+                "ha.address",
+                "\"192.168.1.0/24\"",
+                &["network's own or broadcast address"],
+            ),
+            case(
+                "floating address in direct mode",
+                "[exposure]\nmode = \"direct\"\n[ha]\naddress = \"192.168.1.250/24\"\n",
+                "ha.address",
+                "\"192.168.1.250/24\"",
+                &["direct mode needs no floating address"],
+            ),
+            case(
+                "gateway mode",
+                "[exposure]\nmode = \"gateway\"\nwan_interface = \"eth0\"\n[ha]\n",
+                "exposure.mode",
+                "\"gateway\"",
+                &["not available in gateway mode", "remove the [ha] section"],
+            ),
+            case(
+                "renew deadline not below the lease duration",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 12\nrenew_deadline_seconds = 13\n",
+                "ha.renew_deadline_seconds",
+                "13",
+                &[
+                    "is not shorter than the lease duration",
+                    "client-go's defaults: 2, 10, 15",
+                ],
+            ),
+            case(
+                "lease duration below the default renew deadline",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 8\n",
+                "ha.renew_deadline_seconds",
+                "8\n",
+                &["the renew deadline (10 s) is not shorter than the lease duration (8 s)"],
+            ),
+            case(
+                "retry period not below the renew deadline",
+                "[ha]\naddress = \"192.168.1.250/24\"\nretry_period_seconds = 10\n",
+                "ha.retry_period_seconds",
+                "10",
+                &["the retry period (10 s) is not shorter than the renew deadline (10 s)"],
+            ),
+            case(
+                "zero lease duration",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 0\n",
+                "ha.lease_duration_seconds",
+                "0\n",
+                &["outside 1..=3600"],
+            ),
+            case(
+                "upper-case Lease name",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_name = \"HolePunch\"\n",
+                "ha.lease_name",
+                "\"HolePunch\"",
+                &["is not a Lease name"],
+            ),
+            case(
+                "namespace with a dot",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_namespace = \"a.b\"\n",
+                "ha.lease_namespace",
+                "\"a.b\"",
+                &["is not a namespace name"],
+            ),
+            case(
+                "identity with a space",
+                "[ha]\naddress = \"192.168.1.250/24\"\nidentity = \"node a\"\n",
+                "ha.identity",
+                "\"node a\"",
+                &["is not a holder identity"],
+            ),
+            case(
+                "interface with a slash",
+                "[ha]\naddress = \"192.168.1.250/24\"\ninterface = \"eth0/1\"\n",
+                "ha.interface",
+                "\"eth0/1\"",
+                &["is not an interface name"],
+            ),
+            case(
+                "misspelt key",
+                "[ha]\nlease_duration = 15\n",
+                "ha.lease_duration",
+                "lease_duration",
+                &["did you mean `lease_duration_seconds`?"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn ha_accepted_values() {
+        // Absent: one host, exactly as before.
+        assert_eq!(parse_ok("").ha, None);
+        let ha = parse_ok(HA_MINIMAL).ha.expect("[ha] parses");
+        assert_eq!(
+            ha,
+            HaConfig {
+                lease_name: defaults::HA_LEASE_NAME.to_owned(),
+                lease_namespace: defaults::HA_LEASE_NAMESPACE.to_owned(),
+                identity: None,
+                address: "192.168.1.250/24".parse().ok(),
+                interface: None,
+                lease_duration_secs: 15,
+                renew_deadline_secs: 10,
+                retry_period_secs: 2,
+            }
+        );
+        let direct = parse_ok(
+            "[exposure]\nmode = \"direct\"\n[ha]\nidentity = \"node-a\"\ninterface = \"br0\"\nlease_name = \"hp.lease\"\nlease_duration_seconds = 4\nrenew_deadline_seconds = 3\nretry_period_seconds = 1\n",
+        );
+        let ha = direct.ha.expect("[ha] in direct mode parses");
+        assert_eq!(ha.address, None);
+        assert_eq!(ha.identity.as_deref(), Some("node-a"));
+        assert_eq!(ha.interface.as_deref(), Some("br0"));
+        assert_eq!(ha.lease_name, "hp.lease");
+        assert_eq!(
+            (
+                ha.lease_duration_secs,
+                ha.renew_deadline_secs,
+                ha.retry_period_secs
+            ),
+            (4, 3, 1)
+        );
+
+        // check-config prints it, and the print reads back the same.
+        let config = parse_ok(HA_MINIMAL);
+        let printed = config.to_toml();
+        assert!(
+            printed.ends_with(
+                "\n[ha]\nlease_name = \"holepunch\"\nlease_namespace = \"holepunch\"\nidentity = \"\"\naddress = \"192.168.1.250/24\"\ninterface = \"\"\nlease_duration_seconds = 15\nrenew_deadline_seconds = 10\nretry_period_seconds = 2\n"
+            ),
+            "{printed}"
+        );
+        assert_eq!(parse_ok(&printed), config);
+        assert!(!Config::default().to_toml().contains("[ha]"));
     }
 
     #[test]

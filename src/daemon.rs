@@ -32,7 +32,7 @@ use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
 use crate::plan::{Forwarding, plan};
 use crate::reconcile::{self, Persist};
-use crate::router::announce::{AnnounceListener, Announcement};
+use crate::router::announce::{self, AnnounceListener, Announcement};
 use crate::router::choice::{Router, RouterAddress};
 use crate::router::discover::{self, DiscoverError};
 use crate::router::{NoRouter, PortMapper, RouterError};
@@ -41,9 +41,6 @@ use crate::state::{Failure, MappingRecord, MappingStatus, State, StateError, Sta
 /// With `router.backend = "auto"`, checks the router may miss in a row before the protocols
 /// are probed again.
 pub const SILENT_CHECKS_BEFORE_PROBING: u32 = 3;
-/// After restoring on a router's announcement, further announcements within this window
-/// restore nothing more (NAT-PMP repeats its announcement).
-pub const ANNOUNCE_RESTORE_WINDOW_SECS: u64 = 5;
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
 /// How long to wait before looking for a missing kubeconfig again.
@@ -123,7 +120,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 })
                 .ok()
         });
-        let mut last_announced_restore: Option<tokio::time::Instant> = None;
+        let mut announce_gate = announce::AnnounceGate::new();
         let mut firewall = LocalRules::default();
         if forwarding != Forwarding::Direct
             && let Err(e) = nft::check_forwarding()
@@ -193,32 +190,16 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
                 () = tokio::time::sleep(sleep_for) => {}
                 announcement = next_announcement(&mut announcements) => {
-                    tracing::info!(?announcement, "the router announced a restart (or a new external address)");
-                    // A NAT-PMP announcement names the external address: one that differs
-                    // from what the mappings recorded is news even inside the window (a
-                    // router that just started and then got its address from the ISP).
-                    let new_address = match &announcement {
-                        Announcement::Natpmp { external_address, .. } => state
-                            .mappings
-                            .values()
-                            .any(|r| r.external_address.is_some_and(|a| a != *external_address)),
-                        Announcement::Pcp { .. } => false,
-                    };
-                    match &mapper {
-                        // NOTE: RFC 6887 §14.1.3 and RFC 6886 §3.2.1: after a restart the
-                        // server announces; a restarted router holds no mappings (UPnP ones
-                        // included, on miniupnpd). NAT-PMP repeats its announcement up to ten
-                        // times, hence at most one restore per window.
-                        Some(router) if new_address || last_announced_restore
-                            .is_none_or(|at| at.elapsed() >= Duration::from_secs(ANNOUNCE_RESTORE_WINDOW_SECS)) =>
-                        {
-                            last_announced_restore = Some(tokio::time::Instant::now());
-                            let backend = router.backend();
-                            let marked = state.unconfirm(|r| r.backend == backend && backend != Backend::None);
-                            tracing::warn!(mappings = marked, %backend, "restoring every mapping after the router's announcement");
+                    // Believed only once the router confirms it by unicast (announce.rs).
+                    if let Some(address) = &address {
+                        let backend = mapper.as_ref().map(|router| router.backend());
+                        let response = announce::respond(&mut announce_gate, announcement, address, backend, &mut state).await;
+                        if response.probe {
+                            probe.retry_now();
                         }
-                        Some(_) => {}
-                        None => probe.retry_now(),
+                        if response.readdressed > 0 && let Err(e) = store.persist(&state) {
+                            tracing::warn!(error = %e, "could not save the router's new external address; it is saved at the next change");
+                        }
                     }
                 }
                 wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
@@ -345,6 +326,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     Ruleset::for_state(
                         forwarding,
                         config.exposure.wan_interface.as_deref(),
+                        address
+                            .as_ref()
+                            .map(|a| a.gateway)
+                            .or(config.router.address),
                         &state,
                     ),
                     check_rules,

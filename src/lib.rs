@@ -8,6 +8,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod daemon;
 pub mod desired;
+pub mod ha;
 pub mod kube;
 pub mod logging;
 pub mod manual;

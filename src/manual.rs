@@ -1,5 +1,5 @@
 //! Manual pages and shell completions, generated from the sources the program itself uses, so
-//! they cannot drift: holepunch(8) and the bash and zsh completions from the clap definition
+//! they cannot drift: holepunch(8) and the bash, zsh and fish completions from the clap definition
 //! that also prints `--help` ([`Cli`]), holepunch.toml(5) from the shipped, documented default
 //! config `etc/holepunch.toml` (which a config test keeps equal to the defaults and the
 //! schema). The Debian package build calls them through the hidden `holepunch generate`.
@@ -99,7 +99,11 @@ pub fn command_page() -> Result<Vec<u8>, ManualError> {
     }
     commands.push_str(
         ".SH FILES\n.TP\n/etc/holepunch.toml\nThe config file, see \\fBholepunch.toml\\fR(5).\n\
+         .TP\n/etc/holepunch/kubeconfig\nThe kubeconfig (root's; the service gets a copy at start, \
+         so restart it after a change). One that others can write is refused.\n\
          .TP\n/var/lib/holepunch/state.toml\nEvery mapping holepunch owns.\n\
+         .TP\n/usr/lib/sysctl.d/60-holepunch.conf\nTurns on IPv4 forwarding for relay mode; \
+         override it in /etc/sysctl.d/.\n\
          .TP\n/usr/share/holepunch/\nThe Kubernetes RBAC manifest and the kubeconfig recipe.\n\
          .SH SEE ALSO\n\\fBholepunch.toml\\fR(5), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1)\n",
     );
@@ -153,7 +157,12 @@ pub fn config_page(doc: &str, version: &str) -> String {
     };
     for line in doc.lines() {
         let trimmed = line.trim();
-        if let Some(section) = trimmed
+        // A commented-out header (`#[ha]`) is a section that is absent by default.
+        let header = trimmed
+            .strip_prefix('#')
+            .filter(|rest| rest.starts_with('['))
+            .unwrap_or(trimmed);
+        if let Some(section) = header
             .strip_prefix('[')
             .and_then(|rest| rest.strip_suffix(']'))
         {
@@ -255,8 +264,8 @@ pub fn write_manuals(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
     )
 }
 
-/// Writes the bash (`holepunch`) and zsh (`_holepunch`) completions into `dir`, named as
-/// bash-completion and zsh look them up; returns the files written.
+/// Writes the bash (`holepunch`), zsh (`_holepunch`) and fish (`holepunch.fish`) completions
+/// into `dir`, named as bash-completion, zsh and fish look them up; returns the files written.
 pub fn write_completions(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
     create_dir(dir)?;
     write_all(
@@ -264,6 +273,7 @@ pub fn write_completions(dir: &Path) -> Result<Vec<PathBuf>, ManualError> {
         [
             ("holepunch", completion(Shell::Bash)),
             ("_holepunch", completion(Shell::Zsh)),
+            ("holepunch.fish", completion(Shell::Fish)),
         ],
     )
 }
@@ -317,6 +327,19 @@ mod tests {
         let deny = page.find("Default: \\fI[\"22\", \"25\"]\\fR").unwrap();
         assert!(description < router && router < lease && lease < address);
         assert!(address < ports && ports < deny);
+
+        // A commented-out section is still a section: its keys are not filed under the
+        // section before it.
+        let page = config_page(
+            "[log]\n# Level.\nlevel = \"info\"\n#[ha]\n# The Lease.\n#lease_name = \"holepunch\"\n",
+            "0",
+        );
+        let ha = page.find(".SS \"[ha]\"").unwrap();
+        let level = page.find("\\fBlevel\\fR").unwrap();
+        let lease_name = page
+            .find("\\fBlease_name\\fR\nThe Lease.\nUnset by default.")
+            .unwrap();
+        assert!(level < ha && ha < lease_name, "{page}");
     }
 
     #[test]
@@ -331,7 +354,15 @@ mod tests {
             }
         }
         assert!(keys >= 20, "only {keys} keys found in etc/holepunch.toml");
-        for section in ["kubernetes", "router", "exposure", "ports", "state", "log"] {
+        for section in [
+            "kubernetes",
+            "router",
+            "exposure",
+            "ports",
+            "state",
+            "log",
+            "ha",
+        ] {
             assert!(page.contains(&format!(".SS \"[{section}]\"")), "{section}");
         }
         // No prose line may start a roff request by accident.
@@ -371,9 +402,15 @@ mod tests {
 
     #[test]
     fn completions_know_the_commands_but_not_the_hidden_one() {
-        for shell in [Shell::Bash, Shell::Zsh] {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let script = String::from_utf8(completion(shell)).unwrap();
-            for command in ["check-config", "cleanup", "--config"] {
+            // fish names long options without the dashes (`-l config`).
+            let option = if shell == Shell::Fish {
+                "-l config"
+            } else {
+                "--config"
+            };
+            for command in ["check-config", "cleanup", option] {
                 assert!(script.contains(command), "{shell} lacks {command}");
             }
             assert!(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use holepunch::model::{Endpoint, Protocol};
 use holepunch::nft::{Forward, NftError, NftFirewall, Ruleset, check_forwarding};
-use lab::{LAN_IP, Lab, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
+use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP, WAN_CLIENT_IP, in_netns};
 use serde_json::Value;
 
 const LAB_PREFIX: &str = "hpf-";
@@ -51,6 +51,18 @@ impl Netns {
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// An interface `lan0` holding the relay address, as the lab's LAN host has it: the relay
+    /// DNAT matches the interface that holds its address. (A veth pair inside the namespace:
+    /// the dummy driver is not everywhere.)
+    fn with_relay_address(self) -> Netns {
+        self.run(&[
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0peer",
+        ]);
+        self.run(&["ip", "addr", "add", &format!("{LAN_IP}/24"), "dev", "lan0"]);
+        self.run(&["ip", "link", "set", "lan0", "up"]);
+        self
     }
 
     fn run(&self, cmd: &[&str]) -> String {
@@ -92,6 +104,7 @@ fn forward(protocol: Protocol, port: u16, target_port: u16) -> Forward {
 fn relay(forwards: Vec<Forward>) -> Ruleset {
     Ruleset::Relay {
         lan_address: LAN_IP.parse().unwrap(),
+        router: Some(ROUTER_LAN_IP.parse().unwrap()),
         forwards,
     }
 }
@@ -191,6 +204,12 @@ const OTHER_TABLE: &str = "table ip other {\n\
 )]
 fn apply_writes_the_meant_table_changes_only_the_difference_and_remove_leaves_others() {
     let ns = Netns::new("hpf-t1");
+    // Without the relay address on an interface, nothing is applied.
+    let err = apply(&ns.0, &relay(vec![])).expect_err("no interface holds the address");
+    assert!(matches!(err, NftError::LanInterface { .. }), "{err:?}");
+    assert!(err.to_string().contains("exposure.lan_address"), "{err}");
+    assert!(listed(&ns.0).is_none());
+    let ns = ns.with_relay_address();
     ns.nft_script(OTHER_TABLE);
     let other = || ns.run(&["nft", "-j", "list", "table", "ip", "other"]);
     let other_before = other();
@@ -263,6 +282,17 @@ fn apply_writes_the_meant_table_changes_only_the_difference_and_remove_leaves_ot
         dnat.contains(r#""dport""#) && dnat.contains(r#""mark""#),
         "{dnat}"
     );
+    // Narrow: only from the LAN interface, and from no LAN host but the router (.1).
+    let exprs = rules[0]["expr"].as_array().unwrap();
+    let saddr = serde_json::json!({"payload": {"protocol": "ip", "field": "saddr"}});
+    for part in [
+        serde_json::json!({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lan0"}}),
+        serde_json::json!({"match": {"op": "!=", "left": saddr, "right": "192.168.77.0"}}),
+        serde_json::json!({"match": {"op": "!=", "left": saddr,
+            "right": {"range": ["192.168.77.2", "192.168.77.255"]}}}),
+    ] {
+        assert!(exprs.contains(&part), "{part} not in {dnat}");
+    }
     let masquerade = rules[1]["expr"].to_string();
     assert_eq!(rules[1]["chain"], "postrouting");
     assert!(masquerade.contains(r#""masquerade""#), "{masquerade}");
@@ -684,7 +714,7 @@ fn an_open_tcp_connection_through_the_relay_survives_a_reapply() {
 )]
 fn ten_thousand_forwards_are_one_atomic_batch() {
     const COUNT: u16 = 10_000;
-    let ns = Netns::new("hpf-t4");
+    let ns = Netns::new("hpf-t4").with_relay_address();
     let many: Vec<Forward> = (0..COUNT)
         .map(|i| forward(Protocol::Tcp, 20_000 + i, 8000 + i % 1000))
         .collect();

@@ -1,19 +1,27 @@
 //! holepunch's UPnP client against in-test fake routers (`tests/support/fake_igd.rs`) for the
 //! router behaviour miniupnpd does not show: permanent-only leases (725, 402), IGDv2-only and
-//! PPP-only devices, a slow router, rogue discovery answers. Everything speaks real SSDP over
-//! UDP and real SOAP over HTTP on loopback (127.0.0.1 is both the gateway and the LAN address).
+//! PPP-only devices, a PPPoE router with a disconnected WANIPConnection, a slow router, rogue
+//! discovery answers, IPv6 pinholes (WANIPv6FirewallControl) on a router that answers 704 for
+//! a missing UniqueID as the specification says, or 402 for one it still holds. Everything
+//! speaks real SSDP over UDP and real SOAP over HTTP on loopback (127.0.0.1 is both the gateway
+//! and the LAN address; ::1 for the pinhole client).
 
 #[path = "support/fake_igd.rs"]
 #[allow(dead_code)]
 mod fake_igd;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fake_igd::{EXTERNAL_IP, FakeIgd, FakeMapping, UDN, WANIP1, WANIP2, WANPPP1};
+use fake_igd::{
+    Behaviour, EXTERNAL_IP, FakeIgd, FakeMapping, UDN, WANIP1, WANIP2, WANIP6FC, WANPPP1,
+};
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
-use holepunch::router::upnp::http::HttpError;
+use holepunch::router::upnp::http::{HttpError, HttpUrl};
+use holepunch::router::upnp::pinhole::{
+    PinholeClient, PinholeError, PinholeHealth, PinholeRequest,
+};
 use holepunch::router::upnp::{Discovery, UpnpClient, UpnpError};
 use holepunch::router::{MapRequest, PortMapper, RouterError};
 use holepunch::state::MappingRecord;
@@ -180,6 +188,51 @@ async fn dsl_modem_with_only_wanpppconnection_is_used_through_it() {
     );
     assert!(calls.iter().any(|call| call.action == "DeletePortMapping"));
     assert_eq!(fake.mapping("TCP", 18085), None);
+}
+
+/// The service types GetStatusInfo was asked of, in order.
+fn status_asked(fake: &FakeIgd) -> Vec<String> {
+    fake.calls()
+        .iter()
+        .filter(|call| call.action == "GetStatusInfo")
+        .map(|call| {
+            call.soap_action
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pppoe_router_with_a_disconnected_wanipconnection_is_used_through_the_connected_ppp_one() {
+    // Both connected: the preference order holds, and the first answer settles it.
+    let both = FakeIgd::start(Behaviour {
+        services: vec![WANIP1, WANPPP1],
+        ..Behaviour::default()
+    })
+    .await;
+    assert_eq!(discover(&both).await.service_type(), WANIP1);
+    assert_eq!(status_asked(&both), [WANIP1]);
+
+    let fake = FakeIgd::ppp_connected_beside_disconnected_ip().await;
+    let mut client = discover(&fake).await;
+    assert_eq!(client.service_type(), WANPPP1);
+    assert_eq!(status_asked(&fake), [WANIP1, WANPPP1]);
+    client.map(&request(18086)).await.unwrap();
+    let add = fake
+        .calls()
+        .into_iter()
+        .find(|call| call.action == "AddPortMapping")
+        .expect("AddPortMapping sent");
+    assert!(add.soap_action.starts_with(WANPPP1), "{add:?}");
+    assert!(fake.mapping("TCP", 18086).is_some());
+
+    // One service: nothing to choose, no GetStatusInfo.
+    let single = FakeIgd::wanppp_only().await;
+    assert_eq!(discover(&single).await.service_type(), WANPPP1);
+    assert!(status_asked(&single).is_empty());
 }
 
 #[tokio::test]
@@ -395,4 +448,133 @@ async fn description_whose_url_base_points_elsewhere_is_refused() {
         0,
         "no call went elsewhere"
     );
+}
+
+/// A router answering on [::1] with IGDv2's WANIPv6FirewallControl.
+async fn ipv6_igd(delete_pinhole_402: bool) -> FakeIgd {
+    FakeIgd::start(Behaviour {
+        services: vec![WANIP2, WANIP6FC],
+        ipv6: true,
+        delete_pinhole_402,
+        ..Behaviour::default()
+    })
+    .await
+}
+
+async fn pinhole_client(fake: &FakeIgd) -> Result<PinholeClient, PinholeError> {
+    let url = HttpUrl::parse(&fake.description_url()).unwrap();
+    PinholeClient::discover(
+        &url,
+        Ipv6Addr::LOCALHOST,
+        Duration::from_millis(HTTP_TIMEOUT_MS),
+    )
+    .await
+}
+
+fn pinhole_request() -> PinholeRequest {
+    PinholeRequest {
+        protocol: Protocol::Udp,
+        internal_address: Ipv6Addr::LOCALHOST,
+        internal_port: 18650,
+        lease_secs: 3600,
+    }
+}
+
+fn pinhole_actions(fake: &FakeIgd) -> Vec<String> {
+    fake.calls().into_iter().map(|call| call.action).collect()
+}
+
+/// miniupnpd answers 402 for a UniqueID it does not hold (lab); the specification's 704 must
+/// mean "gone" just as well, without the extra GetPinholePackets check.
+#[tokio::test]
+async fn pinholes_over_a_bracketed_ipv6_url_and_704_for_a_missing_one() {
+    let fake = ipv6_igd(false).await;
+    assert!(fake.description_url().starts_with("http://[::1]:"));
+    let client = pinhole_client(&fake)
+        .await
+        .expect("the fake's WANIPv6FirewallControl");
+    assert!(client.control_url().starts_with("http://[::1]:"));
+    let status = client.firewall_status().await.unwrap();
+    assert!(status.enabled && status.inbound_pinhole_allowed);
+    let pinhole = client.add(&pinhole_request()).await.unwrap();
+    let held = fake.pinhole(pinhole.unique_id).expect("added");
+    assert_eq!(
+        (
+            held.client.as_str(),
+            held.port.as_str(),
+            held.protocol.as_str(),
+            held.lease.as_str()
+        ),
+        ("::1", "18650", "17", "3600")
+    );
+    assert_eq!(
+        fake.calls()[1].soap_action,
+        format!("{WANIP6FC}#AddPinhole"),
+        "{:?}",
+        fake.calls()
+    );
+    client.update(pinhole.unique_id, 7200).await.unwrap();
+    assert_eq!(fake.pinhole(pinhole.unique_id).unwrap().lease, "7200");
+    assert_eq!(client.packets(pinhole.unique_id).await, Some(3));
+    assert_eq!(
+        client.check_working(pinhole.unique_id).await,
+        PinholeHealth::Working
+    );
+
+    client.delete(pinhole.unique_id).await.unwrap();
+    assert_eq!(fake.pinhole(pinhole.unique_id), None);
+    let before = fake.calls().len();
+    client.delete(pinhole.unique_id).await.expect("704 is gone");
+    assert!(matches!(
+        client.update(pinhole.unique_id, 60).await,
+        Err(PinholeError::NoSuchEntry { .. })
+    ));
+    assert_eq!(
+        pinhole_actions(&fake)[before..],
+        ["DeletePinhole", "UpdatePinhole"],
+        "704 needs no GetPinholePackets check"
+    );
+    assert_eq!(client.packets(pinhole.unique_id).await, None);
+}
+
+#[tokio::test]
+async fn a_402_to_delete_for_a_pinhole_still_held_is_not_taken_for_gone() {
+    let fake = ipv6_igd(true).await;
+    let client = pinhole_client(&fake).await.unwrap();
+    let pinhole = client.add(&pinhole_request()).await.unwrap();
+    match client.delete(pinhole.unique_id).await {
+        Err(PinholeError::Refused { fault, .. }) => assert_eq!(fault.code, 402),
+        other => panic!("{other:?}"),
+    }
+    assert!(fake.pinhole(pinhole.unique_id).is_some());
+    assert_eq!(
+        pinhole_actions(&fake),
+        ["AddPinhole", "DeletePinhole", "GetPinholePackets"]
+    );
+}
+
+#[tokio::test]
+async fn pinhole_discovery_needs_an_ipv6_router_with_the_firewall_service() {
+    // The normal case: the service is found.
+    let fake = ipv6_igd(false).await;
+    pinhole_client(&fake).await.expect("found");
+    let without = FakeIgd::start(Behaviour {
+        services: vec![WANIP2],
+        ipv6: true,
+        ..Behaviour::default()
+    })
+    .await;
+    assert!(matches!(
+        pinhole_client(&without).await,
+        Err(PinholeError::NoFirewallService { .. })
+    ));
+    let over_ipv4 = FakeIgd::start(Behaviour {
+        services: vec![WANIP2, WANIP6FC],
+        ..Behaviour::default()
+    })
+    .await;
+    assert!(matches!(
+        pinhole_client(&over_ipv4).await,
+        Err(PinholeError::DescriptionNotIpv6 { .. })
+    ));
 }

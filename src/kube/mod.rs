@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod snapshot;
+pub mod source;
 pub mod status;
 
 use std::ffi::OsStr;
@@ -27,6 +28,25 @@ pub enum KubeError {
          the file with --kubeconfig FILE"
     )]
     KubeconfigEnvEmpty { paths: String },
+    #[error(
+        "{path} was copied in after holepunch started: the service gets it from systemd at \
+         start (LoadCredential=); run systemctl restart holepunch"
+    )]
+    KubeconfigAfterStart { path: PathBuf },
+    #[error(
+        "refusing the kubeconfig {path}: {why}, so they could point holepunch at another API server; run: {fix}"
+    )]
+    KubeconfigUntrusted {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+    #[error("cannot check who may change the kubeconfig {path}: {source}")]
+    KubeconfigStat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot use the kubeconfig {path}: {source}")]
     Kubeconfig {
         path: PathBuf,
@@ -218,7 +238,33 @@ pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubeError
     let flags = CLUSTER_FLAGS.get().cloned().unwrap_or_default();
     let source = kubeconfig_source(&flags, config, std::env::var_os("KUBECONFIG").as_deref());
     let context = flags.context.or_else(|| config.context.clone());
+    for path in source.paths() {
+        source::check_trusted(path)?;
+    }
+    let credentials = std::env::var_os(source::CREDENTIALS_DIRECTORY_ENV).map(PathBuf::from);
+    let default = PathBuf::from(defaults::KUBECONFIG_PATH);
+    if credentials.is_some() && source.paths() == std::slice::from_ref(&default) {
+        // Run by the unit: the service may not read root's file, systemd copied it at start
+        // (README "Packaging").
+        return match source::credential_kubeconfig(credentials.as_deref()) {
+            Some(copy) => client_from(&KubeconfigSource::File(copy), context).await,
+            None if default.exists() => Err(KubeError::KubeconfigAfterStart { path: default }),
+            None => Err(KubeError::KubeconfigMissing { path: default }),
+        };
+    }
     client_from(&source, context).await
+}
+
+/// Refuses a kubeconfig that users other than root (and holepunch's own) can change; for
+/// `holepunch check-config`, so the unit's start and reload refuse it too. Every file of a
+/// `$KUBECONFIG` list is checked.
+pub fn check_kubeconfig(config: &KubernetesConfig) -> Result<(), KubeError> {
+    let flags = CLUSTER_FLAGS.get().cloned().unwrap_or_default();
+    let source = kubeconfig_source(&flags, config, std::env::var_os("KUBECONFIG").as_deref());
+    source
+        .paths()
+        .iter()
+        .try_for_each(|path| source::check_trusted(path))
 }
 
 /// The client configuration for `context` (`None`: the kubeconfig's current-context).

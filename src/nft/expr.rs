@@ -163,6 +163,20 @@ pub(crate) fn cmp(op: i32, sreg: Register, data: &[u8]) -> RawExpr {
     }
 }
 
+/// Compare `sreg` with the inclusive range `from..=to` (`op`: `NFT_RANGE_EQ` or
+/// `NFT_RANGE_NEQ`); the rule stops here when the comparison fails.
+pub(crate) fn range(op: i32, sreg: Register, from: &[u8], to: &[u8]) -> RawExpr {
+    RawExpr {
+        name: c"range",
+        attrs: vec![
+            Attr::U32(sys::NFTNL_EXPR_RANGE_SREG, sreg),
+            Attr::U32(sys::NFTNL_EXPR_RANGE_OP, op as u32),
+            Attr::Bytes(sys::NFTNL_EXPR_RANGE_FROM_DATA, from.to_vec()),
+            Attr::Bytes(sys::NFTNL_EXPR_RANGE_TO_DATA, to.to_vec()),
+        ],
+    }
+}
+
 /// Look the key in `sreg..` up in map `set` (created in the same batch with `set_id`) and
 /// store the element's data in `dreg..`; the rule stops here when the key is not in the map.
 pub(crate) fn map_lookup(set: &CStr, set_id: u32, sreg: Register, dreg: Register) -> RawExpr {

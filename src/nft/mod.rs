@@ -9,10 +9,19 @@
 //! scripts do): packets see the old or the new ruleset, never a gap, and connections already
 //! NATed keep their conntrack entries. Other tables are never touched.
 //!
+//! The relay DNAT catches only what the router forwards (README.md, "Security model: traffic
+//! and the router"): packets that arrive on the interface toward the router from outside its
+//! LAN prefixes, or from the router itself (hairpinned LAN traffic the router NATs to its own
+//! address). LAN hosts, pods (other interfaces) and this host (output, not prerouting) that
+//! connect to the relay address keep reaching what listens there. Still one rule and one map
+//! lookup per packet: the source test is one or two `range` comparisons, not a set.
+//!
 //! Building blocks: `expr` (expressions with explicit registers), `map` (maps with data,
-//! which the nftnl crate lacks), `netlink` (one `sendmsg` per batch, every ack read).
+//! which the nftnl crate lacks), `netlink` (one `sendmsg` per batch, every ack read), `lan`
+//! (the relay host's interface toward the router and its prefixes).
 
 mod expr;
+mod lan;
 mod map;
 pub mod netlink;
 
@@ -28,6 +37,7 @@ use crate::model::{Endpoint, Protocol};
 use crate::plan::Forwarding;
 use crate::state::{MappingRecord, State};
 use expr::{REG_1, REG32_00, RawExpr};
+use lan::{LanSide, excluded_sources};
 use map::{GATEWAY_SHAPE, Map, MapShape, RELAY_SHAPE};
 use netlink::{NetfilterSocket, NetlinkError};
 
@@ -67,9 +77,14 @@ impl fmt::Display for Forward {
 /// What the table holds, for one exposure mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ruleset {
-    /// relay: DNAT lan_address:port -> target, masquerade only holepunch's own connections
+    /// relay: DNAT lan_address:port -> target for packets the router forwards (arriving on
+    /// the interface of `lan_address` from outside its LAN prefixes, or from `router`),
+    /// masquerade only holepunch's own connections
     Relay {
         lan_address: Ipv4Addr,
+        /// The router's LAN address: its forwards and hairpinned traffic come from it. `None`
+        /// (unknown): every source on the LAN prefixes is left alone.
+        router: Option<Ipv4Addr>,
         forwards: Vec<Forward>,
     },
     /// gateway: DNAT on wan_interface, port -> target, client source address kept
@@ -83,10 +98,11 @@ impl Ruleset {
     /// What the table must hold for the mappings recorded in `state`, in the exposure mode
     /// `forwarding`: relay forwards this host's port (the router's mapping lands there) to the
     /// target, gateway forwards the external port arriving on `wan_interface`. `None` in
-    /// direct mode, which needs no local rules.
+    /// direct mode, which needs no local rules. `router`: the router's LAN address (relay).
     pub fn for_state(
         forwarding: Forwarding,
         wan_interface: Option<&str>,
+        router: Option<Ipv4Addr>,
         state: &State,
     ) -> Option<Ruleset> {
         let forward = |record: &MappingRecord, port| Forward {
@@ -98,6 +114,7 @@ impl Ruleset {
             Forwarding::Direct => None,
             Forwarding::Relay { lan_address } => Some(Ruleset::Relay {
                 lan_address,
+                router,
                 forwards: state
                     .mappings
                     .values()
@@ -129,6 +146,13 @@ pub enum NftError {
          whitespace); set [exposure] wan_interface to the router's WAN interface, e.g. eth0"
     )]
     InterfaceName(String),
+    #[error(
+        "no interface of this host holds the relay address {address}; set exposure.lan_address \
+         to this host's address toward the router (the router forwards to it)"
+    )]
+    LanInterface { address: Ipv4Addr },
+    #[error("cannot list this host's interfaces to find the one toward the router")]
+    ReadInterfaces(#[source] io::Error),
     #[error("cannot talk to the kernel's nftables over netlink")]
     Connect(#[source] NetlinkError),
     #[error(
@@ -180,7 +204,17 @@ impl NftFirewall {
     /// rules back and verifies the map holds exactly the ruleset's forwards and each chain
     /// its rules (their count; their expressions are checked by the tests against `nft -j`).
     pub fn apply(&self, ruleset: &Ruleset) -> Result<(), NftError> {
-        let plan = plan(ruleset)?;
+        let lan = match ruleset {
+            Ruleset::Relay { lan_address, .. } => Some(
+                LanSide::find(*lan_address)
+                    .map_err(NftError::ReadInterfaces)?
+                    .ok_or(NftError::LanInterface {
+                        address: *lan_address,
+                    })?,
+            ),
+            Ruleset::Gateway { .. } => None,
+        };
+        let plan = plan(ruleset, lan.as_ref())?;
         let mut socket = NetfilterSocket::open().map_err(NftError::Connect)?;
         socket
             .run_batch(&build_batch(&plan))
@@ -355,12 +389,41 @@ fn transport_dport(dreg: u32) -> RawExpr {
     expr::payload(libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, dreg)
 }
 
-fn plan(ruleset: &Ruleset) -> Result<TablePlan, NftError> {
+/// The tests of a relay DNAT before its lookup: the packet came in on the interface toward
+/// the router, and not from another LAN host (`ip saddr != <range>` for each range that
+/// [`excluded_sources`] leaves out; the router itself is let through).
+fn from_the_router(lan: &LanSide, router: Option<Ipv4Addr>) -> Result<Vec<RawExpr>, NftError> {
+    let name = interface_name(&lan.interface)?;
+    let mut exprs = vec![
+        expr::meta(libc::NFT_META_IIFNAME, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &name),
+        // ip saddr
+        expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 12, 4, REG_1),
+    ];
+    for (from, to) in excluded_sources(&lan.prefixes, router) {
+        exprs.push(if from == to {
+            expr::cmp(libc::NFT_CMP_NEQ, REG_1, &from.octets())
+        } else {
+            expr::range(libc::NFT_RANGE_NEQ, REG_1, &from.octets(), &to.octets())
+        });
+    }
+    Ok(exprs)
+}
+
+/// `lan`: the relay host's LAN side (relay only; found by [`NftFirewall::apply`]).
+fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError> {
     let mut forwards = ruleset.forwards().to_vec();
     forwards.sort();
     forwards.dedup();
     match ruleset {
-        Ruleset::Relay { lan_address, .. } => {
+        Ruleset::Relay {
+            lan_address,
+            router,
+            ..
+        } => {
+            let lan = lan.ok_or(NftError::LanInterface {
+                address: *lan_address,
+            })?;
             let kind = MapKind::Relay;
             let elements = forwards
                 .iter()
@@ -371,6 +434,7 @@ fn plan(ruleset: &Ruleset) -> Result<TablePlan, NftError> {
                 .collect();
             // ip daddr . meta l4proto . th dport -> R0..R2; found: addr -> R0, port -> R1
             let mut dnat: Vec<RawExpr> = nfproto_ipv4().into();
+            dnat.extend(from_the_router(lan, *router)?);
             dnat.extend([
                 expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 16, 4, R0),
                 expr::meta(libc::NFT_META_L4PROTO, R1),
@@ -514,7 +578,15 @@ mod tests {
     fn relay(forwards: Vec<Forward>) -> Ruleset {
         Ruleset::Relay {
             lan_address: Ipv4Addr::new(192, 168, 77, 10),
+            router: Some(Ipv4Addr::new(192, 168, 77, 1)),
             forwards,
+        }
+    }
+
+    fn lan() -> LanSide {
+        LanSide {
+            interface: "lan0".into(),
+            prefixes: vec!["192.168.77.0/24".parse().unwrap()],
         }
     }
 
@@ -522,7 +594,7 @@ mod tests {
     fn relay_plan_has_one_element_per_forward_and_drops_exact_duplicates() {
         let web = forward(Protocol::Tcp, 30080, [192, 168, 77, 100], 8080);
         let dns = forward(Protocol::Udp, 30053, [192, 168, 77, 100], 53);
-        let plan = plan(&relay(vec![web, dns, web])).unwrap();
+        let plan = plan(&relay(vec![web, dns, web]), Some(&lan())).unwrap();
         assert_eq!(plan.map, MapKind::Relay);
         assert_eq!(plan.elements.len(), 2);
         let decoded: Vec<_> = plan
@@ -535,7 +607,7 @@ mod tests {
 
     #[test]
     fn relay_dnat_looks_up_a_concatenated_key_and_marks_before_nat() {
-        let plan = plan(&relay(vec![])).unwrap();
+        let plan = plan(&relay(vec![]), Some(&lan())).unwrap();
         let names: Vec<_> = plan
             .chains
             .iter()
@@ -550,28 +622,88 @@ mod tests {
         );
         let dnat = &plan.chains[0].rules[0];
         let kinds: Vec<_> = dnat.iter().map(|e| e.name.to_str().unwrap()).collect();
+        // nfproto; iifname and source (see the next test); key, lookup, mark, DNAT.
         assert_eq!(
             kinds,
             [
-                "meta", "cmp", "payload", "meta", "payload", "lookup", "ct", "bitwise", "ct", "nat"
+                "meta", "cmp", "meta", "cmp", "payload", "cmp", "range", "payload", "meta",
+                "payload", "lookup", "ct", "bitwise", "ct", "nat"
             ]
         );
         // The key parts sit in consecutive 32-bit registers, where the lookup reads them.
-        assert_eq!(dnat[2].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R0));
-        assert_eq!(dnat[3].u32_attr(sys::NFTNL_EXPR_META_DREG), Some(R1));
-        assert_eq!(dnat[4].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R2));
-        assert_eq!(dnat[5].u32_attr(sys::NFTNL_EXPR_LOOKUP_SREG), Some(R0));
+        assert_eq!(dnat[7].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R0));
+        assert_eq!(dnat[8].u32_attr(sys::NFTNL_EXPR_META_DREG), Some(R1));
+        assert_eq!(dnat[9].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R2));
+        assert_eq!(dnat[10].u32_attr(sys::NFTNL_EXPR_LOOKUP_SREG), Some(R0));
         // The found address and port are where the DNAT takes them from.
-        assert_eq!(dnat[5].u32_attr(sys::NFTNL_EXPR_LOOKUP_DREG), Some(R0));
-        assert_eq!(dnat[9].u32_attr(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), Some(R0));
+        assert_eq!(dnat[10].u32_attr(sys::NFTNL_EXPR_LOOKUP_DREG), Some(R0));
         assert_eq!(
-            dnat[9].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
+            dnat[14].u32_attr(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN),
+            Some(R0)
+        );
+        assert_eq!(
+            dnat[14].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
             Some(R1)
         );
         // The mark is set in a register the key and the data do not use.
-        assert_eq!(dnat[8].u32_attr(sys::NFTNL_EXPR_CT_SREG), Some(R4));
+        assert_eq!(dnat[13].u32_attr(sys::NFTNL_EXPR_CT_SREG), Some(R4));
         let masquerade = &plan.chains[1].rules[0];
         assert_eq!(masquerade.last().unwrap().name, c"masq");
+    }
+
+    #[test]
+    fn relay_dnat_catches_only_the_lan_interface_and_sources_off_the_lan_or_the_router() {
+        let plan = plan(&relay(vec![]), Some(&lan())).unwrap();
+        let dnat = &plan.chains[0].rules[0];
+        assert_eq!(plan.chains[0].rules.len(), 1, "still one rule");
+        let lookups = dnat.iter().filter(|e| e.name == c"lookup").count();
+        assert_eq!(lookups, 1, "still one map lookup per packet");
+        let bytes = |e: &RawExpr, key| {
+            e.attrs.iter().find_map(|a| match a {
+                expr::Attr::Bytes(k, v) if *k == key => Some(v.clone()),
+                _ => None,
+            })
+        };
+        // meta nfproto ipv4; iifname "lan0"; ip saddr (offset 12) ...
+        assert_eq!(dnat[2].name, c"meta");
+        assert_eq!(
+            bytes(&dnat[3], sys::NFTNL_EXPR_CMP_DATA),
+            Some(b"lan0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec())
+        );
+        assert_eq!(dnat[4].u32_attr(sys::NFTNL_EXPR_PAYLOAD_OFFSET), Some(12));
+        // ... != 192.168.77.0 and not in 192.168.77.2-255: the router .1 gets through.
+        assert_eq!(dnat[5].name, c"cmp");
+        assert_eq!(
+            dnat[5].u32_attr(sys::NFTNL_EXPR_CMP_OP),
+            Some(libc::NFT_CMP_NEQ as u32)
+        );
+        assert_eq!(
+            bytes(&dnat[5], sys::NFTNL_EXPR_CMP_DATA),
+            Some(vec![192, 168, 77, 0])
+        );
+        assert_eq!(dnat[6].name, c"range");
+        assert_eq!(
+            dnat[6].u32_attr(sys::NFTNL_EXPR_RANGE_OP),
+            Some(libc::NFT_RANGE_NEQ as u32)
+        );
+        assert_eq!(
+            bytes(&dnat[6], sys::NFTNL_EXPR_RANGE_FROM_DATA),
+            Some(vec![192, 168, 77, 2])
+        );
+        assert_eq!(
+            bytes(&dnat[6], sys::NFTNL_EXPR_RANGE_TO_DATA),
+            Some(vec![192, 168, 77, 255])
+        );
+        assert_eq!(dnat[7].u32_attr(sys::NFTNL_EXPR_PAYLOAD_OFFSET), Some(16));
+        // Without the LAN side there is no relay plan.
+        assert!(matches!(
+            plan_without_lan(),
+            Err(NftError::LanInterface { .. })
+        ));
+    }
+
+    fn plan_without_lan() -> Result<TablePlan, NftError> {
+        plan(&relay(vec![]), None)
     }
 
     #[test]
@@ -580,7 +712,7 @@ mod tests {
             wan_interface: "rwan".into(),
             forwards: vec![forward(Protocol::Udp, 5000, [10, 0, 0, 2], 5001)],
         };
-        let plan = plan(&rules).unwrap();
+        let plan = plan(&rules, None).unwrap();
         assert_eq!(plan.map, MapKind::Gateway);
         assert_eq!(
             plan.chains.len(),
@@ -610,7 +742,7 @@ mod tests {
                 forwards: vec![],
             };
             assert!(
-                matches!(plan(&rules), Err(NftError::InterfaceName(n)) if n == name),
+                matches!(plan(&rules, None), Err(NftError::InterfaceName(n)) if n == name),
                 "{name:?}"
             );
         }

@@ -4,18 +4,35 @@
 //! mapping table may be empty: the daemon re-creates its mappings at once instead of waiting
 //! for the next renewal to notice the epoch.
 //!
-//! This module owns the listening socket and the filter (only the configured gateway is
-//! believed); the decoding is the codecs' ([`super::pcp::codec`], [`super::natpmp::codec`]).
+//! Anyone on the LAN can send to 224.0.0.1, and a forged announcement must not make the
+//! daemon re-create every mapping (README.md, "Security model: traffic and the router"). So a
+//! datagram is an announcement only when it comes from the gateway's address **and** port
+//! 5351 and decodes as a PCP ANNOUNCE or a NAT-PMP address announcement ([`classify`]), and
+//! even then it is only a reason to ask the router once, by unicast ([`AnnounceGate`]): the
+//! router's own answer (its epoch, its external address) decides, mappings granted before its
+//! table began are restored, at most once per [`RESTORE_INTERVAL_SECS`], and the questions
+//! themselves come from a small budget ([`CHECK_BURST`], one more per
+//! [`CHECK_REFILL_SECS`]), so a flood costs the router a few requests a minute.
+//!
+//! This module owns the listening socket, the filter and the gate; the decoding is the
+//! codecs' ([`super::pcp::codec`], [`super::natpmp::codec`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
+use super::RouterError;
+use super::choice::RouterAddress;
+use super::natpmp::client::{NatpmpClient, Schedule as NatpmpSchedule};
 use super::natpmp::codec as natpmp;
+use super::pcp::client::{CHECK_SCHEDULE, PcpClient, epoch_is_consistent};
 use super::pcp::codec as pcp;
+use crate::model::Backend;
+use crate::state::{MappingRecord, MappingStatus, State};
 
 // NOTE: RFC 6887 §14.1.3 reuses NAT-PMP's group and port (RFC 6886 §3.2.1), so one socket
 // hears both protocols.
@@ -25,6 +42,32 @@ const _: () = assert!(pcp::ANNOUNCE_PORT == natpmp::ANNOUNCE_PORT);
 pub const ANNOUNCE_GROUP: Ipv4Addr = pcp::ANNOUNCE_GROUP_V4;
 /// The UDP port announcements go to.
 pub const ANNOUNCE_PORT: u16 = pcp::ANNOUNCE_PORT;
+/// The UDP port announcements come from: the server's own.
+// NOTE: RFC 6886 §3.2.1 and RFC 6887 §14.1.3: the server multicasts from the socket it
+// serves on, port 5351 (measured: miniupnpd 2.3.1 does, tests/edge_lab.rs).
+pub const SERVER_PORT: u16 = pcp::SERVER_PORT;
+const _: () = assert!(pcp::SERVER_PORT == natpmp::SERVER_PORT);
+
+/// Unicast checks the gate allows at once (a real restart sends a NAT-PMP and a PCP
+/// announcement, and an address change may follow within seconds).
+pub const CHECK_BURST: u32 = 3;
+/// One more check is allowed per this many seconds, up to [`CHECK_BURST`]: a flood of
+/// forged announcements costs the router two requests a minute.
+pub const CHECK_REFILL_SECS: u64 = 30;
+/// At most one restore of lost mappings per this many seconds, whatever arrives.
+pub const RESTORE_INTERVAL_SECS: u64 = 30;
+/// Slack when the router's epoch is compared with holepunch's clock, plus 1/16 of the time
+/// compared (RFC 6887 §8.5 allows as much), on top of the epoch's 1 s granularity.
+const EPOCH_SLACK_MS: i64 = 1000;
+/// A router that answers with an epoch this small (re)started within the last seconds: the
+/// epoch cannot tell whether a mapping granted just before is still there, so every mapping
+/// granted before the answer is restored (asking for one it holds is a renewal).
+const FRESH_EPOCH_SECS: u32 = 2;
+/// The NAT-PMP check: two tries, 1 s then 2 s (as PCP's [`CHECK_SCHEDULE`]).
+const NATPMP_CHECK_SCHEDULE: NatpmpSchedule = NatpmpSchedule {
+    initial: Duration::from_secs(1),
+    max_tries: 2,
+};
 
 /// Receive buffer: larger than any PCP message (1100 bytes), so that nothing is truncated
 /// into something that decodes.
@@ -94,6 +137,9 @@ pub enum Ignored {
     #[error("it came from {0}, not from the gateway")]
     NotFromGateway(SocketAddr),
 
+    #[error("it came from port {} of the gateway, not from its server port {SERVER_PORT}", .0.port())]
+    NotFromServerPort(SocketAddr),
+
     #[error("it is no PCP or NAT-PMP message: {0}")]
     Undecodable(String),
 
@@ -108,10 +154,14 @@ pub fn classify(
     gateway: Ipv4Addr,
     bytes: &[u8],
 ) -> Result<Announcement, Ignored> {
-    // NOTE: only the configured gateway is believed: any LAN host can send to 224.0.0.1, and
-    // a forged announcement would make the daemon re-create every mapping.
+    // NOTE: only the configured gateway's server port is believed: any LAN host can send to
+    // 224.0.0.1, and a process on the router that is not the server (or a forger using the
+    // router's address from another port) must not be taken for it.
     if source.ip() != IpAddr::V4(gateway) {
         return Err(Ignored::NotFromGateway(source));
+    }
+    if source.port() != SERVER_PORT {
+        return Err(Ignored::NotFromServerPort(source));
     }
     decode(bytes)
 }
@@ -155,6 +205,308 @@ pub fn decode(bytes: &[u8]) -> Result<Announcement, Ignored> {
         ))),
         None => Err(Ignored::Undecodable("empty datagram".to_owned())),
     }
+}
+
+/// The unicast request that checks an announcement with the router: the cheapest one of the
+/// protocol it came in, which shows the router's epoch (and, in NAT-PMP, its address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// A PCP ANNOUNCE request (RFC 6887 §14.1): the epoch.
+    Pcp,
+    /// A NAT-PMP external-address request (RFC 6886 §3.2): the epoch and the address.
+    Natpmp,
+}
+
+/// What to do with one announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It says nothing the router's last answer did not (a repeat): nothing to do.
+    Known,
+    /// It would be news, but the check budget is spent: the next verify will see a restart.
+    RateLimited,
+    /// Ask the router this, once, and act on its answer ([`AnnounceGate::on_answer`]).
+    Check(Check),
+}
+
+/// What the router answered to a [`Check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterAnswer {
+    /// The request it answered.
+    pub check: Check,
+    /// Seconds since the router's mapping table was (re)initialized.
+    pub epoch_secs: u32,
+    /// Its external address, when the check tells it (NAT-PMP).
+    pub external_address: Option<Ipv4Addr>,
+}
+
+impl RouterAnswer {
+    /// Whether the router restarted since it granted `record` (and so lost it): its table is
+    /// younger than `record` would be had it run on, that is its epoch now (under `epoch + 1`
+    /// s) is behind the epoch at the grant (when `record` carries one of this answer's
+    /// protocol; else 0) plus the time since (RFC 6887 §8.5, RFC 6886 §3.6; with 1 s + 1/16
+    /// of slack). A router that just (re)started ([`FRESH_EPOCH_SECS`]) lost everything it
+    /// granted before. `now` is the wall clock of the answer.
+    pub fn lost(&self, record: &MappingRecord, now: Timestamp) -> bool {
+        let Some(granted_at) = record.granted_at else {
+            return false;
+        };
+        let age_ms = i64::try_from(now.duration_since(granted_at).as_millis()).unwrap_or(i64::MAX);
+        if age_ms < 0 {
+            return false;
+        }
+        if self.epoch_secs <= FRESH_EPOCH_SECS {
+            return true;
+        }
+        let same_protocol = matches!(
+            (self.check, record.backend),
+            (Check::Pcp, Backend::Pcp) | (Check::Natpmp, Backend::Natpmp)
+        );
+        let epoch_at_grant = match record.epoch {
+            Some(epoch) if same_protocol => i64::from(epoch),
+            _ => 0,
+        };
+        let table_under_ms = (i64::from(self.epoch_secs) + 1) * 1000;
+        let had_it_run_on_ms = (epoch_at_grant * 1000).saturating_add(age_ms);
+        table_under_ms + EPOCH_SLACK_MS + age_ms / 16 <= had_it_run_on_ms
+    }
+}
+
+/// The announcement gate: decides which announcements are worth one unicast request, and
+/// whether the answer may restore mappings. Pure: every call takes `now`.
+#[derive(Debug, Clone, Default)]
+pub struct AnnounceGate {
+    /// Checks left; refilled one per [`CHECK_REFILL_SECS`] from `refilled_at`.
+    tokens: u32,
+    refilled_at: Option<Instant>,
+    /// The router's last answer, and when it came.
+    confirmed: Option<(Instant, RouterAnswer)>,
+    restored_at: Option<Instant>,
+}
+
+impl AnnounceGate {
+    pub fn new() -> AnnounceGate {
+        AnnounceGate::default()
+    }
+
+    /// What to do with `announcement` (already [`classify`]d) arriving at `now`.
+    pub fn on_announcement(&mut self, now: Instant, announcement: &Announcement) -> Verdict {
+        if self.is_known(now, announcement) {
+            return Verdict::Known;
+        }
+        self.refill(now);
+        if self.tokens == 0 {
+            return Verdict::RateLimited;
+        }
+        self.tokens -= 1;
+        Verdict::Check(match announcement {
+            Announcement::Pcp { .. } => Check::Pcp,
+            Announcement::Natpmp { .. } => Check::Natpmp,
+        })
+    }
+
+    /// Records the router's `answer` to a check, received at `now`.
+    pub fn on_answer(&mut self, now: Instant, answer: RouterAnswer) {
+        // A PCP answer has no address: keep the one NAT-PMP told.
+        let external_address = answer
+            .external_address
+            .or(self.confirmed.and_then(|(_, known)| known.external_address));
+        self.confirmed = Some((
+            now,
+            RouterAnswer {
+                check: Check::Natpmp,
+                epoch_secs: answer.epoch_secs,
+                external_address,
+            },
+        ));
+    }
+
+    /// Whether a restore may happen at `now`: none in the last [`RESTORE_INTERVAL_SECS`].
+    pub fn may_restore(&self, now: Instant) -> bool {
+        self.restored_at.is_none_or(|at| {
+            now.saturating_duration_since(at) >= Duration::from_secs(RESTORE_INTERVAL_SECS)
+        })
+    }
+
+    /// Records a restore at `now`.
+    pub fn restored(&mut self, now: Instant) {
+        self.restored_at = Some(now);
+    }
+
+    /// Whether the router's last answer already says what `announcement` says: an epoch
+    /// consistent with the answer's (RFC 6887 §8.5) and, for NAT-PMP, the same address.
+    fn is_known(&self, now: Instant, announcement: &Announcement) -> bool {
+        let Some((at, known)) = self.confirmed else {
+            return false;
+        };
+        let epoch_fits = epoch_is_consistent(
+            known.epoch_secs,
+            announcement.epoch_secs(),
+            now.saturating_duration_since(at),
+        );
+        let address_fits = match announcement {
+            Announcement::Pcp { .. } => true,
+            Announcement::Natpmp {
+                external_address, ..
+            } => known.external_address == Some(*external_address),
+        };
+        epoch_fits && address_fits
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let Some(since) = self.refilled_at else {
+            self.tokens = CHECK_BURST;
+            self.refilled_at = Some(now);
+            return;
+        };
+        let period = Duration::from_secs(CHECK_REFILL_SECS);
+        let earned = now.saturating_duration_since(since).as_secs() / CHECK_REFILL_SECS;
+        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+        if earned == 0 {
+            return;
+        }
+        self.tokens = self.tokens.saturating_add(earned).min(CHECK_BURST);
+        self.refilled_at = Some(if self.tokens == CHECK_BURST {
+            now
+        } else {
+            since + period * earned
+        });
+    }
+}
+
+/// What answering one announcement changed in the state.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    /// Active mappings marked for restore: the router restarted after granting them.
+    pub restored: usize,
+    /// Active mappings whose external address was corrected to the router's answer (the
+    /// caller saves the state).
+    pub readdressed: usize,
+    /// No router protocol is chosen yet and the router spoke: probe it now.
+    pub probe: bool,
+}
+
+/// Acts on the router's `answer` to a check: records it in `gate`; corrects the external
+/// address of active mappings that carry another; marks for restore the active mappings of
+/// `backend` the router granted before its table began, when `gate` allows a restore.
+/// `now` and `wall` are the same moment on the monotonic and the wall clock. Pure.
+pub fn apply_answer(
+    gate: &mut AnnounceGate,
+    answer: RouterAnswer,
+    now: Instant,
+    wall: Timestamp,
+    backend: Backend,
+    state: &mut State,
+) -> Response {
+    gate.on_answer(now, answer);
+    let mut response = Response::default();
+    if let Some(address) = answer.external_address {
+        // A new address is no restart: the mappings stay (miniupnpd keeps them); only what
+        // holepunch tells the Services changes. No request to the router.
+        for record in state.mappings.values_mut() {
+            if record.status == MappingStatus::Active
+                && record.external_address.is_some_and(|a| a != address)
+            {
+                record.external_address = Some(address);
+                response.readdressed += 1;
+            }
+        }
+    }
+    if backend != Backend::None && gate.may_restore(now) {
+        response.restored = state.unconfirm(|r| r.backend == backend && answer.lost(r, wall));
+        if response.restored > 0 {
+            gate.restored(now);
+        }
+    }
+    response
+}
+
+/// Asks the router `check` once (two tries, about 3 s at most) from `router.local`.
+pub async fn ask(router: &RouterAddress, check: Check) -> Result<RouterAnswer, RouterError> {
+    match check {
+        Check::Pcp => {
+            let mut client =
+                PcpClient::new(router.gateway, router.local).with_schedule(CHECK_SCHEDULE);
+            let epoch_secs = client.announce().await?;
+            Ok(RouterAnswer {
+                check,
+                epoch_secs,
+                external_address: None,
+            })
+        }
+        Check::Natpmp => {
+            let mut client = NatpmpClient::new(router.gateway, router.local)
+                .with_schedule(NATPMP_CHECK_SCHEDULE);
+            let address = client.ask_external_address().await?;
+            let epoch_secs = client.last_epoch().ok_or_else(|| {
+                RouterError::Unreachable("NAT-PMP answer without an epoch".to_owned())
+            })?;
+            Ok(RouterAnswer {
+                check,
+                epoch_secs,
+                external_address: Some(address),
+            })
+        }
+    }
+}
+
+/// The daemon's answer to one announcement from `router`: the gate's verdict, then at most
+/// one unicast check, then [`apply_answer`]. `backend`: the router protocol in use, `None`
+/// while none is chosen (then the router is probed instead of checked).
+pub async fn respond(
+    gate: &mut AnnounceGate,
+    announcement: Announcement,
+    router: &RouterAddress,
+    backend: Option<Backend>,
+    state: &mut State,
+) -> Response {
+    let check = match gate.on_announcement(Instant::now(), &announcement) {
+        Verdict::Check(check) => check,
+        verdict => {
+            tracing::debug!(?announcement, ?verdict, "router announcement not checked");
+            return Response::default();
+        }
+    };
+    let Some(backend) = backend else {
+        return Response {
+            probe: true,
+            ..Response::default()
+        };
+    };
+    tracing::info!(
+        ?announcement,
+        ?check,
+        "the router announced a restart (or a new external address); asking it"
+    );
+    let answer = match ask(router, check).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(error = %e, "the router did not confirm its announcement; a restart is noticed at the next verify instead");
+            return Response::default();
+        }
+    };
+    let response = apply_answer(
+        gate,
+        answer,
+        Instant::now(),
+        Timestamp::now(),
+        backend,
+        state,
+    );
+    if response.restored > 0 {
+        tracing::warn!(mappings = response.restored, %backend, epoch_secs = answer.epoch_secs,
+            "restoring every mapping after the router's announcement: it restarted and lost them");
+    }
+    if response.readdressed > 0 {
+        tracing::warn!(mappings = response.readdressed, external_address = ?answer.external_address,
+            "the router's external address changed");
+    }
+    if response == Response::default() {
+        tracing::info!(
+            epoch_secs = answer.epoch_secs,
+            "the router's answer shows no restart and no new address; nothing to do"
+        );
+    }
+    response
 }
 
 /// Listens for announcements of one gateway.
@@ -325,6 +677,315 @@ mod tests {
                 Err(Ignored::Undecodable(_))
             ));
         }
+    }
+
+    #[test]
+    fn only_the_server_port_of_the_gateway_is_believed() {
+        for port in [5350, 40000, 1] {
+            let source = from([192, 168, 77, 1], port);
+            assert_eq!(
+                classify(source, GATEWAY, &pcp_announce(1)),
+                Err(Ignored::NotFromServerPort(source))
+            );
+        }
+        assert!(classify(from([192, 168, 77, 1], 5351), GATEWAY, &pcp_announce(1)).is_ok());
+    }
+
+    fn at(start: Instant, secs: u64) -> Instant {
+        start + Duration::from_secs(secs)
+    }
+
+    fn wall(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn natpmp(epoch_secs: u32, external_address: Ipv4Addr) -> Announcement {
+        Announcement::Natpmp {
+            epoch_secs,
+            external_address,
+        }
+    }
+
+    /// Two active PCP mappings granted at wall second 0 with `EXTERNAL`.
+    fn granted_state() -> State {
+        let mut state = State::default();
+        for port in [8080, 8081] {
+            let key = crate::model::MappingKey {
+                protocol: crate::model::Protocol::Tcp,
+                external_port: port,
+            };
+            let mut record = crate::state::MappingRecord::leftover(
+                crate::model::Owner::new("default", "web"),
+                key,
+                crate::model::Endpoint::new(Ipv4Addr::new(192, 168, 77, 10), port),
+                Backend::Pcp,
+            );
+            record.granted_at = Some(wall(0));
+            record.external_address = Some(EXTERNAL);
+            state.mappings.insert(key, record);
+        }
+        state
+    }
+
+    fn pending(state: &State) -> usize {
+        state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Pending)
+            .count()
+    }
+
+    #[test]
+    fn a_restart_is_the_router_epoch_behind_what_it_would_be() {
+        let answer = |check, epoch_secs| RouterAnswer {
+            check,
+            epoch_secs,
+            external_address: None,
+        };
+        // A UPnP mapping (no epoch) granted 100 s ago; the router's table is 3 s old.
+        let mut upnp = granted_state().mappings.into_values().next().unwrap();
+        upnp.backend = Backend::Upnp;
+        upnp.epoch = None;
+        assert!(answer(Check::Pcp, 3).lost(&upnp, wall(100)));
+        // Its table is older than the mapping: no restart.
+        assert!(!answer(Check::Pcp, 5000).lost(&upnp, wall(100)));
+        assert!(!answer(Check::Natpmp, 100).lost(&upnp, wall(100)));
+        // Within the slack (1 s granularity + 1 s + 1/16): clocks differ, no conclusion.
+        assert!(!answer(Check::Pcp, 92).lost(&upnp, wall(100)));
+        assert!(!answer(Check::Pcp, 3).lost(&upnp, wall(5)));
+        // A router that just started lost what it granted before, however recently.
+        assert!(answer(Check::Pcp, 0).lost(&upnp, wall(1)));
+        assert!(answer(Check::Pcp, 2).lost(&upnp, wall(0)));
+        assert!(answer(Check::Pcp, 91).lost(&upnp, wall(100)));
+        // A grant "in the future" (the clock went back), or none, is no restart.
+        assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(-50)));
+        upnp.granted_at = None;
+        assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(100)));
+
+        // A PCP mapping granted by a router up for an hour, which restarted 5 s later and is
+        // asked 3 s after that: the age alone cannot tell, the epoch at the grant can.
+        let mut pcp = granted_state().mappings.into_values().next().unwrap();
+        pcp.epoch = Some(3600);
+        assert!(answer(Check::Pcp, 3).lost(&pcp, wall(8)));
+        assert!(!answer(Check::Pcp, 3608).lost(&pcp, wall(8)));
+        assert!(
+            !answer(Check::Pcp, 3606).lost(&pcp, wall(8)),
+            "within the slack"
+        );
+        // A NAT-PMP epoch is not compared with a PCP one (routers may count them apart).
+        assert!(answer(Check::Pcp, 3600).lost(&pcp, wall(8)));
+        assert!(!answer(Check::Natpmp, 3600).lost(&pcp, wall(8)));
+        // ... though by the age alone a table younger than the mapping lost it.
+        assert!(answer(Check::Natpmp, 3).lost(&pcp, wall(8)));
+    }
+
+    #[test]
+    fn a_real_restart_is_checked_once_and_restores_once() {
+        let start = Instant::now();
+        let mut gate = AnnounceGate::new();
+        let mut state = granted_state();
+        // The router restarted at wall 95 and announces in both protocols.
+        assert_eq!(
+            gate.on_announcement(at(start, 100), &natpmp(5, EXTERNAL)),
+            Verdict::Check(Check::Natpmp)
+        );
+        let answer = RouterAnswer {
+            check: Check::Natpmp,
+            epoch_secs: 5,
+            external_address: Some(EXTERNAL),
+        };
+        let response = apply_answer(
+            &mut gate,
+            answer,
+            at(start, 100),
+            wall(100),
+            Backend::Pcp,
+            &mut state,
+        );
+        assert_eq!(
+            response,
+            Response {
+                restored: 2,
+                readdressed: 0,
+                probe: false
+            }
+        );
+        assert_eq!(pending(&state), 2);
+        // Its PCP ANNOUNCE and the NAT-PMP repeats say nothing new: no request.
+        for (secs, announcement) in [
+            (100, Announcement::Pcp { epoch_secs: 5 }),
+            (101, natpmp(6, EXTERNAL)),
+            (108, natpmp(13, EXTERNAL)),
+        ] {
+            assert_eq!(
+                gate.on_announcement(at(start, secs), &announcement),
+                Verdict::Known
+            );
+        }
+        // Another restart shown within 30 s restores nothing; after them it does.
+        for record in state.mappings.values_mut() {
+            record.status = MappingStatus::Active;
+        }
+        let again = RouterAnswer {
+            check: Check::Pcp,
+            epoch_secs: 1,
+            external_address: None,
+        };
+        let early = apply_answer(
+            &mut gate,
+            again,
+            at(start, 120),
+            wall(120),
+            Backend::Pcp,
+            &mut state,
+        );
+        assert_eq!(early.restored, 0, "within 30 s of the last restore");
+        let later = apply_answer(
+            &mut gate,
+            again,
+            at(start, 130),
+            wall(130),
+            Backend::Pcp,
+            &mut state,
+        );
+        assert_eq!(later.restored, 2);
+    }
+
+    #[test]
+    fn a_flood_costs_a_few_checks_a_minute_and_restores_nothing() {
+        let start = Instant::now();
+        let mut gate = AnnounceGate::new();
+        let mut state = granted_state();
+        // The router is up since long before the mappings (epoch 10,000 at wall 100).
+        let real = |secs: u64| RouterAnswer {
+            check: Check::Natpmp,
+            epoch_secs: 9_900 + secs as u32,
+            external_address: Some(EXTERNAL),
+        };
+        let mut checks = 0;
+        // Ten forged "restarts" a second for two minutes, from the router's address and port.
+        for tenth in 0..1200u64 {
+            let now = start + Duration::from_millis(100 * tenth);
+            let secs = 100 + tenth / 10;
+            let forged = if tenth % 2 == 0 {
+                natpmp(0, Ipv4Addr::new(6, 6, 6, 6))
+            } else {
+                Announcement::Pcp { epoch_secs: 0 }
+            };
+            if let Verdict::Check(_) = gate.on_announcement(now, &forged) {
+                checks += 1;
+                let response = apply_answer(
+                    &mut gate,
+                    real(secs),
+                    now,
+                    wall(secs as i64),
+                    Backend::Pcp,
+                    &mut state,
+                );
+                assert_eq!(response, Response::default());
+            }
+        }
+        // 3 at once, then one each at 30, 60 and 90 s: 6 requests in two minutes.
+        assert_eq!(checks, CHECK_BURST as usize + 3);
+        assert_eq!(pending(&state), 0);
+        assert_eq!(
+            state
+                .mappings
+                .values()
+                .map(|r| r.external_address)
+                .collect::<Vec<_>>(),
+            [Some(EXTERNAL); 2],
+            "forged addresses are never recorded"
+        );
+        // The budget comes back: a real restart after the flood is checked and restores.
+        let later = at(start, 120 + 90);
+        let verdict = gate.on_announcement(later, &Announcement::Pcp { epoch_secs: 2 });
+        assert_eq!(verdict, Verdict::Check(Check::Pcp));
+        let restart = RouterAnswer {
+            check: Check::Pcp,
+            epoch_secs: 2,
+            external_address: None,
+        };
+        let response = apply_answer(
+            &mut gate,
+            restart,
+            later,
+            wall(310),
+            Backend::Pcp,
+            &mut state,
+        );
+        assert_eq!(response.restored, 2);
+    }
+
+    #[test]
+    fn a_confirmed_new_address_is_recorded_without_a_restore() {
+        const NEW: Ipv4Addr = Ipv4Addr::new(11, 22, 33, 45);
+        let start = Instant::now();
+        let mut gate = AnnounceGate::new();
+        let mut state = granted_state();
+        assert_eq!(
+            gate.on_announcement(at(start, 100), &natpmp(10_000, NEW)),
+            Verdict::Check(Check::Natpmp)
+        );
+        let answer = RouterAnswer {
+            check: Check::Natpmp,
+            epoch_secs: 10_000,
+            external_address: Some(NEW),
+        };
+        let response = apply_answer(
+            &mut gate,
+            answer,
+            at(start, 100),
+            wall(100),
+            Backend::Pcp,
+            &mut state,
+        );
+        assert_eq!(
+            response,
+            Response {
+                restored: 0,
+                readdressed: 2,
+                probe: false
+            }
+        );
+        assert_eq!(pending(&state), 0);
+        assert!(
+            state
+                .mappings
+                .values()
+                .all(|r| r.external_address == Some(NEW))
+        );
+        // The same address again is known; the old one is news again.
+        assert_eq!(
+            gate.on_announcement(at(start, 101), &natpmp(10_001, NEW)),
+            Verdict::Known
+        );
+        assert_eq!(
+            gate.on_announcement(at(start, 102), &natpmp(10_002, EXTERNAL)),
+            Verdict::Check(Check::Natpmp)
+        );
+    }
+
+    #[test]
+    fn no_backend_restores_nothing() {
+        let start = Instant::now();
+        let mut gate = AnnounceGate::new();
+        let mut state = granted_state();
+        let answer = RouterAnswer {
+            check: Check::Pcp,
+            epoch_secs: 0,
+            external_address: None,
+        };
+        let response = apply_answer(
+            &mut gate,
+            answer,
+            start,
+            wall(100),
+            Backend::None,
+            &mut state,
+        );
+        assert_eq!(response.restored, 0);
+        assert_eq!(pending(&state), 0);
     }
 
     /// xorshift64: deterministic, dependency-free noise.

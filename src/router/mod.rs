@@ -6,6 +6,7 @@
 
 pub mod announce;
 pub mod choice;
+pub mod clamp;
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;

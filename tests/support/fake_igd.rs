@@ -19,6 +19,8 @@ use tokio::task::JoinHandle;
 pub const WANIP1: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
 pub const WANIP2: &str = "urn:schemas-upnp-org:service:WANIPConnection:2";
 pub const WANPPP1: &str = "urn:schemas-upnp-org:service:WANPPPConnection:1";
+/// IGDv2's IPv6 pinhole service.
+pub const WANIP6FC: &str = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
 pub const EXTERNAL_IP: &str = "198.51.100.7";
 pub const UDN: &str = "uuid:fa4e0000-0000-4000-8000-00000000fa4e";
 
@@ -57,6 +59,12 @@ pub struct Behaviour {
     pub stray_bytes_in_descriptions: bool,
     /// A URLBase in the description (UDA 1.0), against which control URLs resolve.
     pub url_base: Option<String>,
+    /// Services whose GetStatusInfo says `Disconnected` (the others say `Connected`).
+    pub disconnected: Vec<&'static str>,
+    /// Serve HTTP on [::1] instead of 127.0.0.1 (for the IPv6 pinhole client).
+    pub ipv6: bool,
+    /// DeletePinhole answers 402 Invalid Args and keeps the pinhole.
+    pub delete_pinhole_402: bool,
 }
 
 impl Default for Behaviour {
@@ -72,6 +80,9 @@ impl Default for Behaviour {
             forgets_before_delete: false,
             stray_bytes_in_descriptions: false,
             url_base: None,
+            disconnected: Vec::new(),
+            ipv6: false,
+            delete_pinhole_402: false,
         }
     }
 }
@@ -99,8 +110,20 @@ pub struct FakeMapping {
     pub lease: String,
 }
 
+/// A pinhole the fake holds (WANIPv6FirewallControl).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakePinhole {
+    pub client: String,
+    pub port: String,
+    pub protocol: String,
+    pub lease: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Recorded {
+    /// UniqueID -> pinhole.
+    pub pinholes: BTreeMap<u16, FakePinhole>,
+    pub next_unique_id: u16,
     pub calls: Vec<Call>,
     /// (protocol, external port) -> mapping.
     pub mappings: BTreeMap<(String, u16), FakeMapping>,
@@ -193,6 +216,17 @@ impl FakeIgd {
         .await
     }
 
+    /// A PPPoE router that lists a disconnected WANIPConnection:1 before the connected
+    /// WANPPPConnection:1 that carries the traffic.
+    pub async fn ppp_connected_beside_disconnected_ip() -> FakeIgd {
+        FakeIgd::start(Behaviour {
+            services: vec![WANIP1, WANPPP1],
+            disconnected: vec![WANIP1],
+            ..Behaviour::default()
+        })
+        .await
+    }
+
     /// A router whose SOAP replies take `delay` (an overloaded or hung UPnP daemon).
     pub async fn slow_to_answer(delay: Duration) -> FakeIgd {
         FakeIgd::start(Behaviour {
@@ -266,7 +300,12 @@ impl FakeIgd {
     }
 
     pub async fn start(behaviour: Behaviour) -> FakeIgd {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let http_host: IpAddr = if behaviour.ipv6 {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            Ipv4Addr::LOCALHOST.into()
+        };
+        let listener = TcpListener::bind((http_host, 0)).await.unwrap();
         let http = listener.local_addr().unwrap();
         let ssdp_socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let ssdp = ssdp_socket.local_addr().unwrap();
@@ -349,6 +388,15 @@ impl FakeIgd {
             .unwrap()
             .mappings
             .get(&(protocol.to_owned(), port))
+            .cloned()
+    }
+
+    pub fn pinhole(&self, unique_id: u16) -> Option<FakePinhole> {
+        self.recorded
+            .lock()
+            .unwrap()
+            .pinholes
+            .get(&unique_id)
             .cloned()
     }
 
@@ -475,6 +523,98 @@ fn control(
         ))
     };
     match action {
+        "GetStatusInfo" => {
+            let status = if behaviour.disconnected.contains(&service) {
+                "Disconnected"
+            } else {
+                "Connected"
+            };
+            success(
+                behaviour,
+                service,
+                action,
+                &[
+                    ("NewConnectionStatus", status.to_owned()),
+                    ("NewLastConnectionError", "ERROR_NONE".to_owned()),
+                    ("NewUptime", "42".to_owned()),
+                ],
+            )
+        }
+        "GetFirewallStatus" => success(
+            behaviour,
+            service,
+            action,
+            &[
+                ("FirewallEnabled", "1".to_owned()),
+                ("InboundPinholeAllowed", "1".to_owned()),
+            ],
+        ),
+        "AddPinhole" => {
+            let (Some(client), Some(port), Some(protocol), Some(lease)) = (
+                arg(body, "InternalClient"),
+                arg(body, "InternalPort"),
+                arg(body, "Protocol"),
+                arg(body, "LeaseTime"),
+            ) else {
+                return fault(402, "Invalid Args");
+            };
+            let pinhole = FakePinhole {
+                client,
+                port,
+                protocol,
+                lease,
+            };
+            let same = |held: &FakePinhole| {
+                (&held.client, &held.port, &held.protocol)
+                    == (&pinhole.client, &pinhole.port, &pinhole.protocol)
+            };
+            let unique_id = match recorded.pinholes.iter().find(|(_, held)| same(held)) {
+                Some((id, _)) => *id,
+                None => {
+                    recorded.next_unique_id += 1;
+                    recorded.next_unique_id
+                }
+            };
+            recorded.pinholes.insert(unique_id, pinhole);
+            success(
+                behaviour,
+                service,
+                action,
+                &[("UniqueID", unique_id.to_string())],
+            )
+        }
+        "UpdatePinhole" | "DeletePinhole" | "GetPinholePackets" | "CheckPinholeWorking" => {
+            let Some(unique_id) = arg(body, "UniqueID").and_then(|id| id.parse::<u16>().ok())
+            else {
+                return fault(402, "Invalid Args");
+            };
+            if !recorded.pinholes.contains_key(&unique_id) {
+                return fault(704, "NoSuchEntry");
+            }
+            match action {
+                "UpdatePinhole" => {
+                    let Some(lease) = arg(body, "NewLeaseTime") else {
+                        return fault(402, "Invalid Args");
+                    };
+                    if let Some(held) = recorded.pinholes.get_mut(&unique_id) {
+                        held.lease = lease;
+                    }
+                    success(behaviour, service, action, &[])
+                }
+                "DeletePinhole" if behaviour.delete_pinhole_402 => fault(402, "Invalid Args"),
+                "DeletePinhole" => {
+                    recorded.pinholes.remove(&unique_id);
+                    success(behaviour, service, action, &[])
+                }
+                "GetPinholePackets" => success(
+                    behaviour,
+                    service,
+                    action,
+                    &[("PinholePackets", "3".to_owned())],
+                ),
+                _ => success(behaviour, service, action, &[("IsWorking", "1".to_owned())]),
+            }
+        }
         "GetExternalIPAddress" => success(
             behaviour,
             service,

@@ -17,7 +17,7 @@ use super::codec::{self, Opcode, ResponseBody, ResultCode};
 use crate::model::{Backend, MappingKey, Protocol};
 use crate::router::pcp::client::renew_after;
 use crate::router::pcp::codec::VERSION as PCP_VERSION;
-use crate::router::{Grant, MapRequest, PortMapper, RouterError};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
 use crate::state::MappingRecord;
 
 /// Receive buffer: larger than any NAT-PMP response (16 bytes), so that oversized or foreign
@@ -396,6 +396,17 @@ impl PortMapper for NatpmpClient {
                 "NAT-PMP success response without a mapping body".to_owned(),
             ));
         };
+        // NOTE: RFC 6886 §3.3: the gateway may grant less than asked; more is taken as the
+        // ask, so the router cannot put a renewal off. 0 s maps nothing (§3.4).
+        let lifetime_secs = clamp::granted_lifetime(body.lifetime_secs, wire.lifetime_secs)
+            .ok_or_else(|| RouterError::Refused {
+                reason: format!(
+                    "NAT-PMP mapping of {}/{}: the gateway answered success with a lifetime \
+                     of 0 s, which maps nothing; asking again later",
+                    request.external_port, request.protocol
+                ),
+                retry_after: None,
+            })?;
         // NOTE: the gateway may grant another external port than the suggested one
         // (RFC 6886 §3.3); the Grant says which, and the reconciler treats a different port
         // as a conflict.
@@ -408,8 +419,8 @@ impl PortMapper for NatpmpClient {
         };
         Ok(Grant {
             external_port: body.external_port,
-            lifetime_secs: body.lifetime_secs,
-            renew_after: renew_after(body.lifetime_secs),
+            lifetime_secs,
+            renew_after: renew_after(lifetime_secs),
             external_address,
             epoch: Some(response.epoch_secs),
             router: self.gateway.to_string(),
@@ -662,6 +673,40 @@ mod tests {
             .filter(|req| req.as_slice() == [0, 0])
             .count();
         assert_eq!(asked, 1);
+    }
+
+    #[tokio::test]
+    async fn a_granted_lifetime_longer_than_asked_is_clamped_to_the_ask() {
+        let reply = |lifetime: u32| {
+            move |req: &[u8]| {
+                let internal = u16::from_be_bytes([req[4], req[5]]);
+                let mut out = map_reply(128 + req[1], 0, 9, internal, internal);
+                out[12..16].copy_from_slice(&lifetime.to_be_bytes());
+                vec![out]
+            }
+        };
+        // u32::MAX seconds (136 years) granted for 600 asked.
+        let hostile = FakeGateway::start(reply(u32::MAX)).await;
+        let mut client = hostile.client();
+        client.external_address = Some(EXTERNAL);
+        let grant = client.map(&request(Protocol::Tcp, 18080)).await.unwrap();
+        assert_eq!(grant.lifetime_secs, 600);
+        assert!(grant.renew_after.unwrap() <= Duration::from_secs(375));
+        // Less than asked is kept.
+        let fair = FakeGateway::start(reply(120)).await;
+        let mut client = fair.client();
+        client.external_address = Some(EXTERNAL);
+        let grant = client.map(&request(Protocol::Tcp, 18080)).await.unwrap();
+        assert_eq!(grant.lifetime_secs, 120);
+        // Success with 0 s maps nothing.
+        let zero = FakeGateway::start(reply(0)).await;
+        let mut client = zero.client();
+        client.external_address = Some(EXTERNAL);
+        let result = client.map(&request(Protocol::Tcp, 18080)).await;
+        assert!(
+            matches!(&result, Err(RouterError::Refused { reason, .. }) if reason.contains("0 s")),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use tokio::net::UdpSocket;
 
 use super::codec::{self, Nonce, ResultCode};
 use crate::model::{Backend, MappingKey, Protocol};
-use crate::router::{Grant, MapRequest, PortMapper, RouterError};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
 use crate::state::MappingRecord;
 
 /// Receive buffer: larger than the 1100-byte PCP limit so that oversized datagrams are seen
@@ -115,7 +115,8 @@ pub fn renew_after(lifetime_secs: u32) -> Option<Duration> {
 }
 
 /// What an error result code means for the reconciler. `port` and `protocol` name the
-/// mapping asked for; `lifetime_secs` is how long the server says the error will last.
+/// mapping asked for; `lifetime_secs` is how long the server says the error will last, used
+/// as the retry floor only clamped into 30 s .. 30 min ([`clamp::retry_hint`]).
 pub fn error_for_result(
     result: ResultCode,
     lifetime_secs: u32,
@@ -131,8 +132,20 @@ pub fn error_for_result(
         },
         _ => RouterError::Refused {
             reason: detail,
-            retry_after: (lifetime_secs > 0).then(|| Duration::from_secs(u64::from(lifetime_secs))),
+            retry_after: clamp::retry_hint(lifetime_secs),
         },
+    }
+}
+
+/// The refusal for a SUCCESS that grants 0 s: RFC 6887 §15 reads lifetime 0 as "deleted", so
+/// nothing is mapped; recording it would make a permanent mapping of it.
+fn zero_lifetime(protocol: Protocol, port: u16) -> RouterError {
+    RouterError::Refused {
+        reason: format!(
+            "the router answered the mapping of {port}/{protocol} with SUCCESS and a lifetime \
+             of 0 s, which maps nothing; asking again later"
+        ),
+        retry_after: None,
     }
 }
 
@@ -429,10 +442,14 @@ impl PortMapper for PcpClient {
                 "PCP SUCCESS response without a MAP body".to_owned(),
             ));
         };
+        // NOTE: RFC 6887 §15: the server may grant less than asked, never more; a longer
+        // lifetime is taken as the one asked for, so a renewal is never put off by the router.
+        let lifetime_secs = clamp::granted_lifetime(response.lifetime_secs, lifetime_secs)
+            .ok_or_else(|| zero_lifetime(request.protocol, request.external_port))?;
         Ok(Grant {
             external_port: body.assigned_external_port,
-            lifetime_secs: response.lifetime_secs,
-            renew_after: renew_after(response.lifetime_secs),
+            lifetime_secs,
+            renew_after: renew_after(lifetime_secs),
             external_address: external_ipv4(body.assigned_external_ip),
             epoch: Some(response.epoch_secs),
             router: self.gateway.to_string(),
@@ -605,6 +622,100 @@ mod tests {
         // 3.3 + 6.6 + 13.2 = 23.1 s at most.
         assert!(schedule.worst_case() <= Duration::from_millis(23_101));
         assert!(schedule.worst_case() >= Duration::from_secs(23));
+    }
+
+    /// A PCP server on loopback that answers every MAP request with `result` and
+    /// `lifetime_secs` (a hostile router picks any value); returns the client aimed at it.
+    async fn answering(result: u8, lifetime_secs: u32) -> PcpClient {
+        let server = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1100];
+            while let Ok((len, peer)) = server.recv_from(&mut buf).await {
+                // Header (RFC 6887 §7.2), then the request's MAP payload (nonce, protocol,
+                // internal port, suggested port) with an assigned address (§11.1).
+                let mut reply = vec![2, 0x81, 0, result];
+                reply.extend_from_slice(&lifetime_secs.to_be_bytes());
+                reply.extend_from_slice(&77u32.to_be_bytes());
+                reply.extend_from_slice(&[0; 12]);
+                reply.extend_from_slice(&buf[24..44.min(len)]);
+                reply.extend_from_slice(&Ipv4Addr::new(11, 22, 33, 44).to_ipv6_mapped().octets());
+                server.send_to(&reply, peer).await.unwrap();
+            }
+        });
+        let mut client =
+            PcpClient::new(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST).with_schedule(Schedule {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(1),
+                max_tries: 2,
+            });
+        client.server_port = port;
+        client
+    }
+
+    fn map_request(lifetime_secs: u32) -> MapRequest {
+        MapRequest {
+            owner: crate::model::Owner::new("default", "web"),
+            protocol: Protocol::Tcp,
+            external_port: 8080,
+            internal: crate::model::Endpoint::new(Ipv4Addr::LOCALHOST, 8080),
+            lifetime_secs,
+            nonce: Some("00112233445566778899aabb".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_granted_lifetime_longer_than_asked_is_clamped_to_the_ask() {
+        // 136 years granted for 600 s asked: renewed as if 600 s were granted.
+        let grant = answering(0, u32::MAX)
+            .await
+            .map(&map_request(600))
+            .await
+            .unwrap();
+        assert_eq!(grant.lifetime_secs, 600);
+        let renew = grant.renew_after.unwrap();
+        assert!(renew <= Duration::from_secs(375), "{renew:?}");
+        // A shorter grant is the router's right and is kept.
+        let grant = answering(0, 300)
+            .await
+            .map(&map_request(600))
+            .await
+            .unwrap();
+        assert_eq!((grant.lifetime_secs, grant.external_port), (300, 8080));
+        // SUCCESS with 0 s maps nothing: a refusal, not a permanent mapping.
+        let zero = answering(0, 0).await.map(&map_request(600)).await;
+        assert!(
+            matches!(&zero, Err(RouterError::Refused { reason, retry_after: None }) if reason.contains("0 s")),
+            "{zero:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_lifetime_is_a_retry_floor_of_at_most_30_minutes() {
+        // NO_RESOURCES (8) "for 136 years".
+        let refused = answering(8, u32::MAX).await.map(&map_request(600)).await;
+        match refused {
+            Err(RouterError::Refused { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(1800)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = answering(8, 1).await.map(&map_request(600)).await;
+        match refused {
+            Err(RouterError::Refused { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(30)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = answering(8, 600).await.map(&map_request(600)).await;
+        match refused {
+            Err(RouterError::Refused { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(600)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

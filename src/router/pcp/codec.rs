@@ -5,9 +5,9 @@
 //! client: retransmission (§8.1.1), checking the source address and the epoch (§8.3, §8.5),
 //! renewing, and choosing the nonce (see [`Nonce::random`]).
 //!
-//! Requests are IPv4 only: holepunch maps IPv4 Services. Responses are decoded as sent, so an
-//! address that is not IPv4-mapped (§5) comes back as an [`IpAddr::V6`] for the caller to
-//! refuse, never as an error.
+//! Requests are IPv4 ([`MapRequest`]) or IPv6 ([`MapRequestV6`]: a pinhole on a router that
+//! only firewalls IPv6). Responses are decoded as sent, so an address that is not IPv4-mapped
+//! (§5) comes back as an [`IpAddr::V6`], never as an error.
 //!
 //! Version negotiation (§9) ends in one of three ways: [`DecodeError::NatPmpServer`] (the
 //! gateway answered in NAT-PMP: fall back to it), [`DecodeError::UnsupportedVersion`] (another
@@ -418,6 +418,52 @@ impl MapRequest {
     }
 }
 
+/// A MAP request over IPv6 (§11.1) from and for `client_ip`: on a router without NAT66 the
+/// mapping is a pinhole in its firewall, and the "external" address granted is the internal
+/// one (RFC 6887 §11.1, "the PCP server ... acting as a firewall"). No THIRD_PARTY: a pinhole
+/// for another host is refused by secure-mode routers just as for IPv4.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRequestV6 {
+    /// Requested lifetime; 0 deletes the mapping (§15).
+    pub lifetime_secs: u32,
+    /// This host's IPv6 address; the request must be sent from it (§8.1).
+    pub client_ip: Ipv6Addr,
+    pub nonce: Nonce,
+    /// IANA protocol number (`Protocol::iana_number`).
+    pub protocol: u8,
+    pub internal_port: u16,
+    /// 0 = no preference; a firewall keeps the internal port.
+    pub suggested_external_port: u16,
+    /// `None` = no preference (`::`).
+    pub suggested_external_ip: Option<Ipv6Addr>,
+    /// Send PREFER_FAILURE (§13.2), as for IPv4.
+    pub prefer_failure: bool,
+}
+
+impl MapRequestV6 {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_BYTES + MAP_PAYLOAD_BYTES + OPTION_HEADER_BYTES);
+        encode_header_wire(
+            &mut out,
+            Opcode::Map,
+            self.lifetime_secs,
+            self.client_ip.octets(),
+        );
+        out.extend_from_slice(&self.nonce.0);
+        out.extend_from_slice(&[self.protocol, 0, 0, 0]);
+        out.extend_from_slice(&self.internal_port.to_be_bytes());
+        out.extend_from_slice(&self.suggested_external_port.to_be_bytes());
+        // NOTE: "no preference" for an IPv6 external address is the all-zeros address `::`
+        // (RFC 6887 §11.1), not ::ffff:0.0.0.0, which would ask for an IPv4 one.
+        let suggested = self.suggested_external_ip.unwrap_or(Ipv6Addr::UNSPECIFIED);
+        out.extend_from_slice(&suggested.octets());
+        if self.prefer_failure {
+            encode_option_header(&mut out, OPTION_PREFER_FAILURE, PREFER_FAILURE_DATA_BYTES);
+        }
+        out
+    }
+}
+
 /// An ANNOUNCE request (§14.1): a cheap probe for whether the gateway speaks PCP, and which
 /// epoch it is in.
 // NOTE: some Apple routers answer ANNOUNCE in NAT-PMP yet handle MAP (offbynull/portmapper,
@@ -442,9 +488,14 @@ fn encode_request_header(
     lifetime_secs: u32,
     client_ip: Ipv4Addr,
 ) {
+    encode_header_wire(out, opcode, lifetime_secs, ipv4_to_wire(client_ip));
+}
+
+/// The request header with the client address already in its 128-bit form.
+fn encode_header_wire(out: &mut Vec<u8>, opcode: Opcode, lifetime_secs: u32, client: [u8; 16]) {
     out.extend_from_slice(&[VERSION, opcode.code(), 0, 0]);
     out.extend_from_slice(&lifetime_secs.to_be_bytes());
-    out.extend_from_slice(&ipv4_to_wire(client_ip));
+    out.extend_from_slice(&client);
 }
 
 fn encode_option_header(out: &mut Vec<u8>, code: u8, data_bytes: u16) {
@@ -596,6 +647,28 @@ impl Response {
                 reserved,
             } => {
                 let [_, _, _, _, client_ip_tail @ ..] = ipv4_to_wire(request.client_ip);
+                *reserved == client_ip_tail
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Response {
+    /// Whether this answers the IPv6 MAP `request`: same nonce, protocol and internal port,
+    /// or (a header-only MAP error) the echoed last 96 bits of its client address (§7.2).
+    pub fn matches_v6(&self, request: &MapRequestV6) -> bool {
+        match &self.body {
+            ResponseBody::Map(map) => {
+                map.nonce == request.nonce
+                    && map.protocol == request.protocol
+                    && map.internal_port == request.internal_port
+            }
+            ResponseBody::HeaderOnly {
+                opcode: Opcode::Map,
+                reserved,
+            } => {
+                let [_, _, _, _, client_ip_tail @ ..] = request.client_ip.octets();
                 *reserved == client_ip_tail
             }
             _ => false,
@@ -853,6 +926,93 @@ mod tests {
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 7,
         ];
         assert_eq!(request.encode(), expected);
+    }
+
+    const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
+
+    fn tcp_8443_request_v6() -> MapRequestV6 {
+        MapRequestV6 {
+            lifetime_secs: 600,
+            client_ip: CLIENT6,
+            nonce: NONCE,
+            protocol: 6,
+            internal_port: 8443,
+            suggested_external_port: 8443,
+            suggested_external_ip: None,
+            prefer_failure: true,
+        }
+    }
+
+    #[test]
+    fn ipv6_map_request_is_byte_exact() {
+        #[rustfmt::skip]
+        let expected: [u8; 64] = [
+            // header §7.1: version 2, MAP, lifetime 600
+            0x02, 0x01, 0x00, 0x00,
+            0x00, 0x00, 0x02, 0x58,
+            // client IP 2001:db8:77::10, all 128 bits (not IPv4-mapped)
+            0x20, 0x01, 0x0d, 0xb8, 0x00, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x10,
+            // MAP §11.1: nonce, protocol TCP, ports 8443
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+            0x06, 0x00, 0x00, 0x00,
+            0x20, 0xfb, 0x20, 0xfb,
+            // suggested external IP: `::`, no preference for an IPv6 address
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            // PREFER_FAILURE
+            0x02, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(tcp_8443_request_v6().encode(), expected);
+        let delete = MapRequestV6 {
+            lifetime_secs: 0,
+            prefer_failure: false,
+            suggested_external_ip: Some(CLIENT6),
+            ..tcp_8443_request_v6()
+        }
+        .encode();
+        assert_eq!(delete.len(), 60);
+        assert_eq!(&delete[4..8], &[0, 0, 0, 0]);
+        assert_eq!(&delete[44..60], &CLIENT6.octets());
+    }
+
+    #[test]
+    fn ipv6_map_response_decodes_and_matches() {
+        // What miniupnpd 2.3.1 answers (lab): result 0, lifetime 600, external = internal.
+        let mut bytes = response_header(1, 0, 600, 1234);
+        bytes.extend_from_slice(&map_payload(NONCE, 6, 8443, 8443, CLIENT6.octets()));
+        let response = decode_response(&bytes).expect("valid response");
+        assert_eq!(response.result, ResultCode::Success);
+        assert_eq!(response.lifetime_secs, 600);
+        assert!(response.matches_v6(&tcp_8443_request_v6()));
+        let ResponseBody::Map(map) = &response.body else {
+            panic!("MAP body expected");
+        };
+        assert_eq!(map.assigned_external_ip, IpAddr::V6(CLIENT6));
+        for other in [
+            MapRequestV6 {
+                nonce: Nonce([9; 12]),
+                ..tcp_8443_request_v6()
+            },
+            MapRequestV6 {
+                protocol: 17,
+                ..tcp_8443_request_v6()
+            },
+            MapRequestV6 {
+                internal_port: 8444,
+                ..tcp_8443_request_v6()
+            },
+        ] {
+            assert!(!response.matches_v6(&other), "{other:?}");
+        }
+        // A header-only error matches by the echoed last 96 bits of the client address.
+        let mut header_only = response_header(1, 3, 1800, 77);
+        header_only[12..24].copy_from_slice(&CLIENT6.octets()[4..]);
+        let response = decode_response(&header_only).expect("valid response");
+        assert!(response.matches_v6(&tcp_8443_request_v6()));
+        let elsewhere = MapRequestV6 {
+            client_ip: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x11),
+            ..tcp_8443_request_v6()
+        };
+        assert!(!response.matches_v6(&elsewhere));
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub const PREFERRED_SERVICES: [&str; 3] = [
     "urn:schemas-upnp-org:service:WANPPPConnection:1",
 ];
 
+/// The IGDv2 service that opens IPv6 pinholes (WANIPv6FirewallControl:1 §1).
+pub const FIREWALL_CONTROL_SERVICE: &str = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
+
 /// Why a description is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptionError {
@@ -43,11 +46,27 @@ pub struct Description {
 impl Description {
     /// The preferred WAN connection service (WANIPConnection:2, :1, WANPPPConnection:1).
     pub fn wan_service(&self) -> Option<&Service> {
-        PREFERRED_SERVICES.iter().find_map(|wanted| {
-            self.services
-                .iter()
-                .find(|service| service.service_type == *wanted && !service.control_url.is_empty())
-        })
+        self.wan_services().into_iter().next()
+    }
+
+    /// Every WAN connection service with a control URL, most preferred first (a router may
+    /// list several, of which only one is connected).
+    pub fn wan_services(&self) -> Vec<&Service> {
+        PREFERRED_SERVICES
+            .iter()
+            .flat_map(|wanted| {
+                self.services.iter().filter(move |service| {
+                    service.service_type == *wanted && !service.control_url.is_empty()
+                })
+            })
+            .collect()
+    }
+
+    /// The first service of `service_type` with a control URL.
+    pub fn service(&self, service_type: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|service| service.service_type == service_type && !service.control_url.is_empty())
     }
 }
 
@@ -131,6 +150,22 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(ppp.wan_service().unwrap().control_url, "/ppp");
+        let order: Vec<&str> = description
+            .wan_services()
+            .iter()
+            .map(|service| service.control_url.as_str())
+            .collect();
+        assert_eq!(order, ["/ip2", "/ip1", "/ppp"]);
+        assert_eq!(description.service(FIREWALL_CONTROL_SERVICE), None);
+        let v6 = parse(&igd(&[
+            (PREFERRED_SERVICES[0], "/ip2"),
+            (FIREWALL_CONTROL_SERVICE, "/ctl/IP6FCtl"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            v6.service(FIREWALL_CONTROL_SERVICE).unwrap().control_url,
+            "/ctl/IP6FCtl"
+        );
         let none = parse(&igd(&[(
             "urn:schemas-upnp-org:service:Layer3Forwarding:1",
             "/l3f",

@@ -2,7 +2,7 @@
 //! §1.3), then the device description (§2.3). Answers are untrusted: only those that come from
 //! the gateway and whose LOCATION points at the gateway are followed, the description is
 //! size-capped and time-limited, redirects are not followed, and the control URL must stay on
-//! the same host.
+//! the same host. Of several WAN connection services, the one that says it is connected wins.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use super::UpnpError;
 use super::description::{self, Description};
 use super::http::{self, HttpUrl};
-use super::ssdp;
+use super::{soap, ssdp};
 
 /// How discovery searches; the defaults suit a real LAN, tests aim it at fakes.
 #[derive(Debug, Clone)]
@@ -84,33 +84,92 @@ pub(super) async fn fetch(
             url: location.to_string(),
             source,
         })?;
-    let service = description
-        .wan_service()
-        .ok_or_else(|| UpnpError::NoWanService {
+    let services = description.wan_services();
+    if services.is_empty() {
+        return Err(UpnpError::NoWanService {
             url: location.to_string(),
-        })?;
+        });
+    }
     let base = match &description.url_base {
         Some(base) => HttpUrl::parse(base).unwrap_or_else(|_| location.clone()),
         None => location.clone(),
     };
-    let control = base
-        .join(&service.control_url)
-        .map_err(|source| UpnpError::ControlUrl {
-            url: location.to_string(),
-            source,
-        })?;
-    if control.host != pinned {
-        return Err(UpnpError::ControlElsewhere {
-            control: control.to_string(),
-            pinned: pinned.to_owned(),
-        });
+    let mut candidates = Vec::with_capacity(services.len());
+    for service in services {
+        let control = base
+            .join(&service.control_url)
+            .map_err(|source| UpnpError::ControlUrl {
+                url: location.to_string(),
+                source,
+            })?;
+        if control.host != pinned {
+            return Err(UpnpError::ControlElsewhere {
+                control: control.to_string(),
+                pinned: pinned.to_owned(),
+            });
+        }
+        candidates.push((control, service.service_type.clone()));
     }
+    let chosen = if candidates.len() > 1 {
+        connected_service(options, &candidates).await
+    } else {
+        0
+    };
+    let Some((control, service_type)) = candidates.into_iter().nth(chosen) else {
+        return Err(UpnpError::NoWanService {
+            url: location.to_string(),
+        });
+    };
     Ok(Found {
         control,
-        service_type: service.service_type.clone(),
+        service_type,
         udn: description.udn.clone(),
         boot_id: None,
     })
+}
+
+/// Which of several WAN connection services (most preferred first) carries the connection:
+/// the first whose GetStatusInfo says `Connected`; the most preferred when none says so (or
+/// none answers), as before.
+// NOTE: PPPoE routers often list a WANIPConnection that stays `Disconnected` beside the
+// WANPPPConnection that carries the traffic (WANIPConnection:1 §2.2.6 ConnectionStatus;
+// miniupnpc's UPNP_GetValidIGD checks GetStatusInfo for the same reason). Mapping through the
+// disconnected one succeeds and forwards nothing.
+async fn connected_service(options: &Discovery, candidates: &[(HttpUrl, String)]) -> usize {
+    for (index, (control, service_type)) in candidates.iter().enumerate() {
+        let status = connection_status(options, control, service_type).await;
+        tracing::debug!(%control, service = %service_type, ?status, "WAN connection status");
+        if status.as_deref() == Some("Connected") {
+            return index;
+        }
+    }
+    0
+}
+
+/// GetStatusInfo's NewConnectionStatus, or `None` when the router does not say.
+async fn connection_status(
+    options: &Discovery,
+    control: &HttpUrl,
+    service_type: &str,
+) -> Option<String> {
+    const ACTION: &str = "GetStatusInfo";
+    let response = http::request(
+        control,
+        "POST",
+        &[
+            ("Content-Type", "text/xml; charset=\"utf-8\""),
+            ("SOAPAction", &soap::action_header(service_type, ACTION)),
+        ],
+        &soap::envelope(service_type, ACTION, &[]),
+        soap::MAX_REPLY_BYTES,
+        options.http_timeout,
+    )
+    .await
+    .ok()?;
+    match soap::parse_reply(response.status, &response.body, ACTION).ok()? {
+        soap::Reply::Success(args) => args.get("NewConnectionStatus").map(str::to_owned),
+        soap::Reply::Fault(_) => None,
+    }
 }
 
 /// SSDP search from `lan_address`, following only answers from and about `gateway`.

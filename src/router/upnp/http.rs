@@ -3,8 +3,11 @@
 //! `http://` URLs only, no redirects, a cap on the response head and body, and one deadline
 //! for the whole exchange. URL parsing is sans-io and unit-tested; [`request`] owns the
 //! socket.
+//!
+//! Hosts may be IPv6 literals in brackets (`http://[2001:db8::1]:5000/`, RFC 3986 §3.2.2), as
+//! the router's IGDv2 WANIPv6FirewallControl service is reached over IPv6.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +46,8 @@ pub enum HttpError {
 /// An `http://host[:port]/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// A name, an IPv4 address, or an IPv6 address without brackets, written canonically
+    /// (RFC 5952), so that two spellings of one address compare equal.
     pub host: String,
     pub port: u16,
     /// Starts with `/`; includes any query.
@@ -64,23 +69,40 @@ impl HttpUrl {
             None => (rest, "/".to_owned()),
         };
         let authority = authority.split('#').next().unwrap_or_default();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
-            None => (authority, 80),
+        // NOTE: an IPv6 literal is written in brackets (RFC 3986 §3.2.2); a zone ID
+        // (`%25eth0`, RFC 6874) is refused: a link-local router address needs an interface,
+        // which a URL from the network must not choose.
+        let (host, port_text) = if let Some(rest) = authority.strip_prefix('[') {
+            let (literal, after) = rest.split_once(']').ok_or_else(bad)?;
+            let address: Ipv6Addr = literal.parse().map_err(|_| bad())?;
+            let port_text = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(bad)?),
+            };
+            (address.to_string(), port_text)
+        } else {
+            let (host, port_text) = match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            };
+            let host_ok = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !host_ok {
+                return Err(bad());
+            }
+            (host.to_owned(), port_text)
         };
-        let host_ok = !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-        if !host_ok || port == 0 || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        let port = match port_text {
+            Some(port) => port.parse::<u16>().map_err(|_| bad())?,
+            None => 80,
+        };
+        if port == 0 || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
             return Err(bad());
         }
         let path = path.split('#').next().unwrap_or("/").to_owned();
-        Ok(HttpUrl {
-            host: host.to_owned(),
-            port,
-            path,
-        })
+        Ok(HttpUrl { host, port, path })
     }
 
     /// `reference` resolved against this URL (RFC 3986 §5.2, the cases UPnP uses: absolute,
@@ -102,7 +124,7 @@ impl HttpUrl {
             let dir = self.path.rsplit_once('/').map_or("", |(dir, _)| dir);
             format!("{dir}/{reference}")
         };
-        HttpUrl::parse(&format!("http://{}:{}{path}", self.host, self.port))
+        HttpUrl::parse(&format!("http://{}{path}", self.address()))
     }
 
     /// The host as an IPv4 address, if it is one.
@@ -110,14 +132,33 @@ impl HttpUrl {
         self.host.parse().ok()
     }
 
+    /// The host as an IPv6 address, if it is one.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.host.parse().ok()
+    }
+
+    /// The same port and path on another host: the router's description over IPv6 when
+    /// discovery found it over IPv4 (miniupnpd serves both on one port).
+    pub fn with_host(&self, host: IpAddr) -> HttpUrl {
+        HttpUrl {
+            host: host.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// `host:port`, with an IPv6 host in brackets: the `Host` header and the error messages.
     fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
 impl std::fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}:{}{}", self.host, self.port, self.path)
+        write!(f, "http://{}{}", self.address(), self.path)
     }
 }
 
@@ -138,8 +179,24 @@ pub async fn request(
     limit: usize,
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
+    request_from(None, url, method, headers, body, limit, timeout).await
+}
+
+/// [`request`] from the local address `local` (the connection's source), when given.
+// NOTE: miniupnpd opens an IPv6 pinhole only to the address the request came from (its
+// PinholeVerification compares the two as text), and a host with several global IPv6 addresses
+// (privacy addresses, RFC 8981) may otherwise send from another one (miniupnp issue 600).
+pub async fn request_from(
+    local: Option<IpAddr>,
+    url: &HttpUrl,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    limit: usize,
+    timeout: Duration,
+) -> Result<HttpResponse, HttpError> {
     let address = url.address();
-    match tokio::time::timeout(timeout, exchange(url, method, headers, body, limit)).await {
+    match tokio::time::timeout(timeout, exchange(local, url, method, headers, body, limit)).await {
         Ok(result) => result,
         Err(_elapsed) => Err(HttpError::Timeout {
             address,
@@ -149,6 +206,7 @@ pub async fn request(
 }
 
 async fn exchange(
+    local: Option<IpAddr>,
     url: &HttpUrl,
     method: &str,
     headers: &[(&str, &str)],
@@ -160,12 +218,36 @@ async fn exchange(
         address: address.clone(),
         source,
     };
-    let stream = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|source| HttpError::Connect {
-            address: address.clone(),
-            source,
-        })?;
+    let connect_error = |source| HttpError::Connect {
+        address: address.clone(),
+        source,
+    };
+    let stream = match local {
+        None => TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(connect_error)?,
+        Some(local) => {
+            // Bound to `local`, the router must be an address of the same family.
+            let remote: IpAddr = url.host.parse().map_err(|_| {
+                connect_error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a request from a given local address needs an address as the host",
+                ))
+            })?;
+            let socket = match local {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(connect_error)?;
+            socket
+                .bind(SocketAddr::new(local, 0))
+                .map_err(connect_error)?;
+            socket
+                .connect(SocketAddr::new(remote, url.port))
+                .await
+                .map_err(connect_error)?
+        }
+    };
     // NOTE: header names go out in title case (`Soapaction`, `Content-Type`): RFC 9110 §5.1
     // makes them case-insensitive, and title case is the closest hyper writes to the
     // `SOAPAction` of UPnP Device Architecture 1.1 §3.2.1 for routers that compare bytes.
@@ -280,13 +362,38 @@ mod tests {
             "http://h:0/",
             "http://h:99999/",
             "http://user@h/",
-            "http://[::1]/",
+            "http://[::1/",
+            "http://[fe80::1%25eth0]/",
+            "http://[::1]x/",
+            "http://[h]/",
+            "http://::1/",
             "http://h/a b",
             "http://h/\r\nX: y",
         ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad:?}");
         }
         assert!(base.join("file:///etc/passwd").is_err());
+    }
+
+    #[test]
+    fn ipv6_literals_are_bracketed_and_canonical() {
+        let url = HttpUrl::parse("http://[2001:DB8:77:0::1]:5000/rootDesc.xml").unwrap();
+        assert_eq!(url.host, "2001:db8:77::1");
+        assert_eq!(url.port, 5000);
+        assert_eq!(url.ipv6(), Some("2001:db8:77::1".parse().unwrap()));
+        assert_eq!(url.ipv4(), None);
+        assert_eq!(url.to_string(), "http://[2001:db8:77::1]:5000/rootDesc.xml");
+        assert_eq!(url.address(), "[2001:db8:77::1]:5000");
+        assert_eq!(
+            url.join("/ctl/IP6FCtl").unwrap().to_string(),
+            "http://[2001:db8:77::1]:5000/ctl/IP6FCtl"
+        );
+        assert_eq!(HttpUrl::parse("http://[::1]/").unwrap().port, 80);
+        let v4 = HttpUrl::parse("http://192.168.77.1:5000/rootDesc.xml").unwrap();
+        assert_eq!(
+            v4.with_host("2001:db8:77::1".parse().unwrap()).to_string(),
+            "http://[2001:db8:77::1]:5000/rootDesc.xml"
+        );
     }
 
     /// A one-shot server on loopback: sends `answer` to the first connection (after reading

@@ -15,6 +15,7 @@
 pub mod description;
 pub mod discovery;
 pub mod http;
+pub mod pinhole;
 pub mod soap;
 pub mod ssdp;
 pub mod xml;
@@ -268,7 +269,8 @@ pub struct UpnpClient {
 impl UpnpClient {
     /// SSDP M-SEARCH from `lan_address`, following only answers from `gateway` whose LOCATION
     /// points at it; or, with `igd_url`, that description (no discovery). Picks
-    /// WANIPConnection:2, else :1, else WANPPPConnection:1.
+    /// WANIPConnection:2, else :1, else WANPPPConnection:1; of several, the first whose
+    /// GetStatusInfo says `Connected`.
     pub async fn discover(
         gateway: Ipv4Addr,
         lan_address: Ipv4Addr,

@@ -32,8 +32,8 @@
 //! `resources::openapi_v3_doc`). Resources: Services (core/v1, with `status`), Nodes and
 //! Namespaces (core/v1, cluster-scoped, with `status`), EndpointSlices (discovery.k8s.io/v1),
 //! Events (core/v1 and events.k8s.io/v1: one storage, two representations converted field by
-//! field as the real apiserver does; events.k8s.io/v1 creates are validated) and Leases
-//! (coordination.k8s.io/v1). Verbs: list (all namespaces or one, `labelSelector`,
+//! field as the real apiserver does; events.k8s.io/v1 creates are validated), ConfigMaps
+//! (core/v1) and Leases (coordination.k8s.io/v1). Verbs: list (all namespaces or one, `labelSelector`,
 //! `fieldSelector` restricted to the labels the real apiserver supports, `limit`/`continue`
 //! over a consistent snapshot, `resourceVersion` + `resourceVersionMatch=Exact` rebuilt from
 //! history), get, create (`generateName`, 409 AlreadyExists, 422 on invalid names), PUT
