@@ -122,7 +122,7 @@ fn status_label(status: MappingStatus) -> &'static str {
 }
 
 /// Every problem kind, so that `holepunch_problems` shows 0 rather than nothing.
-const PROBLEM_KINDS: [ProblemKind; 8] = [
+const PROBLEM_KINDS: [ProblemKind; 11] = [
     ProblemKind::InvalidAnnotation,
     ProblemKind::DeniedPort,
     ProblemKind::PortConflict,
@@ -131,6 +131,9 @@ const PROBLEM_KINDS: [ProblemKind; 8] = [
     ProblemKind::UnsupportedProtocol,
     ProblemKind::RouterRefused,
     ProblemKind::DoubleNat,
+    ProblemKind::TargetFallback,
+    ProblemKind::PortInUse,
+    ProblemKind::OverQuota,
 ];
 
 fn problem_label(kind: ProblemKind) -> &'static str {
@@ -143,6 +146,9 @@ fn problem_label(kind: ProblemKind) -> &'static str {
         ProblemKind::UnsupportedProtocol => "unsupported_protocol",
         ProblemKind::RouterRefused => "router_refusal",
         ProblemKind::DoubleNat => "double_nat",
+        ProblemKind::TargetFallback => "target_fallback",
+        ProblemKind::PortInUse => "port_in_use",
+        ProblemKind::OverQuota => "over_quota",
     }
 }
 
@@ -1008,6 +1014,7 @@ mod tests {
             },
             kind: ProblemKind::PortConflict,
             message: "taken".into(),
+            detail: None,
         }];
         metrics.reconciled(Duration::from_millis(30), &state, &problems, None);
         let text = metrics.encode(at("2025-01-01T00:01:00Z")).expect("encode");
