@@ -43,7 +43,11 @@ fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
         test_config(dir.path(), None).to_str().expect("utf-8"),
     ]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(!text(&out.stderr).contains("MetalLB"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("MetalLB"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
