@@ -72,19 +72,30 @@ fn interface_addresses() -> Result<(BTreeSet<IpAddr>, BTreeSet<IpAddr>), HostErr
     while !entry.is_null() {
         // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
         let ifa = unsafe { &*entry };
-        if let Some(address) = socket_address(ifa.ifa_addr) {
+        let address = socket_address(ifa.ifa_addr);
+        if let Some(address) = address {
             own.insert(address);
         }
-        if ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint != 0
-            && let Some(address) = socket_address(ifa.ifa_ifu)
+        // The directed broadcast, from the address and its netmask (ifa_broadaddr is not
+        // reliable: glibc fills it from IFA_ADDRESS when the kernel reports no broadcast).
+        if let (Some(IpAddr::V4(address)), Some(IpAddr::V4(mask))) =
+            (address, socket_address(ifa.ifa_netmask))
+            && let Some(directed) = directed_broadcast(address, mask)
         {
-            broadcast.insert(address);
+            broadcast.insert(IpAddr::V4(directed));
         }
         entry = ifa.ifa_next;
     }
     // SAFETY: `list` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(list) };
     Ok((own, broadcast))
+}
+
+/// The broadcast address of `address`'s network; `None` for /31 and /32 (RFC 3021: no
+/// broadcast there).
+pub fn directed_broadcast(address: Ipv4Addr, mask: Ipv4Addr) -> Option<Ipv4Addr> {
+    let mask = u32::from(mask);
+    (mask.leading_ones() < 31).then(|| Ipv4Addr::from(u32::from(address) | !mask))
 }
 
 /// The IP address in a `sockaddr`, if it is IPv4 or IPv6.
@@ -220,6 +231,27 @@ mod tests {
                 .into_iter()
                 .collect::<Vec<_>>(),
             [4789]
+        );
+    }
+
+    #[test]
+    fn directed_broadcast_of_a_network_but_not_of_a_31_or_32() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("test address");
+        assert_eq!(
+            directed_broadcast(ip("192.168.77.10"), ip("255.255.255.0")),
+            Some(ip("192.168.77.255"))
+        );
+        assert_eq!(
+            directed_broadcast(ip("10.1.2.3"), ip("255.255.0.0")),
+            Some(ip("10.1.255.255"))
+        );
+        assert_eq!(
+            directed_broadcast(ip("10.0.0.0"), ip("255.255.255.254")),
+            None
+        );
+        assert_eq!(
+            directed_broadcast(ip("10.0.0.1"), ip("255.255.255.255")),
+            None
         );
     }
 
