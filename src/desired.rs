@@ -155,7 +155,12 @@ pub fn desired(
         mappings.insert(key, candidate.mapping);
     }
     for ((owner, limit), keys) in over {
-        problems.push(over_quota(owner, limit, &keys, &config.ports));
+        let most = match limit {
+            Limit::Service => config.ports.max_per_service,
+            Limit::Namespace => config.ports.max_per_namespace,
+            Limit::Total => config.ports.max_total,
+        };
+        problems.push(over_quota(owner, limit, most, &keys));
     }
     problems.sort();
     problems.dedup();
@@ -196,34 +201,17 @@ fn per_service_quota(
         }
     }
     for (owner, keys) in over {
-        problems.push(over_quota(owner, Limit::Service, &keys, &max_only(max)));
+        problems.push(over_quota(owner, Limit::Service, max, &keys));
     }
     kept
-}
-
-/// A port policy that carries only `max_per_service`, for [`over_quota`]'s wording.
-fn max_only(max: u32) -> crate::config::PortPolicy {
-    crate::config::PortPolicy {
-        allow: Vec::new(),
-        deny: Vec::new(),
-        allow_below_1024: false,
-        max_per_service: max,
-        max_per_namespace: max,
-        max_total: max,
-    }
 }
 
 /// Longest list of refused ports an over-quota message spells out.
 const SHOWN_REFUSED_PORTS: usize = 5;
 
-/// One problem for all the ports of `owner` refused by `limit`: the Event names the limit and
-/// the key that raises it.
-fn over_quota(
-    owner: Owner,
-    limit: Limit,
-    keys: &[MappingKey],
-    ports: &crate::config::PortPolicy,
-) -> Problem {
+/// One problem for all the ports of `owner` refused by `limit` (`most` ports): the Event
+/// names the limit and the key that raises it.
+fn over_quota(owner: Owner, limit: Limit, most: u32, keys: &[MappingKey]) -> Problem {
     let mut shown: Vec<String> = keys
         .iter()
         .take(SHOWN_REFUSED_PORTS)
@@ -234,24 +222,18 @@ fn over_quota(
     }
     let (rule, key) = match limit {
         Limit::Service => (
-            format!(
-                "a Service gets at most {} ports, its lowest service ports",
-                ports.max_per_service
-            ),
+            format!("a Service gets at most {most} ports, its lowest service ports"),
             "ports.max_per_service",
         ),
         Limit::Namespace => (
             format!(
-                "the Services of namespace {} get at most {} ports together",
-                owner.namespace, ports.max_per_namespace
+                "the Services of namespace {} get at most {most} ports together",
+                owner.namespace
             ),
             "ports.max_per_namespace",
         ),
         Limit::Total => (
-            format!(
-                "holepunch publishes at most {} ports in all",
-                ports.max_total
-            ),
+            format!("holepunch publishes at most {most} ports in all"),
             "ports.max_total",
         ),
     };
