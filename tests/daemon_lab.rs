@@ -812,6 +812,21 @@ fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
                 Duration::from_secs(20),
                 || has_event(kubeconfig, Some("Warning"), "RouterRefused", "game", "8080"),
             );
+            // Events are read by tenants: the LAN host holding the port is not named there.
+            assert!(has_event(
+                kubeconfig,
+                Some("Warning"),
+                "RouterRefused",
+                "game",
+                "held on the router by another device on the LAN"
+            ));
+            assert!(!has_event(
+                kubeconfig,
+                Some("Warning"),
+                "RouterRefused",
+                "game",
+                "192.168.77."
+            ));
             // Nothing stolen: the other host's forward is the only TCP one, unchanged; the
             // free UDP port is holepunch's; the port the router offered instead is given back.
             let forwards = forwards_of(&lab, 8080);
