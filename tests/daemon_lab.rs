@@ -412,18 +412,18 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
         "upnp",
         "",
         |fake, kubeconfig, config, daemon| {
+            // The router drops the mapping before the daemon reads the answer and logs it:
+            // wait for both.
             wait_until(
                 daemon,
-                "the leftover to be purged",
+                "the leftover to be purged and the purge logged",
                 Duration::from_secs(20),
-                || forwards_of(&lab, 18099).is_empty(),
-            );
-            assert!(
-                daemon
-                    .log()
-                    .contains("deleted a leftover holepunch mapping"),
-                "{}",
-                daemon.log()
+                || {
+                    forwards_of(&lab, 18099).is_empty()
+                        && daemon
+                            .log()
+                            .contains("deleted a leftover holepunch mapping")
+                },
             );
             assert_eq!(forwards_of(&lab, 18098).len(), 1, "not ours: kept");
             load_balancer_service(fake);
