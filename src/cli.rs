@@ -245,11 +245,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         })
 }
 
+/// What `check-config` tells an operator whose LoadBalancer IPs are not targets (README,
+/// "Security model").
+pub const TARGET_CIDRS_NOTE: &str = "note: exposure.target_cidrs is empty, so no LoadBalancer \
+IP is a target: Services are published through a Ready node's InternalIP and nodePort. With \
+MetalLB (or kube-vip, Cilium LB-IPAM), list the load balancer's address pool there, e.g. \
+target_cidrs = [\"192.168.1.240/28\"]";
+
 fn check_config(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
     crate::kube::check_kubeconfig(&config.kubernetes).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
     print!("{}", config.to_toml());
     eprintln!("{}: the config is valid", path.display());
+    if config.exposure.target_cidrs.is_empty() {
+        eprintln!("{TARGET_CIDRS_NOTE}");
+    }
     Ok(())
 }
 
@@ -295,11 +305,17 @@ fn dry_run(
             .map_err(|e| Failure::new(EXIT_UNREACHABLE, e))?,
     };
     let state = read_state_or_empty(&config.state.path)?;
+    let gateway = config
+        .router
+        .address
+        .or_else(|| crate::router::discover::default_gateway().ok());
     let wanted = desired(
         &snapshot.services,
         &snapshot.nodes,
         &snapshot.endpoint_slices,
         &config,
+        &crate::host::facts(gateway, &state),
+        &crate::trust::holders(&state),
     );
     let plan = plan(
         &wanted,

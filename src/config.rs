@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeArray, DeTable, DeValue};
@@ -29,7 +29,9 @@ pub mod defaults {
     pub const LEASE_SECS: u32 = 3600;
     pub const VERIFY_INTERVAL_SECS: u32 = 60;
     pub const EXPOSURE_MODE: ExposureMode = ExposureMode::Relay;
-    pub const TARGET_CIDRS: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
+    /// Empty: no LoadBalancer IP is a target, Services go through a Ready node's nodePort
+    /// (README, "Security model").
+    pub const TARGET_CIDRS: &[&str] = &[];
     pub const PORTS_ALLOW: &[&str] = &["1024-65535"];
     pub const PORTS_DENY: &[&str] = &[
         "22",
@@ -43,10 +45,16 @@ pub mod defaults {
         "2049",
         "2379-2380",
         "3389",
+        "4789",
         "5351",
+        "6081",
         "6443",
+        "8472",
         "10250-10259",
     ];
+    pub const MAX_PER_SERVICE: u32 = 16;
+    pub const MAX_PER_NAMESPACE: u32 = 32;
+    pub const MAX_TOTAL: u32 = 128;
     pub const ALLOW_BELOW_1024: bool = false;
     pub const STATE_PATH: &str = "/var/lib/holepunch/state.toml";
     pub const METRICS_LISTEN: &str = "127.0.0.1:9473";
@@ -66,6 +74,8 @@ pub const MAX_LEASE_SECS: u32 = 604_800;
 /// enough not to load it (every router call costs, see DESIGN.md).
 pub const MIN_VERIFY_INTERVAL_SECS: u32 = 5;
 pub const MAX_VERIFY_INTERVAL_SECS: u32 = 86_400;
+/// Upper bound of the `ports.max_*` quotas: every TCP and every UDP port.
+pub const MAX_PORTS_QUOTA: u32 = 2 * 65_535;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,11 +148,15 @@ pub struct ExposureConfig {
     pub lan_address: Option<Ipv4Addr>,
     /// Gateway mode: the router's WAN interface.
     pub wan_interface: Option<String>,
-    pub target_cidrs: Vec<Ipv4Net>,
+    /// Networks a LoadBalancer IP must be in to be a target (IPv4 and IPv6 accepted; IPv6
+    /// targets are not published yet). Empty: no LoadBalancer IP is a target.
+    pub target_cidrs: Vec<IpNet>,
 }
 
 impl ExposureConfig {
+    /// Whether a LoadBalancer IP lies inside `target_cidrs`.
     pub fn target_allowed(&self, address: Ipv4Addr) -> bool {
+        let address = std::net::IpAddr::V4(address);
         self.target_cidrs.iter().any(|net| net.contains(&address))
     }
 }
@@ -177,6 +191,12 @@ pub struct PortPolicy {
     pub deny: Vec<PortRange>,
     /// Ports below 1024 are refused unless this is set (and they are in `allow`).
     pub allow_below_1024: bool,
+    /// Most mappings one Service gets (`ports.max_per_service`).
+    pub max_per_service: u32,
+    /// Most mappings the Services of one namespace get together (`ports.max_per_namespace`).
+    pub max_per_namespace: u32,
+    /// Most mappings in all (`ports.max_total`).
+    pub max_total: u32,
 }
 
 /// Why an external port may not be opened.
@@ -332,6 +352,9 @@ impl Default for Config {
                     .filter_map(|range| parse_port_range(range).ok())
                     .collect(),
                 allow_below_1024: defaults::ALLOW_BELOW_1024,
+                max_per_service: defaults::MAX_PER_SERVICE,
+                max_per_namespace: defaults::MAX_PER_NAMESPACE,
+                max_total: defaults::MAX_TOTAL,
             },
             state: StateConfig {
                 path: PathBuf::from(defaults::STATE_PATH),
@@ -399,6 +422,9 @@ impl Config {
                     ("allow", toml_array(&p.allow)),
                     ("deny", toml_array(&p.deny)),
                     ("allow_below_1024", p.allow_below_1024.to_string()),
+                    ("max_per_service", p.max_per_service.to_string()),
+                    ("max_per_namespace", p.max_per_namespace.to_string()),
+                    ("max_total", p.max_total.to_string()),
                 ],
             ),
             ("state", vec![("path", toml_path(Some(&self.state.path)))]),
@@ -714,6 +740,9 @@ struct RawPorts {
     allow: RawStrings,
     deny: RawStrings,
     allow_below_1024: RawBool,
+    max_per_service: RawInteger,
+    max_per_namespace: RawInteger,
+    max_total: RawInteger,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -872,6 +901,9 @@ const SCHEMA: &[SectionSpec] = &[
                 Kind::Boolean,
                 "allow_below_1024 = false",
             ),
+            key("max_per_service", Kind::Integer, "max_per_service = 16"),
+            key("max_per_namespace", Kind::Integer, "max_per_namespace = 32"),
+            key("max_total", Kind::Integer, "max_total = 128"),
         ],
     },
     SectionSpec {
@@ -1490,15 +1522,7 @@ impl Source<'_> {
             ));
         }
 
-        let (entries, list_span) = strings(&raw.target_cidrs, defaults::TARGET_CIDRS);
-        if entries.is_empty() {
-            return Err(self.invalid(
-                list_span,
-                "exposure.target_cidrs",
-                "the list is empty, so no Service could be published",
-                "list the networks your Services' addresses are in, e.g. [\"192.168.0.0/16\"]",
-            ));
-        }
+        let (entries, _) = strings(&raw.target_cidrs, defaults::TARGET_CIDRS);
         let target_cidrs = entries
             .into_iter()
             .map(|(text, span)| self.cidr(text, span))
@@ -1512,9 +1536,9 @@ impl Source<'_> {
         })
     }
 
-    fn cidr(&self, text: &str, span: Option<Range<usize>>) -> Result<Ipv4Net, ConfigError> {
+    fn cidr(&self, text: &str, span: Option<Range<usize>>) -> Result<IpNet, ConfigError> {
         const KEY: &str = "exposure.target_cidrs";
-        match text.parse::<Ipv4Net>() {
+        match text.parse::<IpNet>() {
             Ok(net) if net.trunc() == net => Ok(net),
             Ok(net) => Err(self.invalid(
                 span,
@@ -1526,7 +1550,7 @@ impl Source<'_> {
                 ),
                 format!("write the network address: \"{}\"", net.trunc()),
             )),
-            Err(_) if text.parse::<Ipv4Addr>().is_ok() => Err(self.invalid(
+            Err(_) if text.parse::<std::net::IpAddr>().is_ok() => Err(self.invalid(
                 span,
                 KEY,
                 format!("{} has no prefix length", shown(text)),
@@ -1537,8 +1561,8 @@ impl Source<'_> {
             Err(_) => Err(self.invalid(
                 span,
                 KEY,
-                format!("{} is not an IPv4 network", shown(text)),
-                "write networks in CIDR notation, like \"192.168.0.0/16\"",
+                format!("{} is not an IP network", shown(text)),
+                "write networks in CIDR notation, like \"192.168.1.240/28\" or \"fd00:1::/64\"",
             )),
         }
     }
@@ -1605,11 +1629,43 @@ impl Source<'_> {
                 ));
             }
         }
+        let max_per_service = self.quota(
+            &raw.max_per_service,
+            "ports.max_per_service",
+            defaults::MAX_PER_SERVICE,
+        )?;
+        let max_per_namespace = self.quota(
+            &raw.max_per_namespace,
+            "ports.max_per_namespace",
+            defaults::MAX_PER_NAMESPACE,
+        )?;
+        let max_total = self.quota(&raw.max_total, "ports.max_total", defaults::MAX_TOTAL)?;
         Ok(PortPolicy {
             allow,
             deny,
             allow_below_1024,
+            max_per_service,
+            max_per_namespace,
+            max_total,
         })
+    }
+
+    /// A `ports.max_*` quota: 1 to every TCP and UDP port.
+    fn quota(&self, raw: &RawInteger, key: &str, default: u32) -> Result<u32, ConfigError> {
+        let Some(value) = raw else {
+            return Ok(default);
+        };
+        u32::try_from(*value.get_ref())
+            .ok()
+            .filter(|n| (1..=MAX_PORTS_QUOTA).contains(n))
+            .ok_or_else(|| {
+                self.invalid(
+                    Some(value.span()),
+                    key,
+                    format!("{} is outside 1..={MAX_PORTS_QUOTA}", value.get_ref()),
+                    format!("write a number of ports from 1 up, like {default}; to publish nothing, remove the Services' annotation instead"),
+                )
+            })
     }
 
     fn port_ranges(
@@ -2361,13 +2417,6 @@ mod tests {
                 &["not an IPv4 address"],
             ),
             case(
-                "no target networks",
-                "[exposure]\ntarget_cidrs = []\n",
-                "exposure.target_cidrs",
-                "[]",
-                &["the list is empty"],
-            ),
-            case(
                 "target network with host bits",
                 "[exposure]\ntarget_cidrs = [\"10.0.0.0/8\", \"192.168.1.0/16\"]\n",
                 "exposure.target_cidrs",
@@ -2382,11 +2431,18 @@ mod tests {
                 &["has no prefix length", "\"192.168.1.10/32\""],
             ),
             case(
-                "IPv6 target network",
-                "[exposure]\ntarget_cidrs = [\"fd00::/8\"]\n",
+                "IPv6 target network with host bits",
+                "[exposure]\ntarget_cidrs = [\"fd00::1/8\"]\n",
                 "exposure.target_cidrs",
                 "\"fd00",
-                &["not an IPv4 network"],
+                &["host bits set beyond its /8 prefix", "\"fd00::/8\""],
+            ),
+            case(
+                "target network that is no network",
+                "[exposure]\ntarget_cidrs = [\"lan\"]\n",
+                "exposure.target_cidrs",
+                "\"lan",
+                &["not an IP network"],
             ),
         ]);
     }
@@ -2440,7 +2496,69 @@ mod tests {
                     "start the range at 1024",
                 ],
             ),
+            case(
+                "a quota of zero",
+                "[ports]\nmax_per_service = 0\n",
+                "ports.max_per_service",
+                "0",
+                &["0 is outside 1..=131070", "like 16"],
+            ),
+            case(
+                "a negative quota",
+                "[ports]\nmax_per_namespace = -1\n",
+                "ports.max_per_namespace",
+                "-1",
+                &["-1 is outside 1..=131070"],
+            ),
+            case(
+                "a quota beyond every port",
+                "[ports]\nmax_total = 200000\n",
+                "ports.max_total",
+                "200000",
+                &["200000 is outside 1..=131070", "like 128"],
+            ),
         ]);
+    }
+
+    #[test]
+    fn empty_and_ipv6_target_networks_and_quotas_are_accepted() {
+        let config = parse_ok(
+            "[exposure]\ntarget_cidrs = []\n[ports]\nmax_per_service = 4\nmax_per_namespace = 8\nmax_total = 131070\n",
+        );
+        assert!(config.exposure.target_cidrs.is_empty());
+        assert_eq!(
+            (
+                config.ports.max_per_service,
+                config.ports.max_per_namespace,
+                config.ports.max_total
+            ),
+            (4, 8, 131_070)
+        );
+        let config =
+            parse_ok("[exposure]\ntarget_cidrs = [\"192.168.1.240/28\", \"fd00:1::/64\"]\n");
+        assert_eq!(config.exposure.target_cidrs.len(), 2);
+        assert!(
+            config
+                .exposure
+                .target_allowed(Ipv4Addr::new(192, 168, 1, 241))
+        );
+        assert!(
+            !config
+                .exposure
+                .target_allowed(Ipv4Addr::new(192, 168, 1, 50))
+        );
+        // The shipped default: no LoadBalancer IP is a target.
+        assert!(
+            !Config::default()
+                .exposure
+                .target_allowed(Ipv4Addr::new(192, 168, 1, 50))
+        );
+        for port in [4789, 6081, 8472] {
+            assert!(
+                Config::default().ports.check(port).is_err(),
+                "{port} is an overlay port"
+            );
+        }
     }
 
     #[test]
@@ -2949,6 +3067,7 @@ format = "journald"
             }],
             deny: Vec::new(),
             allow_below_1024: false,
+            ..Config::default().ports
         };
         assert_eq!(narrow.check(8080), Err(PortDenial::NotAllowed));
         assert_eq!(narrow.check(30000), Ok(()));

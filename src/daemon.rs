@@ -228,7 +228,22 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             let services = cluster.services();
             let nodes = cluster.nodes();
             let endpoint_slices = cluster.endpoint_slices();
-            let wanted = desired(&services, &nodes, &endpoint_slices, &config);
+            let host = crate::host::facts(
+                address
+                    .as_ref()
+                    .map(|a| a.gateway)
+                    .or(config.router.address),
+                &state,
+            );
+            let holders = crate::trust::holders(&state);
+            let wanted = desired(
+                &services,
+                &nodes,
+                &endpoint_slices,
+                &config,
+                &host,
+                &holders,
+            );
             if mapper.is_none()
                 && let Some(address) = &address
             {
@@ -531,6 +546,7 @@ pub fn double_nat_problems(state: &State) -> Vec<Problem> {
                      from the Internet: {why}",
                     r.external_port, r.protocol
                 ),
+                detail: None,
             })
         })
         .collect();
@@ -792,7 +808,8 @@ fn report_new_problems<'a>(
 ) {
     let current: BTreeSet<Problem> = current.cloned().collect();
     for problem in current.difference(reported) {
-        tracing::warn!(service = %problem.owner, kind = %problem.kind, "{}", problem.message);
+        tracing::warn!(service = %problem.owner, kind = %problem.kind,
+            detail = problem.detail.as_deref().unwrap_or_default(), "{}", problem.message);
     }
     *reported = current;
 }

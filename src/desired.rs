@@ -12,10 +12,11 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::config::{Config, PortDenial};
+use crate::config::{Config, ExposureMode, PortDenial};
 use crate::model::{
     Endpoint, MappingKey, Owner, PortMapping, Problem, ProblemKind, Protocol, Target, TargetSource,
 };
+use crate::trust::{Holders, HostFacts, forbidden_target};
 
 /// Prefix of the per-port remap annotation: `holepunch.port/<servicePort>: "<externalPort>"`.
 pub const PORT_ANNOTATION_PREFIX: &str = "holepunch.port/";
@@ -37,9 +38,21 @@ pub struct Desired {
 /// Computes the desired mappings for the whole cluster at once: the router's port space is
 /// shared, so conflicts between Services are decided here, deterministically.
 ///
-/// When two Service ports want the same external port and protocol, the Service created first
-/// wins (ties: the lower `namespace/name`, then the earlier port in `spec.ports`); every loser
-/// gets a [`ProblemKind::PortConflict`] naming the winner.
+/// The trust rules (README, "Security model") are applied here: a target is never an
+/// address of the router or of this host (`host`), a LoadBalancer IP only inside
+/// `exposure.target_cidrs` (else a Ready node's nodePort, when the Service has one), a
+/// published port never one a socket on this host (relay) or on the router (gateway)
+/// listens on, and the quotas of `[ports]` hold.
+///
+/// When two Service ports want the same external port and protocol, the one that holds it
+/// (an active or pending mapping in the state, `holders`) keeps it, as long as it still asks
+/// for it; between claims for a port nobody holds, the Service created first wins (ties: the
+/// lower `namespace/name`, then the lower service port). Every loser gets a
+/// [`ProblemKind::PortConflict`] that does not say who won (the detail does).
+///
+/// Quotas: each Service gets its lowest `ports.max_per_service` service ports; then, in the
+/// order above (holders first), mappings are granted until `ports.max_per_namespace` or
+/// `ports.max_total` is reached; the rest are refused with [`ProblemKind::OverQuota`].
 ///
 /// A nodePort target is the Ready node with the lowest name; for a Service with
 /// `externalTrafficPolicy: Local`, only among the nodes that host a ready endpoint of it
@@ -49,6 +62,8 @@ pub fn desired(
     nodes: &[Node],
     endpoint_slices: &[EndpointSlice],
     config: &Config,
+    host: &HostFacts,
+    holders: &Holders,
 ) -> Desired {
     let ready = ready_nodes(nodes);
     let hosting = nodes_hosting_ready_endpoints(endpoint_slices);
@@ -71,37 +86,167 @@ pub fn desired(
         } else {
             NodeTarget::Any(ready.first().map(|(_, ip)| *ip))
         };
-        collect_service(service, node_target, config, &mut candidates, &mut problems);
+        let context = Context {
+            config,
+            host,
+            node_target,
+        };
+        collect_service(service, &context, &mut candidates, &mut problems);
     }
 
-    candidates.sort_by(|a, b| {
-        (a.created, &a.mapping.owner, a.port_index).cmp(&(
+    let candidates = per_service_quota(candidates, config.ports.max_per_service, &mut problems);
+    let mut sorted: Vec<(bool, Candidate)> = candidates
+        .into_iter()
+        .map(|c| {
+            let holds = holders.get(&c.mapping.key()) == Some(&c.mapping.owner);
+            (!holds, c)
+        })
+        .collect();
+    sorted.sort_by(|(a_new, a), (b_new, b)| {
+        (*a_new, a.created, &a.mapping.owner, a.order()).cmp(&(
+            *b_new,
             b.created,
             &b.mapping.owner,
-            b.port_index,
+            b.order(),
         ))
     });
     let mut mappings: BTreeMap<MappingKey, PortMapping> = BTreeMap::new();
-    for candidate in candidates {
+    let mut per_namespace: BTreeMap<String, u32> = BTreeMap::new();
+    let mut over: BTreeMap<(Owner, Limit), Vec<MappingKey>> = BTreeMap::new();
+    for (not_holder, candidate) in sorted {
         let key = candidate.mapping.key();
+        let owner = &candidate.mapping.owner;
         if let Some(winner) = mappings.get(&key) {
-            problems.push(Problem {
-                owner: candidate.mapping.owner.clone(),
-                kind: ProblemKind::PortConflict,
-                message: format!(
-                    "external port {key} is already published by {} (service port {}), which \
-                     was created earlier; choose another port with the annotation \
-                     {PORT_ANNOTATION_PREFIX}{}",
-                    winner.owner, winner.service_port, candidate.mapping.service_port
-                ),
-            });
-        } else {
-            mappings.insert(key, candidate.mapping);
+            let why = if not_holder && holders.get(&key) == Some(&winner.owner) {
+                "it holds the live mapping"
+            } else {
+                "it was created earlier"
+            };
+            problems.push(
+                Problem::new(
+                    owner.clone(),
+                    ProblemKind::PortConflict,
+                    format!(
+                        "external port {key} is held by another Service; choose another port \
+                         with the annotation {PORT_ANNOTATION_PREFIX}{}",
+                        candidate.mapping.service_port
+                    ),
+                )
+                .with_detail(format!(
+                    "held by {} (service port {}): {why}",
+                    winner.owner, winner.service_port
+                )),
+            );
+            continue;
         }
+        let in_namespace = per_namespace.entry(owner.namespace.clone()).or_default();
+        let limit = if *in_namespace >= config.ports.max_per_namespace {
+            Some(Limit::Namespace)
+        } else if mappings.len() >= usize::try_from(config.ports.max_total).unwrap_or(usize::MAX) {
+            Some(Limit::Total)
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
+            over.entry((owner.clone(), limit)).or_default().push(key);
+            continue;
+        }
+        *in_namespace += 1;
+        mappings.insert(key, candidate.mapping);
+    }
+    for ((owner, limit), keys) in over {
+        let most = match limit {
+            Limit::Service => config.ports.max_per_service,
+            Limit::Namespace => config.ports.max_per_namespace,
+            Limit::Total => config.ports.max_total,
+        };
+        problems.push(over_quota(owner, limit, most, &keys));
     }
     problems.sort();
     problems.dedup();
     Desired { mappings, problems }
+}
+
+/// Which quota of `[ports]` a mapping ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Limit {
+    Service,
+    Namespace,
+    Total,
+}
+
+/// Keeps each Service's lowest `max` service ports; the rest become one problem per Service.
+fn per_service_quota(
+    mut candidates: Vec<Candidate>,
+    max: u32,
+    problems: &mut Vec<Problem>,
+) -> Vec<Candidate> {
+    candidates.sort_by(|a, b| (&a.mapping.owner, a.order()).cmp(&(&b.mapping.owner, b.order())));
+    let mut kept = Vec::with_capacity(candidates.len());
+    let mut over: BTreeMap<Owner, Vec<MappingKey>> = BTreeMap::new();
+    let mut count = 0u32;
+    let mut current: Option<Owner> = None;
+    for candidate in candidates {
+        if current.as_ref() != Some(&candidate.mapping.owner) {
+            current = Some(candidate.mapping.owner.clone());
+            count = 0;
+        }
+        count += 1;
+        if count > max {
+            over.entry(candidate.mapping.owner.clone())
+                .or_default()
+                .push(candidate.mapping.key());
+        } else {
+            kept.push(candidate);
+        }
+    }
+    for (owner, keys) in over {
+        problems.push(over_quota(owner, Limit::Service, max, &keys));
+    }
+    kept
+}
+
+/// Longest list of refused ports an over-quota message spells out.
+const SHOWN_REFUSED_PORTS: usize = 5;
+
+/// One problem for all the ports of `owner` refused by `limit` (`most` ports): the Event
+/// names the limit and the key that raises it.
+fn over_quota(owner: Owner, limit: Limit, most: u32, keys: &[MappingKey]) -> Problem {
+    let mut shown: Vec<String> = keys
+        .iter()
+        .take(SHOWN_REFUSED_PORTS)
+        .map(ToString::to_string)
+        .collect();
+    if keys.len() > SHOWN_REFUSED_PORTS {
+        shown.push(format!("and {} more", keys.len() - SHOWN_REFUSED_PORTS));
+    }
+    let (rule, key) = match limit {
+        Limit::Service => (
+            format!("a Service gets at most {most} ports, its lowest service ports"),
+            "ports.max_per_service",
+        ),
+        Limit::Namespace => (
+            format!(
+                "the Services of namespace {} get at most {most} ports together",
+                owner.namespace
+            ),
+            "ports.max_per_namespace",
+        ),
+        Limit::Total => (
+            format!("holepunch publishes at most {most} ports in all"),
+            "ports.max_total",
+        ),
+    };
+    Problem::new(
+        owner,
+        ProblemKind::OverQuota,
+        format!(
+            "{} external port(s) not published ({}): {rule}; publish fewer ports, or ask the \
+             administrator to raise {key}",
+            keys.len(),
+            shown.join(", ")
+        ),
+    )
 }
 
 /// A mapping one Service asks for, before conflicts between Services are decided.
@@ -113,6 +258,17 @@ struct Candidate {
     mapping: PortMapping,
 }
 
+impl Candidate {
+    /// Order within one Service: the lowest service port first.
+    fn order(&self) -> (u16, Protocol, usize) {
+        (
+            self.mapping.service_port,
+            self.mapping.protocol,
+            self.port_index,
+        )
+    }
+}
+
 /// The node address a Service's nodePort traffic would go to.
 #[derive(Clone, Copy)]
 enum NodeTarget {
@@ -122,25 +278,38 @@ enum NodeTarget {
     Local(Option<Ipv4Addr>),
 }
 
+/// What every Service port of one Service is checked against.
+struct Context<'a> {
+    config: &'a Config,
+    host: &'a HostFacts,
+    node_target: NodeTarget,
+}
+
+/// What a tenant reads when its load balancer IP is not a target: never which rule (the
+/// address may be the router's or another LAN device's; the detail says).
+const LB_IP_NOT_ALLOWED: &str = "its load balancer IP is not an address holepunch may publish \
+     (the administrator lists allowed networks in exposure.target_cidrs)";
+
 fn collect_service(
     service: &Service,
-    node_target: NodeTarget,
-    config: &Config,
+    context: &Context<'_>,
     candidates: &mut Vec<Candidate>,
     problems: &mut Vec<Problem>,
 ) {
+    let Context {
+        config,
+        host,
+        node_target,
+    } = *context;
     let (Some(namespace), Some(name)) = (&service.metadata.namespace, &service.metadata.name)
     else {
         return;
     };
     let owner = Owner::new(namespace.as_str(), name.as_str());
-    let mut report = |kind, message: String| {
-        problems.push(Problem {
-            owner: owner.clone(),
-            kind,
-            message,
-        })
-    };
+    // Problems that carry an operator's detail; added to `problems` at the end.
+    let mut detailed: Vec<Problem> = Vec::new();
+    let mut report =
+        |kind, message: String| problems.push(Problem::new(owner.clone(), kind, message));
 
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
     let spec = service.spec.clone().unwrap_or_default();
@@ -178,6 +347,29 @@ fn collect_service(
     } else {
         load_balancer_ip(service)
     };
+    // Why the load balancer IP may not be a target, for the operator (README, "Security
+    // model"): never the router or this host, and only inside exposure.target_cidrs.
+    let lb_refusal = lb_ip.and_then(|ip| {
+        let why = match forbidden_target(ip, host, false) {
+            Some(forbidden) => forbidden.reason(),
+            None if !config.exposure.target_allowed(ip) => {
+                "it is outside exposure.target_cidrs (a MetalLB, kube-vip or Cilium pool must \
+                 be listed there)"
+            }
+            None => return None,
+        };
+        Some(format!("load balancer IP {ip}: {why}"))
+    });
+    let node_ip = match node_target {
+        NodeTarget::Any(ip) | NodeTarget::Local(ip) => ip,
+    };
+    let node_refusal = node_ip
+        .and_then(|ip| forbidden_target(ip, host, true).map(|f| (ip, f)))
+        .map(|(ip, forbidden)| format!("node address {ip}: {}", forbidden.reason()));
+    let shadow_checked = matches!(
+        config.exposure.mode,
+        ExposureMode::Relay | ExposureMode::Gateway
+    );
 
     for (port_index, port) in ports.iter().enumerate() {
         let Ok(service_port) = u16::try_from(port.port) else {
@@ -206,57 +398,123 @@ fn collect_service(
             );
             continue;
         }
-        let node_ip = match node_target {
-            NodeTarget::Any(ip) | NodeTarget::Local(ip) => ip,
-        };
-        let target = match (lb_ip, node_ip, port.node_port) {
-            (Some(ip), _, _) => Target {
-                endpoint: Endpoint::new(ip, service_port),
-                source: TargetSource::LoadBalancer,
-            },
-            (None, Some(ip), Some(node_port)) => match u16::try_from(node_port) {
-                Ok(node_port) => Target {
-                    endpoint: Endpoint::new(ip, node_port),
-                    source: TargetSource::NodePort,
-                },
-                Err(_) => continue,
-            },
-            (None, None, Some(_)) => {
-                let message = match node_target {
-                    NodeTarget::Local(_) => format!(
-                        "port {service_port}: externalTrafficPolicy is Local and no Ready node \
-                         hosts a ready endpoint of this Service; wait for its pods to be \
-                         ready, or use externalTrafficPolicy: Cluster"
-                    ),
-                    NodeTarget::Any(_) => format!(
-                        "port {service_port}: no node is Ready to receive its nodePort traffic"
-                    ),
-                };
-                report(ProblemKind::NoTarget, message);
-                continue;
-            }
-            (None, _, None) => {
-                report(
-                    ProblemKind::NoTarget,
+        if shadow_checked && host.listening.contains(&(protocol, external_port)) {
+            let (who, mode) = match config.exposure.mode {
+                ExposureMode::Gateway => ("the router", "gateway"),
+                _ => ("the host holepunch runs on", "relay"),
+            };
+            detailed.push(
+                Problem::new(
+                    owner.clone(),
+                    ProblemKind::PortInUse,
                     format!(
-                        "port {service_port} has no load balancer IP and no nodePort; make the \
-                         Service type NodePort or LoadBalancer"
+                        "external port {external_port}/{protocol} is in use by a program on \
+                         {who}; publishing it would expose or replace that program; pick \
+                         another external port with a {PORT_ANNOTATION_PREFIX}{service_port} \
+                         annotation"
                     ),
-                );
-                continue;
-            }
-        };
-        if !config.exposure.target_allowed(target.endpoint.address) {
-            report(
-                ProblemKind::TargetNotAllowed,
-                format!(
-                    "port {service_port}: target {} is outside exposure.target_cidrs; add its \
-                     network there if it is really a cluster address",
-                    target.endpoint.address
-                ),
+                )
+                .with_detail(format!(
+                    "{mode} mode: a socket listens on {external_port}/{protocol} on this host \
+                     (wildcard or LAN address)"
+                )),
             );
             continue;
         }
+        let node_port = port.node_port.and_then(|p| u16::try_from(p).ok());
+        let node_endpoint = match (node_ip, node_port, &node_refusal) {
+            (Some(ip), Some(node_port), None) => Some(Endpoint::new(ip, node_port)),
+            _ => None,
+        };
+        let target = match (lb_ip, &lb_refusal) {
+            (Some(ip), None) => Target {
+                endpoint: Endpoint::new(ip, service_port),
+                source: TargetSource::LoadBalancer,
+            },
+            (Some(_), Some(why)) => {
+                let Some(endpoint) = node_endpoint else {
+                    detailed.push(
+                        Problem::new(
+                            owner.clone(),
+                            ProblemKind::TargetNotAllowed,
+                            format!(
+                                "port {service_port}: {LB_IP_NOT_ALLOWED}, and no Ready node's \
+                                 nodePort can take its place; give the Service a nodePort \
+                                 (type LoadBalancer or NodePort), or ask the administrator to \
+                                 list the load balancer's pool in exposure.target_cidrs"
+                            ),
+                        )
+                        .with_detail(why.clone()),
+                    );
+                    continue;
+                };
+                detailed.push(
+                    Problem::new(
+                        owner.clone(),
+                        ProblemKind::TargetFallback,
+                        format!(
+                            "port {service_port}: {LB_IP_NOT_ALLOWED}; published through a \
+                             Ready node's nodePort {} instead",
+                            endpoint.port
+                        ),
+                    )
+                    .with_detail(why.clone()),
+                );
+                Target {
+                    endpoint,
+                    source: TargetSource::NodePort,
+                }
+            }
+            (None, _) => match (node_endpoint, node_ip, port.node_port) {
+                (Some(endpoint), _, _) => Target {
+                    endpoint,
+                    source: TargetSource::NodePort,
+                },
+                (None, Some(_), Some(_)) => {
+                    let Some(why) = &node_refusal else {
+                        // A nodePort outside 0..=65535: the API server never sends one.
+                        continue;
+                    };
+                    detailed.push(
+                        Problem::new(
+                            owner.clone(),
+                            ProblemKind::TargetNotAllowed,
+                            format!(
+                                "port {service_port}: the Ready node's address is not one \
+                                 holepunch may publish; ask the administrator"
+                            ),
+                        )
+                        .with_detail(why.clone()),
+                    );
+                    continue;
+                }
+                (None, None, Some(_)) => {
+                    let message = match node_target {
+                        NodeTarget::Local(_) => format!(
+                            "port {service_port}: externalTrafficPolicy is Local and no Ready \
+                             node hosts a ready endpoint of this Service; wait for its pods to \
+                             be ready, or use externalTrafficPolicy: Cluster"
+                        ),
+                        NodeTarget::Any(_) => format!(
+                            "port {service_port}: no node is Ready to receive its nodePort \
+                             traffic"
+                        ),
+                    };
+                    report(ProblemKind::NoTarget, message);
+                    continue;
+                }
+                (None, _, None) => {
+                    report(
+                        ProblemKind::NoTarget,
+                        format!(
+                            "port {service_port} has no load balancer IP and no nodePort; make \
+                             the Service type NodePort or LoadBalancer"
+                        ),
+                    );
+                    continue;
+                }
+            },
+        };
         candidates.push(Candidate {
             created: service.metadata.creation_timestamp.as_ref().map(|t| t.0),
             port_index,
@@ -269,6 +527,7 @@ fn collect_service(
             },
         });
     }
+    problems.extend(detailed);
 }
 
 /// A `holepunch.port/<servicePort>` annotation, after parsing.
@@ -549,6 +808,30 @@ pub(crate) mod tests {
     }
 
     const ON: (&str, &str) = ("holepunch/punch-external", "true");
+
+    /// [`desired`] on a host that knows nothing of itself and holds no port.
+    fn run(
+        services: &[Service],
+        nodes: &[Node],
+        slices: &[EndpointSlice],
+        config: &Config,
+    ) -> Desired {
+        desired(
+            services,
+            nodes,
+            slices,
+            config,
+            &HostFacts::default(),
+            &Holders::new(),
+        )
+    }
+
+    /// The default config, with the lab's load balancer pool 192.168.77.0/24 allowed.
+    fn lb_config() -> Config {
+        let mut config = Config::default();
+        config.exposure.target_cidrs = vec!["192.168.77.0/24".parse().expect("test network")];
+        config
+    }
 
     fn nodes() -> Vec<Node> {
         vec![
@@ -845,9 +1128,19 @@ pub(crate) mod tests {
                 problems: vec![("default/cip", ProblemKind::NoTarget)],
             },
             Case {
-                name: "target outside target_cidrs is refused",
+                name: "load balancer IP outside target_cidrs falls back to the nodePort",
                 services: vec![with_lb_ip(
                     service("default", "evil", 1, &[ON], &[(8080, "TCP", Some(30080))]),
+                    "8.8.8.8",
+                )],
+                nodes: nodes(),
+                mappings: vec![(Tcp, 8080, "default/evil", "192.168.1.20:30080")],
+                problems: vec![("default/evil", ProblemKind::TargetFallback)],
+            },
+            Case {
+                name: "load balancer IP outside target_cidrs without a nodePort is refused",
+                services: vec![with_lb_ip(
+                    service("default", "evil", 1, &[ON], &[(8080, "TCP", None)]),
                     "8.8.8.8",
                 )],
                 nodes: nodes(),
@@ -859,9 +1152,9 @@ pub(crate) mod tests {
 
     #[test]
     fn desired_table() {
-        let config = Config::default();
+        let config = lb_config();
         for case in cases() {
-            let d = desired(&case.services, &case.nodes, &[], &config);
+            let d = run(&case.services, &case.nodes, &[], &config);
             let want: Vec<_> = case
                 .mappings
                 .iter()
@@ -904,28 +1197,43 @@ pub(crate) mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(
-            owners(&desired(&services, &nodes(), &[], &config)),
+            owners(&run(&services, &nodes(), &[], &config)),
             ["media/a", "games/b"]
         );
         config.kubernetes.namespaces.insert("media".into());
-        assert_eq!(
-            owners(&desired(&services, &nodes(), &[], &config)),
-            ["media/a"]
-        );
+        assert_eq!(owners(&run(&services, &nodes(), &[], &config)), ["media/a"]);
     }
 
     #[test]
-    fn conflict_message_names_the_winner_and_is_deterministic_under_reordering() {
+    fn conflict_message_is_tenant_safe_and_deterministic_under_reordering() {
         let a = service("a", "old", 100, &[ON], &[(8080, "TCP", Some(30001))]);
         let b = service("b", "young", 200, &[ON], &[(8080, "TCP", Some(30002))]);
         let config = Config::default();
-        let one = desired(&[a.clone(), b.clone()], &nodes(), &[], &config);
-        let two = desired(&[b, a], &nodes(), &[], &config);
+        let one = run(&[a.clone(), b.clone()], &nodes(), &[], &config);
+        let two = run(&[b, a], &nodes(), &[], &config);
         assert_eq!(one, two);
+        let problem = &one.problems[0];
+        // The tenant's Event never names the other namespace's Service; the detail does.
         assert!(
-            one.problems[0].message.contains("a/old"),
-            "{}",
-            one.problems[0].message
+            problem.message.contains("held by another Service"),
+            "{problem}"
+        );
+        assert!(!problem.message.contains("old"), "{problem}");
+        assert!(!problem.message.contains("a/"), "{problem}");
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("a/old")),
+            "{problem}"
+        );
+        // And the winner is published.
+        assert_eq!(
+            one.mappings
+                .values()
+                .map(|m| m.owner.to_string())
+                .collect::<Vec<_>>(),
+            ["a/old"]
         );
     }
 
@@ -938,7 +1246,7 @@ pub(crate) mod tests {
             last: 80,
         });
         let svc = service("default", "web", 1, &[ON], &[(80, "TCP", Some(30080))]);
-        assert_eq!(desired(&[svc], &nodes(), &[], &config).mappings.len(), 1);
+        assert_eq!(run(&[svc], &nodes(), &[], &config).mappings.len(), 1);
     }
 
     #[test]
@@ -951,7 +1259,7 @@ pub(crate) mod tests {
             &[("holepunch/punch-external", &long)],
             &[(8080, "TCP", Some(30080))],
         );
-        let d = desired(&[svc], &nodes(), &[], &Config::default());
+        let d = run(&[svc], &nodes(), &[], &Config::default());
         assert_eq!(d.problems.len(), 1);
         assert!(
             d.problems[0].message.len() < 300,
@@ -1108,9 +1416,9 @@ pub(crate) mod tests {
                 problems: vec![],
             },
         ];
-        let config = Config::default();
+        let config = lb_config();
         for case in cases {
-            let d = desired(&case.services, &case.nodes, &case.slices, &config);
+            let d = run(&case.services, &case.nodes, &case.slices, &config);
             let got: Vec<(String, String)> = d
                 .mappings
                 .values()
@@ -1140,13 +1448,455 @@ pub(crate) mod tests {
             &[ON],
             &[(8080, "TCP", Some(30080))],
         ));
-        let d = desired(&[svc], &nodes(), &[], &Config::default());
+        let d = run(&[svc], &nodes(), &[], &Config::default());
         assert!(
             d.problems[0]
                 .message
                 .contains("externalTrafficPolicy is Local"),
             "{}",
             d.problems[0].message
+        );
+    }
+
+    /// The lab's LAN: the router at .1 (external 203.0.113.7), this host at .10, nodes at
+    /// .20/.21; a socket on this host listens on 9100/tcp (node-exporter).
+    fn lan_host() -> HostFacts {
+        let ips = |list: &[&str]| list.iter().filter_map(|a| a.parse().ok()).collect();
+        HostFacts {
+            own_addresses: ips(&["127.0.0.1", "192.168.1.10"]),
+            broadcast_addresses: ips(&["192.168.1.255"]),
+            router_addresses: ips(&["192.168.1.1", "203.0.113.7"]),
+            listening: [(Protocol::Tcp, 9100)].into(),
+        }
+    }
+
+    fn holder(port: u16, owner: &str) -> (MappingKey, Owner) {
+        (
+            MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            },
+            owner.parse().expect("test owner"),
+        )
+    }
+
+    /// A Service with `count` TCP ports from `first`, nodePorts from 30000 + offset.
+    fn many_ports(ns: &str, name: &str, created: i64, first: i32, count: i32) -> Service {
+        let ports: Vec<(i32, &str, Option<i32>)> = (0..count)
+            .map(|i| (first + i, "TCP", Some(30000 + first - 8000 + i)))
+            .collect();
+        service(ns, name, created, &[ON], &ports)
+    }
+
+    #[test]
+    fn trust_table() {
+        struct TrustCase {
+            name: &'static str,
+            services: Vec<Service>,
+            nodes: Vec<Node>,
+            config: Config,
+            holders: Holders,
+            /// (owner, external port, target) of each mapping, by key.
+            mappings: Vec<(&'static str, u16, String)>,
+            problems: Vec<(&'static str, ProblemKind)>,
+        }
+        // Every case also asks for this one, which must be published: a refusal must not
+        // pass because nothing works.
+        let normal = || service("home", "normal", 50, &[ON], &[(7000, "TCP", Some(30700))]);
+        let normal_mapping = ("home/normal", 7000, "192.168.1.20:30700".to_owned());
+        let lb = |ip: &str, node_port: Option<i32>| {
+            with_lb_ip(
+                service("tenant", "evil", 1, &[ON], &[(8080, "TCP", node_port)]),
+                ip,
+            )
+        };
+        // target_cidrs covering the whole LAN: the forbidden addresses stay forbidden.
+        let wide = || {
+            let mut config = Config::default();
+            config.exposure.target_cidrs = vec![
+                "0.0.0.0/0".parse().expect("test network"),
+                "::/0".parse().expect("test network"),
+            ];
+            config
+        };
+        let mode = |mode| {
+            let mut config = Config::default();
+            config.exposure.mode = mode;
+            config
+        };
+        let quota = |service, namespace, total| {
+            let mut config = Config::default();
+            config.ports.max_per_service = service;
+            config.ports.max_per_namespace = namespace;
+            config.ports.max_total = total;
+            config
+        };
+        let mut cases = Vec::new();
+        for (address, what) in [
+            ("192.168.1.1", "the router's LAN address"),
+            ("203.0.113.7", "the router's external address"),
+            ("192.168.1.10", "this host's address"),
+            ("127.0.0.1", "loopback"),
+            ("169.254.0.7", "link-local"),
+            ("239.1.2.3", "multicast"),
+            ("192.168.1.255", "the LAN broadcast"),
+            ("255.255.255.255", "broadcast"),
+            ("0.0.0.0", "unspecified"),
+        ] {
+            cases.push(TrustCase {
+                name: Box::leak(
+                    format!("LB IP = {what}, even inside target_cidrs: refused").into_boxed_str(),
+                ),
+                services: vec![normal(), lb(address, None)],
+                nodes: nodes(),
+                config: wide(),
+                holders: Holders::new(),
+                mappings: vec![normal_mapping.clone()],
+                problems: vec![("tenant/evil", ProblemKind::TargetNotAllowed)],
+            });
+            cases.push(TrustCase {
+                name: Box::leak(
+                    format!("LB IP = {what} with a nodePort: the nodePort is used")
+                        .into_boxed_str(),
+                ),
+                services: vec![normal(), lb(address, Some(30080))],
+                nodes: nodes(),
+                config: wide(),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/evil", 8080, "192.168.1.20:30080".into()),
+                ],
+                problems: vec![("tenant/evil", ProblemKind::TargetFallback)],
+            });
+        }
+        cases.extend([
+            TrustCase {
+                name: "LB IP of a LAN NAS with the shipped (empty) target_cidrs: nodePort instead",
+                services: vec![normal(), lb("192.168.1.50", Some(30080))],
+                nodes: nodes(),
+                config: Config::default(),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/evil", 8080, "192.168.1.20:30080".into()),
+                ],
+                problems: vec![("tenant/evil", ProblemKind::TargetFallback)],
+            },
+            TrustCase {
+                name: "LB IP of a LAN NAS, no nodePort: refused",
+                services: vec![normal(), lb("192.168.1.50", None)],
+                nodes: nodes(),
+                config: Config::default(),
+                holders: Holders::new(),
+                mappings: vec![normal_mapping.clone()],
+                problems: vec![("tenant/evil", ProblemKind::TargetNotAllowed)],
+            },
+            TrustCase {
+                name: "LB IP inside target_cidrs (a MetalLB pool): the LB IP is the target",
+                services: vec![normal(), lb("192.168.77.5", Some(30080))],
+                nodes: nodes(),
+                config: lb_config(),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/evil", 8080, "192.168.77.5:8080".into()),
+                ],
+                problems: vec![],
+            },
+            TrustCase {
+                name: "a node on this host: its InternalIP with a nodePort is a target",
+                services: vec![normal()],
+                nodes: vec![node("a-node", "192.168.1.10", true)],
+                config: Config::default(),
+                holders: Holders::new(),
+                mappings: vec![("home/normal", 7000, "192.168.1.10:30700".into())],
+                problems: vec![],
+            },
+            TrustCase {
+                name: "a node whose InternalIP is the router's: no target",
+                services: vec![normal()],
+                nodes: vec![node("a-node", "192.168.1.1", true)],
+                config: Config::default(),
+                holders: Holders::new(),
+                mappings: vec![],
+                problems: vec![("home/normal", ProblemKind::TargetNotAllowed)],
+            },
+            TrustCase {
+                name: "relay: a port this host listens on is refused",
+                services: vec![normal(), service("tenant", "exporter", 1, &[ON], &[(9100, "TCP", Some(30910))])],
+                nodes: nodes(),
+                config: mode(ExposureMode::Relay),
+                holders: Holders::new(),
+                mappings: vec![normal_mapping.clone()],
+                problems: vec![("tenant/exporter", ProblemKind::PortInUse)],
+            },
+            TrustCase {
+                name: "gateway: a port the router (this host) listens on is refused",
+                services: vec![normal(), service("tenant", "exporter", 1, &[ON], &[(9100, "TCP", Some(30910))])],
+                nodes: nodes(),
+                config: mode(ExposureMode::Gateway),
+                holders: Holders::new(),
+                mappings: vec![normal_mapping.clone()],
+                problems: vec![("tenant/exporter", ProblemKind::PortInUse)],
+            },
+            TrustCase {
+                name: "direct: the router forwards to the target, this host's sockets are not in the way",
+                services: vec![normal(), service("tenant", "exporter", 1, &[ON], &[(9100, "TCP", Some(30910))])],
+                nodes: nodes(),
+                config: mode(ExposureMode::Direct),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/exporter", 9100, "192.168.1.20:30910".into()),
+                ],
+                problems: vec![],
+            },
+            TrustCase {
+                name: "relay: the same port is fine over UDP",
+                services: vec![normal(), service("tenant", "exporter", 1, &[ON], &[(9100, "UDP", Some(30910))])],
+                nodes: nodes(),
+                config: mode(ExposureMode::Relay),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/exporter", 9100, "192.168.1.20:30910".into()),
+                ],
+                problems: vec![],
+            },
+            TrustCase {
+                name: "a live port stays with its holder, even against an older Service",
+                services: vec![
+                    normal(),
+                    service("b", "young", 200, &[ON], &[(8080, "TCP", Some(30002))]),
+                    service("a", "old", 100, &[ON], &[(8080, "TCP", Some(30001))]),
+                ],
+                nodes: nodes(),
+                config: Config::default(),
+                holders: [holder(8080, "b/young"), holder(7000, "home/normal")].into(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("b/young", 8080, "192.168.1.20:30002".into()),
+                ],
+                problems: vec![("a/old", ProblemKind::PortConflict)],
+            },
+            TrustCase {
+                name: "when the holder lets go, the next claimant gets the port",
+                services: vec![
+                    normal(),
+                    service("a", "old", 100, &[ON], &[(8080, "TCP", Some(30001))]),
+                    service("c", "younger", 300, &[ON], &[(8080, "TCP", Some(30003))]),
+                ],
+                nodes: nodes(),
+                config: Config::default(),
+                holders: [holder(8080, "b/young")].into(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("a/old", 8080, "192.168.1.20:30001".into()),
+                ],
+                problems: vec![("c/younger", ProblemKind::PortConflict)],
+            },
+            TrustCase {
+                name: "64 ports asked, the lowest 16 published, one problem for the rest",
+                services: vec![normal(), many_ports("tenant", "greedy", 1, 8000, 64)],
+                nodes: nodes(),
+                config: Config::default(),
+                holders: Holders::new(),
+                mappings: std::iter::once(normal_mapping.clone())
+                    .chain((0..16).map(|i| {
+                        ("tenant/greedy", 8000 + i, format!("192.168.1.20:{}", 30000 + i))
+                    }))
+                    .collect(),
+                problems: vec![("tenant/greedy", ProblemKind::OverQuota)],
+            },
+            TrustCase {
+                name: "namespace quota: the older Service's ports first",
+                services: vec![
+                    normal(),
+                    many_ports("tenant", "first", 1, 8000, 3),
+                    many_ports("tenant", "second", 2, 8100, 3),
+                ],
+                nodes: nodes(),
+                config: quota(16, 4, 128),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/first", 8000, "192.168.1.20:30000".into()),
+                    ("tenant/first", 8001, "192.168.1.20:30001".into()),
+                    ("tenant/first", 8002, "192.168.1.20:30002".into()),
+                    ("tenant/second", 8100, "192.168.1.20:30100".into()),
+                ],
+                problems: vec![("tenant/second", ProblemKind::OverQuota)],
+            },
+            TrustCase {
+                name: "namespace quota: a holder keeps its ports against an older Service",
+                services: vec![
+                    normal(),
+                    many_ports("tenant", "first", 1, 8000, 3),
+                    many_ports("tenant", "second", 2, 8100, 3),
+                ],
+                nodes: nodes(),
+                config: quota(16, 4, 128),
+                holders: [holder(8100, "tenant/second"), holder(8101, "tenant/second")].into(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("tenant/first", 8000, "192.168.1.20:30000".into()),
+                    ("tenant/first", 8001, "192.168.1.20:30001".into()),
+                    ("tenant/second", 8100, "192.168.1.20:30100".into()),
+                    ("tenant/second", 8101, "192.168.1.20:30101".into()),
+                ],
+                problems: vec![
+                    ("tenant/first", ProblemKind::OverQuota),
+                    ("tenant/second", ProblemKind::OverQuota),
+                ],
+            },
+            TrustCase {
+                name: "total quota: older Services first",
+                services: vec![normal(), many_ports("x", "late", 60, 8000, 2)],
+                nodes: nodes(),
+                config: quota(16, 32, 2),
+                holders: Holders::new(),
+                mappings: vec![
+                    normal_mapping.clone(),
+                    ("x/late", 8000, "192.168.1.20:30000".into()),
+                ],
+                problems: vec![("x/late", ProblemKind::OverQuota)],
+            },
+        ]);
+        for case in cases {
+            let d = desired(
+                &case.services,
+                &case.nodes,
+                &[],
+                &case.config,
+                &lan_host(),
+                &case.holders,
+            );
+            let got: Vec<(String, u16, String)> = d
+                .mappings
+                .values()
+                .map(|m| {
+                    (
+                        m.owner.to_string(),
+                        m.external_port,
+                        m.target.endpoint.to_string(),
+                    )
+                })
+                .collect();
+            let mut want: Vec<(String, u16, String)> = case
+                .mappings
+                .iter()
+                .map(|(o, p, t)| (o.to_string(), *p, t.clone()))
+                .collect();
+            want.sort_by_key(|(_, port, _)| *port);
+            assert_eq!(got, want, "{}: mappings {:#?}", case.name, d.problems);
+            let want_problems: Vec<_> = case
+                .problems
+                .iter()
+                .map(|(o, k)| (o.to_string(), *k))
+                .collect();
+            assert_eq!(
+                kinds(&d),
+                want_problems,
+                "{}: problems {:#?}",
+                case.name,
+                d.problems
+            );
+            for problem in &d.problems {
+                // Tenant-safe: no LAN address, no other namespace's Service in the Event.
+                for secret in [
+                    "192.168.1.",
+                    "203.0.113.7",
+                    "127.0.0.1",
+                    "b/young",
+                    "a/old",
+                    "home/",
+                ] {
+                    assert!(
+                        !problem.message.contains(secret),
+                        "{}: {secret} in {}",
+                        case.name,
+                        problem.message
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn over_quota_names_the_limit_and_the_key() {
+        let d = run(
+            &[many_ports("tenant", "greedy", 1, 8000, 64)],
+            &nodes(),
+            &[],
+            &Config::default(),
+        );
+        assert_eq!(d.mappings.len(), 16);
+        let problem = &d.problems[0];
+        assert!(
+            problem
+                .message
+                .starts_with("48 external port(s) not published (8016/tcp"),
+            "{problem}"
+        );
+        assert!(problem.message.contains("at most 16 ports"), "{problem}");
+        assert!(
+            problem.message.contains("ports.max_per_service"),
+            "{problem}"
+        );
+        let mut config = Config::default();
+        config.ports.max_per_service = 64;
+        config.ports.max_per_namespace = 10;
+        let d = run(
+            &[many_ports("tenant", "greedy", 1, 8000, 64)],
+            &nodes(),
+            &[],
+            &config,
+        );
+        assert_eq!(d.mappings.len(), 10);
+        assert!(
+            d.problems[0].message.contains("ports.max_per_namespace"),
+            "{}",
+            d.problems[0]
+        );
+        config.ports.max_per_namespace = 64;
+        config.ports.max_total = 5;
+        let d = run(
+            &[many_ports("tenant", "greedy", 1, 8000, 64)],
+            &nodes(),
+            &[],
+            &config,
+        );
+        assert_eq!(d.mappings.len(), 5);
+        assert!(
+            d.problems[0].message.contains("ports.max_total"),
+            "{}",
+            d.problems[0]
+        );
+    }
+
+    #[test]
+    fn refusals_explain_themselves_to_the_operator() {
+        let d = desired(
+            &[with_lb_ip(
+                service("tenant", "evil", 1, &[ON], &[(8080, "TCP", Some(30080))]),
+                "192.168.1.1",
+            )],
+            &nodes(),
+            &[],
+            &Config::default(),
+            &lan_host(),
+            &Holders::new(),
+        );
+        let problem = &d.problems[0];
+        assert_eq!(problem.kind, ProblemKind::TargetFallback);
+        assert!(problem.message.contains("nodePort 30080"), "{problem}");
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("192.168.1.1") && d.contains("router")),
+            "{problem}"
         );
     }
 }

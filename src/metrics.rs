@@ -122,7 +122,7 @@ fn status_label(status: MappingStatus) -> &'static str {
 }
 
 /// Every problem kind, so that `holepunch_problems` shows 0 rather than nothing.
-const PROBLEM_KINDS: [ProblemKind; 8] = [
+const PROBLEM_KINDS: [ProblemKind; 11] = [
     ProblemKind::InvalidAnnotation,
     ProblemKind::DeniedPort,
     ProblemKind::PortConflict,
@@ -131,6 +131,9 @@ const PROBLEM_KINDS: [ProblemKind; 8] = [
     ProblemKind::UnsupportedProtocol,
     ProblemKind::RouterRefused,
     ProblemKind::DoubleNat,
+    ProblemKind::TargetFallback,
+    ProblemKind::PortInUse,
+    ProblemKind::OverQuota,
 ];
 
 fn problem_label(kind: ProblemKind) -> &'static str {
@@ -143,6 +146,9 @@ fn problem_label(kind: ProblemKind) -> &'static str {
         ProblemKind::UnsupportedProtocol => "unsupported_protocol",
         ProblemKind::RouterRefused => "router_refusal",
         ProblemKind::DoubleNat => "double_nat",
+        ProblemKind::TargetFallback => "target_fallback",
+        ProblemKind::PortInUse => "port_in_use",
+        ProblemKind::OverQuota => "over_quota",
     }
 }
 
@@ -1001,14 +1007,22 @@ mod tests {
             record(8081, MappingStatus::Active, Some("2025-01-01T00:00:30Z")),
             record(8082, MappingStatus::Failed, None),
         ]);
-        let problems = vec![Problem {
-            owner: Owner {
-                namespace: "default".into(),
-                name: "web8082".into(),
+        let problems = vec![
+            Problem {
+                owner: Owner {
+                    namespace: "default".into(),
+                    name: "web8082".into(),
+                },
+                kind: ProblemKind::PortConflict,
+                message: "taken".into(),
+                detail: None,
             },
-            kind: ProblemKind::PortConflict,
-            message: "taken".into(),
-        }];
+            Problem::new(
+                Owner::new("tenant", "greedy"),
+                ProblemKind::OverQuota,
+                "48 external port(s) not published",
+            ),
+        ];
         metrics.reconciled(Duration::from_millis(30), &state, &problems, None);
         let text = metrics.encode(at("2025-01-01T00:01:00Z")).expect("encode");
         for line in [
@@ -1016,6 +1030,9 @@ mod tests {
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"failed\"} 1",
             "holepunch_problems{kind=\"conflict\"} 1",
             "holepunch_problems{kind=\"double_nat\"} 0",
+            "holepunch_problems{kind=\"over_quota\"} 1",
+            "holepunch_problems{kind=\"port_in_use\"} 0",
+            "holepunch_problems{kind=\"target_fallback\"} 0",
             "holepunch_router_external_address_info{backend=\"pcp\",address=\"11.22.33.44\"} 1",
             "holepunch_lease_expiry_seconds 60.0",
             "holepunch_reconcile_duration_seconds_count 1",

@@ -241,6 +241,12 @@ pub enum ProblemKind {
     RouterRefused,
     /// The router's external address is private or CGNAT: the mapping cannot work from the Internet.
     DoubleNat,
+    /// The load balancer IP is not an allowed target; a Ready node's nodePort is used instead.
+    TargetFallback,
+    /// A socket on this host (relay mode) or on the router (gateway mode) listens on the port.
+    PortInUse,
+    /// Over `ports.max_per_service`, `ports.max_per_namespace` or `ports.max_total`.
+    OverQuota,
 }
 
 impl fmt::Display for ProblemKind {
@@ -254,23 +260,55 @@ impl fmt::Display for ProblemKind {
             ProblemKind::UnsupportedProtocol => "unsupported-protocol",
             ProblemKind::RouterRefused => "router-refused",
             ProblemKind::DoubleNat => "double-nat",
+            ProblemKind::TargetFallback => "target-fallback",
+            ProblemKind::PortInUse => "port-in-use",
+            ProblemKind::OverQuota => "over-quota",
         })
     }
 }
 
 /// A reason a Service is not (fully) published, addressed to the person who owns it.
 /// Becomes a Warning Event on the Service.
+///
+/// Events are read by tenants (README, "Security model"): `message` never names another
+/// namespace's Service or a LAN host's address; `detail` carries those for the operator (the
+/// log and `holepunch plan`), and is never sent to the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Problem {
     pub owner: Owner,
     pub kind: ProblemKind,
-    /// One sentence that says what is wrong and what to change.
+    /// One sentence that says what is wrong and what to change; safe for the tenant to read.
     pub message: String,
+    /// What only the operator may read: who holds the port, which address was refused and why.
+    pub detail: Option<String>,
+}
+
+impl Problem {
+    /// A problem whose message says everything (nothing in it is kept from the tenant).
+    pub fn new(owner: Owner, kind: ProblemKind, message: impl Into<String>) -> Problem {
+        Problem {
+            owner,
+            kind,
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    /// Adds the operator's detail.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Problem {
+        self.detail = Some(detail.into());
+        self
+    }
 }
 
 impl fmt::Display for Problem {
+    /// The operator's view: the message, then the detail when there is one.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} [{}]: {}", self.owner, self.kind, self.message)
+        write!(f, "{} [{}]: {}", self.owner, self.kind, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        Ok(())
     }
 }
 

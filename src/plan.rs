@@ -132,14 +132,20 @@ impl fmt::Display for Action {
                 record.target,
                 record.backend
             ),
+            // The plan is the operator's: the detail kept from the tenant's Event is shown.
             Action::Report { problem } => write!(
                 f,
-                "{:<8} {:<11} {:<28} {}: {}",
+                "{:<8} {:<11} {:<28} {}: {}{}",
                 "problem",
                 "",
                 problem.owner.to_string(),
                 problem.kind,
-                problem.message
+                problem.message,
+                problem
+                    .detail
+                    .as_ref()
+                    .map(|d| format!(" [operator: {d}]"))
+                    .unwrap_or_default()
             ),
         }
     }
@@ -554,6 +560,7 @@ mod tests {
             owner: Owner::new("default", "bad"),
             kind: ProblemKind::DeniedPort,
             message: "port 22 is denied".into(),
+            detail: None,
         });
         let plan = plan(
             &desired,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
-use crate::model::{Backend, MappingKey, PortMapping, Problem, ProblemKind};
+use crate::model::{Backend, MappingKey, PortMapping, Problem};
 use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile};
@@ -405,11 +405,11 @@ pub async fn execute<M: PortMapper>(
                             rand::rng().random_range(0.9..1.1),
                         );
                         if let RouterError::Conflict { .. } | RouterError::Refused { .. } = e {
-                            outcome.problems.push(Problem {
-                                owner: record.owner.clone(),
-                                kind: ProblemKind::RouterRefused,
-                                message: e.to_string(),
-                            });
+                            outcome.problems.push(crate::trust::router_refusal(
+                                &record.owner,
+                                record.key(),
+                                &e,
+                            ));
                         }
                     }
                 }

@@ -29,9 +29,32 @@ fn check_config_accepts_the_shipped_default_and_prints_it_resolved() {
         "lease_seconds = 3600",
         "mode = \"relay\"",
         "10250-10259",
+        "target_cidrs = []",
+        "max_per_service = 16",
+        "max_per_namespace = 32",
+        "max_total = 128",
     ] {
         assert!(printed.contains(key), "{key:?} missing from:\n{printed}");
     }
+    // The shipped default takes no LoadBalancer IP: a MetalLB user is told what to set.
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("MetalLB") && said.contains("target_cidrs = [\"192.168.1.240/28\"]"),
+        "{said}"
+    );
+    // A config that lists the pool is not told.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = holepunch(&[
+        "check-config",
+        "--config",
+        test_config(dir.path(), None).to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("MetalLB"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -90,7 +113,7 @@ fn plan_from_file_sorts_out_a_mixed_cluster_and_changes_nothing() {
         has(&["map", "27015/udp", "games/game", "192.168.77.20:32015"]),
         "{plan}"
     );
-    // The younger Service loses the conflict and is told who won.
+    // The younger Service loses the conflict; the plan (the operator's) says who won.
     assert!(
         has(&["problem", "default/copycat", "port-conflict", "default/web"]),
         "{plan}"

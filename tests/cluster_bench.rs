@@ -87,7 +87,7 @@ fn config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"pcp\"\nlease_seconds = 3600\nverify_interval_seconds = 3600\n\n\
-         [exposure]\nmode = \"direct\"\n\n\
+         [exposure]\nmode = \"direct\"\ntarget_cidrs = [\"{LB_IP}/32\"]\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info\"\n",
         dir = dir.display(),

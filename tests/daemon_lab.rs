@@ -424,18 +424,18 @@ fn relay_mode_through_upnp_restores_what_the_router_lost() {
         "upnp",
         "",
         |fake, kubeconfig, config, daemon| {
+            // The router drops the mapping before the daemon reads the answer and logs it:
+            // wait for both.
             wait_until(
                 daemon,
-                "the leftover to be purged",
+                "the leftover to be purged and the purge logged",
                 Duration::from_secs(20),
-                || forwards_of(&lab, 18099).is_empty(),
-            );
-            assert!(
-                daemon
-                    .log()
-                    .contains("deleted a leftover holepunch mapping"),
-                "{}",
-                daemon.log()
+                || {
+                    forwards_of(&lab, 18099).is_empty()
+                        && daemon
+                            .log()
+                            .contains("deleted a leftover holepunch mapping")
+                },
             );
             assert_eq!(forwards_of(&lab, 18098).len(), 1, "not ours: kept");
             load_balancer_service(fake);
@@ -844,6 +844,21 @@ fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
                 Duration::from_secs(20),
                 || has_event(kubeconfig, Some("Warning"), "RouterRefused", "game", "8080"),
             );
+            // Events are read by tenants: the LAN host holding the port is not named there.
+            assert!(has_event(
+                kubeconfig,
+                Some("Warning"),
+                "RouterRefused",
+                "game",
+                "held on the router by another device on the LAN"
+            ));
+            assert!(!has_event(
+                kubeconfig,
+                Some("Warning"),
+                "RouterRefused",
+                "game",
+                "192.168.77."
+            ));
             // Nothing stolen: the other host's forward is the only TCP one, unchanged; the
             // free UDP port is holepunch's; the port the router offered instead is given back.
             let forwards = forwards_of(&lab, 8080);

@@ -150,9 +150,10 @@ async fn events_are_published_once_and_again_after_they_come_back() {
     let conflict = event_for_problem(&Problem {
         owner: Owner::new("default", "young"),
         kind: ProblemKind::PortConflict,
-        message: "external port 8080/tcp is already published by default/web (service port \
-                  8080), which was created earlier"
+        message: "external port 8080/tcp is held by another Service; choose another port with \
+                  the annotation holepunch.port/8080"
             .into(),
+        detail: Some("held by default/web (service port 8080): it was created earlier".into()),
     })
     .expect("a Warning");
     let live = event_for_live(&live_record("default/web", 8080));
@@ -176,8 +177,8 @@ async fn events_are_published_once_and_again_after_they_come_back() {
         ("young", "Warning", "PortConflict")
     );
     assert!(
-        seen[1].3.contains("default/web"),
-        "names the winner: {}",
+        seen[1].3.contains("held by another Service") && !seen[1].3.contains("default/web"),
+        "tenant-safe, the detail stays with the operator: {}",
         seen[1].3
     );
 
@@ -239,6 +240,7 @@ async fn a_failed_publish_is_retried_after_a_backoff_and_a_deleted_service_is_no
         owner: Owner::new("default", "web"),
         kind: ProblemKind::DeniedPort,
         message: "external port 22 is on the deny list".into(),
+        detail: None,
     })
     .expect("a Warning");
     let gone = event_for_live(&live_record("default/gone", 9000));

@@ -1064,10 +1064,20 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         let in_box = format!("/root/{}", deb.file_name().unwrap().to_string_lossy());
         machine.copy(&deb, &in_box);
         machine.copy(kubeconfig, "/etc/holepunch/kubeconfig");
-        // /etc/holepunch.toml stays as shipped: relay mode, backend auto, 192.168.0.0/16 allowed.
+        // /etc/holepunch.toml as shipped (relay mode, backend auto), plus what a MetalLB user
+        // sets: the load balancer's pool in target_cidrs (the shipped list is empty).
         timed("install", &mut costs, || machine.apt(&["install", &in_box]));
         let forwarding = machine.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
         assert_eq!(forwarding.trim(), "1", "postinst did not enable forwarding");
+        machine.sh(&format!(
+            "sed -i 's|^target_cidrs = \\[\\]|target_cidrs = [\"{LB_IP}/32\"]|' /etc/holepunch.toml"
+        ));
+        assert!(
+            machine
+                .exec_ok(&["cat", "/etc/holepunch.toml"])
+                .contains(&format!("target_cidrs = [\"{LB_IP}/32\"]")),
+            "the pool was not listed"
+        );
         let step = Instant::now();
         machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
         poll("holepunch.service to become active", || {

@@ -102,14 +102,18 @@ pub fn event_for_problem(problem: &Problem) -> Option<ServiceEvent> {
     let reason = match problem.kind {
         ProblemKind::InvalidAnnotation => "InvalidAnnotation",
         ProblemKind::DeniedPort => "DeniedPort",
-        // The message names the winner (desired.rs).
+        // Tenant-safe: says "another Service", never which (README, "Security model").
         ProblemKind::PortConflict => "PortConflict",
         ProblemKind::NoTarget => "NoTarget",
         ProblemKind::TargetNotAllowed => "TargetNotAllowed",
         ProblemKind::UnsupportedProtocol => "UnsupportedProtocol",
-        // The message carries the router's own reason (reconcile.rs).
+        // Tenant-safe: never the LAN host holding the port; the router's words stay in
+        // the problem's detail, for the log.
         ProblemKind::RouterRefused => "RouterRefused",
         ProblemKind::DoubleNat => "DoubleNat",
+        ProblemKind::TargetFallback => "TargetFallback",
+        ProblemKind::PortInUse => "PortInUse",
+        ProblemKind::OverQuota => "OverQuota",
     };
     Some(ServiceEvent {
         namespace: problem.owner.namespace.clone(),
@@ -334,6 +338,7 @@ mod tests {
 
     fn problem(kind: ProblemKind, message: &str) -> Problem {
         Problem {
+            detail: None,
             owner: Owner::new("media", "jelly"),
             kind,
             message: message.into(),
@@ -344,16 +349,19 @@ mod tests {
     fn every_problem_becomes_a_warning_with_its_message() {
         let conflict = problem(
             ProblemKind::PortConflict,
-            "external port 8080/tcp is already published by a/old (service port 8080)",
-        );
+            "external port 8080/tcp is held by another Service",
+        )
+        .with_detail("held by a/old (service port 8080)");
         let event = event_for_problem(&conflict).expect("a Service to attach to");
+        // The operator's detail never reaches the tenant.
+        assert!(!event.note.contains("a/old"), "{}", event.note);
         assert_eq!(event.kind, EventKind::Warning);
         assert_eq!(event.reason, "PortConflict");
         assert_eq!(
             (event.namespace.as_str(), event.name.as_str()),
             ("media", "jelly")
         );
-        assert!(event.note.contains("a/old"), "{}", event.note);
+        assert!(event.note.contains("another Service"), "{}", event.note);
 
         let refused = problem(
             ProblemKind::RouterRefused,
@@ -372,6 +380,9 @@ mod tests {
             ProblemKind::UnsupportedProtocol,
             ProblemKind::RouterRefused,
             ProblemKind::DoubleNat,
+            ProblemKind::TargetFallback,
+            ProblemKind::PortInUse,
+            ProblemKind::OverQuota,
         ]
         .into_iter()
         .filter_map(|kind| event_for_problem(&problem(kind, "m")))
@@ -379,7 +390,7 @@ mod tests {
         .collect();
         assert_eq!(
             reasons.len(),
-            8,
+            11,
             "one distinct reason per kind: {reasons:?}"
         );
         assert!(

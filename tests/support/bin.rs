@@ -87,7 +87,8 @@ pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// A config for tests: state in `dir`, no router, relay to 192.168.77.10, and `kubeconfig`
+/// A config for tests: state in `dir`, no router, relay to 192.168.77.10, the lab's load
+/// balancer pool 192.168.77.0/24 in `target_cidrs`, and `kubeconfig`
 /// (or one that does not exist, so `run` waits for it and holds its lock).
 pub fn test_config(dir: &Path, kubeconfig: Option<&Path>) -> PathBuf {
     let missing = dir.join("no-kubeconfig");
@@ -95,7 +96,7 @@ pub fn test_config(dir: &Path, kubeconfig: Option<&Path>) -> PathBuf {
     let path = dir.join("holepunch.toml");
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n[router]\nbackend = \"none\"\n\n\
-         [exposure]\nlan_address = \"192.168.77.10\"\n\n[state]\npath = \"{dir}/state/state.toml\"\n\n\
+         [exposure]\nlan_address = \"192.168.77.10\"\ntarget_cidrs = [\"192.168.77.0/24\"]\n\n[state]\npath = \"{dir}/state/state.toml\"\n\n\
          [metrics]\nlisten = \"\"\n\n[log]\nformat = \"text\"\n",
         dir = dir.display(),
         kubeconfig = kubeconfig.display()

@@ -99,7 +99,8 @@ pub fn forwards_of(lab: &Lab, port: u16) -> Vec<String> {
         .collect()
 }
 
-/// A config for the lab: `backend`, `mode`, leases of 120 s (miniupnpd's least), verify every
+/// A config for the lab: `backend`, `mode`, the lab's LB IP 192.168.77.100 in `target_cidrs`
+/// (as a MetalLB user lists the pool), leases of 120 s (miniupnpd's least), verify every
 /// 5 s, no metrics listener.
 pub fn config(dir: &Path, kubeconfig: &Path, mode: &str, backend: &str) -> std::path::PathBuf {
     config_with_metrics(dir, kubeconfig, mode, backend, "")
@@ -117,7 +118,7 @@ pub fn config_with_metrics(
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"{backend}\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
-         [exposure]\nmode = \"{mode}\"\n{wan}\n\
+         [exposure]\nmode = \"{mode}\"\ntarget_cidrs = [\"192.168.77.100/32\"]\n{wan}\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"{metrics_listen}\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
         dir = dir.display(),

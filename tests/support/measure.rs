@@ -89,7 +89,7 @@ pub fn lab_config(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"{backend}\"\nlease_seconds = {lease_secs}\n\
          verify_interval_seconds = {verify_secs}\n\n\
-         [exposure]\nmode = \"direct\"\n\n\
+         [exposure]\nmode = \"direct\"\ntarget_cidrs = [\"{LB_IP}/32\"]\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"{metrics_listen}\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info\"\n",
         dir = dir.display(),

@@ -1,0 +1,288 @@
+//! The trust rules of README "Security model", as pure functions over plain facts: which
+//! addresses may never be a target, which ports this host (or the router, in gateway mode)
+//! already serves, who holds which router port, and the tenant-safe wording of the router's
+//! refusals.
+//!
+//! The facts about this host are gathered at the edge (`host.rs`) and passed in as
+//! [`HostFacts`]; nothing here reads a socket, a file or the clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::model::{MappingKey, Owner, Problem, ProblemKind, Protocol};
+use crate::router::RouterError;
+use crate::state::{MappingStatus, State};
+
+/// What this host knows about itself and the router, for the target and shadowing rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Every address of this host's interfaces (loopback included).
+    pub own_addresses: BTreeSet<IpAddr>,
+    /// Broadcast addresses of this host's networks.
+    pub broadcast_addresses: BTreeSet<IpAddr>,
+    /// The router's addresses: its LAN address (the gateway) and its external address(es).
+    pub router_addresses: BTreeSet<IpAddr>,
+    /// Ports a socket listens on, on this host's wildcard or LAN address.
+    pub listening: BTreeSet<(Protocol, u16)>,
+}
+
+impl HostFacts {
+    /// Adds the router's LAN address and every external address the state recorded.
+    pub fn with_router(mut self, gateway: Option<Ipv4Addr>, state: &State) -> HostFacts {
+        self.router_addresses
+            .extend(gateway.into_iter().map(IpAddr::V4));
+        self.router_addresses.extend(
+            state
+                .mappings
+                .values()
+                .filter_map(|r| r.external_address)
+                .map(IpAddr::V4),
+        );
+        self
+    }
+}
+
+/// Who holds each router port: the owner of every active or pending mapping in the state.
+/// A live port stays with its holder while the holder still asks for it.
+pub type Holders = BTreeMap<MappingKey, Owner>;
+
+/// The holders the state records (pending: the router may hold it already).
+pub fn holders(state: &State) -> Holders {
+    state
+        .mappings
+        .iter()
+        .filter(|(_, r)| matches!(r.status, MappingStatus::Active | MappingStatus::Pending))
+        .map(|(key, r)| (*key, r.owner.clone()))
+        .collect()
+}
+
+/// Why an address may never be a target, whatever the config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forbidden {
+    /// Loopback, link-local, multicast, broadcast, unspecified or "this network".
+    Special(&'static str),
+    /// One of the router's own addresses (its admin and UPnP pages live there).
+    Router,
+    /// One of this host's addresses (its private ports live there).
+    ThisHost,
+}
+
+impl Forbidden {
+    /// For the operator's log: why the address was refused.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Forbidden::Special(why) => why,
+            Forbidden::Router => "it is an address of the router",
+            Forbidden::ThisHost => "it is an address of the holepunch host",
+        }
+    }
+}
+
+/// Whether `address` may never be a target. `node_port`: the address is a Node's InternalIP
+/// used with a nodePort, the one case where this host's own address is a target (a node may
+/// run holepunch itself).
+pub fn forbidden_target(
+    address: Ipv4Addr,
+    facts: &HostFacts,
+    node_port: bool,
+) -> Option<Forbidden> {
+    let ip = IpAddr::V4(address);
+    let special = if address.is_unspecified() || address.octets()[0] == 0 {
+        Some("it is unspecified (0.0.0.0/8)")
+    } else if address.is_loopback() {
+        Some("it is a loopback address")
+    } else if address.is_link_local() {
+        Some("it is a link-local address")
+    } else if address.is_multicast() {
+        Some("it is a multicast address")
+    } else if address.is_broadcast() || facts.broadcast_addresses.contains(&ip) {
+        Some("it is a broadcast address")
+    } else {
+        None
+    };
+    if let Some(why) = special {
+        Some(Forbidden::Special(why))
+    } else if facts.router_addresses.contains(&ip) {
+        Some(Forbidden::Router)
+    } else if !node_port && facts.own_addresses.contains(&ip) {
+        Some(Forbidden::ThisHost)
+    } else {
+        None
+    }
+}
+
+/// The problem a router's refusal becomes. The router's own words can name the LAN host (or
+/// another tenant's Service) holding the port, so they go in the operator's detail only.
+pub fn router_refusal(owner: &Owner, key: MappingKey, error: &RouterError) -> Problem {
+    let message = match error {
+        RouterError::Conflict { .. } => format!(
+            "external port {key} is held on the router by another device on the LAN; choose \
+             another external port with a holepunch.port/<port> annotation"
+        ),
+        _ => format!(
+            "the router refused to map external port {key}; holepunch's log on the host says \
+             why, ask its administrator"
+        ),
+    };
+    Problem::new(owner.clone(), ProblemKind::RouterRefused, message).with_detail(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            own_addresses: ["127.0.0.1", "192.168.1.10"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            broadcast_addresses: ["192.168.1.255"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            router_addresses: ["192.168.1.1", "203.0.113.7"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            listening: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn forbidden_targets_table() {
+        for (address, node_port, want) in [
+            // The normal cases: a LAN device and a node.
+            ("192.168.1.20", false, None),
+            ("192.168.1.20", true, None),
+            ("10.0.0.5", false, None),
+            // This host: only as a Node's InternalIP with a nodePort.
+            ("192.168.1.10", false, Some(Forbidden::ThisHost)),
+            ("192.168.1.10", true, None),
+            // The router, LAN side and WAN side, even as a node.
+            ("192.168.1.1", false, Some(Forbidden::Router)),
+            ("192.168.1.1", true, Some(Forbidden::Router)),
+            ("203.0.113.7", false, Some(Forbidden::Router)),
+            (
+                "127.0.0.1",
+                true,
+                Some(Forbidden::Special("it is a loopback address")),
+            ),
+            (
+                "127.1.2.3",
+                false,
+                Some(Forbidden::Special("it is a loopback address")),
+            ),
+            (
+                "169.254.1.1",
+                false,
+                Some(Forbidden::Special("it is a link-local address")),
+            ),
+            (
+                "224.0.0.1",
+                false,
+                Some(Forbidden::Special("it is a multicast address")),
+            ),
+            (
+                "255.255.255.255",
+                false,
+                Some(Forbidden::Special("it is a broadcast address")),
+            ),
+            (
+                "192.168.1.255",
+                false,
+                Some(Forbidden::Special("it is a broadcast address")),
+            ),
+            (
+                "0.0.0.0",
+                true,
+                Some(Forbidden::Special("it is unspecified (0.0.0.0/8)")),
+            ),
+            (
+                "0.1.2.3",
+                false,
+                Some(Forbidden::Special("it is unspecified (0.0.0.0/8)")),
+            ),
+        ] {
+            let ip: Ipv4Addr = address.parse().expect("test address");
+            assert_eq!(
+                forbidden_target(ip, &facts(), node_port),
+                want,
+                "{address} node_port={node_port}"
+            );
+        }
+    }
+
+    #[test]
+    fn router_conflict_is_tenant_safe_and_keeps_the_detail() {
+        let key = MappingKey {
+            protocol: Protocol::Tcp,
+            external_port: 8080,
+        };
+        let error = RouterError::Conflict {
+            port: 8080,
+            protocol: Protocol::Tcp,
+            detail: "192.168.1.50 holds it (description \"holepunch:other/svc\")".into(),
+        };
+        let problem = router_refusal(&Owner::new("a", "web"), key, &error);
+        assert!(problem.message.contains("another device on the LAN"));
+        assert!(
+            !problem.message.contains("192.168.1.50"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            !problem.message.contains("other/svc"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("192.168.1.50"))
+        );
+        let refused = RouterError::Refused {
+            reason: "maps only to the host that asks (192.168.1.10)".into(),
+            retry_after: None,
+        };
+        let problem = router_refusal(&Owner::new("a", "web"), key, &refused);
+        assert!(
+            !problem.message.contains("192.168.1.10"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("192.168.1.10"))
+        );
+    }
+
+    #[test]
+    fn holders_are_active_and_pending_records_only() {
+        use crate::model::Endpoint;
+        use crate::state::MappingRecord;
+        let mut state = State::default();
+        for (port, status) in [
+            (8080, MappingStatus::Active),
+            (8081, MappingStatus::Pending),
+            (8082, MappingStatus::Failed),
+        ] {
+            let mut record = MappingRecord::leftover(
+                Owner::new("a", "web"),
+                MappingKey {
+                    protocol: Protocol::Tcp,
+                    external_port: port,
+                },
+                Endpoint::new(Ipv4Addr::new(192, 168, 1, 10), port),
+                crate::model::Backend::Pcp,
+            );
+            record.status = status;
+            state.mappings.insert(record.key(), record);
+        }
+        let ports: Vec<u16> = holders(&state).keys().map(|k| k.external_port).collect();
+        assert_eq!(ports, [8080, 8081]);
+    }
+}
