@@ -4,6 +4,7 @@
 pub mod events;
 pub mod snapshot;
 pub mod status;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
