@@ -239,6 +239,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
+            crate::crashpoint::reached(crate::crashpoint::LOOP_PASS);
             metrics.waiting_for_cluster(None);
             let services = cluster.services();
             let nodes = cluster.nodes();
