@@ -54,7 +54,7 @@ static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
 static FROZEN: OnceLock<Option<Armed>> = OnceLock::new();
 
 impl Armed {
-    /// Counts one more arrival at `point`; true when it is the armed one's n-th.
+    /// Counts one more arrival at `point`; the count when it is the armed one's n-th.
     fn hit(&self, point: &str) -> Option<u64> {
         if self.point != point {
             return None;
@@ -64,8 +64,8 @@ impl Armed {
     }
 }
 
-/// Marks `point` as reached; kills the process with SIGKILL if it is the armed one and this
-/// is the n-th time.
+/// Marks `point` as reached; freezes this thread if [`FREEZE_AT_ENV`] armed it, or kills the
+/// process with SIGKILL if [`CRASH_AT_ENV`] did, and this is the n-th time.
 pub fn reached(point: &str) {
     let frozen = FROZEN.get_or_init(|| parse(std::env::var(FREEZE_AT_ENV).ok().as_deref()));
     if let Some(count) = frozen.as_ref().and_then(|f| f.hit(point)) {
@@ -119,6 +119,7 @@ mod tests {
     fn parses_a_point_with_and_without_a_count() {
         assert_eq!(parse(Some("state-renamed")), armed(STATE_RENAMED, 1));
         assert_eq!(parse(Some("pcp-sent:3")), armed(PCP_SENT, 3));
+        assert_eq!(parse(Some("loop-pass:3")), armed(LOOP_PASS, 3));
         assert_eq!(
             parse(Some(" state-temp-written:12 ")),
             armed(STATE_TEMP_WRITTEN, 12)
@@ -143,9 +144,10 @@ mod tests {
     #[test]
     fn an_unarmed_point_returns() {
         // The test process has no HOLEPUNCH_CRASH_AT: reaching a point must not kill it.
-        if std::env::var_os(CRASH_AT_ENV).is_none() {
+        if std::env::var_os(CRASH_AT_ENV).is_none() && std::env::var_os(FREEZE_AT_ENV).is_none() {
             reached(STATE_RENAMED);
             reached(PCP_SENT);
+            reached(LOOP_PASS);
         }
     }
 }

@@ -155,7 +155,8 @@ struct Retry {
 }
 
 impl Retry {
-    fn new() -> Retry {
+    /// The backoff of a write that has not failed yet (it is due at `now`).
+    fn new(now: Instant) -> Retry {
         Retry {
             backoff: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_secs(EVENT_RETRY_FLOOR_SECS))
@@ -164,7 +165,7 @@ impl Retry {
                 .with_jitter()
                 .without_max_times()
                 .build(),
-            at: Instant::now(),
+            at: now,
         }
     }
 
@@ -366,7 +367,10 @@ impl Backlog {
                     Outcome::Failed(_) => {
                         // A newer update submitted meanwhile wins; else this one is retried.
                         self.statuses.entry(key.clone()).or_insert(update);
-                        let retry = self.status_retry.entry(key).or_insert_with(Retry::new);
+                        let retry = self
+                            .status_retry
+                            .entry(key)
+                            .or_insert_with(|| Retry::new(now));
                         Some(retry.failed(now))
                     }
                 }
@@ -384,7 +388,7 @@ impl Backlog {
                     let wait = self
                         .event_retry
                         .entry(event.clone())
-                        .or_insert_with(Retry::new)
+                        .or_insert_with(|| Retry::new(now))
                         .failed(now);
                     self.enqueue(event);
                     Some(wait)
