@@ -5,6 +5,7 @@ pub mod events;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
