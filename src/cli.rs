@@ -27,6 +27,7 @@ Exit codes:
   2  the command line is wrong
   3  another holepunch holds the state file's lock (only one instance may run per state file)
   4  the state file cannot be used (written by a newer holepunch, or its directory is unusable)
+     (the systemd unit does not restart `holepunch run` after 1 or 4: fix it, then restart)
   5  the cluster or the router could not be reached for a one-shot command (plan, cleanup)
   6  any other failure (the message says which step failed)";
 
@@ -264,17 +265,45 @@ fn check_config(path: &Path) -> Result<(), Failure> {
 }
 
 fn run(path: &Path) -> Result<(), Failure> {
-    let config = load_config(path)?;
+    let config = load_config(path).inspect_err(tell_systemd)?;
     logging::init(&config.log);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "holepunch starting");
     let result = runtime()?.block_on(daemon::run(path.to_owned(), config));
-    result.map_err(|e| match e {
-        DaemonError::State(e) => state_failure(e),
-        other => {
-            tracing::error!("{other}");
-            Failure::new(EXIT_OTHER, other)
-        }
-    })
+    result
+        .map_err(|e| match e {
+            DaemonError::State(e) => {
+                tracing::error!("{e}");
+                state_failure(e)
+            }
+            other => {
+                tracing::error!("{other}");
+                Failure::new(EXIT_OTHER, other)
+            }
+        })
+        .inspect_err(tell_systemd)
+}
+
+/// Whether systemd should start `holepunch run` again after it ended with `code`: not after
+/// a bad config or an unusable state file, which a restart cannot fix (the unit's
+/// `RestartPreventExitStatus=`, README "Commands").
+pub fn restart_helps(code: u8) -> bool {
+    !matches!(code, EXIT_CONFIG | EXIT_STATE)
+}
+
+/// Says why `holepunch run` ends in its systemd status line (`systemctl status holepunch`),
+/// and whether systemd restarts it.
+fn tell_systemd(failure: &Failure) {
+    let what = format!("{:#}", failure.error);
+    let what = what.lines().next().unwrap_or_default();
+    let status = if restart_helps(failure.code) {
+        format!("stopped (exit {}): {what}", failure.code)
+    } else {
+        format!(
+            "stopped for good (exit {}; systemd does not restart it): {what}; fix it, then systemctl restart holepunch",
+            failure.code
+        )
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
 }
 
 /// Where the router would forward, for a dry run: as the daemon decides, but with

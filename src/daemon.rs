@@ -25,8 +25,7 @@ use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::desired::desired;
-use crate::kube::events::{self, EventPublisher};
-use crate::kube::status;
+use crate::kube::writer::ClusterWriter;
 use crate::metrics::{self, Instrumented, Metrics};
 use crate::model::{Backend, MappingKey, Problem};
 use crate::nft::{self, Forward, NftFirewall, Ruleset};
@@ -73,12 +72,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     }
     let mut state = loaded.state;
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
-    let watchdog = sd_notify::watchdog_enabled();
     let mut ready_sent = false;
     let metrics = Metrics::new(
         config.router.lease_secs,
         Duration::from_secs(config.router.verify_interval_secs.into()),
     );
+    metrics.watch_over(sd_notify::watchdog_enabled());
     // NOTE: bound once: a changed metrics.listen takes effect at the next start.
     let _metrics_server = match config.metrics.listen {
         Some(address) => match metrics::bind(address).await {
@@ -145,7 +144,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     match wait_signal_or(
                         &mut signals,
                         Duration::from_secs(KUBECONFIG_RETRY_SECS),
-                        watchdog,
+                        &metrics,
                     )
                     .await
                     {
@@ -165,7 +164,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             }
         };
         let cluster = ClusterWatch::start(client.clone(), &config, metrics.clone());
-        let mut cluster_report = ClusterReport::new(client, &config);
+        let cluster_report = ClusterWriter::start(client, &config, metrics.clone());
         tracing::info!("watching the cluster");
 
         let mut reported: BTreeSet<Problem> = BTreeSet::new();
@@ -174,11 +173,8 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let mut last_check = tokio::time::Instant::now();
         let mut silent_checks: u32 = 0;
         loop {
+            // Also pings the watchdog: every pass proves the loop alive.
             metrics.loop_alive();
-            if watchdog.is_some() {
-                // Every pass through the loop proves it alive, however busy the cluster is.
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-            }
             let now = jiff::Timestamp::now();
             let sleep_for = next_due
                 .map(|due| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
@@ -202,7 +198,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                         }
                     }
                 }
-                wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
+                wake = wait_signal_or(&mut signals, Duration::MAX, &metrics) => match wake {
                     Wake::Stop => {
                             stop();
                             return Ok(());
@@ -224,6 +220,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 notify_status("waiting for the first list of Services, Nodes and EndpointSlices");
                 continue;
             }
+            crate::crashpoint::reached(crate::crashpoint::LOOP_PASS);
             metrics.waiting_for_cluster(None);
             let services = cluster.services();
             let nodes = cluster.nodes();
@@ -277,9 +274,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 // touched; the probe runs again when its backoff is over.
                 report_new_problems(&mut reported, wanted.problems.iter());
                 metrics.observe_state(&state, &wanted.problems, None);
-                cluster_report
-                    .send(&wanted.problems, &state, &services)
-                    .await;
+                cluster_report.submit(&wanted.problems, &state, &services);
                 next_due = Some(probe.due_at());
                 notify_status(&format!(
                     "no router found yet; trying again in {} s",
@@ -377,7 +372,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 reported.len()
             ));
             mark_ready(&mut ready_sent, up);
-            cluster_report.send(&problems, &state, &services).await;
+            cluster_report.submit(&problems, &state, &services);
             // Due times of what was just granted count too, not only of what was planned.
             next_due =
                 crate::plan::plan(&wanted, &state, forwarding, jiff::Timestamp::now()).next_due;
@@ -463,66 +458,6 @@ impl LocalRules {
             Err(e) => {
                 tracing::error!(error = %e, "nftables update did not finish");
                 self.applied = None;
-            }
-        }
-    }
-}
-
-/// What the cluster is told after a reconcile: Events on the Services (each once while it
-/// holds) and, for Services of holepunch's loadBalancerClass, the external IP in their status.
-struct ClusterReport {
-    client: kube::Client,
-    events: EventPublisher,
-    load_balancer_class: String,
-}
-
-impl ClusterReport {
-    fn new(client: kube::Client, config: &Config) -> ClusterReport {
-        let instance = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|name| name.trim().to_owned())
-            .ok()
-            .filter(|name| !name.is_empty())
-            .unwrap_or_else(|| "holepunch".to_owned());
-        ClusterReport {
-            events: EventPublisher::new(client.clone(), &instance),
-            client,
-            load_balancer_class: config.kubernetes.load_balancer_class.clone(),
-        }
-    }
-
-    async fn send(&mut self, problems: &[Problem], state: &State, services: &[Service]) {
-        let live = state
-            .mappings
-            .values()
-            .filter(|r| r.status == MappingStatus::Active);
-        let events: Vec<_> = problems
-            .iter()
-            .filter_map(events::event_for_problem)
-            .chain(live.clone().map(events::event_for_live))
-            .collect();
-        self.events.publish_changes(&events).await;
-
-        let published: BTreeSet<(String, String)> = live
-            .clone()
-            .map(|r| (r.owner.namespace.clone(), r.owner.name.clone()))
-            .collect();
-        // The router's public address: the most recently granted mapping knows it best.
-        let external_ip = live
-            .filter(|r| r.external_address.is_some())
-            .max_by_key(|r| r.granted_at)
-            .and_then(|r| r.external_address);
-        for update in
-            status::status_updates(services, &self.load_balancer_class, external_ip, &published)
-        {
-            match status::write_status(&self.client, &update).await {
-                Ok(()) => {
-                    tracing::info!(service = %format!("{}/{}", update.namespace, update.name),
-                    ingress = ?update.ingress_ip, "LoadBalancer status written")
-                }
-                Err(e) => {
-                    tracing::warn!(service = %format!("{}/{}", update.namespace, update.name),
-                    error = %e, "could not write the LoadBalancer status; trying again at the next reconcile")
-                }
             }
         }
     }
@@ -859,15 +794,12 @@ enum Wake {
     Timer,
 }
 
-/// Waits for a signal or `timeout`, pinging the systemd watchdog meanwhile.
-async fn wait_signal_or(
-    signals: &mut Signals,
-    timeout: Duration,
-    watchdog: Option<Duration>,
-) -> Wake {
+/// Waits for a signal or `timeout`; the loop is idle and alive meanwhile (which pings the
+/// systemd watchdog, see `metrics`).
+async fn wait_signal_or(signals: &mut Signals, timeout: Duration, metrics: &Metrics) -> Wake {
     let deadline = tokio::time::Instant::now().checked_add(timeout);
     loop {
-        let ping = watchdog.map_or(Duration::from_secs(3600), |w| w / 2);
+        let ping = metrics.alive_every();
         let sleep = match deadline {
             Some(deadline) => {
                 ping.min(deadline.saturating_duration_since(tokio::time::Instant::now()))
@@ -880,9 +812,7 @@ async fn wait_signal_or(
                 Some(_) | None => return Wake::Stop,
             },
             () = tokio::time::sleep(sleep) => {
-                if watchdog.is_some() {
-                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-                }
+                metrics.loop_alive();
                 if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     return Wake::Timer;
                 }

@@ -14,6 +14,13 @@
 //!
 //! [`Instrumented`] wraps the daemon's [`PortMapper`] to count every router request by
 //! backend, operation and result and time it, without the reconciler knowing.
+//!
+//! Progress and the systemd watchdog are one thing here: the event loop's passes, its idle
+//! waits and every router request that finishes count as progress ([`Metrics::loop_alive`]),
+//! and only progress pings the watchdog (`WATCHDOG=1`, at most every
+//! [`WATCHDOG_PING_MIN_GAP_MS`]). Nothing pings on a timer of its own, so a loop stuck for
+//! `WatchdogSec` is killed, while a long pass of many router requests is not (README,
+//! "Monitoring"). `/healthz` calls the loop stuck after the same `WatchdogSec`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -45,6 +52,9 @@ pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; chars
 /// beyond one verify interval before `/healthz` calls it stuck. A pass may wait on a few
 /// router calls that time out (PCP gives up after ~21 s each).
 pub const LOOP_STALL_GRACE_SECS: u64 = 300;
+/// Progress pings the systemd watchdog at most this often (a busy pass finishes many router
+/// requests a second; one datagram each would be waste).
+pub const WATCHDOG_PING_MIN_GAP_MS: u64 = 1_000;
 /// A client must send its request headers within this time.
 pub const REQUEST_HEADER_TIMEOUT_SECS: u64 = 10;
 
@@ -179,7 +189,36 @@ pub struct Metrics {
     watch_restarts: Family<OneLabel, Counter>,
     problems: Family<OneLabel, Gauge>,
     state_write_failures: Counter,
+    cluster_writes_dropped: Family<OneLabel, Counter>,
+    cluster_writes_queued: Gauge,
     observed: Mutex<Observed>,
+    watchdog: Mutex<WatchdogPings>,
+}
+
+/// The systemd watchdog as progress pings it.
+#[derive(Debug, Default)]
+struct WatchdogPings {
+    /// `WatchdogSec`, when systemd asked for pings.
+    interval: Option<Duration>,
+    last_ping: Option<Instant>,
+}
+
+impl WatchdogPings {
+    /// Whether progress at `now` should ping (the first progress always does).
+    fn due(&mut self, now: Instant) -> bool {
+        if self.interval.is_none() {
+            return false;
+        }
+        let gap = Duration::from_millis(WATCHDOG_PING_MIN_GAP_MS);
+        if self
+            .last_ping
+            .is_some_and(|last| now.saturating_duration_since(last) < gap)
+        {
+            return false;
+        }
+        self.last_ping = Some(now);
+        true
+    }
 }
 
 /// What the health decision needs, as the event loop last saw it.
@@ -274,6 +313,21 @@ impl Metrics {
             "Failed saves of the state file",
             state_write_failures.clone(),
         );
+        let cluster_writes_dropped = Family::<OneLabel, Counter>::default();
+        registry.register(
+            "cluster_writes_dropped",
+            "Events on Services never written: dropped from a full queue (queue_full) or over a Service's rate (rate_limited)",
+            cluster_writes_dropped.clone(),
+        );
+        for reason in ["queue_full", "rate_limited"] {
+            let _ = cluster_writes_dropped.get_or_create(&[("reason", reason)]);
+        }
+        let cluster_writes_queued = Gauge::default();
+        registry.register(
+            "cluster_writes_queued",
+            "Events and Service status writes waiting for the Kubernetes API",
+            cluster_writes_queued.clone(),
+        );
         Arc::new(Metrics {
             registry,
             mappings,
@@ -286,6 +340,9 @@ impl Metrics {
             watch_restarts,
             problems,
             state_write_failures,
+            cluster_writes_dropped,
+            cluster_writes_queued,
+            watchdog: Mutex::new(WatchdogPings::default()),
             observed: Mutex::new(Observed {
                 last_progress: Timestamp::now(),
                 unreachable_since: None,
@@ -321,9 +378,51 @@ impl Metrics {
         observed.waiting_for_cluster = why.map(|why| first_line(why).to_owned());
     }
 
-    /// The event loop made a pass (or waits, alive, for something).
+    /// systemd's `WatchdogSec` (from `WATCHDOG_USEC`), or `None`: from now on progress pings
+    /// the watchdog, and `/healthz` calls a loop stuck after this long without progress.
+    pub fn watch_over(&self, watchdog: Option<Duration>) {
+        self.pings().interval = watchdog;
+    }
+
+    /// How often an idle loop should say it is alive: well within `WatchdogSec` and the
+    /// `/healthz` stall limit.
+    pub fn alive_every(&self) -> Duration {
+        match self.pings().interval {
+            Some(interval) => interval / 4,
+            None => Duration::from_secs(LOOP_STALL_GRACE_SECS / 4),
+        }
+    }
+
+    fn pings(&self) -> MutexGuard<'_, WatchdogPings> {
+        self.watchdog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The event loop made progress: a pass, a router request finished, or it waits, alive,
+    /// for something. Pings the systemd watchdog (see the module documentation).
     pub fn loop_alive(&self) {
         self.observed().last_progress = Timestamp::now();
+        self.ping_watchdog();
+    }
+
+    fn ping_watchdog(&self) {
+        if self.pings().due(Instant::now()) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+
+    /// Events dropped by the cluster writer (`reason`: `queue_full` or `rate_limited`).
+    pub fn cluster_writes_dropped(&self, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.cluster_writes_dropped
+                .get_or_create(&[("reason", reason)])
+                .inc_by(count);
+        }
+    }
+
+    /// Events and status writes waiting for the API now.
+    pub fn cluster_writes_queued(&self, queued: usize) {
+        self.cluster_writes_queued
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     /// One router request finished: counted, timed, and its answer (or silence) recorded.
@@ -367,15 +466,19 @@ impl Metrics {
         self.router_request_duration
             .get_or_create(&[("backend", backend), ("operation", operation.label())])
             .observe(took.as_secs_f64());
-        let mut observed = self.observed();
-        observed.last_progress = Timestamp::now();
-        if result == "unreachable" {
-            self.router_up.set(0);
-            observed.unreachable_since.get_or_insert(started);
-        } else {
-            self.router_up.set(1);
-            observed.unreachable_since = None;
+        {
+            let mut observed = self.observed();
+            observed.last_progress = Timestamp::now();
+            if result == "unreachable" {
+                self.router_up.set(0);
+                observed.unreachable_since.get_or_insert(started);
+            } else {
+                self.router_up.set(1);
+                observed.unreachable_since = None;
+            }
         }
+        // A long pass proves itself alive between its router requests.
+        self.ping_watchdog();
     }
 
     /// A cluster watch was interrupted and restarts with backoff.
@@ -490,10 +593,11 @@ impl Metrics {
     /// What `/healthz` answers now.
     pub fn health(&self, now: Timestamp) -> Health {
         let observed = self.observed().clone();
+        let watchdog = self.pings().interval;
         health(&HealthInputs {
             now,
             last_progress: observed.last_progress,
-            stall_limit: observed.verify_interval + Duration::from_secs(LOOP_STALL_GRACE_SECS),
+            stall_limit: stall_limit(watchdog, observed.verify_interval),
             unreachable_since: observed.unreachable_since,
             waiting_for_cluster: observed.waiting_for_cluster.as_deref(),
             lease_expiries: &observed.lease_expiries,
@@ -502,6 +606,13 @@ impl Metrics {
             mappings_up: observed.mappings_up,
         })
     }
+}
+
+/// How long the loop may go without progress before `/healthz` calls it stuck: systemd's
+/// `WatchdogSec` when it watches (then both agree: the watchdog kills what `/healthz` calls
+/// stuck), else one verify interval and [`LOOP_STALL_GRACE_SECS`].
+pub fn stall_limit(watchdog: Option<Duration>, verify_interval: Duration) -> Duration {
+    watchdog.unwrap_or(verify_interval + Duration::from_secs(LOOP_STALL_GRACE_SECS))
 }
 
 /// When the leases the router granted run out (granted ones only, whatever their state now:
@@ -997,6 +1108,48 @@ mod tests {
             state.mappings.insert(record.key(), record);
         }
         state
+    }
+
+    #[test]
+    fn progress_pings_the_watchdog_at_most_once_a_second_and_only_when_asked() {
+        let now = Instant::now();
+        let mut off = WatchdogPings::default();
+        assert!(!off.due(now), "no WATCHDOG_USEC: no pings");
+        let mut on = WatchdogPings {
+            interval: Some(Duration::from_secs(10)),
+            last_ping: None,
+        };
+        assert!(on.due(now), "the first progress pings");
+        assert!(!on.due(now + Duration::from_millis(500)));
+        assert!(on.due(now + Duration::from_millis(1_000)));
+        // Nothing pings without progress: `due` is only asked on progress.
+        assert!(on.due(now + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn healthz_calls_the_loop_stuck_after_watchdog_sec_when_systemd_watches() {
+        let verify = Duration::from_secs(60);
+        assert_eq!(
+            stall_limit(Some(Duration::from_secs(30)), verify),
+            Duration::from_secs(30)
+        );
+        assert_eq!(stall_limit(None, verify), Duration::from_secs(360));
+        let metrics = Metrics::new(3600, verify);
+        assert_eq!(metrics.alive_every(), Duration::from_secs(75));
+        metrics.watch_over(Some(Duration::from_secs(10)));
+        assert_eq!(metrics.alive_every(), Duration::from_millis(2_500));
+        let at = |secs: i64| {
+            Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+                .expect("time")
+        };
+        metrics.loop_alive();
+        assert!(metrics.health(at(9)).healthy);
+        let stuck = metrics.health(at(12));
+        assert!(
+            !stuck.healthy && stuck.reason.contains("no progress"),
+            "{stuck:?}"
+        );
     }
 
     #[test]

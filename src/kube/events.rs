@@ -9,6 +9,10 @@
 //! ([`EVENT_RETRY_FLOOR_SECS`] doubling to [`EVENT_RETRY_CEILING_SECS`]), not at every
 //! reconcile.
 //!
+//! The daemon does not call [`EventPublisher::publish_changes`]: its writer task
+//! (`kube::writer`) keeps the same once-while-it-holds rule with a bounded queue, a rate per
+//! Service and a timeout per request, and calls [`EventPublisher::create`].
+//!
 //! Not `kube::runtime::events::Recorder`: it turns an Event seen again within its cache time
 //! into a PATCH of the old one's `series`, while an Event that comes back here is news and
 //! gets a new Event, and its cache is keyed without the note, so two different conflicts of one
@@ -233,7 +237,7 @@ impl EventPublisher {
                 Some(retry) => retry.failures,
                 None => 0,
             };
-            match self.publish(event).await {
+            match self.create(event).await {
                 Ok(true) => {
                     created += 1;
                     self.refused.remove(event);
@@ -257,8 +261,9 @@ impl EventPublisher {
         created
     }
 
-    /// Creates one Event; `Ok(false)` when the Service no longer exists.
-    async fn publish(&self, event: &ServiceEvent) -> Result<bool, EventError> {
+    /// Creates one Event, whatever was published before; `Ok(false)` when the Service no
+    /// longer exists. The daemon's writer task (`kube::writer`) calls this.
+    pub async fn create(&self, event: &ServiceEvent) -> Result<bool, EventError> {
         let services: Api<Service> = Api::namespaced(self.client.clone(), &event.namespace);
         // NOTE: `kubectl describe` finds a Service's Events by the Service's uid too, so the
         // reference carries it; the reflector's copy could be older than the Service.

@@ -6,6 +6,7 @@ pub mod events;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod writer;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

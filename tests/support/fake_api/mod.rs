@@ -139,9 +139,20 @@ struct FailRule {
     path_contains: Option<String>,
 }
 
+/// A delay to inject: every request that matches is answered only after `delay` (as a
+/// control plane on an SD card under load, or a half-dead apiserver, answers writes).
+struct DelayRule {
+    delay: Duration,
+    method: String,
+    path_contains: String,
+}
+
 pub(crate) struct State {
     store: Store,
     fail_rules: Vec<FailRule>,
+    delay_rules: Vec<DelayRule>,
+    /// Requests that were held back by a delay rule (counted on arrival).
+    delayed: usize,
     hang_watches: bool,
     forbidden: Vec<(String, String)>,
     requests: Vec<RecordedRequest>,
@@ -197,6 +208,18 @@ impl Shared {
         Some(code)
     }
 
+    /// The delay for this request, if a rule matches it (counted as delayed).
+    fn take_delay(&self, method: &str, path: &str) -> Option<Duration> {
+        let mut state = self.lock();
+        let delay = state
+            .delay_rules
+            .iter()
+            .find(|r| r.method.eq_ignore_ascii_case(method) && path.contains(&r.path_contains))?
+            .delay;
+        state.delayed += 1;
+        Some(delay)
+    }
+
     fn is_forbidden(&self, verb: &str, resource: &str) -> bool {
         self.lock()
             .forbidden
@@ -230,6 +253,8 @@ impl FakeApi {
             state: Mutex::new(State {
                 store: Store::new(),
                 fail_rules: Vec::new(),
+                delay_rules: Vec::new(),
+                delayed: 0,
                 hang_watches: false,
                 forbidden: Vec::new(),
                 requests: Vec::new(),
@@ -374,6 +399,27 @@ impl FakeApi {
             method: method.map(str::to_owned),
             path_contains: path_contains.map(str::to_owned),
         });
+    }
+
+    /// From now on every request with `method` and a path containing `path_contains` is
+    /// handled (and answered) only after `delay`. A client that gives up meanwhile closes its
+    /// connection, and the request may then be dropped unhandled (see `server::handle`).
+    pub fn delay_matching(&self, delay: Duration, method: &str, path_contains: &str) {
+        self.shared.lock().delay_rules.push(DelayRule {
+            delay,
+            method: method.to_owned(),
+            path_contains: path_contains.to_owned(),
+        });
+    }
+
+    /// Lifts every `delay_matching`.
+    pub fn clear_delays(&self) {
+        self.shared.lock().delay_rules.clear();
+    }
+
+    /// How many requests a `delay_matching` rule has held back so far.
+    pub fn delayed_requests(&self) -> usize {
+        self.shared.lock().delayed
     }
 
     /// Answers 403 Forbidden for `verb` (get, list, watch, create, update, patch, delete,

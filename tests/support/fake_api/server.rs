@@ -187,6 +187,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         body,
         host,
     };
+    if let Some(delay) = shared.take_delay(&call.method, &call.path) {
+        // Runs on the connection's task: a client that gives up and closes the connection
+        // may make hyper drop this future, so the request is never handled.
+        tokio::time::sleep(delay).await;
+    }
     let response = respond(&shared, &call);
     let mut state = shared.state.lock().expect("fake API state lock");
     state.requests.push(RecordedRequest {
