@@ -2,8 +2,10 @@
 //! Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for dry runs).
 
 pub mod events;
+pub mod report;
 pub mod snapshot;
 pub mod status;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 

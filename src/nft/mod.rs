@@ -13,8 +13,11 @@
 //! which the nftnl crate lacks), `netlink` (one `sendmsg` per batch, every ack read).
 
 mod expr;
+pub mod firewall;
 mod map;
 pub mod netlink;
+
+pub use firewall::{Firewall, FirewallError, LocalRules, MemoryFirewall};
 
 use std::ffi::CStr;
 use std::fmt;

@@ -9,6 +9,7 @@ pub mod choice;
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;
+pub mod session;
 pub mod upnp;
 
 use std::future::Future;

@@ -1,0 +1,367 @@
+//! The daemon's conversation with the router across passes (ARCHITECTURE.md, "The loop"):
+//! finding it ([`Probe`], with backoff), checking every verify interval what it lost,
+//! retiring mappings made through another protocol, and purging leftovers after a crash.
+//!
+//! [`Connect`] is how a session reaches routers: [`RouterConnect`] talks to the real one
+//! (PCP, NAT-PMP, UPnP IGD); in-process tests script their own.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::config::{BackendChoice, RouterConfig};
+use crate::metrics::{Instrumented, Metrics};
+use crate::model::{Backend, MappingKey};
+use crate::router::choice::{NoRouterFound, Router, RouterAddress};
+use crate::router::{PortMapper, RouterError};
+use crate::state::{Failure, MappingRecord, MappingStatus, State};
+
+/// With `router.backend = "auto"`, checks the router may miss in a row before the protocols
+/// are probed again.
+pub const SILENT_CHECKS_BEFORE_PROBING: u32 = 3;
+/// First wait after a failed probe; doubles up to [`PROBE_RETRY_MAX_SECS`].
+pub const PROBE_RETRY_SECS: u64 = 30;
+/// Longest wait between probes of a router that does not answer.
+pub const PROBE_RETRY_MAX_SECS: u64 = 600;
+
+/// How a [`Session`] reaches routers.
+pub trait Connect: Send {
+    type Mapper: PortMapper;
+
+    /// Whether a router is used at all (`false` in `gateway` mode and with
+    /// `router.backend = "none"`).
+    fn uses_router(&self) -> bool;
+
+    /// The backend the config names, without asking the router anything (`None`: it must
+    /// be found by probing or discovery).
+    fn configured(&self) -> Option<Self::Mapper>;
+
+    /// Finds the router, `preferred` (what worked before) tried first.
+    fn probe(
+        &mut self,
+        preferred: Option<Backend>,
+    ) -> impl Future<Output = Result<Self::Mapper, NoRouterFound>> + Send;
+
+    /// A client for `backend`, to delete what was made through it; `None` when it cannot be
+    /// reached.
+    fn reach(&mut self, backend: Backend) -> impl Future<Output = Option<Self::Mapper>> + Send;
+
+    /// Deletes holepunch's leftovers on the router that `keep` does not hold; how many.
+    fn purge_leftovers(
+        &mut self,
+        mapper: &mut Self::Mapper,
+        keep: &BTreeSet<MappingKey>,
+    ) -> impl Future<Output = Result<usize, RouterError>> + Send;
+}
+
+/// The real router at `address` (`None`: no router is used).
+#[derive(Debug, Clone)]
+pub struct RouterConnect {
+    pub address: Option<RouterAddress>,
+    pub config: RouterConfig,
+}
+
+impl Connect for RouterConnect {
+    type Mapper = Router;
+
+    fn uses_router(&self) -> bool {
+        self.address.is_some()
+    }
+
+    fn configured(&self) -> Option<Router> {
+        match &self.address {
+            None => Some(Router::None(crate::router::NoRouter)),
+            Some(address) => Router::configured(self.config.backend, address),
+        }
+    }
+
+    async fn probe(&mut self, preferred: Option<Backend>) -> Result<Router, NoRouterFound> {
+        let Some(address) = &self.address else {
+            return Ok(Router::None(crate::router::NoRouter));
+        };
+        let router = Router::probe(
+            address,
+            self.config.backend,
+            preferred,
+            self.config.igd_url.as_deref(),
+        )
+        .await?;
+        tracing::info!(backend = %router.backend(), gateway = %address.gateway, "router found");
+        Ok(router)
+    }
+
+    async fn reach(&mut self, backend: Backend) -> Option<Router> {
+        match (backend, &self.address) {
+            (Backend::Upnp, Some(address)) => Router::probe(
+                address,
+                BackendChoice::Upnp,
+                None,
+                self.config.igd_url.as_deref(),
+            )
+            .await
+            .ok(),
+            _ => Router::for_backend(backend, self.address.as_ref()),
+        }
+    }
+
+    async fn purge_leftovers(
+        &mut self,
+        mapper: &mut Router,
+        keep: &BTreeSet<MappingKey>,
+    ) -> Result<usize, RouterError> {
+        mapper.purge_leftovers(keep).await
+    }
+}
+
+/// `router.backend = "auto"`: probe the router, and after a failure wait (30 s doubling up
+/// to 10 min) before probing again.
+#[derive(Debug)]
+pub struct Probe {
+    pub wait: Duration,
+    next: tokio::time::Instant,
+    last_error: String,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            wait: Duration::ZERO,
+            next: tokio::time::Instant::now(),
+            last_error: String::new(),
+        }
+    }
+}
+
+impl Probe {
+    /// Whether the router may be asked now (the backoff is over).
+    pub fn is_due(&self) -> bool {
+        tokio::time::Instant::now() >= self.next
+    }
+
+    /// Probe at the next pass (the router just announced itself).
+    pub fn retry_now(&mut self) {
+        self.next = tokio::time::Instant::now();
+    }
+
+    /// When the next probe may go, on the wall clock `now`.
+    pub fn due_at(&self, now: jiff::Timestamp) -> jiff::Timestamp {
+        let left = self
+            .next
+            .saturating_duration_since(tokio::time::Instant::now());
+        jiff::SignedDuration::try_from(left)
+            .ok()
+            .and_then(|d| now.checked_add(d).ok())
+            .unwrap_or(now)
+    }
+
+    fn failed(&mut self, error: &NoRouterFound) {
+        let message = error.to_string();
+        if message != self.last_error {
+            tracing::error!("{message}");
+            self.last_error = message;
+        }
+        self.wait = (self.wait * 2).clamp(
+            Duration::from_secs(PROBE_RETRY_SECS),
+            Duration::from_secs(PROBE_RETRY_MAX_SECS),
+        );
+        self.next = tokio::time::Instant::now() + self.wait;
+    }
+}
+
+/// The router as the loop knows it across passes.
+#[derive(Debug)]
+pub struct Session<C: Connect> {
+    pub connect: C,
+    /// The router in use; `None` while none was found.
+    pub mapper: Option<C::Mapper>,
+    pub probe: Probe,
+    choice: BackendChoice,
+    verify: Duration,
+    last_check: tokio::time::Instant,
+    silent_checks: u32,
+    /// When the last announcement made every mapping be restored.
+    pub last_announced_restore: Option<tokio::time::Instant>,
+}
+
+impl<C: Connect> Session<C> {
+    /// A session for the router `connect` reaches, with `router.backend = choice`, checked
+    /// every `verify`.
+    pub fn new(connect: C, choice: BackendChoice, verify: Duration) -> Session<C> {
+        Session {
+            mapper: connect.configured(),
+            connect,
+            probe: Probe::default(),
+            choice,
+            verify,
+            last_check: tokio::time::Instant::now(),
+            silent_checks: 0,
+            last_announced_restore: None,
+        }
+    }
+
+    /// Looks for the router when none is known and the probe's backoff is over. `true` when
+    /// one was just found (so its leftovers can be purged).
+    pub async fn find(&mut self, preferred: Option<Backend>, metrics: &Metrics) -> bool {
+        if self.mapper.is_some() || !self.connect.uses_router() || !self.probe.is_due() {
+            return false;
+        }
+        let started = (jiff::Timestamp::now(), tokio::time::Instant::now());
+        match self.connect.probe(preferred).await {
+            Ok(mapper) => {
+                self.probe = Probe::default();
+                self.mapper = Some(mapper);
+            }
+            Err(e) => self.probe.failed(&e),
+        }
+        metrics.probed(
+            self.mapper.as_ref().map(PortMapper::backend),
+            started.0,
+            started.1.elapsed(),
+        );
+        self.mapper.is_some()
+    }
+
+    /// Deletes what a crash left on the router, known neither to the state nor wanted.
+    pub async fn purge(&mut self, keep: &BTreeSet<MappingKey>) {
+        let Some(mapper) = self.mapper.as_mut() else {
+            return;
+        };
+        if let Err(e) = self.connect.purge_leftovers(mapper, keep).await {
+            tracing::warn!(error = %e, "could not look for leftover mappings on the router");
+        }
+    }
+
+    /// Every verify interval: asks the router what it lost (marked for restoring in
+    /// `state`). `true` when the router stopped answering and must be looked for again
+    /// (the mapper is dropped; mappings stay as recorded).
+    pub async fn check(
+        &mut self,
+        state: &mut State,
+        metrics: &Metrics,
+        now: jiff::Timestamp,
+    ) -> bool {
+        let Some(router) = self.mapper.as_mut() else {
+            return false;
+        };
+        if self.last_check.elapsed() < self.verify {
+            return false;
+        }
+        self.last_check = tokio::time::Instant::now();
+        if check_router(&mut Instrumented::new(router, metrics), state, now).await {
+            self.silent_checks = 0;
+        } else {
+            self.silent_checks += 1;
+        }
+        // A UPnP router may come back on another control URL (discover again at once);
+        // with `auto`, a router silent for three checks may have been replaced by one that
+        // speaks another protocol (probe again).
+        let rediscover = router.backend() == Backend::Upnp
+            || (self.choice == BackendChoice::Auto
+                && self.silent_checks >= SILENT_CHECKS_BEFORE_PROBING);
+        if self.silent_checks > 0 && rediscover {
+            tracing::warn!(backend = %router.backend(), checks = self.silent_checks,
+                "the router stopped answering; looking for it again (mappings stay as recorded)");
+            self.mapper = None;
+            self.silent_checks = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Deletes, through the protocol that made them, the active mappings recorded with
+    /// another protocol than `current` (the config changed, or `auto` found another one),
+    /// before they are requested again through `current`: one protocol cannot delete
+    /// another's mapping, and a permanent one would otherwise stay on the router for good.
+    /// What cannot be deleted is said, and ends with its lease.
+    pub async fn retire_other_protocols(&mut self, state: &State, current: Backend) {
+        let others: BTreeSet<Backend> = state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active)
+            .map(|r| r.backend)
+            .filter(|b| *b != current && *b != Backend::None)
+            .collect();
+        for old in others {
+            let router = self.connect.reach(old).await;
+            let records: Vec<MappingRecord> = state
+                .mappings
+                .values()
+                .filter(|r| r.status == MappingStatus::Active && r.backend == old)
+                .cloned()
+                .collect();
+            let Some(mut router) = router else {
+                tracing::warn!(mappings = records.len(), protocol = %old,
+                    "cannot reach the router through the protocol that made these mappings; they end with their leases");
+                continue;
+            };
+            for record in records {
+                match router.unmap(&record).await {
+                    Ok(()) => {
+                        tracing::info!(service = %record.owner, external_port = record.external_port,
+                        protocol = %record.protocol, made_with = %old, "deleted before re-requesting it through {current}")
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %record.owner, external_port = record.external_port,
+                        made_with = %old, error = %e, "could not delete a mapping made through another protocol; it ends with its lease")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Asks the router which of the mappings it granted it no longer holds, and marks those for
+/// restoring (verify, restore what the router lost, re-add nothing that is there).
+/// `false` when the router did not answer.
+pub async fn check_router(
+    router: &mut impl PortMapper,
+    state: &mut State,
+    now: jiff::Timestamp,
+) -> bool {
+    let backend = router.backend();
+    let granted: Vec<&MappingRecord> = state
+        .mappings
+        .values()
+        .filter(|r| r.backend == backend && r.status == MappingStatus::Active)
+        .collect();
+    let asked = granted.len();
+    let waiting = state
+        .mappings
+        .values()
+        .any(|r| r.backend == backend && r.failure == Some(Failure::RouterSilent));
+    if granted.is_empty() && !waiting {
+        return true;
+    }
+    // One request even with nothing granted: it tells whether the router answers again.
+    let result = router.lost(&granted).await;
+    if result.is_ok() {
+        // The router answers: what failed because it did not need not wait for its backoff.
+        let retried = state.due_now(now, |r| {
+            r.backend == backend && r.failure == Some(Failure::RouterSilent)
+        });
+        if retried > 0 {
+            tracing::info!(mappings = retried, %backend, "the router answers again; retrying what it missed");
+        }
+    }
+    match result {
+        Ok(lost) if lost.is_empty() => {
+            tracing::debug!(%backend, mappings = asked, "checked the router: nothing lost");
+            true
+        }
+        Ok(lost) => {
+            let lost: BTreeSet<MappingKey> = lost.into_iter().collect();
+            let marked = state.unconfirm(|r| lost.contains(&r.key()));
+            tracing::warn!(mappings = marked, %backend,
+                "the router no longer holds some mappings; restoring them on the same ports");
+            true
+        }
+        Err(e @ RouterError::Unreachable(_)) => {
+            tracing::warn!(%backend, error = %e, "could not check the router's mappings");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%backend, error = %e, "could not check the router's mappings");
+            true
+        }
+    }
+}
