@@ -14,9 +14,9 @@ use crate::desired::desired;
 use crate::kube::report::ClusterReport;
 use crate::kube::watch::ClusterSource;
 use crate::metrics::{Instrumented, Metrics};
-use crate::model::{Backend, MappingKey, Problem};
+use crate::model::{Backend, Problem};
 use crate::nft::{Firewall, LocalRules, Ruleset};
-use crate::plan::{Action, Forwarding, plan};
+use crate::plan::{Action, Forwarding, Observations, Restart, RestoreReason, plan_observed};
 use crate::reconcile::{self, Persist};
 use crate::router::PortMapper;
 use crate::router::announce::Announcement;
@@ -76,6 +76,9 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     pub report: T,
     pub state: &'a mut State,
     pub store: &'a mut P,
+    /// What was seen of the router and not yet planned (kept across a reload, like the
+    /// state).
+    pub observed: &'a mut Observations,
     pub metrics: &'a Metrics,
     pub clock: &'a dyn Clock,
     pub systemd: &'a mut Systemd,
@@ -103,6 +106,7 @@ where
         report: T,
         state: &'a mut State,
         store: &'a mut P,
+        observed: &'a mut Observations,
         metrics: &'a Metrics,
         clock: &'a dyn Clock,
         systemd: &'a mut Systemd,
@@ -117,6 +121,7 @@ where
             report,
             state,
             store,
+            observed,
             metrics,
             clock,
             systemd,
@@ -160,15 +165,9 @@ where
             .find(preferred_backend(self.state), self.metrics)
             .await
         {
-            // What a crash left on the router, known neither to the state nor wanted.
-            let keep: BTreeSet<MappingKey> = self
-                .state
-                .mappings
-                .keys()
-                .chain(wanted.mappings.keys())
-                .copied()
-                .collect();
-            self.router.purge(&keep).await;
+            // What a crash left on the router, known neither to the state nor wanted, is
+            // purged by the plan.
+            self.observed.found = true;
         }
         if self.router.mapper.is_none() {
             // No router answers yet: nothing is planned, nothing already mapped is touched;
@@ -192,7 +191,7 @@ where
         }
         if self
             .router
-            .check(self.state, self.metrics, self.clock.now())
+            .check(self.state, self.metrics, self.observed)
             .await
         {
             return self.unchanged();
@@ -200,15 +199,17 @@ where
         let Some(backend) = self.router.mapper.as_ref().map(PortMapper::backend) else {
             return self.unchanged();
         };
-        self.router
-            .retire_other_protocols(self.state, backend)
-            .await;
-        let moved = self.state.unconfirm(|r| r.backend != backend);
+        self.observed.backend = Some(backend);
+        let now = self.clock.now();
+        let plan = plan_observed(&wanted, self.state, self.observed, self.forwarding, now);
+        let moved = plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Retire { .. }))
+            .count();
         if moved > 0 {
             tracing::info!(mappings = moved, %backend, "re-requesting mappings made through another router protocol");
         }
-        let now = self.clock.now();
-        let plan = plan(&wanted, self.state, self.forwarding, now);
         if plan.router_calls() > 0
             || plan
                 .actions
@@ -218,6 +219,7 @@ where
             tracing::debug!("plan:\n{plan}");
         }
         let reconcile_started = tokio::time::Instant::now();
+        self.router.run(&plan.actions, backend).await;
         let Some(router) = self.router.mapper.as_mut() else {
             return self.unchanged();
         };
@@ -230,6 +232,7 @@ where
             now,
         )
         .await;
+        self.observed.planned();
         let check_rules = self.rules.check_due(verify_interval(&self.config));
         self.rules
             .sync(
@@ -273,8 +276,7 @@ where
             .send(&problems, self.state, &snapshot.services)
             .await;
         // Due times of what was just granted count too, not only of what was planned.
-        self.next_due =
-            crate::plan::plan(&wanted, self.state, self.forwarding, self.clock.now()).next_due;
+        self.next_due = outcome.next_due;
         if outcome.released > 0 {
             // The state can be saved again: what waited for it goes at the next pass.
             self.next_due = Some(self.clock.now());
@@ -286,9 +288,19 @@ where
             .is_some_and(PortMapper::take_restart)
         {
             // What was granted in this pass already lives in the new epoch.
+            self.observed.restarted(Restart {
+                backend,
+                granted_before: Some(now),
+            });
             let lost = self
                 .state
-                .unconfirm(|r| r.backend == backend && r.granted_at.is_none_or(|at| at < now));
+                .mappings
+                .values()
+                .filter(|r| {
+                    r.status == MappingStatus::Active
+                        && self.observed.lost(r) == Some(RestoreReason::RouterRestarted)
+                })
+                .count();
             tracing::warn!(mappings = lost, %backend,
                 "the router restarted and lost its mappings; restoring them on the same ports");
             self.next_due = Some(self.clock.now());
@@ -333,9 +345,19 @@ where
             {
                 session.last_announced_restore = Some(tokio::time::Instant::now());
                 let backend = router.backend();
+                self.observed.restarted(Restart {
+                    backend,
+                    granted_before: None,
+                });
                 let marked = self
                     .state
-                    .unconfirm(|r| r.backend == backend && backend != Backend::None);
+                    .mappings
+                    .values()
+                    .filter(|r| {
+                        r.status == MappingStatus::Active
+                            && self.observed.lost(r) == Some(RestoreReason::RouterRestarted)
+                    })
+                    .count();
                 tracing::warn!(mappings = marked, %backend, "restoring every mapping after the router's announcement");
             }
             Some(_) => {}

@@ -31,7 +31,7 @@ use crate::kube::report::KubeReport;
 use crate::kube::watch::ClusterWatch;
 use crate::metrics::{self, Metrics};
 use crate::nft::{self, NftFirewall};
-use crate::plan::Forwarding;
+use crate::plan::{Forwarding, Observations};
 use crate::reconcile::StateStore;
 use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::RouterAddress;
@@ -71,6 +71,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     let _metrics_server = serve_metrics(config.metrics.listen, &metrics).await;
     // What the state file holds counts from the start (leases from a previous run included).
     metrics.observe_state(&state, &[], None);
+    let mut observed = Observations::default();
 
     'config: loop {
         metrics.configure(config.router.lease_secs, verify_interval(&config));
@@ -112,6 +113,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             report,
             &mut state,
             &mut store,
+            &mut observed,
             &metrics,
             &SystemClock,
             &mut systemd,

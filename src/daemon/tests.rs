@@ -285,6 +285,7 @@ impl Persist for Saved {
 struct Books {
     state: State,
     store: Saved,
+    observed: crate::plan::Observations,
     metrics: Arc<Metrics>,
     clock: PausedClock,
     systemd: Systemd,
@@ -295,6 +296,7 @@ impl Books {
         Books {
             state: State::default(),
             store: Saved::default(),
+            observed: crate::plan::Observations::default(),
             metrics: Metrics::new(LEASE_SECS, Duration::from_secs(60)),
             clock: PausedClock::new(),
             systemd: Systemd::default(),
@@ -337,6 +339,7 @@ fn context<'a>(world: &World, books: &'a mut Books, config: Config) -> TestConte
         world.reports.clone(),
         &mut books.state,
         &mut books.store,
+        &mut books.observed,
         &books.metrics,
         &books.clock,
         &mut books.systemd,
@@ -500,12 +503,12 @@ async fn a_restart_seen_in_an_answer_restores_every_mapping_on_the_same_ports() 
     // and is requested again on its port.
     world.lab.restart();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ctx.pass(Trigger::Timer).await;
-    assert!(
-        ctx.state
-            .mappings
-            .values()
-            .all(|r| r.status == MappingStatus::Pending)
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls().len(), 4, "nothing was due in that pass");
+    assert_eq!(
+        next.due,
+        Some(books_now(&ctx)),
+        "the restore is due at once"
     );
     let next = ctx.pass(Trigger::Timer).await;
     assert_eq!(next.served, Some(2));

@@ -5,13 +5,14 @@
 //! [`Connect`] is how a session reaches routers: [`RouterConnect`] talks to the real one
 //! (PCP, NAT-PMP, UPnP IGD); in-process tests script their own.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
 use crate::config::{BackendChoice, RouterConfig};
 use crate::metrics::{Instrumented, Metrics};
 use crate::model::{Backend, MappingKey};
+use crate::plan::{Action, Observations};
 use crate::router::choice::{NoRouterFound, Router, RouterAddress};
 use crate::router::{PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, State};
@@ -231,14 +232,14 @@ impl<C: Connect> Session<C> {
         }
     }
 
-    /// Every verify interval: asks the router what it lost (marked for restoring in
-    /// `state`). `true` when the router stopped answering and must be looked for again
-    /// (the mapper is dropped; mappings stay as recorded).
+    /// Every verify interval: asks the router what it lost (noted in `observed` for the
+    /// plan). `true` when the router stopped answering and must be looked for again (the
+    /// mapper is dropped; mappings stay as recorded).
     pub async fn check(
         &mut self,
-        state: &mut State,
+        state: &State,
         metrics: &Metrics,
-        now: jiff::Timestamp,
+        observed: &mut Observations,
     ) -> bool {
         let Some(router) = self.mapper.as_mut() else {
             return false;
@@ -247,7 +248,7 @@ impl<C: Connect> Session<C> {
             return false;
         }
         self.last_check = tokio::time::Instant::now();
-        if check_router(&mut Instrumented::new(router, metrics), state, now).await {
+        if check_router(&mut Instrumented::new(router, metrics), state, observed).await {
             self.silent_checks = 0;
         } else {
             self.silent_checks += 1;
@@ -268,34 +269,28 @@ impl<C: Connect> Session<C> {
         false
     }
 
-    /// Deletes, through the protocol that made them, the active mappings recorded with
-    /// another protocol than `current` (the config changed, or `auto` found another one),
-    /// before they are requested again through `current`: one protocol cannot delete
-    /// another's mapping, and a permanent one would otherwise stay on the router for good.
-    /// What cannot be deleted is said, and ends with its lease.
-    pub async fn retire_other_protocols(&mut self, state: &State, current: Backend) {
-        let others: BTreeSet<Backend> = state
-            .mappings
-            .values()
-            .filter(|r| r.status == MappingStatus::Active)
-            .map(|r| r.backend)
-            .filter(|b| *b != current && *b != Backend::None)
-            .collect();
-        for old in others {
-            let router = self.connect.reach(old).await;
-            let records: Vec<MappingRecord> = state
-                .mappings
-                .values()
-                .filter(|r| r.status == MappingStatus::Active && r.backend == old)
-                .cloned()
-                .collect();
-            let Some(mut router) = router else {
+    /// Runs the plan's actions that belong to the session: [`Action::Purge`] (what a crash
+    /// left on a router just found) and [`Action::Retire`] (deletes, through the protocol
+    /// that made them, mappings recorded with another protocol than `current`, before they
+    /// are requested again through it; what cannot be deleted is said, and ends with its
+    /// lease).
+    pub async fn run(&mut self, actions: &[Action], current: Backend) {
+        let mut retire: BTreeMap<Backend, Vec<&MappingRecord>> = BTreeMap::new();
+        for action in actions {
+            match action {
+                Action::Purge { keep } => self.purge(keep).await,
+                Action::Retire { record } => retire.entry(record.backend).or_default().push(record),
+                _ => {}
+            }
+        }
+        for (old, records) in retire {
+            let Some(mut router) = self.connect.reach(old).await else {
                 tracing::warn!(mappings = records.len(), protocol = %old,
                     "cannot reach the router through the protocol that made these mappings; they end with their leases");
                 continue;
             };
             for record in records {
-                match router.unmap(&record).await {
+                match router.unmap(record).await {
                     Ok(()) => {
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, made_with = %old, "deleted before re-requesting it through {current}")
@@ -310,13 +305,13 @@ impl<C: Connect> Session<C> {
     }
 }
 
-/// Asks the router which of the mappings it granted it no longer holds, and marks those for
-/// restoring (verify, restore what the router lost, re-add nothing that is there).
-/// `false` when the router did not answer.
+/// Asks the router which of the mappings it granted it no longer holds, and notes those in
+/// `observed` for the plan to restore (verify, restore what the router lost, re-add nothing
+/// that is there). `false` when the router did not answer.
 pub async fn check_router(
     router: &mut impl PortMapper,
-    state: &mut State,
-    now: jiff::Timestamp,
+    state: &State,
+    observed: &mut Observations,
 ) -> bool {
     let backend = router.backend();
     let granted: Vec<&MappingRecord> = state
@@ -325,23 +320,25 @@ pub async fn check_router(
         .filter(|r| r.backend == backend && r.status == MappingStatus::Active)
         .collect();
     let asked = granted.len();
-    let waiting = state
+    let silent: Vec<&MappingRecord> = state
         .mappings
         .values()
-        .any(|r| r.backend == backend && r.failure == Some(Failure::RouterSilent));
-    if granted.is_empty() && !waiting {
+        .filter(|r| r.backend == backend && r.failure == Some(Failure::RouterSilent))
+        .collect();
+    // (A pending one is requested again anyway.)
+    let waiting = silent
+        .iter()
+        .filter(|r| r.status != MappingStatus::Pending)
+        .count();
+    if granted.is_empty() && silent.is_empty() {
         return true;
     }
     // One request even with nothing granted: it tells whether the router answers again.
     let result = router.lost(&granted).await;
-    if result.is_ok() {
+    if result.is_ok() && waiting > 0 {
         // The router answers: what failed because it did not need not wait for its backoff.
-        let retried = state.due_now(now, |r| {
-            r.backend == backend && r.failure == Some(Failure::RouterSilent)
-        });
-        if retried > 0 {
-            tracing::info!(mappings = retried, %backend, "the router answers again; retrying what it missed");
-        }
+        observed.answering_again = true;
+        tracing::info!(mappings = waiting, %backend, "the router answers again; retrying what it missed");
     }
     match result {
         Ok(lost) if lost.is_empty() => {
@@ -349,10 +346,9 @@ pub async fn check_router(
             true
         }
         Ok(lost) => {
-            let lost: BTreeSet<MappingKey> = lost.into_iter().collect();
-            let marked = state.unconfirm(|r| lost.contains(&r.key()));
-            tracing::warn!(mappings = marked, %backend,
+            tracing::warn!(mappings = lost.len(), %backend,
                 "the router no longer holds some mappings; restoring them on the same ports");
+            observed.lost.extend(lost);
             true
         }
         Err(e @ RouterError::Unreachable(_)) => {
