@@ -25,6 +25,7 @@ use futures::StreamExt;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
+use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::kube::report::KubeReport;
@@ -37,7 +38,7 @@ use crate::router::announce::{AnnounceListener, Announcement};
 use crate::router::choice::RouterAddress;
 use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
-use crate::state::{StateError, StateFile};
+use crate::state::{State, StateError, StateFile};
 
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
@@ -57,12 +58,7 @@ pub enum DaemonError {
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonError> {
-    let (file, loaded) = StateFile::open(&config.state.path)?;
-    let mut store = StateStore::new(file);
-    if let Some(recovery) = &loaded.recovery {
-        tracing::error!(moved_to = %recovery.moved_to.display(), "{recovery}");
-    }
-    let mut state = loaded.state;
+    let (mut state, mut store) = open_state(&config.state.path)?;
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let mut systemd = Systemd::from_env();
     let watchdog = systemd.watchdog;
@@ -122,32 +118,66 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             metrics.loop_alive();
             // Every pass through the loop proves it alive, however busy the cluster is.
             ctx.systemd.alive();
-            let trigger = tokio::select! {
-                () = changed.notified() => {
-                    tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
-                    Trigger::Cluster
+            let sleep = ctx.sleep_for();
+            match next_event(&changed, sleep, &mut announcements, &mut signals, watchdog).await {
+                Event::Pass(trigger) => {
+                    ctx.pass(trigger).await;
                 }
-                () = tokio::time::sleep(ctx.sleep_for()) => Trigger::Timer,
-                announcement = next_announcement(&mut announcements) => {
-                    Trigger::Announcement(announcement)
-                }
-                wake = wait_signal_or(&mut signals, Duration::MAX, watchdog) => match wake {
-                    Wake::Stop => {
-                        stop();
-                        return Ok(());
+                Event::Reload => {
+                    if let Some(new) = reload(&config_path) {
+                        config = new;
+                        continue 'config;
                     }
-                    Wake::Reload => match reload(&config_path) {
-                        Some(new) => {
-                            config = new;
-                            continue 'config;
-                        }
-                        None => continue,
-                    },
-                    Wake::Timer => continue,
-                },
-            };
-            ctx.pass(trigger).await;
+                }
+                Event::Stop => {
+                    stop();
+                    return Ok(());
+                }
+            }
         }
+    }
+}
+
+/// The state file, locked, and what it holds (a damaged one is moved aside and said loudly).
+fn open_state(path: &Path) -> Result<(State, StateStore<StateFile>), DaemonError> {
+    let (file, loaded) = StateFile::open(path)?;
+    if let Some(recovery) = &loaded.recovery {
+        tracing::error!(moved_to = %recovery.moved_to.display(), "{recovery}");
+    }
+    Ok((loaded.state, StateStore::new(file)))
+}
+
+/// What the loop handles next.
+enum Event {
+    Pass(Trigger),
+    Reload,
+    Stop,
+}
+
+/// Waits for the next trigger of a pass (a cluster change, debounced; the timer after
+/// `sleep`; a router announcement) or a signal, pinging the watchdog meanwhile.
+async fn next_event(
+    changed: &Notify,
+    sleep: Duration,
+    announcements: &mut Option<AnnounceListener>,
+    signals: &mut Signals,
+    watchdog: Option<Duration>,
+) -> Event {
+    tokio::select! {
+        () = changed.notified() => {
+            tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
+            Event::Pass(Trigger::Cluster)
+        }
+        () = tokio::time::sleep(sleep) => Event::Pass(Trigger::Timer),
+        announcement = next_announcement(announcements) => {
+            Event::Pass(Trigger::Announcement(announcement))
+        }
+        wake = wait_signal_or(signals, Duration::MAX, watchdog) => match wake {
+            Wake::Reload => Event::Reload,
+            Wake::Stop => Event::Stop,
+            // (Without a deadline the wait ends only with a signal.)
+            Wake::Timer => Event::Pass(Trigger::Timer),
+        },
     }
 }
 
