@@ -24,27 +24,24 @@
 //! [`StateError`] messages say what to do; the OS or TOML cause is their `source()`, so log
 //! the whole chain.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::record::{Failure, MappingRecord, State};
+use super::record::{Failure, MappingRecord, MappingStatus, State};
 use crate::model::MappingKey;
 
 /// The state file format this build writes (and the newest it reads).
 pub const STATE_VERSION: u32 = 2;
 /// The oldest format this build reads.
 const OLDEST_READ_VERSION: i64 = 1;
-
 
 /// Permissions of a state directory holepunch creates.
 const STATE_DIR_MODE: u32 = 0o700;
@@ -226,7 +223,6 @@ impl State {
         toml::to_string(&file).map_err(|source| StateError::Encode { source })
     }
 }
-
 
 /// What a loaded state file held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -809,9 +805,12 @@ fn remove_stale_temps(dir: &Path, prefix: &OsStr) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+    use crate::state::Replaced;
 
     fn at(text: &str) -> Timestamp {
         text.parse().expect("test timestamp")
