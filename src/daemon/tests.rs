@@ -676,3 +676,74 @@ async fn with_no_router_answering_nothing_is_touched_and_the_probe_backs_off() {
     next_timed_pass(&mut ctx).await;
     assert_eq!(world.lab.calls(), ["map 8080 natpmp"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_no_longer_publishes_a_service_unmaps_it_and_its_rule() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Cluster).await;
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+
+    // The same config again changes nothing on the router (and the rules are re-applied
+    // once, by the fresh context).
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Timer).await;
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+
+    // A config whose opt-in annotation the Service does not carry: unmapped, rule gone.
+    let mut other = config(BackendChoice::Pcp);
+    other.kubernetes.annotation = "example.org/publish".into();
+    let mut ctx = context(&world, &mut books, other);
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls_since(1), ["unmap 8080 pcp"]);
+    assert!(ctx.state.mappings.is_empty());
+    let table = world.firewall.table();
+    assert_eq!(table.ruleset.map(|r| r.forwards().len()), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_announcement_before_the_cluster_is_listed_is_planned_after_a_reload() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Cluster).await;
+    }
+    // The router restarts and announces it while the cluster cannot be listed; a reload
+    // comes before the next list.
+    lock(&world.lab.0).held.clear();
+    *lock(&world.cluster.0) = None;
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        let next = ctx
+            .pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+            .await;
+        assert_eq!(next.served, None, "nothing planned without a list");
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+    assert!(books.observed.restart.is_some(), "kept across the reload");
+
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls_since(1), ["map 8080 pcp"], "restored");
+    assert_eq!(
+        lock(&world.lab.0).held[&Backend::Pcp].len(),
+        1,
+        "the router holds it again"
+    );
+    assert_eq!(ctx.observed.restart, None, "planned, then forgotten");
+}
