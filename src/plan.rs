@@ -5,7 +5,7 @@
 //! unchanged, valid mapping yields no action at all; renewals happen on the schedule the
 //! reconciler wrote into the state when the lease was granted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -108,12 +108,23 @@ pub enum Action {
     /// Delete holepunch's leftovers on a router just found (a crash left them) that neither
     /// the state nor the cluster knows. Run by the router session.
     Purge { keep: BTreeSet<MappingKey> },
+    /// Change what nftables forwards for `key` (relay and gateway modes): from `was` to `to`
+    /// (`None`: no forward), once the router actions went as planned. The loop then brings
+    /// the table to the state the actions left (a failed unmap keeps its forward).
+    Forward {
+        key: MappingKey,
+        was: Option<Endpoint>,
+        to: Option<Endpoint>,
+    },
 }
 
 impl Action {
     /// Whether executing this action talks to the router.
     pub fn calls_router(&self) -> bool {
-        !matches!(self, Action::Retarget { .. } | Action::Report { .. })
+        !matches!(
+            self,
+            Action::Retarget { .. } | Action::Report { .. } | Action::Forward { .. }
+        )
     }
 
     /// Whether `reconcile::execute` runs this action (the router session runs
@@ -121,7 +132,10 @@ impl Action {
     pub fn executed(&self) -> bool {
         !matches!(
             self,
-            Action::Report { .. } | Action::Retire { .. } | Action::Purge { .. }
+            Action::Report { .. }
+                | Action::Retire { .. }
+                | Action::Purge { .. }
+                | Action::Forward { .. }
         )
     }
 }
@@ -261,6 +275,21 @@ impl fmt::Display for Action {
                 record.owner.to_string(),
                 record.backend
             ),
+            Action::Forward { key, was, to } => {
+                let change = match (was, to) {
+                    (None, Some(to)) => format!("-> {to}"),
+                    (Some(was), Some(to)) => format!("-> {to} (was -> {was})"),
+                    (Some(was), None) => format!("removed (was -> {was})"),
+                    (None, None) => String::new(),
+                };
+                write!(
+                    f,
+                    "{:<8} {:<11} {:<28} {change}",
+                    "nftables",
+                    key.to_string(),
+                    ""
+                )
+            }
             Action::Purge { keep } => write!(
                 f,
                 "{:<8} {:<11} {:<28} holepunch's mappings on the router other than these {}",
@@ -435,6 +464,7 @@ pub fn plan_observed(
         }
     }
 
+    let forwards = forward_changes(desired, state, forwarding, &unmaps);
     let reports = desired.problems.iter().map(|problem| Action::Report {
         problem: problem.clone(),
     });
@@ -445,9 +475,45 @@ pub fn plan_observed(
         .chain(maps)
         .chain(restores)
         .chain(renewals)
+        .chain(forwards)
         .chain(reports)
         .collect();
     Plan { actions, next_due }
+}
+
+/// The nftables forwards (external port -> target) the state implies now and after the
+/// plan's `unmaps` and maps, and the [`Action::Forward`] changes between the two. None in
+/// direct mode, which needs no local rules.
+fn forward_changes(
+    desired: &Desired,
+    state: &State,
+    forwarding: Forwarding,
+    unmaps: &[Action],
+) -> Vec<Action> {
+    if forwarding == Forwarding::Direct {
+        return Vec::new();
+    }
+    let before: BTreeMap<MappingKey, Endpoint> = state
+        .mappings
+        .iter()
+        .map(|(key, record)| (*key, record.target))
+        .collect();
+    let mut after = before.clone();
+    for action in unmaps {
+        if let Action::Unmap { record } = action {
+            after.remove(&record.key());
+        }
+    }
+    for (key, mapping) in &desired.mappings {
+        after.insert(*key, mapping.target.endpoint);
+    }
+    let keys: BTreeSet<&MappingKey> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let (was, to) = (before.get(key).copied(), after.get(key).copied());
+            (was != to).then_some(Action::Forward { key: *key, was, to })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -520,6 +586,7 @@ mod tests {
     fn verbs(plan: &Plan) -> Vec<String> {
         plan.actions
             .iter()
+            .filter(|a| !matches!(a, Action::Forward { .. }))
             .map(|a| match a {
                 Action::Map { mapping, .. } => format!("map {}", mapping.external_port),
                 Action::Renew { mapping, .. } => format!("renew {}", mapping.external_port),
@@ -537,8 +604,84 @@ mod tests {
                     format!("retire {} {}", record.external_port, record.backend)
                 }
                 Action::Purge { keep } => format!("purge keeping {}", keep.len()),
+                Action::Forward { key, .. } => format!("forward {key}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_nftables_change_is_planned_in_relay_and_gateway_not_in_direct() {
+        let web = mapping("default/web", 8080, "192.168.1.20:30080");
+        let moved = mapping("default/web", 8080, "192.168.1.21:30080");
+        let api = mapping("default/api", 8081, "192.168.1.20:30081");
+        let gone = mapping("default/gone", 8082, "192.168.1.20:30082");
+        let mut backing_off = record(&gone, RELAY, MappingStatus::Active);
+        backing_off.failure = Some(Failure::UnmapFailed);
+        backing_off.retry_at = Some(t(900));
+        let forwards = |plan: &Plan| -> Vec<String> {
+            plan.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Forward { .. }))
+                .map(|a| {
+                    a.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        let state = state_of(vec![
+            record(&web, RELAY, MappingStatus::Active),
+            record(&gone, RELAY, MappingStatus::Active),
+        ]);
+        let relay = plan(
+            &desired_of(&[moved.clone(), api.clone()]),
+            &state,
+            RELAY,
+            t(100),
+        );
+        assert_eq!(
+            forwards(&relay),
+            [
+                "nftables 8080/tcp -> 192.168.1.21:30080 (was -> 192.168.1.20:30080)",
+                "nftables 8081/tcp -> 192.168.1.20:30081",
+                "nftables 8082/tcp removed (was -> 192.168.1.20:30082)",
+            ]
+        );
+        assert_eq!(
+            relay.router_calls(),
+            2,
+            "map 8081, unmap 8082: no router call for nftables"
+        );
+        let gateway = plan(
+            &desired_of(std::slice::from_ref(&web)),
+            &state,
+            Forwarding::Gateway,
+            t(100),
+        );
+        assert_eq!(
+            forwards(&gateway),
+            ["nftables 8082/tcp removed (was -> 192.168.1.20:30082)"]
+        );
+        let direct = plan(
+            &desired_of(std::slice::from_ref(&api)),
+            &state,
+            Forwarding::Direct,
+            t(100),
+        );
+        assert!(forwards(&direct).is_empty(), "{direct}");
+        // Unchanged: nothing. An unmap backing off keeps its forward.
+        let kept = state_of(vec![
+            record(&web, RELAY, MappingStatus::Active),
+            backing_off,
+        ]);
+        let unchanged = plan(
+            &desired_of(std::slice::from_ref(&web)),
+            &kept,
+            RELAY,
+            t(100),
+        );
+        assert!(unchanged.actions.is_empty(), "{unchanged}");
     }
 
     #[test]

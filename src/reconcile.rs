@@ -218,7 +218,8 @@ pub async fn execute<M: PortMapper>(
             | Action::Unmap { .. }
             | Action::Report { .. }
             | Action::Retire { .. }
-            | Action::Purge { .. } => {}
+            | Action::Purge { .. }
+            | Action::Forward { .. } => {}
         }
     }
     save(state, store, &mut outcome, now);
@@ -421,7 +422,8 @@ pub async fn execute<M: PortMapper>(
             Action::Retarget { .. }
             | Action::Report { .. }
             | Action::Retire { .. }
-            | Action::Purge { .. } => {}
+            | Action::Purge { .. }
+            | Action::Forward { .. } => {}
         }
     }
     save(state, store, &mut outcome, now);
@@ -438,7 +440,7 @@ fn next_due(plan: &Plan, state: &State, now: Timestamp) -> Option<Timestamp> {
         | Action::Restore { mapping, .. }
         | Action::Retarget { mapping, .. } => Some(mapping.key()),
         Action::Unmap { record } | Action::Retire { record } => Some(record.key()),
-        Action::Report { .. } | Action::Purge { .. } => None,
+        Action::Report { .. } | Action::Purge { .. } | Action::Forward { .. } => None,
     };
     plan.actions
         .iter()

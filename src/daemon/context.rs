@@ -214,7 +214,7 @@ where
             || plan
                 .actions
                 .iter()
-                .any(|a| matches!(a, Action::Retarget { .. }))
+                .any(|a| matches!(a, Action::Retarget { .. } | Action::Forward { .. }))
         {
             tracing::debug!("plan:\n{plan}");
         }
