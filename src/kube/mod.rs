@@ -2,9 +2,11 @@
 //! Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for dry runs).
 
 pub mod events;
+pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod watch;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
