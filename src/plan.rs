@@ -5,13 +5,14 @@
 //! unchanged, valid mapping yields no action at all; renewals happen on the schedule the
 //! reconciler wrote into the state when the lease was granted.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
 use jiff::Timestamp;
 
 use crate::desired::Desired;
-use crate::model::{Endpoint, PortMapping, Problem};
+use crate::model::{Backend, Endpoint, MappingKey, PortMapping, Problem};
 use crate::state::{Failure, MappingRecord, MappingStatus, State};
 
 /// Where the router forwards a mapping's traffic, by exposure mode (DESIGN.md, "How traffic
@@ -46,6 +47,14 @@ pub enum RestoreReason {
     Expired,
     /// An earlier request failed and its backoff is over.
     RetryDue,
+    /// The router restarted (it announced it, or an answer showed it) and lost it.
+    RouterRestarted,
+    /// The router no longer holds it (found at a verify).
+    RouterLost,
+    /// Made through another router protocol than the one in use.
+    BackendChanged,
+    /// It failed because the router was silent, and the router answers again.
+    RouterAnswers,
 }
 
 impl fmt::Display for RestoreReason {
@@ -54,6 +63,10 @@ impl fmt::Display for RestoreReason {
             RestoreReason::Unconfirmed => "unconfirmed",
             RestoreReason::Expired => "lease expired",
             RestoreReason::RetryDue => "retry after failure",
+            RestoreReason::RouterRestarted => "router restarted",
+            RestoreReason::RouterLost => "router lost it",
+            RestoreReason::BackendChanged => "made through another protocol",
+            RestoreReason::RouterAnswers => "router answers again",
         })
     }
 }
@@ -87,12 +100,125 @@ pub enum Action {
     Unmap { record: Box<MappingRecord> },
     /// Tell the Service's owner why something is not published.
     Report { problem: Problem },
+    /// Delete, through the protocol that made it, an active mapping recorded with another
+    /// protocol than the one in use, before it is requested again through that one: one
+    /// protocol cannot delete another's mapping. Run by the router session, not by
+    /// `reconcile::execute`.
+    Retire { record: Box<MappingRecord> },
+    /// Delete holepunch's leftovers on a router just found (a crash left them) that neither
+    /// the state nor the cluster knows. Run by the router session.
+    Purge { keep: BTreeSet<MappingKey> },
+    /// Change what nftables forwards for `key` (relay and gateway modes): from `was` to `to`
+    /// (`None`: no forward), once the router actions went as planned. The loop then brings
+    /// the table to the state the actions left (a failed unmap keeps its forward).
+    Forward {
+        key: MappingKey,
+        was: Option<Endpoint>,
+        to: Option<Endpoint>,
+    },
 }
 
 impl Action {
     /// Whether executing this action talks to the router.
     pub fn calls_router(&self) -> bool {
-        !matches!(self, Action::Retarget { .. } | Action::Report { .. })
+        !matches!(
+            self,
+            Action::Retarget { .. } | Action::Report { .. } | Action::Forward { .. }
+        )
+    }
+
+    /// Whether `reconcile::execute` runs this action (the router session runs
+    /// [`Action::Retire`] and [`Action::Purge`], the loop reports problems).
+    pub fn executed(&self) -> bool {
+        !matches!(
+            self,
+            Action::Report { .. }
+                | Action::Retire { .. }
+                | Action::Purge { .. }
+                | Action::Forward { .. }
+        )
+    }
+}
+
+/// A router restart the loop observed: the mappings of `backend` granted before
+/// `granted_before` (all of them when `None`) are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub backend: Backend,
+    pub granted_before: Option<Timestamp>,
+}
+
+/// What the loop learnt from the router since the last plan: inputs to [`plan_observed`], so
+/// what they cause is an action like any other (saved pending-first, counted, shown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observations {
+    /// The backend in use: active mappings made through another are retired and restored.
+    pub backend: Option<Backend>,
+    /// The router was just found: purge what a crash left on it.
+    pub found: bool,
+    /// The router restarted (an announcement, or an answer showed it).
+    pub restart: Option<Restart>,
+    /// Mappings the router no longer holds (found at a verify).
+    pub lost: BTreeSet<MappingKey>,
+    /// The router answers again after being silent: what failed for that is due now.
+    pub answering_again: bool,
+}
+
+impl Observations {
+    /// A restart: widened when one was already observed and not yet planned.
+    pub fn restarted(&mut self, restart: Restart) {
+        self.restart = Some(match self.restart {
+            Some(earlier) if earlier.backend == restart.backend => Restart {
+                backend: restart.backend,
+                granted_before: earlier
+                    .granted_before
+                    .zip(restart.granted_before)
+                    .map(|(a, b)| a.max(b)),
+            },
+            _ => restart,
+        });
+    }
+
+    /// Forgets what a plan just acted on; the backend in use stays.
+    pub fn planned(&mut self) {
+        *self = Observations {
+            backend: self.backend,
+            ..Observations::default()
+        };
+    }
+
+    /// Why an active `record` must be requested again after what was observed, if it must.
+    pub fn lost(&self, record: &MappingRecord) -> Option<RestoreReason> {
+        let restarted = self.restart.is_some_and(|restart| {
+            restart.backend == record.backend
+                && restart.backend != Backend::None
+                && restart
+                    .granted_before
+                    .is_none_or(|before| record.granted_at.is_none_or(|at| at < before))
+        });
+        if restarted {
+            Some(RestoreReason::RouterRestarted)
+        } else if self.lost.contains(&record.key()) {
+            Some(RestoreReason::RouterLost)
+        } else if self.backend.is_some_and(|b| b != record.backend) {
+            Some(RestoreReason::BackendChanged)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `record` failed because the router was silent and it answers again.
+    pub fn answers_again(&self, record: &MappingRecord) -> bool {
+        self.answering_again
+            && self.backend == Some(record.backend)
+            && record.failure == Some(Failure::RouterSilent)
+    }
+
+    /// Whether an active `record` is to be retired through the protocol that made it.
+    fn retires(&self, record: &MappingRecord) -> bool {
+        record.status == MappingStatus::Active
+            && record.backend != Backend::None
+            && self.backend.is_some_and(|b| b != record.backend)
     }
 }
 
@@ -147,13 +273,44 @@ impl fmt::Display for Action {
                     .map(|d| format!(" [operator: {d}]"))
                     .unwrap_or_default()
             ),
+            Action::Retire { record } => write!(
+                f,
+                "{:<8} {:<11} {:<28} (made through {}, deleted through it first)",
+                "retire",
+                record.key().to_string(),
+                record.owner.to_string(),
+                record.backend
+            ),
+            Action::Forward { key, was, to } => {
+                let change = match (was, to) {
+                    (None, Some(to)) => format!("-> {to}"),
+                    (Some(was), Some(to)) => format!("-> {to} (was -> {was})"),
+                    (Some(was), None) => format!("removed (was -> {was})"),
+                    (None, None) => String::new(),
+                };
+                write!(
+                    f,
+                    "{:<8} {:<11} {:<28} {change}",
+                    "nftables",
+                    key.to_string(),
+                    ""
+                )
+            }
+            Action::Purge { keep } => write!(
+                f,
+                "{:<8} {:<11} {:<28} holepunch's mappings on the router other than these {}",
+                "purge",
+                "",
+                "",
+                keep.len()
+            ),
         }
     }
 }
 
 /// The actions that bring the router, nftables and the state in line with the cluster, in
-/// the order to execute them: unmaps first (they free ports), then local changes, new
-/// mappings, restores, renewals, and the problems to report.
+/// the order to execute them: the router session's purge and retirements, unmaps (they free
+/// ports), then local changes, new mappings, restores, renewals, and the problems to report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub actions: Vec<Action>,
@@ -194,8 +351,41 @@ fn unmap_backing_off(record: &MappingRecord, now: Timestamp) -> Option<Timestamp
     record.retry_at.filter(|at| failed_unmap && *at > now)
 }
 
-/// Compares what the cluster wants with what holepunch holds, at `now`.
+/// Compares what the cluster wants with what holepunch holds, at `now`, with nothing observed
+/// of the router (`holepunch plan`).
 pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Timestamp) -> Plan {
+    plan_observed(desired, state, &Observations::default(), forwarding, now)
+}
+
+/// Compares what the cluster wants with what holepunch holds, at `now`, after what the loop
+/// `observed` of the router.
+pub fn plan_observed(
+    desired: &Desired,
+    state: &State,
+    observed: &Observations,
+    forwarding: Forwarding,
+    now: Timestamp,
+) -> Plan {
+    let mut session = Vec::new();
+    if observed.found {
+        session.push(Action::Purge {
+            keep: state
+                .mappings
+                .keys()
+                .chain(desired.mappings.keys())
+                .copied()
+                .collect(),
+        });
+    }
+    session.extend(
+        state
+            .mappings
+            .values()
+            .filter(|r| observed.retires(r))
+            .map(|r| Action::Retire {
+                record: Box::new(r.clone()),
+            }),
+    );
     let mut unmaps = Vec::new();
     let mut retargets = Vec::new();
     let mut maps = Vec::new();
@@ -246,14 +436,21 @@ pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Times
         };
         match record.status {
             MappingStatus::Pending => restores.push(restore(RestoreReason::Unconfirmed)),
+            MappingStatus::Failed if observed.answers_again(record) => {
+                restores.push(restore(RestoreReason::RouterAnswers));
+            }
             MappingStatus::Failed => match record.retry_at {
                 Some(at) if at > now => schedule(Some(at)),
                 _ => restores.push(restore(RestoreReason::RetryDue)),
             },
             MappingStatus::Active => {
-                if record.expires_at.is_some_and(|at| at <= now) {
+                if let Some(reason) = observed.lost(record) {
+                    restores.push(restore(reason));
+                } else if record.expires_at.is_some_and(|at| at <= now) {
                     restores.push(restore(RestoreReason::Expired));
-                } else if record.renew_at.is_some_and(|at| at <= now) {
+                } else if record.renew_at.is_some_and(|at| at <= now)
+                    || observed.answers_again(record)
+                {
                     renewals.push(Action::Renew {
                         mapping: mapping.clone(),
                         internal,
@@ -273,18 +470,56 @@ pub fn plan(desired: &Desired, state: &State, forwarding: Forwarding, now: Times
         }
     }
 
+    let forwards = forward_changes(desired, state, forwarding, &unmaps);
     let reports = desired.problems.iter().map(|problem| Action::Report {
         problem: problem.clone(),
     });
-    let actions = unmaps
+    let actions = session
         .into_iter()
+        .chain(unmaps)
         .chain(retargets)
         .chain(maps)
         .chain(restores)
         .chain(renewals)
+        .chain(forwards)
         .chain(reports)
         .collect();
     Plan { actions, next_due }
+}
+
+/// The nftables forwards (external port -> target) the state implies now and after the
+/// plan's `unmaps` and maps, and the [`Action::Forward`] changes between the two. None in
+/// direct mode, which needs no local rules.
+fn forward_changes(
+    desired: &Desired,
+    state: &State,
+    forwarding: Forwarding,
+    unmaps: &[Action],
+) -> Vec<Action> {
+    if forwarding == Forwarding::Direct {
+        return Vec::new();
+    }
+    let before: BTreeMap<MappingKey, Endpoint> = state
+        .mappings
+        .iter()
+        .map(|(key, record)| (*key, record.target))
+        .collect();
+    let mut after = before.clone();
+    for action in unmaps {
+        if let Action::Unmap { record } = action {
+            after.remove(&record.key());
+        }
+    }
+    for (key, mapping) in &desired.mappings {
+        after.insert(*key, mapping.target.endpoint);
+    }
+    let keys: BTreeSet<&MappingKey> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let (was, to) = (before.get(key).copied(), after.get(key).copied());
+            (was != to).then_some(Action::Forward { key: *key, was, to })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -357,6 +592,7 @@ mod tests {
     fn verbs(plan: &Plan) -> Vec<String> {
         plan.actions
             .iter()
+            .filter(|a| !matches!(a, Action::Forward { .. }))
             .map(|a| match a {
                 Action::Map { mapping, .. } => format!("map {}", mapping.external_port),
                 Action::Renew { mapping, .. } => format!("renew {}", mapping.external_port),
@@ -370,8 +606,208 @@ mod tests {
                     format!("unmap {} {}", record.external_port, record.owner)
                 }
                 Action::Report { problem } => format!("report {} {}", problem.owner, problem.kind),
+                Action::Retire { record } => {
+                    format!("retire {} {}", record.external_port, record.backend)
+                }
+                Action::Purge { keep } => format!("purge keeping {}", keep.len()),
+                Action::Forward { key, .. } => format!("forward {key}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_nftables_change_is_planned_in_relay_and_gateway_not_in_direct() {
+        let web = mapping("default/web", 8080, "192.168.1.20:30080");
+        let moved = mapping("default/web", 8080, "192.168.1.21:30080");
+        let api = mapping("default/api", 8081, "192.168.1.20:30081");
+        let gone = mapping("default/gone", 8082, "192.168.1.20:30082");
+        let mut backing_off = record(&gone, RELAY, MappingStatus::Active);
+        backing_off.failure = Some(Failure::UnmapFailed);
+        backing_off.retry_at = Some(t(900));
+        let forwards = |plan: &Plan| -> Vec<String> {
+            plan.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Forward { .. }))
+                .map(|a| {
+                    a.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        let state = state_of(vec![
+            record(&web, RELAY, MappingStatus::Active),
+            record(&gone, RELAY, MappingStatus::Active),
+        ]);
+        let relay = plan(
+            &desired_of(&[moved.clone(), api.clone()]),
+            &state,
+            RELAY,
+            t(100),
+        );
+        assert_eq!(
+            forwards(&relay),
+            [
+                "nftables 8080/tcp -> 192.168.1.21:30080 (was -> 192.168.1.20:30080)",
+                "nftables 8081/tcp -> 192.168.1.20:30081",
+                "nftables 8082/tcp removed (was -> 192.168.1.20:30082)",
+            ]
+        );
+        assert_eq!(
+            relay.router_calls(),
+            2,
+            "map 8081, unmap 8082: no router call for nftables"
+        );
+        let gateway = plan(
+            &desired_of(std::slice::from_ref(&web)),
+            &state,
+            Forwarding::Gateway,
+            t(100),
+        );
+        assert_eq!(
+            forwards(&gateway),
+            ["nftables 8082/tcp removed (was -> 192.168.1.20:30082)"]
+        );
+        let direct = plan(
+            &desired_of(std::slice::from_ref(&api)),
+            &state,
+            Forwarding::Direct,
+            t(100),
+        );
+        assert!(forwards(&direct).is_empty(), "{direct}");
+        // Unchanged: nothing. An unmap backing off keeps its forward.
+        let kept = state_of(vec![
+            record(&web, RELAY, MappingStatus::Active),
+            backing_off,
+        ]);
+        let unchanged = plan(
+            &desired_of(std::slice::from_ref(&web)),
+            &kept,
+            RELAY,
+            t(100),
+        );
+        assert!(unchanged.actions.is_empty(), "{unchanged}");
+    }
+
+    #[test]
+    fn router_observations_become_actions() {
+        let web = mapping("default/web", 8080, "192.168.1.20:30080");
+        let api = mapping("default/api", 8081, "192.168.1.20:30081");
+        let gone = mapping("default/gone", 8082, "192.168.1.20:30082");
+        let active = |m: &PortMapping| record(m, RELAY, MappingStatus::Active);
+        let mut silent = record(&api, RELAY, MappingStatus::Failed);
+        silent.failure = Some(Failure::RouterSilent);
+        silent.retry_at = Some(t(900));
+        let desired = desired_of(&[web.clone(), api.clone()]);
+        let upnp = Some(Backend::Upnp);
+        let observed = |f: &dyn Fn(&mut Observations)| {
+            let mut o = Observations {
+                backend: upnp,
+                ..Observations::default()
+            };
+            f(&mut o);
+            o
+        };
+        let cases: Vec<(&str, Vec<MappingRecord>, Observations, Vec<&str>)> = vec![
+            (
+                "nothing observed: nothing to do, the failed one waits for its retry",
+                vec![active(&web), silent.clone()],
+                observed(&|_| {}),
+                vec![],
+            ),
+            (
+                "the router answers again: the silent one is retried now",
+                vec![active(&web), silent.clone()],
+                observed(&|o| o.answering_again = true),
+                vec!["restore 8081 router answers again"],
+            ),
+            (
+                "a restart loses what was granted before it",
+                vec![active(&web), active(&api)],
+                observed(&|o| {
+                    o.restarted(Restart {
+                        backend: Backend::Upnp,
+                        granted_before: Some(t(1)),
+                    })
+                }),
+                vec![
+                    "restore 8080 router restarted",
+                    "restore 8081 router restarted",
+                ],
+            ),
+            (
+                "a restart loses nothing granted after it",
+                vec![active(&web), active(&api)],
+                observed(&|o| {
+                    o.restarted(Restart {
+                        backend: Backend::Upnp,
+                        granted_before: Some(t(0)),
+                    })
+                }),
+                vec![],
+            ),
+            (
+                "a restart of another backend loses nothing here",
+                vec![active(&web), active(&api)],
+                observed(&|o| {
+                    o.restarted(Restart {
+                        backend: Backend::Pcp,
+                        granted_before: None,
+                    })
+                }),
+                vec![],
+            ),
+            (
+                "what verify found lost is restored",
+                vec![active(&web), active(&api)],
+                observed(&|o| {
+                    o.lost.insert(web.key());
+                }),
+                vec!["restore 8080 router lost it"],
+            ),
+            (
+                "another backend in use: retired through the old one, then restored; an \
+                 unwanted one retired and unmapped",
+                vec![active(&web), active(&gone)],
+                observed(&|o| o.backend = Some(Backend::Pcp)),
+                vec![
+                    "retire 8080 upnp",
+                    "retire 8082 upnp",
+                    "unmap 8082 default/gone",
+                    "map 8081",
+                    "restore 8080 made through another protocol",
+                ],
+            ),
+            (
+                "a router just found: leftovers purged, keeping the state's and the cluster's",
+                vec![active(&gone)],
+                observed(&|o| o.found = true),
+                vec![
+                    "purge keeping 3",
+                    "unmap 8082 default/gone",
+                    "map 8080",
+                    "map 8081",
+                ],
+            ),
+        ];
+        for (name, records, observed, expected) in cases {
+            let plan = plan_observed(&desired, &state_of(records), &observed, RELAY, t(100));
+            assert_eq!(verbs(&plan), expected, "{name}");
+        }
+        // What was planned is forgotten; the backend stays.
+        let mut planned = observed(&|o| {
+            o.found = true;
+            o.lost.insert(web.key());
+        });
+        planned.planned();
+        assert_eq!(
+            planned,
+            Observations {
+                backend: upnp,
+                ..Observations::default()
+            }
+        );
     }
 
     #[test]

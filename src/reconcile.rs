@@ -46,6 +46,9 @@ pub struct Outcome {
     pub save_error: Option<StateError>,
     /// Requests held back for an unsaved state that a save just released: due now.
     pub released: usize,
+    /// When a plan will next have something to do if nothing changes: the plan's own
+    /// `next_due`, or sooner a renewal or retry this execution scheduled.
+    pub next_due: Option<Timestamp>,
 }
 
 /// How a request held back because the state could not be saved reads in a mapping's
@@ -130,16 +133,13 @@ pub async fn execute<M: PortMapper>(
     now: Timestamp,
 ) -> Outcome {
     let mut outcome = Outcome::default();
-    if plan
-        .actions
-        .iter()
-        .all(|a| matches!(a, Action::Report { .. }))
-    {
+    if !plan.actions.iter().any(Action::executed) {
         // Nothing changes: no router call and no write to the disk, unless an earlier save
         // failed: the disk is behind, try again.
         if store.failure().is_some() {
             save(state, store, &mut outcome, now);
         }
+        outcome.next_due = next_due(plan, state, now);
         return outcome;
     }
     let backend = mapper.backend();
@@ -214,7 +214,12 @@ pub async fn execute<M: PortMapper>(
                     kept.status = MappingStatus::Pending;
                 }
             }
-            Action::Renew { .. } | Action::Unmap { .. } | Action::Report { .. } => {}
+            Action::Renew { .. }
+            | Action::Unmap { .. }
+            | Action::Report { .. }
+            | Action::Retire { .. }
+            | Action::Purge { .. }
+            | Action::Forward { .. } => {}
         }
     }
     save(state, store, &mut outcome, now);
@@ -414,11 +419,43 @@ pub async fn execute<M: PortMapper>(
                     }
                 }
             }
-            Action::Retarget { .. } | Action::Report { .. } => {}
+            Action::Retarget { .. }
+            | Action::Report { .. }
+            | Action::Retire { .. }
+            | Action::Purge { .. }
+            | Action::Forward { .. } => {}
         }
     }
     save(state, store, &mut outcome, now);
+    outcome.next_due = next_due(plan, state, now);
     outcome
+}
+
+/// The plan's `next_due`, or sooner the renewal or retry of a mapping the plan acted on
+/// (what was just granted or failed has a new schedule; the others kept theirs).
+fn next_due(plan: &Plan, state: &State, now: Timestamp) -> Option<Timestamp> {
+    let key = |action: &Action| match action {
+        Action::Map { mapping, .. }
+        | Action::Renew { mapping, .. }
+        | Action::Restore { mapping, .. }
+        | Action::Retarget { mapping, .. } => Some(mapping.key()),
+        Action::Unmap { record } | Action::Retire { record } => Some(record.key()),
+        Action::Report { .. } | Action::Purge { .. } | Action::Forward { .. } => None,
+    };
+    plan.actions
+        .iter()
+        .filter_map(key)
+        .filter_map(|k| state.mappings.get(&k))
+        .flat_map(|r| {
+            let renew = (r.status == MappingStatus::Active)
+                .then_some(r.renew_at)
+                .flatten();
+            [renew, r.retry_at]
+        })
+        .flatten()
+        .chain(plan.next_due)
+        .filter(|at| *at > now)
+        .min()
 }
 
 /// The router mappings a handover from `old` leaves to delete: those `old`'s own handover

@@ -3,9 +3,11 @@
 //! dry runs).
 
 pub mod events;
+pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod watch;
 pub mod writer;
 
 use std::ffi::OsStr;

@@ -21,9 +21,12 @@
 //! (the relay host's interface toward the router and its prefixes).
 
 mod expr;
+pub mod firewall;
 mod lan;
 mod map;
 pub mod netlink;
+
+pub use firewall::{Firewall, FirewallError, LocalRules, MemoryFirewall};
 
 use std::ffi::CStr;
 use std::fmt;

@@ -17,6 +17,7 @@
 //! This module owns the listening socket, the filter and the gate; the decoding is the
 //! codecs' ([`super::pcp::codec`], [`super::natpmp::codec`]).
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use super::natpmp::client::{NatpmpClient, Schedule as NatpmpSchedule};
 use super::natpmp::codec as natpmp;
 use super::pcp::client::{CHECK_SCHEDULE, PcpClient, epoch_is_consistent};
 use super::pcp::codec as pcp;
-use crate::model::Backend;
+use crate::model::{Backend, MappingKey};
 use crate::state::{MappingRecord, MappingStatus, State};
 
 // NOTE: RFC 6887 §14.1.3 reuses NAT-PMP's group and port (RFC 6886 §3.2.1), so one socket
@@ -373,11 +374,12 @@ impl AnnounceGate {
     }
 }
 
-/// What answering one announcement changed in the state.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What answering one announcement showed, and changed in the state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Response {
-    /// Active mappings marked for restore: the router restarted after granting them.
-    pub restored: usize,
+    /// Active mappings the router lost: it restarted after granting them. The caller hands
+    /// them to the plan as observations, which restores them (same ports and nonces).
+    pub lost: BTreeSet<MappingKey>,
     /// Active mappings whose external address was corrected to the router's answer (the
     /// caller saves the state).
     pub readdressed: usize,
@@ -386,8 +388,8 @@ pub struct Response {
 }
 
 /// Acts on the router's `answer` to a check: records it in `gate`; corrects the external
-/// address of active mappings that carry another; marks for restore the active mappings of
-/// `backend` the router granted before its table began, when `gate` allows a restore.
+/// address of active mappings that carry another; names the active mappings of `backend` the
+/// router granted before its table began (lost), when `gate` allows a restore.
 /// `now` and `wall` are the same moment on the monotonic and the wall clock. Pure.
 pub fn apply_answer(
     gate: &mut AnnounceGate,
@@ -412,8 +414,15 @@ pub fn apply_answer(
         }
     }
     if backend != Backend::None && gate.may_restore(now) {
-        response.restored = state.unconfirm(|r| r.backend == backend && answer.lost(r, wall));
-        if response.restored > 0 {
+        response.lost = state
+            .mappings
+            .values()
+            .filter(|r| {
+                r.status == MappingStatus::Active && r.backend == backend && answer.lost(r, wall)
+            })
+            .map(MappingRecord::key)
+            .collect();
+        if !response.lost.is_empty() {
             gate.restored(now);
         }
     }
@@ -447,66 +456,6 @@ pub async fn ask(router: &RouterAddress, check: Check) -> Result<RouterAnswer, R
             })
         }
     }
-}
-
-/// The daemon's answer to one announcement from `router`: the gate's verdict, then at most
-/// one unicast check, then [`apply_answer`]. `backend`: the router protocol in use, `None`
-/// while none is chosen (then the router is probed instead of checked).
-pub async fn respond(
-    gate: &mut AnnounceGate,
-    announcement: Announcement,
-    router: &RouterAddress,
-    backend: Option<Backend>,
-    state: &mut State,
-) -> Response {
-    let check = match gate.on_announcement(Instant::now(), &announcement) {
-        Verdict::Check(check) => check,
-        verdict => {
-            tracing::debug!(?announcement, ?verdict, "router announcement not checked");
-            return Response::default();
-        }
-    };
-    let Some(backend) = backend else {
-        return Response {
-            probe: true,
-            ..Response::default()
-        };
-    };
-    tracing::info!(
-        ?announcement,
-        ?check,
-        "the router announced a restart (or a new external address); asking it"
-    );
-    let answer = match ask(router, check).await {
-        Ok(answer) => answer,
-        Err(e) => {
-            tracing::warn!(error = %e, "the router did not confirm its announcement; a restart is noticed at the next verify instead");
-            return Response::default();
-        }
-    };
-    let response = apply_answer(
-        gate,
-        answer,
-        Instant::now(),
-        Timestamp::now(),
-        backend,
-        state,
-    );
-    if response.restored > 0 {
-        tracing::warn!(mappings = response.restored, %backend, epoch_secs = answer.epoch_secs,
-            "restoring every mapping after the router's announcement: it restarted and lost them");
-    }
-    if response.readdressed > 0 {
-        tracing::warn!(mappings = response.readdressed, external_address = ?answer.external_address,
-            "the router's external address changed");
-    }
-    if response == Response::default() {
-        tracing::info!(
-            epoch_secs = answer.epoch_secs,
-            "the router's answer shows no restart and no new address; nothing to do"
-        );
-    }
-    response
 }
 
 /// Listens for announcements of one gateway.
@@ -727,14 +676,6 @@ mod tests {
         state
     }
 
-    fn pending(state: &State) -> usize {
-        state
-            .mappings
-            .values()
-            .filter(|r| r.status == MappingStatus::Pending)
-            .count()
-    }
-
     #[test]
     fn a_restart_is_the_router_epoch_behind_what_it_would_be() {
         let answer = |check, epoch_secs| RouterAnswer {
@@ -802,15 +743,8 @@ mod tests {
             Backend::Pcp,
             &mut state,
         );
-        assert_eq!(
-            response,
-            Response {
-                restored: 2,
-                readdressed: 0,
-                probe: false
-            }
-        );
-        assert_eq!(pending(&state), 2);
+        assert_eq!(response.lost.len(), 2);
+        assert_eq!((response.readdressed, response.probe), (0, false));
         // Its PCP ANNOUNCE and the NAT-PMP repeats say nothing new: no request.
         for (secs, announcement) in [
             (100, Announcement::Pcp { epoch_secs: 5 }),
@@ -839,7 +773,7 @@ mod tests {
             Backend::Pcp,
             &mut state,
         );
-        assert_eq!(early.restored, 0, "within 30 s of the last restore");
+        assert!(early.lost.is_empty(), "within 30 s of the last restore");
         let later = apply_answer(
             &mut gate,
             again,
@@ -848,7 +782,7 @@ mod tests {
             Backend::Pcp,
             &mut state,
         );
-        assert_eq!(later.restored, 2);
+        assert_eq!(later.lost.len(), 2);
     }
 
     #[test]
@@ -887,7 +821,6 @@ mod tests {
         }
         // 3 at once, then one each at 30, 60 and 90 s: 6 requests in two minutes.
         assert_eq!(checks, CHECK_BURST as usize + 3);
-        assert_eq!(pending(&state), 0);
         assert_eq!(
             state
                 .mappings
@@ -914,7 +847,7 @@ mod tests {
             Backend::Pcp,
             &mut state,
         );
-        assert_eq!(response.restored, 2);
+        assert_eq!(response.lost.len(), 2);
     }
 
     #[test]
@@ -940,15 +873,8 @@ mod tests {
             Backend::Pcp,
             &mut state,
         );
-        assert_eq!(
-            response,
-            Response {
-                restored: 0,
-                readdressed: 2,
-                probe: false
-            }
-        );
-        assert_eq!(pending(&state), 0);
+        assert!(response.lost.is_empty());
+        assert_eq!((response.readdressed, response.probe), (2, false));
         assert!(
             state
                 .mappings
@@ -984,8 +910,7 @@ mod tests {
             Backend::None,
             &mut state,
         );
-        assert_eq!(response.restored, 0);
-        assert_eq!(pending(&state), 0);
+        assert!(response.lost.is_empty());
     }
 
     /// xorshift64: deterministic, dependency-free noise.

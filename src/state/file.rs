@@ -1,5 +1,6 @@
 //! The state file: every mapping holepunch owns, so nothing is leaked or forgotten across
-//! restarts, crashes and upgrades (DESIGN.md, "State, lifecycle, signals").
+//! restarts, crashes and upgrades (DESIGN.md, "State, lifecycle, signals"). This module owns
+//! the format (serde, versions, migration, lock, atomic save); the record is `record.rs`.
 //!
 //! Format version 2 is TOML: `version = 2` first, then one `[[mapping]]` table per
 //! [`MappingRecord`], in key order (protocol, then external port), timestamps as RFC 3339
@@ -23,152 +24,24 @@
 //! [`StateError`] messages say what to do; the OS or TOML cause is their `source()`, so log
 //! the whole chain.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
+use super::record::{Failure, MappingRecord, MappingStatus, State};
+use crate::model::MappingKey;
 
 /// The state file format this build writes (and the newest it reads).
 pub const STATE_VERSION: u32 = 2;
 /// The oldest format this build reads.
 const OLDEST_READ_VERSION: i64 = 1;
-
-/// Why a mapping's last request did not succeed, which decides what its retry waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Failure {
-    /// The router did not answer: retried as soon as it answers again.
-    RouterSilent,
-    /// The router answered no (refused, conflict): retried after the backoff.
-    Refused,
-    /// Never sent: the state file that would have held it could not be saved. Retried as
-    /// soon as a save works.
-    HeldBack,
-    /// Deleting it failed: the next try waits for the backoff.
-    UnmapFailed,
-}
-
-/// A router mapping that an earlier owner of the same router port had, which holepunch has
-/// not deleted yet. In `direct` mode the owners' mappings point at different internal
-/// endpoints, and the router refuses the new one while the old one holds the port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Replaced {
-    pub owner: Owner,
-    /// The internal endpoint the router forwards the port to for that owner.
-    pub address: Ipv4Addr,
-    pub port: u16,
-}
-
-impl Replaced {
-    pub fn internal(&self) -> Endpoint {
-        Endpoint::new(self.address, self.port)
-    }
-}
-
-/// Where a recorded mapping stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MappingStatus {
-    /// Written before the request is sent: the router may or may not hold it.
-    Pending,
-    /// The router granted it; valid until `expires_at`.
-    Active,
-    /// The last request failed; retried at `retry_at`.
-    Failed,
-}
-
-/// One mapping holepunch owns (or is trying to own).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MappingRecord {
-    pub owner: Owner,
-    pub service_port: u16,
-    pub protocol: Protocol,
-    pub external_port: u16,
-    /// Earlier owners' mappings on this router port, still to be deleted (same backend and
-    /// nonce as this record), oldest first. Empty once this record is granted.
-    // (Before `internal`: tables are written in field order, so `target` stays the last one.)
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub replaces: Vec<Replaced>,
-    /// What the router forwards to: this host in `relay` mode, the target in `direct` mode.
-    pub internal: Endpoint,
-    /// Where the traffic finally goes.
-    pub target: Endpoint,
-    pub target_source: TargetSource,
-    pub backend: Backend,
-    /// The router's identity (its address, and for UPnP its UDN), empty when unknown.
-    #[serde(default)]
-    pub router: String,
-    /// PCP: the 96-bit mapping nonce, as 24 hex digits; reused to renew and delete.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nonce: Option<String>,
-    /// Lifetime the router granted, seconds (0: permanent, as some IGD routers insist).
-    #[serde(default)]
-    pub lifetime_secs: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub granted_at: Option<Timestamp>,
-    /// When to renew (chosen when granted, with the backend's jitter).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renew_at: Option<Timestamp>,
-    /// When the router forgets it unless renewed; `None` for permanent leases.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Timestamp>,
-    /// PCP/NAT-PMP epoch (seconds since the router's start) seen with the last response.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch: Option<u32>,
-    /// The external address the router reported for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_address: Option<Ipv4Addr>,
-    pub status: MappingStatus,
-    /// Failed: when to try again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<Timestamp>,
-    /// Consecutive failures, for backoff.
-    #[serde(default)]
-    pub failures: u32,
-    /// Why the last request failed; `None` once one succeeds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<Failure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
-impl MappingRecord {
-    pub fn key(&self) -> MappingKey {
-        MappingKey {
-            protocol: self.protocol,
-            external_port: self.external_port,
-        }
-    }
-
-    /// This record as the earlier owner `replaced` had it: what deleting that owner's
-    /// router mapping needs (same port, protocol, backend and nonce).
-    pub fn as_replaced(&self, replaced: &Replaced) -> MappingRecord {
-        MappingRecord {
-            owner: replaced.owner.clone(),
-            internal: replaced.internal(),
-            replaces: Vec::new(),
-            ..self.clone()
-        }
-    }
-}
-
-/// The whole state: the mappings holepunch owns, keyed by their slot in the router's port space.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct State {
-    pub mappings: BTreeMap<MappingKey, MappingRecord>,
-}
 
 /// Permissions of a state directory holepunch creates.
 const STATE_DIR_MODE: u32 = 0o700;
@@ -340,42 +213,6 @@ pub enum StateError {
     },
 }
 
-impl MappingRecord {
-    /// A record for a mapping found on the router but known nowhere else (a leftover), so
-    /// that it can be deleted through the backend that made it.
-    pub fn leftover(
-        owner: Owner,
-        key: MappingKey,
-        internal: Endpoint,
-        backend: Backend,
-    ) -> MappingRecord {
-        MappingRecord {
-            owner,
-            service_port: internal.port,
-            protocol: key.protocol,
-            external_port: key.external_port,
-            internal,
-            target: internal,
-            target_source: TargetSource::NodePort,
-            backend,
-            router: String::new(),
-            nonce: None,
-            lifetime_secs: 0,
-            granted_at: None,
-            renew_at: None,
-            expires_at: None,
-            epoch: None,
-            external_address: None,
-            status: MappingStatus::Active,
-            retry_at: None,
-            failures: 0,
-            replaces: Vec::new(),
-            failure: None,
-            last_error: None,
-        }
-    }
-}
-
 impl State {
     /// The state as the file holds it: `version = 2`, then one `[[mapping]]` per record.
     pub fn to_toml(&self) -> Result<String, StateError> {
@@ -384,40 +221,6 @@ impl State {
             mapping: self.mappings.values().collect(),
         };
         toml::to_string(&file).map_err(|source| StateError::Encode { source })
-    }
-
-    /// Makes the mappings `which` selects due at `now`: a failed one is retried, an active
-    /// one renewed, without waiting for its backoff (the router answers again). Returns how
-    /// many.
-    pub fn due_now(
-        &mut self,
-        now: Timestamp,
-        mut which: impl FnMut(&MappingRecord) -> bool,
-    ) -> usize {
-        let mut due = 0;
-        for record in self.mappings.values_mut().filter(|r| which(r)) {
-            match record.status {
-                MappingStatus::Failed => record.retry_at = None,
-                MappingStatus::Active => record.renew_at = Some(now),
-                MappingStatus::Pending => continue,
-            }
-            due += 1;
-        }
-        due
-    }
-
-    /// Marks the active mappings `which` selects as `pending`: the router may have lost them
-    /// (it restarted, or said it no longer holds them), so the next plan restores them with
-    /// the same external port (and PCP nonce). Returns how many were marked.
-    pub fn unconfirm(&mut self, mut which: impl FnMut(&MappingRecord) -> bool) -> usize {
-        let mut marked = 0;
-        for record in self.mappings.values_mut() {
-            if record.status == MappingStatus::Active && which(record) {
-                record.status = MappingStatus::Pending;
-                marked += 1;
-            }
-        }
-        marked
     }
 }
 
@@ -839,15 +642,23 @@ fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
     Ok(state)
 }
 
+/// How version 1 files worded a router that did not answer (frozen: the format of files on
+/// disk, whatever the messages say today).
+pub const V1_UNREACHABLE_PREFIX: &str = "the router did not answer";
+/// How version 1 files worded a request held back because the state could not be saved.
+pub const V1_HELD_BACK_PREFIX: &str = "state file could not be saved";
+/// How version 1 files worded a failed unmap.
+pub const V1_UNMAP_FAILED_PREFIX: &str = "could not remove the mapping";
+
 /// Why a record's last request failed, read from its `last_error` text: all a version 1
 /// file says (and all a salvaged record may have kept).
 fn failure_in_words(record: &MappingRecord) -> Option<Failure> {
     let text = record.last_error.as_deref()?;
-    Some(if text.starts_with(crate::router::UNREACHABLE_PREFIX) {
+    Some(if text.starts_with(V1_UNREACHABLE_PREFIX) {
         Failure::RouterSilent
-    } else if text.starts_with(crate::reconcile::HELD_BACK_PREFIX) {
+    } else if text.starts_with(V1_HELD_BACK_PREFIX) {
         Failure::HeldBack
-    } else if text.starts_with(crate::plan::UNMAP_FAILED_PREFIX) {
+    } else if text.starts_with(V1_UNMAP_FAILED_PREFIX) {
         Failure::UnmapFailed
     } else {
         Failure::Refused
@@ -994,9 +805,12 @@ fn remove_stale_temps(dir: &Path, prefix: &OsStr) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
+    use crate::state::Replaced;
 
     fn at(text: &str) -> Timestamp {
         text.parse().expect("test timestamp")

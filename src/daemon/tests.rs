@@ -1,0 +1,821 @@
+//! In-process tests of the loop (tier 1: no root, no namespaces): [`Context::pass`] driven
+//! with a scripted router, the in-memory firewall, a scripted cluster and an in-memory
+//! state, under tokio's paused clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Service;
+
+use super::*;
+use crate::config::{BackendChoice, Config, ExposureMode};
+use crate::desired::tests::{node, service};
+use crate::kube::report::ClusterReport;
+use crate::kube::snapshot::Snapshot;
+use crate::kube::watch::ClusterSource;
+use crate::metrics::Metrics;
+use crate::model::{Backend, MappingKey, Problem, ProblemKind, Protocol};
+use crate::nft::{MemoryFirewall, Ruleset};
+use crate::reconcile::Persist;
+use crate::router::announce::{Check, RouterAnswer};
+use crate::router::choice::NoRouterFound;
+use crate::router::session::Connect;
+use crate::router::{Grant, MapRequest, PortMapper, RouterError};
+use crate::state::{MappingRecord, MappingStatus, State, StateError};
+
+const LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const LEASE_SECS: u32 = 120;
+/// Longer than a renewal (half the lease), so the two are told apart.
+const VERIFY_SECS: u32 = 300;
+const ON: (&str, &str) = ("holepunch/punch-external", "true");
+
+/// The wall clock as tokio's (paused) clock moves it.
+struct PausedClock {
+    start: Timestamp,
+    at: tokio::time::Instant,
+}
+
+impl PausedClock {
+    fn new() -> PausedClock {
+        PausedClock {
+            start: Timestamp::from_second(1_800_000_000).expect("valid test timestamp"),
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for PausedClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = jiff::SignedDuration::try_from(self.at.elapsed()).expect("short test");
+        self.start.checked_add(elapsed).expect("within range")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the scripted router holds and was asked, per backend.
+#[derive(Debug, Default)]
+struct Routers {
+    /// Backends that answer.
+    answering: BTreeSet<Backend>,
+    held: BTreeMap<Backend, BTreeSet<MappingKey>>,
+    /// Ports another host holds.
+    taken: BTreeSet<u16>,
+    /// "map 8080 pcp", "unmap 8080 natpmp", "lost 1 pcp", in order.
+    calls: Vec<String>,
+    /// A restart the next answer shows (PCP epoch, NAT-PMP seconds since start).
+    restarted: bool,
+    /// When the router's mapping table began (its epoch counts from here); `None`: a day
+    /// before the test.
+    booted: Option<tokio::time::Instant>,
+    /// Its external address, as its answers say.
+    external: Option<Ipv4Addr>,
+    /// Announcement checks it answered.
+    confirms: usize,
+}
+
+impl Routers {
+    /// Seconds since its mapping table began (RFC 6887 §8.5, RFC 6886 §3.6).
+    fn epoch_secs(&self) -> u32 {
+        self.booted.map_or(86_400, |at| {
+            u32::try_from(at.elapsed().as_secs()).unwrap_or(u32::MAX)
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Lab(Arc<Mutex<Routers>>);
+
+impl Lab {
+    fn answering(backends: &[Backend]) -> Lab {
+        let lab = Lab::default();
+        let mut routers = lock(&lab.0);
+        routers.answering = backends.iter().copied().collect();
+        routers.booted = Some(tokio::time::Instant::now());
+        drop(routers);
+        lab
+    }
+
+    /// The router restarts: it forgets every mapping and its epoch starts over; nothing but
+    /// a check (or its announcement) tells.
+    fn reboot(&self) {
+        let mut routers = lock(&self.0);
+        routers.held.clear();
+        routers.booted = Some(tokio::time::Instant::now());
+    }
+
+    fn confirms(&self) -> usize {
+        lock(&self.0).confirms
+    }
+
+    fn calls(&self) -> Vec<String> {
+        lock(&self.0).calls.clone()
+    }
+
+    fn calls_since(&self, from: usize) -> Vec<String> {
+        lock(&self.0).calls[from..].to_vec()
+    }
+
+    /// The router restarts: it forgets every mapping, and its next answer says so.
+    fn restart(&self) {
+        self.reboot();
+        let mut routers = lock(&self.0);
+        routers.restarted = true;
+    }
+}
+
+/// One backend of the scripted router.
+#[derive(Debug)]
+struct Scripted {
+    backend: Backend,
+    lab: Lab,
+}
+
+impl PortMapper for Scripted {
+    fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+        let mut routers = lock(&self.lab.0);
+        let port = request.external_port;
+        routers.calls.push(format!("map {port} {}", self.backend));
+        if !routers.answering.contains(&self.backend) {
+            return Err(RouterError::Unreachable("no answer".into()));
+        }
+        if routers.taken.contains(&port) {
+            return Err(RouterError::Conflict {
+                port,
+                protocol: request.protocol,
+                detail: "another host holds it".into(),
+            });
+        }
+        routers
+            .held
+            .entry(self.backend)
+            .or_default()
+            .insert(MappingKey {
+                protocol: request.protocol,
+                external_port: port,
+            });
+        Ok(Grant {
+            external_port: port,
+            lifetime_secs: LEASE_SECS,
+            renew_after: None,
+            external_address: Some(EXTERNAL),
+            epoch: Some(routers.epoch_secs()),
+            router: "scripted".into(),
+        })
+    }
+
+    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+        let mut routers = lock(&self.lab.0);
+        routers
+            .calls
+            .push(format!("unmap {} {}", record.external_port, self.backend));
+        if !routers.answering.contains(&self.backend) {
+            return Err(RouterError::Unreachable("no answer".into()));
+        }
+        if let Some(held) = routers.held.get_mut(&self.backend) {
+            held.remove(&record.key());
+        }
+        Ok(())
+    }
+
+    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+        let mut routers = lock(&self.lab.0);
+        routers
+            .calls
+            .push(format!("lost {} {}", records.len(), self.backend));
+        if !routers.answering.contains(&self.backend) {
+            return Err(RouterError::Unreachable("no answer".into()));
+        }
+        let held = routers.held.get(&self.backend).cloned().unwrap_or_default();
+        Ok(records
+            .iter()
+            .map(|r| r.key())
+            .filter(|k| !held.contains(k))
+            .collect())
+    }
+
+    fn take_restart(&mut self) -> bool {
+        std::mem::take(&mut lock(&self.lab.0).restarted)
+    }
+}
+
+/// Reaches the scripted router the way [`RouterConnect`](crate::router::session::RouterConnect)
+/// reaches a real one.
+#[derive(Debug)]
+struct ScriptedConnect {
+    lab: Lab,
+    choice: BackendChoice,
+}
+
+impl Connect for ScriptedConnect {
+    type Mapper = Scripted;
+
+    fn uses_router(&self) -> bool {
+        self.choice != BackendChoice::None
+    }
+
+    fn configured(&self) -> Option<Scripted> {
+        let backend = match self.choice {
+            BackendChoice::None => Backend::None,
+            BackendChoice::Pcp => Backend::Pcp,
+            BackendChoice::Natpmp => Backend::Natpmp,
+            BackendChoice::Auto | BackendChoice::Upnp => return None,
+        };
+        Some(self.mapper(backend))
+    }
+
+    async fn probe(&mut self, preferred: Option<Backend>) -> Result<Scripted, NoRouterFound> {
+        let mut order = vec![Backend::Pcp, Backend::Natpmp, Backend::Upnp];
+        if let Some(first) = preferred {
+            order.retain(|b| *b != first);
+            order.insert(0, first);
+        }
+        let answering = lock(&self.lab.0).answering.clone();
+        match order.into_iter().find(|b| answering.contains(b)) {
+            Some(backend) => Ok(self.mapper(backend)),
+            None => Err(NoRouterFound {
+                gateway: Ipv4Addr::new(192, 168, 1, 1),
+                tried: "PCP, NAT-PMP, UPnP".into(),
+            }),
+        }
+    }
+
+    async fn reach(&mut self, backend: Backend) -> Option<Scripted> {
+        Some(self.mapper(backend))
+    }
+
+    async fn purge_leftovers(
+        &mut self,
+        _mapper: &mut Scripted,
+        _keep: &BTreeSet<MappingKey>,
+    ) -> Result<usize, RouterError> {
+        Ok(0)
+    }
+
+    async fn confirm(&mut self, check: Check) -> Result<RouterAnswer, RouterError> {
+        let mut routers = lock(&self.lab.0);
+        routers.confirms += 1;
+        Ok(RouterAnswer {
+            check,
+            epoch_secs: routers.epoch_secs(),
+            external_address: (check == Check::Natpmp)
+                .then_some(routers.external.unwrap_or(EXTERNAL)),
+        })
+    }
+}
+
+impl ScriptedConnect {
+    fn mapper(&self, backend: Backend) -> Scripted {
+        Scripted {
+            backend,
+            lab: self.lab.clone(),
+        }
+    }
+}
+
+/// The cluster as the test sets it; `None` until listed.
+#[derive(Debug, Clone, Default)]
+struct Cluster(Arc<Mutex<Option<Snapshot>>>);
+
+impl Cluster {
+    fn set(&self, services: Vec<Service>) {
+        *lock(&self.0) = Some(Snapshot {
+            services,
+            nodes: vec![node("node-a", "192.168.1.20", true)],
+            endpoint_slices: Vec::new(),
+        });
+    }
+}
+
+impl ClusterSource for Cluster {
+    fn snapshot(&self) -> Option<Snapshot> {
+        lock(&self.0).clone()
+    }
+}
+
+/// Every report the loop sent: the problems of each.
+#[derive(Debug, Clone, Default)]
+struct Reports(Arc<Mutex<Vec<Vec<Problem>>>>);
+
+impl ClusterReport for Reports {
+    fn submit(&mut self, problems: &[Problem], _state: &State, _services: &[Service]) {
+        lock(&self.0).push(problems.to_vec());
+    }
+}
+
+/// Every state saved.
+#[derive(Debug, Default)]
+struct Saved(usize);
+
+impl Persist for Saved {
+    fn persist(&mut self, _state: &State) -> Result<(), StateError> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+/// What outlives a reload (the daemon's `run` keeps the same).
+struct Books {
+    state: State,
+    store: Saved,
+    observed: crate::plan::Observations,
+    metrics: Arc<Metrics>,
+    clock: PausedClock,
+    systemd: Systemd,
+}
+
+impl Books {
+    fn new() -> Books {
+        Books {
+            state: State::default(),
+            store: Saved::default(),
+            observed: crate::plan::Observations::default(),
+            metrics: Metrics::new(LEASE_SECS, Duration::from_secs(60)),
+            clock: PausedClock::new(),
+            systemd: Systemd::default(),
+        }
+    }
+}
+
+/// The edges a test scripts; clones share them with the context.
+#[derive(Clone, Default)]
+struct World {
+    lab: Lab,
+    cluster: Cluster,
+    reports: Reports,
+    firewall: MemoryFirewall,
+}
+
+type TestContext<'a> = Context<'a, ScriptedConnect, MemoryFirewall, Cluster, Reports, Saved>;
+
+fn config(backend: BackendChoice) -> Config {
+    let mut config = Config::default();
+    config.router.backend = backend;
+    config.router.lease_secs = LEASE_SECS;
+    config.router.verify_interval_secs = VERIFY_SECS;
+    config.exposure.mode = ExposureMode::Relay;
+    config.exposure.lan_address = Some(LAN);
+    config
+}
+
+fn context<'a>(world: &World, books: &'a mut Books, config: Config) -> TestContext<'a> {
+    let router = ScriptedConnect {
+        lab: world.lab.clone(),
+        choice: config.router.backend,
+    };
+    Context::new(
+        config,
+        Forwarding::Relay { lan_address: LAN },
+        router,
+        world.firewall.clone(),
+        world.cluster.clone(),
+        world.reports.clone(),
+        &mut books.state,
+        &mut books.store,
+        &mut books.observed,
+        &books.metrics,
+        &books.clock,
+        &mut books.systemd,
+    )
+}
+
+fn web(name: &str, port: i32) -> Service {
+    service(
+        "default",
+        name,
+        1,
+        &[ON],
+        &[(port, "TCP", Some(30_000 + port))],
+    )
+}
+
+fn record(state: &State, port: u16) -> &MappingRecord {
+    state
+        .mappings
+        .get(&MappingKey {
+            protocol: Protocol::Tcp,
+            external_port: port,
+        })
+        .expect("a record for the port")
+}
+
+/// Waits as the daemon would until the pass the context asks for, and runs it.
+async fn next_timed_pass(ctx: &mut TestContext<'_>) -> Next {
+    tokio::time::sleep(ctx.sleep_for()).await;
+    ctx.pass(Trigger::Timer).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_planned_until_the_cluster_is_listed_then_mappings_and_rules_follow_it() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Auto));
+
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(next.served, None, "not listed yet: nothing reconciled");
+    assert!(world.lab.calls().is_empty(), "no router call before a list");
+
+    world.cluster.set(vec![web("web", 8080)]);
+    let next = ctx.pass(Trigger::Cluster).await;
+    assert_eq!(next.served, Some(1));
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+    let granted = record(ctx.state, 8080);
+    assert_eq!(granted.status, MappingStatus::Active);
+    assert_eq!(granted.backend, Backend::Pcp);
+    assert!(
+        next.due
+            .is_some_and(|due| due <= granted.renew_at.expect("renewal")),
+        "the next pass is due by the renewal"
+    );
+    let table = world.firewall.table();
+    let forwards = table
+        .ruleset
+        .as_ref()
+        .map(Ruleset::forwards)
+        .unwrap_or_default();
+    assert_eq!(forwards.len(), 1, "relay: nftables carries the mapping");
+    assert_eq!(forwards[0].port, 8080);
+
+    // The Service goes: the mapping is deleted and the rule with it.
+    world.cluster.set(vec![]);
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls_since(1), ["unmap 8080 pcp"]);
+    assert!(ctx.state.mappings.is_empty());
+    let table = world.firewall.table();
+    assert_eq!(table.ruleset.map(|r| r.forwards().len()), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_is_renewed_when_due_not_before_and_restored_once_it_expired() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    let first = record(ctx.state, 8080).clone();
+
+    // An event before the renewal is due asks the router nothing.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+
+    // The timer wakes the loop when the renewal is due (half the 120 s lease).
+    let next = next_timed_pass(&mut ctx).await;
+    assert_eq!(world.lab.calls_since(1), ["map 8080 pcp"], "renewed");
+    let renewed = record(ctx.state, 8080).clone();
+    assert!(renewed.expires_at > first.expires_at);
+    assert_eq!(
+        books_now(&ctx).duration_since(first.granted_at.expect("granted")),
+        jiff::SignedDuration::from_secs(60)
+    );
+    assert!(next.due.is_some());
+
+    // The daemon sleeps through the whole lease (a stopped daemon, a suspended host): the
+    // next pass requests it again as expired, on the same port.
+    tokio::time::sleep(Duration::from_secs(u64::from(LEASE_SECS) + 1)).await;
+    let plan = crate::plan::plan(
+        &crate::desired::desired(
+            &[web("web", 8080)],
+            &[node("node-a", "192.168.1.20", true)],
+            &[],
+            &ctx.config,
+            &crate::trust::HostFacts::default(),
+            &crate::trust::holders(ctx.state),
+        ),
+        ctx.state,
+        ctx.forwarding,
+        books_now(&ctx),
+    );
+    assert!(plan.to_string().contains("lease expired"), "{plan}");
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls_since(2), ["map 8080 pcp"]);
+    let restored = record(ctx.state, 8080);
+    assert_eq!(restored.status, MappingStatus::Active);
+    assert!(restored.expires_at.is_some_and(|at| at > books_now(&ctx)));
+}
+
+fn books_now(ctx: &TestContext<'_>) -> Timestamp {
+    ctx.clock.now()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_seen_in_an_answer_restores_every_mapping_on_the_same_ports() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls().len(), 2);
+
+    // The router restarts (a new epoch); the next answer (a renewal) shows it.
+    world.lab.restart();
+    let next = next_timed_pass(&mut ctx).await;
+    assert_eq!(
+        next.due,
+        Some(books_now(&ctx)),
+        "what the router lost is due at once"
+    );
+    let renewed_before_restart = world.lab.calls_since(2);
+    assert_eq!(renewed_before_restart, ["map 8080 pcp", "map 8081 pcp"]);
+    assert!(
+        ctx.state
+            .mappings
+            .values()
+            .all(|r| r.status == MappingStatus::Active),
+        "granted in the new epoch in this very pass: nothing to restore"
+    );
+
+    // A restart seen while nothing was asked in the same pass: every mapping goes pending
+    // and is requested again on its port.
+    world.lab.restart();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls().len(), 4, "nothing was due in that pass");
+    assert_eq!(
+        next.due,
+        Some(books_now(&ctx)),
+        "the restore is due at once"
+    );
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(next.served, Some(2));
+    assert_eq!(
+        world.lab.calls_since(4),
+        ["map 8080 pcp", "map 8081 pcp"],
+        "restored on the same ports"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_announcement_is_checked_with_the_router_and_restores_only_what_it_lost() {
+    const MOVED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+    let world = World {
+        lab: Lab::answering(&[Backend::Natpmp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Natpmp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls(), ["map 8080 natpmp"]);
+
+    // A forged "restart" (the router did not restart): one check, nothing restored. (30 s:
+    // before the renewal is due.)
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let forged = Announcement::Natpmp {
+        epoch_secs: 0,
+        external_address: EXTERNAL,
+    };
+    ctx.pass(Trigger::Announcement(forged)).await;
+    assert_eq!(world.lab.confirms(), 1);
+    assert_eq!(world.lab.calls(), ["map 8080 natpmp"], "nothing restored");
+
+    // The router really restarts and announces: checked, restored on the same port.
+    world.lab.reboot();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let real = Announcement::Natpmp {
+        epoch_secs: 1,
+        external_address: EXTERNAL,
+    };
+    ctx.pass(Trigger::Announcement(real)).await;
+    assert_eq!(world.lab.confirms(), 2);
+    assert_eq!(world.lab.calls_since(1), ["map 8080 natpmp"], "restored");
+
+    // Its repeats say nothing the router's answer did not: not even a check.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let repeat = Announcement::Natpmp {
+        epoch_secs: 3,
+        external_address: EXTERNAL,
+    };
+    ctx.pass(Trigger::Announcement(repeat)).await;
+    assert_eq!(world.lab.confirms(), 2);
+    assert_eq!(world.lab.calls().len(), 2);
+
+    // A new external address is checked and recorded, without a request per mapping.
+    lock(&world.lab.0).external = Some(MOVED);
+    let moved = Announcement::Natpmp {
+        epoch_secs: 4,
+        external_address: MOVED,
+    };
+    ctx.pass(Trigger::Announcement(moved)).await;
+    assert_eq!(world.lab.confirms(), 3);
+    assert_eq!(world.lab.calls().len(), 2);
+    assert!(
+        ctx.state
+            .mappings
+            .values()
+            .all(|r| r.external_address == Some(MOVED))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_conflict_is_reported_on_its_service_and_the_others_are_mapped() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    lock(&world.lab.0).taken.insert(8081);
+    world.cluster.set(vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    let next = ctx.pass(Trigger::Cluster).await;
+
+    assert_eq!(next.served, Some(1));
+    assert_eq!(record(ctx.state, 8080).status, MappingStatus::Active);
+    let refused = record(ctx.state, 8081);
+    assert_eq!(refused.status, MappingStatus::Failed);
+    let retry_at = refused.retry_at.expect("a retry is scheduled");
+    let reports = lock(&world.reports.0).clone();
+    let last = reports.last().expect("the cluster was told");
+    assert_eq!(
+        last.iter()
+            .map(|p| (p.owner.to_string(), p.kind))
+            .collect::<Vec<_>>(),
+        [("default/api".to_owned(), ProblemKind::RouterRefused)]
+    );
+    assert!(next.due.is_some_and(|due| due <= retry_at));
+
+    // The other host lets go: the retry at its time maps it.
+    lock(&world.lab.0).taken.clear();
+    while record(ctx.state, 8081).status != MappingStatus::Active {
+        assert!(books_now(&ctx) <= retry_at, "retried by its due time");
+        next_timed_pass(&mut ctx).await;
+    }
+    assert!(lock(&world.reports.0).last().is_some_and(Vec::is_empty));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_to_another_protocol_retires_the_old_mappings_through_the_old_one() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp, Backend::Natpmp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Natpmp));
+        ctx.pass(Trigger::Cluster).await;
+    }
+    assert_eq!(record(&books.state, 8080).backend, Backend::Natpmp);
+
+    // SIGHUP with router.backend = "pcp": a new context around the same state.
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(next.served, Some(1));
+    assert_eq!(
+        world.lab.calls(),
+        ["map 8080 natpmp", "unmap 8080 natpmp", "map 8080 pcp"],
+        "deleted through the protocol that made it, then requested through the new one"
+    );
+    let moved = record(ctx.state, 8080);
+    assert_eq!(moved.backend, Backend::Pcp);
+    assert_eq!(moved.status, MappingStatus::Active);
+    assert!(lock(&world.lab.0).held[&Backend::Natpmp].is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_verify_interval_restores_what_the_router_lost_and_rules_someone_removed() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    let applied = world.firewall.table();
+
+    // The router drops the mapping silently (no restart seen) and someone flushes the table.
+    lock(&world.lab.0).held.clear();
+    world.firewall.tamper(None);
+    // Before the verify interval nothing is asked and nothing is read back.
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+    assert_eq!(world.firewall.table().ruleset, None);
+
+    tokio::time::sleep(Duration::from_secs(u64::from(VERIFY_SECS) - 50)).await;
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(
+        world.lab.calls_since(1),
+        ["lost 1 pcp", "map 8080 pcp"],
+        "checked, then restored on the same port (and renewed, as it was due)"
+    );
+    assert_eq!(
+        world.firewall.table().ruleset,
+        applied.ruleset,
+        "re-applied"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_router_answering_nothing_is_touched_and_the_probe_backs_off() {
+    let world = World::default();
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Auto));
+    let next = ctx.pass(Trigger::Cluster).await;
+    assert_eq!(next.served, Some(0));
+    assert!(ctx.state.mappings.is_empty());
+    let due = next.due.expect("a probe is scheduled");
+    assert_eq!(
+        due.duration_since(books_now(&ctx)),
+        jiff::SignedDuration::from_secs(crate::router::session::PROBE_RETRY_SECS as i64)
+    );
+    // A router that answers later is found when the backoff is over.
+    lock(&world.lab.0).answering.insert(Backend::Natpmp);
+    ctx.pass(Trigger::Cluster).await;
+    assert!(ctx.state.mappings.is_empty(), "not before its time");
+    next_timed_pass(&mut ctx).await;
+    assert_eq!(world.lab.calls(), ["map 8080 natpmp"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_no_longer_publishes_a_service_unmaps_it_and_its_rule() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Cluster).await;
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+
+    // The same config again changes nothing on the router (and the rules are re-applied
+    // once, by the fresh context).
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Timer).await;
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+
+    // A config whose opt-in annotation the Service does not carry: unmapped, rule gone.
+    let mut other = config(BackendChoice::Pcp);
+    other.kubernetes.annotation = "example.org/publish".into();
+    let mut ctx = context(&world, &mut books, other);
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls_since(1), ["unmap 8080 pcp"]);
+    assert!(ctx.state.mappings.is_empty());
+    let table = world.firewall.table();
+    assert_eq!(table.ruleset.map(|r| r.forwards().len()), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_announcement_before_the_cluster_is_listed_is_planned_after_a_reload() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut books = Books::new();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Cluster).await;
+    }
+    // The router restarts and announces it while the cluster cannot be listed; a reload
+    // comes before the next list.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    world.lab.reboot();
+    *lock(&world.cluster.0) = None;
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        let next = ctx
+            .pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+            .await;
+        assert_eq!(next.served, None, "nothing planned without a list");
+    }
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+    assert!(!books.observed.lost.is_empty(), "kept across the reload");
+
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls_since(1), ["map 8080 pcp"], "restored");
+    assert_eq!(
+        lock(&world.lab.0).held[&Backend::Pcp].len(),
+        1,
+        "the router holds it again"
+    );
+    assert!(ctx.observed.lost.is_empty(), "planned, then forgotten");
+}
