@@ -1088,6 +1088,9 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             "the pool was not listed"
         );
         let step = Instant::now();
+        // The package started the daemon with the shipped config: the change takes effect
+        // the way a user applies it.
+        machine.exec_ok(&["systemctl", "reload-or-restart", "holepunch"]);
         machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
         poll("holepunch.service to become active", || {
             (machine.property("ActiveState") == "active").then_some(())
