@@ -1,5 +1,5 @@
-//! `holepunch run` while the Kubernetes API misbehaves: 410 Gone (and a relist that fails), an API outage of 30 s, and a
-//! half-open watch.
+//! `holepunch run` while the Kubernetes API misbehaves: 410 Gone (and a relist that fails),
+//! an API outage of 30 s, and a half-open watch.
 //!
 //! Real peers: the daemon runs on the LAN host of the router lab (prefix `hpx-`, miniupnpd
 //! 2.3.1 in insecure mode so PCP may map to the LoadBalancer IP), talks PCP to miniupnpd,
