@@ -1,4 +1,4 @@
-//! Benchmark (prints numbers; not a test), issue 6:
+//! Benchmark (prints numbers; not a test; README.md, "Benchmarks"):
 //! 1. replacing table `inet holepunch` with 10,000 forwards in one batch through holepunch's
 //!    netlink code vs `nft -f` of the same ruleset;
 //! 2. new TCP connections per second through the relay DNAT with 1 vs 10,000 forwards.

@@ -23,7 +23,8 @@ use crate::state::{MappingRecord, MappingStatus, State, StateError, StateFile, r
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  the config file is missing or invalid (the message gives file, line, column and the fix)
+  1  the config file is missing or invalid (the message gives file, line, column and the fix),
+     or the kubeconfig can be changed by users other than root (the message says what to run)
   2  the command line is wrong
   3  another holepunch holds the state file's lock (only one instance may run per state file)
   4  the state file cannot be used (written by a newer holepunch, or its directory is unusable)
@@ -274,6 +275,11 @@ fn run(path: &Path) -> Result<(), Failure> {
             DaemonError::State(e) => {
                 tracing::error!("{e}");
                 state_failure(e)
+            }
+            // A kubeconfig others may change: a restart cannot fix it, the operator must.
+            DaemonError::Kubeconfig(e) => {
+                tracing::error!("{e}");
+                Failure::new(EXIT_CONFIG, e)
             }
             other => {
                 tracing::error!("{other}");

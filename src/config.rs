@@ -1,7 +1,7 @@
 //! The config file `/etc/holepunch.toml`: a raw serde layer that mirrors the TOML exactly
 //! (`deny_unknown_fields`), and the validated, typed [`Config`] the rest of the program uses.
 //!
-//! The section and key names are a public interface (DESIGN.md, "The config file"). All
+//! The section and key names are a public interface (README.md, "Configuration"). All
 //! defaults live in [`defaults`]; the shipped `etc/holepunch.toml` repeats them and must parse
 //! to [`Config::default`]. Every [`ConfigError`] names the file, line, column and dotted key,
 //! and says what to change.
@@ -71,7 +71,7 @@ pub mod defaults {
 /// Longest lease holepunch asks a router for: one week. 0 asks for a permanent mapping.
 pub const MAX_LEASE_SECS: u32 = 604_800;
 /// Bounds of `router.verify_interval_seconds`: often enough to notice a router reboot, rarely
-/// enough not to load it (every router call costs, see DESIGN.md).
+/// enough not to load it (every router call costs, see README.md "Benchmarks").
 pub const MIN_VERIFY_INTERVAL_SECS: u32 = 5;
 pub const MAX_VERIFY_INTERVAL_SECS: u32 = 86_400;
 /// Upper bound of the `ports.max_*` quotas: every TCP and every UDP port.

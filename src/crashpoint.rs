@@ -1,6 +1,6 @@
-//! Crash points: named places where the crash tests (`tests/daemon_crash.rs`, issue 8, "SIGKILL
-//! at random points") make the daemon kill itself with SIGKILL, to prove that a crash at the
-//! worst moment loses nothing (DESIGN.md, "State, lifecycle, signals").
+//! Crash points: named places where the crash tests (`tests/daemon_crash.rs`: SIGKILL
+//! at random points) make the daemon kill itself with SIGKILL, to prove that a crash at the
+//! worst moment loses nothing (ARCHITECTURE.md, "State lifecycle").
 //!
 //! Armed only by the environment variable [`CRASH_AT_ENV`]: `<point>` (the first time the
 //! point is reached) or `<point>:<n>` (the n-th time). It is read once; when it is unset, as in

@@ -1,7 +1,7 @@
 //! What the cluster asks for: Services + Nodes + EndpointSlices + Config -> the port mappings
 //! that should exist, and the problems that keep some Service ports from being published.
 //!
-//! Pure and synchronous (DESIGN.md, "Code layout"): no sockets, files, clocks or environment.
+//! Pure and synchronous (ARCHITECTURE.md, "Data flow"): no sockets, files, clocks or environment.
 //! Annotations are untrusted input: every value is parsed strictly and size-limited, and a bad
 //! one becomes a [`Problem`] on its Service while every other Service goes on.
 

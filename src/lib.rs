@@ -1,7 +1,7 @@
 //! holepunch: publish Kubernetes Services through the home router.
 //!
 //! A pure core (`desired`, `plan`) between I/O edges (`kube`, `router`, `nft`, `state`),
-//! driven by the event loop in `daemon`. See DESIGN.md for the architecture.
+//! driven by the event loop in `daemon`. See ARCHITECTURE.md for the architecture.
 
 pub mod cli;
 pub mod config;

@@ -1,4 +1,4 @@
-//! What an operator watches (issue 9): Prometheus metrics and a health check, served over
+//! What an operator watches (README.md, "Monitoring"): Prometheus metrics and a health check, served over
 //! HTTP on `metrics.listen` (`/metrics` and `/healthz`).
 //!
 //! `/metrics` speaks the OpenMetrics 1.0 text format (what Prometheus asks for first) through
@@ -671,8 +671,8 @@ pub fn health(inputs: &HealthInputs<'_>) -> Health {
         };
     }
     if let Some(why) = inputs.waiting_for_cluster {
-        // NOTE: nothing is renewed before the cluster is read (DESIGN.md: nothing is changed
-        // while the cluster cannot be read), so recorded leases run out meanwhile.
+        // NOTE: nothing is renewed before the cluster is read (ARCHITECTURE.md, "State lifecycle":
+        // nothing is changed while the cluster cannot be read), so recorded leases run out meanwhile.
         let lapsed = inputs
             .lease_expiries
             .iter()

@@ -1,7 +1,7 @@
 //! What to do next: desired mappings x recorded state x now -> a [`Plan`] of actions.
 //!
 //! Pure and synchronous: `now` is an argument, nothing is read from the clock, the router or
-//! the disk. Router calls are costly (DESIGN.md: ~80-120 ms each at 50 mappings), so an
+//! the disk. Router calls are costly (README.md, "Benchmarks": ~80-120 ms each at 50 mappings on miniupnpd), so an
 //! unchanged, valid mapping yields no action at all; renewals happen on the schedule the
 //! reconciler wrote into the state when the lease was granted.
 
@@ -15,7 +15,7 @@ use crate::desired::Desired;
 use crate::model::{Backend, Endpoint, MappingKey, PortMapping, Problem};
 use crate::state::{Failure, MappingRecord, MappingStatus, State};
 
-/// Where the router forwards a mapping's traffic, by exposure mode (DESIGN.md, "How traffic
+/// Where the router forwards a mapping's traffic, by exposure mode (README.md, "How traffic
 /// flows").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forwarding {

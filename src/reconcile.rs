@@ -1,6 +1,6 @@
 //! Executes a [`Plan`] through a router backend and records every result in the [`State`].
 //!
-//! The order of writes follows DESIGN.md ("State, lifecycle, signals"): every request is
+//! The order of writes follows ARCHITECTURE.md ("State lifecycle"): every request is
 //! recorded as `pending` (with its PCP nonce) and saved **before** it is sent, so a crash at
 //! any point leaves a state that can renew or delete what the router may hold. Failures are
 //! recorded with a backoff; the plan retries them when it is due.
@@ -27,7 +27,7 @@ use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, State
 pub const RETRY_FLOOR_SECS: u64 = 30;
 /// Shortest wait before a renewal, whatever lease the router granted.
 pub const MIN_RENEW_SECS: u64 = 30;
-/// Longest wait between retries (DESIGN.md: "30 s short, 30 min long").
+/// Longest wait between retries (30 s short, 30 min long; README.md, "Router protocols").
 pub const RETRY_CEILING_SECS: u64 = 30 * 60;
 
 /// What one reconcile did, for logs, Events and metrics.
@@ -362,7 +362,7 @@ pub async fn execute<M: PortMapper>(
                 let result = match result {
                     Ok(grant) if grant.external_port != request.external_port => {
                         // NOTE: miniupnpd may grant another port even with PREFER_FAILURE
-                        // (DESIGN.md, PCP rules): give it back and report a conflict.
+                        // (README.md, "Router protocols"): give it back and report a conflict.
                         let mut wrong = record.clone();
                         wrong.external_port = grant.external_port;
                         if let Err(e) = mapper.unmap(&wrong).await {

@@ -1,4 +1,4 @@
-//! Benchmarks of the daemon against the lab router (issue 8, "Benchmark harness"), not timed
+//! Benchmarks of the daemon against the lab router (README.md, "Benchmarks"), not timed
 //! tests: each prints `BENCH <key>\t<value>\t<unit>` lines (see `support/measure.rs`) that
 //! `scripts/bench` gathers into one table, and asserts only what must hold for the numbers
 //! to mean anything.

@@ -1,4 +1,4 @@
-//! Benchmark of the Kubernetes side (issue 3 "Done when"), not a timed test: it prints a
+//! Benchmark of the Kubernetes side, not a timed test: it prints a
 //! table (and `BENCH` lines for `scripts/bench`) and asserts only that the daemon did its job.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! SIGKILL at random points, 100 times through PCP and 50 times through UPnP (issue 8, fault
+//! SIGKILL at random points, 100 times through PCP and 50 times through UPnP (fault
 //! table row "SIGKILL at random points"): every state file a killed daemon leaves parses, and
 //! after a clean restart the router holds exactly the desired mappings, nftables exactly the
 //! desired entries, traffic from the internet reaches each, and nothing anywhere says

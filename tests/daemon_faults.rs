@@ -1,6 +1,5 @@
-//! `holepunch run` while the Kubernetes API misbehaves (issue 3 "Done when", issue 8's
-//! API-server rows): 410 Gone (and a relist that fails), an API outage of 30 s, and a
-//! half-open watch.
+//! `holepunch run` while the Kubernetes API misbehaves: 410 Gone (and a relist that fails),
+//! an API outage of 30 s, and a half-open watch.
 //!
 //! Real peers: the daemon runs on the LAN host of the router lab (prefix `hpx-`, miniupnpd
 //! 2.3.1 in insecure mode so PCP may map to the LoadBalancer IP), talks PCP to miniupnpd,
@@ -48,7 +47,7 @@ const AFTER_PORT: u16 = 8082;
 /// The daemon's watch timeout in the half-open test; its client read timeout is this plus
 /// `holepunch::kube::READ_TIMEOUT_MARGIN_SECS`.
 const SHORT_WATCH_TIMEOUT_SECS: u64 = 5;
-/// How long the API stays away in the outage test (issue 3).
+/// How long the API stays away in the outage test (README.md, "Tests").
 const OUTAGE_SECS: u64 = 30;
 /// Issue 3: changes made during an outage are reconciled within this after the API returns.
 const AFTER_OUTAGE_LIMIT_SECS: u64 = 30;

@@ -1,4 +1,4 @@
-//! `/metrics` and `/healthz` of a running `holepunch run` in the router lab (issue 9), against
+//! `/metrics` and `/healthz` of a running `holepunch run` in the router lab, against
 //! what the real router (miniupnpd 2.3.1, PCP) holds: the daemon and the fake Kubernetes API
 //! run in the lab's LAN namespace (see `tests/support/daemon_lab.rs`), and the test scrapes
 //! over HTTP from inside that namespace.

@@ -401,7 +401,6 @@ fn unit_is_unprivileged_and_hardened_to_an_exposure_of_at_most_1_5() {
         // check-config first: a bad config fails the reload before the daemon is signalled.
         "ExecReload=/usr/bin/holepunch check-config --config /etc/holepunch.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
-        "ExecStartPre=/usr/bin/holepunch check-config --config /etc/holepunch.toml",
         "StandardError=journal",
         "User=holepunch",
         "Group=holepunch",
@@ -620,7 +619,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         field(starting, "TARGET").starts_with("holepunch"),
         "{starting}"
     );
-    // ExecStartPre's check-config does not dump the whole config into the journal.
+    // ExecReload's check-config does not dump the whole config into the journal.
     assert_eq!(machine.property("StandardOutput"), "null");
     let messages: Vec<&str> = journal.iter().map(|e| field(e, "MESSAGE")).collect();
     assert!(!messages.contains(&"[kubernetes]"), "{messages:?}");
@@ -693,10 +692,20 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         )) && said.contains(&format!("run: chmod go-w {KUBECONFIG}")),
         "{said}"
     );
+    let restarts_before = machine.property("NRestarts");
     let restart = machine.exec(&["systemctl", "restart", "holepunch"]);
     assert!(
         !restart.status.success(),
         "started with a world-writable kubeconfig"
+    );
+    // A permanent error (exit 1): the unit does not restart it every RestartSec= (5 s).
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(machine.property("ActiveState"), "failed");
+    assert_eq!(machine.property("ExecMainStatus"), "1");
+    assert_eq!(
+        machine.property("NRestarts"),
+        restarts_before,
+        "restarted in a loop"
     );
     poll("the refusal at start in the journal", || {
         machine
@@ -1079,6 +1088,9 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             "the pool was not listed"
         );
         let step = Instant::now();
+        // The package started the daemon with the shipped config: the change takes effect
+        // the way a user applies it.
+        machine.exec_ok(&["systemctl", "reload-or-restart", "holepunch"]);
         machine.exec_ok(&["systemctl", "enable", "--now", "holepunch"]);
         poll("holepunch.service to become active", || {
             (machine.property("ActiveState") == "active").then_some(())

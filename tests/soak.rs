@@ -1,4 +1,4 @@
-//! Soak (issue 8, "Soak"; not in CI): `holepunch run` through PCP against the lab router with
+//! Soak (README.md, "Soak"; not in CI): `holepunch run` through PCP against the lab router with
 //! 120 s leases, under random Service churn, for `HOLEPUNCH_SOAK_SECS` (default an hour):
 //!
 //! ```text

@@ -351,8 +351,14 @@ where
         );
         if !response.lost.is_empty() {
             tracing::warn!(mappings = response.lost.len(), %backend, epoch_secs = answer.epoch_secs,
-                "the router restarted after granting these mappings; restoring them on the same ports");
-            self.observed.lost.extend(response.lost);
+                "restoring every mapping after the router's announcement: it restarted and lost them");
+            self.observed.lost.extend(response.lost.iter().copied());
+        }
+        if response.lost.is_empty() && response.readdressed == 0 {
+            tracing::info!(
+                epoch_secs = answer.epoch_secs,
+                "the router's answer shows no restart and no new address; nothing to do"
+            );
         }
         if response.readdressed > 0 {
             tracing::warn!(mappings = response.readdressed, external_address = ?answer.external_address,

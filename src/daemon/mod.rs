@@ -27,6 +27,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
+use crate::kube::KubeError;
 use crate::kube::watch::ClusterWatch;
 use crate::kube::writer::ClusterWriter;
 use crate::metrics::{self, Metrics};
@@ -53,6 +54,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Discover(#[from] DiscoverError),
+    #[error(transparent)]
+    Kubeconfig(KubeError),
 }
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
@@ -82,11 +85,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         }
         let client = match wait_for_cluster(&config, &mut signals, &mut systemd, &metrics).await {
             Ok(client) => client,
-            Err(Wake::Stop) => {
+            Err(ClusterWait::Refused(e)) => return Err(DaemonError::Kubeconfig(e)),
+            Err(ClusterWait::Woken(Wake::Stop)) => {
                 stop();
                 return Ok(());
             }
-            Err(Wake::Reload | Wake::Timer) => {
+            Err(ClusterWait::Woken(Wake::Reload | Wake::Timer)) => {
                 if let Some(new) = reload(&config_path) {
                     config = new;
                 }
@@ -182,17 +186,26 @@ async fn next_event(
     }
 }
 
+/// Why [`wait_for_cluster`] returned without a client.
+enum ClusterWait {
+    /// A signal came first.
+    Woken(Wake),
+    /// The kubeconfig can be changed by others: waiting would not help.
+    Refused(KubeError),
+}
+
 /// The cluster client, once a usable kubeconfig exists: waits (and says why) without
-/// crash-looping; `Err` when a signal came first.
+/// crash-looping, while it is missing or unusable; a kubeconfig others may change is refused.
 async fn wait_for_cluster(
     config: &Config,
     signals: &mut Signals,
     systemd: &mut Systemd,
     metrics: &Metrics,
-) -> Result<kube::Client, Wake> {
+) -> Result<kube::Client, ClusterWait> {
     loop {
         match crate::kube::client(&config.kubernetes).await {
             Ok(client) => return Ok(client),
+            Err(e @ KubeError::KubeconfigUntrusted { .. }) => return Err(ClusterWait::Refused(e)),
             Err(e) => {
                 metrics.waiting_for_cluster(Some(&e.to_string()));
                 tracing::error!("{e}");
@@ -203,7 +216,7 @@ async fn wait_for_cluster(
                 let retry = Duration::from_secs(KUBECONFIG_RETRY_SECS);
                 match wait_signal_or(signals, retry, metrics).await {
                     Wake::Timer => continue,
-                    wake => return Err(wake),
+                    wake => return Err(ClusterWait::Woken(wake)),
                 }
             }
         }

@@ -157,7 +157,7 @@ impl Drop for ClusterWatch {
 ///
 /// NOTE: kube-runtime's default (client-go's reflector: 0.8 s doubling to 30 s, plus up to
 /// 100 % jitter) can leave the daemon blind for up to a minute after the API returns from an
-/// outage; issue 3 asks that changes be reconciled within 30 s of its return. Capped at
+/// outage; changes must be reconciled within 30 s of its return (tests/daemon_faults.rs). Capped at
 /// [`WATCH_RETRY_MAX_MS`] (10 s with jitter): each watch asks at most every 5 s on average
 /// while the API is away (3 watches, or 2 per allowed namespace + 1 with an allow list).
 #[derive(Debug, Default)]

@@ -1,4 +1,4 @@
-//! Local nftables rules for the `relay` and `gateway` exposure modes (DESIGN.md, "How traffic
+//! Local nftables rules for the `relay` and `gateway` exposure modes (README.md, "How traffic
 //! flows"): one table, `inet holepunch`, owned by holepunch and written over netlink with
 //! nftnl + mnl (never by running `nft`).
 //!

@@ -1,6 +1,6 @@
 //! Which router protocol the daemon talks: the one the config names, or with
-//! `router.backend = "auto"` the first that answers, in the order PCP, NAT-PMP, UPnP
-//! (issue 5), trying first the one the state file says worked with this router before.
+//! `router.backend = "auto"` the first that answers, in the order PCP, NAT-PMP, UPnP,
+//! trying first the one the state file says worked with this router before.
 //!
 //! [`Router`] is the daemon's single [`PortMapper`]: an enum over the backends, so the
 //! reconciler stays generic and the daemon can switch protocols without restarting.

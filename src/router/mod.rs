@@ -1,7 +1,7 @@
 //! Router port-mapping backends: one module per protocol behind one small trait,
 //! [`PortMapper`]. Codecs are sans-io (bytes in, bytes out); clients own the sockets.
 //!
-//! Backends are idempotent (DESIGN.md, "Rules of the house"): removing what is already gone
+//! Backends are idempotent (ARCHITECTURE.md, "Adding a router protocol"): removing what is already gone
 //! is success, adding what exists is a renewal.
 
 pub mod announce;

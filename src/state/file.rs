@@ -1,5 +1,5 @@
 //! The state file: every mapping holepunch owns, so nothing is leaked or forgotten across
-//! restarts, crashes and upgrades (DESIGN.md, "State, lifecycle, signals"). This module owns
+//! restarts, crashes and upgrades (ARCHITECTURE.md, "State lifecycle"). This module owns
 //! the format (serde, versions, migration, lock, atomic save); the record is `record.rs`.
 //!
 //! Format version 2 is TOML: `version = 2` first, then one `[[mapping]]` table per

@@ -98,7 +98,7 @@ pub fn epoch_is_consistent(previous_secs: u32, current_secs: u32, elapsed: Durat
 }
 
 /// When to renew a grant of `lifetime_secs`: a random point in [1/2, 5/8] of the lifetime
-/// (DESIGN.md), `unit` in [0, 1] choosing where. `None` for a zero lifetime.
+/// (README.md, "Router protocols"), `unit` in [0, 1] choosing where. `None` for a zero lifetime.
 fn renew_point(lifetime_secs: u32, unit: f64) -> Option<Duration> {
     if lifetime_secs == 0 {
         return None;

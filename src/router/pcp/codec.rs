@@ -384,7 +384,7 @@ pub struct MapRequest {
     /// Send PREFER_FAILURE (§13.2): fail with CANNOT_PROVIDE_EXTERNAL rather than grant
     /// another port.
     // NOTE: without PREFER_FAILURE miniupnpd 2.3.1 may search all 65535 ports for a free one
-    // and stall for about two minutes (measured, DESIGN.md); it still grants another port on
+    // and stall for about two minutes (measured in the lab, README.md "Router protocols"); it still grants another port on
     // conflict, so the client compares granted and wanted ports anyway.
     pub prefer_failure: bool,
 }

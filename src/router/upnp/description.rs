@@ -6,7 +6,7 @@ use super::xml::{self, XmlError};
 /// Largest description read: real IGD descriptions are 3-10 KiB.
 pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
 
-/// WAN connection services in order of preference (DESIGN.md, "Protocol rules").
+/// WAN connection services in order of preference (README.md, "Router protocols").
 pub const PREFERRED_SERVICES: [&str; 3] = [
     "urn:schemas-upnp-org:service:WANIPConnection:2",
     "urn:schemas-upnp-org:service:WANIPConnection:1",

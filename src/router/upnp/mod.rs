@@ -1,7 +1,7 @@
 //! UPnP IGD backend (UPnP Device Architecture 1.1; IGD:1 and IGD:2, WANIPConnection:1/:2 and
 //! WANPPPConnection:1): discovery pinned to the gateway, then AddPortMapping,
 //! DeletePortMapping, GetSpecificPortMappingEntry, GetGenericPortMappingEntry and
-//! GetExternalIPAddress over SOAP. It owns the router quirks of DESIGN.md "Protocol rules"
+//! GetExternalIPAddress over SOAP. It owns the router quirks README.md lists in "Router protocols"
 //! (725/402 permanent-only leases, 718 conflict vs secure mode, 606 low ports, 714 on delete)
 //! and the ownership rule: it changes or deletes only mappings tagged for their owner.
 //!
@@ -630,7 +630,7 @@ impl PortMapper for UpnpClient {
             && matches!(fault.code, code::ONLY_PERMANENT_LEASES | code::INVALID_ARGS)
         {
             // NOTE: WANIPConnection:1 §2.4.16: 725 OnlyPermanentLeasesSupported; some IGDv1
-            // firmware says 402 instead (DESIGN.md). Remembered for this router.
+            // firmware says 402 instead (README.md, "Router protocols"). Remembered for this router.
             tracing::warn!(
                 router = %self.router_identity(),
                 %fault,

@@ -10,8 +10,8 @@ pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// UPnP error codes holepunch acts on.
 pub mod code {
     /// Invalid Args; also what some IGDv1 routers answer a non-zero lease with.
-    // NOTE: some IGDv1 routers answer a finite lease with 402 instead of 725 (DESIGN.md,
-    // "Protocol rules"; issue 4): treated as 725.
+    // NOTE: some IGDv1 routers answer a finite lease with 402 instead of 725 (README.md,
+    // "Router protocols"): treated as 725.
     pub const INVALID_ARGS: u16 = 402;
     /// Action not authorized (miniupnpd: the permission rules refuse the ports, e.g. < 1024).
     pub const ACTION_NOT_AUTHORIZED: u16 = 606;
