@@ -9,11 +9,11 @@ help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 16
 
 demo: ## as root: install what it needs, then show holepunch publishing a Service (no cluster or router needed)
-	scripts/dev-deps --demo
+	HOLEPUNCH_RERUN="make demo" scripts/dev-deps --demo
 	scripts/demo
 
-test: ## the whole test suite (as root: the network tests build namespaces)
-	cargo test
+test: ## as root: install what the tests need, then run every tier (cargo test --locked --features lab)
+	HOLEPUNCH_RERUN="make test" scripts/test
 
 bench: ## the benchmark table (as root)
 	scripts/bench

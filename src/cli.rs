@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
 
 use crate::config::{self, Config, defaults};
@@ -69,7 +69,10 @@ pub enum Command {
     /// then follows changes, renews leases and restores what the router loses. SIGHUP reloads
     /// the config (a bad one is refused and the old one kept); SIGTERM stops and leaves every
     /// mapping in place, so restarts and upgrades do not cut traffic.
-    Run,
+    Run {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
 
     /// Show what holepunch would do now, and change nothing.
     ///
@@ -79,8 +82,11 @@ pub enum Command {
     Plan {
         /// Read Services and Nodes from this file instead of the cluster: the output of
         /// `kubectl get svc,nodes -A -o yaml` (or JSON). `-` reads standard input.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["kubeconfig", "context"])]
         from_file: Option<PathBuf>,
+
+        #[command(flatten)]
+        cluster: ClusterArgs,
 
         /// Address the router forwards to in relay mode, if exposure.lan_address is not set
         /// (default: this host's source address toward the router).
@@ -90,7 +96,7 @@ pub enum Command {
 
     /// Show the mappings holepunch holds, from the state file (works without the daemon).
     Status {
-        /// Output format.
+        /// Output format, as kubectl's `-o`: a table, a wider one, or every recorded field.
         #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
@@ -127,10 +133,39 @@ pub enum Generated {
     Completions,
 }
 
+/// How to reach the cluster, with kubectl's flags (README "The kubeconfig").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct ClusterArgs {
+    /// The kubeconfig file to use, instead of kubernetes.kubeconfig, $KUBECONFIG (files
+    /// separated by ':', merged as kubectl merges them) or /etc/holepunch/kubeconfig.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context to use, instead of kubernetes.context or the kubeconfig's
+    /// current-context.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+impl From<ClusterArgs> for crate::kube::ClusterFlags {
+    fn from(args: ClusterArgs) -> Self {
+        crate::kube::ClusterFlags {
+            kubeconfig: args.kubeconfig,
+            context: args.context,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// One row per mapping and a summary line.
     Table,
+    /// The table with what the router forwards to, the router, and when the lease ends.
+    Wide,
+    /// Every recorded field, and the summary.
     Json,
+    /// The same as json, in YAML.
+    Yaml,
 }
 
 /// Runs one command and turns its outcome into the documented exit code.
@@ -141,11 +176,18 @@ pub fn execute(cli: Cli) -> ExitCode {
             Ok(())
         }
         Command::CheckConfig => check_config(&cli.config),
-        Command::Run => run(&cli.config),
+        Command::Run { cluster } => {
+            crate::kube::set_cluster_flags(cluster.into());
+            run(&cli.config)
+        }
         Command::Plan {
             from_file,
+            cluster,
             lan_address,
-        } => dry_run(&cli.config, from_file.as_deref(), lan_address),
+        } => {
+            crate::kube::set_cluster_flags(cluster.into());
+            dry_run(&cli.config, from_file.as_deref(), lan_address)
+        }
         Command::Status { output } => status(&cli.config, output),
         Command::Cleanup => cleanup(&cli.config),
         Command::Generate { what, directory } => match what {
@@ -339,6 +381,10 @@ fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
     let config = load_config(path)?;
     let state = read_state_or_empty(&config.state.path)?;
     let now = Timestamp::now();
+    // NOTE: https://no-color.org: a set, non-empty NO_COLOR turns colours off.
+    let colour = || {
+        std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    };
     let text = match output {
         OutputFormat::Json => {
             let mut text = serde_json::to_string_pretty(&status_json(&state, now))
@@ -346,12 +392,10 @@ fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
             text.push('\n');
             text
         }
-        OutputFormat::Table => {
-            // NOTE: https://no-color.org: a set, non-empty NO_COLOR turns colours off.
-            let colour = std::io::stdout().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-            status_table(&state, now, colour)
-        }
+        OutputFormat::Yaml => serde_saphyr::to_string(&status_json(&state, now))
+            .map_err(|e| Failure::new(EXIT_OTHER, e))?,
+        OutputFormat::Table => status_table(&state, now, colour()),
+        OutputFormat::Wide => status_table_wide(&state, now, colour()),
     };
     print_out(&text)
 }
@@ -475,6 +519,16 @@ const RESET: &str = "\x1b[0m";
 /// status, last error; then the summary. `colour`: status and errors in ANSI colours (only
 /// for a terminal).
 pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
+    table(state, now, colour, false)
+}
+
+/// [`status_table`] with three more columns (`-o wide`): what the router forwards to (this
+/// host in relay mode), the router, and when the lease ends.
+pub fn status_table_wide(state: &State, now: Timestamp, colour: bool) -> String {
+    table(state, now, colour, true)
+}
+
+fn table(state: &State, now: Timestamp, colour: bool, wide: bool) -> String {
     use std::fmt::Write;
     let paint = |text: String, code: &str| {
         if colour && !text.trim().is_empty() {
@@ -484,10 +538,27 @@ pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
         }
     };
     let summary = StatusSummary::of(state);
-    let mut out = format!(
-        "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}\n",
-        "SERVICE", "PROTO", "PUBLIC", "TARGET", "BACKEND", "LEASE", "STATUS", "LAST ERROR"
-    );
+    let mut out = if wide {
+        format!(
+            "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {:<8} {}\n",
+            "SERVICE",
+            "PROTO",
+            "PUBLIC",
+            "FORWARDED TO",
+            "TARGET",
+            "BACKEND",
+            "ROUTER",
+            "LEASE",
+            "EXPIRES",
+            "STATUS",
+            "LAST ERROR"
+        )
+    } else {
+        format!(
+            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {:<8} {}\n",
+            "SERVICE", "PROTO", "PUBLIC", "TARGET", "BACKEND", "LEASE", "STATUS", "LAST ERROR"
+        )
+    };
     for record in state.mappings.values() {
         let address = record.external_address.or(summary.external_address);
         let public = match address {
@@ -499,17 +570,43 @@ pub fn status_table(state: &State, now: Timestamp, colour: bool) -> String {
             MappingStatus::Active => ("active", GREEN),
             MappingStatus::Failed => ("failed", RED),
         };
-        let row = format!(
-            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
-            record.owner.to_string(),
-            record.protocol.to_string(),
-            public,
-            record.target.to_string(),
-            record.backend.to_string(),
-            lease_left(record, now),
-            paint(format!("{status:<8}"), code),
-            paint(note_for(record), RED),
-        );
+        let row = if wide {
+            let dash = |text: String| {
+                if text.is_empty() {
+                    "-".to_owned()
+                } else {
+                    text
+                }
+            };
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
+                record.owner.to_string(),
+                record.protocol.to_string(),
+                public,
+                record.internal.to_string(),
+                record.target.to_string(),
+                record.backend.to_string(),
+                dash(record.router.clone()),
+                lease_left(record, now),
+                record
+                    .expires_at
+                    .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+                paint(format!("{status:<8}"), code),
+                paint(note_for(record), RED),
+            )
+        } else {
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
+                record.owner.to_string(),
+                record.protocol.to_string(),
+                public,
+                record.target.to_string(),
+                record.backend.to_string(),
+                lease_left(record, now),
+                paint(format!("{status:<8}"), code),
+                paint(note_for(record), RED),
+            )
+        };
         let _ = writeln!(out, "{}", row.trim_end());
     }
     let _ = writeln!(out, "{summary}");
@@ -600,7 +697,10 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         Err(e) => {
             return Err(Failure::new(
                 EXIT_OTHER,
-                anyhow::anyhow!("cannot remove the nftables table: {e}"),
+                anyhow::Error::new(e).context(
+                    "cannot remove the nftables table (holepunch cleanup needs root, or \
+                     CAP_NET_ADMIN)",
+                ),
             ));
         }
     }
@@ -761,6 +861,124 @@ mod tests {
             json["mappings"][1]["lease_left_secs"],
             serde_json::Value::Null
         );
+    }
+
+    #[test]
+    fn status_wide_adds_where_the_router_forwards_the_router_and_the_expiry() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let mut state = sample();
+        for record in state.mappings.values_mut() {
+            record.target = Endpoint {
+                address: "192.168.77.20".parse().expect("ip"),
+                port: 30000 + record.external_port % 1000,
+            };
+        }
+        let wide = status_table_wide(&state, now, false);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert_eq!(lines.len(), 5, "{wide}");
+        for column in ["FORWARDED TO", "TARGET", "ROUTER", "EXPIRES", "LAST ERROR"] {
+            assert!(lines[0].contains(column), "{wide}");
+        }
+        let active: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            active,
+            [
+                "default/web8080",
+                "tcp",
+                "11.22.33.44:8080",
+                "192.168.77.10:8080",
+                "192.168.77.20:30080",
+                "pcp",
+                "192.168.77.1",
+                "39m30s",
+                "2025-01-01T01:00:00Z",
+                "active"
+            ]
+        );
+        assert!(lines[3].ends_with("NOT_AUTHORIZED"), "{wide}");
+        assert_eq!(
+            lines[4],
+            status_table(&state, now, false)
+                .lines()
+                .last()
+                .expect("summary")
+        );
+        // The plain table keeps its columns.
+        let table = status_table(&state, now, false);
+        assert!(
+            !table.contains("FORWARDED TO") && !table.contains("EXPIRES"),
+            "{table}"
+        );
+        assert!(table.contains("192.168.77.20:30080"), "{table}");
+    }
+
+    #[test]
+    fn status_yaml_holds_what_status_json_holds() {
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let json = status_json(&sample(), now);
+        let yaml = serde_saphyr::to_string(&json).expect("yaml");
+        assert!(yaml.contains("lease_left_secs: 2370"), "{yaml}");
+        let back: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml parses");
+        assert_eq!(back, json, "{yaml}");
+    }
+
+    #[test]
+    fn kubeconfig_and_context_are_taken_where_the_cluster_is_read() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let cluster = ClusterArgs {
+            kubeconfig: Some("/k".into()),
+            context: Some("home".into()),
+        };
+        match parse(&[
+            "holepunch",
+            "run",
+            "--kubeconfig",
+            "/k",
+            "--context",
+            "home",
+        ]) {
+            Ok(Cli {
+                command: Command::Run { cluster: got },
+                ..
+            }) => assert_eq!(got, cluster),
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "holepunch",
+            "plan",
+            "--context",
+            "home",
+            "--kubeconfig",
+            "/k",
+        ]) {
+            Ok(Cli {
+                command: Command::Plan { cluster: got, .. },
+                ..
+            }) => assert_eq!(got, cluster),
+            other => panic!("{other:?}"),
+        }
+        // Commands that do not read the cluster refuse them; so does plan from a file.
+        for args in [
+            &["holepunch", "status", "--context", "home"][..],
+            &["holepunch", "cleanup", "--kubeconfig", "/k"],
+            &[
+                "holepunch",
+                "plan",
+                "--from-file",
+                "f.yaml",
+                "--context",
+                "home",
+            ],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} accepted");
+        }
+        assert!(parse(&["holepunch", "plan", "--from-file", "f.yaml"]).is_ok());
+        for output in ["table", "wide", "json", "yaml"] {
+            assert!(
+                parse(&["holepunch", "status", "-o", output]).is_ok(),
+                "{output}"
+            );
+        }
     }
 
     #[test]

@@ -339,6 +339,10 @@ const ROUTER_CALL_LINES: [&str; 4] = [
 ];
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn sigkill_at_random_points_loses_nothing() {
     sigkill_at_random_points(PCP_PREFIX, Backend::Pcp, PCP_ITERATIONS);
 }
@@ -346,6 +350,10 @@ fn sigkill_at_random_points_loses_nothing() {
 /// The same churn, kills and final checks through UPnP IGD: no nonces; the handover killed
 /// half-way leaves twin-b pending with twin-a's mapping still to delete in `replaces`.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn sigkill_at_random_points_loses_nothing_through_upnp() {
     sigkill_at_random_points(UPNP_PREFIX, Backend::Upnp, UPNP_ITERATIONS);
 }
@@ -896,6 +904,10 @@ fn direct_handover(
 /// mapping, a clean start must delete the old mapping and make the new one within
 /// [`DIRECT_FINISH_LIMIT_SECS`], not retry until the old lease ends.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_direct_mode_handover_killed_half_way_is_finished_on_restart() {
     let lab = Lab::up_with(DIRECT_PREFIX, &["--insecure"]);
     let started = Instant::now();

@@ -200,6 +200,10 @@ impl Published<'_> {
 /// cut; it relists Services, Nodes and EndpointSlices and, as nothing changed, makes no router
 /// call. Then a kubectl change is still seen.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let started = Instant::now();
@@ -261,6 +265,10 @@ fn gone_410_relists_and_makes_no_router_call_for_unchanged_services() {
 /// 410 Gone and then the relist itself fails (500) a few times: the daemon keeps what it
 /// knew, unmaps nothing and calls the router not once, and catches up when the list works.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn failing_relist_keeps_every_mapping_and_calls_no_router() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let started = Instant::now();
@@ -311,6 +319,10 @@ fn failing_relist_keeps_every_mapping_and_calls_no_router() {
 /// router call is made; a change made meanwhile (web unpublished, late published, straight in
 /// the fake's store) is reconciled within 30 s of the API's return.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
     let lab = Lab::up_with(OUTAGE_PREFIX, &["--insecure"]);
     let started = Instant::now();
@@ -366,6 +378,10 @@ fn api_down_30_s_removes_nothing_and_changes_apply_after_its_return() {
 /// timeout the daemon's read timeout (15 s) ends them and it watches again, so a change made
 /// meanwhile is seen within the read timeout plus a margin.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn half_open_watch_recovers_within_the_watch_timeout() {
     let lab = Lab::up_with(HALF_OPEN_PREFIX, &["--insecure"]);
     let started = Instant::now();

@@ -76,6 +76,10 @@ fn own_class_service(fake: &FakeApi) {
 /// noticed and the mappings come back on the same ports without duplicates; deleting the
 /// Service removes them from the router.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn direct_mode_through_pcp_carries_traffic_and_survives_a_router_restart() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -270,6 +274,10 @@ fn holepunch_table(lab: &Lab, ns: &str) -> String {
 /// router restart is noticed by the epoch (RFC 6886 §3.6) at the next verify, and the
 /// mappings come back on the same ports.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn relay_mode_through_natpmp_and_nftables_recovers_by_the_epoch() {
     let lab = Lab::up(PREFIX);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -374,6 +382,10 @@ fn relay_mode_through_natpmp_and_nftables_recovers_by_the_epoch() {
 /// those), verified with GetSpecificPortMappingEntry every verify interval; what a router
 /// restart lost comes back on the same port, once.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn relay_mode_through_upnp_restores_what_the_router_lost() {
     let lab = Lab::up(PREFIX);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -498,6 +510,10 @@ fn blocked_packets(lab: &Lab, ns: &str) -> u64 {
 /// the RFC 6887 pace (never more than a packet a second), touches nothing, and once the
 /// router answers again the mappings are made within the verify interval plus 10 s.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
     let lab = Lab::up_with(SILENT_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -573,6 +589,10 @@ fn unreachable_router_is_retried_gently_and_recovered_from_quickly() {
 /// Gateway mode: holepunch on the Linux router itself, no port-mapping protocol; its nftables
 /// rules on the WAN interface carry traffic to the Service and keep the client's address.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn gateway_mode_on_the_router_keeps_the_client_address() {
     let lab = Lab::up(PREFIX);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -622,6 +642,10 @@ fn gateway_mode_on_the_router_keeps_the_client_address() {
 /// `min_lifetime=120`), PCP renews at a random point in 1/2-5/8 of it, 60-75 s after the
 /// grant, and the router never stops forwarding.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn leases_are_renewed_before_they_expire() {
     let lab = Lab::up_with(LEASE_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -670,6 +694,10 @@ fn leases_are_renewed_before_they_expire() {
 /// is mapped twice. (Found in CI: an address announced within 5 s of a restart announcement
 /// was ignored as a repeat.)
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_new_external_address_reaches_the_service_status_and_events() {
     const NEW_WAN_IP: &str = "11.22.33.45";
     let lab = Lab::up_with(PREFIX, &["--insecure", "--dynamic-wan"]);
@@ -769,6 +797,10 @@ fn a_new_external_address_reaches_the_service_status_and_events() {
 /// back), says so in a Warning Event, maps the free 8080/udp as usual, and retries the
 /// conflicting port only after its backoff (30 s ± 10 %).
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -889,6 +921,10 @@ fn a_port_held_by_another_host_is_not_taken_and_retried_with_backoff() {
 /// requested through the new one, so the router never holds two forwards for a port and none is
 /// left behind, and the Service stays reachable.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn switching_the_router_protocol_leaves_no_mapping_behind() {
     let lab = Lab::up(PREFIX);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -983,6 +1019,10 @@ fn switching_the_router_protocol_leaves_no_mapping_behind() {
 /// router: a Warning Event on the Service says why, the router sees no packet for it, and
 /// the Service's other port is published as usual.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_denied_port_gets_an_event_and_never_reaches_the_router() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);

@@ -248,6 +248,10 @@ fn count_after(log: &str, skip: usize, needle: &str) -> usize {
 /// Read-only, then full: the daemon keeps the old file, says why, keeps renewing what it
 /// published, sends nothing for a new Service, and maps it once it can save again.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let _servers = [8080, 9090, 9191].map(|port| lab.echo_server("node", LB_IP, port));
@@ -399,6 +403,10 @@ fn a_read_only_or_full_state_directory_keeps_the_old_state_and_serving() {
 /// SIGSTOP for longer than the lease: the router drops the mapping; after SIGCONT the
 /// daemon sees the lease ran out (wall clock) and restores it within 10 s.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_daemon_stopped_past_its_lease_restores_within_10_s_of_resuming() {
     let lab = Lab::up_with(STOP_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);
@@ -458,6 +466,10 @@ fn a_daemon_stopped_past_its_lease_restores_within_10_s_of_resuming() {
 /// link sees no PCP or NAT-PMP packet while it is annotated, and does see the allowed
 /// Service's requests afterwards.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_denied_port_puts_no_packet_on_the_wire_to_the_router() {
     let lab = Lab::up_with(CAPTURE_PREFIX, &["--insecure"]);
     let _server = lab.echo_server("node", LB_IP, 8080);

@@ -104,9 +104,7 @@ impl Demo {
 
     /// Shows output, indented.
     fn show(&self, output: &str) {
-        for line in output.trim_end().lines() {
-            println!("      {}", line.trim());
-        }
+        print!("{}", shown(output));
     }
 
     /// Shows that a check held.
@@ -177,6 +175,25 @@ fn curl(lab: &Lab, ns: &str, url: &str) -> Result<String, String> {
     } else {
         Err(text(&out.stderr).trim().to_owned())
     }
+}
+
+/// `output` as [`Demo::show`] prints it: indented by six spaces, after the indentation all its
+/// lines share (nft's tabs) is taken off. The indentation within stays, so YAML stays YAML.
+fn shown(output: &str) -> String {
+    let lines: Vec<&str> = output.trim_end().lines().map(str::trim_end).collect();
+    let common = lines
+        .iter()
+        .filter(|line| !line.is_empty())
+        .map(|line| line.len() - line.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    lines
+        .iter()
+        .map(|line| match line.get(common..) {
+            Some(rest) if !rest.is_empty() => format!("      {rest}\n"),
+            _ => "\n".to_owned(),
+        })
+        .collect()
 }
 
 /// The Service the demo publishes: a NodePort Service asking to be public.
@@ -573,8 +590,30 @@ fn demo_walkthrough() {
     );
     demo.ok("no namespace, process or rule of the demo is left");
     println!(
-        "\nDone in {:.1} s. Next: README.md (Publishing a Service, Configuration), \
+        "\nDone in {:.1} s. Next: README.md (Publishing a Service, Configuring it, The kubeconfig), \
          `holepunch plan --from-file` against your own cluster.",
         demo.started.elapsed().as_secs_f64()
+    );
+}
+
+/// Step 4 shows the Service's YAML as the user would write it: every line keeps its
+/// indentation (it used to lose it), and output indented as a whole (nft's) is moved left.
+#[test]
+fn the_demo_shows_yaml_with_its_indentation() {
+    let yaml = service_yaml();
+    let printed = shown(&yaml);
+    assert!(printed.contains("\n        name: web\n"), "{printed}");
+    assert!(
+        printed.contains("\n          holepunch/punch-external"),
+        "{printed}"
+    );
+    let back: Vec<&str> = printed
+        .lines()
+        .map(|line| line.strip_prefix("      ").unwrap_or(line))
+        .collect();
+    assert_eq!(back, yaml.lines().collect::<Vec<_>>());
+    assert_eq!(
+        shown("\t\tdnat ip to 192.168.77.10:8080\n\t\t  more\n"),
+        "      dnat ip to 192.168.77.10:8080\n        more\n"
     );
 }

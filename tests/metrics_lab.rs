@@ -149,6 +149,10 @@ fn router_mappings(lab: &Lab) -> usize {
 /// ("retrying") while the leases hold, turns 503 once one ran out, and 200 again when the
 /// router is back (rebooted: it announces itself and holepunch restores the mappings).
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn metrics_match_the_router_and_health_follows_the_leases() {
     let lab = Lab::up(PREFIX);
     let started = Instant::now();

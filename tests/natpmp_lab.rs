@@ -2,7 +2,8 @@
 //! miniupnpd 2.3.1 in the lab of `tests/lab/router-lab` (namespaces `hpn-*`, see
 //! `tests/support/lab.rs`). The client runs inside the LAN namespace: each test re-runs this
 //! binary there (`natpmp_step_in_lan`) and talks to it over stdin/stdout, so one client can
-//! live across a router restart. Needs root.
+//! live across a router restart. Needs root: the lab tier
+//! (as root: `cargo test --features lab --test natpmp_lab`).
 
 #[path = "support/lab.rs"]
 mod lab;
@@ -136,6 +137,10 @@ fn run_step(lab: &Lab, name: &str, word: &str) -> String {
 /// the LAN host, the external address is the router's WAN address, unmapping stops the
 /// forwarding, and unmapping again is still success.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_client_maps_tcp_and_udp_that_carry_traffic_then_unmaps_idempotently() {
     let lab = Lab::up(PREFIX);
     let tcp = listen(&lab, "lan", "tcp", 18200);
@@ -193,6 +198,10 @@ fn natpmp_client_maps_tcp_and_udp_that_carry_traffic_then_unmaps_idempotently() 
 /// One client lives across a router restart: before it, its calls see a steady epoch; after
 /// it, the next call sees the epoch jump (RFC 6886 §3.6) and the mapping is back.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_client_sees_the_epoch_jump_after_a_router_restart() {
     let lab = Lab::up(PREFIX);
     let mut step = Step::start(&lab, "restart");
@@ -236,6 +245,10 @@ fn natpmp_client_sees_the_epoch_jump_after_a_router_restart() {
 
 /// A port another LAN host holds: miniupnpd grants another one, and the Grant says which.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_client_reports_the_port_the_router_chose() {
     let lab = Lab::up(PREFIX);
     let held = natpmp::MapRequest {
@@ -274,6 +287,10 @@ fn natpmp_client_reports_the_port_the_router_chose() {
 /// A gateway that never answers: Unreachable once the schedule is spent, and no more
 /// datagrams than it allows (counted by nftables in the LAN namespace).
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_client_gives_up_on_a_silent_gateway_within_the_schedule() {
     let lab = Lab::up(PREFIX);
     for command in [
@@ -320,6 +337,10 @@ for datagram in (natpmp, pcp):
 /// The listener hears miniupnpd's announcement when the router restarts, within 10 s, and
 /// ignores the forged ones another LAN host sent first. Two listeners share the port.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn announce_listener_hears_the_router_restart_and_ignores_other_hosts() {
     let lab = Lab::up(PREFIX);
     let mut step = Step::start(&lab, "announce");

@@ -198,6 +198,10 @@ const OTHER_TABLE: &str = "table ip other {\n\
 }\n";
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn apply_writes_the_meant_table_changes_only_the_difference_and_remove_leaves_others() {
     let ns = Netns::new("hpf-t1");
     // Without the relay address on an interface, nothing is applied.
@@ -336,6 +340,10 @@ fn apply_writes_the_meant_table_changes_only_the_difference_and_remove_leaves_ot
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn a_refused_batch_is_an_error_and_leaves_the_previous_gateway_ruleset() {
     let ns = Netns::new("hpf-t2");
     let gateway = |forwards| Ruleset::Gateway {
@@ -391,6 +399,10 @@ fn a_refused_batch_is_an_error_and_leaves_the_previous_gateway_ruleset() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn forwarding_check_follows_the_namespace_sysctl() {
     let ns = Netns::new("hpf-t3");
     ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
@@ -541,6 +553,10 @@ fn relay_lab(forwards: Vec<Forward>) -> (Lab, Ruleset) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
     const PORT: u16 = 30080;
     let (lab, _) = relay_lab(vec![
@@ -590,6 +606,10 @@ fn relay_carries_tcp_and_udp_from_the_internet_to_the_target_and_back() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn gateway_on_the_router_keeps_the_client_source_address() {
     const PORT: u16 = 30081;
     let lab = Lab::up(LAB_PREFIX);
@@ -628,6 +648,10 @@ fn gateway_on_the_router_keeps_the_client_source_address() {
 /// A daemon restart re-applies the same ruleset: an open connection through the relay must
 /// go on working, and so must one after a change that keeps its forward.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn an_open_tcp_connection_through_the_relay_survives_a_reapply() {
     const PORT: u16 = 30082;
     let web = forward(Protocol::Tcp, PORT, TARGET_PORT);
@@ -684,6 +708,10 @@ fn an_open_tcp_connection_through_the_relay_survives_a_reapply() {
 /// 10,000 forwards take several netlink pages: they must still go in as one transaction, and
 /// a refusal on the last page must undo the first ones.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn ten_thousand_forwards_are_one_atomic_batch() {
     const COUNT: u16 = 10_000;
     let ns = Netns::new("hpf-t4").with_relay_address();

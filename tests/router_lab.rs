@@ -1,8 +1,8 @@
 //! holepunch's PCP and NAT-PMP codecs against a real router: miniupnpd 2.3.1 in the lab of
 //! `tests/lab/router-lab` (see `tests/support/lab.rs`). Requests are encoded by holepunch,
 //! sent from the LAN host 192.168.77.10 to 192.168.77.1:5351, and the answers decoded by
-//! holepunch. Needs root; every lab test lives in this one binary (the labs share addresses
-//! and run one at a time).
+//! holepunch. The lab tier: needs root (`cargo test --features lab --test router_lab`). Every
+//! lab test lives in this one binary (the labs share addresses and run one at a time).
 
 #[path = "support/lab.rs"]
 mod lab;
@@ -83,6 +83,10 @@ fn forwarded(lab: &Lab, proto: &str, port: u16) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_external_address_is_the_router_wan_address() {
     let lab = Lab::up(PREFIX);
     let response = natpmp_send(&lab, &natpmp::ExternalAddressRequest.encode());
@@ -92,6 +96,10 @@ fn natpmp_external_address_is_the_router_wan_address() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_map_then_delete_with_the_same_nonce() {
     let lab = Lab::up(PREFIX);
     let nonce = nonce();
@@ -119,6 +127,10 @@ fn pcp_map_then_delete_with_the_same_nonce() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_delete_with_another_nonce_is_not_authorized() {
     let lab = Lab::up(PREFIX);
     let owner = nonce();
@@ -142,6 +154,10 @@ fn pcp_delete_with_another_nonce_is_not_authorized() {
 /// port it already maps is granted and takes the mapping over; from then on only the new nonce
 /// may delete it. A nonce that is not persisted before sending loses the mapping this way.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_map_with_a_new_nonce_takes_over_the_mapping() {
     let lab = Lab::up(PREFIX);
     let first = nonce();
@@ -160,6 +176,10 @@ fn pcp_map_with_a_new_nonce_takes_over_the_mapping() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_third_party_is_refused_in_secure_mode() {
     let lab = Lab::up(PREFIX);
     let request = pcp::MapRequest {
@@ -178,6 +198,10 @@ fn pcp_third_party_is_refused_in_secure_mode() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_mapping_is_gone_after_a_router_restart_and_can_be_recreated() {
     let lab = Lab::up(PREFIX);
     let nonce = nonce();
@@ -203,6 +227,10 @@ fn pcp_mapping_is_gone_after_a_router_restart_and_can_be_recreated() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_tcp_mapping_carries_traffic_from_the_internet() {
     let lab = Lab::up(PREFIX);
     let listener = listen(&lab, "lan", "tcp", 18080);
@@ -231,6 +259,10 @@ fn pcp_tcp_mapping_carries_traffic_from_the_internet() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn natpmp_udp_mapping_carries_traffic_from_the_internet() {
     let lab = Lab::up(PREFIX);
     let listener = listen(&lab, "lan", "udp", 18090);
@@ -298,6 +330,10 @@ fn pcp_client_step(lab: &Lab, step: &str, nonce: &str) -> String {
 /// router forwards, unmap removes it, a second unmap is still success, and a silent gateway
 /// is reported unreachable within the retransmission bound.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn pcp_client_maps_unmaps_idempotently_and_reports_a_silent_gateway() {
     let lab = Lab::up(PREFIX);
     let nonce = nonce().to_string();

@@ -2,7 +2,8 @@
 //! daemon uses) against a real router: miniupnpd 2.3.1 in the lab of `tests/lab/router-lab`
 //! (prefix `hpu-`). The client runs inside the LAN namespace (the test binary re-runs itself
 //! there, see `upnp_steps_in_lan`), discovers the router over SSDP, and the traffic checks send
-//! real TCP and UDP from the WAN namespace through the router's NAT. Needs root.
+//! real TCP and UDP from the WAN namespace through the router's NAT. Needs root: the lab tier
+//! (as root: `cargo test --features lab --test upnp_lab`).
 
 #[path = "support/lab.rs"]
 mod lab;
@@ -57,6 +58,10 @@ fn forwarded(lab: &Lab, proto: &str, port: u16, to: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_maps_tcp_and_udp_that_carry_traffic_and_unmaps_idempotently() {
     let lab = Lab::up(PREFIX);
     let tcp = listen(&lab, "lan", "tcp", 18200);
@@ -121,6 +126,10 @@ fn upnp_maps_tcp_and_udp_that_carry_traffic_and_unmaps_idempotently() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_configured_url_and_unicast_search_find_the_same_router() {
     let lab = Lab::up(PREFIX);
     let out = steps(&lab, "url; external; unicast; external");
@@ -138,6 +147,10 @@ fn upnp_configured_url_and_unicast_search_find_the_same_router() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_router_restart_loses_the_mapping_and_map_restores_the_same_port() {
     let lab = Lab::up(PREFIX);
     let out = steps(&lab, "map tcp 18210 192.168.77.10");
@@ -170,6 +183,10 @@ fn upnp_router_restart_loses_the_mapping_and_map_restores_the_same_port() {
 /// as `router-lab restart-router --keep-rules` does): the mapping is adopted and renewed in
 /// place, never duplicated.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_router_restart_keeping_rules_leaves_no_duplicates() {
     let lab = Lab::up(PREFIX);
     let out = steps(&lab, "map tcp 18260 192.168.77.10");
@@ -205,6 +222,10 @@ fn upnp_router_restart_keeping_rules_leaves_no_duplicates() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_port_held_by_another_lan_host_is_a_conflict_and_left_untouched() {
     let lab = Lab::up(PREFIX);
     let other = lab.exec(
@@ -252,6 +273,10 @@ fn upnp_port_held_by_another_lan_host_is_a_conflict_and_left_untouched() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_secure_mode_refuses_another_host_with_the_relay_hint_and_low_ports() {
     let lab = Lab::up(PREFIX);
     let out = steps(
@@ -275,6 +300,10 @@ fn upnp_secure_mode_refuses_another_host_with_the_relay_hint_and_low_ports() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_insecure_router_maps_to_another_host() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     let listener = listen(&lab, "node", "tcp", 18240);
@@ -301,6 +330,10 @@ fn upnp_insecure_router_maps_to_another_host() {
 /// whose tag is that long must still be recognised by a fresh client (a restarted daemon),
 /// renewed and deleted, not reported as a conflict with itself.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_owner_with_a_long_tag_is_recognised_after_a_restart() {
     let lab = Lab::up(PREFIX);
     let name = "a-service-name-that-is-sixty-three-characters-long-0123456789ab";
@@ -340,6 +373,10 @@ fn upnp_owner_with_a_long_tag_is_recognised_after_a_restart() {
 /// (GetSpecificPortMappingEntry + AddPortMapping) and of a renewal (AddPortMapping only).
 /// Not a timed assertion: numbers for the report.
 #[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
 fn upnp_call_timings() {
     let lab = Lab::up(PREFIX);
     let out = steps(&lab, "timings");

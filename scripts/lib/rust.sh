@@ -31,21 +31,41 @@ as_user() {
     PATH=$PATH:/usr/sbin:/sbin runuser -u "$user" -- "$@"
 }
 
-# Runs cargo with the arguments given, as the user who owns the cargo binary, with the
-# rustup homes that go with it (sudo may have left $HOME pointing elsewhere).
-run_cargo() {
-    local cargo owner home cargo_home
+# Sets cargo, cargo_owner and cargo_environment (HOME, PATH and the rustup homes of the user
+# who owns the cargo binary; sudo may have left $HOME pointing elsewhere) for run_cargo and
+# run_cargo_as_root.
+cargo_setup() {
+    local home cargo_home
     cargo=$(find_cargo) || { echo "cargo not found: run scripts/dev-deps" >&2; return 1; }
-    owner=$(stat -c %U "$cargo")
-    home=$(getent passwd "$owner" | cut -d: -f6)
+    cargo_owner=$(stat -c %U "$cargo")
+    home=$(getent passwd "$cargo_owner" | cut -d: -f6)
     cargo_home=$(dirname "$(dirname "$cargo")")
-    local environment=(HOME="$home" PATH="$(dirname "$cargo"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    cargo_environment=(HOME="$home" PATH="$(dirname "$cargo"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         CARGO_HOME="${CARGO_HOME:-$cargo_home}" RUSTUP_HOME="${RUSTUP_HOME:-$home/.rustup}")
-    if [[ $EUID -eq 0 && $owner != root ]]; then
-        as_user "$owner" env "${environment[@]}" "$cargo" "$@"
+}
+
+# Runs cargo with the arguments given, as the user who owns the cargo binary, with the
+# rustup homes that go with it.
+run_cargo() {
+    cargo_setup || return 1
+    if [[ $EUID -eq 0 && $cargo_owner != root ]]; then
+        as_user "$cargo_owner" env "${cargo_environment[@]}" "$cargo" "$@"
     else
-        env "${environment[@]}" "$cargo" "$@"
+        env "${cargo_environment[@]}" "$cargo" "$@"
     fi
+}
+
+# Runs cargo as root (for tests that need root) with the toolchain of the user who owns
+# cargo. Build first with run_cargo, so that what is compiled is theirs; whatever root still
+# writes under target/ is given back to them afterwards.
+run_cargo_as_root() {
+    cargo_setup || return 1
+    local status=0
+    env "${cargo_environment[@]}" "$cargo" "$@" || status=$?
+    if [[ $cargo_owner != root && -d target ]]; then
+        find target -user root -exec chown "$cargo_owner:" {} + || true
+    fi
+    return "$status"
 }
 
 # Prints cargo's minor version (95 for "cargo 1.95.0 (...)"); fails, saying why, when cargo

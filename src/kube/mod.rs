@@ -1,5 +1,6 @@
-//! The cluster side: a client built from the configured kubeconfig, and the Services and
-//! Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for dry runs).
+//! The cluster side: a client built from the kubeconfig (found and merged as kubectl does),
+//! and the Services and Nodes holepunch reads (live, or from a `kubectl get -o yaml` file for
+//! dry runs).
 
 pub mod events;
 pub mod report;
@@ -9,7 +10,11 @@ pub mod status;
 pub mod watch;
 pub mod writer;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kube::config::Kubeconfig;
 
 use crate::config::{KubernetesConfig, defaults};
 
@@ -21,6 +26,11 @@ pub enum KubeError {
          /usr/share/holepunch/kubeconfig.md), or set kubernetes.kubeconfig in the config file"
     )]
     KubeconfigMissing { path: PathBuf },
+    #[error(
+        "none of the kubeconfig files in $KUBECONFIG exists ({paths}): fix KUBECONFIG, or name \
+         the file with --kubeconfig FILE"
+    )]
+    KubeconfigEnvEmpty { paths: String },
     #[error(
         "{path} was copied in after holepunch started: the service gets it from systemd at \
          start (LoadCredential=); run systemctl restart holepunch"
@@ -79,14 +89,129 @@ pub enum KubeError {
     ParseFile { path: PathBuf, detail: String },
 }
 
-/// The kubeconfig to use: the configured path, else `$KUBECONFIG`, else the default.
-pub fn kubeconfig_path(config: &KubernetesConfig, env_kubeconfig: Option<&str>) -> PathBuf {
-    if let Some(path) = &config.kubeconfig {
-        return path.clone();
+/// kubectl's `--kubeconfig` and `--context`, from the command line of `run` and `plan`. They
+/// win over the config file's `kubernetes.kubeconfig` and `kubernetes.context`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterFlags {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
+
+/// The flags of this process, set once at start: they stay in force across reloads (SIGHUP
+/// re-reads only the config file; README "The kubeconfig").
+static CLUSTER_FLAGS: OnceLock<ClusterFlags> = OnceLock::new();
+
+/// Sets the command line's [`ClusterFlags`] for every client this process builds; only the
+/// first call counts.
+pub fn set_cluster_flags(flags: ClusterFlags) {
+    let _ = CLUSTER_FLAGS.set(flags);
+}
+
+/// Where the kubeconfig comes from, in kubectl's order (README "The kubeconfig").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeconfigSource {
+    /// `--kubeconfig`, else `kubernetes.kubeconfig`: this file, which must exist.
+    File(PathBuf),
+    /// `$KUBECONFIG`: these files, merged; files that do not exist are skipped, as kubectl
+    /// skips them.
+    Env(Vec<PathBuf>),
+    /// None of the above: [`defaults::KUBECONFIG_PATH`].
+    Default(PathBuf),
+}
+
+impl KubeconfigSource {
+    /// The files, in merge order.
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            KubeconfigSource::File(path) | KubeconfigSource::Default(path) => {
+                std::slice::from_ref(path)
+            }
+            KubeconfigSource::Env(paths) => paths,
+        }
     }
-    match env_kubeconfig.and_then(|v| v.split(':').find(|p| !p.is_empty())) {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(defaults::KUBECONFIG_PATH),
+
+    /// The files as `$KUBECONFIG` spells them, for messages.
+    pub fn display(&self) -> PathBuf {
+        let names: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        PathBuf::from(names.join(":"))
+    }
+}
+
+/// Picks the kubeconfig: `--kubeconfig`, else the config file's, else `$KUBECONFIG` (a list
+/// separated by `:`; empty entries ignored, as kubectl does), else the default.
+pub fn kubeconfig_source(
+    flags: &ClusterFlags,
+    config: &KubernetesConfig,
+    env_kubeconfig: Option<&OsStr>,
+) -> KubeconfigSource {
+    if let Some(path) = flags.kubeconfig.as_ref().or(config.kubeconfig.as_ref()) {
+        return KubeconfigSource::File(path.clone());
+    }
+    let listed: Vec<PathBuf> = env_kubeconfig
+        .map(|value| {
+            std::env::split_paths(value)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if listed.is_empty() {
+        KubeconfigSource::Default(PathBuf::from(defaults::KUBECONFIG_PATH))
+    } else {
+        KubeconfigSource::Env(listed)
+    }
+}
+
+/// The first kubeconfig file holepunch would read, with no command-line flags: the
+/// configured path, else the first entry of `$KUBECONFIG`, else the default.
+pub fn kubeconfig_path(config: &KubernetesConfig, env_kubeconfig: Option<&str>) -> PathBuf {
+    kubeconfig_source(
+        &ClusterFlags::default(),
+        config,
+        env_kubeconfig.map(OsStr::new),
+    )
+    .paths()
+    .first()
+    .cloned()
+    .unwrap_or_else(|| PathBuf::from(defaults::KUBECONFIG_PATH))
+}
+
+/// Reads the kubeconfig from `source`; the files of `$KUBECONFIG` are merged as kubectl merges
+/// them (the first file to set a cluster, user, context or the current context wins:
+/// [`Kubeconfig::merge`]).
+pub fn read_kubeconfig(source: &KubeconfigSource) -> Result<Kubeconfig, KubeError> {
+    let read = |path: &Path| {
+        Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+            path: path.into(),
+            source,
+        })
+    };
+    match source {
+        KubeconfigSource::File(path) | KubeconfigSource::Default(path) => {
+            if !path.exists() {
+                return Err(KubeError::KubeconfigMissing { path: path.clone() });
+            }
+            read(path)
+        }
+        KubeconfigSource::Env(paths) => {
+            let mut merged: Option<Kubeconfig> = None;
+            for path in paths.iter().filter(|p| p.exists()) {
+                let next = read(path)?;
+                merged = Some(match merged {
+                    None => next,
+                    Some(first) => first.merge(next).map_err(|source| KubeError::Kubeconfig {
+                        path: path.clone(),
+                        source,
+                    })?,
+                });
+            }
+            merged.ok_or_else(|| KubeError::KubeconfigEnvEmpty {
+                paths: source.display().display().to_string(),
+            })
+        }
     }
 }
 
@@ -111,58 +236,69 @@ pub fn watch_timeout_secs() -> u32 {
 }
 
 /// Builds a client from the kubeconfig (bearer tokens, client certificates and custom CAs
-/// are all handled by kube-rs).
+/// are all handled by kube-rs), honouring the command line's [`ClusterFlags`].
 pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubeError> {
-    let path = kubeconfig_path(config, std::env::var("KUBECONFIG").ok().as_deref());
-    source::check_trusted(&path)?;
+    let flags = CLUSTER_FLAGS.get().cloned().unwrap_or_default();
+    let source = kubeconfig_source(&flags, config, std::env::var_os("KUBECONFIG").as_deref());
+    let context = flags.context.or_else(|| config.context.clone());
+    for path in source.paths() {
+        source::check_trusted(path)?;
+    }
     let credentials = std::env::var_os(source::CREDENTIALS_DIRECTORY_ENV).map(PathBuf::from);
-    if credentials.is_some() && path == Path::new(defaults::KUBECONFIG_PATH) {
+    let default = PathBuf::from(defaults::KUBECONFIG_PATH);
+    if credentials.is_some() && source.paths() == std::slice::from_ref(&default) {
         // Run by the unit: the service may not read root's file, systemd copied it at start
         // (README "Packaging").
         return match source::credential_kubeconfig(credentials.as_deref()) {
-            Some(copy) => client_from(&copy, config.context.clone()).await,
-            None if path.exists() => Err(KubeError::KubeconfigAfterStart { path }),
-            None => Err(KubeError::KubeconfigMissing { path }),
+            Some(copy) => client_from(&KubeconfigSource::File(copy), context).await,
+            None if default.exists() => Err(KubeError::KubeconfigAfterStart { path: default }),
+            None => Err(KubeError::KubeconfigMissing { path: default }),
         };
     }
-    client_from(&path, config.context.clone()).await
+    client_from(&source, context).await
 }
 
 /// Refuses a kubeconfig that users other than root (and holepunch's own) can change; for
-/// `holepunch check-config`, so the unit's start and reload refuse it too.
+/// `holepunch check-config`, so the unit's start and reload refuse it too. Every file of a
+/// `$KUBECONFIG` list is checked.
 pub fn check_kubeconfig(config: &KubernetesConfig) -> Result<(), KubeError> {
-    source::check_trusted(&kubeconfig_path(
-        config,
-        std::env::var("KUBECONFIG").ok().as_deref(),
-    ))
+    let flags = CLUSTER_FLAGS.get().cloned().unwrap_or_default();
+    let source = kubeconfig_source(&flags, config, std::env::var_os("KUBECONFIG").as_deref());
+    source
+        .paths()
+        .iter()
+        .try_for_each(|path| source::check_trusted(path))
 }
 
-async fn client_from(path: &Path, context: Option<String>) -> Result<kube::Client, KubeError> {
-    if !path.exists() {
-        return Err(KubeError::KubeconfigMissing { path: path.into() });
-    }
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
-            path: path.into(),
-            source,
-        })?;
+/// The client configuration for `context` (`None`: the kubeconfig's current-context).
+pub async fn client_config(
+    source: &KubeconfigSource,
+    context: Option<String>,
+) -> Result<kube::Config, KubeError> {
+    let kubeconfig = read_kubeconfig(source)?;
     let options = kube::config::KubeConfigOptions {
         context,
         ..Default::default()
     };
-    let client_config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .map_err(|source| KubeError::Kubeconfig {
-            path: path.into(),
-            source,
-        })?;
-    let mut client_config = client_config;
+        .map_err(|e| KubeError::Kubeconfig {
+            path: source.display(),
+            source: e,
+        })
+}
+
+async fn client_from(
+    source: &KubeconfigSource,
+    context: Option<String>,
+) -> Result<kube::Client, KubeError> {
+    let mut client_config = client_config(source, context).await?;
     client_config.read_timeout = Some(std::time::Duration::from_secs(u64::from(
         watch_timeout_secs() + READ_TIMEOUT_MARGIN_SECS,
     )));
-    kube::Client::try_from(client_config).map_err(|source| KubeError::Client {
-        path: path.into(),
-        source,
+    kube::Client::try_from(client_config).map_err(|e| KubeError::Client {
+        path: source.display(),
+        source: e,
     })
 }
 
@@ -205,5 +341,105 @@ mod tests {
             kubeconfig_path(&config, Some("/a")),
             PathBuf::from("/etc/x")
         );
+    }
+
+    #[test]
+    fn kubeconfig_source_is_flag_then_config_then_env_then_default() {
+        let mut config = crate::config::Config::default().kubernetes;
+        let none = ClusterFlags::default();
+        let env = |v: &'static str| Some(OsStr::new(v));
+        assert_eq!(
+            kubeconfig_source(&none, &config, None),
+            KubeconfigSource::Default(defaults::KUBECONFIG_PATH.into())
+        );
+        // Empty entries are ignored; an empty list is no list.
+        assert_eq!(
+            kubeconfig_source(&none, &config, env("::")),
+            KubeconfigSource::Default(defaults::KUBECONFIG_PATH.into())
+        );
+        assert_eq!(
+            kubeconfig_source(&none, &config, env("/a::/b")),
+            KubeconfigSource::Env(vec!["/a".into(), "/b".into()])
+        );
+        config.kubeconfig = Some("/etc/x".into());
+        assert_eq!(
+            kubeconfig_source(&none, &config, env("/a")),
+            KubeconfigSource::File("/etc/x".into())
+        );
+        let flag = ClusterFlags {
+            kubeconfig: Some("/flag".into()),
+            context: None,
+        };
+        assert_eq!(
+            kubeconfig_source(&flag, &config, env("/a")),
+            KubeconfigSource::File("/flag".into())
+        );
+        assert_eq!(
+            KubeconfigSource::Env(vec!["/a".into(), "/b".into()]).display(),
+            PathBuf::from("/a:/b")
+        );
+    }
+
+    /// A kubeconfig with one cluster, user and context named `name`, current-context `name`.
+    fn kubeconfig_text(name: &str, server: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\n\
+             users:\n- name: {name}\n  user:\n    token: t-{name}\n\
+             contexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n\
+             current-context: {name}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn env_files_merge_as_kubectl_merges_them_and_missing_ones_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home.yaml");
+        let work = dir.path().join("work.yaml");
+        std::fs::write(&home, kubeconfig_text("home", "https://10.0.0.1:6443")).expect("write");
+        std::fs::write(&work, kubeconfig_text("work", "https://10.0.0.2:6443")).expect("write");
+        let missing = dir.path().join("missing.yaml");
+        let source = KubeconfigSource::Env(vec![missing.clone(), home.clone(), work.clone()]);
+
+        let merged = read_kubeconfig(&source).expect("merged");
+        // The first file to set the current context wins; both files' contexts are there.
+        assert_eq!(merged.current_context.as_deref(), Some("home"));
+        let contexts: Vec<&str> = merged.contexts.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(contexts, ["home", "work"]);
+        let url = |config: kube::Config| config.cluster_url.to_string();
+        assert_eq!(
+            url(client_config(&source, None).await.expect("current context")),
+            "https://10.0.0.1:6443/"
+        );
+        assert_eq!(
+            url(client_config(&source, Some("work".into()))
+                .await
+                .expect("context work from the second file")),
+            "https://10.0.0.2:6443/"
+        );
+        // The other order: the other current context.
+        let reversed = KubeconfigSource::Env(vec![work.clone(), home.clone()]);
+        assert_eq!(
+            url(client_config(&reversed, None)
+                .await
+                .expect("current context")),
+            "https://10.0.0.2:6443/"
+        );
+        // A context no file has is an error that names the files.
+        let err = client_config(&source, Some("nope".into()))
+            .await
+            .expect_err("no such context");
+        assert!(
+            err.to_string()
+                .contains(&source.display().display().to_string()),
+            "{err}"
+        );
+        // Nothing listed exists: said so, with the list.
+        let err =
+            read_kubeconfig(&KubeconfigSource::Env(vec![missing.clone()])).expect_err("no file");
+        assert!(matches!(err, KubeError::KubeconfigEnvEmpty { .. }), "{err}");
+        assert!(err.to_string().contains("missing.yaml"), "{err}");
+        // One named file must exist (kubectl's --kubeconfig too).
+        let err = read_kubeconfig(&KubeconfigSource::File(missing)).expect_err("missing file");
+        assert!(matches!(err, KubeError::KubeconfigMissing { .. }), "{err}");
     }
 }

@@ -6,7 +6,6 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
-use serde::Deserialize;
 
 use super::{KubeError, request_error};
 use crate::config::KubernetesConfig;
@@ -48,10 +47,12 @@ impl Snapshot {
             path: origin.into(),
             detail,
         };
+        // serde-saphyr (YAML 1.2, a superset of JSON) is what kube reads kubeconfigs with; its
+        // default budget refuses alias bombs and deep nesting instead of running out of memory.
+        let documents: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(text).map_err(|e| parse_error(e.to_string()))?;
         let mut snapshot = Snapshot::default();
-        for document in serde_yaml_ng::Deserializer::from_str(text) {
-            let value =
-                serde_json::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
+        for value in documents {
             snapshot.add(value).map_err(parse_error)?;
         }
         Ok(snapshot)
@@ -208,6 +209,29 @@ metadata: {name: two, namespace: default}
                 .as_deref(),
             Some("n1")
         );
+    }
+
+    #[test]
+    fn reads_json_and_yaml_with_empty_documents_and_refuses_what_is_not_yaml() {
+        let json = r#"{"apiVersion": "v1", "kind": "ServiceList", "items": [
+            {"metadata": {"name": "web", "namespace": "default"},
+             "spec": {"ports": [{"port": 80}]}}]}"#;
+        let snapshot = Snapshot::from_text(json, Path::new("x.json")).expect("JSON parses");
+        assert_eq!(snapshot.services.len(), 1);
+        let yaml = "---\n---\nkind: Node\nmetadata: {name: n1}\n---\n";
+        let snapshot = Snapshot::from_text(yaml, Path::new("x.yaml")).expect("YAML parses");
+        assert_eq!(snapshot.nodes.len(), 1);
+        assert_eq!(
+            Snapshot::from_text("", Path::new("empty.yaml"))
+                .expect("empty")
+                .services
+                .len(),
+            0
+        );
+        let err = Snapshot::from_text("kind: [Service\n", Path::new("bad.yaml"))
+            .expect_err("unclosed flow sequence");
+        assert!(matches!(err, KubeError::ParseFile { .. }), "{err}");
+        assert!(err.to_string().starts_with("bad.yaml: "), "{err}");
     }
 
     #[test]

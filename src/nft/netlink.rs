@@ -296,7 +296,15 @@ impl NetfilterSocket {
         let fd = self.socket.as_raw_fd();
         let wanted =
             libc::c_int::try_from(total.saturating_add(64 * 1024)).unwrap_or(libc::c_int::MAX);
+        // NOTE: SO_SNDBUFFORCE needs CAP_NET_ADMIN in the initial user namespace (socket(7));
+        // in a user namespace (a rootless container) it fails with EPERM, and nft(8) then
+        // falls back to SO_SNDBUF, capped at net.core.wmem_max (mnl_set_sndbuffer in
+        // nftables' src/mnl.c). So does holepunch.
         set_option(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, &wanted)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EPERM) => set_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &wanted),
+                _ => Err(e),
+            })
             .map_err(NetlinkError::Configure)?;
         let mut iovecs: Vec<libc::iovec> = pages
             .iter()

@@ -9,8 +9,12 @@
 //! that a second `cargo test` running the same binary waits instead of tearing down the
 //! first one's lab.
 //!
-//! Needs root and `ip netns` (CI runs as root); without them the tests fail with a message
-//! saying so, they are not skipped. The script installs its own apt packages on first use.
+//! Needs root and `ip netns`: the second test tier (README "Tests"). Every test that builds a
+//! lab carries `#[cfg_attr(not(feature = "lab"), ignore = "lab tier: ...")]`, so a plain
+//! `cargo test` lists it as ignored with the command that runs it, never passes it silently;
+//! `sudo make test` (`cargo test --features lab`, as root) runs it. Asked to run without root,
+//! [`Lab::up`] fails with a message saying so. The script installs its own apt packages on
+//! first use.
 
 #![allow(dead_code)]
 
@@ -137,8 +141,8 @@ fn check_prerequisites() {
         .unwrap_or_default();
     assert_eq!(
         uid, "0",
-        "the router lab needs root (network namespaces, nftables): run `cargo test --test \
-         router_lab` as root, as CI does"
+        "the router lab needs root (network namespaces, nftables): run `sudo make test`, or \
+         as root `cargo test --features lab --test <name>`"
     );
     let netns = Command::new("ip").args(["netns", "list"]).output();
     assert!(

@@ -1,7 +1,8 @@
-//! The smallest strict HTTP/1.1 client UPnP needs (RFC 9112): one request per connection
-//! (`Connection: close`), `http://` URLs only, no redirects, a cap on what is read and one
-//! deadline for the whole exchange. Parsing of URLs and responses is sans-io and unit-tested;
-//! [`request`] owns the socket.
+//! The HTTP/1.1 client UPnP needs (RFC 9112), on hyper's HTTP/1 client connection (the
+//! hyper kube's client already brings in): one request per connection (`Connection: close`),
+//! `http://` URLs only, no redirects, a cap on the response head and body, and one deadline
+//! for the whole exchange. URL parsing is sans-io and unit-tested; [`request`] owns the
+//! socket.
 //!
 //! Hosts may be IPv6 literals in brackets (`http://[2001:db8::1]:5000/`, RFC 3986 §3.2.2), as
 //! the router's IGDv2 WANIPv6FirewallControl service is reached over IPv6.
@@ -9,10 +10,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
 use tokio::net::TcpStream;
 
-/// Largest response head (status line and headers) accepted.
+/// Largest response head (status line and headers) accepted: hyper's smallest read buffer.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// Why an HTTP exchange failed.
@@ -26,27 +29,16 @@ pub enum HttpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot send the request to {address}: {source}")]
-    Send {
+    #[error("no valid HTTP/1.x answer from {address}: {source}")]
+    Exchange {
         address: String,
         #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot read the response from {address}: {source}")]
-    Receive {
-        address: String,
-        #[source]
-        source: std::io::Error,
+        source: hyper::Error,
     },
     #[error("no complete answer from {address} within {} ms", after.as_millis())]
     Timeout { address: String, after: Duration },
     #[error("the response from {address} is larger than {limit} bytes (refused)")]
     TooLarge { address: String, limit: usize },
-    #[error("the response from {address} is not valid HTTP/1.x: {problem}")]
-    Malformed {
-        address: String,
-        problem: &'static str,
-    },
     #[error("{address} answered with redirect {status} (redirects are not followed)")]
     Redirect { address: String, status: u16 },
 }
@@ -177,122 +169,6 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// The parsed head of a response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
-    chunked: bool,
-    /// Bytes of the head, including the blank line.
-    len: usize,
-}
-
-/// Parses the head in `bytes` if it is complete (`Ok(None)` while more is needed).
-fn parse_head(bytes: &[u8]) -> Result<Option<Head>, &'static str> {
-    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if bytes.len() > MAX_HEAD_BYTES {
-            Err("the response head is too long")
-        } else {
-            Ok(None)
-        };
-    };
-    let head = std::str::from_utf8(&bytes[..end]).map_err(|_| "the head is not text")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err("no HTTP/1.x status line");
-    }
-    let status = parts
-        .next()
-        .and_then(|code| code.parse::<u16>().ok())
-        .filter(|code| (100..600).contains(code))
-        .ok_or("no status code")?;
-    let mut content_length = None;
-    let mut chunked = false;
-    for line in lines {
-        let (name, value) = line.split_once(':').ok_or("a header line without ':'")?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let length = value.parse().map_err(|_| "a bad Content-Length")?;
-            if content_length.is_some_and(|seen| seen != length) {
-                return Err("conflicting Content-Length headers");
-            }
-            content_length = Some(length);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
-        }
-    }
-    Ok(Some(Head {
-        status,
-        content_length,
-        chunked,
-        len: end + 4,
-    }))
-}
-
-/// Decodes a chunked body (RFC 9112 §7.1); `Ok(None)` while incomplete.
-fn decode_chunked(mut bytes: &[u8], limit: usize) -> Result<Option<Vec<u8>>, &'static str> {
-    let mut body = Vec::new();
-    loop {
-        let Some(line_end) = bytes.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&bytes[..line_end]).map_err(|_| "a bad chunk size")?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "a bad chunk size")?;
-        bytes = &bytes[line_end + 2..];
-        if size == 0 {
-            return Ok(Some(body));
-        }
-        if body.len().saturating_add(size) > limit {
-            return Err("too large");
-        }
-        if bytes.len() < size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&bytes[..size]);
-        if &bytes[size..size + 2] != b"\r\n" {
-            return Err("a chunk without its CRLF");
-        }
-        bytes = &bytes[size + 2..];
-    }
-}
-
-/// What `received` holds so far: `Ok(Some(..))` once the response is complete, with `eof`
-/// saying the peer closed the connection.
-fn parse_response(
-    received: &[u8],
-    eof: bool,
-    limit: usize,
-) -> Result<Option<(u16, Vec<u8>)>, &'static str> {
-    let Some(head) = parse_head(received)? else {
-        return if eof {
-            Err("the connection closed before the head ended")
-        } else {
-            Ok(None)
-        };
-    };
-    let body = &received[head.len..];
-    if head.chunked {
-        return match decode_chunked(body, limit)? {
-            Some(body) => Ok(Some((head.status, body))),
-            None if eof => Err("the connection closed inside a chunked body"),
-            None => Ok(None),
-        };
-    }
-    match head.content_length {
-        Some(length) if length > limit => Err("too large"),
-        Some(length) if body.len() >= length => Ok(Some((head.status, body[..length].to_vec()))),
-        Some(_) if eof => Err("the connection closed before Content-Length bytes"),
-        Some(_) => Ok(None),
-        None if body.len() > limit => Err("too large"),
-        None if eof => Ok(Some((head.status, body.to_vec()))),
-        None => Ok(None),
-    }
-}
-
 /// Sends one request and reads the response, all within `timeout`; bodies over `limit`
 /// bytes are refused (and not read further), redirects are errors.
 pub async fn request(
@@ -338,11 +214,15 @@ async fn exchange(
     limit: usize,
 ) -> Result<HttpResponse, HttpError> {
     let address = url.address();
+    let failed = |source: hyper::Error| HttpError::Exchange {
+        address: address.clone(),
+        source,
+    };
     let connect_error = |source| HttpError::Connect {
         address: address.clone(),
         source,
     };
-    let mut stream = match local {
+    let stream = match local {
         None => TcpStream::connect((url.host.as_str(), url.port))
             .await
             .map_err(connect_error)?,
@@ -368,63 +248,74 @@ async fn exchange(
                 .map_err(connect_error)?
         }
     };
-    let mut message = format!(
-        "{method} {} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nUser-Agent: holepunch/{} UPnP/1.1\r\n",
-        url.path,
-        env!("CARGO_PKG_VERSION")
-    );
-    for (name, value) in headers {
-        message.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method != "GET" || !body.is_empty() {
-        message.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    message.push_str("\r\n");
-    message.push_str(body);
-    stream
-        .write_all(message.as_bytes())
+    // NOTE: header names go out in title case (`Soapaction`, `Content-Type`): RFC 9110 §5.1
+    // makes them case-insensitive, and title case is the closest hyper writes to the
+    // `SOAPAction` of UPnP Device Architecture 1.1 §3.2.1 for routers that compare bytes.
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES.max(limit))
+        .handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
         .await
-        .map_err(|source| HttpError::Send {
-            address: address.clone(),
-            source,
-        })?;
-
-    let mut received = Vec::new();
-    let mut buf = [0u8; 8192];
-    let malformed = |problem: &'static str| {
-        if problem == "too large" {
-            HttpError::TooLarge {
-                address: address.clone(),
-                limit,
-            }
-        } else {
-            HttpError::Malformed {
-                address: address.clone(),
-                problem,
-            }
-        }
-    };
-    let (status, body) = loop {
-        let read = stream
-            .read(&mut buf)
-            .await
-            .map_err(|source| HttpError::Receive {
-                address: address.clone(),
-                source,
-            })?;
-        received.extend_from_slice(&buf[..read]);
-        // Chunk framing costs a few bytes per chunk; the cap on the raw bytes keeps a
-        // peer from sending endless framing.
-        if received.len() > limit.saturating_mul(2).saturating_add(MAX_HEAD_BYTES) {
-            return Err(malformed("too large"));
-        }
-        if let Some(done) = parse_response(&received, read == 0, limit).map_err(malformed)? {
-            break done;
-        }
-    };
-    if (300..400).contains(&status) {
-        return Err(HttpError::Redirect { address, status });
+        .map_err(failed)?;
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(url.path.as_str())
+        .header(hyper::header::HOST, address.as_str())
+        .header(hyper::header::CONNECTION, "close")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("holepunch/", env!("CARGO_PKG_VERSION"), " UPnP/1.1"),
+        );
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
+    // The URL's path passed `HttpUrl::parse` and the headers are holepunch's own, so the
+    // builder has nothing to refuse; a refusal is still an error, not a panic.
+    let request = builder
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .map_err(|_| HttpError::ParseUrl(url.to_string()))?;
+
+    let response = async {
+        let response = sender.send_request(request).await.map_err(failed)?;
+        let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(HttpError::Redirect {
+                address: address.clone(),
+                status,
+            });
+        }
+        let too_large = || HttpError::TooLarge {
+            address: address.clone(),
+            limit,
+        };
+        // A Content-Length over the cap is refused before any of the body is read.
+        if usize::try_from(response.body().size_hint().lower()).map_or(true, |n| n > limit) {
+            return Err(too_large());
+        }
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(source) => failed(*source),
+                // The only other error is `Limited`'s: the cap was reached.
+                Err(_) => too_large(),
+            })?
+            .to_bytes();
+        Ok((status, body))
+    };
+    // The connection is driven here rather than spawned, so that the deadline in [`request`]
+    // ends it too; once the answer is read, dropping it closes the socket.
+    let mut connection = std::pin::pin!(connection);
+    let mut response = std::pin::pin!(response);
+    let (status, body) = tokio::select! {
+        biased;
+        done = &mut response => done?,
+        ended = &mut connection => {
+            ended.map_err(failed)?;
+            response.await?
+        }
+    };
     // NOTE: measured on miniupnpd 2.3.1 (nftables): a mapping description of 64 bytes or more
     // comes back as its first 64 bytes plus 6 bytes of stray memory, often not UTF-8. Those
     // bytes become U+FFFD rather than failing the whole call.
@@ -505,52 +396,176 @@ mod tests {
         );
     }
 
-    #[test]
-    fn responses_parse_by_length_chunks_or_close() {
-        let by_length = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
-        assert_eq!(
-            parse_response(by_length, false, 100),
-            Ok(Some((200, b"hello".to_vec())))
-        );
-        assert_eq!(parse_response(&by_length[..40], false, 100), Ok(None));
-        let chunked = b"HTTP/1.1 500 Err\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_response(chunked, false, 100),
-            Ok(Some((500, b"abcde".to_vec())))
-        );
-        let close = b"HTTP/1.0 200 OK\r\n\r\nuntil eof";
-        assert_eq!(parse_response(close, false, 100), Ok(None));
-        assert_eq!(
-            parse_response(close, true, 100),
-            Ok(Some((200, b"until eof".to_vec())))
-        );
+    /// A one-shot server on loopback: sends `answer` to the first connection (after reading
+    /// its request head and body), then closes it, or keeps it open for `hold`. Returns its
+    /// URL and, once done, the request it read.
+    async fn serve_once(
+        answer: Vec<u8>,
+        hold: Duration,
+    ) -> (HttpUrl, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then as many body bytes as Content-Length says.
+            loop {
+                let n = socket.read(&mut buf).await.expect("read");
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = socket.write_all(&answer).await;
+            tokio::time::sleep(hold).await;
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let url = HttpUrl::parse(&format!("http://127.0.0.1:{port}/ctl/IPConn")).expect("url");
+        (url, task)
     }
 
-    #[test]
-    fn bad_or_oversized_responses_are_refused() {
-        let huge = b"HTTP/1.1 200 OK\r\nContent-Length: 10485760\r\n\r\n";
-        assert_eq!(parse_response(huge, false, 65536), Err("too large"));
-        let chunks = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffff\r\n";
-        assert_eq!(parse_response(chunks, false, 65536), Err("too large"));
+    async fn ask(answer: &[u8], limit: usize) -> Result<HttpResponse, HttpError> {
+        let (url, _task) = serve_once(answer.to_vec(), Duration::ZERO).await;
+        request(&url, "GET", &[], "", limit, Duration::from_secs(5)).await
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_as_upnp_expects_and_answers_are_read_by_length_chunks_or_close() {
+        let (url, task) = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            Duration::ZERO,
+        )
+        .await;
+        let headers = [("SOAPAction", "\"urn:x#AddPortMapping\"")];
+        let response = request(&url, "POST", &headers, "<x/>", 100, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert_eq!(
+            response,
+            HttpResponse {
+                status: 200,
+                body: "hello".into()
+            }
+        );
+        let sent = task.await.expect("server");
+        assert!(sent.starts_with("POST /ctl/IPConn HTTP/1.1\r\n"), "{sent}");
+        for line in [
+            format!("Host: {}:{}", url.host, url.port),
+            "Connection: close".to_owned(),
+            "Soapaction: \"urn:x#AddPortMapping\"".to_owned(),
+            "Content-Length: 4".to_owned(),
+        ] {
+            assert!(
+                sent.contains(&format!("\r\n{line}\r\n")),
+                "{line:?} in {sent}"
+            );
+        }
+        assert!(sent.ends_with("\r\n\r\n<x/>"), "{sent}");
+
+        let chunked = b"HTTP/1.1 500 Err\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n";
+        let response = ask(chunked, 100).await.expect("chunked answer");
+        assert_eq!((response.status, response.body.as_str()), (500, "abcde"));
+        let until_close = b"HTTP/1.0 200 OK\r\n\r\nuntil eof";
+        let response = ask(until_close, 100).await.expect("answer until close");
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "until eof")
+        );
+        // Bytes that are not UTF-8 (miniupnpd's stray memory) do not fail the call.
+        let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\na\xffb";
+        assert_eq!(ask(stray, 100).await.expect("answer").body, "a\u{fffd}b");
+    }
+
+    #[tokio::test]
+    async fn oversized_redirecting_broken_or_silent_answers_are_refused() {
+        let started = std::time::Instant::now();
+        let huge = b"HTTP/1.1 200 OK\r\nContent-Length: 10485760\r\n\r\nxx";
+        assert!(
+            matches!(
+                ask(huge, 65536).await,
+                Err(HttpError::TooLarge { limit: 65536, .. })
+            ),
+            "a 10 MB Content-Length"
+        );
+        let mut chunks = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..40 {
+            chunks.extend_from_slice(b"10\r\n0123456789abcdef\r\n");
+        }
+        assert!(matches!(
+            ask(&chunks, 512).await,
+            Err(HttpError::TooLarge { limit: 512, .. })
+        ));
+        let until_close = [&b"HTTP/1.0 200 OK\r\n\r\n"[..], &[b'x'; 2000]].concat();
+        assert!(matches!(
+            ask(&until_close, 512).await,
+            Err(HttpError::TooLarge { .. })
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let redirect =
+            b"HTTP/1.1 302 Found\r\nLocation: http://10.0.0.1/\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            ask(redirect, 100).await,
+            Err(HttpError::Redirect { status: 302, .. })
+        ));
+        let long_head = [
+            &b"HTTP/1.1 200 OK\r\nX-Long: "[..],
+            &[b'a'; MAX_HEAD_BYTES + 1],
+            b"\r\n\r\n",
+        ]
+        .concat();
         for bad in [
-            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
+            &b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..],
             b"HTTP/1.1 abc OK\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab",
+            b"HTTP/1.1 20",
+            &long_head,
         ] {
+            let result = ask(bad, 100).await;
             assert!(
-                parse_response(bad, false, 100).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
+                matches!(result, Err(HttpError::Exchange { .. })),
+                "{}: {result:?}",
+                String::from_utf8_lossy(&bad[..bad.len().min(60)])
             );
         }
+
+        // Silence: one deadline for the whole exchange.
+        let (url, _task) = serve_once(Vec::new(), Duration::from_secs(30)).await;
+        let started = std::time::Instant::now();
+        let result = request(&url, "GET", &[], "", 100, Duration::from_millis(300)).await;
         assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab", true, 100).is_err()
+            matches!(result, Err(HttpError::Timeout { .. })),
+            "{result:?}"
         );
-        assert!(parse_response(b"HTTP/1.1 20", true, 100).is_err());
-        assert!(parse_response(&[b'x'; MAX_HEAD_BYTES + 1], false, 100).is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // And the normal case on the same kind of server answers.
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(ask(ok, 100).await.expect("answer").body, "ok");
     }
 }

@@ -38,8 +38,9 @@ impl PatchType {
 /// Parses a PATCH body into JSON (apply bodies are YAML, of which JSON is a subset).
 pub(crate) fn parse_body(patch_type: PatchType, body: &[u8]) -> Result<Value, String> {
     match patch_type {
-        PatchType::Apply => serde_yaml_ng::from_slice::<Value>(body)
-            .map_err(|e| format!("error decoding YAML: {e}")),
+        PatchType::Apply => {
+            serde_saphyr::from_slice::<Value>(body).map_err(|e| format!("error decoding YAML: {e}"))
+        }
         _ => {
             serde_json::from_slice::<Value>(body).map_err(|e| format!("error decoding patch: {e}"))
         }

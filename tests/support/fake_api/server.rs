@@ -147,7 +147,7 @@ impl Call {
             ));
         }
         if self.content_type.contains("yaml") {
-            serde_yaml_ng::from_slice(&self.body)
+            serde_saphyr::from_slice(&self.body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
         } else {
             serde_json::from_slice(&self.body).map_err(|e| {
