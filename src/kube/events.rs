@@ -143,9 +143,11 @@ pub fn event_for_live(record: &MappingRecord) -> ServiceEvent {
         name: record.owner.name.clone(),
         kind: EventKind::Normal,
         reason: REASON_PUBLISHED.to_owned(),
+        // NOTE: no target address: it may be a node's, and tenants read Events (README,
+        // "Security model"); `holepunch status` shows it to the operator.
         note: cut_note(&format!(
-            "port {}/{} is published on {public} through the router ({}), forwarding to {}",
-            record.service_port, record.protocol, record.backend, record.target
+            "port {}/{} is published on {public} through the router ({})",
+            record.service_port, record.protocol, record.backend
         )),
     }
 }
@@ -446,6 +448,11 @@ mod tests {
         assert_eq!(live.reason, REASON_PUBLISHED);
         assert!(live.note.contains("11.22.33.44:18080"), "{}", live.note);
         assert!(live.note.contains("8080/tcp"), "{}", live.note);
+        assert!(
+            !live.note.contains("192.168.77."),
+            "names a LAN host: {}",
+            live.note
+        );
 
         let mut renewed = record(Some("11.22.33.44"));
         renewed.lifetime_secs = 3600;
