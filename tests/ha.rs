@@ -27,6 +27,11 @@ const NAMESPACE: &str = "holepunch";
 const LEASE: &str = "holepunch";
 
 /// Scaled-down timings (same ratios as client-go's 15/10/2 s) for the quick tests.
+/// Added to every upper bound a takeover is waited for: on a loaded 2-CPU machine a task
+/// may run late by a second or more. The printed takeover times are the measurement; the
+/// lower bounds (no takeover before the Lease could expire) carry no slack.
+const SCHEDULING_SLACK: Duration = Duration::from_secs(2);
+
 fn quick() -> Timings {
     Timings {
         lease_duration: Duration::from_secs(3),
@@ -290,7 +295,7 @@ async fn kill_scenario(timings: Timings) -> Duration {
     let killed_at = Instant::now();
     hosts[leader].task.abort();
     hosts[leader].link.set_cut(true);
-    let bound = timings.lease_duration + timings.retry_period * 2;
+    let bound = timings.lease_duration + timings.retry_period * 2 + SCHEDULING_SLACK;
     let (next, took_at) = wait_for_other(&hosts, leader, bound).await;
     let takeover = took_at - killed_at;
     // It waited for the Lease to expire: at least lease_duration after the last renewal it
@@ -327,7 +332,7 @@ async fn partition_scenario(timings: Timings) -> (Duration, Duration, Duration) 
 
     let cut_at = Instant::now();
     hosts[leader].link.set_cut(true);
-    let bound = timings.lease_duration + timings.retry_period * 2;
+    let bound = timings.lease_duration + timings.retry_period * 2 + SCHEDULING_SLACK;
     let (next, took_at) = wait_for_other(&hosts, leader, bound).await;
     // The partitioned host still runs, and does not act.
     assert!(!hosts[leader].standing.borrow().may_act(Instant::now()));
@@ -396,11 +401,14 @@ async fn graceful_scenario(timings: Timings) -> Duration {
         .expect("the stopped loop ends")
         .expect("the loop did not panic");
     assert!(!hosts[leader].standing.borrow().may_act(Instant::now()));
-    let (next, took_at) = wait_for_other(&hosts, leader, timings.lease_duration).await;
+    let (next, took_at) =
+        wait_for_other(&hosts, leader, timings.lease_duration + SCHEDULING_SLACK).await;
     let takeover = took_at - stopped_at;
-    // Without the release the other host would have waited for the lease duration.
+    // Without the release the other host would have waited for the lease duration (about a
+    // retry period is expected; the printed time is the measurement, this bound only proves
+    // the release was used, with room for a loaded machine).
     assert!(
-        takeover <= timings.retry_period.mul_f64(1.1) + Duration::from_millis(500),
+        takeover < timings.lease_duration - timings.retry_period,
         "graceful takeover took {:.2} s",
         secs(takeover)
     );
@@ -672,7 +680,12 @@ async fn the_next_holder_takes_over_the_mirrored_mappings() {
     assert!(matches!(refused, LeaseError::Fenced { .. }), "{refused}");
 
     hosts[leader].link.set_cut(true);
-    let (next, _) = wait_for_other(&hosts, leader, t.lease_duration + t.retry_period * 2).await;
+    let (next, _) = wait_for_other(
+        &hosts,
+        leader,
+        t.lease_duration + t.retry_period * 2 + SCHEDULING_SLACK,
+    )
+    .await;
     assert_eq!(next, other);
     let taken = new
         .take_over()
