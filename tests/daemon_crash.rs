@@ -155,9 +155,16 @@ impl Cluster<'_> {
     }
 
     /// The owner of every router port the cluster wants: `(port, "default/<name>")`. Of
-    /// two annotated twins, the older Service wins (ties: the lower name).
-    fn desired(&self) -> BTreeMap<u16, String> {
-        let mut wanted: BTreeMap<u16, (String, String)> = BTreeMap::new();
+    /// two annotated twins, the one holding the port in `state` (an active or pending
+    /// record) keeps it; else the older Service wins (ties: the lower name).
+    fn desired(&self, state: &State) -> BTreeMap<u16, String> {
+        let holders: BTreeMap<u16, String> = state
+            .mappings
+            .values()
+            .filter(|r| matches!(r.status, MappingStatus::Active | MappingStatus::Pending))
+            .map(|r| (r.external_port, r.owner.to_string()))
+            .collect();
+        let mut wanted: BTreeMap<u16, (bool, String, String)> = BTreeMap::new();
         for (name, annotated) in &self.services {
             if !annotated {
                 continue;
@@ -171,7 +178,10 @@ impl Cluster<'_> {
                         .map(str::to_owned)
                 })
                 .unwrap_or_default();
-            let candidate = (created, format!("default/{name}"));
+            let owner = format!("default/{name}");
+            // A live port stays with its holder: it sorts before every creation time.
+            let holds = holders.get(&Self::port(name)) == Some(&owner);
+            let candidate = (!holds, created, owner);
             wanted
                 .entry(Self::port(name))
                 .and_modify(|held| {
@@ -183,7 +193,7 @@ impl Cluster<'_> {
         }
         wanted
             .into_iter()
-            .map(|(port, (_, owner))| (port, owner))
+            .map(|(port, (_, _, owner))| (port, owner))
             .collect()
     }
 }
@@ -267,7 +277,7 @@ fn make_renewals_due(state_path: &Path) -> usize {
 /// Waits until the daemon's first reconcile is done and the state file, the router and
 /// nftables hold exactly what `cluster` wants; how long that took.
 fn wait_settled(lab: &Lab, daemon: &Daemon, state_path: &Path, cluster: &Cluster) -> Duration {
-    let desired = cluster.desired();
+    let desired = cluster.desired(&check_state(state_path, "start", &daemon.log()));
     let want_ports: Vec<u16> = desired.keys().copied().collect();
     let want_records: Vec<(u16, String, MappingStatus)> = desired
         .iter()
@@ -494,13 +504,23 @@ fn sigkill_at_random_points(prefix: &str, backend: Backend, iterations: usize) {
             "the handover took {handed:?}: one pass, not the next verify (5 s)\n{}",
             daemon.log()
         );
+        // A live port stays with its holder: the older twin-a, published again, waits...
         cluster.put("twin-a", true);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            holds("twin-b"),
+            "twin-a took twin-b's live port\n{}",
+            daemon.log()
+        );
+        // ...until twin-b lets go; then twin-b, published again, waits in turn.
+        cluster.put("twin-b", false);
         wait_until(
             &daemon,
             "twin-a to hold it again",
             Duration::from_secs(20),
             || holds("twin-a"),
         );
+        cluster.put("twin-b", true);
         all_logs.push_str(&daemon.stop());
         if backend == Backend::Pcp {
             let nonce_of = |state: &State| {
@@ -617,7 +637,7 @@ fn sigkill_at_random_points(prefix: &str, backend: Backend, iterations: usize) {
         // 4. A clean start settles on exactly what the cluster wants.
         let daemon = Daemon::start(&config);
         let settled = wait_settled(&lab, &daemon, &state_path, &cluster);
-        let desired = cluster.desired();
+        let desired = cluster.desired(&check_state(&state_path, "settled", &daemon.log()));
         let want_ports: Vec<u16> = desired.keys().copied().collect();
         for (port, owner) in &desired {
             assert_eq!(
