@@ -468,12 +468,12 @@ fn sigkill_at_random_points(prefix: &str, backend: Backend, iterations: usize) {
         // then killed after the state file records the handover and before the router hears
         // of it: the record on disk keeps the nonce the router knows (PCP), or names twin-a's
         // mapping as still to delete (UPnP, which has no nonce).
+        // The kills may have left either twin holding the port in the state file, and a live
+        // port stays with its holder: twin-a, alone, takes it first; twin-b then waits.
         for name in ["twin-a", "twin-b"] {
             fake.delete_object("Service", "default", name);
         }
         cluster.put("twin-a", true);
-        std::thread::sleep(Duration::from_millis(1_100));
-        cluster.put("twin-b", true);
         let daemon = Daemon::start(&config);
         let holds = |owner: &str| {
             records(&check_state(&state_path, "handover", &daemon.log())).contains(&(
@@ -491,6 +491,13 @@ fn sigkill_at_random_points(prefix: &str, backend: Backend, iterations: usize) {
             "twin-a to hold the port",
             Duration::from_secs(20),
             || holds("twin-a"),
+        );
+        cluster.put("twin-b", true);
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            holds("twin-a"),
+            "twin-b took twin-a's live port\n{}",
+            daemon.log()
         );
         cluster.put("twin-a", false);
         let handed = wait_until(
