@@ -185,7 +185,7 @@ pub async fn request(
 /// [`request`] from the local address `local` (the connection's source), when given.
 // NOTE: miniupnpd opens an IPv6 pinhole only to the address the request came from (its
 // PinholeVerification compares the two as text), and a host with several global IPv6 addresses
-// (privacy addresses, RFC 8981) may otherwise send from another one (miniupnp issue 600).
+// (privacy addresses, RFC 8981) may otherwise send from another one (README.md, "IPv6").
 pub async fn request_from(
     local: Option<IpAddr>,
     url: &HttpUrl,
