@@ -409,7 +409,7 @@ pub async fn execute<M: PortMapper>(
                             renewing_valid_lease,
                             rand::rng().random_range(0.9..1.1),
                         );
-                        if let RouterError::Conflict { .. } | RouterError::Refused { .. } = e {
+                        if e.is_refusal() {
                             outcome.problems.push(crate::trust::router_refusal(
                                 &record.owner,
                                 record.key(),
@@ -495,20 +495,22 @@ async fn unmap_with_replaced<M: PortMapper>(
     unless_silent(silent, mapper.unmap(record)).await
 }
 
-/// Runs `call` unless the router was found silent earlier in this pass; notes an
-/// [`RouterError::Unreachable`] answer for the calls after it.
+/// Runs `call` unless the router was found silent earlier in this pass; notes a
+/// failure that is not a refusal (the router did not answer usably) for the calls after it.
 async fn unless_silent<T>(
     silent: &mut Option<String>,
     call: impl std::future::Future<Output = Result<T, RouterError>>,
 ) -> Result<T, RouterError> {
-    if let Some(reason) = silent {
-        return Err(RouterError::Unreachable(format!(
-            "not sent, an earlier request of this pass got no answer ({reason})"
-        )));
+    if let Some(earlier) = silent {
+        return Err(RouterError::NotSent {
+            earlier: earlier.clone(),
+        });
     }
     let result = call.await;
-    if let Err(RouterError::Unreachable(reason)) = &result {
-        *silent = Some(reason.clone());
+    if let Err(e) = &result
+        && !e.is_refusal()
+    {
+        *silent = Some(e.to_string());
     }
     result
 }
@@ -765,7 +767,7 @@ mod tests {
                     epoch: Some(5),
                     router: "192.168.1.1".into(),
                 }),
-                Err("silent") => Err(RouterError::Unreachable("no answer".into())),
+                Err("silent") => Err(RouterError::silent_for_tests()),
                 Err(reason) => Err(RouterError::Refused {
                     reason: reason.into(),
                     retry_after: None,

@@ -502,7 +502,7 @@ fn natpmp_step_in_lan() {
                 let result = client.map(&request(Protocol::Tcp, 18230)).await;
                 let elapsed = started.elapsed();
                 assert!(
-                    matches!(result, Err(RouterError::Unreachable(_))),
+                    matches!(result, Err(RouterError::NoAnswer { .. })),
                     "{result:?}"
                 );
                 println!("UNREACHABLE {}", elapsed.as_millis());

@@ -424,7 +424,7 @@ fn pcp_client_step_in_lan() {
                 let started = std::time::Instant::now();
                 let result = client.map(&request).await;
                 assert!(
-                    matches!(result, Err(RouterError::Unreachable(_))),
+                    matches!(result, Err(RouterError::NoAnswer { .. })),
                     "{result:?}"
                 );
                 assert!(started.elapsed() <= schedule.worst_case() + Duration::from_millis(1500));

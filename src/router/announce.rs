@@ -446,8 +446,9 @@ pub async fn ask(router: &RouterAddress, check: Check) -> Result<RouterAnswer, R
             let mut client = NatpmpClient::new(router.gateway, router.local)
                 .with_schedule(NATPMP_CHECK_SCHEDULE);
             let address = client.ask_external_address().await?;
-            let epoch_secs = client.last_epoch().ok_or_else(|| {
-                RouterError::Unreachable("NAT-PMP answer without an epoch".to_owned())
+            let epoch_secs = client.last_epoch().ok_or_else(|| RouterError::Unusable {
+                protocol: "NAT-PMP",
+                what: "an answer without an epoch".to_owned(),
             })?;
             Ok(RouterAnswer {
                 check,

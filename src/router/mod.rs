@@ -14,7 +14,7 @@ pub mod session;
 pub mod upnp;
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
@@ -46,10 +46,13 @@ pub struct Grant {
     pub router: String,
 }
 
-/// Why a router call failed, in terms the reconciler acts on.
+/// Why a router call failed, one variant per failing step; [`RouterError::failure`] says what
+/// the reconciler makes of it. Each message says what went wrong and, where the user can act,
+/// what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    /// Another host (or a mapping holepunch does not own) holds the external port.
+    /// The router answered: another host (or a mapping holepunch does not own) holds the
+    /// external port.
     #[error("external port {port}/{protocol} is taken on the router by another host: {detail}")]
     Conflict {
         port: u16,
@@ -63,21 +66,119 @@ pub enum RouterError {
         /// The least time to wait before asking again, if the protocol says (PCP lifetimes).
         retry_after: Option<Duration>,
     },
-    /// No answer, or no usable answer.
-    #[error("{UNREACHABLE_PREFIX}: {0}")]
-    Unreachable(String),
+    /// The UDP socket toward the router could not be opened (bind or connect).
+    #[error(
+        "{UNREACHABLE_PREFIX}: {protocol}: cannot {step} the UDP socket ({local} -> {router}): \
+         {source}; check exposure.lan_address and router.address"
+    )]
+    Socket {
+        protocol: &'static str,
+        step: SocketStep,
+        local: IpAddr,
+        router: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sent, and no answer came within the retransmission schedule.
+    #[error(
+        "{UNREACHABLE_PREFIX}: no {protocol} answer from {router} after {tries} tries in \
+         {:.1} s{hint}{}",
+        waited.as_secs_f64(),
+        last_problem.as_ref().map(|p| format!(" (last problem: {p})")).unwrap_or_default()
+    )]
+    NoAnswer {
+        protocol: &'static str,
+        router: SocketAddr,
+        tries: u32,
+        waited: Duration,
+        /// What the user can check, starting with "; " (or empty).
+        hint: &'static str,
+        /// The last thing that went wrong while waiting (a send error, a foreign datagram).
+        last_problem: Option<String>,
+    },
+    /// An answer came that holepunch cannot use (it lacks what the request asked for).
+    #[error("{UNREACHABLE_PREFIX}: {protocol}: unusable answer: {what}")]
+    Unusable {
+        protocol: &'static str,
+        what: String,
+    },
+    /// A UPnP control request found no usable HTTP answer.
+    #[error("{UNREACHABLE_PREFIX}: UPnP {action} to {control}: {source}")]
+    Http {
+        action: String,
+        control: String,
+        #[source]
+        source: upnp::http::HttpError,
+    },
+    /// A UPnP control request's reply could not be read.
+    #[error("{UNREACHABLE_PREFIX}: UPnP {action} to {control}: {source}")]
+    Reply {
+        action: String,
+        control: String,
+        #[source]
+        source: upnp::soap::SoapError,
+    },
+    /// No router address is known, so none can be asked.
+    #[error("{UNREACHABLE_PREFIX}: no router is used, so none can be asked")]
+    NoAddress,
+    /// Not sent: an earlier request of the same pass got no answer (`earlier` is how that
+    /// one read).
+    #[error(
+        "{UNREACHABLE_PREFIX} an earlier request of this pass, so this one was not sent ({earlier})"
+    )]
+    NotSent { earlier: String },
 }
 
-/// How an [`RouterError::Unreachable`] reads in a mapping's `last_error` (and how a version 1
-/// state file, which has no `failure`, says so).
+/// Which step of opening a UDP socket failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketStep {
+    Bind,
+    Connect,
+}
+
+impl std::fmt::Display for SocketStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SocketStep::Bind => "bind",
+            SocketStep::Connect => "connect",
+        })
+    }
+}
+
+/// How a router that did not answer reads in a mapping's `last_error`.
 pub const UNREACHABLE_PREFIX: &str = "the router did not answer";
 
 impl RouterError {
+    /// Whether the router answered and said no (a conflict or a refusal), as opposed to not
+    /// answering usably at all.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            RouterError::Conflict { .. } | RouterError::Refused { .. }
+        )
+    }
+
     /// The kind of failure this error records on a mapping.
     pub fn failure(&self) -> Failure {
-        match self {
-            RouterError::Unreachable(_) => Failure::RouterSilent,
-            _ => Failure::Refused,
+        if self.is_refusal() {
+            Failure::Refused
+        } else {
+            Failure::RouterSilent
+        }
+    }
+}
+
+#[cfg(test)]
+impl RouterError {
+    /// A router that did not answer, for scripted routers in tests.
+    pub(crate) fn silent_for_tests() -> RouterError {
+        RouterError::NoAnswer {
+            protocol: "test",
+            router: SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 5351)),
+            tries: 1,
+            waited: Duration::ZERO,
+            hint: "",
+            last_problem: None,
         }
     }
 }
@@ -139,5 +240,74 @@ impl PortMapper for NoRouter {
 
     async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failing_step_reads_as_what_to_check_and_counts_as_silence_or_refusal() {
+        let router = SocketAddr::from((Ipv4Addr::new(192, 168, 1, 1), 5351));
+        let socket = RouterError::Socket {
+            protocol: "NAT-PMP",
+            step: SocketStep::Bind,
+            local: IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10)),
+            router,
+            source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
+        };
+        let text = socket.to_string();
+        assert!(text.starts_with(UNREACHABLE_PREFIX), "{text}");
+        assert!(text.contains("cannot bind the UDP socket (192.168.1.10 -> 192.168.1.1:5351)"));
+        assert!(
+            text.contains("check exposure.lan_address and router.address"),
+            "{text}"
+        );
+        // The cause is kept, not only its words.
+        let cause = std::error::Error::source(&socket).map(ToString::to_string);
+        assert_eq!(
+            cause,
+            Some(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable).to_string())
+        );
+        assert_eq!(socket.failure(), Failure::RouterSilent);
+
+        let silent = RouterError::NoAnswer {
+            protocol: "PCP",
+            router,
+            tries: 3,
+            waited: Duration::from_millis(21_000),
+            hint: "",
+            last_problem: Some("receive failed: connection refused".to_owned()),
+        };
+        assert_eq!(
+            silent.to_string(),
+            "the router did not answer: no PCP answer from 192.168.1.1:5351 after 3 tries in \
+             21.0 s (last problem: receive failed: connection refused)"
+        );
+        let not_sent = RouterError::NotSent {
+            earlier: silent.to_string(),
+        };
+        assert!(not_sent.to_string().starts_with(UNREACHABLE_PREFIX));
+        assert!(not_sent.to_string().contains("no PCP answer"), "{not_sent}");
+        for error in [&silent, &not_sent, &RouterError::NoAddress] {
+            assert!(!error.is_refusal(), "{error}");
+            assert_eq!(error.failure(), Failure::RouterSilent);
+        }
+
+        // The normal case of an answer: a refusal and a conflict are refusals.
+        let refused = RouterError::Refused {
+            reason: "NOT_AUTHORIZED".to_owned(),
+            retry_after: None,
+        };
+        let conflict = RouterError::Conflict {
+            port: 443,
+            protocol: Protocol::Tcp,
+            detail: "held".to_owned(),
+        };
+        for error in [&refused, &conflict] {
+            assert!(error.is_refusal(), "{error}");
+            assert_eq!(error.failure(), Failure::Refused);
+        }
     }
 }

@@ -133,9 +133,7 @@ impl Connect for RouterConnect {
     async fn confirm(&mut self, check: Check) -> Result<RouterAnswer, RouterError> {
         match &self.address {
             Some(address) => crate::router::announce::ask(address, check).await,
-            None => Err(RouterError::Unreachable(
-                "no router is used, so none can be asked".to_owned(),
-            )),
+            None => Err(RouterError::NoAddress),
         }
     }
 }
@@ -378,7 +376,7 @@ pub async fn check_router(
             observed.lost.extend(lost);
             true
         }
-        Err(e @ RouterError::Unreachable(_)) => {
+        Err(e) if !e.is_refusal() => {
             tracing::warn!(%backend, error = %e, "could not check the router's mappings");
             false
         }

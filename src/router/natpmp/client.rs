@@ -7,8 +7,7 @@
 //! NAT-PMP has no nonce and no third-party mappings: a gateway maps only ports of the host
 //! that asks, and identifies a mapping by its protocol and internal port.
 
-use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -17,7 +16,7 @@ use super::codec::{self, Opcode, ResponseBody, ResultCode};
 use crate::model::{Backend, MappingKey, Protocol};
 use crate::router::pcp::client::renew_after;
 use crate::router::pcp::codec::VERSION as PCP_VERSION;
-use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
 use crate::state::MappingRecord;
 
 /// Receive buffer: larger than any NAT-PMP response (16 bytes), so that oversized or foreign
@@ -214,9 +213,10 @@ impl NatpmpClient {
             });
         }
         let ResponseBody::ExternalAddress(address) = response.body else {
-            return Err(RouterError::Unreachable(
-                "NAT-PMP external address response without an address".to_owned(),
-            ));
+            return Err(RouterError::Unusable {
+                protocol: "NAT-PMP",
+                what: "an external address response without an address".to_owned(),
+            });
         };
         self.external_address = Some(address);
         Ok(address)
@@ -248,28 +248,27 @@ impl NatpmpClient {
     }
 
     async fn socket(&mut self) -> Result<&UdpSocket, RouterError> {
-        if self.socket.is_none() {
-            let unreachable = |what: &str, err: io::Error| {
-                RouterError::Unreachable(format!(
-                    "NAT-PMP: cannot {what} ({} -> {}:{}): {err}; check exposure.lan_address \
-                     and router.address",
-                    self.client_ip, self.gateway, self.server_port
-                ))
-            };
-            let socket = UdpSocket::bind((self.client_ip, 0))
-                .await
-                .map_err(|err| unreachable("bind the UDP socket", err))?;
-            // NOTE: a connected socket receives only datagrams from gateway:5351, which is
-            // the source check of RFC 6886 §3.1 done by the kernel.
-            socket
-                .connect((self.gateway, self.server_port))
-                .await
-                .map_err(|err| unreachable("connect the UDP socket", err))?;
-            self.socket = Some(socket);
+        if let Some(socket) = self.socket.take() {
+            return Ok(self.socket.insert(socket));
         }
-        self.socket
-            .as_ref()
-            .ok_or_else(|| RouterError::Unreachable("NAT-PMP socket is not open".to_owned()))
+        let router = SocketAddr::from((self.gateway, self.server_port));
+        let failed = |step, source| RouterError::Socket {
+            protocol: "NAT-PMP",
+            step,
+            local: IpAddr::V4(self.client_ip),
+            router,
+            source,
+        };
+        let socket = UdpSocket::bind((self.client_ip, 0))
+            .await
+            .map_err(|err| failed(SocketStep::Bind, err))?;
+        // NOTE: a connected socket receives only datagrams from gateway:5351, which is
+        // the source check of RFC 6886 §3.1 done by the kernel.
+        socket
+            .connect(router)
+            .await
+            .map_err(|err| failed(SocketStep::Connect, err))?;
+        Ok(self.socket.insert(socket))
     }
 
     /// Send `request` until a response that `expect` accepts arrives or the schedule runs out.
@@ -340,18 +339,14 @@ impl NatpmpClient {
                 Ok(response)
             }
             Some(Err(err)) => Err(err),
-            None => {
-                let mut message = format!(
-                    "no NAT-PMP answer from {gateway}:{server_port} after {} tries in {:?}; \
-                     check router.address and that NAT-PMP is on in the router",
-                    schedule.tries(),
-                    schedule.worst_case()
-                );
-                if let Some(problem) = last_problem {
-                    message.push_str(&format!(" (last problem: {problem})"));
-                }
-                Err(RouterError::Unreachable(message))
-            }
+            None => Err(RouterError::NoAnswer {
+                protocol: "NAT-PMP",
+                router: SocketAddr::from((gateway, server_port)),
+                tries: schedule.tries(),
+                waited: schedule.worst_case(),
+                hint: "; check router.address and that NAT-PMP is on in the router",
+                last_problem,
+            }),
         }
     }
 }
@@ -392,9 +387,10 @@ impl PortMapper for NatpmpClient {
             ));
         }
         let ResponseBody::Map(body) = response.body else {
-            return Err(RouterError::Unreachable(
-                "NAT-PMP success response without a mapping body".to_owned(),
-            ));
+            return Err(RouterError::Unusable {
+                protocol: "NAT-PMP",
+                what: "a success response without a mapping body".to_owned(),
+            });
         };
         // NOTE: RFC 6886 §3.3: the gateway may grant less than asked; more is taken as the
         // ask, so the router cannot put a renewal off. 0 s maps nothing (§3.4).
@@ -805,7 +801,7 @@ mod tests {
         }
         let result = exchange.await.unwrap();
         assert!(
-            matches!(result, Err(RouterError::Unreachable(_))),
+            matches!(result, Err(RouterError::NoAnswer { .. })),
             "{result:?}"
         );
         assert_eq!(gateway.requests().await.len(), 3);
@@ -895,7 +891,7 @@ mod tests {
         let result = client.map(&request(Protocol::Tcp, 18080)).await;
         let elapsed = started.elapsed();
         assert!(
-            matches!(result, Err(RouterError::Unreachable(_))),
+            matches!(result, Err(RouterError::NoAnswer { .. })),
             "{result:?}"
         );
         // 100 + 200 + 400 ms.

@@ -2,15 +2,14 @@
 //! (§8.1.1), response matching (§8.3) and epoch tracking (§8.5). The wire format lives in
 //! [`super::codec`].
 
-use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
 use super::codec::{self, Nonce, ResultCode};
 use crate::model::{Backend, MappingKey, Protocol};
-use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
 use crate::state::MappingRecord;
 
 /// Receive buffer: larger than the 1100-byte PCP limit so that oversized datagrams are seen
@@ -268,19 +267,21 @@ impl PcpClient {
         if let Some(socket) = self.socket.take() {
             return Ok(self.socket.insert(socket));
         }
-        let unreachable = |what: &str, err: io::Error| {
-            RouterError::Unreachable(format!(
-                "PCP: cannot {what} ({} -> {}:{}): {err}",
-                self.client_ip, self.gateway, self.server_port
-            ))
+        let router = SocketAddr::from((self.gateway, self.server_port));
+        let failed = |step, source| RouterError::Socket {
+            protocol: "PCP",
+            step,
+            local: IpAddr::V4(self.client_ip),
+            router,
+            source,
         };
         let socket = UdpSocket::bind((self.client_ip, 0))
             .await
-            .map_err(|err| unreachable("bind the UDP socket", err))?;
+            .map_err(|err| failed(SocketStep::Bind, err))?;
         socket
-            .connect((self.gateway, self.server_port))
+            .connect(router)
             .await
-            .map_err(|err| unreachable("connect the UDP socket", err))?;
+            .map_err(|err| failed(SocketStep::Connect, err))?;
         Ok(self.socket.insert(socket))
     }
 
@@ -310,6 +311,7 @@ impl PcpClient {
         let mut buf = [0u8; RECV_BUFFER_BYTES];
         while socket.try_recv(&mut buf).is_ok() {}
 
+        let started = tokio::time::Instant::now();
         let mut last_problem: Option<String> = None;
         let mut outcome = None;
         'tries: for index in 0..schedule.max_tries.max(1) {
@@ -363,17 +365,14 @@ impl PcpClient {
                 Ok(response)
             }
             Some(Err(err)) => Err(err),
-            None => {
-                let mut message = format!(
-                    "no PCP answer from {gateway}:{} after {} tries",
-                    self.server_port,
-                    schedule.max_tries.max(1)
-                );
-                if let Some(problem) = last_problem {
-                    message.push_str(&format!(" (last problem: {problem})"));
-                }
-                Err(RouterError::Unreachable(message))
-            }
+            None => Err(RouterError::NoAnswer {
+                protocol: "PCP",
+                router: SocketAddr::from((gateway, self.server_port)),
+                tries: schedule.max_tries.max(1),
+                waited: started.elapsed(),
+                hint: "",
+                last_problem,
+            }),
         }
     }
 }
@@ -438,9 +437,10 @@ impl PortMapper for PcpClient {
             ));
         }
         let codec::ResponseBody::Map(body) = &response.body else {
-            return Err(RouterError::Unreachable(
-                "PCP SUCCESS response without a MAP body".to_owned(),
-            ));
+            return Err(RouterError::Unusable {
+                protocol: "PCP",
+                what: "a SUCCESS response without a MAP body".to_owned(),
+            });
         };
         // NOTE: RFC 6887 §15: the server may grant less than asked, never more; a longer
         // lifetime is taken as the one asked for, so a renewal is never put off by the router.
@@ -740,7 +740,7 @@ mod tests {
         let started = Instant::now();
         let result = client.map(&request).await;
         assert!(
-            matches!(result, Err(RouterError::Unreachable(_))),
+            matches!(result, Err(RouterError::NoAnswer { .. })),
             "{result:?}"
         );
         assert!(

@@ -7,8 +7,7 @@
 //! Not used by the daemon yet. Kept beside [`super::client`] rather than in it: the IPv4
 //! client's types (`MapRequest`, `Grant`, `PortMapper`) carry IPv4 addresses.
 
-use std::io;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -16,7 +15,7 @@ use tokio::net::UdpSocket;
 use super::client::{Schedule, epoch_is_consistent, error_for_result, renew_after};
 use super::codec::{self, MapRequestV6, Nonce, ResultCode};
 use crate::model::Protocol;
-use crate::router::RouterError;
+use crate::router::{RouterError, SocketStep};
 
 /// Receive buffer: larger than the 1100-byte PCP limit, so oversized datagrams are seen.
 const RECV_BUFFER_BYTES: usize = 2048;
@@ -115,16 +114,18 @@ impl Pcp6Client {
             ));
         }
         let codec::ResponseBody::Map(body) = &response.body else {
-            return Err(RouterError::Unreachable(
-                "PCP SUCCESS response without a MAP body".to_owned(),
-            ));
+            return Err(RouterError::Unusable {
+                protocol: "PCP",
+                what: "a SUCCESS response without a MAP body".to_owned(),
+            });
         };
         let external_address = match body.assigned_external_ip {
             IpAddr::V6(address) => address,
             IpAddr::V4(address) => {
-                return Err(RouterError::Unreachable(format!(
-                    "PCP: an IPv6 MAP was granted the IPv4 address {address}"
-                )));
+                return Err(RouterError::Unusable {
+                    protocol: "PCP",
+                    what: format!("an IPv6 MAP was granted the IPv4 address {address}"),
+                });
             }
         };
         if body.assigned_external_port != map.internal_port {
@@ -196,21 +197,23 @@ impl Pcp6Client {
         if let Some(socket) = self.socket.take() {
             return Ok(self.socket.insert(socket));
         }
-        let unreachable = |what: &str, err: io::Error| {
-            RouterError::Unreachable(format!(
-                "PCP: cannot {what} ([{}] -> [{}]:{}): {err}",
-                self.client_ip, self.gateway, self.server_port
-            ))
+        let router = SocketAddr::from((self.gateway, self.server_port));
+        let failed = |step, source| RouterError::Socket {
+            protocol: "PCP",
+            step,
+            local: IpAddr::V6(self.client_ip),
+            router,
+            source,
         };
         // NOTE: the source address must be the client-IP field, or the router answers
         // ADDRESS_MISMATCH (RFC 6887 §8.1).
         let socket = UdpSocket::bind((self.client_ip, 0))
             .await
-            .map_err(|err| unreachable("bind the UDP socket", err))?;
+            .map_err(|err| failed(SocketStep::Bind, err))?;
         socket
-            .connect((self.gateway, self.server_port))
+            .connect(router)
             .await
-            .map_err(|err| unreachable("connect the UDP socket", err))?;
+            .map_err(|err| failed(SocketStep::Connect, err))?;
         Ok(self.socket.insert(socket))
     }
 
@@ -235,6 +238,7 @@ impl Pcp6Client {
         let mut buf = [0u8; RECV_BUFFER_BYTES];
         // Late answers to earlier requests must not be taken for this one's.
         while socket.try_recv(&mut buf).is_ok() {}
+        let started = tokio::time::Instant::now();
         let mut last_problem: Option<String> = None;
         let mut outcome = None;
         'tries: for index in 0..schedule.max_tries.max(1) {
@@ -283,17 +287,14 @@ impl Pcp6Client {
                 Ok(response)
             }
             Some(Err(err)) => Err(err),
-            None => {
-                let mut message = format!(
-                    "no PCP answer from [{gateway}]:{} after {} tries",
-                    self.server_port,
-                    schedule.max_tries.max(1)
-                );
-                if let Some(problem) = last_problem {
-                    message.push_str(&format!(" (last problem: {problem})"));
-                }
-                Err(RouterError::Unreachable(message))
-            }
+            None => Err(RouterError::NoAnswer {
+                protocol: "PCP",
+                router: SocketAddr::from((gateway, self.server_port)),
+                tries: schedule.max_tries.max(1),
+                waited: started.elapsed(),
+                hint: "",
+                last_problem,
+            }),
         }
     }
 }
@@ -381,7 +382,7 @@ mod tests {
         let (port, _server) = server(move |req| reply(req, 0, 600, 8443, mapped)).await;
         assert!(matches!(
             client(port).map(&map()).await,
-            Err(RouterError::Unreachable(_))
+            Err(RouterError::Unusable { .. })
         ));
     }
 

@@ -347,11 +347,20 @@ impl UpnpClient {
         self.permanent_only
     }
 
-    /// One SOAP action; transport failures and unreadable replies are `Unreachable`.
+    /// One SOAP action; transport failures are [`RouterError::Http`], unreadable replies
+    /// [`RouterError::Reply`].
     async fn call(&self, action: &str, arguments: &[(&str, &str)]) -> Result<Reply, RouterError> {
-        self.exchange(action, arguments).await?.map_err(|err| {
-            RouterError::Unreachable(format!("UPnP {action} to {}: {err}", self.control))
-        })
+        self.exchange(action, arguments)
+            .await?
+            .map_err(|source| self.unreadable(action, source))
+    }
+
+    fn unreadable(&self, action: &str, source: soap::SoapError) -> RouterError {
+        RouterError::Reply {
+            action: action.to_owned(),
+            control: self.control.to_string(),
+            source,
+        }
     }
 
     /// One SOAP action: transport failures are the outer error, an unreadable reply the inner.
@@ -374,7 +383,11 @@ impl UpnpClient {
             self.request_timeout,
         )
         .await
-        .map_err(|err| RouterError::Unreachable(format!("UPnP {action}: {err}")))?;
+        .map_err(|source| RouterError::Http {
+            action: action.to_owned(),
+            control: self.control.to_string(),
+            source,
+        })?;
         Ok(soap::parse_reply(response.status, &response.body, action))
     }
 
@@ -390,11 +403,12 @@ impl UpnpClient {
         match self.call("GetExternalIPAddress", &[]).await? {
             Reply::Success(args) => {
                 let text = args.get("NewExternalIPAddress").unwrap_or_default();
-                text.parse().map_err(|_| {
-                    RouterError::Unreachable(format!(
+                text.parse().map_err(|_| RouterError::Unusable {
+                    protocol: "UPnP",
+                    what: format!(
                         "GetExternalIPAddress: {:?} is not an IPv4 address",
                         text.chars().take(64).collect::<String>()
-                    ))
+                    ),
                 })
             }
             Reply::Fault(fault) => Err(Self::refused("GetExternalIPAddress", &fault)),
@@ -422,9 +436,12 @@ impl UpnpClient {
             Reply::Success(args) => PortMappingEntry::from_arguments(&args, Some((protocol, external_port)))
                 .map(Some)
                 .map_err(|problem| {
-                    RouterError::Unreachable(format!(
-                        "GetSpecificPortMappingEntry {external_port}/{protocol}: unusable entry ({problem})"
-                    ))
+                    RouterError::Unusable {
+                        protocol: "UPnP",
+                        what: format!(
+                            "GetSpecificPortMappingEntry {external_port}/{protocol}: unusable entry ({problem})"
+                        ),
+                    }
                 }),
             Reply::Fault(fault) if fault.code == code::NO_SUCH_ENTRY => Ok(None),
             Reply::Fault(fault) => Err(Self::refused("GetSpecificPortMappingEntry", &fault)),
@@ -458,10 +475,9 @@ impl UpnpClient {
                     continue;
                 }
                 Err(err) => {
-                    return Err(RouterError::Unreachable(format!(
-                        "GetGenericPortMappingEntry {index} to {}: {err}",
-                        self.control
-                    )));
+                    return Err(
+                        self.unreadable(&format!("GetGenericPortMappingEntry {index}"), err)
+                    );
                 }
             };
             match reply {
