@@ -39,9 +39,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::model::{Backend, MappingKey, Problem, ProblemKind, Protocol};
+use crate::model::{Backend, Lease, MappingKey, Problem, ProblemKind, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::{MappingRecord, MappingStatus, State};
+use crate::state::{MappingStatus, State};
 
 /// `Content-Type` of `/metrics` for clients that accept OpenMetrics (Prometheus does).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -791,20 +791,20 @@ impl<P: PortMapper> PortMapper for Instrumented<'_, P> {
         result
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
         let started = (Timestamp::now(), Instant::now());
         let backend = self.inner.backend();
-        let result = self.inner.unmap(record).await;
+        let result = self.inner.unmap(lease).await;
         self.record(backend, Operation::Unmap, &result, started);
         result
     }
 
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         let started = (Timestamp::now(), Instant::now());
         let backend = self.inner.backend();
-        let result = self.inner.lost(records).await;
+        let result = self.inner.lost(leases).await;
         // NOTE: with nothing to ask about, backends send nothing: not a request.
-        if !records.is_empty() {
+        if !leases.is_empty() {
             self.record(backend, Operation::Verify, &result, started);
         }
         result
@@ -956,6 +956,7 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, Owner, TargetSource};
     use crate::router::NoRouter;
+    use crate::state::MappingRecord;
 
     fn at(text: &str) -> Timestamp {
         text.parse().expect("timestamp")
@@ -1222,7 +1223,7 @@ mod tests {
         async fn map(&mut self, _request: &MapRequest) -> Result<Grant, RouterError> {
             Err(RouterError::silent_for_tests())
         }
-        async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
+        async fn unmap(&mut self, _lease: &Lease) -> Result<(), RouterError> {
             Err(RouterError::silent_for_tests())
         }
     }

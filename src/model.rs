@@ -142,6 +142,83 @@ impl fmt::Display for MappingKey {
     }
 }
 
+/// PCP's 96-bit mapping nonce (RFC 6887 §11.1). The server ties a mapping to the nonce that created it,
+/// so renewals and deletes must send that same nonce. Text form: 24 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Nonce(pub [u8; 12]);
+
+impl Nonce {
+    /// A fresh nonce from `rng`; use a cryptographically strong one (e.g. `rand::rng()`).
+    pub fn random<R: rand::Rng + ?Sized>(rng: &mut R) -> Self {
+        Nonce(rng.random())
+    }
+}
+
+impl fmt::Display for Nonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl FromStr for Nonce {
+    type Err = InvalidNonce;
+
+    /// Accepts exactly 24 hex digits, either case.
+    fn from_str(text: &str) -> Result<Self, InvalidNonce> {
+        let invalid = || InvalidNonce {
+            text: text.chars().take(48).collect(),
+        };
+        let mut bytes = [0u8; 12];
+        if text.len() != 2 * bytes.len() {
+            return Err(invalid());
+        }
+        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            let [high, low] = pair else {
+                return Err(invalid());
+            };
+            let (Some(high), Some(low)) = (hex_value(*high), hex_value(*low)) else {
+                return Err(invalid());
+            };
+            *byte = (high << 4) | low;
+        }
+        Ok(Nonce(bytes))
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|value| u8::try_from(value).ok())
+}
+/// A nonce text that is not 24 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("PCP nonce {text:?} is not 24 hex digits")]
+pub struct InvalidNonce {
+    pub text: String,
+}
+
+/// A router mapping holepunch owns, as a router backend needs it to check or delete it:
+/// the slot, who owns it (UPnP's description), where it forwards, and PCP's nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: Owner,
+    pub protocol: Protocol,
+    pub external_port: u16,
+    /// What the router forwards to.
+    pub internal: Endpoint,
+    /// PCP: the nonce the mapping was made with (renewals and deletes must send it).
+    pub nonce: Option<Nonce>,
+}
+
+impl Lease {
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            protocol: self.protocol,
+            external_port: self.external_port,
+        }
+    }
+}
+
 /// An IPv4 address and port: where traffic for a mapping finally goes, or what the router
 /// forwards to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -335,6 +412,38 @@ pub fn unreachable_external_address(address: std::net::Ipv4Addr) -> Option<&'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonce_text_round_trips() {
+        const NONCE: Nonce = Nonce([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(NONCE.to_string(), "0102030405060708090a0b0c");
+        assert_eq!("0102030405060708090A0B0C".parse::<Nonce>(), Ok(NONCE));
+        let mut rng = rand::rng();
+        for _ in 0..100 {
+            let nonce = Nonce::random(&mut rng);
+            assert_eq!(nonce.to_string().len(), 24);
+            assert_eq!(nonce.to_string().parse::<Nonce>(), Ok(nonce));
+        }
+    }
+
+    #[test]
+    fn bad_nonce_texts_are_errors() {
+        for text in [
+            "",
+            "0102030405060708090a0b",
+            "0102030405060708090a0b0c0d",
+            "0102030405060708090a0bxx",
+            " 102030405060708090a0b0c",
+            "+102030405060708090a0b0c",
+            "éééééééééééé",
+            "ü102030405060708090a0b0",
+        ] {
+            assert!(
+                matches!(text.parse::<Nonce>(), Err(InvalidNonce { .. })),
+                "{text:?}"
+            );
+        }
+    }
 
     #[test]
     fn private_cgnat_and_unspecified_external_addresses_are_double_nat() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
-use crate::model::{Backend, MappingKey, PortMapping, Problem};
+use crate::model::{Backend, MappingKey, Nonce, PortMapping, Problem};
 use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile};
@@ -356,7 +356,7 @@ pub async fn execute<M: PortMapper>(
                     external_port: record.external_port,
                     internal: record.internal,
                     lifetime_secs: lease_secs,
-                    nonce: record.nonce.clone(),
+                    nonce: record.nonce(),
                 };
                 let result = unless_silent(&mut silent, mapper.map(&request)).await;
                 let result = match result {
@@ -365,7 +365,7 @@ pub async fn execute<M: PortMapper>(
                         // (README.md, "Router protocols"): give it back and report a conflict.
                         let mut wrong = record.clone();
                         wrong.external_port = grant.external_port;
-                        if let Err(e) = mapper.unmap(&wrong).await {
+                        if let Err(e) = mapper.unmap(&wrong.lease()).await {
                             tracing::warn!(error = %e, port = grant.external_port,
                                 "could not give back a mapping the router granted on another port");
                         }
@@ -480,7 +480,7 @@ async fn unmap_replaced<M: PortMapper>(
     silent: &mut Option<String>,
 ) -> Result<(), RouterError> {
     for replaced in &record.replaces {
-        unless_silent(silent, mapper.unmap(&record.as_replaced(replaced))).await?;
+        unless_silent(silent, mapper.unmap(&record.as_replaced(replaced).lease())).await?;
     }
     Ok(())
 }
@@ -492,7 +492,7 @@ async fn unmap_with_replaced<M: PortMapper>(
     silent: &mut Option<String>,
 ) -> Result<(), RouterError> {
     unmap_replaced(mapper, record, silent).await?;
-    unless_silent(silent, mapper.unmap(record)).await
+    unless_silent(silent, mapper.unmap(&record.lease())).await
 }
 
 /// Runs `call` unless the router was found silent earlier in this pass; notes a
@@ -610,8 +610,17 @@ fn new_record(
 
 /// 96 random bits as 24 hex digits (RFC 6887 §11.1: the nonce identifies the mapping's owner).
 fn random_nonce() -> String {
-    let bytes: [u8; 12] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Nonce::random(&mut rand::rng()).to_string()
+}
+
+/// The kind of failure a router error records on a mapping: a refusal waits for its
+/// backoff, silence is retried as soon as the router answers again.
+fn failure_of(error: &RouterError) -> Failure {
+    if error.is_refusal() {
+        Failure::Refused
+    } else {
+        Failure::RouterSilent
+    }
 }
 
 fn after(now: Timestamp, duration: Duration) -> Timestamp {
@@ -663,7 +672,7 @@ fn record_failure(
     jitter: f64,
 ) {
     record.failures = record.failures.saturating_add(1);
-    record.failure = Some(error.failure());
+    record.failure = Some(failure_of(error));
     record.last_error = Some(error.to_string());
     let floor = match error {
         RouterError::Refused {
@@ -693,7 +702,7 @@ pub fn retry_delay(failures: u32, floor: Duration, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, MappingKey, Owner, Protocol, Target, TargetSource};
+    use crate::model::{Endpoint, Lease, MappingKey, Owner, Protocol, Target, TargetSource};
     use crate::plan::{Forwarding, plan};
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
@@ -775,7 +784,7 @@ mod tests {
             }
         }
 
-        async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+        async fn unmap(&mut self, record: &Lease) -> Result<(), RouterError> {
             self.calls.push(format!("unmap {}", record.external_port));
             Ok(())
         }
@@ -1008,7 +1017,7 @@ mod tests {
             })
         }
 
-        async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+        async fn unmap(&mut self, record: &Lease) -> Result<(), RouterError> {
             let port = record.external_port;
             self.calls.push(format!(
                 "unmap {port} {} -> {}",
@@ -1296,7 +1305,7 @@ mod tests {
             })
         }
 
-        async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
+        async fn unmap(&mut self, _lease: &Lease) -> Result<(), RouterError> {
             self.0 += 1;
             Err(RouterError::Refused {
                 reason: "NOT_AUTHORIZED".into(),

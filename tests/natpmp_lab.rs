@@ -454,7 +454,7 @@ fn natpmp_step_in_lan() {
             "unmap" => {
                 for protocol in [Protocol::Tcp, Protocol::Udp] {
                     client
-                        .unmap(&record(protocol, 18200))
+                        .unmap(&record(protocol, 18200).lease())
                         .await
                         .expect("unmapped (or already gone)");
                 }

@@ -374,7 +374,7 @@ fn pcp_client_step_in_lan() {
                     external_port: 18100,
                     internal,
                     lifetime_secs: 600,
-                    nonce: Some(nonce.clone()),
+                    nonce: nonce.parse().ok(),
                 };
                 let grant = client.map(&request).await.expect("granted");
                 assert_eq!(grant.external_port, 18100);
@@ -401,7 +401,7 @@ fn pcp_client_step_in_lan() {
                     )
                 };
                 client
-                    .unmap(&record)
+                    .unmap(&record.lease())
                     .await
                     .expect("unmapped (or already gone)");
             }
@@ -419,7 +419,7 @@ fn pcp_client_step_in_lan() {
                     external_port: 18101,
                     internal,
                     lifetime_secs: 600,
-                    nonce: Some(nonce.clone()),
+                    nonce: nonce.parse().ok(),
                 };
                 let started = std::time::Instant::now();
                 let result = client.map(&request).await;

@@ -528,7 +528,7 @@ fn upnp_steps_in_lan() {
                     if let Some(name) = words.get(4) {
                         record.owner = Owner::new("lab", *name);
                     }
-                    match client.unmap(&record).await {
+                    match client.unmap(&record.lease()).await {
                         Ok(()) => println!("STEP unmap OK"),
                         Err(err) => println!("STEP unmap ERR {err:?}"),
                     }
@@ -634,7 +634,7 @@ fn upnp_steps_in_lan() {
                     for round in 0..ROUNDS {
                         for base in [19000, 19100] {
                             client
-                                .unmap(&record(Protocol::Tcp, base + round, lan))
+                                .unmap(&record(Protocol::Tcp, base + round, lan).lease())
                                 .await
                                 .expect("unmap");
                         }

@@ -124,9 +124,9 @@ async fn well_behaved_router_maps_lists_and_unmaps_with_the_owner_tag() {
     assert_eq!(listed[0].external_port, 18080);
     assert_eq!(listed[0].description, "holepunch:default/web");
 
-    client.unmap(&record(18080)).await.unwrap();
+    client.unmap(&record(18080).lease()).await.unwrap();
     assert_eq!(fake.mapping("TCP", 18080), None);
-    client.unmap(&record(18080)).await.unwrap();
+    client.unmap(&record(18080).lease()).await.unwrap();
     assert!(client.list().await.unwrap().is_empty());
 }
 
@@ -178,7 +178,7 @@ async fn dsl_modem_with_only_wanpppconnection_is_used_through_it() {
     let mut client = discover(&fake).await;
     assert_eq!(client.service_type(), WANPPP1);
     client.map(&request(18085)).await.unwrap();
-    client.unmap(&record(18085)).await.unwrap();
+    client.unmap(&record(18085).lease()).await.unwrap();
     let calls = fake.calls();
     assert!(
         calls
@@ -379,7 +379,7 @@ async fn mappings_not_tagged_for_the_owner_are_never_changed_or_deleted() {
         }
         other => panic!("{other:?}"),
     }
-    client.unmap(&record(18087)).await.unwrap();
+    client.unmap(&record(18087).lease()).await.unwrap();
     assert_eq!(fake.mapping("TCP", 18087), Some(foreign));
     assert!(
         fake.calls()
@@ -395,7 +395,7 @@ async fn delete_answering_714_is_success() {
     let fake = FakeIgd::forgets_before_delete().await;
     let mut client = discover(&fake).await;
     client.map(&request(18088)).await.unwrap();
-    client.unmap(&record(18088)).await.unwrap();
+    client.unmap(&record(18088).lease()).await.unwrap();
     let actions: Vec<String> = fake.calls().into_iter().map(|call| call.action).collect();
     assert_eq!(
         actions,

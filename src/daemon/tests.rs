@@ -17,7 +17,7 @@ use crate::kube::report::ClusterReport;
 use crate::kube::snapshot::Snapshot;
 use crate::kube::watch::ClusterSource;
 use crate::metrics::Metrics;
-use crate::model::{Backend, MappingKey, Problem, ProblemKind, Protocol};
+use crate::model::{Backend, Lease, MappingKey, Problem, ProblemKind, Protocol};
 use crate::nft::{MemoryFirewall, Ruleset};
 use crate::reconcile::Persist;
 use crate::router::announce::{Check, RouterAnswer};
@@ -174,7 +174,7 @@ impl PortMapper for Scripted {
         })
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+    async fn unmap(&mut self, record: &Lease) -> Result<(), RouterError> {
         let mut routers = lock(&self.lab.0);
         routers
             .calls
@@ -188,7 +188,7 @@ impl PortMapper for Scripted {
         Ok(())
     }
 
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, records: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         let mut routers = lock(&self.lab.0);
         routers
             .calls

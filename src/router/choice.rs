@@ -9,12 +9,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::config::BackendChoice;
-use crate::model::{Backend, MappingKey};
+use crate::model::{Backend, Lease, MappingKey};
 use crate::router::natpmp::client::NatpmpClient;
 use crate::router::pcp::client::{PcpClient, Schedule};
 use crate::router::upnp::UpnpClient;
 use crate::router::{Grant, MapRequest, NoRouter, PortMapper, RouterError};
-use crate::state::MappingRecord;
 
 /// How long one protocol's probe may take before `auto` tries the next one.
 pub const PROBE_TRY_MS: u64 = 1000;
@@ -197,21 +196,21 @@ impl PortMapper for Router {
         }
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
+    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
         match self {
-            Router::None(r) => r.unmap(record).await,
-            Router::Pcp(r) => r.unmap(record).await,
-            Router::Natpmp(r) => r.unmap(record).await,
-            Router::Upnp(r) => r.unmap(record).await,
+            Router::None(r) => r.unmap(lease).await,
+            Router::Pcp(r) => r.unmap(lease).await,
+            Router::Natpmp(r) => r.unmap(lease).await,
+            Router::Upnp(r) => r.unmap(lease).await,
         }
     }
 
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         match self {
-            Router::None(r) => r.lost(records).await,
-            Router::Pcp(r) => r.lost(records).await,
-            Router::Natpmp(r) => r.lost(records).await,
-            Router::Upnp(r) => r.lost(records).await,
+            Router::None(r) => r.lost(leases).await,
+            Router::Pcp(r) => r.lost(leases).await,
+            Router::Natpmp(r) => r.lost(leases).await,
+            Router::Upnp(r) => r.lost(leases).await,
         }
     }
 

@@ -17,8 +17,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol};
-use crate::state::{Failure, MappingRecord};
+use crate::model::{Backend, Endpoint, Lease, MappingKey, Nonce, Owner, Protocol};
 
 /// A request to create or renew one mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +27,8 @@ pub struct MapRequest {
     pub external_port: u16,
     pub internal: Endpoint,
     pub lifetime_secs: u32,
-    /// PCP: the mapping's nonce (24 hex digits), already persisted in the state file.
-    pub nonce: Option<String>,
+    /// PCP: the mapping's nonce, already persisted in the state file.
+    pub nonce: Option<Nonce>,
 }
 
 /// What the router granted.
@@ -46,8 +45,8 @@ pub struct Grant {
     pub router: String,
 }
 
-/// Why a router call failed, one variant per failing step; [`RouterError::failure`] says what
-/// the reconciler makes of it. Each message says what went wrong and, where the user can act,
+/// Why a router call failed, one variant per failing step; [`RouterError::is_refusal`] says
+/// whether the router answered at all. Each message says what went wrong and, where the user can act,
 /// what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -157,15 +156,6 @@ impl RouterError {
             RouterError::Conflict { .. } | RouterError::Refused { .. }
         )
     }
-
-    /// The kind of failure this error records on a mapping.
-    pub fn failure(&self) -> Failure {
-        if self.is_refusal() {
-            Failure::Refused
-        } else {
-            Failure::RouterSilent
-        }
-    }
 }
 
 #[cfg(test)]
@@ -194,19 +184,16 @@ pub trait PortMapper: Send {
     ) -> impl Future<Output = Result<Grant, RouterError>> + Send;
 
     /// Deletes a mapping holepunch owns; one that is already gone is success.
-    fn unmap(
-        &mut self,
-        record: &MappingRecord,
-    ) -> impl Future<Output = Result<(), RouterError>> + Send;
+    fn unmap(&mut self, lease: &Lease) -> impl Future<Output = Result<(), RouterError>> + Send;
 
-    /// Asks the router which of `records` (mappings it granted) it no longer holds, as
+    /// Asks the router which of `leases` (mappings it granted) it no longer holds, as
     /// cheaply as the protocol allows; called every verify interval. The default knows no
     /// way to ask and reports nothing lost.
     fn lost(
         &mut self,
-        records: &[&MappingRecord],
+        leases: &[Lease],
     ) -> impl Future<Output = Result<Vec<MappingKey>, RouterError>> + Send {
-        let _ = records;
+        let _ = leases;
         async { Ok(Vec::new()) }
     }
 
@@ -238,7 +225,7 @@ impl PortMapper for NoRouter {
         })
     }
 
-    async fn unmap(&mut self, _record: &MappingRecord) -> Result<(), RouterError> {
+    async fn unmap(&mut self, _lease: &Lease) -> Result<(), RouterError> {
         Ok(())
     }
 }
@@ -270,7 +257,7 @@ mod tests {
             cause,
             Some(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable).to_string())
         );
-        assert_eq!(socket.failure(), Failure::RouterSilent);
+        assert!(!socket.is_refusal());
 
         let silent = RouterError::NoAnswer {
             protocol: "PCP",
@@ -292,7 +279,6 @@ mod tests {
         assert!(not_sent.to_string().contains("no PCP answer"), "{not_sent}");
         for error in [&silent, &not_sent, &RouterError::NoAddress] {
             assert!(!error.is_refusal(), "{error}");
-            assert_eq!(error.failure(), Failure::RouterSilent);
         }
 
         // The normal case of an answer: a refusal and a conflict are refusals.
@@ -307,7 +293,6 @@ mod tests {
         };
         for error in [&refused, &conflict] {
             assert!(error.is_refusal(), "{error}");
-            assert_eq!(error.failure(), Failure::Refused);
         }
     }
 }

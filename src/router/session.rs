@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::{BackendChoice, RouterConfig};
 use crate::metrics::{Instrumented, Metrics};
-use crate::model::{Backend, MappingKey};
+use crate::model::{Backend, Lease, MappingKey};
 use crate::plan::{Action, Observations};
 use crate::router::announce::{AnnounceGate, Check, RouterAnswer};
 use crate::router::choice::{NoRouterFound, Router, RouterAddress};
@@ -315,7 +315,7 @@ impl<C: Connect> Session<C> {
                 continue;
             };
             for record in records {
-                match router.unmap(record).await {
+                match router.unmap(&record.lease()).await {
                     Ok(()) => {
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, made_with = %old, "deleted before re-requesting it through {current}")
@@ -359,7 +359,8 @@ pub async fn check_router(
         return true;
     }
     // One request even with nothing granted: it tells whether the router answers again.
-    let result = router.lost(&granted).await;
+    let leases: Vec<Lease> = granted.iter().map(|r| r.lease()).collect();
+    let result = router.lost(&leases).await;
     if result.is_ok() && waiting > 0 {
         // The router answers: what failed because it did not need not wait for its backoff.
         observed.answering_again = true;

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
+use crate::model::{Backend, Endpoint, Lease, MappingKey, Nonce, Owner, Protocol, TargetSource};
 
 /// Why a mapping's last request did not succeed, which decides what its retry waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +120,23 @@ impl MappingRecord {
         }
     }
 
+    /// The router mapping this record stands for, as a backend needs it to check or delete
+    /// it. A recorded nonce that is not 24 hex digits counts as none (PCP then refuses).
+    pub fn lease(&self) -> Lease {
+        Lease {
+            owner: self.owner.clone(),
+            protocol: self.protocol,
+            external_port: self.external_port,
+            internal: self.internal,
+            nonce: self.nonce(),
+        }
+    }
+
+    /// The recorded PCP nonce, if there is a usable one.
+    pub fn nonce(&self) -> Option<Nonce> {
+        self.nonce.as_deref().and_then(|text| text.parse().ok())
+    }
+
     /// This record as the earlier owner `replaced` had it: what deleting that owner's
     /// router mapping needs (same port, protocol, backend and nonce).
     pub fn as_replaced(&self, replaced: &Replaced) -> MappingRecord {
@@ -207,5 +224,40 @@ impl State {
             }
         }
         marked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_record_hands_the_router_its_lease_with_a_typed_nonce() {
+        let mut record = MappingRecord::leftover(
+            Owner::new("default", "web"),
+            MappingKey {
+                protocol: Protocol::Udp,
+                external_port: 3478,
+            },
+            Endpoint::new(Ipv4Addr::new(192, 168, 1, 10), 3478),
+            Backend::Pcp,
+        );
+        record.nonce = Some("00112233445566778899AABB".to_owned());
+        let lease = record.lease();
+        assert_eq!(lease.key(), record.key());
+        assert_eq!(
+            (&lease.owner, lease.internal),
+            (&record.owner, record.internal)
+        );
+        assert_eq!(
+            lease.nonce.map(|n| n.to_string()).as_deref(),
+            Some("00112233445566778899aabb")
+        );
+        // A damaged nonce text reaches the router as none (PCP then refuses to send).
+        record.nonce = Some("not a nonce".to_owned());
+        assert_eq!(record.lease().nonce, None);
+        record.nonce = None;
+        assert_eq!(record.lease().nonce, None);
     }
 }

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use super::codec::{self, Opcode, ResponseBody, ResultCode};
-use crate::model::{Backend, MappingKey, Protocol};
+use crate::model::{Backend, Lease, MappingKey, Protocol};
 use crate::router::pcp::client::renew_after;
 use crate::router::pcp::codec::VERSION as PCP_VERSION;
 use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
-use crate::state::MappingRecord;
 
 /// Receive buffer: larger than any NAT-PMP response (16 bytes), so that oversized or foreign
 /// datagrams are seen whole and rejected by the codec.
@@ -358,10 +357,10 @@ impl PortMapper for NatpmpClient {
 
     /// NAT-PMP cannot list mappings; an external-address request shows the epoch, and an
     /// inconsistent one (§3.6) means the gateway restarted and lost them all.
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         self.ask_external_address().await?;
         if self.take_restart() {
-            return Ok(records.iter().map(|r| r.key()).collect());
+            return Ok(leases.iter().map(Lease::key).collect());
         }
         Ok(Vec::new())
     }
@@ -423,21 +422,17 @@ impl PortMapper for NatpmpClient {
         })
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
-        check_internal_address(record.internal.address, self.client_ip)?;
+    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
+        check_internal_address(lease.internal.address, self.client_ip)?;
         // NOTE: a delete is lifetime 0 with external port 0 (RFC 6886 §3.4); the gateway
         // finds the mapping by protocol and internal port.
-        let wire = codec::MapRequest::delete(record.protocol, record.internal.port);
+        let wire = codec::MapRequest::delete(lease.protocol, lease.internal.port);
         let response = self.exchange(&wire.encode(), Expect::Map(&wire)).await?;
         match response.result {
             // NOTE: measured on miniupnpd 2.3.1 (tests/natpmp_lab.rs): deleting a mapping
             // that is already gone answers success, which is what was asked for.
             ResultCode::Success => Ok(()),
-            other => Err(error_for_result(
-                other,
-                record.protocol,
-                record.external_port,
-            )),
+            other => Err(error_for_result(other, lease.protocol, lease.external_port)),
         }
     }
 }
@@ -445,7 +440,7 @@ impl PortMapper for NatpmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, MappingKey, Owner};
+    use crate::model::{Endpoint, Owner};
 
     const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
     const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -468,18 +463,13 @@ mod tests {
         }
     }
 
-    fn record(protocol: Protocol, port: u16, address: Ipv4Addr) -> MappingRecord {
-        MappingRecord {
-            lifetime_secs: 600,
-            ..MappingRecord::leftover(
-                Owner::new("default", "web"),
-                MappingKey {
-                    protocol,
-                    external_port: port,
-                },
-                Endpoint::new(address, port),
-                Backend::Natpmp,
-            )
+    fn lease(protocol: Protocol, port: u16, address: Ipv4Addr) -> Lease {
+        Lease {
+            owner: Owner::new("default", "web"),
+            protocol,
+            external_port: port,
+            internal: Endpoint::new(address, port),
+            nonce: None,
         }
     }
 
@@ -851,7 +841,7 @@ mod tests {
         direct.internal.address = other;
         for result in [
             client.map(&direct).await.map(|_| ()),
-            client.unmap(&record(Protocol::Tcp, 18080, other)).await,
+            client.unmap(&lease(Protocol::Tcp, 18080, other)).await,
         ] {
             match result {
                 Err(RouterError::Refused { reason, .. }) => {
@@ -873,7 +863,7 @@ mod tests {
         .await;
         let mut client = gateway.client();
         client
-            .unmap(&record(Protocol::Udp, 18090, LOCAL))
+            .unmap(&lease(Protocol::Udp, 18090, LOCAL))
             .await
             .expect("deleted");
         let requests = gateway.requests().await;

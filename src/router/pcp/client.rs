@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use super::codec::{self, Nonce, ResultCode};
-use crate::model::{Backend, MappingKey, Protocol};
+use crate::model::{Backend, Lease, MappingKey, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
-use crate::state::MappingRecord;
 
 /// Receive buffer: larger than the 1100-byte PCP limit so that oversized datagrams are seen
 /// (and rejected by the codec) rather than silently truncated.
@@ -162,15 +161,12 @@ fn version_mismatch(err: &codec::DecodeError) -> RouterError {
     }
 }
 
-fn parse_nonce(nonce: Option<&str>) -> Result<Nonce, RouterError> {
-    let text = nonce.ok_or_else(|| RouterError::Refused {
-        reason: "PCP needs the mapping's nonce, and none was recorded for it (a bug: the \
-                 nonce must be persisted before the first request)"
+/// The mapping's nonce, or a refusal to send a request without one.
+fn recorded_nonce(nonce: Option<Nonce>) -> Result<Nonce, RouterError> {
+    nonce.ok_or_else(|| RouterError::Refused {
+        reason: "PCP needs the mapping's nonce, and the state file holds no usable one for it \
+                 (24 hex digits; a bug: the nonce must be persisted before the first request)"
             .to_owned(),
-        retry_after: None,
-    })?;
-    text.parse().map_err(|err| RouterError::Refused {
-        reason: format!("the mapping's recorded PCP nonce is unusable: {err}"),
         retry_after: None,
     })
 }
@@ -391,7 +387,7 @@ impl PortMapper for PcpClient {
 
     /// PCP cannot list mappings; an ANNOUNCE request shows the epoch, and an inconsistent
     /// one (§8.5) means the router restarted and lost them all.
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         // A check must not hold the daemon's loop for the whole MAP schedule (21 s): a short
         // one suffices to tell "answers" from "does not".
         let schedule = std::mem::replace(&mut self.schedule, CHECK_SCHEDULE);
@@ -399,7 +395,7 @@ impl PortMapper for PcpClient {
         self.schedule = schedule;
         answered?;
         if self.take_restart() {
-            return Ok(records.iter().map(|r| r.key()).collect());
+            return Ok(leases.iter().map(Lease::key).collect());
         }
         Ok(Vec::new())
     }
@@ -409,7 +405,7 @@ impl PortMapper for PcpClient {
     }
 
     async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
-        let nonce = parse_nonce(request.nonce.as_deref())?;
+        let nonce = recorded_nonce(request.nonce)?;
         // NOTE: lifetime 0 deletes (RFC 6887 §15); PCP has no permanent mappings, so a
         // "permanent" one (router.lease_seconds = 0) asks for a long lease and renews it.
         let lifetime_secs = match request.lifetime_secs {
@@ -456,17 +452,17 @@ impl PortMapper for PcpClient {
         })
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
-        let nonce = parse_nonce(record.nonce.as_deref())?;
+    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
+        let nonce = recorded_nonce(lease.nonce)?;
         let wire = codec::MapRequest {
             lifetime_secs: 0,
             client_ip: self.client_ip,
             nonce,
-            protocol: record.protocol.iana_number(),
-            internal_port: record.internal.port,
-            suggested_external_port: record.external_port,
+            protocol: lease.protocol.iana_number(),
+            internal_port: lease.internal.port,
+            suggested_external_port: lease.external_port,
             suggested_external_ip: None,
-            third_party: self.third_party(record.internal.address),
+            third_party: self.third_party(lease.internal.address),
             prefer_failure: false,
         };
         let response = self.exchange(&wire).await?;
@@ -478,8 +474,8 @@ impl PortMapper for PcpClient {
             other => Err(error_for_result(
                 other,
                 response.lifetime_secs,
-                record.protocol,
-                record.external_port,
+                lease.protocol,
+                lease.external_port,
             )),
         }
     }
@@ -596,14 +592,14 @@ mod tests {
     #[test]
     fn missing_or_bad_nonce_is_refused() {
         assert!(matches!(
-            parse_nonce(None),
+            recorded_nonce(None),
             Err(RouterError::Refused { .. })
         ));
         assert!(matches!(
-            parse_nonce(Some("xyz")),
+            recorded_nonce("xyz".parse().ok()),
             Err(RouterError::Refused { .. })
         ));
-        let nonce = parse_nonce(Some("00112233445566778899aabb")).unwrap();
+        let nonce = recorded_nonce("00112233445566778899aabb".parse().ok()).unwrap();
         assert_eq!(nonce.to_string(), "00112233445566778899aabb");
     }
 
@@ -662,7 +658,7 @@ mod tests {
             external_port: 8080,
             internal: crate::model::Endpoint::new(Ipv4Addr::LOCALHOST, 8080),
             lifetime_secs,
-            nonce: Some("00112233445566778899aabb".into()),
+            nonce: "00112233445566778899aabb".parse().ok(),
         }
     }
 
@@ -735,7 +731,7 @@ mod tests {
             external_port: 8080,
             internal: crate::model::Endpoint::new(Ipv4Addr::LOCALHOST, 8080),
             lifetime_secs: 600,
-            nonce: Some("00112233445566778899aabb".into()),
+            nonce: "00112233445566778899aabb".parse().ok(),
         };
         let started = Instant::now();
         let result = client.map(&request).await;

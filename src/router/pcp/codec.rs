@@ -16,7 +16,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 
 /// The PCP version this codec speaks (§9).
 pub const VERSION: u8 = 2;
@@ -35,6 +34,8 @@ pub const MAP_PAYLOAD_BYTES: usize = 36;
 /// PEER opcode-specific data (§12.1).
 pub const PEER_PAYLOAD_BYTES: usize = 56;
 
+pub use crate::model::{InvalidNonce, Nonce};
+
 const R_BIT: u8 = 0x80;
 const OPTION_HEADER_BYTES: usize = 4;
 const OPTION_THIRD_PARTY: u8 = 1;
@@ -43,7 +44,7 @@ const OPTION_FILTER: u8 = 3;
 const THIRD_PARTY_DATA_BYTES: u16 = 16;
 const PREFER_FAILURE_DATA_BYTES: u16 = 0;
 
-/// Why a datagram is not a PCP response this client can use, or a nonce text is not a nonce.
+/// Why a datagram is not a PCP response this client can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("PCP response of {len} bytes is too short: at least {min} bytes are needed")]
@@ -93,9 +94,6 @@ pub enum DecodeError {
 
     #[error("PCP option {code} has {length} data bytes, which is not a valid length for it")]
     MalformedOption { code: u8, length: usize },
-
-    #[error("PCP nonce {text:?} is not 24 hex digits")]
-    InvalidNonce { text: String },
 }
 
 impl DecodeError {
@@ -107,55 +105,6 @@ impl DecodeError {
             DecodeError::NatPmpServer | DecodeError::UnsupportedVersion { .. }
         )
     }
-}
-
-/// The 96-bit mapping nonce (§11.1). The server ties a mapping to the nonce that created it,
-/// so renewals and deletes must send that same nonce. Text form: 24 lowercase hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Nonce(pub [u8; 12]);
-
-impl Nonce {
-    /// A fresh nonce from `rng`; use a cryptographically strong one (e.g. `rand::rng()`).
-    pub fn random<R: rand::Rng + ?Sized>(rng: &mut R) -> Self {
-        Nonce(rng.random())
-    }
-}
-
-impl fmt::Display for Nonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
-    }
-}
-
-impl FromStr for Nonce {
-    type Err = DecodeError;
-
-    /// Accepts exactly 24 hex digits, either case.
-    fn from_str(text: &str) -> Result<Self, DecodeError> {
-        let invalid = || DecodeError::InvalidNonce {
-            text: text.chars().take(48).collect(),
-        };
-        let mut bytes = [0u8; 12];
-        if text.len() != 2 * bytes.len() {
-            return Err(invalid());
-        }
-        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
-            let [high, low] = pair else {
-                return Err(invalid());
-            };
-            let (Some(high), Some(low)) = (hex_value(*high), hex_value(*low)) else {
-                return Err(invalid());
-            };
-            *byte = (high << 4) | low;
-        }
-        Ok(Nonce(bytes))
-    }
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    char::from(digit)
-        .to_digit(16)
-        .and_then(|value| u8::try_from(value).ok())
 }
 
 /// PCP operation (§7.1, §19.2). Only these three are defined.
@@ -1428,37 +1377,6 @@ mod tests {
         }
         assert_eq!(Opcode::from_code(3), None);
         assert_eq!(Opcode::Map.to_string(), "MAP");
-    }
-
-    #[test]
-    fn nonce_text_round_trips() {
-        assert_eq!(NONCE.to_string(), "0102030405060708090a0b0c");
-        assert_eq!("0102030405060708090A0B0C".parse::<Nonce>(), Ok(NONCE));
-        let mut rng = rand::rng();
-        for _ in 0..100 {
-            let nonce = Nonce::random(&mut rng);
-            assert_eq!(nonce.to_string().len(), 24);
-            assert_eq!(nonce.to_string().parse::<Nonce>(), Ok(nonce));
-        }
-    }
-
-    #[test]
-    fn bad_nonce_texts_are_errors() {
-        for text in [
-            "",
-            "0102030405060708090a0b",
-            "0102030405060708090a0b0c0d",
-            "0102030405060708090a0bxx",
-            " 102030405060708090a0b0c",
-            "+102030405060708090a0b0c",
-            "éééééééééééé",
-            "ü102030405060708090a0b0",
-        ] {
-            assert!(
-                matches!(text.parse::<Nonce>(), Err(DecodeError::InvalidNonce { .. })),
-                "{text:?}"
-            );
-        }
     }
 
     /// xorshift64: deterministic, dependency-free noise.

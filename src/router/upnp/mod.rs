@@ -26,9 +26,8 @@ use std::time::Duration;
 
 pub use discovery::Discovery;
 
-use crate::model::{Backend, MappingKey, Owner, Protocol};
+use crate::model::{Backend, Lease, MappingKey, Owner, Protocol};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::MappingRecord;
 use http::{HttpError, HttpUrl};
 use soap::{Arguments, Fault, Reply, code};
 
@@ -561,14 +560,15 @@ impl UpnpClient {
             if entry.internal_client != self.lan_address || keep.contains(&key) {
                 continue;
             }
-            let record = MappingRecord::leftover(
+            let lease = Lease {
                 owner,
-                key,
-                crate::model::Endpoint::new(entry.internal_client, entry.internal_port),
-                Backend::Upnp,
-            );
-            self.unmap(&record).await?;
-            tracing::warn!(service = %record.owner, external_port = key.external_port,
+                protocol: key.protocol,
+                external_port: key.external_port,
+                internal: crate::model::Endpoint::new(entry.internal_client, entry.internal_port),
+                nonce: None,
+            };
+            self.unmap(&lease).await?;
+            tracing::warn!(service = %lease.owner, external_port = key.external_port,
                 protocol = %key.protocol, "deleted a leftover holepunch mapping the state file did not know");
             purged += 1;
         }
@@ -589,25 +589,23 @@ impl PortMapper for UpnpClient {
     /// GetSpecificPortMappingEntry for each mapping: gone, or held by someone else, is lost.
     /// A changed external address counts every mapping as lost, so that the restore records
     /// the new address (and the Services' status and Events follow).
-    async fn lost(&mut self, records: &[&MappingRecord]) -> Result<Vec<MappingKey>, RouterError> {
+    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
         let previous = self.external;
         let current = self.external_address().await?;
         self.external = Some(current);
         if previous.is_some_and(|p| p != current) {
             tracing::warn!(previous = ?previous, %current, "the router's external address changed");
-            return Ok(records.iter().map(|r| r.key()).collect());
+            return Ok(leases.iter().map(Lease::key).collect());
         }
         let mut lost = Vec::new();
-        for record in records {
+        for lease in leases {
             let held = self
-                .specific_entry(record.protocol, record.external_port)
+                .specific_entry(lease.protocol, lease.external_port)
                 .await?
-                .is_some_and(|entry| {
-                    Self::owned_by(&entry, &record.owner, record.internal.address)
-                });
+                .is_some_and(|entry| Self::owned_by(&entry, &lease.owner, lease.internal.address));
             if !held {
-                self.mapped.remove(&(record.protocol, record.external_port));
-                lost.push(record.key());
+                self.mapped.remove(&(lease.protocol, lease.external_port));
+                lost.push(lease.key());
             }
         }
         Ok(lost)
@@ -685,18 +683,18 @@ impl PortMapper for UpnpClient {
         }
     }
 
-    async fn unmap(&mut self, record: &MappingRecord) -> Result<(), RouterError> {
-        let key = (record.protocol, record.external_port);
+    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
+        let key = (lease.protocol, lease.external_port);
         self.mapped.remove(&key);
         match self
-            .specific_entry(record.protocol, record.external_port)
+            .specific_entry(lease.protocol, lease.external_port)
             .await?
         {
             None => return Ok(()),
-            Some(entry) if !Self::owned_by(&entry, &record.owner, record.internal.address) => {
+            Some(entry) if !Self::owned_by(&entry, &lease.owner, lease.internal.address) => {
                 tracing::warn!(
-                    port = record.external_port,
-                    protocol = %record.protocol,
+                    port = lease.external_port,
+                    protocol = %lease.protocol,
                     holder = %entry.internal_client,
                     description = %entry.description,
                     "holepunch's mapping is gone and another one holds the port; leaving it alone"
@@ -705,14 +703,14 @@ impl PortMapper for UpnpClient {
             }
             Some(_) => {}
         }
-        let port = record.external_port.to_string();
+        let port = lease.external_port.to_string();
         let reply = self
             .call(
                 "DeletePortMapping",
                 &[
                     ("NewRemoteHost", ""),
                     ("NewExternalPort", &port),
-                    ("NewProtocol", record.protocol.upnp_name()),
+                    ("NewProtocol", lease.protocol.upnp_name()),
                 ],
             )
             .await?;
