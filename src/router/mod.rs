@@ -11,6 +11,7 @@ pub mod discover;
 pub mod natpmp;
 pub mod pcp;
 pub mod session;
+pub mod udp;
 pub mod upnp;
 
 use std::future::Future;

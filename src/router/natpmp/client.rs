@@ -10,13 +10,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
-
 use super::codec::{self, Opcode, ResponseBody, ResultCode};
 use crate::model::{Backend, Lease, MappingKey, Protocol};
 use crate::router::pcp::client::renew_after;
 use crate::router::pcp::codec::VERSION as PCP_VERSION;
-use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
+use crate::router::udp::{Route, UdpExchange, Verdict};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
 
 /// Receive buffer: larger than any NAT-PMP response (16 bytes), so that oversized or foreign
 /// datagrams are seen whole and rejected by the codec.
@@ -153,7 +152,7 @@ pub struct NatpmpClient {
     client_ip: Ipv4Addr,
     server_port: u16,
     schedule: Schedule,
-    socket: Option<UdpSocket>,
+    udp: UdpExchange,
     epoch: Option<EpochSeen>,
     epoch_jumped: bool,
     /// The gateway's external address, once asked; `None` again after an epoch jump.
@@ -169,7 +168,7 @@ impl NatpmpClient {
             client_ip,
             server_port: codec::SERVER_PORT,
             schedule: Schedule::default(),
-            socket: None,
+            udp: UdpExchange::default(),
             epoch: None,
             epoch_jumped: false,
             external_address: None,
@@ -246,28 +245,16 @@ impl NatpmpClient {
         });
     }
 
-    async fn socket(&mut self) -> Result<&UdpSocket, RouterError> {
-        if let Some(socket) = self.socket.take() {
-            return Ok(self.socket.insert(socket));
-        }
-        let router = SocketAddr::from((self.gateway, self.server_port));
-        let failed = |step, source| RouterError::Socket {
+    /// Where this client's requests go.
+    fn route(&self) -> Route {
+        Route {
             protocol: "NAT-PMP",
-            step,
             local: IpAddr::V4(self.client_ip),
-            router,
-            source,
-        };
-        let socket = UdpSocket::bind((self.client_ip, 0))
-            .await
-            .map_err(|err| failed(SocketStep::Bind, err))?;
-        // NOTE: a connected socket receives only datagrams from gateway:5351, which is
-        // the source check of RFC 6886 §3.1 done by the kernel.
-        socket
-            .connect(router)
-            .await
-            .map_err(|err| failed(SocketStep::Connect, err))?;
-        Ok(self.socket.insert(socket))
+            router: SocketAddr::from((self.gateway, self.server_port)),
+            read_cap_bytes: RECV_BUFFER_BYTES,
+            hint: "; check router.address and that NAT-PMP is on in the router",
+            sent_point: Some(crate::crashpoint::NATPMP_SENT),
+        }
     }
 
     /// Send `request` until a response that `expect` accepts arrives or the schedule runs out.
@@ -276,77 +263,30 @@ impl NatpmpClient {
         request: &[u8],
         expect: Expect<'_>,
     ) -> Result<codec::Response, RouterError> {
-        let schedule = self.schedule;
-        let gateway = self.gateway;
-        let server_port = self.server_port;
-        let socket = self.socket().await?;
-        // Late answers to earlier requests must not be taken for this one's.
-        let mut buf = [0u8; RECV_BUFFER_BYTES];
-        while socket.try_recv(&mut buf).is_ok() {}
-
-        let mut last_problem: Option<String> = None;
-        let mut outcome = None;
-        'tries: for index in 0..schedule.tries() {
-            let deadline = tokio::time::Instant::now() + schedule.wait(index);
-            if let Err(err) = socket.send(request).await {
-                last_problem = Some(format!("send failed: {err}"));
-            }
-            crate::crashpoint::reached(crate::crashpoint::NATPMP_SENT);
-            loop {
-                let received = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await
-                {
-                    Err(_elapsed) => continue 'tries,
-                    Ok(Err(err)) => {
-                        // ICMP errors (port or host unreachable) surface here on a
-                        // connected socket; keep to the schedule all the same.
-                        last_problem = Some(format!("receive failed: {err}"));
-                        tokio::time::sleep_until(deadline).await;
-                        continue 'tries;
-                    }
-                    Ok(Ok(len)) => &buf[..len],
-                };
-                match codec::decode_response(received) {
-                    Ok(response) if expect.accepts(&response) => {
-                        outcome = Some(Ok(response));
-                        break 'tries;
-                    }
-                    Ok(response) => {
-                        tracing::debug!(%gateway, ?response, "ignoring a NAT-PMP response for another request");
-                        last_problem = Some(format!(
-                            "ignored a {:?} response for another request",
-                            response.opcode
-                        ));
-                    }
+        let route = self.route();
+        let waits = (0..self.schedule.tries()).map(|index| self.schedule.wait(index));
+        let response = self
+            .udp
+            .exchange(&route, request, waits, |datagram| {
+                match codec::decode_response(datagram) {
+                    Ok(response) if expect.accepts(&response) => Verdict::Answer(response),
+                    Ok(response) => Verdict::Ignore(format!(
+                        "ignored a {:?} response for another request",
+                        response.opcode
+                    )),
                     // NOTE: a PCP-only gateway answers with a version-2 UNSUPP_VERSION
                     // (RFC 6887 §9): NAT-PMP will not work with it, retrying is pointless.
                     Err(err @ codec::DecodeError::UnsupportedVersion { version })
                         if version == PCP_VERSION =>
                     {
-                        outcome = Some(Err(version_mismatch(&err)));
-                        break 'tries;
+                        Verdict::Fail(version_mismatch(&err))
                     }
-                    Err(err) => {
-                        tracing::debug!(%gateway, error = %err, "ignoring an undecodable NAT-PMP datagram");
-                        last_problem = Some(format!("ignored an undecodable answer: {err}"));
-                    }
+                    Err(err) => Verdict::Ignore(format!("ignored an undecodable answer: {err}")),
                 }
-            }
-        }
-        match outcome {
-            Some(Ok(response)) => {
-                self.observe_epoch(response.epoch_secs);
-                Ok(response)
-            }
-            Some(Err(err)) => Err(err),
-            None => Err(RouterError::NoAnswer {
-                protocol: "NAT-PMP",
-                router: SocketAddr::from((gateway, server_port)),
-                tries: schedule.tries(),
-                waited: schedule.worst_case(),
-                hint: "; check router.address and that NAT-PMP is on in the router",
-                last_problem,
-            }),
-        }
+            })
+            .await?;
+        self.observe_epoch(response.epoch_secs);
+        Ok(response)
     }
 }
 
@@ -773,8 +713,8 @@ mod tests {
         let mut client = gateway.client();
         let impostor = tokio::net::UdpSocket::bind((LOCAL, 0)).await.unwrap();
         // Open the client's socket, then let the impostor answer it before the gateway.
-        client.socket().await.unwrap();
-        let client_address = client.socket.as_ref().unwrap().local_addr().unwrap();
+        let route = client.route();
+        let client_address = client.udp.local_address(&route).await.unwrap();
         let forged = map_reply(130, 0, 7, 18080, 18080);
         let exchange = tokio::spawn(async move {
             let wire = codec::MapRequest {

@@ -5,11 +5,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
-
 use super::codec::{self, Nonce, ResultCode};
 use crate::model::{Backend, Lease, MappingKey, Protocol};
-use crate::router::{Grant, MapRequest, PortMapper, RouterError, SocketStep, clamp};
+use crate::router::udp::{Route, UdpExchange, Verdict};
+use crate::router::{Grant, MapRequest, PortMapper, RouterError, clamp};
 
 /// Receive buffer: larger than the 1100-byte PCP limit so that oversized datagrams are seen
 /// (and rejected by the codec) rather than silently truncated.
@@ -60,6 +59,13 @@ impl Schedule {
     fn wait(&self, index: u32, rand: f64) -> Duration {
         self.nominal_wait(index)
             .mul_f64(1.0 + rand.clamp(-0.1, 0.1))
+    }
+
+    /// The waits of one call, each with its own jitter.
+    pub fn waits(&self) -> impl Iterator<Item = Duration> + use<> {
+        let schedule = *self;
+        (0..schedule.max_tries.max(1))
+            .map(move |index| schedule.wait(index, rand::random_range(-0.1..=0.1)))
     }
 
     /// The longest a call can wait in total (every wait at +10%).
@@ -178,7 +184,7 @@ pub struct PcpClient {
     client_ip: Ipv4Addr,
     server_port: u16,
     schedule: Schedule,
-    socket: Option<UdpSocket>,
+    udp: UdpExchange,
     epoch: Option<EpochSeen>,
     epoch_jumped: bool,
 }
@@ -192,7 +198,7 @@ impl PcpClient {
             client_ip,
             server_port: codec::SERVER_PORT,
             schedule: Schedule::default(),
-            socket: None,
+            udp: UdpExchange::default(),
             epoch: None,
             epoch_jumped: false,
         }
@@ -259,26 +265,16 @@ impl PcpClient {
         });
     }
 
-    async fn socket(&mut self) -> Result<&UdpSocket, RouterError> {
-        if let Some(socket) = self.socket.take() {
-            return Ok(self.socket.insert(socket));
-        }
-        let router = SocketAddr::from((self.gateway, self.server_port));
-        let failed = |step, source| RouterError::Socket {
+    /// Where this client's requests go.
+    fn route(&self) -> Route {
+        Route {
             protocol: "PCP",
-            step,
             local: IpAddr::V4(self.client_ip),
-            router,
-            source,
-        };
-        let socket = UdpSocket::bind((self.client_ip, 0))
-            .await
-            .map_err(|err| failed(SocketStep::Bind, err))?;
-        socket
-            .connect(router)
-            .await
-            .map_err(|err| failed(SocketStep::Connect, err))?;
-        Ok(self.socket.insert(socket))
+            router: SocketAddr::from((self.gateway, self.server_port)),
+            read_cap_bytes: RECV_BUFFER_BYTES,
+            hint: "",
+            sent_point: Some(crate::crashpoint::PCP_SENT),
+        }
     }
 
     /// Send `request` until a matching response arrives or the schedule runs out.
@@ -300,76 +296,34 @@ impl PcpClient {
         opcode: codec::Opcode,
         matches: impl Fn(&codec::Response) -> bool,
     ) -> Result<codec::Response, RouterError> {
-        let schedule = self.schedule;
-        let gateway = self.gateway;
-        let socket = self.socket().await?;
-        // Late answers to earlier requests must not be taken for this one's.
-        let mut buf = [0u8; RECV_BUFFER_BYTES];
-        while socket.try_recv(&mut buf).is_ok() {}
+        let route = self.route();
+        let response = self
+            .udp
+            .exchange(&route, bytes, self.schedule.waits(), |datagram| {
+                judge(datagram, opcode, &matches)
+            })
+            .await?;
+        self.observe_epoch(response.epoch_secs);
+        Ok(response)
+    }
+}
 
-        let started = tokio::time::Instant::now();
-        let mut last_problem: Option<String> = None;
-        let mut outcome = None;
-        'tries: for index in 0..schedule.max_tries.max(1) {
-            let wait = schedule.wait(index, rand::random_range(-0.1..=0.1));
-            let deadline = tokio::time::Instant::now() + wait;
-            if let Err(err) = socket.send(bytes).await {
-                last_problem = Some(format!("send failed: {err}"));
-            }
-            crate::crashpoint::reached(crate::crashpoint::PCP_SENT);
-            loop {
-                let received = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await
-                {
-                    Err(_elapsed) => continue 'tries,
-                    Ok(Err(err)) => {
-                        // ICMP errors (port or host unreachable) surface here on a
-                        // connected socket; keep waiting until this try's deadline.
-                        last_problem = Some(format!("receive failed: {err}"));
-                        if tokio::time::Instant::now() < deadline {
-                            tokio::time::sleep_until(deadline).await;
-                        }
-                        continue 'tries;
-                    }
-                    Ok(Ok(len)) => &buf[..len],
-                };
-                match codec::decode_response(received) {
-                    Ok(response) if response.opcode() == opcode => {
-                        if matches(&response) {
-                            outcome = Some(Ok(response));
-                            break 'tries;
-                        }
-                        last_problem =
-                            Some(format!("ignored a {opcode} response for another request"));
-                    }
-                    Ok(response) => {
-                        last_problem = Some(format!("ignored a {} response", response.opcode()));
-                    }
-                    Err(err) if err.is_version_mismatch() => {
-                        outcome = Some(Err(version_mismatch(&err)));
-                        break 'tries;
-                    }
-                    Err(err) => {
-                        tracing::debug!(%gateway, error = %err, "ignoring an undecodable PCP datagram");
-                        last_problem = Some(format!("ignored an undecodable answer: {err}"));
-                    }
-                }
-            }
+/// What a datagram from the PCP server is to a request with `opcode` that `matches` answers.
+pub(crate) fn judge(
+    datagram: &[u8],
+    opcode: codec::Opcode,
+    matches: impl Fn(&codec::Response) -> bool,
+) -> Verdict<codec::Response> {
+    match codec::decode_response(datagram) {
+        Ok(response) if response.opcode() == opcode && matches(&response) => {
+            Verdict::Answer(response)
         }
-        match outcome {
-            Some(Ok(response)) => {
-                self.observe_epoch(response.epoch_secs);
-                Ok(response)
-            }
-            Some(Err(err)) => Err(err),
-            None => Err(RouterError::NoAnswer {
-                protocol: "PCP",
-                router: SocketAddr::from((gateway, self.server_port)),
-                tries: schedule.max_tries.max(1),
-                waited: started.elapsed(),
-                hint: "",
-                last_problem,
-            }),
+        Ok(response) if response.opcode() == opcode => {
+            Verdict::Ignore(format!("ignored a {opcode} response for another request"))
         }
+        Ok(response) => Verdict::Ignore(format!("ignored a {} response", response.opcode())),
+        Err(err) if err.is_version_mismatch() => Verdict::Fail(version_mismatch(&err)),
+        Err(err) => Verdict::Ignore(format!("ignored an undecodable answer: {err}")),
     }
 }
 

@@ -10,12 +10,11 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
-
-use super::client::{Schedule, epoch_is_consistent, error_for_result, renew_after};
+use super::client::{Schedule, epoch_is_consistent, error_for_result, judge, renew_after};
 use super::codec::{self, MapRequestV6, Nonce, ResultCode};
 use crate::model::Protocol;
-use crate::router::{RouterError, SocketStep};
+use crate::router::RouterError;
+use crate::router::udp::{Route, UdpExchange};
 
 /// Receive buffer: larger than the 1100-byte PCP limit, so oversized datagrams are seen.
 const RECV_BUFFER_BYTES: usize = 2048;
@@ -50,7 +49,7 @@ pub struct Pcp6Client {
     client_ip: Ipv6Addr,
     server_port: u16,
     schedule: Schedule,
-    socket: Option<UdpSocket>,
+    udp: UdpExchange,
     epoch: Option<(u32, Instant)>,
     epoch_jumped: bool,
 }
@@ -64,7 +63,7 @@ impl Pcp6Client {
             client_ip,
             server_port: codec::SERVER_PORT,
             schedule: Schedule::default(),
-            socket: None,
+            udp: UdpExchange::default(),
             epoch: None,
             epoch_jumped: false,
         }
@@ -193,28 +192,16 @@ impl Pcp6Client {
         }
     }
 
-    async fn socket(&mut self) -> Result<&UdpSocket, RouterError> {
-        if let Some(socket) = self.socket.take() {
-            return Ok(self.socket.insert(socket));
-        }
-        let router = SocketAddr::from((self.gateway, self.server_port));
-        let failed = |step, source| RouterError::Socket {
+    /// Where this client's requests go.
+    fn route(&self) -> Route {
+        Route {
             protocol: "PCP",
-            step,
             local: IpAddr::V6(self.client_ip),
-            router,
-            source,
-        };
-        // NOTE: the source address must be the client-IP field, or the router answers
-        // ADDRESS_MISMATCH (RFC 6887 §8.1).
-        let socket = UdpSocket::bind((self.client_ip, 0))
-            .await
-            .map_err(|err| failed(SocketStep::Bind, err))?;
-        socket
-            .connect(router)
-            .await
-            .map_err(|err| failed(SocketStep::Connect, err))?;
-        Ok(self.socket.insert(socket))
+            router: SocketAddr::from((self.gateway, self.server_port)),
+            read_cap_bytes: RECV_BUFFER_BYTES,
+            hint: "",
+            sent_point: None,
+        }
     }
 
     fn observe_epoch(&mut self, server_secs: u32) {
@@ -231,77 +218,29 @@ impl Pcp6Client {
 
     /// Sends `request` until a matching answer arrives or the schedule runs out.
     async fn exchange(&mut self, request: &MapRequestV6) -> Result<codec::Response, RouterError> {
-        let schedule = self.schedule;
-        let gateway = self.gateway;
-        let bytes = request.encode();
-        let socket = self.socket().await?;
-        let mut buf = [0u8; RECV_BUFFER_BYTES];
-        // Late answers to earlier requests must not be taken for this one's.
-        while socket.try_recv(&mut buf).is_ok() {}
-        let started = tokio::time::Instant::now();
-        let mut last_problem: Option<String> = None;
-        let mut outcome = None;
-        'tries: for index in 0..schedule.max_tries.max(1) {
-            let factor = 1u32.checked_shl(index.min(31)).unwrap_or(u32::MAX);
-            let nominal = schedule.initial.saturating_mul(factor).min(schedule.max);
-            let wait = nominal.mul_f64(1.0 + rand::random_range(-0.1..=0.1));
-            let deadline = tokio::time::Instant::now() + wait;
-            if let Err(err) = socket.send(&bytes).await {
-                last_problem = Some(format!("send failed: {err}"));
-            }
-            loop {
-                let len = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
-                    Err(_elapsed) => continue 'tries,
-                    Ok(Err(err)) => {
-                        // ICMPv6 errors surface on a connected socket; wait out this try.
-                        last_problem = Some(format!("receive failed: {err}"));
-                        tokio::time::sleep_until(deadline).await;
-                        continue 'tries;
-                    }
-                    Ok(Ok(len)) => len,
-                };
-                match codec::decode_response(&buf[..len]) {
-                    Ok(response) if response.matches_v6(request) => {
-                        outcome = Some(Ok(response));
-                        break 'tries;
-                    }
-                    Ok(response) => {
-                        last_problem = Some(format!("ignored a {} response", response.opcode()));
-                    }
-                    Err(err) if err.is_version_mismatch() => {
-                        outcome = Some(Err(RouterError::Refused {
-                            reason: err.to_string(),
-                            retry_after: None,
-                        }));
-                        break 'tries;
-                    }
-                    Err(err) => {
-                        last_problem = Some(format!("ignored an undecodable answer: {err}"));
-                    }
-                }
-            }
-        }
-        match outcome {
-            Some(Ok(response)) => {
-                self.observe_epoch(response.epoch_secs);
-                Ok(response)
-            }
-            Some(Err(err)) => Err(err),
-            None => Err(RouterError::NoAnswer {
-                protocol: "PCP",
-                router: SocketAddr::from((gateway, self.server_port)),
-                tries: schedule.max_tries.max(1),
-                waited: started.elapsed(),
-                hint: "",
-                last_problem,
-            }),
-        }
+        let route = self.route();
+        let response = self
+            .udp
+            .exchange(
+                &route,
+                &request.encode(),
+                self.schedule.waits(),
+                |datagram| {
+                    judge(datagram, codec::Opcode::Map, |response| {
+                        response.matches_v6(request)
+                    })
+                },
+            )
+            .await?;
+        self.observe_epoch(response.epoch_secs);
+        Ok(response)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UdpSocket;
 
     const ROUTER: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
