@@ -12,8 +12,9 @@
 //! event loop must be making progress, and the router may be unreachable only until a lease
 //! runs out (then the published Services are down, whatever the daemon does).
 //!
-//! [`Instrumented`] wraps the daemon's [`PortMapper`] to count every router request by
-//! backend, operation and result and time it, without the reconciler knowing.
+//! [`Metrics`] is the router's [`RequestLog`]: `router::instrument::Instrumented` wraps the
+//! daemon's `PortMapper` to count every router request by backend, operation and result and
+//! time it, without the reconciler knowing.
 //!
 //! Progress and the systemd watchdog are one thing here: the event loop's passes, its idle
 //! waits and every router request that finishes count as progress ([`Metrics::loop_alive`]),
@@ -39,8 +40,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::model::{Backend, Lease, MappingKey, Problem, ProblemKind, Protocol};
-use crate::router::{Grant, MapRequest, PortMapper, RouterError};
+use crate::model::{Backend, Problem, ProblemKind, Protocol};
+use crate::router::instrument::{Operation, RequestLog};
 use crate::state::{MappingStatus, State};
 
 /// `Content-Type` of `/metrics` for clients that accept OpenMetrics (Prometheus does).
@@ -74,36 +75,12 @@ pub enum MetricsError {
     Encode(#[source] std::fmt::Error),
 }
 
-/// What a router request was for (the `operation` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// Create, renew or restore a mapping.
-    Map,
-    Unmap,
-    /// Ask which mappings the router lost (every verify interval).
-    Verify,
-    /// Find which protocol the router speaks (`router.backend = "auto"` or `"upnp"`).
-    Probe,
-}
-
-impl Operation {
-    fn label(self) -> &'static str {
-        match self {
-            Operation::Map => "map",
-            Operation::Unmap => "unmap",
-            Operation::Verify => "verify",
-            Operation::Probe => "probe",
-        }
-    }
-}
-
-/// How a router request ended (the `result` label).
-fn result_label<T>(result: &Result<T, RouterError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(RouterError::Conflict { .. }) => "conflict",
-        Err(RouterError::Refused { .. }) => "refused",
-        Err(_) => "unreachable",
+fn operation_label(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Map => "map",
+        Operation::Unmap => "unmap",
+        Operation::Verify => "verify",
+        Operation::Probe => "probe",
     }
 }
 
@@ -425,29 +402,6 @@ impl Metrics {
             .set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
-    /// One router request finished: counted, timed, and its answer (or silence) recorded.
-    pub fn router_request(
-        &self,
-        backend: Backend,
-        operation: Operation,
-        result: &'static str,
-        started: Timestamp,
-        took: Duration,
-    ) {
-        self.count_request(backend_label(backend), operation, result, started, took);
-    }
-
-    /// A probe for the router's protocol finished: `found` is what answered, `None` when
-    /// nothing did (counted with `backend="unknown"`, `result="unreachable"`).
-    pub fn probed(&self, found: Option<Backend>, started: Timestamp, took: Duration) {
-        match found {
-            Some(backend) => self.router_request(backend, Operation::Probe, "ok", started, took),
-            None => {
-                self.count_request("unknown", Operation::Probe, "unreachable", started, took);
-            }
-        }
-    }
-
     fn count_request(
         &self,
         backend: &'static str,
@@ -459,12 +413,15 @@ impl Metrics {
         self.router_requests
             .get_or_create(&[
                 ("backend", backend),
-                ("operation", operation.label()),
+                ("operation", operation_label(operation)),
                 ("result", result),
             ])
             .inc();
         self.router_request_duration
-            .get_or_create(&[("backend", backend), ("operation", operation.label())])
+            .get_or_create(&[
+                ("backend", backend),
+                ("operation", operation_label(operation)),
+            ])
             .observe(took.as_secs_f64());
         {
             let mut observed = self.observed();
@@ -750,68 +707,27 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default()
 }
 
-/// A [`PortMapper`] that reports every request to [`Metrics`].
-pub struct Instrumented<'a, P> {
-    inner: &'a mut P,
-    metrics: &'a Metrics,
-}
-
-impl<'a, P: PortMapper> Instrumented<'a, P> {
-    pub fn new(inner: &'a mut P, metrics: &'a Metrics) -> Self {
-        Instrumented { inner, metrics }
-    }
-
-    fn record<T>(
+impl RequestLog for Metrics {
+    fn router_request(
         &self,
         backend: Backend,
         operation: Operation,
-        result: &Result<T, RouterError>,
-        started: (Timestamp, Instant),
+        result: &'static str,
+        started: Timestamp,
+        took: Duration,
     ) {
-        self.metrics.router_request(
-            backend,
-            operation,
-            result_label(result),
-            started.0,
-            started.1.elapsed(),
-        );
-    }
-}
-
-impl<P: PortMapper> PortMapper for Instrumented<'_, P> {
-    fn backend(&self) -> Backend {
-        self.inner.backend()
+        self.count_request(backend_label(backend), operation, result, started, took);
     }
 
-    async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
-        let started = (Timestamp::now(), Instant::now());
-        let backend = self.inner.backend();
-        let result = self.inner.map(request).await;
-        self.record(backend, Operation::Map, &result, started);
-        result
-    }
-
-    async fn unmap(&mut self, lease: &Lease) -> Result<(), RouterError> {
-        let started = (Timestamp::now(), Instant::now());
-        let backend = self.inner.backend();
-        let result = self.inner.unmap(lease).await;
-        self.record(backend, Operation::Unmap, &result, started);
-        result
-    }
-
-    async fn lost(&mut self, leases: &[Lease]) -> Result<Vec<MappingKey>, RouterError> {
-        let started = (Timestamp::now(), Instant::now());
-        let backend = self.inner.backend();
-        let result = self.inner.lost(leases).await;
-        // NOTE: with nothing to ask about, backends send nothing: not a request.
-        if !leases.is_empty() {
-            self.record(backend, Operation::Verify, &result, started);
+    /// A probe that found nothing is counted with `backend="unknown"`,
+    /// `result="unreachable"`.
+    fn probed(&self, found: Option<Backend>, started: Timestamp, took: Duration) {
+        match found {
+            Some(backend) => self.router_request(backend, Operation::Probe, "ok", started, took),
+            None => {
+                self.count_request("unknown", Operation::Probe, "unreachable", started, took);
+            }
         }
-        result
-    }
-
-    fn take_restart(&mut self) -> bool {
-        self.inner.take_restart()
     }
 }
 
@@ -955,7 +871,10 @@ fn with_type(status: StatusCode, content_type: &str, body: String) -> Response<F
 mod tests {
     use super::*;
     use crate::model::{Endpoint, Owner, TargetSource};
+    use crate::model::{Lease, MappingKey};
     use crate::router::NoRouter;
+    use crate::router::instrument::Instrumented;
+    use crate::router::{Grant, MapRequest, PortMapper, RouterError};
     use crate::state::MappingRecord;
 
     fn at(text: &str) -> Timestamp {
@@ -1249,7 +1168,7 @@ mod tests {
     async fn instrumented_requests_are_counted_by_result_and_move_router_up() {
         let metrics = Metrics::new(120, Duration::from_secs(60));
         let mut silent = Silent;
-        let result = Instrumented::new(&mut silent, &metrics)
+        let result = Instrumented::new(&mut silent, &*metrics)
             .map(&request())
             .await;
         assert!(matches!(result, Err(RouterError::NoAnswer { .. })));
@@ -1263,7 +1182,7 @@ mod tests {
         assert!(metrics.observed().unreachable_since.is_some());
 
         let mut none = NoRouter;
-        let mut instrumented = Instrumented::new(&mut none, &metrics);
+        let mut instrumented = Instrumented::new(&mut none, &*metrics);
         instrumented.map(&request()).await.expect("granted");
         // Nothing to verify: nothing sent, nothing counted.
         instrumented.lost(&[]).await.expect("nothing lost");

@@ -13,13 +13,14 @@ use crate::config::Config;
 use crate::desired::desired;
 use crate::kube::report::ClusterReport;
 use crate::kube::watch::ClusterSource;
-use crate::metrics::{Instrumented, Metrics};
+use crate::metrics::Metrics;
 use crate::model::{Backend, Problem};
 use crate::nft::{Firewall, LocalRules, Ruleset};
 use crate::plan::{Action, Forwarding, Observations, Restart, RestoreReason, plan_observed};
 use crate::reconcile::{self, Persist};
 use crate::router::PortMapper;
 use crate::router::announce::{self, Announcement, Verdict};
+use crate::router::instrument::Instrumented;
 use crate::router::session::{Connect, Session};
 use crate::state::{MappingStatus, State};
 

@@ -8,6 +8,7 @@ pub mod announce;
 pub mod choice;
 pub mod clamp;
 pub mod discover;
+pub mod instrument;
 pub mod natpmp;
 pub mod pcp;
 pub mod session;

@@ -10,11 +10,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::config::{BackendChoice, RouterConfig};
-use crate::metrics::{Instrumented, Metrics};
 use crate::model::{Backend, Lease, MappingKey};
 use crate::plan::{Action, Observations};
 use crate::router::announce::{AnnounceGate, Check, RouterAnswer};
 use crate::router::choice::{NoRouterFound, Router, RouterAddress};
+use crate::router::instrument::{Instrumented, RequestLog};
 use crate::router::{PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, State};
 
@@ -227,7 +227,7 @@ impl<C: Connect> Session<C> {
 
     /// Looks for the router when none is known and the probe's backoff is over. `true` when
     /// one was just found (so its leftovers can be purged).
-    pub async fn find(&mut self, preferred: Option<Backend>, metrics: &Metrics) -> bool {
+    pub async fn find(&mut self, preferred: Option<Backend>, metrics: &dyn RequestLog) -> bool {
         if self.mapper.is_some() || !self.connect.uses_router() || !self.probe.is_due() {
             return false;
         }
@@ -263,7 +263,7 @@ impl<C: Connect> Session<C> {
     pub async fn check(
         &mut self,
         state: &State,
-        metrics: &Metrics,
+        metrics: &dyn RequestLog,
         observed: &mut Observations,
     ) -> bool {
         let Some(router) = self.mapper.as_mut() else {
