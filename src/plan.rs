@@ -108,6 +108,13 @@ pub enum Action {
     /// Delete holepunch's leftovers on a router just found (a crash left them) that neither
     /// the state nor the cluster knows. Run by the router session.
     Purge { keep: BTreeSet<MappingKey> },
+    /// Record the router's new external address on an active mapping that carries another
+    /// (the router said so answering an announcement): no request, the mapping stays.
+    Readdress {
+        key: MappingKey,
+        was: Ipv4Addr,
+        to: Ipv4Addr,
+    },
     /// Change what nftables forwards for `key` (relay and gateway modes): from `was` to `to`
     /// (`None`: no forward), once the router actions went as planned. The loop then brings
     /// the table to the state the actions left (a failed unmap keeps its forward).
@@ -123,7 +130,10 @@ impl Action {
     pub fn calls_router(&self) -> bool {
         !matches!(
             self,
-            Action::Retarget { .. } | Action::Report { .. } | Action::Forward { .. }
+            Action::Retarget { .. }
+                | Action::Readdress { .. }
+                | Action::Report { .. }
+                | Action::Forward { .. }
         )
     }
 
@@ -162,6 +172,9 @@ pub struct Observations {
     pub lost: BTreeSet<MappingKey>,
     /// The router answers again after being silent: what failed for that is due now.
     pub answering_again: bool,
+    /// The router's external address, as its answer to an announcement showed it: active
+    /// mappings that record another are readdressed.
+    pub external_address: Option<Ipv4Addr>,
 }
 
 impl Observations {
@@ -280,6 +293,13 @@ impl fmt::Display for Action {
                 record.key().to_string(),
                 record.owner.to_string(),
                 record.backend
+            ),
+            Action::Readdress { key, was, to } => write!(
+                f,
+                "{:<8} {:<11} {:<28} external address {to} (was {was})",
+                "address",
+                key.to_string(),
+                ""
             ),
             Action::Forward { key, was, to } => {
                 let change = match (was, to) {
@@ -470,6 +490,16 @@ pub fn plan_observed(
         }
     }
 
+    let readdresses = observed.external_address.into_iter().flat_map(|to| {
+        state.mappings.iter().filter_map(move |(key, record)| {
+            let was = record.external_address?;
+            (record.status == MappingStatus::Active && was != to).then_some(Action::Readdress {
+                key: *key,
+                was,
+                to,
+            })
+        })
+    });
     let forwards = forward_changes(desired, state, forwarding, &unmaps);
     let reports = desired.problems.iter().map(|problem| Action::Report {
         problem: problem.clone(),
@@ -478,6 +508,7 @@ pub fn plan_observed(
         .into_iter()
         .chain(unmaps)
         .chain(retargets)
+        .chain(readdresses)
         .chain(maps)
         .chain(restores)
         .chain(renewals)
@@ -610,6 +641,9 @@ mod tests {
                     format!("retire {} {}", record.external_port, record.backend)
                 }
                 Action::Purge { keep } => format!("purge keeping {}", keep.len()),
+                Action::Readdress { key, was, to } => {
+                    format!("readdress {} {was} -> {to}", key.external_port)
+                }
                 Action::Forward { key, .. } => format!("forward {key}"),
             })
             .collect()
@@ -701,6 +735,12 @@ mod tests {
         silent.retry_at = Some(t(900));
         let desired = desired_of(&[web.clone(), api.clone()]);
         let upnp = Some(Backend::Upnp);
+        let old_address: Ipv4Addr = "11.22.33.44".parse().unwrap();
+        let new_address: Ipv4Addr = "11.22.33.45".parse().unwrap();
+        let at_old = |mut r: MappingRecord| {
+            r.external_address = Some(old_address);
+            r
+        };
         let observed = |f: &dyn Fn(&mut Observations)| {
             let mut o = Observations {
                 backend: upnp,
@@ -756,6 +796,19 @@ mod tests {
                         granted_before: None,
                     })
                 }),
+                vec![],
+            ),
+            (
+                "a new external address: active mappings that carry another are readdressed, \
+                 without a request; a failed one is left to its retry",
+                vec![at_old(active(&web)), at_old(silent.clone())],
+                observed(&|o| o.external_address = Some(new_address)),
+                vec!["readdress 8080 11.22.33.44 -> 11.22.33.45"],
+            ),
+            (
+                "the address they already carry: nothing to do",
+                vec![at_old(active(&web)), silent.clone()],
+                observed(&|o| o.external_address = Some(old_address)),
                 vec![],
             ),
             (

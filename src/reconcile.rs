@@ -205,6 +205,13 @@ pub async fn execute<M: PortMapper>(
                     outcome.retargeted += 1;
                 }
             }
+            Action::Readdress { key, to, .. } => {
+                if let Some(record) = state.mappings.get_mut(key)
+                    && record.status == MappingStatus::Active
+                {
+                    record.external_address = Some(*to);
+                }
+            }
             Action::Unmap { record } if record.backend == backend => {
                 // Until the router answers, nobody knows whether it still holds the mapping:
                 // if holepunch dies now and the Service is wanted again by the next start, the
@@ -420,6 +427,7 @@ pub async fn execute<M: PortMapper>(
                 }
             }
             Action::Retarget { .. }
+            | Action::Readdress { .. }
             | Action::Report { .. }
             | Action::Retire { .. }
             | Action::Purge { .. }
@@ -440,7 +448,10 @@ fn next_due(plan: &Plan, state: &State, now: Timestamp) -> Option<Timestamp> {
         | Action::Restore { mapping, .. }
         | Action::Retarget { mapping, .. } => Some(mapping.key()),
         Action::Unmap { record } | Action::Retire { record } => Some(record.key()),
-        Action::Report { .. } | Action::Purge { .. } | Action::Forward { .. } => None,
+        Action::Report { .. }
+        | Action::Purge { .. }
+        | Action::Forward { .. }
+        | Action::Readdress { .. } => None,
     };
     plan.actions
         .iter()

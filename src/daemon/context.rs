@@ -364,9 +364,7 @@ where
         if response.readdressed > 0 {
             tracing::warn!(mappings = response.readdressed, external_address = ?answer.external_address,
                 "the router's external address changed");
-            if let Err(e) = self.store.persist(self.state) {
-                tracing::warn!(error = %e, "could not save the router's new external address; it is saved at the next change");
-            }
+            self.observed.external_address = response.external_address;
         }
     }
 

@@ -380,15 +380,17 @@ pub struct Response {
     /// Active mappings the router lost: it restarted after granting them. The caller hands
     /// them to the plan as observations, which restores them (same ports and nonces).
     pub lost: BTreeSet<MappingKey>,
-    /// Active mappings whose external address was corrected to the router's answer (the
-    /// caller saves the state).
+    /// Active mappings that record another external address than the router's answer.
     pub readdressed: usize,
+    /// The router's external address when `readdressed` mappings record another: the
+    /// caller hands it to the plan as an observation, which corrects them.
+    pub external_address: Option<Ipv4Addr>,
     /// No router protocol is chosen yet and the router spoke: probe it now.
     pub probe: bool,
 }
 
-/// Acts on the router's `answer` to a check: records it in `gate`; corrects the external
-/// address of active mappings that carry another; names the active mappings of `backend` the
+/// Acts on the router's `answer` to a check: records it in `gate`; names a new external
+/// address when active mappings carry another; names the active mappings of `backend` the
 /// router granted before its table began (lost), when `gate` allows a restore.
 /// `now` and `wall` are the same moment on the monotonic and the wall clock. Pure.
 pub fn apply_answer(
@@ -397,20 +399,21 @@ pub fn apply_answer(
     now: Instant,
     wall: Timestamp,
     backend: Backend,
-    state: &mut State,
+    state: &State,
 ) -> Response {
     gate.on_answer(now, answer);
     let mut response = Response::default();
     if let Some(address) = answer.external_address {
         // A new address is no restart: the mappings stay (miniupnpd keeps them); only what
         // holepunch tells the Services changes. No request to the router.
-        for record in state.mappings.values_mut() {
-            if record.status == MappingStatus::Active
-                && record.external_address.is_some_and(|a| a != address)
-            {
-                record.external_address = Some(address);
-                response.readdressed += 1;
-            }
+        response.readdressed = state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active)
+            .filter(|r| r.external_address.is_some_and(|a| a != address))
+            .count();
+        if response.readdressed > 0 {
+            response.external_address = Some(address);
         }
     }
     if backend != Backend::None && gate.may_restore(now) {
@@ -742,7 +745,7 @@ mod tests {
             at(start, 100),
             wall(100),
             Backend::Pcp,
-            &mut state,
+            &state,
         );
         assert_eq!(response.lost.len(), 2);
         assert_eq!((response.readdressed, response.probe), (0, false));
@@ -772,7 +775,7 @@ mod tests {
             at(start, 120),
             wall(120),
             Backend::Pcp,
-            &mut state,
+            &state,
         );
         assert!(early.lost.is_empty(), "within 30 s of the last restore");
         let later = apply_answer(
@@ -781,7 +784,7 @@ mod tests {
             at(start, 130),
             wall(130),
             Backend::Pcp,
-            &mut state,
+            &state,
         );
         assert_eq!(later.lost.len(), 2);
     }
@@ -790,7 +793,7 @@ mod tests {
     fn a_flood_costs_a_few_checks_a_minute_and_restores_nothing() {
         let start = Instant::now();
         let mut gate = AnnounceGate::new();
-        let mut state = granted_state();
+        let state = granted_state();
         // The router is up since long before the mappings (epoch 10,000 at wall 100).
         let real = |secs: u64| RouterAnswer {
             check: Check::Natpmp,
@@ -815,7 +818,7 @@ mod tests {
                     now,
                     wall(secs as i64),
                     Backend::Pcp,
-                    &mut state,
+                    &state,
                 );
                 assert_eq!(response, Response::default());
             }
@@ -840,14 +843,7 @@ mod tests {
             epoch_secs: 2,
             external_address: None,
         };
-        let response = apply_answer(
-            &mut gate,
-            restart,
-            later,
-            wall(310),
-            Backend::Pcp,
-            &mut state,
-        );
+        let response = apply_answer(&mut gate, restart, later, wall(310), Backend::Pcp, &state);
         assert_eq!(response.lost.len(), 2);
     }
 
@@ -856,7 +852,7 @@ mod tests {
         const NEW: Ipv4Addr = Ipv4Addr::new(11, 22, 33, 45);
         let start = Instant::now();
         let mut gate = AnnounceGate::new();
-        let mut state = granted_state();
+        let state = granted_state();
         assert_eq!(
             gate.on_announcement(at(start, 100), &natpmp(10_000, NEW)),
             Verdict::Check(Check::Natpmp)
@@ -872,15 +868,17 @@ mod tests {
             at(start, 100),
             wall(100),
             Backend::Pcp,
-            &mut state,
+            &state,
         );
         assert!(response.lost.is_empty());
         assert_eq!((response.readdressed, response.probe), (2, false));
+        // Named for the plan, which corrects the records; nothing changed here.
+        assert_eq!(response.external_address, Some(NEW));
         assert!(
             state
                 .mappings
                 .values()
-                .all(|r| r.external_address == Some(NEW))
+                .all(|r| r.external_address == Some(EXTERNAL))
         );
         // The same address again is known; the old one is news again.
         assert_eq!(
@@ -897,20 +895,13 @@ mod tests {
     fn no_backend_restores_nothing() {
         let start = Instant::now();
         let mut gate = AnnounceGate::new();
-        let mut state = granted_state();
+        let state = granted_state();
         let answer = RouterAnswer {
             check: Check::Pcp,
             epoch_secs: 0,
             external_address: None,
         };
-        let response = apply_answer(
-            &mut gate,
-            answer,
-            start,
-            wall(100),
-            Backend::None,
-            &mut state,
-        );
+        let response = apply_answer(&mut gate, answer, start, wall(100), Backend::None, &state);
         assert!(response.lost.is_empty());
     }
 
