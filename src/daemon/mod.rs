@@ -27,6 +27,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
+use crate::ha::role::Leadership;
 use crate::kube::KubeError;
 use crate::kube::watch::ClusterWatch;
 use crate::kube::writer::ClusterWriter;
@@ -56,6 +57,8 @@ pub enum DaemonError {
     Discover(#[from] DiscoverError),
     #[error(transparent)]
     Kubeconfig(KubeError),
+    #[error(transparent)]
+    Ha(#[from] crate::ha::role::HaError),
 }
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
@@ -72,10 +75,17 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     // What the state file holds counts from the start (leases from a previous run included).
     metrics.observe_state(&state, &[], None);
     let mut observed = Observations::default();
+    // [ha] (README, "High availability"): started once, kept across reloads.
+    crate::ha::role::remove_stale_address(config.ha.as_ref());
+    let mut leadership: Option<Leadership> = None;
 
     'config: loop {
         metrics.configure(config.router.lease_secs, verify_interval(&config));
-        let forwarding = forwarding(&config, None)?;
+        let floating = config
+            .ha
+            .as_ref()
+            .and_then(|ha| ha.address.map(|a| a.addr()));
+        let forwarding = forwarding(&config, floating)?;
         let address = router_address(&config, forwarding)?;
         let mut announcements = listen_for_announcements(address.as_ref());
         if forwarding != Forwarding::Direct
@@ -97,6 +107,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 continue 'config;
             }
         };
+        if let (None, Some(ha)) = (&leadership, &config.ha) {
+            leadership = Some(Leadership::start(client.clone(), ha)?);
+        }
         let cluster = ClusterWatch::start(client.clone(), &config, metrics.clone());
         let changed = cluster.changed.clone();
         let report = ClusterWriter::start(client, &config, metrics.clone());
@@ -118,13 +131,24 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &metrics,
             &SystemClock,
             &mut systemd,
-        );
+        )
+        .with_ha(leadership.as_mut());
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.
             metrics.loop_alive();
             let sleep = ctx.sleep_for();
-            match next_event(&changed, sleep, &mut announcements, &mut signals, &metrics).await {
+            let role = ctx.role_changed();
+            match next_event(
+                &changed,
+                sleep,
+                &mut announcements,
+                &mut signals,
+                &metrics,
+                role,
+            )
+            .await
+            {
                 Event::Pass(trigger) => {
                     ctx.pass(trigger).await;
                 }
@@ -135,6 +159,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     }
                 }
                 Event::Stop => {
+                    drop(ctx);
+                    if let Some(ha) = leadership.take() {
+                        ha.stop().await;
+                    }
                     stop();
                     return Ok(());
                 }
@@ -167,8 +195,11 @@ async fn next_event(
     announcements: &mut Option<AnnounceListener>,
     signals: &mut Signals,
     metrics: &Metrics,
+    role: impl std::future::Future<Output = ()>,
 ) -> Event {
     tokio::select! {
+        // This host's HA standing changed (README, "High availability").
+        () = role => Event::Pass(Trigger::Timer),
         () = changed.notified() => {
             tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
             Event::Pass(Trigger::Cluster)
