@@ -640,6 +640,16 @@ while True:
             in_netns(&self.lab.ns("lan"), || Daemon::start(&config))
         }
 
+        /// What `holepunch status` prints on host `identity` (in namespace `ns`).
+        pub fn status(&self, ns: &str, host: &str) -> String {
+            let config = self.dir.join(host).join("holepunch.toml");
+            in_netns(ns, || {
+                let out =
+                    crate::bin::holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
+                crate::bin::text(&out.stdout)
+            })
+        }
+
         pub fn start_b(&self) -> Daemon {
             let config = config(&self.dir.join("b"), &self.kubeconfig, "host-b");
             in_netns(HOST_B, || Daemon::start(&config))
@@ -817,6 +827,17 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         assert_eq!(failed, 0, "no outage while the dead host returns");
         assert!(!holds(&lan) && holds(HOST_B));
         assert!(!a.log().contains("this host is active"), "{}", a.log());
+        // Each says where it stands.
+        let status = world.status(&lan, "a");
+        assert!(
+            status.contains("HA: this host (host-a) is standby; host-b is active"),
+            "{status}"
+        );
+        let status = world.status(HOST_B, "b");
+        assert!(
+            status.contains("HA: this host (host-b) is active"),
+            "{status}"
+        );
 
         // (c) B (active) loses the API.
         let sampler = AddressSampler::start(lan.clone());

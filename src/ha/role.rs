@@ -562,6 +562,102 @@ impl Mirror for MemoryMirror {
     }
 }
 
+/// Where a host stands, as `holepunch status` tells it from the Lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HaStatus {
+    /// This host's identity (`ha.identity`, else the host name).
+    pub identity: String,
+    /// "active" (this host holds a live Lease), "standby" (another host does, or nobody),
+    /// "unknown" (the Lease could not be read).
+    pub role: &'static str,
+    /// The host holding a live Lease, if any.
+    pub holder: Option<String>,
+    /// Why the Lease could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl HaStatus {
+    /// From the Lease as read at `now` (wall clock: for display only; the daemons decide on
+    /// their own monotonic clocks).
+    pub fn of(
+        identity: String,
+        lease: Option<&super::election::LeaseRecord>,
+        now: Timestamp,
+    ) -> HaStatus {
+        let holder = lease.and_then(|record| {
+            let holder = record.holder.clone()?;
+            let renewed = record.renew_time?;
+            let duration = i64::from(record.lease_duration_secs.unwrap_or(0));
+            (now.as_second() < renewed.as_second().saturating_add(duration)).then_some(holder)
+        });
+        let role = if holder.as_deref() == Some(identity.as_str()) {
+            "active"
+        } else {
+            "standby"
+        };
+        HaStatus {
+            identity,
+            role,
+            holder,
+            error: None,
+        }
+    }
+
+    /// The one line `holepunch status` prints.
+    pub fn line(&self) -> String {
+        match (&self.error, self.role, &self.holder) {
+            (Some(error), _, _) => format!("HA: {}: cannot read the Lease: {error}", self.identity),
+            (None, "active", _) => format!("HA: this host ({}) is active", self.identity),
+            (None, _, Some(holder)) => {
+                format!(
+                    "HA: this host ({}) is standby; {holder} is active",
+                    self.identity
+                )
+            }
+            (None, _, None) => format!(
+                "HA: this host ({}) is standby; no host holds the Lease",
+                self.identity
+            ),
+        }
+    }
+}
+
+/// Reads the Lease `ha` names and says where this host stands.
+pub async fn status(client: kube::Client, ha: &HaConfig) -> HaStatus {
+    let identity = match super::runner::identity(ha) {
+        Ok(identity) => identity,
+        Err(e) => {
+            return HaStatus {
+                identity: String::new(),
+                role: "unknown",
+                holder: None,
+                error: Some(e.to_string()),
+            };
+        }
+    };
+    let timings = super::election::Timings::from_config(ha);
+    let store = super::lease::LeaseStore::new(
+        client,
+        &ha.lease_namespace,
+        &ha.lease_name,
+        super::lease::request_timeout(&timings),
+    );
+    match store.get().await {
+        Ok(lease) => HaStatus::of(
+            identity,
+            lease.as_ref().map(|l| &l.record),
+            Timestamp::now(),
+        ),
+        Err(e) => HaStatus {
+            identity,
+            role: "unknown",
+            holder: None,
+            error: Some(crate::ha::chain(&e)),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,5 +682,40 @@ mod tests {
         let record = taken.mappings.values().next().expect("one");
         assert_eq!(record.renew_at, Some(now));
         assert_eq!(record.nonce.as_deref(), Some("0123456789abcdef01234567"));
+    }
+
+    #[test]
+    fn status_names_the_holder_of_a_live_lease_only() {
+        use super::super::election::LeaseRecord;
+        let at = Timestamp::from_second(1_800_000_000).expect("valid");
+        let held = LeaseRecord {
+            holder: Some("node-b".into()),
+            lease_duration_secs: Some(10),
+            acquire_time: Some(at),
+            renew_time: Some(at),
+            transitions: 2,
+        };
+        let soon = at + jiff::SignedDuration::from_secs(5);
+        let status = HaStatus::of("node-a".into(), Some(&held), soon);
+        assert_eq!(
+            (status.role, status.holder.as_deref()),
+            ("standby", Some("node-b"))
+        );
+        assert_eq!(
+            status.line(),
+            "HA: this host (node-a) is standby; node-b is active"
+        );
+        let mine = HaStatus::of("node-b".into(), Some(&held), soon);
+        assert_eq!(mine.role, "active");
+        assert_eq!(mine.line(), "HA: this host (node-b) is active");
+        // Expired, or nobody: standby, no holder.
+        let late = at + jiff::SignedDuration::from_secs(11);
+        let expired = HaStatus::of("node-b".into(), Some(&held), late);
+        assert_eq!((expired.role, expired.holder), ("standby", None));
+        assert!(
+            HaStatus::of("node-a".into(), None, soon)
+                .line()
+                .contains("no host holds")
+        );
     }
 }
