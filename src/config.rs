@@ -250,8 +250,8 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// `[ha]`: several hosts, one active through a `coordination.k8s.io/v1` Lease (README.md, "High
-/// availability (building blocks)").
+/// `[ha]`: several hosts, one active through a `coordination.k8s.io/v1` Lease (README.md,
+/// "High availability").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaConfig {
     pub lease_name: String,
@@ -2865,17 +2865,17 @@ format = "journald"
             ),
             case(
                 "lease duration below the default renew deadline",
-                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 8\n",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 6\n",
                 "ha.renew_deadline_seconds",
-                "8\n",
-                &["the renew deadline (10 s) is not shorter than the lease duration (8 s)"],
+                "6\n",
+                &["the renew deadline (7 s) is not shorter than the lease duration (6 s)"],
             ),
             case(
                 "retry period not below the renew deadline",
-                "[ha]\naddress = \"192.168.1.250/24\"\nretry_period_seconds = 10\n",
+                "[ha]\naddress = \"192.168.1.250/24\"\nretry_period_seconds = 7\n",
                 "ha.retry_period_seconds",
-                "10",
-                &["the retry period (10 s) is not shorter than the renew deadline (10 s)"],
+                "7",
+                &["the retry period (7 s) is not shorter than the renew deadline (7 s)"],
             ),
             case(
                 "zero lease duration",

@@ -1,5 +1,5 @@
 //! High availability: several hosts, one active through a `coordination.k8s.io/v1` Lease
-//! (README.md, "High availability (building blocks)"). Kubernetes is the distributed engine;
+//! (README.md, "High availability"). Kubernetes is the distributed engine;
 //! holepunch adds no consensus of its own.
 //!
 //! The loop consults [`role::Leadership`] at every pass (README.md, "High availability"); the

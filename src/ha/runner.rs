@@ -1,6 +1,6 @@
 //! The election loop: every retry period, read the Lease, feed it to the pure [`Election`],
 //! write what it decides, and publish where this host stands; on stop, hand the Lease back at
-//! once (README.md, "High availability (building blocks)").
+//! once (README.md, "High availability").
 //!
 //! What it publishes ([`Standing`]) carries the fencing deadline itself, not a flag: whoever
 //! acts asks [`Standing::may_act`] with the current instant, so acting stops on time even when
