@@ -156,7 +156,9 @@ where
 
     /// One pass of the loop for `trigger`.
     pub async fn pass(&mut self, trigger: Trigger) -> Next {
-        if let Trigger::Announcement(announcement) = &trigger {
+        if let Trigger::Announcement(announcement) = &trigger
+            && self.ha.as_deref().is_none_or(Leadership::may_act)
+        {
             self.announced(announcement).await;
         }
         let Some(snapshot) = self.cluster.snapshot() else {

@@ -935,6 +935,13 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
     assert!(lock(&world.reports.0).len() > reports_before, "and reports");
     let mirrored = mirror.records().expect("mirrored");
     assert_eq!(mirrored, *ctx.state, "the mirror follows the state");
+    // The active host checks a router announcement with the router.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+        .await;
+    assert_eq!(world.lab.confirms(), 1, "the active host asks the router");
+    let mirrored = mirror.records().expect("mirrored");
+    assert_eq!(mirrored, *ctx.state, "the mirror follows every change");
 
     // The renew deadline passes (the API is gone): the next pass stands by, removes the
     // rules, and no request goes out, not even one that is due.
@@ -955,6 +962,11 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
         calls_before,
         "fenced: no router request"
     );
+    // Nor is an announcement checked with the router.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    ctx.pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+        .await;
+    assert_eq!(world.lab.confirms(), 1, "fenced: no announcement check");
     assert_eq!(
         world.firewall.table().ruleset,
         None,
