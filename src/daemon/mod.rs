@@ -97,6 +97,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             Ok(client) => client,
             Err(ClusterWait::Refused(e)) => return Err(DaemonError::Kubeconfig(e)),
             Err(ClusterWait::Woken(Wake::Stop)) => {
+                if let Some(ha) = leadership.take() {
+                    ha.stop().await;
+                }
                 stop();
                 return Ok(());
             }

@@ -137,6 +137,8 @@ pub struct Leadership {
     term: Option<i32>,
     /// What was last handed to the mirror.
     mirrored: Option<State>,
+    /// When to try again to read the mirrored records (the last read failed).
+    retry_at: Option<tokio::time::Instant>,
     tasks: Option<Tasks>,
 }
 
@@ -162,6 +164,7 @@ impl Leadership {
             mirror,
             term: None,
             mirrored: None,
+            retry_at: None,
             tasks: None,
         }
     }
@@ -271,6 +274,7 @@ impl Leadership {
             ),
             Err(e) => {
                 tracing::warn!(error = %crate::ha::chain(&e), "high availability: holding the Lease, but cannot read the mapping records; trying again");
+                self.retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(RETRY_SECS));
                 return Gate::Standby {
                     status: "holding the Lease; reading the mapping records".to_owned(),
                 };
@@ -321,10 +325,21 @@ impl Leadership {
                     None => std::future::pending::<()>().await,
                 }
             };
+            let retry_at = self.retry_at;
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = standing => {}
                 () = held => {}
                 () = fenced => {}
+                () = retry => {
+                    self.retry_at = None;
+                    return;
+                }
             }
             if self.summary() != before {
                 return;
@@ -682,6 +697,63 @@ mod tests {
         let record = taken.mappings.values().next().expect("one");
         assert_eq!(record.renew_at, Some(now));
         assert_eq!(record.nonce.as_deref(), Some("0123456789abcdef01234567"));
+    }
+
+    /// A mirror whose first reads fail.
+    struct Flaky {
+        failures: usize,
+        records: Option<State>,
+    }
+
+    impl Mirror for Flaky {
+        fn take_over(&mut self) -> BoxFuture<'_, Result<Option<State>, LeaseError>> {
+            let result = if self.failures > 0 {
+                self.failures -= 1;
+                Err(LeaseError::Fenced { at: "test".into() })
+            } else {
+                Ok(self.records.clone())
+            };
+            Box::pin(async move { result })
+        }
+
+        fn save(&mut self, _state: &State, _standing: &Standing) {}
+    }
+
+    struct NoSave;
+
+    impl Persist for NoSave {
+        fn persist(&mut self, _state: &State) -> Result<(), crate::state::StateError> {
+            Ok(())
+        }
+    }
+
+    /// A holder that cannot read the mirrored records does not act on its own state file; it
+    /// reads again a second later (the loop is woken for it) and then acts.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_the_records_holds_acting_back_and_is_retried() {
+        let (_standing, receiver) = watch::channel(Standing {
+            identity: "node-a".into(),
+            role: Role::Leader {
+                until: Instant::now() + Duration::from_secs(3600),
+            },
+            transitions: 1,
+        });
+        let mirror = Flaky {
+            failures: 1,
+            records: Some(State::default()),
+        };
+        let mut leadership = Leadership::new(receiver, None, Box::new(mirror));
+        let mut state = State::default();
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let gate = leadership.gate(&mut state, &mut NoSave, now).await;
+        assert!(matches!(gate, Gate::Standby { .. }), "{gate:?}");
+        let started = tokio::time::Instant::now();
+        leadership.changed().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(RETRY_SECS));
+        let gate = leadership.gate(&mut state, &mut NoSave, now).await;
+        assert_eq!(gate, Gate::Act { took_over: true });
+        let gate = leadership.gate(&mut state, &mut NoSave, now).await;
+        assert_eq!(gate, Gate::Act { took_over: false }, "once per term");
     }
 
     #[test]
