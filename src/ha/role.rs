@@ -370,6 +370,16 @@ impl Leadership {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
+        // The last records handed over are written while this host still holds the Lease:
+        // closing the channel lets the writer finish them and end.
+        self.mirror = Box::new(MemoryMirror::default());
+        let mut writer = tasks.mirror;
+        if tokio::time::timeout(tasks.release_within, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         let _ = tasks.stop_runner.send(());
         if tokio::time::timeout(tasks.release_within, tasks.runner)
             .await
@@ -379,7 +389,6 @@ impl Leadership {
                 "high availability: the Lease was not released in time; the other hosts take it when it expires"
             );
         }
-        tasks.mirror.abort();
     }
 }
 
