@@ -27,7 +27,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
-use crate::ha::role::Leadership;
+use crate::ha::role::{FencedConnect, Leadership};
 use crate::kube::KubeError;
 use crate::kube::watch::ClusterWatch;
 use crate::kube::writer::ClusterWriter;
@@ -117,10 +117,19 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let changed = cluster.changed.clone();
         let report = ClusterWriter::start(client, &config, metrics.clone());
         tracing::info!("watching the cluster");
-        let router = RouterConnect {
-            address,
-            config: config.router.clone(),
-        };
+        // With [ha], every request the router session makes is fenced (README, "High
+        // availability"); without it, the fence never closes.
+        let fence = leadership
+            .as_ref()
+            .map(Leadership::fence)
+            .unwrap_or_default();
+        let router = FencedConnect::new(
+            RouterConnect {
+                address,
+                config: config.router.clone(),
+            },
+            fence,
+        );
         let mut ctx = Context::new(
             config.clone(),
             forwarding,

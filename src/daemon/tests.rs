@@ -1013,6 +1013,15 @@ async fn fenced_requests_never_reach_the_router() {
         nonce: None,
     };
     assert!(router.map(&request).await.is_ok());
+    let mut connect = crate::ha::role::FencedConnect::new(
+        ScriptedConnect {
+            lab: lab.clone(),
+            choice: BackendChoice::Auto,
+        },
+        leadership.fence(),
+    );
+    assert!(connect.confirm(Check::Pcp).await.is_ok());
+    assert!(connect.probe(None).await.is_ok());
     standing.send_modify(|s| {
         s.role = Role::Leader {
             until: std::time::Instant::now(),
@@ -1027,4 +1036,10 @@ async fn fenced_requests_never_reach_the_router() {
         ["map 8080 pcp"],
         "the refused one never reached the router"
     );
+    // The router session's own requests are fenced too: the check of an announcement, the
+    // probe, and whatever a mapper it made before asks (verify, purge, retire).
+    assert!(connect.confirm(Check::Pcp).await.is_err());
+    assert_eq!(lab.confirms(), 1, "only the one before the deadline");
+    assert!(connect.probe(None).await.is_err());
+    assert!(connect.reach(Backend::Pcp).await.is_none());
 }

@@ -13,6 +13,7 @@
 //!   address at that same deadline, whatever the loop is doing.
 //! - **Graceful stop**: [`Leadership::stop`] drops the address, then hands the Lease back.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ use super::runner::{IdentityError, Runner, Standing};
 use crate::config::HaConfig;
 use crate::model::{Backend, MappingKey};
 use crate::reconcile::Persist;
+use crate::router::announce::{Check, RouterAnswer};
+use crate::router::choice::NoRouterFound;
+use crate::router::session::Connect;
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{MappingRecord, MappingStatus, State};
 
@@ -123,6 +127,89 @@ impl<P: PortMapper> PortMapper for Fenced<P> {
 
     fn take_restart(&mut self) -> bool {
         self.inner.take_restart()
+    }
+}
+
+/// A [`Connect`] whose every router request is fenced: the mappers it makes are [`Fenced`],
+/// and the probe, the purge of leftovers and the announcement check ask the fence first. The
+/// router session's own requests (verify, purge, retire) thus stop at the renew deadline too,
+/// not only the plan's.
+pub struct FencedConnect<C> {
+    inner: C,
+    fence: Fence,
+}
+
+impl<C: Connect> FencedConnect<C> {
+    pub fn new(inner: C, fence: Fence) -> Self {
+        FencedConnect { inner, fence }
+    }
+
+    fn fenced(&self) -> Result<(), RouterError> {
+        if self.fence.may_act() {
+            Ok(())
+        } else {
+            Err(RouterError::Refused {
+                reason: FENCED_REASON.to_owned(),
+                retry_after: None,
+            })
+        }
+    }
+}
+
+impl<C: Connect> Connect for FencedConnect<C> {
+    type Mapper = Fenced<C::Mapper>;
+
+    fn uses_router(&self) -> bool {
+        self.inner.uses_router()
+    }
+
+    fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.inner.gateway()
+    }
+
+    fn configured(&self) -> Option<Self::Mapper> {
+        let fence = self.fence.clone();
+        self.inner.configured().map(|m| Fenced::new(m, fence))
+    }
+
+    async fn probe(&mut self, preferred: Option<Backend>) -> Result<Self::Mapper, NoRouterFound> {
+        if self.fenced().is_err() {
+            return Err(NoRouterFound {
+                gateway: self
+                    .inner
+                    .gateway()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                tried: "nothing: this host may not act (high availability)".to_owned(),
+            });
+        }
+        let fence = self.fence.clone();
+        self.inner
+            .probe(preferred)
+            .await
+            .map(|m| Fenced::new(m, fence))
+    }
+
+    async fn reach(&mut self, backend: Backend) -> Option<Self::Mapper> {
+        self.fenced().ok()?;
+        let fence = self.fence.clone();
+        self.inner
+            .reach(backend)
+            .await
+            .map(|m| Fenced::new(m, fence))
+    }
+
+    async fn purge_leftovers(
+        &mut self,
+        mapper: &mut Self::Mapper,
+        keep: &BTreeSet<MappingKey>,
+    ) -> Result<usize, RouterError> {
+        self.fenced()?;
+        self.inner.purge_leftovers(&mut mapper.inner, keep).await
+    }
+
+    async fn confirm(&mut self, check: Check) -> Result<RouterAnswer, RouterError> {
+        self.fenced()?;
+        self.inner.confirm(check).await
     }
 }
 
