@@ -385,19 +385,51 @@ fn status(path: &Path, output: OutputFormat) -> Result<(), Failure> {
     let colour = || {
         std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
     };
-    let text = match output {
+    // [ha]: where this host stands, from the Lease (README, "High availability").
+    let ha = config.ha.as_ref().map(|ha| ha_status(&config, ha));
+    let mut json = status_json(&state, now);
+    if let (Some(ha), Some(fields)) = (&ha, json.as_object_mut()) {
+        fields.insert("ha".to_owned(), serde_json::json!(ha));
+    }
+    let mut text = match output {
         OutputFormat::Json => {
-            let mut text = serde_json::to_string_pretty(&status_json(&state, now))
-                .map_err(|e| Failure::new(EXIT_OTHER, e))?;
+            let mut text =
+                serde_json::to_string_pretty(&json).map_err(|e| Failure::new(EXIT_OTHER, e))?;
             text.push('\n');
             text
         }
-        OutputFormat::Yaml => serde_saphyr::to_string(&status_json(&state, now))
-            .map_err(|e| Failure::new(EXIT_OTHER, e))?,
+        OutputFormat::Yaml => {
+            serde_saphyr::to_string(&json).map_err(|e| Failure::new(EXIT_OTHER, e))?
+        }
         OutputFormat::Table => status_table(&state, now, colour()),
         OutputFormat::Wide => status_table_wide(&state, now, colour()),
     };
+    if let (Some(ha), OutputFormat::Table | OutputFormat::Wide) = (&ha, output) {
+        text.push_str(&ha.line());
+        text.push('\n');
+    }
     print_out(&text)
+}
+
+/// Where this host stands in the HA group (the Lease read once; an unreachable cluster is
+/// said, not a failure of `status`).
+fn ha_status(config: &Config, ha: &crate::config::HaConfig) -> crate::ha::role::HaStatus {
+    let read = async {
+        let client = crate::kube::client(&config.kubernetes)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(crate::ha::role::status(client, ha).await)
+    };
+    let unknown = |error: String| crate::ha::role::HaStatus {
+        identity: crate::ha::runner::identity(ha).unwrap_or_default(),
+        role: "unknown",
+        holder: None,
+        error: Some(error),
+    };
+    match runtime() {
+        Ok(runtime) => runtime.block_on(read).unwrap_or_else(unknown),
+        Err(e) => unknown(format!("{:#}", e.error)),
+    }
 }
 
 /// Writes to standard output; a reader that went away (`status | head`) is no failure.

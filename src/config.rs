@@ -60,11 +60,13 @@ pub mod defaults {
     pub const METRICS_LISTEN: &str = "127.0.0.1:9473";
     pub const LOG_LEVEL: &str = "info";
     pub const LOG_FORMAT: LogFormat = LogFormat::Auto;
-    // [ha]: client-go's leader-election defaults (15 s / 10 s / 2 s).
+    // [ha]: shorter than client-go's 15/10/2 s, so that a takeover after a host dies (lease
+    // duration + up to a retry period) stays within 15 s; the holder still stops acting 3 s
+    // before another may start (README.md, "High availability").
     pub const HA_LEASE_NAME: &str = "holepunch";
     pub const HA_LEASE_NAMESPACE: &str = "holepunch";
-    pub const HA_LEASE_DURATION_SECS: u32 = 15;
-    pub const HA_RENEW_DEADLINE_SECS: u32 = 10;
+    pub const HA_LEASE_DURATION_SECS: u32 = 10;
+    pub const HA_RENEW_DEADLINE_SECS: u32 = 7;
     pub const HA_RETRY_PERIOD_SECS: u32 = 2;
 }
 
@@ -248,8 +250,8 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// `[ha]`: several hosts, one active through a `coordination.k8s.io/v1` Lease (README.md, "High
-/// availability (building blocks)").
+/// `[ha]`: several hosts, one active through a `coordination.k8s.io/v1` Lease (README.md,
+/// "High availability").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaConfig {
     pub lease_name: String,
@@ -944,12 +946,12 @@ const SCHEMA: &[SectionSpec] = &[
             key(
                 "lease_duration_seconds",
                 Kind::Integer,
-                "lease_duration_seconds = 15",
+                "lease_duration_seconds = 10",
             ),
             key(
                 "renew_deadline_seconds",
                 Kind::Integer,
-                "renew_deadline_seconds = 10",
+                "renew_deadline_seconds = 7",
             ),
             key(
                 "retry_period_seconds",
@@ -1875,7 +1877,7 @@ impl Source<'_> {
             ));
         }
 
-        const TIMING_FIX: &str = "keep retry_period_seconds < renew_deadline_seconds < lease_duration_seconds (client-go's defaults: 2, 10, 15)";
+        const TIMING_FIX: &str = "keep retry_period_seconds < renew_deadline_seconds < lease_duration_seconds (the defaults: 2, 7, 10)";
         let bounds = MIN_HA_SECS..MAX_HA_SECS;
         let duration = self.seconds(
             &raw.lease_duration_seconds,
@@ -2858,22 +2860,22 @@ format = "journald"
                 "13",
                 &[
                     "is not shorter than the lease duration",
-                    "client-go's defaults: 2, 10, 15",
+                    "the defaults: 2, 7, 10",
                 ],
             ),
             case(
                 "lease duration below the default renew deadline",
-                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 8\n",
+                "[ha]\naddress = \"192.168.1.250/24\"\nlease_duration_seconds = 6\n",
                 "ha.renew_deadline_seconds",
-                "8\n",
-                &["the renew deadline (10 s) is not shorter than the lease duration (8 s)"],
+                "6\n",
+                &["the renew deadline (7 s) is not shorter than the lease duration (6 s)"],
             ),
             case(
                 "retry period not below the renew deadline",
-                "[ha]\naddress = \"192.168.1.250/24\"\nretry_period_seconds = 10\n",
+                "[ha]\naddress = \"192.168.1.250/24\"\nretry_period_seconds = 7\n",
                 "ha.retry_period_seconds",
-                "10",
-                &["the retry period (10 s) is not shorter than the renew deadline (10 s)"],
+                "7",
+                &["the retry period (7 s) is not shorter than the renew deadline (7 s)"],
             ),
             case(
                 "zero lease duration",
@@ -2933,8 +2935,8 @@ format = "journald"
                 identity: None,
                 address: "192.168.1.250/24".parse().ok(),
                 interface: None,
-                lease_duration_secs: 15,
-                renew_deadline_secs: 10,
+                lease_duration_secs: 10,
+                renew_deadline_secs: 7,
                 retry_period_secs: 2,
             }
         );
@@ -2960,7 +2962,7 @@ format = "journald"
         let printed = config.to_toml();
         assert!(
             printed.ends_with(
-                "\n[ha]\nlease_name = \"holepunch\"\nlease_namespace = \"holepunch\"\nidentity = \"\"\naddress = \"192.168.1.250/24\"\ninterface = \"\"\nlease_duration_seconds = 15\nrenew_deadline_seconds = 10\nretry_period_seconds = 2\n"
+                "\n[ha]\nlease_name = \"holepunch\"\nlease_namespace = \"holepunch\"\nidentity = \"\"\naddress = \"192.168.1.250/24\"\ninterface = \"\"\nlease_duration_seconds = 10\nrenew_deadline_seconds = 7\nretry_period_seconds = 2\n"
             ),
             "{printed}"
         );

@@ -168,6 +168,7 @@ pub struct Metrics {
     state_write_failures: Counter,
     cluster_writes_dropped: Family<OneLabel, Counter>,
     cluster_writes_queued: Gauge,
+    leader: Gauge,
     observed: Mutex<Observed>,
     watchdog: Mutex<WatchdogPings>,
 }
@@ -305,6 +306,13 @@ impl Metrics {
             "Events and Service status writes waiting for the Kubernetes API",
             cluster_writes_queued.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 if this host acts (writes the router and nftables), 0 if it stands by (README, \"High availability\"); always 1 without [ha]",
+            leader.clone(),
+        );
+        leader.set(1);
         Arc::new(Metrics {
             registry,
             mappings,
@@ -319,6 +327,7 @@ impl Metrics {
             state_write_failures,
             cluster_writes_dropped,
             cluster_writes_queued,
+            leader,
             watchdog: Mutex::new(WatchdogPings::default()),
             observed: Mutex::new(Observed {
                 last_progress: Timestamp::now(),
@@ -345,6 +354,11 @@ impl Metrics {
         let mut observed = self.observed();
         observed.lease_secs = lease_secs;
         observed.verify_interval = verify_interval;
+    }
+
+    /// Whether this host acts (`holepunch_leader`).
+    pub fn leader(&self, acting: bool) {
+        self.leader.set(i64::from(acting));
     }
 
     /// The daemon cannot reach the cluster yet (`why`), or can again (`None`); nothing is

@@ -3,6 +3,10 @@
 //! and host C's neighbour cache follows B's gratuitous ARP without C sending anything. A
 //! stale floating address left on a restarted host is removed at start.
 //!
+//! Two `holepunch run` hosts with `[ha]` on the router lab's LAN (prefix `hq1-`): the
+//! takeovers (kill, return, partition, graceful stop) measured from the lab's internet, with
+//! miniupnpd as the router and the in-test API serving the Lease and the mapping mirror.
+//!
 //! The address code runs in-process, on a thread moved into the host's namespace with
 //! setns(2): rtnetlink and AF_PACKET sockets belong to the namespace of the thread that opens
 //! them.
@@ -14,6 +18,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use holepunch::ha::address::{ANNOUNCE_COUNT, ANNOUNCE_INTERVAL_SECS, FloatingAddress};
+
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+#[path = "support/lab.rs"]
+mod lab;
 
 const PREFIX: &str = "hpi-";
 const FLOATING: &str = "192.168.99.250/24";
@@ -249,4 +262,667 @@ fn floating_address_moves_and_the_neighbours_follow_the_announcement() {
     });
     let message = missing.expect_err("no such interface").to_string();
     assert!(message.contains("set ha.interface"), "{message}");
+}
+
+// ---- Two daemon hosts (prefix hq1-) ----------------------------------------------------
+
+mod hosts {
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::bin::Daemon;
+    use crate::daemon_lab::{forwards_of, with_fake_cluster_in};
+    use crate::fake_api::FakeApi;
+    use crate::lab::{Lab, NODE_IP, ROUTER_WAN_IP, in_netns, python};
+
+    pub const PREFIX: &str = "hq1-";
+    /// The second daemon host (the first is the lab's `lan`), on the lab's bridge.
+    pub const HOST_B: &str = "hq1-b";
+    const HOST_B_ADDRESS: &str = "192.168.77.12/24";
+    pub const FLOATING: &str = "192.168.77.50/24";
+    const FLOATING_IP: &str = "192.168.77.50";
+    const LB_IP: &str = "192.168.77.100";
+    pub const PORTS: [u16; 2] = [8080, 8081];
+    /// Where the API server is reached across the LAN (a relay in the node namespace).
+    const API_RELAY_PORT: u16 = 16443;
+
+    /// Seconds on CLOCK_MONOTONIC, the clock Python's `time.monotonic()` reads too.
+    pub fn mono() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `ts`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
+    fn sh(args: &[&str]) -> String {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Host B: a namespace of its own with a veth on the router's LAN bridge; removed on drop.
+    pub struct HostB;
+
+    impl HostB {
+        pub fn up(lab: &Lab) -> HostB {
+            let _ = Command::new("ip").args(["netns", "del", HOST_B]).output();
+            sh(&["ip", "netns", "add", HOST_B]);
+            let host = HostB;
+            let rtr = lab.ns("rtr");
+            sh(&["ip", "-n", HOST_B, "link", "set", "lo", "up"]);
+            // Both ends inside the lab's namespaces.
+            sh(&[
+                "ip", "-n", &rtr, "link", "add", "rhb", "type", "veth", "peer", "name", "lan0",
+                "netns", HOST_B,
+            ]);
+            sh(&[
+                "ip", "-n", &rtr, "link", "set", "rhb", "master", "br0", "up",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                HOST_B,
+                "address",
+                "add",
+                HOST_B_ADDRESS,
+                "dev",
+                "lan0",
+            ]);
+            sh(&["ip", "-n", HOST_B, "link", "set", "lan0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                HOST_B,
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.168.77.1",
+            ]);
+            host
+        }
+    }
+
+    impl Drop for HostB {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", HOST_B]).output();
+        }
+    }
+
+    /// Whether namespace `ns` holds the floating address on lan0.
+    pub fn holds(ns: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", ns, "-o", "-4", "address", "show", "dev", "lan0"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("{FLOATING_IP}/")))
+            .unwrap_or(false)
+    }
+
+    /// A TCP relay from `listen` in namespace `ns` to `to`; [`Relay::cut`] closes every
+    /// connection and refuses new ones (the host loses the API), [`Relay::heal`] undoes it.
+    #[derive(Clone)]
+    pub struct Relay {
+        cut: Arc<AtomicBool>,
+        live: Arc<Mutex<Vec<TcpStream>>>,
+    }
+
+    impl Relay {
+        pub fn start(ns: &str, listen: SocketAddr, to: SocketAddr) -> Relay {
+            let relay = Relay {
+                cut: Arc::new(AtomicBool::new(false)),
+                live: Arc::new(Mutex::new(Vec::new())),
+            };
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let path = format!("/var/run/netns/{ns}");
+            let inner = relay.clone();
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("open the namespace");
+                // SAFETY: setns(2) on a valid namespace fd; it moves only this thread (and the
+                // threads it spawns).
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns {path}");
+                let listener = TcpListener::bind(listen).expect("bind the relay");
+                ready_tx.send(()).expect("ready");
+                for incoming in listener.incoming() {
+                    let Ok(client) = incoming else { continue };
+                    if inner.cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
+                        continue;
+                    };
+                    let pairs = [(&client, &server), (&server, &client)];
+                    for (from, into) in pairs {
+                        let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone())
+                        else {
+                            continue;
+                        };
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                    let mut live = inner.live.lock().expect("live");
+                    live.push(client);
+                    live.push(server);
+                }
+            });
+            ready_rx.recv().expect("relay listening");
+            relay
+        }
+
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+            for stream in self.live.lock().expect("live").drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+
+        pub fn heal(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Asks every port from the lab's internet every 200 ms (each ask in a thread of its own,
+    /// 1 s timeout) and prints `<monotonic send time> <port> <1|0>`.
+    const PROBER: &str = r#"
+import socket, sys, threading, time
+ip, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
+lock = threading.Lock()
+def ask(port, t):
+    ok = 0
+    try:
+        c = socket.create_connection((ip, port), timeout=1.0)
+        c.settimeout(1.0)
+        c.sendall(b"probe\n")
+        ok = 1 if c.recv(100) else 0
+        c.close()
+    except Exception:
+        pass
+    with lock:
+        print("%.3f %d %d" % (t, port, ok), flush=True)
+while True:
+    t = time.monotonic()
+    for p in ports:
+        threading.Thread(target=ask, args=(p, t), daemon=True).start()
+    time.sleep(0.2)
+"#;
+
+    /// The WAN client and what it saw: (send time, port, answered).
+    pub struct Prober {
+        child: Child,
+        pub samples: Arc<Mutex<Vec<(f64, u16, bool)>>>,
+    }
+
+    impl Prober {
+        pub fn start(lab: &Lab) -> Prober {
+            let mut args = vec![
+                python().to_owned(),
+                "-c".to_owned(),
+                PROBER.to_owned(),
+                ROUTER_WAN_IP.to_owned(),
+            ];
+            args.extend(PORTS.iter().map(u16::to_string));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child = lab.spawn("wan", &args);
+            let stdout = child.stdout.take().expect("piped");
+            let samples = Arc::new(Mutex::new(Vec::new()));
+            let sink = samples.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let parts: Vec<&str> = line.split_whitespace().collect();
+                    if let [t, port, ok] = parts[..]
+                        && let (Ok(t), Ok(port)) = (t.parse(), port.parse())
+                    {
+                        sink.lock().expect("samples").push((t, port, ok == "1"));
+                    }
+                }
+            });
+            Prober { child, samples }
+        }
+
+        fn since(&self, from: f64) -> Vec<(f64, u16, bool)> {
+            let mut samples: Vec<_> = self
+                .samples
+                .lock()
+                .expect("samples")
+                .iter()
+                .copied()
+                .filter(|s| s.0 >= from)
+                .collect();
+            samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+            samples
+        }
+
+        /// Whether the last `n` answers of every port (sent after `from`) were all answered.
+        pub fn all_answer(&self, from: f64, n: usize) -> bool {
+            let samples = self.since(from);
+            PORTS.iter().all(|port| {
+                let mine: Vec<bool> = samples
+                    .iter()
+                    .filter(|s| s.1 == *port)
+                    .map(|s| s.2)
+                    .collect();
+                mine.len() >= n && mine[mine.len() - n..].iter().all(|ok| *ok)
+            })
+        }
+
+        /// Seconds from `from` until every port answered again for good (0 when no ask sent
+        /// after `from` failed), and how many asks failed.
+        pub fn outage(&self, from: f64) -> (f64, usize) {
+            let samples = self.since(from);
+            let failed = samples.iter().filter(|s| !s.2).count();
+            let mut worst: f64 = 0.0;
+            for port in PORTS {
+                let mine: Vec<_> = samples.iter().filter(|s| s.1 == port).collect();
+                if let Some(last_fail) = mine.iter().rposition(|s| !s.2) {
+                    let back = mine.get(last_fail + 1).map_or(f64::INFINITY, |s| s.0);
+                    worst = worst.max(back - from);
+                }
+            }
+            (worst, failed)
+        }
+    }
+
+    impl Drop for Prober {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Samples which hosts hold the floating address every ~50 ms until dropped; counts the
+    /// samples in which both did.
+    pub struct AddressSampler {
+        stop: Arc<AtomicBool>,
+        pub samples: Arc<Mutex<Vec<(f64, bool, bool)>>>,
+    }
+
+    impl AddressSampler {
+        pub fn start(a: String) -> AddressSampler {
+            let stop = Arc::new(AtomicBool::new(false));
+            let samples = Arc::new(Mutex::new(Vec::new()));
+            let (flag, sink) = (stop.clone(), samples.clone());
+            std::thread::spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    let t = mono();
+                    let sample = (t, holds(&a), holds(HOST_B));
+                    sink.lock().expect("samples").push(sample);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+            AddressSampler { stop, samples }
+        }
+
+        pub fn both(&self) -> usize {
+            let samples = self.samples.lock().expect("samples");
+            samples.iter().filter(|s| s.1 && s.2).count()
+        }
+
+        pub fn count(&self) -> usize {
+            self.samples.lock().expect("samples").len()
+        }
+    }
+
+    impl Drop for AddressSampler {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A host's config: relay through PCP, `[ha]` with the default timings.
+    pub fn config(dir: &Path, kubeconfig: &Path, identity: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("host dir");
+        let path = dir.join("holepunch.toml");
+        let body = format!(
+            "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
+             [router]\nbackend = \"pcp\"\naddress = \"192.168.77.1\"\nlease_seconds = 120\nverify_interval_seconds = 5\n\n\
+             [exposure]\nmode = \"relay\"\ntarget_cidrs = [\"{LB_IP}/32\"]\n\n\
+             [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
+             [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n\n\
+             [ha]\nidentity = \"{identity}\"\naddress = \"{FLOATING}\"\ninterface = \"lan0\"\n",
+            dir = dir.display(),
+            kubeconfig = kubeconfig.display(),
+        );
+        std::fs::write(&path, body).expect("write config");
+        path
+    }
+
+    fn service(fake: &FakeApi, name: &str, port: u16) {
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default",
+                "annotations": {"holepunch/punch-external": "true"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+        }));
+    }
+
+    /// The router's holepunch forwards, one line each.
+    pub fn router_forwards(lab: &Lab) -> usize {
+        PORTS
+            .iter()
+            .map(|p| forwards_of(lab, *p).len())
+            .sum::<usize>()
+    }
+
+    /// Everything the scenarios need, inside the fake cluster (in the node namespace).
+    pub struct World<'a> {
+        pub lab: &'a Lab,
+        pub dir: PathBuf,
+        pub kubeconfig: PathBuf,
+        pub relay_b: Relay,
+    }
+
+    impl World<'_> {
+        pub fn start_a(&self) -> Daemon {
+            let config = config(&self.dir.join("a"), &self.kubeconfig, "host-a");
+            in_netns(&self.lab.ns("lan"), || Daemon::start(&config))
+        }
+
+        /// What `holepunch status` prints on host `identity` (in namespace `ns`).
+        pub fn status(&self, ns: &str, host: &str) -> String {
+            let config = self.dir.join(host).join("holepunch.toml");
+            in_netns(ns, || {
+                let out =
+                    crate::bin::holepunch(&["status", "--config", config.to_str().expect("utf-8")]);
+                crate::bin::text(&out.stdout)
+            })
+        }
+
+        pub fn start_b(&self) -> Daemon {
+            let config = config(&self.dir.join("b"), &self.kubeconfig, "host-b");
+            in_netns(HOST_B, || Daemon::start(&config))
+        }
+    }
+
+    /// The lab, host B, the fake cluster with two published Services, relays to the API
+    /// from both hosts; runs `body`.
+    pub fn with_world(body: impl FnOnce(&World<'_>, &FakeApi) + Send) {
+        let lab = Lab::up(PREFIX);
+        let _host_b = HostB::up(&lab);
+        let _servers: Vec<_> = PORTS
+            .iter()
+            .map(|p| lab.echo_server("node", LB_IP, *p))
+            .collect();
+        for ns in [lab.ns("lan"), HOST_B.to_owned()] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
+        }
+        with_fake_cluster_in(&lab, "node", |fake, dir, kubeconfig, _runtime| {
+            let api = fake.addr();
+            let across: SocketAddr = format!("{NODE_IP}:{API_RELAY_PORT}")
+                .parse()
+                .expect("address");
+            let _node = Relay::start(&lab.ns("node"), across, api);
+            let _relay_a = Relay::start(&lab.ns("lan"), api, across);
+            let relay_b = Relay::start(HOST_B, api, across);
+            service(fake, "web", PORTS[0]);
+            service(fake, "api", PORTS[1]);
+            let world = World {
+                lab: &lab,
+                dir: dir.to_owned(),
+                kubeconfig: kubeconfig.to_owned(),
+                relay_b,
+            };
+            body(&world, fake);
+        });
+    }
+}
+
+/// Polls `condition` every 50 ms for up to `limit`; panics with `what` and `logs`.
+fn hq_wait(
+    what: &str,
+    limit: Duration,
+    logs: &dyn Fn() -> String,
+    mut condition: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Two hosts with `[ha]`, default timings: (a) the active host dies (killed, link down): the
+/// other answers again on the same ports within 15 s and the router holds exactly the
+/// mappings wanted; (b) the dead host returns: it stays standby, no outage; (c) the active
+/// host loses the API: it stops acting at its renew deadline, the other takes over, and the
+/// two never hold the floating address at once (sampled every ~50 ms); (d) a graceful stop
+/// hands over within about 3 s (README, "High availability").
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_address() {
+    use hosts::*;
+    with_world(|world, _fake| {
+        let lab = world.lab;
+        let lan = lab.ns("lan");
+        let prober = Prober::start(lab);
+        let a = world.start_a();
+        let no_logs = || String::new();
+        let a_log = || a.log();
+        hq_wait(
+            "host A active and every Service answering",
+            Duration::from_secs(40),
+            &a_log,
+            || a.log().contains("this host is active") && prober.all_answer(mono() - 3.0, 3),
+        );
+        assert!(holds(&lan) && !holds(HOST_B));
+        assert_eq!(
+            router_forwards(lab),
+            PORTS.len(),
+            "{}",
+            lab.router_forwards()
+        );
+        let b = world.start_b();
+        let b_log = || b.log();
+        hq_wait("host B standby", Duration::from_secs(20), &b_log, || {
+            b.log().contains("holder=Some(\"host-a\")")
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(!holds(HOST_B), "a standby holds no address");
+        assert!(!b.log().contains("this host is active"));
+
+        // (a) A dies: killed, its link down.
+        let t0 = mono();
+        drop(a);
+        lab.exec("lan", &["ip", "link", "set", "lan0", "down"]);
+        hq_wait(
+            "host B takes over after the kill",
+            Duration::from_secs(40),
+            &b_log,
+            || prober.all_answer(t0, 3) && prober.outage(t0).1 > 0,
+        );
+        let (outage, failed) = prober.outage(t0);
+        println!("BENCH ha takeover kill\t{outage:.2}\ts\t({failed} asks failed)");
+        assert!(
+            outage < 17.0,
+            "answers again within 15 s (+2 s slack): {outage:.2} s"
+        );
+        assert!(
+            outage > 5.0,
+            "not before the Lease could expire: {outage:.2} s"
+        );
+        assert!(holds(HOST_B));
+        hq_wait(
+            "the router holds exactly the wanted mappings",
+            Duration::from_secs(10),
+            &no_logs,
+            || router_forwards(lab) == PORTS.len(),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            router_forwards(lab),
+            PORTS.len(),
+            "no duplicate, no orphan:\n{}",
+            lab.router_forwards()
+        );
+        assert!(
+            b.log()
+                .contains("renewing the mappings the previous holder recorded"),
+            "{}",
+            b.log()
+        );
+
+        // (b) A returns: its daemon first removes the address it kept, then the link is up.
+        let a = world.start_a();
+        let a_log = || a.log();
+        hq_wait(
+            "host A removes its stale address",
+            Duration::from_secs(10),
+            &a_log,
+            || a.log().contains("removed the floating address left"),
+        );
+        assert!(!holds(&lan));
+        lab.exec("lan", &["ip", "link", "set", "lan0", "up"]);
+        lab.exec(
+            "lan",
+            &["ip", "route", "replace", "default", "via", "192.168.77.1"],
+        );
+        let t1 = mono();
+        hq_wait(
+            "host A standby behind host B",
+            Duration::from_secs(30),
+            &a_log,
+            || a.log().contains("holder=Some(\"host-b\")"),
+        );
+        std::thread::sleep(Duration::from_secs(5));
+        let (outage, failed) = prober.outage(t1);
+        println!("BENCH ha return of the dead host\t{outage:.2}\ts\t({failed} asks failed)");
+        assert_eq!(failed, 0, "no outage while the dead host returns");
+        assert!(!holds(&lan) && holds(HOST_B));
+        assert!(!a.log().contains("this host is active"), "{}", a.log());
+        // Each says where it stands.
+        let status = world.status(&lan, "a");
+        assert!(
+            status.contains("HA: this host (host-a) is standby; host-b is active"),
+            "{status}"
+        );
+        let status = world.status(HOST_B, "b");
+        assert!(
+            status.contains("HA: this host (host-b) is active"),
+            "{status}"
+        );
+
+        // (c) B (active) loses the API.
+        let sampler = AddressSampler::start(lan.clone());
+        let t2 = mono();
+        world.relay_b.cut();
+        let b_stopped = hq_wait(
+            "host B drops the address",
+            Duration::from_secs(20),
+            &b_log,
+            || !holds(HOST_B),
+        );
+        let a_acts = hq_wait("host A takes over", Duration::from_secs(30), &a_log, || {
+            holds(&lan)
+        });
+        hq_wait(
+            "every Service answers through A",
+            Duration::from_secs(20),
+            &a_log,
+            || prober.all_answer(t2, 3) && prober.outage(t2).1 > 0,
+        );
+        let (outage, failed) = prober.outage(t2);
+        let b_stopped = b_stopped.as_secs_f64();
+        let a_acts = b_stopped + a_acts.as_secs_f64();
+        println!(
+            "BENCH ha takeover partition\t{outage:.2}\ts\t(old holder stopped after {b_stopped:.2} s, new one held the address after {a_acts:.2} s, {failed} asks failed)"
+        );
+        assert!(
+            b_stopped < 7.0 + 2.0,
+            "steps down by its renew deadline: {b_stopped:.2} s"
+        );
+        assert!(
+            a_acts - b_stopped > 1.0,
+            "never both: {b_stopped:.2} s, {a_acts:.2} s"
+        );
+        assert!(outage < 17.0, "{outage:.2} s");
+        world.relay_b.heal();
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(holds(&lan) && !holds(HOST_B), "healed B stays standby");
+        hq_wait(
+            "the router holds exactly the wanted mappings",
+            Duration::from_secs(10),
+            &no_logs,
+            || router_forwards(lab) == PORTS.len(),
+        );
+
+        // (d) graceful stop of A (active).
+        let t3 = mono();
+        let log = a.stop();
+        assert!(log.contains("released the Lease"), "{log}");
+        hq_wait(
+            "host B takes over after the stop",
+            Duration::from_secs(20),
+            &b_log,
+            || prober.all_answer(t3, 3),
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        let (outage, failed) = prober.outage(t3);
+        println!("BENCH ha takeover graceful\t{outage:.2}\ts\t({failed} asks failed)");
+        assert!(
+            outage < 4.0,
+            "a graceful handover: ≤ 3 s (+1 s slack): {outage:.2} s"
+        );
+        sampler_check(&sampler);
+        assert!(holds(HOST_B) && !holds(&lan));
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            router_forwards(lab),
+            PORTS.len(),
+            "{}",
+            lab.router_forwards()
+        );
+        drop(b);
+    });
+}
+
+fn sampler_check(sampler: &hosts::AddressSampler) {
+    println!(
+        "address samples: {} (both hosts at once: {})",
+        sampler.count(),
+        sampler.both()
+    );
+    assert!(sampler.count() > 100, "sampled");
+    assert_eq!(
+        sampler.both(),
+        0,
+        "never both hosts holding the floating address"
+    );
 }

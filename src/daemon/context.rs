@@ -11,6 +11,7 @@ use jiff::Timestamp;
 
 use crate::config::Config;
 use crate::desired::desired;
+use crate::ha::role::{Fence, Fenced, Gate, Leadership};
 use crate::kube::report::ClusterReport;
 use crate::kube::watch::ClusterSource;
 use crate::metrics::Metrics;
@@ -79,6 +80,8 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     pub metrics: &'a Metrics,
     pub clock: &'a dyn Clock,
     pub systemd: &'a mut Systemd,
+    /// `[ha]`: whether this host acts or stands by (README.md, "High availability").
+    ha: Option<&'a mut Leadership>,
     /// The problems logged, each once while it lasts.
     reported: BTreeSet<Problem>,
     next_due: Option<Timestamp>,
@@ -122,8 +125,23 @@ where
             metrics,
             clock,
             systemd,
+            ha: None,
             reported: BTreeSet::new(),
             next_due: None,
+        }
+    }
+
+    /// With `[ha]`: every pass asks `ha` whether this host acts.
+    pub fn with_ha(mut self, ha: Option<&'a mut Leadership>) -> Self {
+        self.ha = ha;
+        self
+    }
+
+    /// Waits until this host's HA standing may have changed (never without `[ha]`).
+    pub async fn role_changed(&mut self) {
+        match self.ha.as_deref_mut() {
+            Some(ha) => ha.changed().await,
+            None => std::future::pending().await,
         }
     }
 
@@ -139,7 +157,9 @@ where
 
     /// One pass of the loop for `trigger`.
     pub async fn pass(&mut self, trigger: Trigger) -> Next {
-        if let Trigger::Announcement(announcement) = &trigger {
+        if let Trigger::Announcement(announcement) = &trigger
+            && self.ha.as_deref().is_none_or(Leadership::may_act)
+        {
             self.announced(announcement).await;
         }
         let Some(snapshot) = self.cluster.snapshot() else {
@@ -152,6 +172,27 @@ where
         };
         crate::crashpoint::reached(crate::crashpoint::LOOP_PASS);
         self.metrics.waiting_for_cluster(None);
+        if let Some(ha) = self.ha.as_deref_mut() {
+            match ha
+                .gate(self.state, &mut *self.store, self.clock.now())
+                .await
+            {
+                Gate::Act { took_over } => self.observed.found |= took_over,
+                Gate::Standby { status } => {
+                    // A standby touches nothing: no router, no Events, no local rules.
+                    self.metrics.leader(false);
+                    self.rules.sync(None, false).await;
+                    self.systemd.status(&status);
+                    self.systemd.ready(0);
+                    self.next_due = None;
+                    return Next {
+                        due: None,
+                        served: Some(0),
+                    };
+                }
+            }
+        }
+        self.metrics.leader(true);
         let host = crate::host::facts(self.router_gateway(), self.state);
         let holders = crate::trust::holders(self.state);
         let wanted = desired(
@@ -224,16 +265,26 @@ where
         let Some(router) = self.router.mapper.as_mut() else {
             return self.unchanged();
         };
+        let fence = self
+            .ha
+            .as_deref()
+            .map_or_else(Fence::default, Leadership::fence);
         let outcome = reconcile::execute(
             &plan,
             self.state,
-            &mut Instrumented::new(&mut *router, self.metrics),
+            &mut Fenced::new(Instrumented::new(&mut *router, self.metrics), fence.clone()),
             self.store,
             self.config.router.lease_secs,
             now,
         )
         .await;
         self.observed.planned();
+        if let Some(ha) = self.ha.as_deref_mut() {
+            ha.mirror(self.state);
+        }
+        if !fence.may_act() {
+            return self.unchanged();
+        }
         let check_rules = self.rules.check_due(verify_interval(&self.config));
         self.rules
             .sync(

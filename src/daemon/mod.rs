@@ -27,6 +27,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
+use crate::ha::role::{FencedConnect, Leadership};
 use crate::kube::KubeError;
 use crate::kube::watch::ClusterWatch;
 use crate::kube::writer::ClusterWriter;
@@ -56,6 +57,8 @@ pub enum DaemonError {
     Discover(#[from] DiscoverError),
     #[error(transparent)]
     Kubeconfig(KubeError),
+    #[error(transparent)]
+    Ha(#[from] crate::ha::role::HaError),
 }
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
@@ -72,10 +75,17 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     // What the state file holds counts from the start (leases from a previous run included).
     metrics.observe_state(&state, &[], None);
     let mut observed = Observations::default();
+    // [ha] (README, "High availability"): started once, kept across reloads.
+    crate::ha::role::remove_stale_address(config.ha.as_ref());
+    let mut leadership: Option<Leadership> = None;
 
     'config: loop {
         metrics.configure(config.router.lease_secs, verify_interval(&config));
-        let forwarding = forwarding(&config, None)?;
+        let floating = config
+            .ha
+            .as_ref()
+            .and_then(|ha| ha.address.map(|a| a.addr()));
+        let forwarding = forwarding(&config, floating)?;
         let address = router_address(&config, forwarding)?;
         let mut announcements = listen_for_announcements(address.as_ref());
         if forwarding != Forwarding::Direct
@@ -87,6 +97,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             Ok(client) => client,
             Err(ClusterWait::Refused(e)) => return Err(DaemonError::Kubeconfig(e)),
             Err(ClusterWait::Woken(Wake::Stop)) => {
+                if let Some(ha) = leadership.take() {
+                    ha.stop().await;
+                }
                 stop();
                 return Ok(());
             }
@@ -97,14 +110,26 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 continue 'config;
             }
         };
+        if let (None, Some(ha)) = (&leadership, &config.ha) {
+            leadership = Some(Leadership::start(client.clone(), ha)?);
+        }
         let cluster = ClusterWatch::start(client.clone(), &config, metrics.clone());
         let changed = cluster.changed.clone();
         let report = ClusterWriter::start(client, &config, metrics.clone());
         tracing::info!("watching the cluster");
-        let router = RouterConnect {
-            address,
-            config: config.router.clone(),
-        };
+        // With [ha], every request the router session makes is fenced (README, "High
+        // availability"); without it, the fence never closes.
+        let fence = leadership
+            .as_ref()
+            .map(Leadership::fence)
+            .unwrap_or_default();
+        let router = FencedConnect::new(
+            RouterConnect {
+                address,
+                config: config.router.clone(),
+            },
+            fence,
+        );
         let mut ctx = Context::new(
             config.clone(),
             forwarding,
@@ -118,13 +143,24 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &metrics,
             &SystemClock,
             &mut systemd,
-        );
+        )
+        .with_ha(leadership.as_mut());
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.
             metrics.loop_alive();
             let sleep = ctx.sleep_for();
-            match next_event(&changed, sleep, &mut announcements, &mut signals, &metrics).await {
+            let role = ctx.role_changed();
+            match next_event(
+                &changed,
+                sleep,
+                &mut announcements,
+                &mut signals,
+                &metrics,
+                role,
+            )
+            .await
+            {
                 Event::Pass(trigger) => {
                     ctx.pass(trigger).await;
                 }
@@ -135,6 +171,10 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     }
                 }
                 Event::Stop => {
+                    drop(ctx);
+                    if let Some(ha) = leadership.take() {
+                        ha.stop().await;
+                    }
                     stop();
                     return Ok(());
                 }
@@ -167,8 +207,11 @@ async fn next_event(
     announcements: &mut Option<AnnounceListener>,
     signals: &mut Signals,
     metrics: &Metrics,
+    role: impl std::future::Future<Output = ()>,
 ) -> Event {
     tokio::select! {
+        // This host's HA standing changed (README, "High availability").
+        () = role => Event::Pass(Trigger::Timer),
         () = changed.notified() => {
             tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
             Event::Pass(Trigger::Cluster)

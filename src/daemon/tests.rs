@@ -819,3 +819,227 @@ async fn an_announcement_before_the_cluster_is_listed_is_planned_after_a_reload(
     );
     assert!(ctx.observed.lost.is_empty(), "planned, then forgotten");
 }
+
+/// `[ha]`: a standby host touches nothing and says so; on becoming active it takes over the
+/// mirrored records (same port, same nonce) and renews them; once it may no longer act (the
+/// renew deadline passed) it stops at once, before any router request (README, "High
+/// availability").
+#[tokio::test(start_paused = true)]
+async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_fencing_stops_it() {
+    use crate::ha::election::Role;
+    use crate::ha::role::{Leadership, MemoryMirror};
+    use crate::ha::runner::Standing;
+
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![web("web", 8080), web("api", 8081)]);
+    let follower = Standing {
+        identity: "node-a".into(),
+        role: Role::Follower {
+            holder: "node-b".into(),
+        },
+        transitions: 3,
+    };
+    let (standing, receiver) = tokio::sync::watch::channel(follower.clone());
+    let mirror = MemoryMirror::default();
+    let mut leadership = Leadership::new(receiver, None, Box::new(mirror.clone()));
+    let mut books = Books::new();
+    let metrics = books.metrics.clone();
+    let leader = |metrics: &Metrics| {
+        metrics
+            .encode(Timestamp::now())
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("holepunch_leader "))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(leader(&metrics), "holepunch_leader 1", "one host acts");
+
+    // node-b is active and has mirrored 8080 (with its nonce); 8081 it has not mapped yet.
+    let mut active = State::default();
+    {
+        let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+        ctx.pass(Trigger::Cluster).await;
+        active.mappings = ctx.state.mappings.clone();
+    }
+    active.mappings.retain(|key, _| key.external_port == 8080);
+    for record in active.mappings.values_mut() {
+        record.nonce = Some("0123456789abcdef01234567".into());
+        // Granted long ago by node-b: not due for renewal by its own times.
+        record.renew_at = record
+            .renew_at
+            .map(|at| at + jiff::SignedDuration::from_secs(3600));
+    }
+    *lock(&mirror.0) = Some(active.clone());
+    world.lab.0.lock().expect("lab").calls.clear();
+    world.firewall.tamper(None);
+    books.state = State::default();
+    let reports_before = lock(&world.reports.0).len();
+
+    let mut ctx =
+        context(&world, &mut books, config(BackendChoice::Pcp)).with_ha(Some(&mut leadership));
+    let next = ctx.pass(Trigger::Cluster).await;
+    assert_eq!(next.served, Some(0));
+    assert!(
+        world.lab.calls().is_empty(),
+        "a standby sends nothing to the router"
+    );
+    assert_eq!(
+        world.firewall.table().ruleset,
+        None,
+        "a standby installs no rules"
+    );
+    assert_eq!(
+        lock(&world.reports.0).len(),
+        reports_before,
+        "a standby reports nothing"
+    );
+    assert!(ctx.state.mappings.is_empty());
+    assert_eq!(leader(&metrics), "holepunch_leader 0");
+
+    // This host takes the Lease: the loop wakes, loads node-b's records and renews them with
+    // their nonce, and maps the one node-b had not.
+    let take = async {
+        tokio::task::yield_now().await;
+        standing.send_replace(Standing {
+            role: Role::Leader {
+                until: std::time::Instant::now() + Duration::from_secs(3600),
+            },
+            transitions: 4,
+            ..follower.clone()
+        });
+    };
+    tokio::join!(ctx.role_changed(), take);
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(next.served, Some(2));
+    let mut calls = world.lab.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        ["map 8080 pcp", "map 8081 pcp"],
+        "renewed, not duplicated"
+    );
+    assert_eq!(
+        record(ctx.state, 8080).nonce.as_deref(),
+        Some("0123456789abcdef01234567"),
+        "the same mapping, renewed with its nonce"
+    );
+    assert_eq!(leader(&metrics), "holepunch_leader 1");
+    let forwards = world.firewall.table().ruleset.map(|r| r.forwards().len());
+    assert_eq!(forwards, Some(2), "the active host installs the rules");
+    assert!(lock(&world.reports.0).len() > reports_before, "and reports");
+    let mirrored = mirror.records().expect("mirrored");
+    assert_eq!(mirrored, *ctx.state, "the mirror follows the state");
+    // The active host checks a router announcement with the router.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+        .await;
+    assert_eq!(world.lab.confirms(), 1, "the active host asks the router");
+    let mirrored = mirror.records().expect("mirrored");
+    assert_eq!(mirrored, *ctx.state, "the mirror follows every change");
+
+    // The renew deadline passes (the API is gone): the next pass stands by, removes the
+    // rules, and no request goes out, not even one that is due.
+    let calls_before = world.lab.calls().len();
+    standing.send_replace(Standing {
+        role: Role::Leader {
+            until: std::time::Instant::now(),
+        },
+        transitions: 4,
+        ..follower
+    });
+    world
+        .cluster
+        .set(vec![web("web", 8080), web("api", 8081), web("new", 8082)]);
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        world.lab.calls().len(),
+        calls_before,
+        "fenced: no router request"
+    );
+    // Nor is an announcement checked with the router.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    ctx.pass(Trigger::Announcement(Announcement::Pcp { epoch_secs: 0 }))
+        .await;
+    assert_eq!(world.lab.confirms(), 1, "fenced: no announcement check");
+    assert_eq!(
+        world.firewall.table().ruleset,
+        None,
+        "fenced: rules removed"
+    );
+    assert_eq!(leader(&metrics), "holepunch_leader 0");
+    assert_eq!(
+        mirror.records(),
+        Some(mirrored),
+        "fenced: the mirror is not written"
+    );
+}
+
+/// The fence sits on the plan's path to the router: a request after the renew deadline is
+/// refused before it reaches the router; one before it goes through.
+#[tokio::test(start_paused = true)]
+async fn fenced_requests_never_reach_the_router() {
+    use crate::ha::election::Role;
+    use crate::ha::role::{FENCED_REASON, Fenced, Leadership, MemoryMirror};
+    use crate::ha::runner::Standing;
+
+    let lab = Lab::answering(&[Backend::Pcp]);
+    let (standing, receiver) = tokio::sync::watch::channel(Standing {
+        identity: "node-a".into(),
+        role: Role::Leader {
+            until: std::time::Instant::now() + Duration::from_secs(3600),
+        },
+        transitions: 1,
+    });
+    let leadership = Leadership::new(receiver, None, Box::new(MemoryMirror::default()));
+    let mut router = Fenced::new(
+        Scripted {
+            backend: Backend::Pcp,
+            lab: lab.clone(),
+        },
+        leadership.fence(),
+    );
+    let request = MapRequest {
+        owner: crate::model::Owner::new("default", "web"),
+        protocol: Protocol::Tcp,
+        external_port: 8080,
+        internal: crate::model::Endpoint::new(LAN, 8080),
+        lifetime_secs: LEASE_SECS,
+        nonce: None,
+    };
+    assert!(router.map(&request).await.is_ok());
+    let mut connect = crate::ha::role::FencedConnect::new(
+        ScriptedConnect {
+            lab: lab.clone(),
+            choice: BackendChoice::Auto,
+        },
+        leadership.fence(),
+    );
+    assert!(connect.confirm(Check::Pcp).await.is_ok());
+    assert!(connect.probe(None).await.is_ok());
+    standing.send_modify(|s| {
+        s.role = Role::Leader {
+            until: std::time::Instant::now(),
+        }
+    });
+    match router.map(&request).await {
+        Err(RouterError::Refused { reason, .. }) => assert_eq!(reason, FENCED_REASON),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        lab.calls(),
+        ["map 8080 pcp"],
+        "the refused one never reached the router"
+    );
+    // The router session's own requests are fenced too: the check of an announcement, the
+    // probe, and whatever a mapper it made before asks (verify, purge, retire).
+    assert!(connect.confirm(Check::Pcp).await.is_err());
+    assert_eq!(lab.confirms(), 1, "only the one before the deadline");
+    assert!(connect.probe(None).await.is_err());
+    assert!(connect.reach(Backend::Pcp).await.is_none());
+}

@@ -1,7 +1,7 @@
 //! The floating relay address (`ha.address` on `ha.interface`): added by the host that may
 //! act, announced with gratuitous ARP so that the router's neighbour cache follows at once,
 //! removed when the host stops acting, and removed at start when this host has no right to it
-//! (README.md, "High availability (building blocks)").
+//! (README.md, "High availability").
 //!
 //! Adding and removing go through rtnetlink (`RTM_NEWADDR` / `RTM_DELADDR`, rtnetlink(7)),
 //! which needs `CAP_NET_ADMIN`; the announcement is an ARP packet on an `AF_PACKET` socket

@@ -1,8 +1,7 @@
 //! Leader election over a `coordination.k8s.io/v1` Lease as a pure state machine, with
 //! client-go's semantics (`k8s.io/client-go/tools/leaderelection`): holderIdentity,
 //! leaseDurationSeconds, acquireTime, renewTime, leaseTransitions, and the three timings
-//! lease duration > renew deadline > retry period (README.md, "High availability (building
-//! blocks)").
+//! lease duration > renew deadline > retry period (README.md, "High availability").
 //!
 //! No clock, no I/O: every call takes the local monotonic instant (`now`) and, where a
 //! timestamp is written, the wall-clock time (`wall`). The driver in [`super::runner`] reads

@@ -1,6 +1,6 @@
-//! The Lease and the mapping mirror through the API server (README.md, "High availability
-//! (building blocks)"): get, create and replace of a `coordination.k8s.io/v1` Lease and of the
-//! ConfigMap beside it, through kube's `Api`.
+//! The Lease and the mapping mirror through the API server (README.md, "High availability"):
+//! get, create and replace of a `coordination.k8s.io/v1` Lease and of the ConfigMap beside it,
+//! through kube's `Api`.
 //!
 //! Every replace carries the resourceVersion last read (the API server answers 409 Conflict
 //! when someone wrote in between); a create of an object that exists is a conflict too. Every
@@ -8,7 +8,7 @@
 //! hung request never eats the holder's whole renewal window.
 //!
 //! RBAC this needs, in the Lease's namespace only: `get`, `create`, `update` on `leases` and
-//! `configmaps`.
+//! `configmaps` (`packaging/kubernetes/rbac.yaml` grants them with `watch` and `patch`).
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,6 +1,6 @@
 //! The mapping records the active host mirrors into the cluster, so that the next active host
-//! renews the same router mappings with the same PCP nonces (README.md, "High availability
-//! (building blocks)").
+//! renews the same router mappings with the same PCP nonces (README.md, "High
+//! availability").
 //!
 //! The text is the state file's own format (see [`crate::state`]): `version = 2`, then one
 //! `[[mapping]]` table per [`MappingRecord`], with the same serde definition, so a record

@@ -1,8 +1,9 @@
 //! High availability: several hosts, one active through a `coordination.k8s.io/v1` Lease
-//! (README.md, "High availability (building blocks)"). Kubernetes is the distributed engine;
+//! (README.md, "High availability"). Kubernetes is the distributed engine;
 //! holepunch adds no consensus of its own.
 //!
-//! Building blocks, not yet wired into the daemon:
+//! The loop consults [`role::Leadership`] at every pass (README.md, "High availability"); the
+//! pieces under it:
 //! - [`election`]: client-go's leader election as a pure state machine, with the fencing
 //!   deadline (`may_act`) that ends before any other host may acquire the Lease;
 //! - [`mirror`]: the mapping records as the ConfigMap beside the Lease holds them (the state
@@ -12,10 +13,25 @@
 //! - [`address`]: the floating relay address, added, announced (gratuitous ARP) and removed
 //!   through the kernel;
 //! - [`runner`]: the async loop that drives an election against the API server and publishes
-//!   where this host stands.
+//!   where this host stands;
+//! - [`role`]: what the daemon's loop may do (act or stand by), the fence on every router
+//!   request, the address guard and the mirror writer beside the loop.
 
 pub mod address;
 pub mod election;
 pub mod lease;
 pub mod mirror;
+pub mod role;
 pub mod runner;
+
+/// An error and its causes, for one log line.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,6 +1,6 @@
 //! The election loop: every retry period, read the Lease, feed it to the pure [`Election`],
 //! write what it decides, and publish where this host stands; on stop, hand the Lease back at
-//! once (README.md, "High availability (building blocks)").
+//! once (README.md, "High availability").
 //!
 //! What it publishes ([`Standing`]) carries the fencing deadline itself, not a flag: whoever
 //! acts asks [`Standing::may_act`] with the current instant, so acting stops on time even when
@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use super::election::{Decision, Election, Role, Timings};
-use super::lease::{LeaseError, LeaseStore};
+use super::lease::LeaseStore;
 
 /// Followers and candidates wait up to this fraction of the retry period more, so that hosts
 /// that started together do not all write at the same instant. (client-go jitters its acquire
@@ -144,7 +144,7 @@ impl Runner {
         match self.store.get().await {
             Ok(lease) => self.election.observe(lease, Instant::now()),
             Err(error) => {
-                tracing::warn!(error = %chain(&error), "leader election: cannot read the Lease");
+                tracing::warn!(error = %super::chain(&error), "leader election: cannot read the Lease");
                 self.publish();
                 return;
             }
@@ -163,7 +163,7 @@ impl Runner {
             Some(Ok(lease)) => self.election.written(lease, sent_at, Instant::now()),
             Some(Err(error)) => {
                 self.election.write_failed(error.failure());
-                tracing::debug!(error = %chain(&error), "leader election: write not taken");
+                tracing::debug!(error = %super::chain(&error), "leader election: write not taken");
             }
         }
         self.publish();
@@ -190,7 +190,7 @@ impl Runner {
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(error = %chain(&error), "leader election: cannot release the Lease; the other hosts take it when it expires");
+                    tracing::warn!(error = %super::chain(&error), "leader election: cannot release the Lease; the other hosts take it when it expires");
                     // A stale read (our last renewal went through unseen): read and retry.
                     match self.store.get().await {
                         Ok(lease) => self.election.observe(lease, Instant::now()),
@@ -233,18 +233,6 @@ impl Runner {
         let jitter = rand::rng().random_range(0.0..CANDIDATE_JITTER_FRACTION);
         retry.mul_f64(1.0 + jitter)
     }
-}
-
-/// The error and its causes, for one log line.
-fn chain(error: &LeaseError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
