@@ -262,6 +262,9 @@ fn check_config(path: &Path) -> Result<(), Failure> {
     if config.exposure.target_cidrs.is_empty() {
         eprintln!("{TARGET_CIDRS_NOTE}");
     }
+    if let Some(note) = crate::pinholes::ipv6_note(&config) {
+        eprintln!("note: {note}");
+    }
     Ok(())
 }
 
