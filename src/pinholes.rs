@@ -297,14 +297,14 @@ fn same_pinhole(record: &PinholeRecord, want: &PinholeRecord) -> bool {
 }
 
 /// The plan for the pinholes: close what is no longer wanted (or changed), open what is new,
-/// pending, expired, due for a retry or lost in a router restart (`restarted`), renew what
-/// is due. Closes come first, so that a changed pinhole is deleted before its replacement is
-/// asked for.
+/// pending, expired, due for a retry or lost by the router (`lost`: a restart, or the IPv4
+/// mapping with the same key lost), renew what is due. Closes come first, so that a changed
+/// pinhole is deleted before its replacement is asked for.
 pub fn plan_pinholes(
     wanted: &DesiredPinholes,
     state: &State,
     route: &PinholeRoute,
-    restarted: bool,
+    lost: &BTreeSet<MappingKey>,
     now: Timestamp,
 ) -> Vec<PinholeAction> {
     let mut closes = Vec::new();
@@ -336,7 +336,9 @@ pub fn plan_pinholes(
                 let reason = match have.status {
                     MappingStatus::Pending => Some(OpenReason::Unconfirmed),
                     MappingStatus::Failed => due(have.retry_at).then_some(OpenReason::RetryDue),
-                    MappingStatus::Active if restarted => Some(OpenReason::RouterRestarted),
+                    MappingStatus::Active if lost.contains(&key) => {
+                        Some(OpenReason::RouterRestarted)
+                    }
                     MappingStatus::Active if have.expires_at.is_some_and(|at| at <= now) => {
                         Some(OpenReason::Expired)
                     }
@@ -359,6 +361,23 @@ pub fn plan_pinholes(
     }
     closes.extend(opens);
     closes
+}
+
+/// The keys whose IPv4 mapping the IPv4 plan restores because the router lost it (restart,
+/// or lost at a verify): their pinholes were lost with it (README, "IPv6").
+pub fn lost_with_mappings(actions: &[crate::plan::Action]) -> BTreeSet<MappingKey> {
+    use crate::plan::{Action, RestoreReason};
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Restore {
+                mapping,
+                reason: RestoreReason::RouterRestarted | RestoreReason::RouterLost,
+                ..
+            } => Some(mapping.key()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// When the pinholes next need a pass: the earliest renewal or retry.
@@ -725,19 +744,21 @@ mod tests {
         let now = Timestamp::from_second(1_000_000).expect("time");
         let later = |secs: i64| Timestamp::from_second(1_000_000 + secs).expect("time");
         let mut state = State::default();
+        let none = BTreeSet::new();
+        let all: BTreeSet<MappingKey> = wanted(&[8080]).pinholes.keys().copied().collect();
         // New: relay opens this host's address on the external port.
-        let plan = plan_pinholes(&wanted(&[8080]), &state, &RELAY, false, now);
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now);
         assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::10]:8080 New"]);
         // Direct opens the target.
         let direct = PinholeRoute {
             relay_from: None,
             ..RELAY
         };
-        let plan = plan_pinholes(&wanted(&[8080]), &state, &direct, false, now);
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &direct, &none, now);
         assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:30000 New"]);
 
         let PinholeAction::Open { record, .. } =
-            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, false, now)[0]
+            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]
         else {
             panic!("open expected");
         };
@@ -747,14 +768,14 @@ mod tests {
         record.expires_at = Some(later(600));
         state.pinholes.insert(record.key(), record);
         // Granted and not due: nothing.
-        assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, false, now).is_empty());
+        assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now).is_empty());
         // Due: renewed; expired: opened again; router restarted: opened again.
         assert_eq!(
             verbs(&plan_pinholes(
                 &wanted(&[8080]),
                 &state,
                 &RELAY,
-                false,
+                &none,
                 later(300)
             )),
             ["renew 8080"]
@@ -764,18 +785,18 @@ mod tests {
                 &wanted(&[8080]),
                 &state,
                 &RELAY,
-                false,
+                &none,
                 later(600)
             )),
             ["open 8080 [2001:db8:77::10]:8080 Expired"]
         );
         assert_eq!(
-            verbs(&plan_pinholes(&wanted(&[8080]), &state, &RELAY, true, now)),
+            verbs(&plan_pinholes(&wanted(&[8080]), &state, &RELAY, &all, now)),
             ["open 8080 [2001:db8:77::10]:8080 RouterRestarted"]
         );
         // The IPv4 mapping is no longer wanted, so neither is its pinhole: closed.
         assert_eq!(
-            verbs(&plan_pinholes(&wanted(&[]), &state, &RELAY, false, now)),
+            verbs(&plan_pinholes(&wanted(&[]), &state, &RELAY, &none, now)),
             ["close 8080"]
         );
         // A changed target: the old one closed before the new one is opened.
@@ -784,7 +805,7 @@ mod tests {
                 &wanted(&[8080]),
                 &state,
                 &direct,
-                false,
+                &none,
                 now
             )),
             ["close 8080", "open 8080 [2001:db8:77::20]:30000 New"]

@@ -78,6 +78,8 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     pub metrics: &'a Metrics,
     pub clock: &'a dyn Clock,
     pub systemd: &'a mut Systemd,
+    /// IPv6 pinholes beside the mappings (README, "IPv6").
+    pub pinholes: crate::router::pinholes::Pinholes,
     /// The problems logged, each once while it lasts.
     reported: BTreeSet<Problem>,
     next_due: Option<Timestamp>,
@@ -121,6 +123,7 @@ where
             metrics,
             clock,
             systemd,
+            pinholes: crate::router::pinholes::Pinholes::default(),
             reported: BTreeSet::new(),
             next_due: None,
         }
@@ -245,10 +248,26 @@ where
                 check_rules,
             )
             .await;
+        let pinholes = self
+            .pinholes
+            .pass(
+                &snapshot.services,
+                &snapshot.nodes,
+                &self.config,
+                &host,
+                &wanted.mappings,
+                backend,
+                &crate::pinholes::lost_with_mappings(&plan.actions),
+                self.state,
+                self.store,
+                now,
+            )
+            .await;
         let problems: Vec<Problem> = wanted
             .problems
             .iter()
             .chain(&outcome.problems)
+            .chain(&pinholes.problems)
             .cloned()
             .chain(double_nat_problems(self.state))
             .collect();
@@ -276,7 +295,10 @@ where
         self.report
             .submit(&problems, self.state, &snapshot.services);
         // Due times of what was just granted count too, not only of what was planned.
-        self.next_due = outcome.next_due;
+        self.next_due = [outcome.next_due, pinholes.next_due]
+            .into_iter()
+            .flatten()
+            .min();
         if outcome.released > 0 {
             // The state can be saved again: what waited for it goes at the next pass.
             self.next_due = Some(self.clock.now());

@@ -10,6 +10,7 @@ pub mod clamp;
 pub mod discover;
 pub mod natpmp;
 pub mod pcp;
+pub mod pinholes;
 pub mod session;
 pub mod upnp;
 
