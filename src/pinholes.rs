@@ -319,7 +319,13 @@ pub fn plan_pinholes(
         let want = wanted.pinholes.get(&key).map(|w| record_for(w, route));
         let have = state.pinholes.get(&key);
         match (have, want) {
-            (Some(_), None) => closes.push(PinholeAction::Close { key }),
+            // A close that failed waits for its retry.
+            (Some(have), None) => {
+                if have.status != MappingStatus::Failed || have.retry_at.is_none_or(|at| at <= now)
+                {
+                    closes.push(PinholeAction::Close { key });
+                }
+            }
             (None, Some(want)) => opens.push(PinholeAction::Open {
                 record: Box::new(want),
                 reason: OpenReason::New,

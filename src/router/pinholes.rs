@@ -148,7 +148,12 @@ impl PinholeRouter for PcpPinholes {
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
         Box::pin(async move {
             let map = self.map(record, lifetime_secs)?;
-            self.client.map(&map).await.map(opened_pcp)
+            // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a
+            // restore or a retry of a pinhole the router may still hold would otherwise renew
+            // it in place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it
+            // (see `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not
+            // exist is success.
+            self.client.renew(&map).await.map(opened_pcp)
         })
     }
     fn renew<'a>(
@@ -394,8 +399,9 @@ pub struct Pinholes {
     router: Option<Box<dyn PinholeRouter>>,
     /// Why IPv6 was not used, said once each.
     said: BTreeSet<String>,
-    /// The pinhole client saw the router restart: restore every pinhole at the next pass.
-    restarted: bool,
+    /// The pinhole client saw the router restart in the pass that began then: restore every
+    /// pinhole granted before it at the next pass.
+    restarted: Option<Timestamp>,
     /// The last connect that failed, for which backend: tried again after a verify interval.
     failed: Option<(Backend, Timestamp)>,
 }
@@ -412,7 +418,7 @@ impl Pinholes {
             connect,
             router: None,
             said: BTreeSet::new(),
-            restarted: false,
+            restarted: None,
             failed: None,
         }
     }
@@ -493,8 +499,15 @@ impl Pinholes {
         host.own_addresses.insert(router.host().into());
         let wanted = desired_pinholes(services, nodes, config, &host, mappings);
         let mut lost = lost.clone();
-        if std::mem::take(&mut self.restarted) {
-            lost.extend(state.pinholes.keys().copied());
+        if let Some(pass_began) = self.restarted.take() {
+            // What was granted in that pass already lives in the router's new epoch.
+            lost.extend(
+                state
+                    .pinholes
+                    .iter()
+                    .filter(|(_, r)| r.granted_at.is_none_or(|at| at < pass_began))
+                    .map(|(key, _)| *key),
+            );
         }
         let actions = plan_pinholes(&wanted, state, &route, &lost, now);
         let mut problems = wanted.problems;
@@ -510,11 +523,11 @@ impl Pinholes {
         .await;
         if router.take_restart() {
             tracing::warn!(%backend, "the router restarted and lost its IPv6 pinholes; restoring them");
-            self.restarted = true;
+            self.restarted = Some(now);
         }
         PinholeOutcome {
             problems,
-            next_due: if self.restarted {
+            next_due: if self.restarted.is_some() {
                 Some(now)
             } else {
                 next_due(state)
@@ -539,14 +552,18 @@ async fn execute(
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let result =
-                    if record.backend == router.backend() && record.router == router.router() {
-                        router.close(&record).await
-                    } else {
-                        // Made through another protocol or router: this one cannot delete it; it
-                        // closes when its lease ends.
-                        Ok(())
-                    };
+                let expired = record.expires_at.is_some_and(|at| at <= now)
+                    && record.status != MappingStatus::Pending;
+                let result = if expired {
+                    // The router dropped it when its lease ended: nothing to ask.
+                    Ok(())
+                } else if record.backend == router.backend() && record.router == router.router() {
+                    router.close(&record).await
+                } else {
+                    // Made through another protocol or router: this one cannot delete it; it
+                    // closes when its lease ends.
+                    Ok(())
+                };
                 match result {
                     Ok(()) => {
                         tracing::info!(service = %record.owner, pinhole = %record.opens(), "IPv6 pinhole closed");
