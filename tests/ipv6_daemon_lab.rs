@@ -237,6 +237,20 @@ fn dual_stack_relay_through(backend: &str) {
         );
         assert!(reaches6(&lab, "udp", 8080), "UDP over IPv6");
         assert!(reaches4(&lab, "tcp", 8080), "the IPv4 mapping beside it");
+        wait_until(
+            &daemon,
+            "the Published Event with both addresses",
+            WAIT,
+            || {
+                has_event(
+                    kubeconfig,
+                    Some("Normal"),
+                    "Published",
+                    "web",
+                    &format!("{ROUTER_WAN_IP}:8080 and [{HOST6}]:8080"),
+                )
+            },
+        );
         assert_eq!(pinholes_on(&lab, 8080), 2, "{}", pinhole_rules(&lab));
         let state = std::fs::read_to_string(dir.join("state/state.toml")).expect("state");
         assert!(state.starts_with("version = 3\n"), "{state}");
@@ -310,7 +324,8 @@ fn a_dual_stack_service_is_reachable_over_ipv6_through_upnp_only_while_published
 }
 
 /// The router's IPv6 address as a load balancer's ingress (inside target_cidrs): refused with
-/// an Event, no pinhole, while a normal Service in the same run is published over IPv6.
+/// an Event, no pinhole, while a normal Service in the same run is published over IPv6, and a
+/// Service of holepunch's own class shows the IPv6 address beside the router's in its status.
 #[test]
 #[cfg_attr(
     not(feature = "lab"),
@@ -323,9 +338,17 @@ fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_publ
         assert!(out.status.success(), "{out:?}");
     }
     let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _own6 = echo6(&lab, "node", NODE6, 31090);
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
         dual_node(fake);
         service(fake, "web", 8080, false);
+        // holepunch's own class: its status lists the IPv6 address beside the router's.
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "own", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holepunch.io/router",
+                     "ports": [{"name": "web", "port": 9090, "protocol": "TCP", "nodePort": 31090}]}
+        }));
         fake.apply_object(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "attack", "namespace": "default",
@@ -337,6 +360,21 @@ fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_publ
         let daemon = Daemon::start(&config);
         wait_until(&daemon, "web over IPv6", WAIT, || {
             reaches6(&lab, "tcp", 8080)
+        });
+        wait_until(&daemon, "own over IPv6", WAIT, || {
+            reaches6(&lab, "tcp", 9090)
+        });
+        wait_until(&daemon, "own's status with both addresses", WAIT, || {
+            kubectl(
+                kubeconfig,
+                &[
+                    "get",
+                    "svc",
+                    "own",
+                    "-o",
+                    "jsonpath={.status.loadBalancer.ingress[*].ip}",
+                ],
+            ) == format!("{ROUTER_WAN_IP} {HOST6}")
         });
         wait_until(&daemon, "the refusal Event", WAIT, || {
             has_event(
@@ -364,7 +402,8 @@ fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_publ
         );
         // The Event names no address.
         let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
-        assert!(!events.contains(ROUTER6), "{events}");
+        // (This host's address, in the Published Events, begins with the router's.)
+        assert!(!events.replace(HOST6, "").contains(ROUTER6), "{events}");
         assert!(
             daemon.log().contains("it is an address of the router"),
             "the operator's log says why"
