@@ -817,6 +817,35 @@ mod tests {
             ["close 8080", "open 8080 [2001:db8:77::20]:30000 New"]
         );
         assert_eq!(next_due(&state), Some(later(300)));
+
+        // A close that failed waits for its retry, then is tried again.
+        if let Some(record) = state.pinholes.values_mut().next() {
+            record.status = MappingStatus::Failed;
+            record.retry_at = Some(later(60));
+        }
+        assert!(plan_pinholes(&wanted(&[]), &state, &RELAY, &none, now).is_empty());
+        assert_eq!(
+            verbs(&plan_pinholes(
+                &wanted(&[]),
+                &state,
+                &RELAY,
+                &none,
+                later(60)
+            )),
+            ["close 8080"]
+        );
+        // A failed open is retried when its backoff is over, not before.
+        assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now).is_empty());
+        assert_eq!(
+            verbs(&plan_pinholes(
+                &wanted(&[8080]),
+                &state,
+                &RELAY,
+                &none,
+                later(60)
+            )),
+            ["open 8080 [2001:db8:77::10]:8080 RetryDue"]
+        );
     }
 
     #[test]

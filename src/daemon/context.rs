@@ -236,18 +236,6 @@ where
         )
         .await;
         self.observed.planned();
-        let check_rules = self.rules.check_due(verify_interval(&self.config));
-        self.rules
-            .sync(
-                Ruleset::for_state(
-                    self.forwarding,
-                    self.config.exposure.wan_interface.as_deref(),
-                    self.router_gateway(),
-                    self.state,
-                ),
-                check_rules,
-            )
-            .await;
         let pinholes = self
             .pinholes
             .pass(
@@ -261,6 +249,18 @@ where
                 self.state,
                 self.store,
                 now,
+            )
+            .await;
+        let check_rules = self.rules.check_due(verify_interval(&self.config));
+        self.rules
+            .sync(
+                Ruleset::for_state(
+                    self.forwarding,
+                    self.config.exposure.wan_interface.as_deref(),
+                    self.router_gateway(),
+                    self.state,
+                ),
+                check_rules,
             )
             .await;
         let problems: Vec<Problem> = wanted
