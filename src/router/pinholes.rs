@@ -454,6 +454,14 @@ impl Pinholes {
             self.say_once("not available in gateway mode yet; Services are published over IPv4");
             return PinholeOutcome::default();
         }
+        // Nothing wanted and nothing held: no router is asked anything (not even found).
+        if state.pinholes.is_empty()
+            && desired_pinholes(services, nodes, config, host, mappings)
+                .pinholes
+                .is_empty()
+        {
+            return PinholeOutcome::default();
+        }
         if matches!(backend, Backend::Natpmp | Backend::None) {
             // NOTE: RFC 6886 has no IPv6; NAT-PMP routers get IPv4 mappings only.
             if backend == Backend::Natpmp && config.exposure.ipv6 == Ipv6Choice::Auto {
