@@ -386,6 +386,19 @@ pub fn lost_with_mappings(actions: &[crate::plan::Action]) -> BTreeSet<MappingKe
         .collect()
 }
 
+/// For the double-NAT Event (README, "IPv6"): whether the Service port with `key` is still
+/// reachable over IPv6 through an open pinhole, as the end of a sentence.
+pub fn still_reachable_over_ipv6(state: &State, key: MappingKey) -> String {
+    match state
+        .pinholes
+        .get(&key)
+        .filter(|p| p.status == MappingStatus::Active)
+    {
+        Some(pinhole) => format!("; it is still reachable over IPv6 on {}", pinhole.opens()),
+        None => "; no IPv6 pinhole reaches it either".to_owned(),
+    }
+}
+
 /// When the pinholes next need a pass: the earliest renewal or retry.
 pub fn next_due(state: &State) -> Option<Timestamp> {
     state

@@ -454,8 +454,10 @@ pub fn double_nat_problems(state: &State) -> Vec<Problem> {
                 kind: crate::model::ProblemKind::DoubleNat,
                 message: format!(
                     "the router maps {}/{}, but its external address {address} cannot be reached \
-                     from the Internet: {why}",
-                    r.external_port, r.protocol
+                     from the Internet: {why}{}",
+                    r.external_port,
+                    r.protocol,
+                    crate::pinholes::still_reachable_over_ipv6(state, r.key())
                 ),
                 detail: None,
             })

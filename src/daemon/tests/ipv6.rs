@@ -328,3 +328,39 @@ async fn the_routers_ipv6_address_as_load_balancer_ingress_is_refused_while_a_no
     );
     assert!(!last.iter().any(|p| p.owner.name == "web"), "{last:?}");
 }
+
+/// Behind a carrier-grade NAT the IPv4 mapping cannot be reached: the double-NAT problem says
+/// whether the pinhole still reaches the Service over IPv6.
+#[tokio::test(start_paused = true)]
+async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    for record in ctx.state.mappings.values_mut() {
+        record.external_address = Some(Ipv4Addr::new(100, 64, 0, 7));
+    }
+    let problems = double_nat_problems(ctx.state);
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].message.ends_with(&format!(
+            "still reachable over IPv6 on {}",
+            held(8080).split_once(' ').map_or("", |(_, a)| a)
+        )),
+        "{}",
+        problems[0].message
+    );
+    ctx.state.pinholes.clear();
+    let problems = double_nat_problems(ctx.state);
+    assert!(
+        problems[0]
+            .message
+            .ends_with("no IPv6 pinhole reaches it either"),
+        "{}",
+        problems[0].message
+    );
+}
