@@ -200,6 +200,7 @@ fn main() -> Result<(), BoxError> {
         lan_address: LAN_ADDRESS,
         router: Some(CLIENT_ADDRESS),
         forwards: forwards.clone(),
+        ipv6: None,
     };
     let script_path = std::env::temp_dir().join("hpf-bench.nft");
     File::create(&script_path)?
@@ -257,6 +258,7 @@ fn main() -> Result<(), BoxError> {
         lan_address: RELAY_ADDRESS,
         router: Some(CLIENT_ADDRESS),
         forwards: vec![mapped],
+        ipv6: None,
     };
     let mut others: Vec<Forward> = forwards
         .into_iter()
@@ -268,6 +270,7 @@ fn main() -> Result<(), BoxError> {
         lan_address: RELAY_ADDRESS,
         router: Some(CLIENT_ADDRESS),
         forwards: others,
+        ipv6: None,
     };
     let (mut with_one, mut with_many) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {

@@ -262,6 +262,9 @@ fn check_config(path: &Path) -> Result<(), Failure> {
     if config.exposure.target_cidrs.is_empty() {
         eprintln!("{TARGET_CIDRS_NOTE}");
     }
+    if let Some(note) = crate::pinholes::ipv6_note(&config) {
+        eprintln!("note: {note}");
+    }
     Ok(())
 }
 
@@ -539,7 +542,25 @@ pub fn status_json(state: &State, now: Timestamp) -> serde_json::Value {
             value
         })
         .collect();
-    serde_json::json!({ "summary": StatusSummary::of(state), "mappings": mappings })
+    let pinholes: Vec<serde_json::Value> = state
+        .pinholes
+        .values()
+        .map(|record| {
+            let mut value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
+            if let Some(fields) = value.as_object_mut() {
+                fields.insert(
+                    "lease_left_secs".to_owned(),
+                    serde_json::json!(record.expires_at.map(|at| at.as_second() - now.as_second())),
+                );
+            }
+            value
+        })
+        .collect();
+    serde_json::json!({
+        "summary": StatusSummary::of(state),
+        "mappings": mappings,
+        "pinholes": pinholes,
+    })
 }
 
 const GREEN: &str = "\x1b[32m";
@@ -640,9 +661,70 @@ fn table(state: &State, now: Timestamp, colour: bool, wide: bool) -> String {
             )
         };
         let _ = writeln!(out, "{}", row.trim_end());
+        if let Some(pinhole) = state.pinholes.get(&record.key()) {
+            let _ = writeln!(
+                out,
+                "{}",
+                pinhole_row(pinhole, now, wide, &paint).trim_end()
+            );
+        }
     }
     let _ = writeln!(out, "{summary}");
     out
+}
+
+/// The row of an IPv6 pinhole, under its IPv4 mapping's (README, "IPv6"): PUBLIC is the
+/// address and port the internet reaches over IPv6.
+fn pinhole_row(
+    record: &crate::state::PinholeRecord,
+    now: Timestamp,
+    wide: bool,
+    paint: &dyn Fn(String, &str) -> String,
+) -> String {
+    let (status, code) = match record.status {
+        MappingStatus::Pending => ("pending", YELLOW),
+        MappingStatus::Active => ("active", GREEN),
+        MappingStatus::Failed => ("failed", RED),
+    };
+    let lease = match record.expires_at.map(|at| at.as_second() - now.as_second()) {
+        None => "-".to_owned(),
+        Some(left) if left <= 0 => "expired".to_owned(),
+        Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
+        Some(left) if left >= 60 => format!("{}m{:02}s", left / 60, left % 60),
+        Some(left) => format!("{left}s"),
+    };
+    let note = record.last_error.clone().unwrap_or_default();
+    let proto = format!("{}6", record.protocol);
+    if wide {
+        format!(
+            "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
+            record.owner.to_string(),
+            proto,
+            record.opens().to_string(),
+            record.opens().to_string(),
+            record.target().to_string(),
+            record.backend.to_string(),
+            record.router.to_string(),
+            lease,
+            record
+                .expires_at
+                .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+            paint(format!("{status:<8}"), code),
+            paint(note, RED),
+        )
+    } else {
+        format!(
+            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
+            record.owner.to_string(),
+            proto,
+            record.opens().to_string(),
+            record.target().to_string(),
+            record.backend.to_string(),
+            lease,
+            paint(format!("{status:<8}"), code),
+            paint(note, RED),
+        )
+    }
 }
 
 /// The last column of `status`: the last error, and an unfinished port handover.
@@ -801,6 +883,61 @@ mod tests {
             state.mappings.insert(r.key(), r);
         }
         state
+    }
+
+    #[test]
+    fn status_shows_the_ipv6_pinhole_under_its_mapping() {
+        use crate::state::PinholeRecord;
+        let now: Timestamp = "2025-01-01T00:20:30Z".parse().expect("timestamp");
+        let mut state = sample();
+        let mapping = state.mappings.values().next().expect("a mapping").clone();
+        let pinhole = PinholeRecord {
+            owner: mapping.owner.clone(),
+            service_port: mapping.service_port,
+            protocol: mapping.protocol,
+            external_port: mapping.external_port,
+            address: "2001:db8:77::10".parse().expect("ip"),
+            port: mapping.external_port,
+            target_address: "2001:db8:77::20".parse().expect("ip"),
+            target_port: 31080,
+            target_source: crate::model::TargetSource::NodePort,
+            backend: crate::model::Backend::Pcp,
+            router: "2001:db8:77::1".parse().expect("ip"),
+            nonce: None,
+            unique_id: None,
+            epoch: None,
+            lifetime_secs: 120,
+            granted_at: Some(now),
+            renew_at: None,
+            expires_at: Some("2025-01-01T00:22:30Z".parse().expect("timestamp")),
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            failure: None,
+            last_error: None,
+        };
+        state.pinholes.insert(pinhole.key(), pinhole);
+        let table = status_table(&state, now, false);
+        let lines: Vec<&str> = table.lines().collect();
+        // The IPv4 row, then its pinhole's: the address the internet reaches over IPv6.
+        assert!(lines[1].contains("11.22.33.44:8080"), "{table}");
+        let row: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "default/web8080",
+                "tcp6",
+                "[2001:db8:77::10]:8080",
+                "[2001:db8:77::20]:31080",
+                "pcp",
+                "2m00s",
+                "active"
+            ],
+            "{table}"
+        );
+        let json = status_json(&state, now);
+        assert_eq!(json["pinholes"][0]["address"], "2001:db8:77::10");
+        assert_eq!(json["pinholes"][0]["lease_left_secs"], 120);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use toml::de::{DeArray, DeTable, DeValue};
 
 /// Every default value, in one place. The shipped `etc/holepunch.toml` repeats them.
 pub mod defaults {
-    use super::{BackendChoice, ExposureMode, LogFormat};
+    use super::{BackendChoice, ExposureMode, Ipv6Choice, LogFormat};
 
     pub const CONFIG_PATH: &str = "/etc/holepunch.toml";
     pub const KUBECONFIG_PATH: &str = "/etc/holepunch/kubeconfig";
@@ -29,6 +29,7 @@ pub mod defaults {
     pub const LEASE_SECS: u32 = 3600;
     pub const VERIFY_INTERVAL_SECS: u32 = 60;
     pub const EXPOSURE_MODE: ExposureMode = ExposureMode::Relay;
+    pub const IPV6: Ipv6Choice = Ipv6Choice::Auto;
     /// Empty: no LoadBalancer IP is a target, Services go through a Ready node's nodePort
     /// (README, "Security model").
     pub const TARGET_CIDRS: &[&str] = &[];
@@ -143,15 +144,26 @@ pub enum ExposureMode {
     Gateway,
 }
 
+/// `exposure.ipv6`: whether Services with an IPv6 target also get a pinhole (README, "IPv6").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Choice {
+    /// Pinholes through PCP or UPnP when the router offers them; never through NAT-PMP.
+    Auto,
+    /// IPv4 only.
+    Off,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExposureConfig {
     pub mode: ExposureMode,
+    pub ipv6: Ipv6Choice,
     /// `None`: this host's source address toward the router.
     pub lan_address: Option<Ipv4Addr>,
     /// Gateway mode: the router's WAN interface.
     pub wan_interface: Option<String>,
-    /// Networks a LoadBalancer IP must be in to be a target (IPv4 and IPv6 accepted; IPv6
-    /// targets are not published yet). Empty: no LoadBalancer IP is a target.
+    /// Networks a LoadBalancer IP must be in to be a target (IPv4 and IPv6); also the only
+    /// way a unique local IPv6 address (fc00::/7) becomes a target. Empty: no LoadBalancer IP
+    /// is a target.
     pub target_cidrs: Vec<IpNet>,
 }
 
@@ -159,6 +171,12 @@ impl ExposureConfig {
     /// Whether a LoadBalancer IP lies inside `target_cidrs`.
     pub fn target_allowed(&self, address: Ipv4Addr) -> bool {
         let address = std::net::IpAddr::V4(address);
+        self.target_cidrs.iter().any(|net| net.contains(&address))
+    }
+
+    /// Whether an IPv6 address lies inside `target_cidrs`.
+    pub fn target_allowed6(&self, address: std::net::Ipv6Addr) -> bool {
+        let address = std::net::IpAddr::V6(address);
         self.target_cidrs.iter().any(|net| net.contains(&address))
     }
 }
@@ -307,6 +325,10 @@ keywords!(ExposureMode {
     Direct => "direct",
     Gateway => "gateway",
 });
+keywords!(Ipv6Choice {
+    Auto => "auto",
+    Off => "off",
+});
 keywords!(LogFormat {
     Auto => "auto",
     Journald => "journald",
@@ -337,6 +359,7 @@ impl Default for Config {
             },
             exposure: ExposureConfig {
                 mode: defaults::EXPOSURE_MODE,
+                ipv6: defaults::IPV6,
                 lan_address: None,
                 wan_interface: None,
                 target_cidrs: defaults::TARGET_CIDRS
@@ -410,6 +433,7 @@ impl Config {
                 "exposure",
                 vec![
                     ("mode", toml_string(e.mode.as_str())),
+                    ("ipv6", toml_string(e.ipv6.as_str())),
                     ("lan_address", toml_display(e.lan_address.as_ref())),
                     (
                         "wan_interface",
@@ -731,6 +755,7 @@ struct RawRouter {
 #[serde(deny_unknown_fields, default)]
 struct RawExposure {
     mode: RawString,
+    ipv6: RawString,
     lan_address: RawString,
     wan_interface: RawString,
     target_cidrs: RawStrings,
@@ -879,6 +904,7 @@ const SCHEMA: &[SectionSpec] = &[
         example: "[exposure]",
         keys: &[
             key("mode", Kind::String, r#"mode = "relay""#),
+            key("ipv6", Kind::String, r#"ipv6 = "auto""#),
             key(
                 "lan_address",
                 Kind::String,
@@ -1509,6 +1535,13 @@ impl Source<'_> {
             ExposureMode::ALL,
             ExposureMode::as_str,
         )?;
+        let ipv6 = self.keyword(
+            &raw.ipv6,
+            "exposure.ipv6",
+            defaults::IPV6,
+            Ipv6Choice::ALL,
+            Ipv6Choice::as_str,
+        )?;
         let lan_address = self.ipv4(&raw.lan_address, "exposure.lan_address")?;
 
         let (wan_interface, span) = string(&raw.wan_interface, "");
@@ -1532,6 +1565,7 @@ impl Source<'_> {
 
         Ok(ExposureConfig {
             mode,
+            ipv6,
             lan_address,
             wan_interface: (!wan_interface.is_empty()).then(|| wan_interface.to_owned()),
             target_cidrs,

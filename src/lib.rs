@@ -16,6 +16,7 @@ pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod pinholes;
 pub mod plan;
 pub mod reconcile;
 pub mod router;

@@ -5,7 +5,7 @@
 //! to and from these types at the edges.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -236,6 +236,26 @@ impl Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+/// An IPv6 address and port: where a pinhole's traffic finally goes, or what a pinhole
+/// opens (README, "IPv6").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Endpoint6 {
+    pub address: Ipv6Addr,
+    pub port: u16,
+}
+
+impl Endpoint6 {
+    pub fn new(address: Ipv6Addr, port: u16) -> Self {
+        Endpoint6 { address, port }
+    }
+}
+
+impl fmt::Display for Endpoint6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}]:{}", self.address, self.port)
     }
 }
 

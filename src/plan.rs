@@ -616,6 +616,7 @@ mod tests {
                 .into_iter()
                 .map(|r| (r.key(), r))
                 .collect::<BTreeMap<_, _>>(),
+            ..State::default()
         }
     }
 

@@ -626,7 +626,8 @@ fn random_nonce() -> String {
 
 /// The kind of failure a router error records on a mapping: a refusal waits for its
 /// backoff, silence is retried as soon as the router answers again.
-fn failure_of(error: &RouterError) -> Failure {
+/// How a failed request is recorded: the router said no, or it did not answer.
+pub(crate) fn failure_of(error: &RouterError) -> Failure {
     if error.is_refusal() {
         Failure::Refused
     } else {

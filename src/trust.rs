@@ -7,7 +7,7 @@
 //! [`HostFacts`]; nothing here reads a socket, a file or the clock.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{MappingKey, Owner, Problem, ProblemKind, Protocol};
 use crate::router::RouterError;
@@ -97,6 +97,46 @@ pub fn forbidden_target(
         Some("it is a multicast address")
     } else if address.is_broadcast() || facts.broadcast_addresses.contains(&ip) {
         Some("it is a broadcast address")
+    } else {
+        None
+    };
+    if let Some(why) = special {
+        Some(Forbidden::Special(why))
+    } else if facts.router_addresses.contains(&ip) {
+        Some(Forbidden::Router)
+    } else if !node_port && facts.own_addresses.contains(&ip) {
+        Some(Forbidden::ThisHost)
+    } else {
+        None
+    }
+}
+
+/// Whether the IPv6 `address` may never be a target (README, "IPv6"): the rules of
+/// [`forbidden_target`], and a unique local address (fc00::/7) only when `listed` (inside
+/// `exposure.target_cidrs`).
+pub fn forbidden_target6(
+    address: Ipv6Addr,
+    facts: &HostFacts,
+    node_port: bool,
+    listed: bool,
+) -> Option<Forbidden> {
+    let ip = IpAddr::V6(address);
+    let [first, second, ..] = address.segments();
+    let special = if address.is_unspecified() {
+        Some("it is unspecified (::)")
+    } else if address.is_loopback() {
+        Some("it is a loopback address")
+    } else if first & 0xffc0 == 0xfe80 {
+        Some("it is a link-local address (fe80::/10)")
+    } else if address.is_multicast() {
+        Some("it is a multicast address")
+    } else if address.to_ipv4_mapped().is_some() || (first == 0 && second == 0) {
+        Some("it is an IPv4-mapped or IPv4-compatible address")
+    } else if first & 0xfe00 == 0xfc00 && !listed {
+        Some(
+            "it is a unique local address (fc00::/7), a target only when listed in \
+             exposure.target_cidrs",
+        )
     } else {
         None
     };
@@ -209,6 +249,89 @@ mod tests {
                 forbidden_target(ip, &facts(), node_port),
                 want,
                 "{address} node_port={node_port}"
+            );
+        }
+    }
+
+    fn facts6() -> HostFacts {
+        let mut facts = facts();
+        facts.own_addresses.extend(
+            ["::1", "2001:db8:77::10", "fe80::10"]
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok()),
+        );
+        facts.router_addresses.extend(
+            ["2001:db8:77::1", "2001:db8:ff::7"]
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok()),
+        );
+        facts
+    }
+
+    /// One row per IPv6 target that must be refused, each beside the accepted normal case.
+    #[test]
+    fn forbidden_ipv6_targets_table() {
+        const ULA: &str = "it is a unique local address (fc00::/7), a target only when listed in exposure.target_cidrs";
+        for (address, node_port, listed, want) in [
+            // The normal cases: a LAN device's and a node's global address.
+            ("2001:db8:77::30", false, false, None),
+            ("2001:db8:77::20", true, false, None),
+            // The router, LAN side and WAN side, even as a node.
+            ("2001:db8:77::1", false, false, Some(Forbidden::Router)),
+            ("2001:db8:77::1", true, false, Some(Forbidden::Router)),
+            ("2001:db8:ff::7", false, false, Some(Forbidden::Router)),
+            // This host: only as a Node's InternalIP with a nodePort.
+            ("2001:db8:77::10", false, false, Some(Forbidden::ThisHost)),
+            ("2001:db8:77::10", true, false, None),
+            (
+                "::1",
+                true,
+                true,
+                Some(Forbidden::Special("it is a loopback address")),
+            ),
+            (
+                "fe80::20",
+                true,
+                true,
+                Some(Forbidden::Special("it is a link-local address (fe80::/10)")),
+            ),
+            (
+                "febf::1",
+                false,
+                true,
+                Some(Forbidden::Special("it is a link-local address (fe80::/10)")),
+            ),
+            (
+                "ff02::1",
+                false,
+                true,
+                Some(Forbidden::Special("it is a multicast address")),
+            ),
+            (
+                "::",
+                true,
+                true,
+                Some(Forbidden::Special("it is unspecified (::)")),
+            ),
+            (
+                "::ffff:192.168.1.1",
+                false,
+                true,
+                Some(Forbidden::Special(
+                    "it is an IPv4-mapped or IPv4-compatible address",
+                )),
+            ),
+            // Unique local: refused unless listed in target_cidrs, then accepted.
+            ("fd00:77::20", true, false, Some(Forbidden::Special(ULA))),
+            ("fc00::20", false, false, Some(Forbidden::Special(ULA))),
+            ("fd00:77::20", true, true, None),
+            ("fec0::1", false, false, None),
+        ] {
+            let ip: Ipv6Addr = address.parse().expect("test address");
+            assert_eq!(
+                forbidden_target6(ip, &facts6(), node_port, listed),
+                want,
+                "{address} node_port={node_port} listed={listed}"
             );
         }
     }

@@ -434,7 +434,10 @@ fn write_state(path: &Path, count: u16) {
         };
         mappings.insert(key, record);
     }
-    let state = State { mappings };
+    let state = State {
+        mappings,
+        ..State::default()
+    };
     let dir = path.parent().expect("state dir");
     std::fs::create_dir_all(dir).expect("state dir");
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");

@@ -214,6 +214,7 @@ fn relay_dnat_catches_only_what_the_router_forwards() {
             port: PORT,
             target: Endpoint::new(TARGET_IP.parse().expect("ip"), TARGET_PORT),
         }],
+        ipv6: None,
     };
     in_netns(&lan, || NftFirewall.apply(&ruleset)).expect("apply relay");
     let _target = tagged_server(&lab, "node", "target", TARGET_IP, TARGET_PORT);

@@ -495,6 +495,7 @@ fn record(external_port: u16, nonce: &str) -> MappingRecord {
 fn state_of(records: impl IntoIterator<Item = MappingRecord>) -> State {
     State {
         mappings: records.into_iter().map(|r| (r.key(), r)).collect(),
+        ..State::default()
     }
 }
 

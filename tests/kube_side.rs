@@ -327,6 +327,7 @@ async fn status_gets_the_external_ip_with_ip_mode_proxy_and_is_cleared_when_unpu
         CLASS,
         Some(EXTERNAL_IP),
         &all_published,
+        &std::collections::BTreeMap::new(),
     );
     assert_eq!(updates.len(), 1, "{updates:?}");
     assert_eq!(
@@ -350,6 +351,7 @@ async fn status_gets_the_external_ip_with_ip_mode_proxy_and_is_cleared_when_unpu
         CLASS,
         Some(EXTERNAL_IP),
         &all_published,
+        &std::collections::BTreeMap::new(),
     );
     assert_eq!(again, []);
 
@@ -359,6 +361,7 @@ async fn status_gets_the_external_ip_with_ip_mode_proxy_and_is_cleared_when_unpu
         CLASS,
         Some(EXTERNAL_IP),
         &BTreeSet::new(),
+        &std::collections::BTreeMap::new(),
     );
     assert_eq!(updates.len(), 1, "{updates:?}");
     write_status(&s.client, &updates[0]).await.expect("cleared");
@@ -402,6 +405,7 @@ async fn a_service_that_changed_class_since_it_was_read_is_not_written() {
         CLASS,
         Some(EXTERNAL_IP),
         &BTreeSet::from([("default".to_owned(), "lb".to_owned())]),
+        &std::collections::BTreeMap::new(),
     );
     assert_eq!(updates.len(), 1);
     let err = write_status(&s.client, &updates[0])
@@ -420,6 +424,7 @@ async fn a_missing_status_permission_says_what_to_grant() {
         namespace: "default".into(),
         name: "lb".into(),
         ingress_ip: Some(EXTERNAL_IP),
+        ingress_ip6: None,
         resource_version: None,
     };
     let err = write_status(&s.client, &update)
@@ -523,7 +528,13 @@ async fn measure_200_events_and_200_status_writes() {
         .collect();
     let services = list_services(&s.client).await;
     let started = std::time::Instant::now();
-    let updates = status_updates(&services, CLASS, Some(EXTERNAL_IP), &all);
+    let updates = status_updates(
+        &services,
+        CLASS,
+        Some(EXTERNAL_IP),
+        &all,
+        &std::collections::BTreeMap::new(),
+    );
     let decide = started.elapsed();
     let started = std::time::Instant::now();
     for update in &updates {

@@ -106,6 +106,7 @@ fn relay(forwards: Vec<Forward>) -> Ruleset {
         lan_address: LAN_IP.parse().unwrap(),
         router: Some(ROUTER_LAN_IP.parse().unwrap()),
         forwards,
+        ipv6: None,
     }
 }
 

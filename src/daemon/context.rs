@@ -82,6 +82,8 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     pub systemd: &'a mut Systemd,
     /// `[ha]`: whether this host acts or stands by (README.md, "High availability").
     ha: Option<&'a mut Leadership>,
+    /// IPv6 pinholes beside the mappings (README, "IPv6").
+    pub pinholes: crate::router::pinholes::Pinholes,
     /// The problems logged, each once while it lasts.
     reported: BTreeSet<Problem>,
     next_due: Option<Timestamp>,
@@ -126,6 +128,7 @@ where
             clock,
             systemd,
             ha: None,
+            pinholes: crate::router::pinholes::Pinholes::default(),
             reported: BTreeSet::new(),
             next_due: None,
         }
@@ -285,6 +288,21 @@ where
         if !fence.may_act() {
             return self.unchanged();
         }
+        let pinholes = self
+            .pinholes
+            .pass(
+                &snapshot.services,
+                &snapshot.nodes,
+                &self.config,
+                &host,
+                &wanted.mappings,
+                backend,
+                &crate::pinholes::lost_with_mappings(&plan.actions),
+                self.state,
+                self.store,
+                now,
+            )
+            .await;
         let check_rules = self.rules.check_due(verify_interval(&self.config));
         self.rules
             .sync(
@@ -301,6 +319,7 @@ where
             .problems
             .iter()
             .chain(&outcome.problems)
+            .chain(&pinholes.problems)
             .cloned()
             .chain(double_nat_problems(self.state))
             .collect();
@@ -328,7 +347,10 @@ where
         self.report
             .submit(&problems, self.state, &snapshot.services);
         // Due times of what was just granted count too, not only of what was planned.
-        self.next_due = outcome.next_due;
+        self.next_due = [outcome.next_due, pinholes.next_due]
+            .into_iter()
+            .flatten()
+            .min();
         if outcome.released > 0 {
             // The state can be saved again: what waited for it goes at the next pass.
             self.next_due = Some(self.clock.now());
@@ -482,8 +504,10 @@ pub fn double_nat_problems(state: &State) -> Vec<Problem> {
                 kind: crate::model::ProblemKind::DoubleNat,
                 message: format!(
                     "the router maps {}/{}, but its external address {address} cannot be reached \
-                     from the Internet: {why}",
-                    r.external_port, r.protocol
+                     from the Internet: {why}{}",
+                    r.external_port,
+                    r.protocol,
+                    crate::pinholes::still_reachable_over_ipv6(state, r.key())
                 ),
                 detail: None,
             })

@@ -33,6 +33,8 @@ const LEASE_SECS: u32 = 120;
 const VERIFY_SECS: u32 = 300;
 const ON: (&str, &str) = ("holepunch/punch-external", "true");
 
+mod ipv6;
+
 /// The wall clock as tokio's (paused) clock moves it.
 struct PausedClock {
     start: Timestamp,
@@ -354,6 +356,8 @@ struct World {
     cluster: Cluster,
     reports: Reports,
     firewall: MemoryFirewall,
+    /// The scripted router's IPv6 pinholes.
+    holes: ipv6::Holes,
 }
 
 type TestContext<'a> = Context<'a, ScriptedConnect, MemoryFirewall, Cluster, Reports, Saved>;
@@ -373,7 +377,7 @@ fn context<'a>(world: &World, books: &'a mut Books, config: Config) -> TestConte
         lab: world.lab.clone(),
         choice: config.router.backend,
     };
-    Context::new(
+    let mut ctx = Context::new(
         config,
         Forwarding::Relay { lan_address: LAN },
         router,
@@ -386,7 +390,10 @@ fn context<'a>(world: &World, books: &'a mut Books, config: Config) -> TestConte
         &books.metrics,
         &books.clock,
         &mut books.systemd,
-    )
+    );
+    // Never the machine's real IPv6 router from a test.
+    ctx.pinholes = world.holes.pinholes();
+    ctx
 }
 
 fn web(name: &str, port: i32) -> Service {

@@ -134,6 +134,7 @@ mod tests {
         };
         State {
             mappings: [(record.key(), record)].into_iter().collect(),
+            ..State::default()
         }
     }
 

@@ -131,6 +131,16 @@ pub fn event_for_problem(problem: &Problem) -> Option<ServiceEvent> {
 /// The Normal Event of a live mapping: which Service port is reachable at which public
 /// `ip:port`. Only stable facts go in the note (no lease times), so a renewal is not news.
 pub fn event_for_live(record: &MappingRecord) -> ServiceEvent {
+    event_for_live_dual(record, None)
+}
+
+/// [`event_for_live`] with the IPv6 pinhole of the same Service port, when one is open: the
+/// note gives the IPv6 address and port beside the IPv4 one (README, "IPv6"). That address
+/// is the one the internet reaches (this host's in relay mode), already public.
+pub fn event_for_live_dual(
+    record: &MappingRecord,
+    pinhole: Option<&crate::state::PinholeRecord>,
+) -> ServiceEvent {
     let public = match record.external_address {
         Some(ip) => format!("{ip}:{}", record.external_port),
         None => format!(
@@ -146,8 +156,11 @@ pub fn event_for_live(record: &MappingRecord) -> ServiceEvent {
         // NOTE: no target address: it may be a node's, and tenants read Events (README,
         // "Security model"); `holepunch status` shows it to the operator.
         note: cut_note(&format!(
-            "port {}/{} is published on {public} through the router ({})",
-            record.service_port, record.protocol, record.backend
+            "port {}/{} is published on {public}{} through the router ({})",
+            record.service_port,
+            record.protocol,
+            pinhole.map_or_else(String::new, |p| format!(" and {}", p.opens())),
+            record.backend
         )),
     }
 }

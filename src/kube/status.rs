@@ -10,8 +10,8 @@
 //!
 //! Writes are JSON merge patches of `services/status` (see [`write_status`]).
 
-use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service};
 use kube::Api;
@@ -33,20 +33,24 @@ pub struct StatusUpdate {
     pub name: String,
     /// `Some(ip)`: ingress `[{ip, ipMode: Proxy}]`; `None`: no ingress.
     pub ingress_ip: Option<Ipv4Addr>,
+    /// The IPv6 address it is reachable on through its pinhole (README, "IPv6"), listed after
+    /// the IPv4 one.
+    pub ingress_ip6: Option<Ipv6Addr>,
     /// The Service's resourceVersion when it was read: the write is refused (409) if the
     /// Service changed since, e.g. moved to another class, and is decided again next time.
     pub resource_version: Option<String>,
 }
 
 /// Which Services need a status write: holepunch's own class only. Published ones (by
-/// `(namespace, name)`) get ingress `[{ip: external_ip, ipMode: "Proxy"}]`; unpublished ones,
-/// or all when no external IP is known, get their ingress cleared; already-correct ones are
-/// skipped (no write).
+/// `(namespace, name)`) get ingress `[{ip: external_ip, ipMode: "Proxy"}]`, and their IPv6
+/// address from `reachable6` after it; unpublished ones, or all when no address is known, get
+/// their ingress cleared; already-correct ones are skipped (no write).
 pub fn status_updates(
     services: &[Service],
     class: &str,
     external_ip: Option<Ipv4Addr>,
     published: &BTreeSet<(String, String)>,
+    reachable6: &BTreeMap<(String, String), Ipv6Addr>,
 ) -> Vec<StatusUpdate> {
     let mut updates = Vec::new();
     for service in services {
@@ -64,13 +68,18 @@ pub fn status_updates(
         }
         let key = (namespace.clone(), name.clone());
         let wanted = external_ip.filter(|_| published.contains(&key));
-        if shows(service, wanted) {
+        let wanted6 = reachable6
+            .get(&key)
+            .copied()
+            .filter(|_| published.contains(&key));
+        if shows(service, wanted, wanted6) {
             continue;
         }
         updates.push(StatusUpdate {
             namespace: namespace.clone(),
             name: name.clone(),
             ingress_ip: wanted,
+            ingress_ip6: wanted6,
             resource_version: service.metadata.resource_version.clone(),
         });
     }
@@ -78,31 +87,38 @@ pub fn status_updates(
 }
 
 /// Whether the Service's status already shows exactly what holepunch would write.
-fn shows(service: &Service, wanted: Option<Ipv4Addr>) -> bool {
+fn shows(service: &Service, wanted: Option<Ipv4Addr>, wanted6: Option<Ipv6Addr>) -> bool {
     let ingress: &[LoadBalancerIngress] = service
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_deref())
         .unwrap_or_default();
-    match (wanted, ingress) {
-        (None, []) => true,
-        (Some(ip), [only]) => {
-            only.ip.as_deref() == Some(ip.to_string().as_str())
-                && only.ip_mode.as_deref() == Some(IP_MODE_PROXY)
-                && only.hostname.is_none()
-                && only.ports.as_ref().is_none_or(Vec::is_empty)
-        }
-        _ => false,
-    }
+    let ips = wanted_ips(wanted, wanted6);
+    ingress.len() == ips.len()
+        && ingress.iter().zip(&ips).all(|(entry, ip)| {
+            entry.ip.as_deref() == Some(ip.as_str())
+                && entry.ip_mode.as_deref() == Some(IP_MODE_PROXY)
+                && entry.hostname.is_none()
+                && entry.ports.as_ref().is_none_or(Vec::is_empty)
+        })
+}
+
+/// The ingress addresses, IPv4 first.
+fn wanted_ips(wanted: Option<Ipv4Addr>, wanted6: Option<Ipv6Addr>) -> Vec<String> {
+    wanted
+        .map(|ip| ip.to_string())
+        .into_iter()
+        .chain(wanted6.map(|ip| ip.to_string()))
+        .collect()
 }
 
 /// The merge patch body for one update.
 fn patch_body(update: &StatusUpdate) -> serde_json::Value {
-    let ingress = match update.ingress_ip {
-        Some(ip) => json!([{"ip": ip.to_string(), "ipMode": IP_MODE_PROXY}]),
-        None => json!([]),
-    };
+    let ingress: Vec<serde_json::Value> = wanted_ips(update.ingress_ip, update.ingress_ip6)
+        .into_iter()
+        .map(|ip| json!({"ip": ip, "ipMode": IP_MODE_PROXY}))
+        .collect();
     let mut body = json!({"status": {"loadBalancer": {"ingress": ingress}}});
     if let Some(rv) = &update.resource_version {
         body["metadata"] = json!({"resourceVersion": rv});
@@ -279,9 +295,49 @@ mod tests {
                 CLASS,
                 case.external_ip,
                 &published(case.published),
+                &BTreeMap::new(),
             );
             assert_eq!(summary(&updates), case.want, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn a_published_service_with_a_pinhole_lists_its_ipv6_address_after_the_ipv4_one() {
+        let v6: Ipv6Addr = "2001:db8:77::10".parse().expect("ip");
+        let reachable6: BTreeMap<(String, String), Ipv6Addr> =
+            [(("default".to_owned(), "lb".to_owned()), v6)]
+                .into_iter()
+                .collect();
+        let services = [service("lb", Some(CLASS), &[])];
+        let updates = status_updates(&services, CLASS, Some(IP), &published(&["lb"]), &reachable6);
+        assert_eq!(updates.len(), 1);
+        assert_eq!(
+            patch_body(&updates[0])["status"]["loadBalancer"]["ingress"],
+            json!([
+                {"ip": "11.22.33.44", "ipMode": "Proxy"},
+                {"ip": "2001:db8:77::10", "ipMode": "Proxy"}
+            ])
+        );
+        // A Service that shows both already needs no write; one that shows only IPv4 does;
+        // an unpublished one gets neither.
+        let both = service(
+            "lb",
+            Some(CLASS),
+            &[
+                ("11.22.33.44", Some("Proxy")),
+                ("2001:db8:77::10", Some("Proxy")),
+            ],
+        );
+        let only4 = service("lb", Some(CLASS), &[("11.22.33.44", Some("Proxy"))]);
+        assert!(
+            status_updates(&[both], CLASS, Some(IP), &published(&["lb"]), &reachable6).is_empty()
+        );
+        assert_eq!(
+            status_updates(&[only4], CLASS, Some(IP), &published(&["lb"]), &reachable6).len(),
+            1
+        );
+        let gone = status_updates(&services, CLASS, Some(IP), &published(&[]), &reachable6);
+        assert_eq!(gone.len(), 0, "no ingress shown, none wanted");
     }
 
     #[test]
@@ -290,6 +346,7 @@ mod tests {
             namespace: "default".into(),
             name: "lb".into(),
             ingress_ip: Some(IP),
+            ingress_ip6: None,
             resource_version: Some("7".into()),
         };
         assert_eq!(

@@ -72,7 +72,13 @@ pub fn report(problems: &[Problem], state: &State, services: &[Service], class: 
     let events = problems
         .iter()
         .filter_map(events::event_for_problem)
-        .chain(live.clone().map(events::event_for_live))
+        .chain(live.clone().map(|r| {
+            let pinhole = state
+                .pinholes
+                .get(&r.key())
+                .filter(|p| p.status == MappingStatus::Active);
+            events::event_for_live_dual(r, pinhole)
+        }))
         .collect();
     let published: BTreeSet<ServiceKey> = live
         .clone()
@@ -82,9 +88,16 @@ pub fn report(problems: &[Problem], state: &State, services: &[Service], class: 
         .filter(|r| r.external_address.is_some())
         .max_by_key(|r| r.granted_at)
         .and_then(|r| r.external_address);
+    // The IPv6 address each Service is reachable on through an open pinhole.
+    let reachable6: BTreeMap<ServiceKey, std::net::Ipv6Addr> = state
+        .pinholes
+        .values()
+        .filter(|p| p.status == MappingStatus::Active)
+        .map(|p| ((p.owner.namespace.clone(), p.owner.name.clone()), p.address))
+        .collect();
     Report {
         events,
-        statuses: status::status_updates(services, class, external_ip, &published),
+        statuses: status::status_updates(services, class, external_ip, &published, &reachable6),
     }
 }
 
@@ -214,6 +227,10 @@ impl Bucket {
     }
 }
 
+/// A status as written: the IPv4 and IPv6 ingress, and the resourceVersion it was written
+/// against.
+type Written = (Option<Ipv4Addr>, Option<std::net::Ipv6Addr>, Option<String>);
+
 /// What waits to be written, and what was: the writer's bookkeeping, without I/O (the
 /// clock is passed in).
 #[derive(Debug)]
@@ -228,7 +245,7 @@ pub struct Backlog {
     status_retry: BTreeMap<ServiceKey, Retry>,
     /// What was last written per Service (ingress, resourceVersion it was written against),
     /// while the cluster's copy does not show it yet.
-    written: BTreeMap<ServiceKey, (Option<Ipv4Addr>, Option<String>)>,
+    written: BTreeMap<ServiceKey, Written>,
     buckets: BTreeMap<ServiceKey, Bucket>,
     dropped_full: u64,
     dropped_rate: u64,
@@ -286,7 +303,11 @@ impl Backlog {
         self.written.retain(|key, _| wanted.contains_key(key));
         for (key, update) in wanted {
             let already = self.written.get(&key)
-                == Some(&(update.ingress_ip, update.resource_version.clone()));
+                == Some(&(
+                    update.ingress_ip,
+                    update.ingress_ip6,
+                    update.resource_version.clone(),
+                ));
             if already {
                 self.statuses.remove(&key);
             } else {
@@ -356,8 +377,14 @@ impl Backlog {
                 match outcome {
                     Outcome::Done => {
                         self.status_retry.remove(&key);
-                        self.written
-                            .insert(key, (update.ingress_ip, update.resource_version));
+                        self.written.insert(
+                            key,
+                            (
+                                update.ingress_ip,
+                                update.ingress_ip6,
+                                update.resource_version,
+                            ),
+                        );
                         None
                     }
                     Outcome::Stale => {
@@ -605,6 +632,7 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             ingress_ip: ip.map(Ipv4Addr::from),
+            ingress_ip6: None,
             resource_version: Some(rv.into()),
         }
     }

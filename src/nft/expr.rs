@@ -204,6 +204,19 @@ pub(crate) fn dnat_ipv4(addr_reg: Register, port_reg: Register) -> RawExpr {
     }
 }
 
+/// `dnat ip6 to` the address in `addr_reg` (four registers) and the port in `port_reg`.
+pub(crate) fn dnat_ipv6(addr_reg: Register, port_reg: Register) -> RawExpr {
+    RawExpr {
+        name: c"nat",
+        attrs: vec![
+            Attr::U32(sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32),
+            Attr::U32(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV6 as u32),
+            Attr::U32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, addr_reg),
+            Attr::U32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, port_reg),
+        ],
+    }
+}
+
 /// `masquerade`.
 pub(crate) fn masquerade() -> RawExpr {
     RawExpr {

@@ -9,7 +9,7 @@
 //! `(outer << 6) | inner` (`TYPE_BITS`).
 
 use std::ffi::{CStr, c_char, c_void};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ptr::NonNull;
 
 use nftnl::nftnl_sys as sys;
@@ -19,6 +19,7 @@ use crate::model::Protocol;
 
 /// nft(8) datatype numbers (`enum datatypes`).
 const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 /// nft(8)'s `TYPE_BITS`: each part of a concatenated type takes this many bits.
@@ -47,6 +48,15 @@ pub(crate) const RELAY_SHAPE: MapShape = MapShape {
     data_len: 2 * REGISTER_BYTES as u32,
 };
 
+/// `ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service` (relay over IPv6,
+/// README "IPv6").
+pub(crate) const RELAY6_SHAPE: MapShape = MapShape {
+    key_type: concat(concat(TYPE_IP6ADDR, TYPE_INET_PROTOCOL), TYPE_INET_SERVICE),
+    key_len: 6 * REGISTER_BYTES as u32,
+    data_type: concat(TYPE_IP6ADDR, TYPE_INET_SERVICE),
+    data_len: 5 * REGISTER_BYTES as u32,
+};
+
 /// `inet_proto . inet_service : ipv4_addr . inet_service` (gateway).
 pub(crate) const GATEWAY_SHAPE: MapShape = MapShape {
     key_type: concat(TYPE_INET_PROTOCOL, TYPE_INET_SERVICE),
@@ -68,6 +78,35 @@ pub(crate) fn relay_key(address: Ipv4Addr, protocol: Protocol, port: u16) -> Vec
     key.extend(pad(&[protocol.iana_number()]));
     key.extend(pad(&port.to_be_bytes()));
     key
+}
+
+/// IPv6 relay key: `ip6 daddr . l4proto . dport`.
+pub(crate) fn relay6_key(address: Ipv6Addr, protocol: Protocol, port: u16) -> Vec<u8> {
+    let mut key = address.octets().to_vec();
+    key.extend(pad(&[protocol.iana_number()]));
+    key.extend(pad(&port.to_be_bytes()));
+    key
+}
+
+/// IPv6 map data: `addr . port`.
+pub(crate) fn target6_data(address: Ipv6Addr, port: u16) -> Vec<u8> {
+    let mut data = address.octets().to_vec();
+    data.extend(pad(&port.to_be_bytes()));
+    data
+}
+
+/// Decode an IPv6 relay element; `None` for bytes holepunch does not write.
+pub(crate) fn decode_relay6(key: &[u8], data: &[u8]) -> Option<(Protocol, u16, Ipv6Addr, u16)> {
+    if key.len() != RELAY6_SHAPE.key_len as usize || data.len() != RELAY6_SHAPE.data_len as usize {
+        return None;
+    }
+    let address: [u8; 16] = data.get(..16)?.try_into().ok()?;
+    Some((
+        protocol_from(*key.get(16)?)?,
+        port_at(key, 20)?,
+        Ipv6Addr::from(address),
+        port_at(data, 16)?,
+    ))
 }
 
 /// Gateway key: `l4proto . dport`.
@@ -167,7 +206,7 @@ impl<'a> Map<'a> {
             std::process::abort();
         };
         // SAFETY: `elem` is live; libnftnl copies `key` and `data` (their lengths are passed
-        // and are at most 16 bytes, below NFT_DATA_VALUE_MAXLEN); `nftnl_set_elem_add` moves
+        // and are at most 24 bytes, below NFT_DATA_VALUE_MAXLEN); `nftnl_set_elem_add` moves
         // the element into the set, which frees it with the set.
         unsafe {
             sys::nftnl_set_elem_set(

@@ -31,12 +31,12 @@ pub use firewall::{Firewall, FirewallError, LocalRules, MemoryFirewall};
 use std::ffi::CStr;
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
-use crate::model::{Endpoint, Protocol};
+use crate::model::{Endpoint, Endpoint6, Protocol};
 use crate::plan::Forwarding;
 use crate::state::{MappingRecord, State};
 use expr::{REG_1, REG32_00, RawExpr};
@@ -49,6 +49,8 @@ pub const TABLE_NAME: &str = "holepunch";
 const TABLE: &CStr = c"holepunch";
 /// Relay map: `ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service`.
 pub const RELAY_MAP: &str = "targets4";
+/// IPv6 relay map: `ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service`.
+pub const RELAY6_MAP: &str = "targets6";
 /// Gateway map: `inet_proto . inet_service : ipv4_addr . inet_service`.
 pub const GATEWAY_MAP: &str = "gateway4";
 /// The conntrack mark bit set on connections holepunch DNATs in relay mode; only those are
@@ -61,6 +63,10 @@ const PRIORITY_SRCNAT: i32 = 100;
 /// The longest interface name the kernel accepts (IFNAMSIZ without the NUL).
 const INTERFACE_NAME_MAX_BYTES: usize = 15;
 const MAP_ID: u32 = 1;
+const MAP6_ID: u32 = 2;
+/// The IPv6 prefix length around the relay address whose sources the IPv6 relay DNAT leaves
+/// alone (the LAN's usual SLAAC /64).
+const LAN6_PREFIX_LEN: u8 = 64;
 const IP_FORWARD_PATH: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// One forwarded port: packets for `protocol` `port` go to `target`.
@@ -77,6 +83,29 @@ impl fmt::Display for Forward {
     }
 }
 
+/// One forwarded IPv6 port (README, "IPv6"): packets for `protocol` `port` to the relay
+/// address go to `target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Forward6 {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target: Endpoint6,
+}
+
+impl fmt::Display for Forward6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} -> {}", self.port, self.protocol, self.target)
+    }
+}
+
+/// The IPv6 side of relay mode: the router's pinholes open `host` (this host's global
+/// address), and the DNAT forwards each port on to its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay6 {
+    pub host: Ipv6Addr,
+    pub forwards: Vec<Forward6>,
+}
+
 /// What the table holds, for one exposure mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ruleset {
@@ -89,6 +118,8 @@ pub enum Ruleset {
         /// (unknown): every source on the LAN prefixes is left alone.
         router: Option<Ipv4Addr>,
         forwards: Vec<Forward>,
+        /// The pinholes' forwards, when there are any.
+        ipv6: Option<Relay6>,
     },
     /// gateway: DNAT on wan_interface, port -> target, client source address kept
     Gateway {
@@ -123,6 +154,7 @@ impl Ruleset {
                     .values()
                     .map(|r| forward(r, r.internal.port))
                     .collect(),
+                ipv6: relay6(state),
             }),
             Forwarding::Gateway => Some(Ruleset::Gateway {
                 wan_interface: wan_interface.unwrap_or_default().to_owned(),
@@ -135,11 +167,38 @@ impl Ruleset {
         }
     }
 
+    /// The IPv6 forwards (relay mode with pinholes).
+    pub fn forwards6(&self) -> &[Forward6] {
+        match self {
+            Ruleset::Relay {
+                ipv6: Some(relay6), ..
+            } => &relay6.forwards,
+            _ => &[],
+        }
+    }
+
     pub fn forwards(&self) -> &[Forward] {
         match self {
             Ruleset::Relay { forwards, .. } | Ruleset::Gateway { forwards, .. } => forwards,
         }
     }
+}
+
+/// The IPv6 relay forwards of the pinholes in `state`: each opens this host's address (all
+/// the same in relay mode) and goes on to its target.
+fn relay6(state: &State) -> Option<Relay6> {
+    let host = state.pinholes.values().next()?.address;
+    let forwards = state
+        .pinholes
+        .values()
+        .filter(|r| r.address == host && r.target_address != host)
+        .map(|r| Forward6 {
+            protocol: r.protocol,
+            port: r.port,
+            target: r.target(),
+        })
+        .collect();
+    Some(Relay6 { host, forwards })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +239,14 @@ pub enum NftError {
     VerifyRules {
         expected: Vec<String>,
         found: Vec<String>,
+    },
+    #[error(
+        "table inet {TABLE_NAME} holds other IPv6 forwards than were applied (expected \
+         {expected:?}, found {found:?}); is another program changing it?"
+    )]
+    Verify6 {
+        expected: Vec<Forward6>,
+        found: Vec<Forward6>,
     },
     #[error("map {map} holds an element holepunch did not write (key {key:02x?})")]
     ForeignElement { map: &'static str, key: Vec<u8> },
@@ -229,6 +296,16 @@ impl NftFirewall {
         found.sort();
         if found != expected {
             return Err(NftError::Verify { expected, found });
+        }
+        if !plan.elements6.is_empty() {
+            let mut expected: Vec<Forward6> = ruleset.forwards6().to_vec();
+            expected.sort();
+            expected.dedup();
+            let mut found = read_map6(&mut socket)?;
+            found.sort();
+            if found != expected {
+                return Err(NftError::Verify6 { expected, found });
+            }
         }
         let expected_rules: Vec<String> = plan
             .chains
@@ -345,6 +422,32 @@ fn read_map(socket: &mut NetfilterSocket, kind: MapKind) -> Result<Option<Vec<Fo
         .map(Some)
 }
 
+/// The IPv6 relay forwards the kernel holds (none without the map).
+fn read_map6(socket: &mut NetfilterSocket) -> Result<Vec<Forward6>, NftError> {
+    let family = libc::NFPROTO_INET as u8;
+    let Some(elements) = socket
+        .dump_elements(family, TABLE_NAME, RELAY6_MAP)
+        .map_err(NftError::ReadBack)?
+    else {
+        return Ok(Vec::new());
+    };
+    elements
+        .into_iter()
+        .map(|(key, data)| {
+            map::decode_relay6(&key, &data)
+                .map(|(protocol, port, address, target_port)| Forward6 {
+                    protocol,
+                    port,
+                    target: Endpoint6::new(address, target_port),
+                })
+                .ok_or(NftError::ForeignElement {
+                    map: RELAY6_MAP,
+                    key,
+                })
+        })
+        .collect()
+}
+
 fn decode_element(kind: MapKind, key: &[u8], data: &[u8]) -> Option<Forward> {
     let (protocol, port) = match kind {
         MapKind::Relay => map::decode_relay_key(key).map(|(_, protocol, port)| (protocol, port))?,
@@ -372,6 +475,8 @@ struct ChainPlan {
 struct TablePlan {
     map: MapKind,
     elements: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The IPv6 relay map's elements (relay with pinholes; the map exists only then).
+    elements6: Vec<(Vec<u8>, Vec<u8>)>,
     chains: Vec<ChainPlan>,
 }
 
@@ -413,6 +518,47 @@ fn from_the_router(lan: &LanSide, router: Option<Ipv4Addr>) -> Result<Vec<RawExp
     Ok(exprs)
 }
 
+/// The IPv6 relay DNAT: `meta nfproto ipv6 iifname <lan> ip6 saddr != <host's /64> ip6
+/// daddr . meta l4proto . th dport` looked up in `targets6`, marked, DNAT to the target. The
+/// router forwards nothing over IPv6 (no NAT loopback), so only sources outside the host's
+/// /64 are the internet's (README, "Security model": the DNAT catches only what comes
+/// through the router; LAN hosts and this host keep reaching what listens on the address).
+fn dnat6(lan: &LanSide, host: Ipv6Addr) -> Result<Vec<RawExpr>, NftError> {
+    let name = interface_name(&lan.interface)?;
+    let net = ipnet::Ipv6Net::new(host, LAN6_PREFIX_LEN)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| ipnet::Ipv6Net::from(host));
+    const R5: u32 = REG32_00 + 5;
+    const R8: u32 = REG32_00 + 8;
+    Ok(vec![
+        expr::meta(libc::NFT_META_NFPROTO, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
+        expr::meta(libc::NFT_META_IIFNAME, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &name),
+        // ip6 saddr
+        expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 8, 16, REG_1),
+        expr::range(
+            libc::NFT_RANGE_NEQ,
+            REG_1,
+            &net.network().octets(),
+            &net.broadcast().octets(),
+        ),
+        // ip6 daddr . meta l4proto . th dport -> R0..R5; found: addr -> R0..R3, port -> R4
+        expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 24, 16, R0),
+        expr::meta(libc::NFT_META_L4PROTO, R4),
+        transport_dport(R5),
+        expr::map_lookup(c"targets6", MAP6_ID, R0, R0),
+        expr::ct_load(libc::NFT_CT_MARK, R8),
+        expr::bitwise(
+            R8,
+            &(!RELAYED_CT_MARK).to_ne_bytes(),
+            &RELAYED_CT_MARK.to_ne_bytes(),
+        ),
+        expr::ct_set(libc::NFT_CT_MARK, R8),
+        expr::dnat_ipv6(R0, R4),
+    ])
+}
+
 /// `lan`: the relay host's LAN side (relay only; found by [`NftFirewall::apply`]).
 fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError> {
     let mut forwards = ruleset.forwards().to_vec();
@@ -422,6 +568,7 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
         Ruleset::Relay {
             lan_address,
             router,
+            ipv6,
             ..
         } => {
             let lan = lan.ok_or(NftError::LanInterface {
@@ -455,6 +602,23 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                 expr::ct_set(libc::NFT_CT_MARK, R4),
                 expr::dnat_ipv4(R0, R1),
             ]);
+            let mut prerouting = vec![dnat];
+            let mut elements6 = Vec::new();
+            if let Some(relay6) = ipv6.as_ref().filter(|r| !r.forwards.is_empty()) {
+                let mut forwards6 = relay6.forwards.clone();
+                forwards6.sort();
+                forwards6.dedup();
+                elements6 = forwards6
+                    .iter()
+                    .map(|f| {
+                        (
+                            map::relay6_key(relay6.host, f.protocol, f.port),
+                            map::target6_data(f.target.address, f.target.port),
+                        )
+                    })
+                    .collect();
+                prerouting.push(dnat6(lan, relay6.host)?);
+            }
             let masquerade = vec![
                 expr::ct_load(libc::NFT_CT_MARK, REG_1),
                 expr::bitwise(REG_1, &RELAYED_CT_MARK.to_ne_bytes(), &[0; 4]),
@@ -464,12 +628,13 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
             Ok(TablePlan {
                 map: kind,
                 elements,
+                elements6,
                 chains: vec![
                     ChainPlan {
                         name: c"prerouting",
                         hook: Hook::PreRouting,
                         priority: PRIORITY_DSTNAT,
-                        rules: vec![dnat],
+                        rules: prerouting,
                     },
                     ChainPlan {
                         name: c"postrouting",
@@ -504,6 +669,7 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
             Ok(TablePlan {
                 map: kind,
                 elements,
+                elements6: Vec::new(),
                 chains: vec![ChainPlan {
                     name: c"prerouting",
                     hook: Hook::PreRouting,
@@ -547,6 +713,14 @@ fn build_batch(plan: &TablePlan) -> nftnl::FinalizedBatch {
     }
     batch.add(&map, MsgType::Add);
     map.add_elements_to(&mut batch);
+    let mut map6 = Map::new(c"targets6", MAP6_ID, &table, map::RELAY6_SHAPE);
+    if !plan.elements6.is_empty() {
+        for (key, data) in &plan.elements6 {
+            map6.add(key, data);
+        }
+        batch.add(&map6, MsgType::Add);
+        map6.add_elements_to(&mut batch);
+    }
 
     for chain_plan in &plan.chains {
         let mut chain = Chain::new(chain_plan.name, &table);
@@ -583,6 +757,7 @@ mod tests {
             lan_address: Ipv4Addr::new(192, 168, 77, 10),
             router: Some(Ipv4Addr::new(192, 168, 77, 1)),
             forwards,
+            ipv6: None,
         }
     }
 
@@ -606,6 +781,75 @@ mod tests {
             .map(|(k, d)| decode_element(MapKind::Relay, k, d).unwrap())
             .collect();
         assert_eq!(decoded, vec![web, dns]);
+    }
+
+    #[test]
+    fn relay_with_pinholes_adds_an_ipv6_map_and_rule_beside_the_ipv4_ones() {
+        let host: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
+        let web6 = Forward6 {
+            protocol: Protocol::Tcp,
+            port: 8080,
+            target: Endpoint6::new("2001:db8:77::20".parse().unwrap(), 38080),
+        };
+        let Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ..
+        } = relay(vec![forward(
+            Protocol::Tcp,
+            8080,
+            [192, 168, 77, 100],
+            8080,
+        )])
+        else {
+            unreachable!()
+        };
+        let ruleset = Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ipv6: Some(Relay6 {
+                host,
+                forwards: vec![web6, web6],
+            }),
+        };
+        let plan = plan(&ruleset, Some(&lan())).unwrap();
+        assert_eq!(plan.elements.len(), 1);
+        let decoded: Vec<_> = plan
+            .elements6
+            .iter()
+            .map(|(k, d)| map::decode_relay6(k, d).unwrap())
+            .collect();
+        assert_eq!(decoded, [(Protocol::Tcp, 8080, web6.target.address, 38080)]);
+        assert_eq!(plan.elements6[0].0[..16], host.octets());
+        let prerouting = &plan.chains[0].rules;
+        assert_eq!(prerouting.len(), 2);
+        let dnat6 = &prerouting[1];
+        let kinds: Vec<_> = dnat6.iter().map(|e| e.name.to_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "meta", "cmp", "meta", "cmp", "payload", "range", "payload", "meta", "payload",
+                "lookup", "ct", "bitwise", "ct", "nat"
+            ]
+        );
+        // ip6 daddr fills R0..R3, the protocol R4, the port R5: the key the lookup reads.
+        assert_eq!(dnat6[6].u32_attr(sys::NFTNL_EXPR_PAYLOAD_DREG), Some(R0));
+        assert_eq!(dnat6[7].u32_attr(sys::NFTNL_EXPR_META_DREG), Some(R4));
+        assert_eq!(dnat6[9].u32_attr(sys::NFTNL_EXPR_LOOKUP_SREG), Some(R0));
+        assert_eq!(
+            dnat6[13].u32_attr(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN),
+            Some(R0)
+        );
+        assert_eq!(
+            dnat6[13].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
+            Some(R4)
+        );
+        // Without pinholes: no IPv6 map, one DNAT rule, as before.
+        let plain = super::plan(&relay(vec![]), Some(&lan())).unwrap();
+        assert!(plain.elements6.is_empty());
+        assert_eq!(plain.chains[0].rules.len(), 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod discover;
 pub mod instrument;
 pub mod natpmp;
 pub mod pcp;
+pub mod pinholes;
 pub mod session;
 pub mod udp;
 pub mod upnp;

@@ -8,6 +8,10 @@
 //! required, and the file ends with a newline: a file that does not was cut short, so a record
 //! cut anywhere never reads as a complete one (not even `port = 80` cut from `port = 8096`).
 //!
+//! Version 3 is version 2 with one `[[pinhole]]` table per IPv6 [`PinholeRecord`] after the
+//! mappings; it is written only while there is a pinhole (else the file stays version 2), so
+//! version 2 files are read as they are and an older holepunch refuses a file with pinholes.
+//!
 //! Version 2 added what version 1 kept only in words: why the last request failed
 //! ([`Failure`], version 1 had only the `last_error` text) and the earlier owners' router
 //! mappings a record still has to delete ([`Replaced`]). A version 1 file is read (its
@@ -35,11 +39,18 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use super::pinhole::PinholeRecord;
 use super::record::{Failure, MappingRecord, MappingStatus, State};
 use crate::model::MappingKey;
 
-/// The state file format this build writes (and the newest it reads).
+/// The state file format this build writes while it holds no IPv6 pinhole (and the one the
+/// HA mirror writes).
 pub const STATE_VERSION: u32 = 2;
+/// The format of a file with `[[pinhole]]` tables (version 2 plus pinholes), and the newest
+/// this build reads. Written only when there is a pinhole, so an older holepunch refuses
+/// such a file (and leaves it as it is) instead of moving it aside as damaged and forgetting
+/// the pinholes.
+pub const PINHOLE_STATE_VERSION: u32 = 3;
 /// The oldest format this build reads.
 const OLDEST_READ_VERSION: i64 = 1;
 
@@ -217,8 +228,13 @@ impl State {
     /// The state as the file holds it: `version = 2`, then one `[[mapping]]` per record.
     pub fn to_toml(&self) -> Result<String, StateError> {
         let file = FileOut {
-            version: STATE_VERSION,
+            version: if self.pinholes.is_empty() {
+                STATE_VERSION
+            } else {
+                PINHOLE_STATE_VERSION
+            },
             mapping: self.mappings.values().collect(),
+            pinhole: self.pinholes.values().collect(),
         };
         toml::to_string(&file).map_err(|source| StateError::Encode { source })
     }
@@ -510,6 +526,8 @@ struct FileOut<'a> {
     version: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     mapping: Vec<&'a MappingRecord>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pinhole: Vec<&'a PinholeRecord>,
 }
 
 /// The file as read.
@@ -519,6 +537,8 @@ struct FileIn {
     version: i64,
     #[serde(default)]
     mapping: Vec<MappingRecord>,
+    #[serde(default)]
+    pinhole: Vec<PinholeRecord>,
 }
 
 /// One `[[mapping]]` block on its own, when salvaging a damaged file.
@@ -526,6 +546,13 @@ struct FileIn {
 #[serde(deny_unknown_fields)]
 struct BlockIn {
     mapping: Vec<MappingRecord>,
+}
+
+/// One `[[pinhole]]` block on its own, when salvaging a damaged file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinholeBlockIn {
+    pinhole: Vec<PinholeRecord>,
 }
 
 /// Why a state file's bytes are not a state.
@@ -587,7 +614,7 @@ fn newer_version(path: &Path, found: i64) -> StateError {
     StateError::NewerVersion {
         path: path.to_owned(),
         found,
-        supported: STATE_VERSION,
+        supported: PINHOLE_STATE_VERSION,
     }
 }
 
@@ -606,7 +633,7 @@ fn read_bytes(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
 fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
     // A newer file is refused even when the rest of it means nothing to this build.
     if let Some(found) = header_version(&String::from_utf8_lossy(bytes))
-        && found > i64::from(STATE_VERSION)
+        && found > i64::from(PINHOLE_STATE_VERSION)
     {
         return Err(Unreadable::Newer(found));
     }
@@ -621,7 +648,7 @@ fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
     if !text.ends_with('\n') {
         return Err(Unreadable::Truncated);
     }
-    if file.version > i64::from(STATE_VERSION) {
+    if file.version > i64::from(PINHOLE_STATE_VERSION) {
         return Err(Unreadable::Newer(file.version));
     }
     if file.version < OLDEST_READ_VERSION {
@@ -633,6 +660,14 @@ fn decode(bytes: &[u8]) -> Result<State, Unreadable> {
             record.failure = failure_in_words(&record);
         }
         match state.mappings.entry(record.key()) {
+            Entry::Vacant(slot) => {
+                slot.insert(record);
+            }
+            Entry::Occupied(slot) => return Err(Unreadable::DuplicateMapping(*slot.key())),
+        }
+    }
+    for record in file.pinhole {
+        match state.pinholes.entry(record.key()) {
             Entry::Vacant(slot) => {
                 slot.insert(record);
             }
@@ -684,6 +719,21 @@ fn salvage(text: &str) -> (State, usize) {
     let mut state = State::default();
     let mut lost = 0;
     for block in mapping_blocks(text) {
+        if !is_mapping_header(block.lines().next().unwrap_or_default()) {
+            // A `[[pinhole]]` block.
+            let record = toml::from_str::<PinholeBlockIn>(block)
+                .ok()
+                .filter(|_| !block.contains(char::REPLACEMENT_CHARACTER))
+                .and_then(|block| <[PinholeRecord; 1]>::try_from(block.pinhole).ok());
+            match record {
+                Some([mut record]) if !state.pinholes.contains_key(&record.key()) => {
+                    record.status = MappingStatus::Pending;
+                    state.pinholes.insert(record.key(), record);
+                }
+                _ => lost += 1,
+            }
+            continue;
+        }
         let record = toml::from_str::<BlockIn>(block)
             .ok()
             .filter(|_| !block.contains(char::REPLACEMENT_CHARACTER))
@@ -716,7 +766,7 @@ fn mapping_blocks(text: &str) -> Vec<&str> {
     let mut starts = Vec::new();
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
-        if is_mapping_header(line) {
+        if is_mapping_header(line) || is_pinhole_header(line) {
             starts.push(offset);
         }
         offset += line.len();
@@ -726,6 +776,11 @@ fn mapping_blocks(text: &str) -> Vec<&str> {
         .enumerate()
         .map(|(i, &start)| &text[start..starts.get(i + 1).copied().unwrap_or(text.len())])
         .collect()
+}
+
+fn is_pinhole_header(line: &str) -> bool {
+    let code = line.split('#').next().unwrap_or_default();
+    code.split_whitespace().collect::<String>() == "[[pinhole]]"
 }
 
 fn is_mapping_header(line: &str) -> bool {
@@ -876,9 +931,72 @@ mod tests {
         }
     }
 
+    fn pinhole(external_port: u16) -> PinholeRecord {
+        PinholeRecord {
+            owner: Owner::new("media", "jellyfin"),
+            service_port: 8096,
+            protocol: Protocol::Tcp,
+            external_port,
+            address: "2001:db8:77::10".parse().expect("ip"),
+            port: external_port,
+            target_address: "2001:db8:77::20".parse().expect("ip"),
+            target_port: 31096,
+            target_source: TargetSource::NodePort,
+            backend: Backend::Pcp,
+            router: "2001:db8:77::1".parse().expect("ip"),
+            nonce: Some("00112233445566778899aabb".to_owned()),
+            unique_id: Some(7),
+            epoch: Some(1234),
+            lifetime_secs: 3600,
+            granted_at: Some(at("2025-01-02T03:04:05Z")),
+            renew_at: Some(at("2025-01-02T03:34:05Z")),
+            expires_at: Some(at("2025-01-02T04:04:05Z")),
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            failure: None,
+            last_error: None,
+        }
+    }
+
+    /// A file with pinholes is version 3 and reads back; without them the file stays
+    /// version 2, byte for byte what this build wrote before pinholes existed.
+    #[test]
+    fn pinholes_make_version_3_and_a_file_without_them_stays_version_2() {
+        let plain = state_of([full_record(8096), minimal_record(25565)]);
+        let text = plain.to_toml().expect("encode");
+        assert!(text.starts_with("version = 2\n"), "{text}");
+        assert!(!text.contains("pinhole"), "{text}");
+        assert!(matches!(decode(text.as_bytes()), Ok(read) if read == plain));
+
+        let mut with = plain.clone();
+        let record = pinhole(8096);
+        with.pinholes.insert(record.key(), record);
+        let text = with.to_toml().expect("encode");
+        assert!(text.starts_with("version = 3\n"), "{text}");
+        assert!(text.contains("[[pinhole]]"), "{text}");
+        assert!(text.contains("unique_id = 7"), "{text}");
+        assert!(matches!(decode(text.as_bytes()), Ok(read) if read == with));
+
+        // A damaged file keeps its readable pinholes, as pending.
+        let damaged = text.replacen("version = 3", "version = 3\n[[broken", 1);
+        let (salvaged, lost) = salvage(&damaged);
+        assert_eq!(lost, 0);
+        assert_eq!(salvaged.mappings.len(), 2);
+        assert_eq!(
+            salvaged
+                .pinholes
+                .values()
+                .map(|p| p.status)
+                .collect::<Vec<_>>(),
+            [MappingStatus::Pending]
+        );
+    }
+
     fn state_of(records: impl IntoIterator<Item = MappingRecord>) -> State {
         State {
             mappings: records.into_iter().map(|r| (r.key(), r)).collect(),
+            ..State::default()
         }
     }
 
@@ -1066,7 +1184,7 @@ port = 31000
     #[test]
     fn newer_version_is_refused_and_left_untouched() {
         for text in [
-            "version = 3\n\n[[mapping]]\nsomething_new = true\n",
+            "version = 4\n\n[[mapping]]\nsomething_new = true\n",
             // Newer and also unreadable to this build: still refused, not moved aside.
             "version = 7\n[[mapping\x00garbage",
         ] {
@@ -1078,7 +1196,7 @@ port = 31000
                 matches!(
                     err,
                     StateError::NewerVersion {
-                        supported: STATE_VERSION,
+                        supported: PINHOLE_STATE_VERSION,
                         ..
                     }
                 ),

@@ -4,7 +4,9 @@
 //! router, the plan or the reconciler.
 
 mod file;
+mod pinhole;
 mod record;
 
 pub use file::*;
+pub use pinhole::*;
 pub use record::*;

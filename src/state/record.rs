@@ -153,6 +153,8 @@ impl MappingRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub mappings: BTreeMap<MappingKey, MappingRecord>,
+    /// IPv6 pinholes, each beside the IPv4 mapping with the same key (README, "IPv6").
+    pub pinholes: BTreeMap<MappingKey, super::PinholeRecord>,
 }
 
 impl MappingRecord {

@@ -1,0 +1,366 @@
+//! In-process tests of the IPv6 pinholes in the loop (README, "IPv6"): a scripted router's
+//! pinholes beside the scripted IPv4 mappings.
+
+use std::collections::BTreeSet;
+use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
+
+use super::*;
+use crate::router::pinholes::{BoxFuture, Opened, PinholeConnect, PinholeRouter, Pinholes};
+use crate::state::PinholeRecord;
+
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
+const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
+const NODE6: &str = "2001:db8:77::20";
+
+#[derive(Debug, Default)]
+struct HolesInner {
+    /// "8080/tcp [2001:db8:77::10]:8080" per pinhole the router holds.
+    held: BTreeSet<String>,
+    /// "open 8080/tcp [..]:8080", "renew ...", "close ...", in order.
+    calls: Vec<String>,
+    connects: usize,
+}
+
+/// The scripted router's IPv6 firewall; clones share it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Holes(Arc<Mutex<HolesInner>>);
+
+impl Holes {
+    /// The loop's pinhole part, talking to this scripted router.
+    pub(super) fn pinholes(&self) -> Pinholes {
+        Pinholes::new(Box::new(ScriptedConnect6(self.clone())))
+    }
+
+    fn held(&self) -> Vec<String> {
+        lock(&self.0).held.iter().cloned().collect()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        lock(&self.0).calls.clone()
+    }
+
+    fn connects(&self) -> usize {
+        lock(&self.0).connects
+    }
+
+    /// The router restarts: its IPv6 firewall forgets every pinhole.
+    fn reboot(&self) {
+        lock(&self.0).held.clear();
+    }
+}
+
+struct ScriptedConnect6(Holes);
+
+impl PinholeConnect for ScriptedConnect6 {
+    fn connect<'a>(
+        &'a mut self,
+        backend: Backend,
+        _config: &'a Config,
+    ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
+        lock(&self.0.0).connects += 1;
+        let router = Scripted6 {
+            holes: self.0.clone(),
+            backend,
+        };
+        Box::pin(async move { Ok(Box::new(router) as Box<dyn PinholeRouter>) })
+    }
+}
+
+struct Scripted6 {
+    holes: Holes,
+    backend: Backend,
+}
+
+fn name(record: &PinholeRecord) -> String {
+    format!("{} {}", record.key(), record.opens())
+}
+
+impl Scripted6 {
+    fn grant(&self, verb: &str, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
+        let mut holes = lock(&self.holes.0);
+        holes.calls.push(format!("{verb} {}", name(record)));
+        holes.held.insert(name(record));
+        Opened {
+            lifetime_secs,
+            renew_after: None,
+            epoch: Some(1),
+            unique_id: None,
+        }
+    }
+}
+
+impl PinholeRouter for Scripted6 {
+    fn backend(&self) -> Backend {
+        self.backend
+    }
+    fn router(&self) -> Ipv6Addr {
+        ROUTER6
+    }
+    fn host(&self) -> Ipv6Addr {
+        HOST6
+    }
+    fn open<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        let opened = self.grant("open", record, lifetime_secs);
+        Box::pin(async move { Ok(opened) })
+    }
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        let opened = self.grant("renew", record, lifetime_secs);
+        Box::pin(async move { Ok(opened) })
+    }
+    fn close<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+    ) -> BoxFuture<'a, Result<(), RouterError>> {
+        let mut holes = lock(&self.holes.0);
+        holes.calls.push(format!("close {}", name(record)));
+        holes.held.remove(&name(record));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn dual_node() -> Node {
+    let mut node = node("node-a", "192.168.1.20", true);
+    if let Some(addresses) = node.status.as_mut().and_then(|s| s.addresses.as_mut()) {
+        addresses.push(NodeAddress {
+            type_: "InternalIP".into(),
+            address: NODE6.into(),
+        });
+    }
+    node
+}
+
+/// The cluster with a dual-stack node.
+fn set_dual(world: &World, services: Vec<Service>) {
+    *lock(&world.cluster.0) = Some(Snapshot {
+        services,
+        nodes: vec![dual_node()],
+        endpoint_slices: Vec::new(),
+    });
+}
+
+fn pinhole(state: &State, port: u16) -> Option<&PinholeRecord> {
+    state.pinholes.get(&MappingKey {
+        protocol: Protocol::Tcp,
+        external_port: port,
+    })
+}
+
+fn held(port: u16) -> String {
+    format!("{port}/tcp [{HOST6}]:{port}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut config = config(BackendChoice::Pcp);
+    config.router.verify_interval_secs = 20;
+    let mut ctx = context(&world, &mut books, config);
+
+    // Relay: each pinhole opens this host's address on the external port, beside the IPv4
+    // mapping, and the traffic goes on to the node's IPv6 address and nodePort.
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.held(), [held(8080), held(8081)]);
+    for port in [8080, 8081] {
+        assert_eq!(record(ctx.state, port).status, MappingStatus::Active);
+        let hole = pinhole(ctx.state, port).expect("a pinhole record");
+        assert_eq!(hole.status, MappingStatus::Active);
+        assert_eq!(
+            hole.target().to_string(),
+            format!("[{NODE6}]:{}", 30_000 + port)
+        );
+        assert_eq!(hole.backend, Backend::Pcp);
+        // The nonce renews and deletes it after a restart of holepunch: saved with it.
+        assert_eq!(hole.nonce.as_deref().map(str::len), Some(24));
+    }
+    let first = pinhole(ctx.state, 8080).cloned().expect("record");
+    assert!(
+        first
+            .renew_at
+            .is_some_and(|at| at < first.expires_at.unwrap_or(at)),
+        "{first:?}"
+    );
+
+    // The router loses everything; the verify finds the IPv4 mappings lost, and their
+    // pinholes are restored with them, same nonce.
+    world.lab.reboot();
+    world.holes.reboot();
+    let mut passes = 0;
+    while world.holes.held().len() < 2 && passes < 4 {
+        next_timed_pass(&mut ctx).await;
+        passes += 1;
+    }
+    assert_eq!(world.holes.held(), [held(8080), held(8081)], "not restored");
+    assert_eq!(
+        pinhole(ctx.state, 8080).and_then(|h| h.nonce.clone()),
+        first.nonce
+    );
+    assert!(
+        world.lab.calls().iter().any(|c| c.starts_with("lost")),
+        "{:?}",
+        world.lab.calls()
+    );
+
+    // Renewed before the lease ends, as the IPv4 mapping.
+    let before = world.holes.calls().len();
+    for _ in 0..6 {
+        next_timed_pass(&mut ctx).await;
+    }
+    let renewals = world.holes.calls()[before..].to_vec();
+    assert!(
+        renewals.contains(&format!("renew {}", held(8080))),
+        "{renewals:?}"
+    );
+    assert!(
+        pinhole(ctx.state, 8080).is_some_and(|h| h.status == MappingStatus::Active
+            && h.expires_at.is_some_and(|at| at > ctx.clock.now())),
+    );
+
+    // One Service unpublished: its mapping and its pinhole go together, the other stays.
+    set_dual(&world, vec![web("web", 8080)]);
+    let before = world.holes.calls().len();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        world.holes.calls()[before..],
+        [format!("close {}", held(8081))]
+    );
+    assert_eq!(world.holes.held(), [held(8080)]);
+    assert!(pinhole(ctx.state, 8081).is_none());
+    assert!(!ctx.state.mappings.keys().any(|k| k.external_port == 8081));
+    assert!(pinhole(ctx.state, 8080).is_some());
+
+    // exposure.ipv6 = "off" closes the rest; the IPv4 mapping stays.
+    ctx.config.exposure.ipv6 = crate::config::Ipv6Choice::Off;
+    ctx.pass(Trigger::Cluster).await;
+    assert!(world.holes.held().is_empty());
+    assert!(ctx.state.pinholes.is_empty());
+    assert_eq!(record(ctx.state, 8080).status, MappingStatus::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn natpmp_publishes_ipv4_only_and_asks_for_no_pinhole() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Natpmp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Natpmp));
+    ctx.pass(Trigger::Cluster).await;
+    next_timed_pass(&mut ctx).await;
+    assert_eq!(record(ctx.state, 8080).status, MappingStatus::Active);
+    assert_eq!(world.holes.connects(), 0);
+    assert!(ctx.state.pinholes.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_routers_ipv6_address_as_load_balancer_ingress_is_refused_while_a_normal_one_is_opened()
+{
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    // A dual-stack load balancer whose IPv6 ingress is the router's address: its IPv4 side
+    // (inside target_cidrs) is published, the IPv6 side refused (no nodePort to fall back on
+    // for a load balancer target).
+    let mut attack = crate::desired::tests::with_lb_ip(web("attack", 8090), "192.168.77.100");
+    if let Some(ingress) = attack
+        .status
+        .as_mut()
+        .and_then(|s| s.load_balancer.as_mut())
+        .and_then(|lb| lb.ingress.as_mut())
+    {
+        ingress.push(k8s_openapi::api::core::v1::LoadBalancerIngress {
+            ip: Some(ROUTER6.to_string()),
+            ..Default::default()
+        });
+    }
+    set_dual(&world, vec![web("web", 8080), attack]);
+    let mut books = Books::new();
+    let mut config = config(BackendChoice::Pcp);
+    config.exposure.target_cidrs = ["192.168.77.0/24", "2001:db8:77::/64"]
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let mut ctx = context(&world, &mut books, config);
+    ctx.pass(Trigger::Cluster).await;
+    // The normal Service's pinhole, and for the attack only its IPv4 mapping.
+    assert_eq!(world.holes.held(), [held(8080)]);
+    assert_eq!(record(ctx.state, 8090).status, MappingStatus::Active);
+    assert_eq!(
+        record(ctx.state, 8090).target.to_string(),
+        "192.168.77.100:8090"
+    );
+    let reports = lock(&world.reports.0).clone();
+    let last = reports.last().expect("a report");
+    let refused: Vec<&Problem> = last
+        .iter()
+        .filter(|p| p.owner.name == "attack" && p.kind == ProblemKind::TargetNotAllowed)
+        .collect();
+    assert_eq!(refused.len(), 1, "{last:?}");
+    assert!(
+        !refused[0].message.contains("2001:db8"),
+        "{}",
+        refused[0].message
+    );
+    assert!(
+        refused[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("it is an address of the router")),
+        "{:?}",
+        refused[0].detail
+    );
+    assert!(!last.iter().any(|p| p.owner.name == "web"), "{last:?}");
+}
+
+/// Behind a carrier-grade NAT the IPv4 mapping cannot be reached: the double-NAT problem says
+/// whether the pinhole still reaches the Service over IPv6.
+#[tokio::test(start_paused = true)]
+async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    for record in ctx.state.mappings.values_mut() {
+        record.external_address = Some(Ipv4Addr::new(100, 64, 0, 7));
+    }
+    let problems = double_nat_problems(ctx.state);
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].message.ends_with(&format!(
+            "still reachable over IPv6 on {}",
+            held(8080).split_once(' ').map_or("", |(_, a)| a)
+        )),
+        "{}",
+        problems[0].message
+    );
+    ctx.state.pinholes.clear();
+    let problems = double_nat_problems(ctx.state);
+    assert!(
+        problems[0]
+            .message
+            .ends_with("no IPv6 pinhole reaches it either"),
+        "{}",
+        problems[0].message
+    );
+}

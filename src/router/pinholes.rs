@@ -1,0 +1,736 @@
+//! IPv6 pinholes, the I/O part (README, "IPv6"): the pinhole plan of [`crate::pinholes`] run
+//! against the router through PCP MAP over IPv6 ([`super::pcp::v6`]) or UPnP IGDv2
+//! WANIPv6FirewallControl ([`super::upnp::pinhole`]), each result recorded in the state as
+//! for IPv4 (ARCHITECTURE.md, "State lifecycle"): saved as pending before the request, then
+//! active with its renewal time, or failed with its retry time.
+//!
+//! [`Pinholes`] is the loop's part for IPv6: one [`Pinholes::pass`] after the IPv4 mappings
+//! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
+//! route) and this host's address toward it, builds the client for the backend the IPv4 side
+//! uses, and says once why IPv6 is not used when it cannot be (NAT-PMP, gateway mode, no
+//! IPv6 default route).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::pin::Pin;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use super::RouterError;
+use super::pcp::codec::Nonce;
+use super::pcp::v6::{Pcp6Client, PinholeMap};
+use super::upnp::pinhole::{PinholeClient, PinholeError, PinholeRequest, lease_for};
+use crate::config::{Config, ExposureMode, Ipv6Choice};
+use crate::model::{Backend, MappingKey, PortMapping, Problem};
+use crate::pinholes::{
+    NATPMP_HAS_NO_IPV6, PinholeAction, PinholeRoute, desired_pinholes, next_due, plan_pinholes,
+};
+use crate::reconcile::{MIN_RENEW_SECS, Persist, RETRY_FLOOR_SECS, retry_delay};
+use crate::state::{Failure, MappingStatus, PinholeRecord, State};
+use crate::trust::HostFacts;
+
+/// A boxed future, so that pinhole clients can sit behind one trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the router granted for a pinhole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub lifetime_secs: u32,
+    /// When to renew, counted from the grant.
+    pub renew_after: Option<Duration>,
+    /// PCP: the router's epoch with the answer.
+    pub epoch: Option<u32>,
+    /// UPnP: the pinhole's UniqueID.
+    pub unique_id: Option<u16>,
+}
+
+/// One router protocol for IPv6 pinholes.
+pub trait PinholeRouter: Send {
+    fn backend(&self) -> Backend;
+    /// The router's IPv6 address the pinholes are asked of.
+    fn router(&self) -> Ipv6Addr;
+    /// This host's IPv6 address toward the router (what relay mode opens).
+    fn host(&self) -> Ipv6Addr;
+    /// Creates the pinhole (or restores it: the same request again).
+    fn open<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>>;
+    /// Extends its lease.
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>>;
+    /// Deletes it; one that is gone is success.
+    fn close<'a>(&'a mut self, record: &'a PinholeRecord)
+    -> BoxFuture<'a, Result<(), RouterError>>;
+    /// Whether an answer since the last call showed a router restart. Reading it clears it.
+    fn take_restart(&mut self) -> bool {
+        false
+    }
+}
+
+/// PCP MAP over IPv6.
+pub struct PcpPinholes {
+    client: Pcp6Client,
+    router: Ipv6Addr,
+    host: Ipv6Addr,
+}
+
+impl PcpPinholes {
+    pub fn new(router: Ipv6Addr, host: Ipv6Addr) -> PcpPinholes {
+        PcpPinholes {
+            client: Pcp6Client::new(router, host),
+            router,
+            host,
+        }
+    }
+
+    /// The PCP request for `record`, or why it cannot be asked.
+    fn map(&self, record: &PinholeRecord, lifetime_secs: u32) -> Result<PinholeMap, RouterError> {
+        if record.address != self.host {
+            // NOTE: RFC 6887 §13.1: a MAP opens the client's own address; another's needs the
+            // THIRD_PARTY option, which routers mostly refuse and holepunch does not send.
+            return Err(RouterError::Refused {
+                reason: format!(
+                    "PCP opens IPv6 pinholes only to this host's own address {}, not {}; use \
+                     exposure.mode = \"relay\"",
+                    self.host, record.address
+                ),
+                retry_after: None,
+            });
+        }
+        let nonce = record
+            .nonce
+            .as_deref()
+            .and_then(|n| n.parse::<Nonce>().ok())
+            .ok_or_else(|| RouterError::Refused {
+                reason: "the pinhole's PCP nonce is missing or damaged in the state file".into(),
+                retry_after: None,
+            })?;
+        Ok(PinholeMap {
+            protocol: record.protocol,
+            internal_port: record.port,
+            lifetime_secs,
+            nonce,
+        })
+    }
+}
+
+fn opened_pcp(grant: super::pcp::v6::PinholeGrant) -> Opened {
+    Opened {
+        lifetime_secs: grant.lifetime_secs,
+        renew_after: grant.renew_after,
+        epoch: Some(grant.epoch),
+        unique_id: None,
+    }
+}
+
+impl PinholeRouter for PcpPinholes {
+    fn backend(&self) -> Backend {
+        Backend::Pcp
+    }
+    fn router(&self) -> Ipv6Addr {
+        self.router
+    }
+    fn host(&self) -> Ipv6Addr {
+        self.host
+    }
+    fn open<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(async move {
+            let map = self.map(record, lifetime_secs)?;
+            // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a
+            // restore or a retry of a pinhole the router may still hold would otherwise renew
+            // it in place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it
+            // (see `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not
+            // exist is success.
+            self.client.renew(&map).await.map(opened_pcp)
+        })
+    }
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(async move {
+            let map = self.map(record, lifetime_secs)?;
+            // NOTE: renewed by replacing, not in place: miniupnpd 2.3.1 forgets the nonce of
+            // a pinhole renewed in place (see `Pcp6Client::renew`).
+            self.client.renew(&map).await.map(opened_pcp)
+        })
+    }
+    fn close<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+    ) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async move {
+            let map = self.map(record, 0)?;
+            self.client.delete(&map).await
+        })
+    }
+    fn take_restart(&mut self) -> bool {
+        self.client.take_restart()
+    }
+}
+
+/// UPnP IGDv2 WANIPv6FirewallControl.
+pub struct UpnpPinholes {
+    client: PinholeClient,
+    router: Ipv6Addr,
+}
+
+impl UpnpPinholes {
+    pub fn new(client: PinholeClient, router: Ipv6Addr) -> UpnpPinholes {
+        UpnpPinholes { client, router }
+    }
+
+    async fn add(&self, record: &PinholeRecord, lifetime_secs: u32) -> Result<Opened, RouterError> {
+        let pinhole = self
+            .client
+            .add(&PinholeRequest {
+                protocol: record.protocol,
+                internal_address: record.address,
+                internal_port: record.port,
+                lease_secs: lease_for(lifetime_secs),
+            })
+            .await
+            .map_err(router_error)?;
+        Ok(Opened {
+            lifetime_secs: pinhole.lease_secs,
+            renew_after: Some(pinhole.renew_after()),
+            epoch: None,
+            unique_id: Some(pinhole.unique_id),
+        })
+    }
+}
+
+/// A UPnP pinhole error in the terms the state records.
+fn router_error(error: PinholeError) -> RouterError {
+    match error {
+        PinholeError::Transport { action, source } => RouterError::Http {
+            action: action.to_owned(),
+            control: "WANIPv6FirewallControl".to_owned(),
+            source,
+        },
+        PinholeError::ReadReply { action, source } => RouterError::Reply {
+            action: action.to_owned(),
+            control: "WANIPv6FirewallControl".to_owned(),
+            source,
+        },
+        other => RouterError::Refused {
+            reason: other.to_string(),
+            retry_after: None,
+        },
+    }
+}
+
+impl PinholeRouter for UpnpPinholes {
+    fn backend(&self) -> Backend {
+        Backend::Upnp
+    }
+    fn router(&self) -> Ipv6Addr {
+        self.router
+    }
+    fn host(&self) -> Ipv6Addr {
+        self.client.lan_address()
+    }
+    // NOTE: miniupnpd 2.3.1 gives UniqueIDs from 1 again after a restart, so a stored one may
+    // name another host's pinhole by now (README, "IPv6"). Renewing and deleting therefore
+    // never trust it: AddPinhole with the same parameters answers the pinhole's current
+    // UniqueID (the same one while it exists, a renewal of its lease; measured in the lab),
+    // and only that one is deleted.
+    fn open<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(self.add(record, lifetime_secs))
+    }
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(self.add(record, lifetime_secs))
+    }
+    fn close<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+    ) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async move {
+            let current = self.add(record, CLOSE_LEASE_SECS).await?;
+            match current.unique_id {
+                Some(id) => self.client.delete(id).await.map_err(router_error),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+/// The lease of the AddPinhole that learns a pinhole's UniqueID before it is deleted: if
+/// the delete is lost, it closes by itself soon.
+const CLOSE_LEASE_SECS: u32 = 60;
+
+/// How the loop reaches a router for pinholes.
+pub trait PinholeConnect: Send {
+    /// A client for `backend`, or why there is none.
+    fn connect<'a>(
+        &'a mut self,
+        backend: Backend,
+        config: &'a Config,
+    ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>>;
+}
+
+/// The real routers: the IPv6 default route's next hop, this host's address toward it.
+#[derive(Debug, Default)]
+pub struct RouterPinholes;
+
+/// How long the UPnP description and SOAP calls may take.
+const UPNP_TIMEOUT_SECS: u64 = 5;
+
+impl PinholeConnect for RouterPinholes {
+    fn connect<'a>(
+        &'a mut self,
+        backend: Backend,
+        config: &'a Config,
+    ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
+        Box::pin(async move {
+            let router = ipv6_default_gateway()?;
+            let host = source_address_toward(router)?;
+            match backend {
+                Backend::Pcp => {
+                    Ok(Box::new(PcpPinholes::new(router, host)) as Box<dyn PinholeRouter>)
+                }
+                Backend::Upnp => {
+                    // NOTE: the IGD's description is fetched again over IPv6, at the router's
+                    // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
+                    // both families on one port); WANIPv6FirewallControl must be called from
+                    // this host's IPv6 address (README, "IPv6").
+                    let described = config.router.igd_url.as_deref().ok_or(
+                        "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
+                    )?;
+                    let url = super::upnp::http::HttpUrl::parse(described)
+                        .map_err(|e| format!("router.igd_url: {e}"))?;
+                    let url6 = super::upnp::http::HttpUrl::parse(&format!(
+                        "http://[{router}]:{}{}",
+                        url.port, url.path
+                    ))
+                    .map_err(|e| format!("the IPv6 description URL: {e}"))?;
+                    let client = PinholeClient::discover(
+                        &url6,
+                        host,
+                        Duration::from_secs(UPNP_TIMEOUT_SECS),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
+                }
+                Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
+                Backend::None => Err("no router protocol is in use".to_owned()),
+            }
+        })
+    }
+}
+
+const PROC_IPV6_ROUTE: &str = "/proc/net/ipv6_route";
+
+/// The next hop of the IPv6 default route with the lowest metric, when it is not link-local
+/// (the PCP and UPnP clients address the router without an interface scope).
+pub fn ipv6_default_gateway() -> Result<Ipv6Addr, String> {
+    let table = std::fs::read_to_string(PROC_IPV6_ROUTE)
+        .map_err(|e| format!("cannot read {PROC_IPV6_ROUTE}: {e}"))?;
+    let gateway =
+        parse_ipv6_default_gateway(&table).ok_or("this host has no IPv6 default route")?;
+    if gateway.segments()[0] & 0xffc0 == 0xfe80 {
+        return Err(format!(
+            "the IPv6 default route's next hop {gateway} is link-local; holepunch asks the \
+             router at a global or unique local address"
+        ));
+    }
+    Ok(gateway)
+}
+
+/// Parses `/proc/net/ipv6_route`: destination, prefix length, source, source prefix length,
+/// next hop, metric, ... as hex.
+pub fn parse_ipv6_default_gateway(table: &str) -> Option<Ipv6Addr> {
+    let hex = |text: &str| u128::from_str_radix(text, 16).ok().map(Ipv6Addr::from);
+    table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let destination = hex(fields.first()?)?;
+            let length = u8::from_str_radix(fields.get(1)?, 16).ok()?;
+            let next_hop = hex(fields.get(4)?)?;
+            let metric = u32::from_str_radix(fields.get(5)?, 16).ok()?;
+            (destination.is_unspecified() && length == 0 && !next_hop.is_unspecified())
+                .then_some((metric, next_hop))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, gateway)| gateway)
+}
+
+/// This host's IPv6 source address toward `router` (a connected UDP socket sends nothing).
+fn source_address_toward(router: Ipv6Addr) -> Result<Ipv6Addr, String> {
+    let error =
+        |e: std::io::Error| format!("cannot find this host's IPv6 address toward {router}: {e}");
+    let socket =
+        UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)).map_err(error)?;
+    socket
+        .connect(SocketAddrV6::new(router, 9, 0, 0))
+        .map_err(error)?;
+    match socket.local_addr().map_err(error)? {
+        std::net::SocketAddr::V6(addr) => Ok(*addr.ip()),
+        std::net::SocketAddr::V4(_) => Err(format!("no IPv6 address toward {router}")),
+    }
+}
+
+/// What a pinhole pass leaves.
+#[derive(Debug, Default)]
+pub struct PinholeOutcome {
+    /// Why some Service ports get no pinhole (trust rules, router refusals).
+    pub problems: Vec<Problem>,
+    /// The next renewal or retry.
+    pub next_due: Option<Timestamp>,
+}
+
+/// The loop's part for IPv6 pinholes (ARCHITECTURE.md, "The loop").
+pub struct Pinholes {
+    connect: Box<dyn PinholeConnect>,
+    router: Option<Box<dyn PinholeRouter>>,
+    /// Why IPv6 was not used, said once each.
+    said: BTreeSet<String>,
+    /// The pinhole client saw the router restart in the pass that began then: restore every
+    /// pinhole granted before it at the next pass.
+    restarted: Option<Timestamp>,
+    /// The last connect that failed, for which backend: tried again after a verify interval.
+    failed: Option<(Backend, Timestamp)>,
+}
+
+impl Default for Pinholes {
+    fn default() -> Self {
+        Pinholes::new(Box::new(RouterPinholes))
+    }
+}
+
+impl Pinholes {
+    pub fn new(connect: Box<dyn PinholeConnect>) -> Pinholes {
+        Pinholes {
+            connect,
+            router: None,
+            said: BTreeSet::new(),
+            restarted: None,
+            failed: None,
+        }
+    }
+
+    /// Says `why` IPv6 is not used, once while it holds.
+    fn say_once(&mut self, why: &str) {
+        if self.said.insert(why.to_owned()) {
+            tracing::warn!("IPv6 pinholes: {why}");
+        }
+    }
+
+    /// One pass for the pinholes, after the IPv4 mappings of `mappings` were reconciled
+    /// through `backend`. `lost`: keys whose IPv4 mapping the router lost (a restart, or
+    /// found lost at a verify): their pinholes are restored too.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn pass(
+        &mut self,
+        services: &[Service],
+        nodes: &[Node],
+        config: &Config,
+        host: &HostFacts,
+        mappings: &BTreeMap<MappingKey, PortMapping>,
+        backend: Backend,
+        lost: &BTreeSet<MappingKey>,
+        state: &mut State,
+        store: &mut impl Persist,
+        now: Timestamp,
+    ) -> PinholeOutcome {
+        if config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty() {
+            return PinholeOutcome::default();
+        }
+        if config.exposure.mode == ExposureMode::Gateway {
+            self.say_once("not available in gateway mode yet; Services are published over IPv4");
+            return PinholeOutcome::default();
+        }
+        // Nothing wanted and nothing held: no router is asked anything (not even found).
+        if state.pinholes.is_empty()
+            && desired_pinholes(services, nodes, config, host, mappings)
+                .pinholes
+                .is_empty()
+        {
+            return PinholeOutcome::default();
+        }
+        if matches!(backend, Backend::Natpmp | Backend::None) {
+            // NOTE: RFC 6886 has no IPv6; NAT-PMP routers get IPv4 mappings only.
+            if backend == Backend::Natpmp && config.exposure.ipv6 == Ipv6Choice::Auto {
+                self.say_once(NATPMP_HAS_NO_IPV6);
+            }
+            return PinholeOutcome::default();
+        }
+        if self.router.as_ref().map(|r| r.backend()) != Some(backend) {
+            let verify = jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
+            if let Some((failed, at)) = self.failed
+                && failed == backend
+                && at.checked_add(verify).is_ok_and(|again| again > now)
+            {
+                return PinholeOutcome::default();
+            }
+            self.router = match self.connect.connect(backend, config).await {
+                Ok(router) => {
+                    tracing::info!(router = %router.router(), host = %router.host(), %backend,
+                        "IPv6 pinholes go through the router's IPv6 address");
+                    self.said.clear();
+                    Some(router)
+                }
+                Err(why) => {
+                    self.failed = Some((backend, now));
+                    self.say_once(&why);
+                    return PinholeOutcome {
+                        problems: Vec::new(),
+                        next_due: None,
+                    };
+                }
+            };
+        }
+        let Some(router) = self.router.as_mut() else {
+            return PinholeOutcome::default();
+        };
+        let route = PinholeRoute {
+            backend,
+            router: router.router(),
+            relay_from: (config.exposure.mode == ExposureMode::Relay).then(|| router.host()),
+        };
+        let mut host = host.clone();
+        host.router_addresses.insert(route.router.into());
+        host.own_addresses.insert(router.host().into());
+        let wanted = desired_pinholes(services, nodes, config, &host, mappings);
+        let mut lost = lost.clone();
+        if let Some(pass_began) = self.restarted.take() {
+            // What was granted in that pass already lives in the router's new epoch.
+            lost.extend(
+                state
+                    .pinholes
+                    .iter()
+                    .filter(|(_, r)| r.granted_at.is_none_or(|at| at < pass_began))
+                    .map(|(key, _)| *key),
+            );
+        }
+        let actions = plan_pinholes(&wanted, state, &route, &lost, now);
+        let mut problems = wanted.problems;
+        execute(
+            &actions,
+            router.as_mut(),
+            state,
+            store,
+            config.router.lease_secs,
+            now,
+            &mut problems,
+        )
+        .await;
+        if router.take_restart() {
+            tracing::warn!(%backend, "the router restarted and lost its IPv6 pinholes; restoring them");
+            self.restarted = Some(now);
+        }
+        PinholeOutcome {
+            problems,
+            next_due: if self.restarted.is_some() {
+                Some(now)
+            } else {
+                next_due(state)
+            },
+        }
+    }
+}
+
+/// Runs the pinhole plan: each request saved as pending first, each result recorded.
+async fn execute(
+    actions: &[PinholeAction],
+    router: &mut dyn PinholeRouter,
+    state: &mut State,
+    store: &mut impl Persist,
+    lease_secs: u32,
+    now: Timestamp,
+    problems: &mut Vec<Problem>,
+) {
+    for action in actions {
+        match action {
+            PinholeAction::Close { key } => {
+                let Some(record) = state.pinholes.get(key).cloned() else {
+                    continue;
+                };
+                let expired = record.expires_at.is_some_and(|at| at <= now)
+                    && record.status != MappingStatus::Pending;
+                let result = if expired {
+                    // The router dropped it when its lease ended: nothing to ask.
+                    Ok(())
+                } else if record.backend == router.backend() && record.router == router.router() {
+                    router.close(&record).await
+                } else {
+                    // Made through another protocol or router: this one cannot delete it; it
+                    // closes when its lease ends.
+                    Ok(())
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(service = %record.owner, pinhole = %record.opens(), "IPv6 pinhole closed");
+                        state.pinholes.remove(key);
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = %record.owner, pinhole = %record.opens(), %error, "could not close the IPv6 pinhole; trying again later");
+                        if let Some(r) = state.pinholes.get_mut(key) {
+                            failed(r, &error, now);
+                            r.failure = Some(Failure::UnmapFailed);
+                        }
+                    }
+                }
+                save(store, state);
+            }
+            PinholeAction::Open { record, .. } => {
+                let mut record = (**record).clone();
+                if record.backend == Backend::Pcp && record.nonce.is_none() {
+                    record.nonce = Some(Nonce::random(&mut rand::rng()).to_string());
+                }
+                record.status = MappingStatus::Pending;
+                let key = record.key();
+                state.pinholes.insert(key, record.clone());
+                if !save(store, state) {
+                    if let Some(r) = state.pinholes.get_mut(&key) {
+                        r.status = MappingStatus::Failed;
+                        r.failure = Some(Failure::HeldBack);
+                        r.retry_at = Some(later(now, Duration::from_secs(RETRY_FLOOR_SECS)));
+                    }
+                    continue;
+                }
+                let result = router.open(&record, lease_secs).await;
+                record_result(state, key, result, now, problems);
+                save(store, state);
+            }
+            PinholeAction::Renew { key } => {
+                let Some(record) = state.pinholes.get(key).cloned() else {
+                    continue;
+                };
+                let result = router.renew(&record, lease_secs).await;
+                record_result(state, *key, result, now, problems);
+                save(store, state);
+            }
+        }
+    }
+}
+
+/// Saves the state; `false` (logged) when it cannot be saved.
+fn save(store: &mut impl Persist, state: &State) -> bool {
+    match store.persist(state) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "could not save the IPv6 pinholes in the state file");
+            false
+        }
+    }
+}
+
+fn later(now: Timestamp, after: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(after)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn record_result(
+    state: &mut State,
+    key: MappingKey,
+    result: Result<Opened, RouterError>,
+    now: Timestamp,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(record) = state.pinholes.get_mut(&key) else {
+        return;
+    };
+    match result {
+        Ok(opened) => {
+            let lifetime = Duration::from_secs(opened.lifetime_secs.into());
+            let renew = opened
+                .renew_after
+                .unwrap_or(lifetime / 2)
+                .max(Duration::from_secs(MIN_RENEW_SECS))
+                .min(lifetime);
+            tracing::info!(service = %record.owner, pinhole = %record.opens(),
+                target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
+            record.status = MappingStatus::Active;
+            record.lifetime_secs = opened.lifetime_secs;
+            record.granted_at = Some(now);
+            record.renew_at = Some(later(now, renew));
+            record.expires_at = Some(later(now, lifetime));
+            record.epoch = opened.epoch.or(record.epoch);
+            record.unique_id = opened.unique_id.or(record.unique_id);
+            record.retry_at = None;
+            record.failures = 0;
+            record.failure = None;
+            record.last_error = None;
+        }
+        Err(error) => {
+            tracing::warn!(service = %record.owner, pinhole = %record.opens(), %error, "the router refused the IPv6 pinhole");
+            problems.push(
+                Problem::new(
+                    record.owner.clone(),
+                    crate::model::ProblemKind::RouterRefused,
+                    format!(
+                        "the router refused the IPv6 pinhole for external port {}; it is \
+                         published over IPv4 only; holepunch's log on the host says why",
+                        record.key()
+                    ),
+                )
+                .with_detail(error.to_string()),
+            );
+            failed(record, &error, now);
+        }
+    }
+}
+
+fn failed(record: &mut PinholeRecord, error: &RouterError, now: Timestamp) {
+    record.failures = record.failures.saturating_add(1);
+    record.failure = Some(crate::reconcile::failure_of(error));
+    record.last_error = Some(error.to_string());
+    record.status = MappingStatus::Failed;
+    let delay = retry_delay(
+        record.failures,
+        Duration::from_secs(RETRY_FLOOR_SECS),
+        rand::random_range(0.9..1.1),
+    );
+    record.retry_at = Some(later(now, delay));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_ipv6_default_route_with_the_lowest_metric() {
+        let table = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010db8007700000000000000000001 00000400 00000001 00000000 00000003 lan0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000100 00000001 00000000 00000003 wlan0
+20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 lan0
+";
+        assert_eq!(
+            parse_ipv6_default_gateway(table),
+            Some("fe80::1".parse().expect("ip"))
+        );
+        let global_only = table.lines().next().unwrap_or_default();
+        assert_eq!(
+            parse_ipv6_default_gateway(global_only),
+            Some("2001:db8:77::1".parse().expect("ip"))
+        );
+        assert_eq!(parse_ipv6_default_gateway(""), None);
+        assert_eq!(parse_ipv6_default_gateway("garbage zz\n"), None);
+    }
+}

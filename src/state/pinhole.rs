@@ -1,0 +1,79 @@
+//! The record of one IPv6 pinhole holepunch owns (README, "IPv6"): what it opens, where the
+//! traffic goes, and what renewing or deleting it needs across restarts (the PCP nonce and
+//! the router's epoch, the UPnP UniqueID). A pinhole shares its key with the IPv4 mapping of
+//! the same Service port and lives and goes with it.
+
+use std::net::Ipv6Addr;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::record::{Failure, MappingStatus};
+use crate::model::{Backend, Endpoint6, MappingKey, Owner, Protocol, TargetSource};
+
+/// One pinhole holepunch owns (or is trying to own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinholeRecord {
+    pub owner: Owner,
+    pub service_port: u16,
+    pub protocol: Protocol,
+    /// The external port of the IPv4 mapping it goes with (the key they share).
+    pub external_port: u16,
+    /// The address the pinhole opens: this host's in `relay` mode, the target's in `direct`.
+    pub address: Ipv6Addr,
+    /// The port the pinhole opens (no translation in IPv6: the port the internet uses).
+    pub port: u16,
+    /// Where the traffic finally goes.
+    pub target_address: Ipv6Addr,
+    pub target_port: u16,
+    pub target_source: TargetSource,
+    pub backend: Backend,
+    /// The router's IPv6 address the pinhole was asked of.
+    pub router: Ipv6Addr,
+    /// PCP: the pinhole's 96-bit nonce, as 24 hex digits; reused to renew and delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// UPnP: the UniqueID the router gave the pinhole (good only for the boot it was made in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<u16>,
+    /// PCP: the router's epoch (seconds since its start) with the last answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
+    #[serde(default)]
+    pub lifetime_secs: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    pub status: MappingStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
+    #[serde(default)]
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl PinholeRecord {
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            protocol: self.protocol,
+            external_port: self.external_port,
+        }
+    }
+
+    /// What the pinhole opens.
+    pub fn opens(&self) -> Endpoint6 {
+        Endpoint6::new(self.address, self.port)
+    }
+
+    /// Where its traffic finally goes.
+    pub fn target(&self) -> Endpoint6 {
+        Endpoint6::new(self.target_address, self.target_port)
+    }
+}

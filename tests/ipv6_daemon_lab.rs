@@ -1,0 +1,413 @@
+//! `holepunch run` publishing dual-stack Services over IPv6 (README, "IPv6"): the daemon on the
+//! LAN host of `tests/lab/router-lab up --ipv6` (prefix `hq6-`; miniupnpd 2.3.1, whose firewall
+//! drops new inbound IPv6 unless a pinhole allows it), the cluster served by the in-test fake
+//! API, relay mode: the router's pinhole opens this host's global address 2001:db8:77::10 and
+//! holepunch's ip6 DNAT carries the traffic on to the node's IPv6 address and nodePort. Real
+//! TCP and UDP from the internet client 2001:db8:ffff::1. Needs root: the lab tier (as root:
+//! `cargo test --features lab --test ipv6_daemon_lab`).
+
+#[path = "support/bin.rs"]
+mod bin;
+#[path = "support/daemon_lab.rs"]
+mod daemon_lab;
+#[path = "support/fake_api/mod.rs"]
+mod fake_api;
+#[path = "support/lab.rs"]
+mod lab;
+
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use bin::Daemon;
+use daemon_lab::{has_event, kubectl, wait_until, with_fake_cluster_in};
+use fake_api::FakeApi;
+use lab::{Lab, NODE_IP, ROUTER_WAN_IP, python};
+use serde_json::json;
+
+const PREFIX: &str = "hq6-";
+const HOST6: &str = "2001:db8:77::10";
+const NODE6: &str = "2001:db8:77::20";
+const ROUTER6: &str = "2001:db8:77::1";
+
+/// An IPv6 echo server for TCP and UDP on one address and port: each answer is
+/// `<peer address> <line>`. (The same as tests/ipv6_lab.rs's.)
+const ECHO6: &str = r#"
+import socket, sys, threading
+ip, port = sys.argv[1], int(sys.argv[2])
+t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((ip, port)); t.listen(16)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.bind((ip, port))
+def tcp():
+    while True:
+        c, peer = t.accept()
+        f = c.makefile('rb')
+        for line in f:
+            c.sendall(("%s %s\n" % (peer[0], line.decode().strip())).encode())
+        c.close()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(2048)
+    u.sendto(("%s %s\n" % (peer[0], data.decode().strip())).encode(), peer)
+"#;
+
+/// Sends one line over IPv6 TCP or UDP and prints the answer line; exits 1 without one.
+const ASK6: &str = r#"
+import socket, sys
+proto, ip, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+try:
+    if proto == "tcp":
+        c = socket.create_connection((ip, port), timeout=1.5)
+        c.sendall((line + "\n").encode())
+        print(c.makefile('rb').readline().decode().strip())
+    else:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.settimeout(0.4)
+        for _ in range(4):
+            s.sendto((line + "\n").encode(), (ip, port))
+            try:
+                print(s.recvfrom(2048)[0].decode().strip()); break
+            except socket.timeout:
+                pass
+        else:
+            sys.exit(1)
+except OSError as e:
+    sys.exit("%s" % e)
+"#;
+
+struct Echo(Child);
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn echo6(lab: &Lab, ns: &str, ip: &str, port: u16) -> Echo {
+    let mut child = lab.spawn(ns, &[python(), "-c", ECHO6, ip, &port.to_string()]);
+    let mut ready = [0u8; 6];
+    let read = child
+        .stdout
+        .as_mut()
+        .map(|out| std::io::Read::read_exact(out, &mut ready));
+    assert!(
+        matches!(read, Some(Ok(()))) && &ready == b"ready\n",
+        "echo server on [{ip}]:{port} in {ns} did not start"
+    );
+    Echo(child)
+}
+
+/// Whether the internet client reaches `[HOST6]:port` over `proto` and gets its line back
+/// (from the node's echo, through the relay).
+fn reaches6(lab: &Lab, proto: &str, port: u16) -> bool {
+    let line = format!("hello {proto} {port}");
+    let out = lab.exec(
+        "wan",
+        &[python(), "-c", ASK6, proto, HOST6, &port.to_string(), &line],
+    );
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim().ends_with(&line)
+}
+
+/// Whether the internet client reaches the router's IPv4 address on `port` (the mapping).
+fn reaches4(lab: &Lab, proto: &str, port: u16) -> bool {
+    lab.ask("wan", proto, ROUTER_WAN_IP, port, "v4").is_some()
+}
+
+/// The router's pinhole chain.
+fn pinhole_rules(lab: &Lab) -> String {
+    let out = lab.exec(
+        "rtr",
+        &["nft", "list", "chain", "inet", "filter", "miniupnpd"],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many of the router's pinholes open `port` on this host's address.
+// NOTE: nft 1.0.6 lists miniupnpd 2.3.1's pinhole rules with the raw header match
+// `@nh,192,128 0x<address in hex>` for the IPv6 destination.
+fn pinholes_on(lab: &Lab, port: u16) -> usize {
+    let host: std::net::Ipv6Addr = HOST6.parse().expect("address");
+    let hex: String = host.octets().iter().map(|b| format!("{b:02x}")).collect();
+    pinhole_rules(lab)
+        .lines()
+        .filter(|l| l.contains(&hex) && l.contains(&format!("dport {port} ")))
+        .count()
+}
+
+fn dual_node(fake: &FakeApi) {
+    fake.apply_object(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": NODE_IP},
+                {"type": "InternalIP", "address": NODE6}
+            ],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    }));
+}
+
+/// A dual-stack NodePort Service opted in: TCP (and UDP when `udp`) on `port` (8000..8999),
+/// nodePort 23000 + port (UDP: 23100 + port).
+fn service(fake: &FakeApi, name: &str, port: u16, udp: bool) {
+    let node_port = 23_000 + port;
+    let mut ports =
+        vec![json!({"name": "tcp", "port": port, "protocol": "TCP", "nodePort": node_port})];
+    if udp {
+        ports.push(
+            json!({"name": "udp", "port": port, "protocol": "UDP", "nodePort": node_port + 100}),
+        );
+    }
+    fake.apply_object(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default",
+                     "annotations": {"holepunch/punch-external": "true"}},
+        "spec": {"type": "NodePort", "ipFamilyPolicy": "PreferDualStack", "ports": ports}
+    }));
+}
+
+/// A config for the IPv6 lab: relay, `backend`, leases of 120 s, verify every 5 s; the LB
+/// pool and the LAN's IPv6 /64 in target_cidrs (so that only the fixed rules refuse the
+/// router's address).
+fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
+    let path = dir.join("holepunch.toml");
+    // NOTE: miniupnpd 2.3.1 with ipv6_listening_ip serves HTTP on that IPv6 address only
+    // (`ss -ltn` in the lab's router: [2001:db8:77::1]%br0:5000, nothing on IPv4), so the
+    // IGD is reached over IPv6 for IPv4 mappings too.
+    let igd = if backend == "upnp" {
+        "igd_url = \"http://[2001:db8:77::1]:5000/rootDesc.xml\"\n"
+    } else {
+        ""
+    };
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
+         [router]\nbackend = \"{backend}\"\n{igd}lease_seconds = 120\nverify_interval_seconds = 5\n\n\
+         [exposure]\nmode = \"relay\"\nipv6 = \"auto\"\n\
+         target_cidrs = [\"192.168.77.100/32\", \"2001:db8:77::/64\"]\n\n\
+         [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
+         [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
+        dir = dir.display(),
+        kubeconfig = kubeconfig.display(),
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The whole story through one backend: published over IPv4 and IPv6 together, a second
+/// Service independent, restored after a router restart, removed together.
+fn dual_stack_relay_through(backend: &str) {
+    // UPnP: the IGD is called over IPv6 (see `config`), so the IPv4 mapping to this host's
+    // IPv4 address is for "another host" in secure mode: the lab's router runs without it.
+    let options: &[&str] = if backend == "upnp" {
+        &["--ipv6", "--insecure"]
+    } else {
+        &["--ipv6"]
+    };
+    let lab = Lab::up_with(PREFIX, options);
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _web6_udp = echo6(&lab, "node", NODE6, 31180);
+    let _api6 = echo6(&lab, "node", NODE6, 31081);
+    let _web4 = lab.echo_server("node", NODE_IP, 31080);
+
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        // Before holepunch: the router lets nothing in over IPv6.
+        assert!(!reaches6(&lab, "tcp", 8080), "open before any pinhole");
+        assert_eq!(pinholes_on(&lab, 8080), 0);
+        service(fake, "web", 8080, true);
+        let config = config(dir, kubeconfig, backend);
+        let daemon = Daemon::start(&config);
+
+        let took = wait_until(&daemon, "web over IPv6 (TCP)", WAIT, || {
+            reaches6(&lab, "tcp", 8080)
+        });
+        println!(
+            "BENCH ipv6_{backend}_first_reachable_ms {}",
+            took.as_millis()
+        );
+        assert!(reaches6(&lab, "udp", 8080), "UDP over IPv6");
+        assert!(reaches4(&lab, "tcp", 8080), "the IPv4 mapping beside it");
+        wait_until(
+            &daemon,
+            "the Published Event with both addresses",
+            WAIT,
+            || {
+                has_event(
+                    kubeconfig,
+                    Some("Normal"),
+                    "Published",
+                    "web",
+                    &format!("{ROUTER_WAN_IP}:8080 and [{HOST6}]:8080"),
+                )
+            },
+        );
+        assert_eq!(pinholes_on(&lab, 8080), 2, "{}", pinhole_rules(&lab));
+        let state = std::fs::read_to_string(dir.join("state/state.toml")).expect("state");
+        assert!(state.starts_with("version = 3\n"), "{state}");
+        assert_eq!(state.matches("[[pinhole]]").count(), 2, "{state}");
+        if backend == "pcp" {
+            assert_eq!(state.matches("\nnonce = ").count(), 4, "{state}");
+        } else {
+            assert_eq!(state.matches("\nunique_id = ").count(), 2, "{state}");
+        }
+
+        // A second Service: its own pinhole, reachable while web is, and independent of it.
+        service(fake, "api", 8081, false);
+        wait_until(&daemon, "api over IPv6", WAIT, || {
+            reaches6(&lab, "tcp", 8081)
+        });
+
+        // A router restart loses every pinhole; the daemon restores them.
+        let opened = daemon.log().matches("IPv6 pinhole open").count();
+        lab.restart_router();
+        let took = wait_until(
+            &daemon,
+            "web over IPv6 after the router restart",
+            WAIT,
+            || reaches6(&lab, "tcp", 8080) && reaches6(&lab, "tcp", 8081),
+        );
+        println!(
+            "BENCH ipv6_{backend}_restored_after_restart_ms {}",
+            took.as_millis()
+        );
+        assert!(
+            reaches6(&lab, "udp", 8080),
+            "UDP over IPv6 after the restart"
+        );
+        assert!(
+            daemon.log().matches("IPv6 pinhole open").count() > opened,
+            "not restored by the daemon:\n{}",
+            daemon.log()
+        );
+        assert_eq!(pinholes_on(&lab, 8080), 2, "{}", pinhole_rules(&lab));
+
+        // web unpublished: its IPv4 mapping and its pinholes go together; api stays.
+        kubectl(kubeconfig, &["delete", "svc", "web"]);
+        wait_until(&daemon, "web's pinholes to close", WAIT, || {
+            pinholes_on(&lab, 8080) == 0
+        });
+        assert!(!reaches6(&lab, "tcp", 8080), "IPv6 open after unpublish");
+        assert!(!reaches6(&lab, "udp", 8080), "IPv6 open after unpublish");
+        assert!(!reaches4(&lab, "tcp", 8080), "IPv4 open after unpublish");
+        assert!(reaches6(&lab, "tcp", 8081), "api closed with web");
+        assert_eq!(pinholes_on(&lab, 8081), 1);
+        drop(daemon);
+    });
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_dual_stack_service_is_reachable_over_ipv6_through_pcp_only_while_published() {
+    dual_stack_relay_through("pcp");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_dual_stack_service_is_reachable_over_ipv6_through_upnp_only_while_published() {
+    dual_stack_relay_through("upnp");
+}
+
+/// The router's IPv6 address as a load balancer's ingress (inside target_cidrs): refused with
+/// an Event, no pinhole, while a normal Service in the same run is published over IPv6, and a
+/// Service of holepunch's own class shows the IPv6 address beside the router's in its status.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_published() {
+    let lab = Lab::up_with(PREFIX, &["--ipv6"]);
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _own6 = echo6(&lab, "node", NODE6, 31090);
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        service(fake, "web", 8080, false);
+        // holepunch's own class: its status lists the IPv6 address beside the router's.
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "own", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holepunch.io/router",
+                     "ports": [{"name": "web", "port": 9090, "protocol": "TCP", "nodePort": 31090}]}
+        }));
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "attack", "namespace": "default",
+                         "annotations": {"holepunch/punch-external": "true"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "admin", "port": 8090, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.168.77.100"}, {"ip": ROUTER6}]}}
+        }));
+        let config = config(dir, kubeconfig, "pcp");
+        let daemon = Daemon::start(&config);
+        wait_until(&daemon, "web over IPv6", WAIT, || {
+            reaches6(&lab, "tcp", 8080)
+        });
+        wait_until(&daemon, "own over IPv6", WAIT, || {
+            reaches6(&lab, "tcp", 9090)
+        });
+        wait_until(&daemon, "own's status with both addresses", WAIT, || {
+            kubectl(
+                kubeconfig,
+                &[
+                    "get",
+                    "svc",
+                    "own",
+                    "-o",
+                    "jsonpath={.status.loadBalancer.ingress[*].ip}",
+                ],
+            ) == format!("{ROUTER_WAN_IP} {HOST6}")
+        });
+        wait_until(&daemon, "the refusal Event", WAIT, || {
+            has_event(
+                kubeconfig,
+                Some("Warning"),
+                "TargetNotAllowed",
+                "attack",
+                "no IPv6 pinhole",
+            )
+        });
+        assert_eq!(pinholes_on(&lab, 8090), 0, "{}", pinhole_rules(&lab));
+        // No IPv6 rule at all for the port (its IPv4 mapping is there: the IPv4 side is fine).
+        let rules = pinhole_rules(&lab);
+        assert!(
+            !rules
+                .lines()
+                .any(|l| l.contains("dport 8090 ") && l.contains("@nh,192,128")),
+            "{rules}"
+        );
+        assert!(
+            rules
+                .lines()
+                .any(|l| l.contains("dport 8090 ") && l.contains("@nh,128,32")),
+            "the IPv4 mapping of the same Service: {rules}"
+        );
+        // The Event names no address.
+        let events = kubectl(kubeconfig, &["get", "events", "-o", "json"]);
+        // (This host's address, in the Published Events, begins with the router's.)
+        assert!(!events.replace(HOST6, "").contains(ROUTER6), "{events}");
+        assert!(
+            daemon.log().contains("it is an address of the router"),
+            "the operator's log says why"
+        );
+        drop(daemon);
+    });
+}
