@@ -7,10 +7,12 @@
 //! place, so restarts and upgrades do not cut traffic; nothing is unmapped while the cluster
 //! cannot be read (ARCHITECTURE.md, "State lifecycle").
 
+mod coalesce;
 mod context;
 #[cfg(test)]
 mod tests;
 
+pub use coalesce::{COALESCE_WINDOW_MS, Coalesce};
 pub use context::{
     Clock, Context, Next, SystemClock, Trigger, double_nat_problems, preferred_backend,
 };
@@ -24,7 +26,6 @@ use futures::StreamExt;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::kube::KubeError;
@@ -40,8 +41,6 @@ use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
 use crate::state::{State, StateError, StateFile};
 
-/// Changes that arrive within this window are reconciled together.
-pub const DEBOUNCE_MS: u64 = 200;
 /// How long to wait before looking for a missing kubeconfig again.
 pub const KUBECONFIG_RETRY_SECS: u64 = 10;
 
@@ -119,14 +118,19 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &SystemClock,
             &mut systemd,
         );
+        let mut coalesce = Coalesce::default();
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.
             metrics.loop_alive();
             let sleep = ctx.sleep_for();
-            match next_event(&changed, sleep, &mut announcements, &mut signals, &metrics).await {
+            let changes = coalesce.next_change(&changed);
+            let event = next_event(changes, sleep, &mut announcements, &mut signals, &metrics);
+            match event.await {
                 Event::Pass(trigger) => {
-                    ctx.pass(trigger).await;
+                    if ctx.pass(trigger).await.served.is_some() {
+                        coalesce.passed(tokio::time::Instant::now());
+                    }
                 }
                 Event::Reload => {
                     if let Some(new) = reload(&config_path) {
@@ -159,20 +163,17 @@ enum Event {
     Stop,
 }
 
-/// Waits for the next trigger of a pass (a cluster change, debounced; the timer after
-/// `sleep`; a router announcement) or a signal, pinging the watchdog meanwhile.
+/// Waits for the next trigger of a pass (a cluster change, once [`Coalesce`] lets it go; the
+/// timer after `sleep`; a router announcement) or a signal, pinging the watchdog meanwhile.
 async fn next_event(
-    changed: &Notify,
+    changes: impl Future<Output = ()>,
     sleep: Duration,
     announcements: &mut Option<AnnounceListener>,
     signals: &mut Signals,
     metrics: &Metrics,
 ) -> Event {
     tokio::select! {
-        () = changed.notified() => {
-            tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
-            Event::Pass(Trigger::Cluster)
-        }
+        () = changes => Event::Pass(Trigger::Cluster),
         () = tokio::time::sleep(sleep) => Event::Pass(Trigger::Timer),
         announcement = next_announcement(announcements) => {
             Event::Pass(Trigger::Announcement(announcement))
