@@ -13,7 +13,8 @@
 //!   the router's grant) next to one bare PCP MAP exchange with the same router; router calls
 //!   (packets counted at the router's port 5351) during reconciles where nothing changed;
 //!   router calls per mapping-hour at steady state with 120 s leases;
-//! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping;
+//! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping; a burst of 50
+//!   annotated Services written at once: until all are live, and the reconcile passes;
 //! - start -> `READY=1` (read from the daemon's `NOTIFY_SOCKET`) with 1,000 Services and a
 //!   state file that already holds their mappings.
 
@@ -64,6 +65,9 @@ const UPNP_RUNS: u16 = 10;
 const NOOP_ROUNDS: u16 = 8;
 /// Steady-state window: two mean renewal intervals at 120 s (`HOLEPUNCH_BENCH_STEADY_SECS`).
 const STEADY_SECS: u64 = 135;
+/// Services written at once in the UPnP run's burst, on ports from [`BURST_FIRST_PORT`].
+const BURST_SERVICES: u16 = 50;
+const BURST_FIRST_PORT: u16 = 25_000;
 /// Services and mappings for start -> READY=1.
 const READY_SERVICES: u16 = 1000;
 const POLL_MS: u64 = 2;
@@ -154,7 +158,7 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
 }
 
 /// Waits for at least one reconcile pass after `before` passes and for the daemon to go
-/// quiet (no pass for longer than its debounce); `false` if no pass came at all.
+/// quiet (no pass for longer than its coalescing window); `false` if no pass came at all.
 fn wait_for_passes(before: f64) -> bool {
     let started = Instant::now();
     let mut last = before;
@@ -371,14 +375,16 @@ fn bench_pcp_annotate_noop_and_steady_state() {
     });
 }
 
-/// UPnP: annotated -> live vs a bare AddPortMapping to the same control URL.
+/// UPnP: annotated -> live vs a bare AddPortMapping to the same control URL; then a burst of
+/// [`BURST_SERVICES`] annotated Services written at once (as `kubectl apply -f` of a
+/// directory does): the time until all are live and how many reconcile passes it took.
 #[test]
 #[ignore = "benchmark: scripts/bench"]
-fn bench_upnp_annotate() {
+fn bench_upnp_annotate_and_burst() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, runtime| {
         let mut runs = AnnotateRuns::new(&lab, fake, "upnp", 23_000);
-        let daemon = runs.start_daemon(dir, kubeconfig, UPNP_RUNS, "");
+        let daemon = runs.start_daemon(dir, kubeconfig, UPNP_RUNS, METRICS_ADDRESS);
         let client = runtime
             .block_on(holepunch::router::upnp::UpnpClient::discover(
                 ROUTER_LAN_IP.parse().expect("lab address"),
@@ -393,12 +399,54 @@ fn bench_upnp_annotate() {
                 raw_upnp_add_ms(&control, &service, 24_000 + i)
             });
         }
-        daemon.stop();
+
+        // Quiet first: the burst's first Service goes at once, the rest are gathered.
+        std::thread::sleep(Duration::from_secs(1));
+        let passes = reconcile_passes(METRICS_ADDRESS).expect("metrics");
+        let written = Instant::now();
+        for i in 0..BURST_SERVICES {
+            fake.apply_object(load_balancer(
+                &format!("burst-{i}"),
+                BURST_FIRST_PORT + i,
+                true,
+                "0",
+            ));
+        }
+        let writing = written.elapsed();
+        let mut all_live = written;
+        for i in 0..BURST_SERVICES {
+            all_live = all_live.max(wait_for_grant(
+                &daemon,
+                BURST_FIRST_PORT + i,
+                Duration::from_secs(60),
+            ));
+        }
+        let burst_ms = (all_live - written).as_secs_f64() * 1e3;
+        assert!(wait_for_passes(passes), "no pass for the burst");
+        let burst_passes = reconcile_passes(METRICS_ADDRESS).expect("metrics") - passes;
+        let log = daemon.stop();
+        assert_eq!(
+            log.matches("reconcile: mapped").count(),
+            usize::from(UPNP_RUNS + BURST_SERVICES),
+            "each Service mapped once:\n{log}"
+        );
         let AnnotateRuns {
             ours_ms, raw_ms, ..
         } = &runs;
-        eprintln!("UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}");
+        eprintln!(
+            "UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}\n\
+             burst: {BURST_SERVICES} Services written in {writing:?}, all live after \
+             {burst_ms:.0} ms, in {burst_passes} passes"
+        );
         runs.report("upnp_raw_add_ms");
+        report("burst_services", f64::from(BURST_SERVICES), "Services");
+        report("burst_all_live_ms", burst_ms, "ms");
+        report("burst_passes", burst_passes, "passes");
+        report(
+            "burst_upnp_add_ms",
+            median(raw_ms) * f64::from(BURST_SERVICES),
+            "ms",
+        );
     });
 }
 
