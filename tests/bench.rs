@@ -72,6 +72,17 @@ const BURST_FIRST_PORT: u16 = 25_000;
 const READY_SERVICES: u16 = 1000;
 const POLL_MS: u64 = 2;
 
+/// `config` with room for `mappings` in one namespace (the default quotas, 32 per namespace
+/// and 128 in all, are smaller than these benchmarks' clusters).
+fn with_quota(config: std::path::PathBuf, mappings: usize) -> std::path::PathBuf {
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(&format!(
+        "\n[ports]\nmax_per_namespace = {mappings}\nmax_total = {mappings}\n"
+    ));
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
 /// Polls the daemon's log every [`POLL_MS`] until it has logged the router's grant for
 /// `port`; returns when it saw it.
 fn wait_for_grant(daemon: &Daemon, port: u16, limit: Duration) -> Instant {
@@ -222,6 +233,7 @@ impl<'a> AnnotateRuns<'a> {
             VERIFY_SECS,
             metrics,
         );
+        let config = with_quota(config, usize::from(count + BURST_SERVICES));
         for i in 0..count {
             self.fake
                 .apply_object(load_balancer(&self.name(i), self.port(i), false, "0"));
@@ -499,6 +511,7 @@ fn bench_start_to_ready_with_1000_services_and_a_state_file() {
     lab.count_router_pcp_packets();
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
         let config = lab_config(dir, kubeconfig, "pcp", 3600, VERIFY_SECS, "");
+        let config = with_quota(config, usize::from(READY_SERVICES));
         for i in 0..READY_SERVICES {
             fake.apply_object(load_balancer(&format!("svc-{i}"), 30_000 + i, true, "0"));
         }

@@ -88,10 +88,13 @@ fn config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"pcp\"\nlease_seconds = 3600\nverify_interval_seconds = 3600\n\n\
          [exposure]\nmode = \"direct\"\ntarget_cidrs = [\"{LB_IP}/32\"]\n\n\
+         [ports]\nmax_per_namespace = {quota}\nmax_total = {quota}\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info\"\n",
         dir = dir.display(),
-        kubeconfig = kubeconfig.display()
+        kubeconfig = kubeconfig.display(),
+        // Room for every published Service (the default quotas are 32 per namespace, 128).
+        quota = PUBLISHED + RUNS,
     );
     std::fs::write(&path, body).expect("write config");
     path
