@@ -275,6 +275,10 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             .map(|pair| (pair[1].0 - pair[0].1) * 1e3)
             .collect();
         let between_secs = between_requests.iter().sum::<f64>() / 1e3;
+        let mut longest: Vec<(usize, f64)> = between_requests.iter().copied().enumerate().collect();
+        longest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        longest.truncate(8);
+        eprintln!("longest answer -> next request gaps (after exchange #, ms): {longest:?}");
         std::thread::sleep(Duration::from_secs(SETTLE_SECS));
         let (rss_published, _) = memory_kib(daemon.pid());
 
