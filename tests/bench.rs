@@ -140,6 +140,38 @@ fn raw_pcp_map_ms(port: u16) -> f64 {
 /// One bare AddPortMapping (a hand-written SOAP request on a fresh connection, as any IGD
 /// client sends it) to `control_url` for `port`, in milliseconds.
 fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
+    let arguments = format!(
+        "<NewRemoteHost></NewRemoteHost>\
+         <NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
+         <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LB_IP}</NewInternalClient>\
+         <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench</NewPortMappingDescription>\
+         <NewLeaseDuration>{LEASE_SECS}</NewLeaseDuration>"
+    );
+    let (took, response) = raw_soap(control_url, service, "AddPortMapping", &arguments);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    took
+}
+
+/// One bare GetSpecificPortMappingEntry for `port` (not mapped: the router answers fault
+/// 714, NoSuchEntryInArray), in milliseconds: what holepunch asks before its first
+/// AddPortMapping of a port.
+fn raw_upnp_get_ms(control_url: &str, service: &str, port: u16) -> f64 {
+    let arguments = format!(
+        "<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort>\
+         <NewProtocol>TCP</NewProtocol>"
+    );
+    let (took, response) = raw_soap(
+        control_url,
+        service,
+        "GetSpecificPortMappingEntry",
+        &arguments,
+    );
+    assert!(response.contains("714"), "{response}");
+    took
+}
+
+/// One SOAP `action` with `arguments` on a fresh connection: (milliseconds, the response).
+fn raw_soap(control_url: &str, service: &str, action: &str, arguments: &str) -> (f64, String) {
     let rest = control_url
         .strip_prefix("http://")
         .expect("an http control URL");
@@ -147,15 +179,11 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
     let body = format!(
         "<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
          s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
-         <u:AddPortMapping xmlns:u=\"{service}\"><NewRemoteHost></NewRemoteHost>\
-         <NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
-         <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LB_IP}</NewInternalClient>\
-         <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench</NewPortMappingDescription>\
-         <NewLeaseDuration>{LEASE_SECS}</NewLeaseDuration></u:AddPortMapping></s:Body></s:Envelope>\r\n"
+         <u:{action} xmlns:u=\"{service}\">{arguments}</u:{action}></s:Body></s:Envelope>\r\n"
     );
     let request = format!(
         "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
-         SOAPAction: \"{service}#AddPortMapping\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         SOAPAction: \"{service}#{action}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let started = Instant::now();
@@ -163,9 +191,7 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
     stream.write_all(request.as_bytes()).expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
-    let took = started.elapsed();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    took.as_secs_f64() * 1e3
+    (started.elapsed().as_secs_f64() * 1e3, response)
 }
 
 /// Waits for at least one reconcile pass after `before` passes and for the daemon to go
@@ -406,7 +432,9 @@ fn bench_upnp_annotate_and_burst() {
             .expect("the lab's IGD");
         let (control, service) = (client.control_url(), client.service_type().to_owned());
 
+        let mut raw_get_ms = Vec::new();
         for i in 0..UPNP_RUNS {
+            raw_get_ms.push(raw_upnp_get_ms(&control, &service, 24_000 + i));
             runs.run(&daemon, i, || {
                 raw_upnp_add_ms(&control, &service, 24_000 + i)
             });
@@ -447,10 +475,12 @@ fn bench_upnp_annotate_and_burst() {
         } = &runs;
         eprintln!(
             "UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}\n\
+             bare GetSpecificPortMappingEntry (ms): {raw_get_ms:?}\n\
              burst: {BURST_SERVICES} Services written in {writing:?}, all live after \
              {burst_ms:.0} ms, in {burst_passes} passes"
         );
         runs.report("upnp_raw_add_ms");
+        report("upnp_raw_get_ms", median(&raw_get_ms), "ms");
         report("burst_services", f64::from(BURST_SERVICES), "Services");
         report("burst_all_live_ms", burst_ms, "ms");
         report("burst_passes", burst_passes, "passes");
