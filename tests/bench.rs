@@ -13,7 +13,8 @@
 //!   the router's grant) next to one bare PCP MAP exchange with the same router; router calls
 //!   (packets counted at the router's port 5351) during reconciles where nothing changed;
 //!   router calls per mapping-hour at steady state with 120 s leases;
-//! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping;
+//! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping; a burst of 50
+//!   annotated Services written at once: until all are live, and the reconcile passes;
 //! - start -> `READY=1` (read from the daemon's `NOTIFY_SOCKET`) with 1,000 Services and a
 //!   state file that already holds their mappings.
 
@@ -64,9 +65,23 @@ const UPNP_RUNS: u16 = 10;
 const NOOP_ROUNDS: u16 = 8;
 /// Steady-state window: two mean renewal intervals at 120 s (`HOLEPUNCH_BENCH_STEADY_SECS`).
 const STEADY_SECS: u64 = 135;
+/// Services written at once in the UPnP run's burst, on ports from [`BURST_FIRST_PORT`].
+const BURST_SERVICES: u16 = 50;
+const BURST_FIRST_PORT: u16 = 25_000;
 /// Services and mappings for start -> READY=1.
 const READY_SERVICES: u16 = 1000;
 const POLL_MS: u64 = 2;
+
+/// `config` with room for `mappings` in one namespace (the default quotas, 32 per namespace
+/// and 128 in all, are smaller than these benchmarks' clusters).
+fn with_quota(config: std::path::PathBuf, mappings: usize) -> std::path::PathBuf {
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(&format!(
+        "\n[ports]\nmax_per_namespace = {mappings}\nmax_total = {mappings}\n"
+    ));
+    std::fs::write(&config, text).expect("write config");
+    config
+}
 
 /// Polls the daemon's log every [`POLL_MS`] until it has logged the router's grant for
 /// `port`; returns when it saw it.
@@ -125,6 +140,38 @@ fn raw_pcp_map_ms(port: u16) -> f64 {
 /// One bare AddPortMapping (a hand-written SOAP request on a fresh connection, as any IGD
 /// client sends it) to `control_url` for `port`, in milliseconds.
 fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
+    let arguments = format!(
+        "<NewRemoteHost></NewRemoteHost>\
+         <NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
+         <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LB_IP}</NewInternalClient>\
+         <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench</NewPortMappingDescription>\
+         <NewLeaseDuration>{LEASE_SECS}</NewLeaseDuration>"
+    );
+    let (took, response) = raw_soap(control_url, service, "AddPortMapping", &arguments);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    took
+}
+
+/// One bare GetSpecificPortMappingEntry for `port` (not mapped: the router answers fault
+/// 714, NoSuchEntryInArray), in milliseconds: what holepunch asks before its first
+/// AddPortMapping of a port.
+fn raw_upnp_get_ms(control_url: &str, service: &str, port: u16) -> f64 {
+    let arguments = format!(
+        "<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort>\
+         <NewProtocol>TCP</NewProtocol>"
+    );
+    let (took, response) = raw_soap(
+        control_url,
+        service,
+        "GetSpecificPortMappingEntry",
+        &arguments,
+    );
+    assert!(response.contains("714"), "{response}");
+    took
+}
+
+/// One SOAP `action` with `arguments` on a fresh connection: (milliseconds, the response).
+fn raw_soap(control_url: &str, service: &str, action: &str, arguments: &str) -> (f64, String) {
     let rest = control_url
         .strip_prefix("http://")
         .expect("an http control URL");
@@ -132,15 +179,11 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
     let body = format!(
         "<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
          s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
-         <u:AddPortMapping xmlns:u=\"{service}\"><NewRemoteHost></NewRemoteHost>\
-         <NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
-         <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LB_IP}</NewInternalClient>\
-         <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench</NewPortMappingDescription>\
-         <NewLeaseDuration>{LEASE_SECS}</NewLeaseDuration></u:AddPortMapping></s:Body></s:Envelope>\r\n"
+         <u:{action} xmlns:u=\"{service}\">{arguments}</u:{action}></s:Body></s:Envelope>\r\n"
     );
     let request = format!(
         "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
-         SOAPAction: \"{service}#AddPortMapping\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         SOAPAction: \"{service}#{action}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let started = Instant::now();
@@ -148,13 +191,11 @@ fn raw_upnp_add_ms(control_url: &str, service: &str, port: u16) -> f64 {
     stream.write_all(request.as_bytes()).expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
-    let took = started.elapsed();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    took.as_secs_f64() * 1e3
+    (started.elapsed().as_secs_f64() * 1e3, response)
 }
 
 /// Waits for at least one reconcile pass after `before` passes and for the daemon to go
-/// quiet (no pass for longer than its debounce); `false` if no pass came at all.
+/// quiet (no pass for longer than its coalescing window); `false` if no pass came at all.
 fn wait_for_passes(before: f64) -> bool {
     let started = Instant::now();
     let mut last = before;
@@ -218,6 +259,7 @@ impl<'a> AnnotateRuns<'a> {
             VERIFY_SECS,
             metrics,
         );
+        let config = with_quota(config, usize::from(count + BURST_SERVICES));
         for i in 0..count {
             self.fake
                 .apply_object(load_balancer(&self.name(i), self.port(i), false, "0"));
@@ -371,14 +413,16 @@ fn bench_pcp_annotate_noop_and_steady_state() {
     });
 }
 
-/// UPnP: annotated -> live vs a bare AddPortMapping to the same control URL.
+/// UPnP: annotated -> live vs a bare AddPortMapping to the same control URL; then a burst of
+/// [`BURST_SERVICES`] annotated Services written at once (as `kubectl apply -f` of a
+/// directory does): the time until all are live and how many reconcile passes it took.
 #[test]
 #[ignore = "benchmark: scripts/bench"]
-fn bench_upnp_annotate() {
+fn bench_upnp_annotate_and_burst() {
     let lab = Lab::up_with(PREFIX, &["--insecure"]);
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, runtime| {
         let mut runs = AnnotateRuns::new(&lab, fake, "upnp", 23_000);
-        let daemon = runs.start_daemon(dir, kubeconfig, UPNP_RUNS, "");
+        let daemon = runs.start_daemon(dir, kubeconfig, UPNP_RUNS, METRICS_ADDRESS);
         let client = runtime
             .block_on(holepunch::router::upnp::UpnpClient::discover(
                 ROUTER_LAN_IP.parse().expect("lab address"),
@@ -388,17 +432,63 @@ fn bench_upnp_annotate() {
             .expect("the lab's IGD");
         let (control, service) = (client.control_url(), client.service_type().to_owned());
 
+        let mut raw_get_ms = Vec::new();
         for i in 0..UPNP_RUNS {
+            raw_get_ms.push(raw_upnp_get_ms(&control, &service, 24_000 + i));
             runs.run(&daemon, i, || {
                 raw_upnp_add_ms(&control, &service, 24_000 + i)
             });
         }
-        daemon.stop();
+
+        // Quiet first: the burst's first Service goes at once, the rest are gathered.
+        std::thread::sleep(Duration::from_secs(1));
+        let passes = reconcile_passes(METRICS_ADDRESS).expect("metrics");
+        let written = Instant::now();
+        for i in 0..BURST_SERVICES {
+            fake.apply_object(load_balancer(
+                &format!("burst-{i}"),
+                BURST_FIRST_PORT + i,
+                true,
+                "0",
+            ));
+        }
+        let writing = written.elapsed();
+        let mut all_live = written;
+        for i in 0..BURST_SERVICES {
+            all_live = all_live.max(wait_for_grant(
+                &daemon,
+                BURST_FIRST_PORT + i,
+                Duration::from_secs(60),
+            ));
+        }
+        let burst_ms = (all_live - written).as_secs_f64() * 1e3;
+        assert!(wait_for_passes(passes), "no pass for the burst");
+        let burst_passes = reconcile_passes(METRICS_ADDRESS).expect("metrics") - passes;
+        let log = daemon.stop();
+        assert_eq!(
+            log.matches("reconcile: mapped").count(),
+            usize::from(UPNP_RUNS + BURST_SERVICES),
+            "each Service mapped once:\n{log}"
+        );
         let AnnotateRuns {
             ours_ms, raw_ms, ..
         } = &runs;
-        eprintln!("UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}");
+        eprintln!(
+            "UPnP annotated -> live (ms): {ours_ms:?}\nbare AddPortMapping (ms): {raw_ms:?}\n\
+             bare GetSpecificPortMappingEntry (ms): {raw_get_ms:?}\n\
+             burst: {BURST_SERVICES} Services written in {writing:?}, all live after \
+             {burst_ms:.0} ms, in {burst_passes} passes"
+        );
         runs.report("upnp_raw_add_ms");
+        report("upnp_raw_get_ms", median(&raw_get_ms), "ms");
+        report("burst_services", f64::from(BURST_SERVICES), "Services");
+        report("burst_all_live_ms", burst_ms, "ms");
+        report("burst_passes", burst_passes, "passes");
+        report(
+            "burst_upnp_add_ms",
+            median(raw_ms) * f64::from(BURST_SERVICES),
+            "ms",
+        );
     });
 }
 
@@ -454,6 +544,7 @@ fn bench_start_to_ready_with_1000_services_and_a_state_file() {
     lab.count_router_pcp_packets();
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
         let config = lab_config(dir, kubeconfig, "pcp", 3600, VERIFY_SECS, "");
+        let config = with_quota(config, usize::from(READY_SERVICES));
         for i in 0..READY_SERVICES {
             fake.apply_object(load_balancer(&format!("svc-{i}"), 30_000 + i, true, "0"));
         }

@@ -88,10 +88,13 @@ fn config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"pcp\"\nlease_seconds = 3600\nverify_interval_seconds = 3600\n\n\
          [exposure]\nmode = \"direct\"\ntarget_cidrs = [\"{LB_IP}/32\"]\n\n\
+         [ports]\nmax_per_namespace = {quota}\nmax_total = {quota}\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info\"\n",
         dir = dir.display(),
-        kubeconfig = kubeconfig.display()
+        kubeconfig = kubeconfig.display(),
+        // Room for every published Service (the default quotas are 32 per namespace, 128).
+        quota = PUBLISHED + RUNS,
     );
     std::fs::write(&path, body).expect("write config");
     path
@@ -147,33 +150,59 @@ impl Capture {
         Capture { child, packets }
     }
 
-    /// The first request that left at or after `after` (seconds since the epoch).
+    /// The first request that left at or after `after` (seconds since the epoch), waiting up
+    /// to [`CAPTURE_FLUSH_SECS`] for tcpdump to hand it over.
     fn first_after(&self, after: f64) -> Option<f64> {
-        self.packets
-            .lock()
-            .expect("packets")
-            .iter()
-            .find(|&&(t, request)| request && t >= after)
-            .map(|&(t, _)| t)
+        let deadline = Instant::now() + Duration::from_secs(CAPTURE_FLUSH_SECS);
+        loop {
+            let found = self
+                .packets
+                .lock()
+                .expect("packets")
+                .iter()
+                .find(|&&(t, request)| request && t >= after)
+                .map(|&(t, _)| t);
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
-    /// For each answer so far, how long after its request it came (ms).
-    fn answer_times_ms(&self) -> Vec<f64> {
+    /// The exchanges so far: (request sent, answer received), seconds since the epoch.
+    fn exchanges(&self) -> Vec<(f64, f64)> {
         let mut asked = None;
-        let mut times = Vec::new();
+        let mut exchanges = Vec::new();
         for &(t, request) in self.packets.lock().expect("packets").iter() {
             match (request, asked) {
                 (true, _) => asked = Some(t),
                 (false, Some(at)) => {
-                    times.push((t - at) * 1e3);
+                    exchanges.push((at, t));
                     asked = None;
                 }
                 (false, None) => {}
             }
         }
-        times
+        exchanges
+    }
+
+    /// The exchanges once at least `count` have been read from tcpdump: its output reaches
+    /// this process a little after the daemon saw the answers, so the count is read again
+    /// until it holds or [`CAPTURE_FLUSH_SECS`] pass (then the caller's assertion says so).
+    fn exchanges_at_least(&self, count: usize) -> Vec<(f64, f64)> {
+        let deadline = Instant::now() + Duration::from_secs(CAPTURE_FLUSH_SECS);
+        loop {
+            let exchanges = self.exchanges();
+            if exchanges.len() >= count || Instant::now() >= deadline {
+                return exchanges;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
+
+/// How long the capture may take to hand over packets already on the wire.
+const CAPTURE_FLUSH_SECS: u64 = 10;
 
 impl Drop for Capture {
     fn drop(&mut self) {
@@ -221,6 +250,7 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
 
         let capture = Capture::start();
         let started = Instant::now();
+        let started_at = SystemTime::now();
         let daemon = Daemon::start(&config);
         wait_until(
             &daemon,
@@ -229,13 +259,26 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             || active_mappings(&config) == PUBLISHED,
         );
         let to_published = started.elapsed();
-        let router_answers_ms = capture.answer_times_ms();
-        assert_eq!(
-            router_answers_ms.len(),
-            PUBLISHED,
-            "one PCP exchange per mapping"
-        );
+        let exchanges = capture.exchanges_at_least(PUBLISHED);
+        assert_eq!(exchanges.len(), PUBLISHED, "one PCP exchange per mapping");
+        let router_answers_ms: Vec<f64> = exchanges
+            .iter()
+            .map(|(asked, answered)| (answered - asked) * 1e3)
+            .collect();
         let waiting_for_router_secs = router_answers_ms.iter().sum::<f64>() / 1e3;
+        // holepunch's own time: start -> first request, and each answer -> next request
+        // (recording the result, saving the state, planning the next one).
+        let started_epoch = epoch_secs(started_at);
+        let first_request_secs = exchanges[0].0 - started_epoch;
+        let between_requests: Vec<f64> = exchanges
+            .windows(2)
+            .map(|pair| (pair[1].0 - pair[0].1) * 1e3)
+            .collect();
+        let between_secs = between_requests.iter().sum::<f64>() / 1e3;
+        let mut longest: Vec<(usize, f64)> = between_requests.iter().copied().enumerate().collect();
+        longest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        longest.truncate(8);
+        eprintln!("longest answer -> next request gaps (after exchange #, ms): {longest:?}");
         std::thread::sleep(Duration::from_secs(SETTLE_SECS));
         let (rss_published, _) = memory_kib(daemon.pid());
 
@@ -283,6 +326,11 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
         );
         eprintln!("| of which waiting for miniupnpd's answers | {waiting_for_router_secs:.1} s |");
         eprintln!(
+            "| of which holepunch's own: start -> first request / between answer and next request (sum; median, max) | {first_request_secs:.2} s / {between_secs:.2} s ({:.1} ms, {:.1} ms) |",
+            percentile(&between_requests, 0.5),
+            percentile(&between_requests, 1.0)
+        );
+        eprintln!(
             "| miniupnpd's answer time for the 1st / 100th / 200th mapping | {:.0} / {:.0} / {:.0} ms |",
             router_answers_ms[0],
             router_answers_ms[PUBLISHED / 2 - 1],
@@ -315,6 +363,13 @@ fn cluster_bench_memory_with_10000_services_and_annotate_to_pcp_request() {
             "start_to_200_router_wait_secs",
             waiting_for_router_secs,
             "s",
+        );
+        report("start_to_200_first_request_secs", first_request_secs, "s");
+        report("start_to_200_between_requests_secs", between_secs, "s");
+        report(
+            "start_to_200_between_requests_median_ms",
+            percentile(&between_requests, 0.5),
+            "ms",
         );
         report(
             "kubectl_annotate_to_pcp_request_ms",

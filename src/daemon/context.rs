@@ -45,7 +45,7 @@ impl Clock for SystemClock {
 /// Why a pass runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trigger {
-    /// The cluster changed (after the debounce).
+    /// The cluster changed (at once after a quiet period, else gathered: `Coalesce`).
     Cluster,
     /// A renewal or retry is due, or the verify interval passed.
     Timer,

@@ -7,10 +7,12 @@
 //! place, so restarts and upgrades do not cut traffic; nothing is unmapped while the cluster
 //! cannot be read (ARCHITECTURE.md, "State lifecycle").
 
+mod coalesce;
 mod context;
 #[cfg(test)]
 mod tests;
 
+pub use coalesce::{COALESCE_WINDOW_MS, Coalesce};
 pub use context::{
     Clock, Context, Next, SystemClock, Trigger, double_nat_problems, preferred_backend,
 };
@@ -24,7 +26,6 @@ use futures::StreamExt;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::sync::Notify;
 
 use crate::config::{self, BackendChoice, Config, ExposureMode};
 use crate::ha::role::{FencedConnect, Leadership};
@@ -41,8 +42,6 @@ use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
 use crate::state::{State, StateError, StateFile};
 
-/// Changes that arrive within this window are reconciled together.
-pub const DEBOUNCE_MS: u64 = 200;
 /// How long to wait before looking for a missing kubeconfig again.
 pub const KUBECONFIG_RETRY_SECS: u64 = 10;
 
@@ -145,24 +144,27 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &mut systemd,
         )
         .with_ha(leadership.as_mut());
+        let mut coalesce = Coalesce::default();
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.
             metrics.loop_alive();
             let sleep = ctx.sleep_for();
             let role = ctx.role_changed();
-            match next_event(
-                &changed,
+            let changes = coalesce.next_change(&changed);
+            let event = next_event(
+                changes,
                 sleep,
                 &mut announcements,
                 &mut signals,
                 &metrics,
                 role,
-            )
-            .await
-            {
+            );
+            match event.await {
                 Event::Pass(trigger) => {
-                    ctx.pass(trigger).await;
+                    if ctx.pass(trigger).await.served.is_some() {
+                        coalesce.passed(tokio::time::Instant::now());
+                    }
                 }
                 Event::Reload => {
                     if let Some(new) = reload(&config_path) {
@@ -199,23 +201,20 @@ enum Event {
     Stop,
 }
 
-/// Waits for the next trigger of a pass (a cluster change, debounced; the timer after
-/// `sleep`; a router announcement) or a signal, pinging the watchdog meanwhile.
+/// Waits for the next trigger of a pass (a cluster change, once [`Coalesce`] lets it go; the
+/// timer after `sleep`; a router announcement) or a signal, pinging the watchdog meanwhile.
 async fn next_event(
-    changed: &Notify,
+    changes: impl Future<Output = ()>,
     sleep: Duration,
     announcements: &mut Option<AnnounceListener>,
     signals: &mut Signals,
     metrics: &Metrics,
-    role: impl std::future::Future<Output = ()>,
+    role: impl Future<Output = ()>,
 ) -> Event {
     tokio::select! {
         // This host's HA standing changed (README, "High availability").
         () = role => Event::Pass(Trigger::Timer),
-        () = changed.notified() => {
-            tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
-            Event::Pass(Trigger::Cluster)
-        }
+        () = changes => Event::Pass(Trigger::Cluster),
         () = tokio::time::sleep(sleep) => Event::Pass(Trigger::Timer),
         announcement = next_announcement(announcements) => {
             Event::Pass(Trigger::Announcement(announcement))

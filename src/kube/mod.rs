@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod report;
+pub mod slim;
 pub mod snapshot;
 pub mod source;
 pub mod status;

@@ -1,20 +1,22 @@
-//! The cluster as the daemon's loop reads it (ARCHITECTURE.md, "Data flow"): reflectors that
-//! keep Services, Nodes and EndpointSlices current, with a change notification, behind the
+//! The cluster as the daemon's loop reads it (ARCHITECTURE.md, "Data flow"): watches that
+//! keep Services, Nodes and EndpointSlices current in [`Kept`] stores (only what holepunch
+//! reads of them: [`slim`](super::slim)), with a change notification, behind the
 //! [`ClusterSource`] port that yields [`Snapshot`]s (in-process tests script their own).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::Api;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 
+use super::slim;
 use super::snapshot::Snapshot;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -44,13 +46,15 @@ impl ClusterSource for ClusterWatch {
     }
 }
 
-/// Reflectors for Services and Nodes; `changed` fires on every event.
+/// Watches of Services, Nodes and EndpointSlices; `changed` fires when what holepunch reads
+/// of them changed.
 pub struct ClusterWatch {
     /// One store per watched namespace (one for all when no allow list is set).
-    services: Vec<Store<Service>>,
-    nodes: Store<Node>,
-    endpoint_slices: Vec<Store<EndpointSlice>>,
-    /// Fires on every event of every watch.
+    services: Vec<Shared<Service>>,
+    nodes: Shared<Node>,
+    endpoint_slices: Vec<Shared<EndpointSlice>>,
+    /// Fires when a watch changed what holepunch reads (not for Services it never publishes,
+    /// nor for fields it does not read).
     pub changed: Arc<Notify>,
     /// Set once each watch has completed its first list.
     listed: Vec<Arc<AtomicBool>>,
@@ -63,7 +67,7 @@ impl ClusterWatch {
     pub fn start(client: kube::Client, config: &Config, metrics: Arc<Metrics>) -> ClusterWatch {
         let mut watch = ClusterWatch {
             services: Vec::new(),
-            nodes: reflector::store().0,
+            nodes: Shared::default(),
             endpoint_slices: Vec::new(),
             changed: Arc::new(Notify::new()),
             listed: Vec::new(),
@@ -75,31 +79,40 @@ impl ClusterWatch {
         // cluster-wide watch would be refused). EndpointSlices matter only for
         // `externalTrafficPolicy: Local` (which nodes host a ready endpoint).
         let namespaces = &config.kubernetes.namespaces;
+        let kubernetes = config.kubernetes.clone();
+        let keep_service = move |s| slim::service(s, &kubernetes);
+        let keep_slice = |e| Some(slim::endpoint_slice(e));
         if namespaces.is_empty() {
-            let services = watch.reflect(Api::all(client.clone()), "services");
-            let slices = watch.reflect(Api::all(client.clone()), "endpointslices");
+            let services = watch.reflect(Api::all(client.clone()), "services", keep_service);
+            let slices = watch.reflect(Api::all(client.clone()), "endpointslices", keep_slice);
             watch.services.push(services);
             watch.endpoint_slices.push(slices);
         } else {
             for namespace in namespaces {
-                let services =
-                    watch.reflect(Api::namespaced(client.clone(), namespace), "services");
-                let slices =
-                    watch.reflect(Api::namespaced(client.clone(), namespace), "endpointslices");
+                let api = Api::namespaced(client.clone(), namespace);
+                let services = watch.reflect(api, "services", keep_service.clone());
+                let api = Api::namespaced(client.clone(), namespace);
+                let slices = watch.reflect(api, "endpointslices", keep_slice);
                 watch.services.push(services);
                 watch.endpoint_slices.push(slices);
             }
         }
-        watch.nodes = watch.reflect(Api::all(client), "nodes");
+        watch.nodes = watch.reflect(Api::all(client), "nodes", |n| Some(slim::node(n)));
         watch
     }
 
-    /// Starts a reflector for `api`: its store, kept current, and a change notification on
-    /// every event.
-    fn reflect<K>(&mut self, api: Api<K>, what: &'static str) -> Store<K>
+    /// Starts a watch of `api` into a [`Kept`] store of what `keep` keeps of each object, with
+    /// a change notification whenever that changed.
+    fn reflect<K>(
+        &mut self,
+        api: Api<K>,
+        what: &'static str,
+        keep: impl Fn(K) -> Option<K> + Send + 'static,
+    ) -> Shared<K>
     where
         K: kube::Resource<DynamicType = ()>
             + Clone
+            + PartialEq
             + std::fmt::Debug
             + serde::de::DeserializeOwned
             + Send
@@ -107,10 +120,12 @@ impl ClusterWatch {
             + 'static,
     {
         let watch_config = watcher::Config::default().timeout(crate::kube::watch_timeout_secs());
-        let (store, writer) = reflector::store();
+        let kept = Kept::new(keep);
+        let store = kept.objects.clone();
         let listed = Arc::new(AtomicBool::new(false));
         self.tasks.push(tokio::spawn(drive(
-            reflector::reflector(writer, watcher(api, watch_config).backoff(watch_backoff())),
+            watcher(api, watch_config).backoff(watch_backoff()),
+            kept,
             self.changed.clone(),
             listed.clone(),
             what,
@@ -125,23 +140,90 @@ impl ClusterWatch {
     }
 
     fn services(&self) -> Vec<Service> {
-        self.services
-            .iter()
-            .flat_map(|store| store.state())
-            .map(|s| (*s).clone())
-            .collect()
+        self.services.iter().flat_map(objects).collect()
     }
 
     fn nodes(&self) -> Vec<Node> {
-        self.nodes.state().iter().map(|n| (**n).clone()).collect()
+        objects(&self.nodes)
     }
 
     fn endpoint_slices(&self) -> Vec<EndpointSlice> {
-        self.endpoint_slices
-            .iter()
-            .flat_map(|store| store.state())
-            .map(|e| (*e).clone())
-            .collect()
+        self.endpoint_slices.iter().flat_map(objects).collect()
+    }
+}
+
+/// A store's objects, shared between its watch and the loop, by namespace and name.
+type Shared<K> = Arc<Mutex<HashMap<ObjectKey, K>>>;
+type ObjectKey = (Option<String>, String);
+
+fn objects<K: Clone>(shared: &Shared<K>) -> Vec<K> {
+    let objects = shared.lock().unwrap_or_else(PoisonError::into_inner);
+    objects.values().cloned().collect()
+}
+
+/// What the daemon keeps of one kind of object, kept current from its watch's events: only
+/// what `keep` keeps (slimmed objects; those holepunch never reads are not kept at all). A
+/// relist replaces the objects at once when it is complete, as kube's reflector does.
+pub struct Kept<K> {
+    objects: Shared<K>,
+    /// The objects of a relist in progress.
+    relist: Option<HashMap<ObjectKey, K>>,
+    keep: Box<dyn Fn(K) -> Option<K> + Send>,
+}
+
+impl<K: kube::Resource + Clone + PartialEq> Kept<K> {
+    pub fn new(keep: impl Fn(K) -> Option<K> + Send + 'static) -> Self {
+        Kept {
+            objects: Shared::default(),
+            relist: None,
+            keep: Box::new(keep),
+        }
+    }
+
+    /// The objects kept now.
+    pub fn objects(&self) -> Vec<K> {
+        objects(&self.objects)
+    }
+
+    /// Applies one watch event; `true` when what is kept changed.
+    pub fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        let key = |object: &K| (object.namespace(), object.name_any());
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let key = key(&object);
+                if let Some(kept) = (self.keep)(object) {
+                    self.relist.get_or_insert_default().insert(key, kept);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                *self.objects.lock().unwrap_or_else(PoisonError::into_inner) = listed;
+                true
+            }
+            watcher::Event::Apply(object) => {
+                let key = key(&object);
+                let kept = (self.keep)(object);
+                let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+                match kept {
+                    Some(kept) if objects.get(&key) == Some(&kept) => false,
+                    Some(kept) => {
+                        objects.insert(key, kept);
+                        true
+                    }
+                    None => objects.remove(&key).is_some(),
+                }
+            }
+            watcher::Event::Delete(object) => {
+                let key = key(&object);
+                let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+                objects.remove(&key).is_some()
+            }
+        }
     }
 }
 
@@ -199,8 +281,9 @@ fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
     )
 }
 
-async fn drive<K>(
+async fn drive<K: kube::Resource + Clone + PartialEq>(
     stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    mut kept: Kept<K>,
     changed: Arc<Notify>,
     listed: Arc<AtomicBool>,
     what: &'static str,
@@ -210,10 +293,13 @@ async fn drive<K>(
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
-                if matches!(event, watcher::Event::InitDone) {
-                    listed.store(true, Ordering::Release);
+                let done = matches!(event, watcher::Event::InitDone);
+                if kept.apply(event) {
+                    if done {
+                        listed.store(true, Ordering::Release);
+                    }
+                    changed.notify_one();
                 }
-                changed.notify_one();
             }
             Err(e) => {
                 metrics.watch_restarted(what);
@@ -246,6 +332,70 @@ mod tests {
         assert_eq!(waits, [800, 1_600, 3_200, 5_000, 5_000, 5_000]);
         assert_eq!(WatchBackoff::delay(u32::MAX, 1.0), Duration::from_secs(10));
         assert_eq!(WatchBackoff::delay(0, 7.0), Duration::from_millis(1_600));
+    }
+
+    fn service(name: &str, annotated: bool, version: &str) -> Service {
+        let mut service = Service::default();
+        service.metadata.name = Some(name.into());
+        service.metadata.namespace = Some("default".into());
+        service.metadata.resource_version = Some(version.into());
+        if annotated {
+            service.metadata.annotations =
+                Some([("holepunch/punch-external".to_owned(), "true".to_owned())].into());
+        }
+        service
+    }
+
+    fn names(kept: &Kept<Service>) -> Vec<String> {
+        let mut names: Vec<String> = kept.objects().iter().map(|s| s.name_any()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn kept_services_are_those_holepunch_reads_and_only_their_changes_count() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let config = Config::default().kubernetes;
+        let mut kept = Kept::new(move |s| slim::service(s, &config));
+        // The first list: kept only once complete; the unannotated one not at all.
+        assert!(!kept.apply(Init));
+        assert!(!kept.apply(InitApply(service("web", true, "1"))));
+        assert!(!kept.apply(InitApply(service("internal", false, "2"))));
+        assert!(names(&kept).is_empty(), "a partial list is not read");
+        assert!(kept.apply(InitDone));
+        assert_eq!(names(&kept), ["web"]);
+
+        // A Service holepunch never reads changes: nothing to reconcile.
+        assert!(!kept.apply(Apply(service("internal", false, "3"))));
+        // One it reads: a change (the resourceVersion the status writer needs).
+        assert!(kept.apply(Apply(service("web", true, "4"))));
+        assert!(
+            !kept.apply(Apply(service("web", true, "4"))),
+            "the same object again"
+        );
+        // Opting in and out.
+        assert!(kept.apply(Apply(service("internal", true, "5"))));
+        assert_eq!(names(&kept), ["internal", "web"]);
+        assert!(kept.apply(Apply(service("web", false, "6"))));
+        assert_eq!(names(&kept), ["internal"]);
+        assert!(
+            !kept.apply(Delete(service("web", false, "7"))),
+            "was not kept"
+        );
+        assert!(kept.apply(Delete(service("internal", true, "8"))));
+        assert!(names(&kept).is_empty());
+
+        // A relist replaces everything at once: what was deleted meanwhile goes.
+        assert!(kept.apply(Apply(service("gone", true, "9"))));
+        assert!(!kept.apply(Init));
+        assert!(!kept.apply(InitApply(service("new", true, "10"))));
+        assert_eq!(
+            names(&kept),
+            ["gone"],
+            "the old view stays until the relist is done"
+        );
+        assert!(kept.apply(InitDone));
+        assert_eq!(names(&kept), ["new"]);
     }
 
     #[test]
