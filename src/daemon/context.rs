@@ -22,6 +22,7 @@ use crate::router::PortMapper;
 use crate::router::announce::{self, Announcement, Verdict};
 use crate::router::session::{Connect, Session};
 use crate::state::{MappingStatus, State};
+use crate::yielding::Interrupts;
 
 use super::Systemd;
 
@@ -78,6 +79,8 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     pub metrics: &'a Metrics,
     pub clock: &'a dyn Clock,
     pub systemd: &'a mut Systemd,
+    /// What stops a long pass between two router requests (ARCHITECTURE.md, "The loop").
+    pub interrupts: Interrupts,
     /// The problems logged, each once while it lasts.
     reported: BTreeSet<Problem>,
     next_due: Option<Timestamp>,
@@ -121,6 +124,7 @@ where
             metrics,
             clock,
             systemd,
+            interrupts: Interrupts::default(),
             reported: BTreeSet::new(),
             next_due: None,
         }
@@ -223,13 +227,15 @@ where
         let Some(router) = self.router.mapper.as_mut() else {
             return self.unchanged();
         };
-        let outcome = reconcile::execute(
+        self.interrupts.begin(now, plan.next_due);
+        let outcome = reconcile::execute_until(
             &plan,
             self.state,
             &mut Instrumented::new(&mut *router, self.metrics),
             self.store,
             self.config.router.lease_secs,
             now,
+            &mut self.interrupts,
         )
         .await;
         self.observed.planned();
@@ -279,6 +285,10 @@ where
         self.next_due = outcome.next_due;
         if outcome.released > 0 {
             // The state can be saved again: what waited for it goes at the next pass.
+            self.next_due = Some(self.clock.now());
+        }
+        if let Some(why) = outcome.interrupted {
+            tracing::info!(%why, "the pass stopped between two router requests; the next one plans what is left");
             self.next_due = Some(self.clock.now());
         }
         if self

@@ -39,6 +39,7 @@ use crate::router::choice::RouterAddress;
 use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
 use crate::state::{State, StateError, StateFile};
+use crate::yielding::Interrupts;
 
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
@@ -62,6 +63,8 @@ pub enum DaemonError {
 pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonError> {
     let (mut state, mut store) = open_state(&config.state.path)?;
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    // The same signals, seen by a long pass between two router requests.
+    let interrupts = Interrupts::signals().map_err(DaemonError::Signals)?;
     let mut systemd = Systemd::default();
     let metrics = Metrics::new(config.router.lease_secs, verify_interval(&config));
     // The watchdog is pinged by progress only (metrics: each pass, each router answer, an
@@ -119,6 +122,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &SystemClock,
             &mut systemd,
         );
+        ctx.interrupts = interrupts.clone().watching(changed.clone());
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.
@@ -169,6 +173,14 @@ async fn next_event(
     metrics: &Metrics,
 ) -> Event {
     tokio::select! {
+        // Signals first: a pass cut short by one left the next pass due at once.
+        biased;
+        wake = wait_signal_or(signals, Duration::MAX, metrics) => match wake {
+            Wake::Reload => Event::Reload,
+            Wake::Stop => Event::Stop,
+            // (Without a deadline the wait ends only with a signal.)
+            Wake::Timer => Event::Pass(Trigger::Timer),
+        },
         () = changed.notified() => {
             tokio::time::sleep(Duration::from_millis(DEBOUNCE_MS)).await;
             Event::Pass(Trigger::Cluster)
@@ -177,12 +189,6 @@ async fn next_event(
         announcement = next_announcement(announcements) => {
             Event::Pass(Trigger::Announcement(announcement))
         }
-        wake = wait_signal_or(signals, Duration::MAX, metrics) => match wake {
-            Wake::Reload => Event::Reload,
-            Wake::Stop => Event::Stop,
-            // (Without a deadline the wait ends only with a signal.)
-            Wake::Timer => Event::Pass(Trigger::Timer),
-        },
     }
 }
 
