@@ -4,10 +4,15 @@
 //! ([`Yield`]) so the loop can handle a signal, a newer cluster change or a renewal that fell
 //! due; the next pass plans what is left.
 //!
+//! One router call can hold many requests too (a probe tries each protocol, a UPnP purge lists
+//! every mapping): run under [`Progress::during`], each answer inside it counts as progress
+//! ([`progressed`]) and pings the watchdog, as the answers of a pass do.
+//!
 //! Stopping early loses nothing: every request was saved as `pending` before it was sent
 //! (ARCHITECTURE.md, "State lifecycle"), so what was not sent is requested again by the next
 //! pass, and every result is saved before the pass returns.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -198,6 +203,50 @@ impl Saves {
         self.last = Instant::now();
         self.unsaved = false;
     }
+}
+
+tokio::task_local! {
+    static PROGRESS: Progress;
+}
+
+/// What a router answer inside a long call reports: the loop is alive (the daemon pings the
+/// watchdog with it; the default does nothing).
+#[derive(Clone, Default)]
+pub struct Progress(Option<Arc<dyn Fn() + Send + Sync>>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(reported)"
+        } else {
+            "Progress(none)"
+        })
+    }
+}
+
+impl Progress {
+    /// Progress reported through `alive`.
+    pub fn new(alive: impl Fn() + Send + Sync + 'static) -> Progress {
+        Progress(Some(Arc::new(alive)))
+    }
+
+    /// Reports progress now (between two requests the caller sends itself).
+    pub fn now(&self) {
+        if let Some(alive) = &self.0 {
+            alive();
+        }
+    }
+
+    /// Runs `call`; every router answer inside it ([`progressed`]) reports progress.
+    pub async fn during<F: Future>(&self, call: F) -> F::Output {
+        PROGRESS.scope(self.clone(), call).await
+    }
+}
+
+/// A router answer came (called by the router clients between their requests): progress, if
+/// the call runs under [`Progress::during`]; nothing otherwise.
+pub fn progressed() {
+    let _ = PROGRESS.try_with(Progress::now);
 }
 
 /// The order in which a plan's router requests go: renewals first, the lease nearest expiry
@@ -404,6 +453,33 @@ mod tests {
         tokio::time::advance(Duration::from_millis(CLUSTER_YIELD_AFTER_MS)).await;
         assert_eq!(interrupts.interrupt(1), Some(Interrupt::ClusterChanged));
         assert_eq!(interrupts.interrupt(1), None, "the change was taken");
+    }
+
+    #[tokio::test]
+    async fn answers_inside_a_long_call_report_progress_only_under_during() {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        let progress = Progress::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let three_answers = || async {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+                progressed();
+            }
+        };
+        three_answers().await;
+        assert_eq!(count.load(Ordering::SeqCst), 0, "outside a call: nothing");
+        progress.during(three_answers()).await;
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        progress.now();
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+        Progress::default().during(three_answers()).await;
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            4,
+            "the default reports nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]

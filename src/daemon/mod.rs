@@ -39,7 +39,7 @@ use crate::router::choice::RouterAddress;
 use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
 use crate::state::{State, StateError, StateFile};
-use crate::yielding::Interrupts;
+use crate::yielding::{Interrupts, Progress};
 
 /// Changes that arrive within this window are reconciled together.
 pub const DEBOUNCE_MS: u64 = 200;
@@ -123,6 +123,8 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &mut systemd,
         );
         ctx.interrupts = interrupts.clone().watching(changed.clone());
+        let alive = metrics.clone();
+        ctx.router.progress = Progress::new(move || alive.loop_alive());
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
             // busy the cluster is.

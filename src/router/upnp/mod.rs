@@ -375,6 +375,8 @@ impl UpnpClient {
         )
         .await
         .map_err(|err| RouterError::Unreachable(format!("UPnP {action}: {err}")))?;
+        // A listing or a purge is many requests in one call: each answer is progress.
+        crate::yielding::progressed();
         Ok(soap::parse_reply(response.status, &response.body, action))
     }
 
