@@ -269,6 +269,7 @@ pub async fn execute_until<M: PortMapper>(
     let mut unmap_failed: BTreeSet<MappingKey> = BTreeSet::new();
     let mut saves = Saves::default();
     let mut sent = 0;
+    let started = tokio::time::Instant::now();
     for action in yielding::order(&plan.actions, state) {
         // Between two requests: save what came (a silent router's refusals cost nothing),
         // then stop here if asked to.
@@ -425,7 +426,13 @@ pub async fn execute_until<M: PortMapper>(
                             Action::Restore { .. } => outcome.restored += 1,
                             _ => outcome.renewed += 1,
                         }
-                        record_grant(record, &grant, now);
+                        // Granted now (to the second), not when the pass began: a long pass
+                        // must not date its grants back.
+                        let granted = Duration::from_secs(started.elapsed().as_secs());
+                        record_grant(record, &grant, after(now, granted));
+                        if let Some(renew_at) = record.renew_at {
+                            until.falls_due(renew_at);
+                        }
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                             protocol = %record.protocol, target = %record.target, backend = %backend,
                             lifetime_secs = grant.lifetime_secs, "{}", verb(action));
@@ -1383,6 +1390,47 @@ mod tests {
                 state.mappings[&key(8083)].nonce.clone(),
                 state.mappings[&key(8084)].nonce.clone()
             ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_longer_than_half_a_lease_stops_when_its_first_grant_is_due_for_renewal() {
+        let now = start();
+        let ports: Vec<u16> = (9000..9100).collect();
+        let wanted = wanting_ports(&ports);
+        let mut state = State::default();
+        let mut router = SlowRouter {
+            per_request: Duration::from_secs(1),
+            calls: vec![],
+        };
+        let first = plan(&wanted, &state, RELAY, now);
+        let mut interrupts = crate::yielding::Interrupts::default();
+        interrupts.begin(now, first.next_due);
+        let outcome = execute_until(
+            &first,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+            &mut interrupts,
+        )
+        .await;
+        // Granted 1 s into the pass, renewed after half its 120 s lease.
+        let earliest = &state.mappings[&key(9000)];
+        assert_eq!(
+            earliest.granted_at,
+            Some(now + SignedDuration::from_secs(1))
+        );
+        assert_eq!(earliest.renew_at, Some(now + SignedDuration::from_secs(61)));
+        assert_eq!(outcome.interrupted, Some(Interrupt::Due));
+        assert_eq!(router.calls.len(), 61, "stopped when 9000 fell due");
+        // The next pass renews it before requesting the rest.
+        let next = plan(&wanted, &state, RELAY, now + SignedDuration::from_secs(61));
+        let order: Vec<&Action> = crate::yielding::order(&next.actions, &state);
+        assert!(
+            matches!(order.first(), Some(Action::Renew { mapping, .. }) if mapping.external_port == 9000),
+            "{next}"
         );
     }
 

@@ -30,9 +30,10 @@ use crate::state::State;
 /// answers slowly has each answer saved as it comes; a fast one does not pay two fsyncs per
 /// answer.
 pub const SAVE_EVERY_MS: u64 = 1_000;
-/// A pass runs at least this long before it yields to a newer cluster change, so a busy
-/// cluster cannot cut every pass down to one request.
-pub const CLUSTER_YIELD_AFTER_MS: u64 = 1_000;
+/// A pass runs at least this long before it yields to a newer cluster change or a renewal
+/// falling due, so neither a busy cluster nor a stream of renewals cuts every pass down to
+/// one request.
+pub const YIELD_AFTER_MS: u64 = 1_000;
 
 /// Why a pass stopped before its last router request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,9 @@ impl std::fmt::Display for Interrupt {
 pub trait Yield {
     /// Whether the pass stops here; `sent` requests went already in this pass.
     fn interrupt(&mut self, sent: usize) -> Option<Interrupt>;
+
+    /// A grant of this pass is to be renewed at `at`: a pass still running then stops.
+    fn falls_due(&mut self, _at: Timestamp) {}
 }
 
 /// Never stops a pass (`holepunch cleanup`, tests).
@@ -84,6 +88,7 @@ pub struct Interrupts {
     stop: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
     changed: Option<Arc<Notify>>,
+    planned_at: Timestamp,
     started: Instant,
     due: Option<Instant>,
 }
@@ -94,6 +99,7 @@ impl Default for Interrupts {
             stop: Arc::default(),
             reload: Arc::default(),
             changed: None,
+            planned_at: Timestamp::UNIX_EPOCH,
             started: Instant::now(),
             due: None,
         }
@@ -121,10 +127,11 @@ impl Interrupts {
     /// A pass planned at `now` begins; `due` is when something it did not plan falls due.
     pub fn begin(&mut self, now: Timestamp, due: Option<Timestamp>) {
         self.started = Instant::now();
-        self.due = due.map(|due| {
-            let wait = Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO);
-            self.started.checked_add(wait).unwrap_or(self.started)
-        });
+        self.planned_at = now;
+        self.due = None;
+        if let Some(due) = due {
+            self.falls_due(due);
+        }
     }
 
     /// Whether a stop signal came.
@@ -155,18 +162,25 @@ impl Yield for Interrupts {
         if self.reload.swap(false, Ordering::SeqCst) {
             return Some(Interrupt::Reload);
         }
+        if self.started.elapsed() < Duration::from_millis(YIELD_AFTER_MS) {
+            return None;
+        }
         if self.due.is_some_and(|due| Instant::now() >= due) {
             return Some(Interrupt::Due);
         }
-        let settled = self.started.elapsed() >= Duration::from_millis(CLUSTER_YIELD_AFTER_MS);
         // Taking the notification is safe: the loop runs the next pass at once.
-        if settled
-            && let Some(changed) = &self.changed
+        if let Some(changed) = &self.changed
             && changed.notified().now_or_never().is_some()
         {
             return Some(Interrupt::ClusterChanged);
         }
         None
+    }
+
+    fn falls_due(&mut self, at: Timestamp) {
+        let wait = Duration::try_from(at.duration_since(self.planned_at)).unwrap_or(Duration::ZERO);
+        let at = self.started.checked_add(wait).unwrap_or(self.started);
+        self.due = Some(self.due.map_or(at, |due| due.min(at)));
     }
 }
 
@@ -432,6 +446,18 @@ mod tests {
         assert_eq!(interrupts.interrupt(1), None, "not due yet");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(interrupts.interrupt(1), Some(Interrupt::Due));
+        // A grant of the pass itself, renewed sooner than what the plan left.
+        interrupts.begin(t(0), Some(t(100)));
+        interrupts.falls_due(t(40));
+        tokio::time::advance(Duration::from_secs(39)).await;
+        assert_eq!(interrupts.interrupt(1), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(interrupts.interrupt(1), Some(Interrupt::Due));
+        // Something already due waits until the pass ran a second.
+        interrupts.begin(t(0), Some(t(0)));
+        assert_eq!(interrupts.interrupt(1), None);
+        tokio::time::advance(Duration::from_millis(YIELD_AFTER_MS)).await;
+        assert_eq!(interrupts.interrupt(1), Some(Interrupt::Due));
         // Planned with nothing else due: never.
         interrupts.begin(t(0), None);
         tokio::time::advance(Duration::from_secs(3600)).await;
@@ -450,7 +476,7 @@ mod tests {
             None,
             "a change right after the pass began waits"
         );
-        tokio::time::advance(Duration::from_millis(CLUSTER_YIELD_AFTER_MS)).await;
+        tokio::time::advance(Duration::from_millis(YIELD_AFTER_MS)).await;
         assert_eq!(interrupts.interrupt(1), Some(Interrupt::ClusterChanged));
         assert_eq!(interrupts.interrupt(1), None, "the change was taken");
     }
