@@ -22,3 +22,4 @@ pub mod reconcile;
 pub mod router;
 pub mod state;
 pub mod trust;
+pub mod yielding;

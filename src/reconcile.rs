@@ -22,6 +22,7 @@ use crate::model::{Backend, MappingKey, Nonce, PortMapping, Problem};
 use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile};
+use crate::yielding::{self, Interrupt, Never, Saves, Yield};
 
 /// First retry after a failure; doubles with each further failure.
 pub const RETRY_FLOOR_SECS: u64 = 30;
@@ -49,6 +50,9 @@ pub struct Outcome {
     /// When a plan will next have something to do if nothing changes: the plan's own
     /// `next_due`, or sooner a renewal or retry this execution scheduled.
     pub next_due: Option<Timestamp>,
+    /// Why the pass stopped before its last router request (what was not sent is still
+    /// `pending` and saved: the next pass requests it).
+    pub interrupted: Option<Interrupt>,
 }
 
 /// How a request held back because the state could not be saved reads in a mapping's
@@ -131,6 +135,21 @@ pub async fn execute<M: PortMapper>(
     store: &mut impl Persist,
     lease_secs: u32,
     now: Timestamp,
+) -> Outcome {
+    execute_until(plan, state, mapper, store, lease_secs, now, &mut Never).await
+}
+
+/// [`execute`], in the order [`yielding::order`] gives, saving the results as they come
+/// ([`Saves`]) and asking `until` before each router request whether to stop there
+/// (ARCHITECTURE.md, "The loop").
+pub async fn execute_until<M: PortMapper>(
+    plan: &Plan,
+    state: &mut State,
+    mapper: &mut M,
+    store: &mut impl Persist,
+    lease_secs: u32,
+    now: Timestamp,
+    until: &mut impl Yield,
 ) -> Outcome {
     let mut outcome = Outcome::default();
     if !plan.actions.iter().any(Action::executed) {
@@ -255,7 +274,24 @@ pub async fn execute<M: PortMapper>(
     // (with the same internal endpoint the router takes it as the same mapping), not a
     // second unmap.
     let mut unmap_failed: BTreeSet<MappingKey> = BTreeSet::new();
-    for action in &plan.actions {
+    let mut saves = Saves::default();
+    let mut sent = 0;
+    let started = tokio::time::Instant::now();
+    for action in yielding::order(&plan.actions, state) {
+        // Between two requests: save what came (a silent router's refusals cost nothing),
+        // then stop here if asked to.
+        if silent.is_none() && sends(action) {
+            if saves.due() {
+                save(state, store, &mut outcome, now);
+                saves.saved();
+            }
+            if let Some(why) = until.interrupt(sent) {
+                outcome.interrupted = Some(why);
+                break;
+            }
+            saves.sending();
+            sent += 1;
+        }
         match action {
             Action::Unmap { record } if held_back(record) && record.replaces.is_empty() => {
                 // Held back, never sent: the router holds nothing to delete. (One that
@@ -397,7 +433,13 @@ pub async fn execute<M: PortMapper>(
                             Action::Restore { .. } => outcome.restored += 1,
                             _ => outcome.renewed += 1,
                         }
-                        record_grant(record, &grant, now);
+                        // Granted now (to the second), not when the pass began: a long pass
+                        // must not date its grants back.
+                        let granted = Duration::from_secs(started.elapsed().as_secs());
+                        record_grant(record, &grant, after(now, granted));
+                        if let Some(renew_at) = record.renew_at {
+                            until.falls_due(renew_at);
+                        }
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                             protocol = %record.protocol, target = %record.target, backend = %backend,
                             lifetime_secs = grant.lifetime_secs, "{}", verb(action));
@@ -524,6 +566,14 @@ async fn unless_silent<T>(
         *silent = Some(e.to_string());
     }
     result
+}
+
+/// Whether `execute` may send a router request for `action`.
+fn sends(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::Map { .. } | Action::Restore { .. } | Action::Renew { .. } | Action::Unmap { .. }
+    )
 }
 
 fn verb(action: &Action) -> &'static str {
@@ -1253,6 +1303,177 @@ mod tests {
         );
     }
 
+    /// A router that takes `per_request` to grant each map.
+    struct SlowRouter {
+        per_request: Duration,
+        calls: Vec<u16>,
+    }
+
+    impl PortMapper for SlowRouter {
+        fn backend(&self) -> Backend {
+            Backend::Pcp
+        }
+
+        async fn map(&mut self, request: &MapRequest) -> Result<Grant, RouterError> {
+            tokio::time::sleep(self.per_request).await;
+            self.calls.push(request.external_port);
+            Ok(Grant {
+                external_port: request.external_port,
+                lifetime_secs: 120,
+                renew_after: None,
+                external_address: None,
+                epoch: None,
+                router: "192.168.1.1".into(),
+            })
+        }
+
+        async fn unmap(&mut self, _lease: &crate::model::Lease) -> Result<(), RouterError> {
+            tokio::time::sleep(self.per_request).await;
+            Ok(())
+        }
+    }
+
+    /// Stops the pass with `why` once `after` requests went.
+    struct StopAfter(usize, Interrupt);
+
+    impl Yield for StopAfter {
+        fn interrupt(&mut self, sent: usize) -> Option<Interrupt> {
+            (sent >= self.0).then_some(self.1)
+        }
+    }
+
+    fn active(state: &State) -> usize {
+        state
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Active)
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_router_has_each_result_saved_and_a_stop_leaves_the_rest_pending_on_disk() {
+        let now = start();
+        let wanted = wanting_ports(&[8080, 8081, 8082, 8083, 8084]);
+        let mut state = State::default();
+        let mut router = SlowRouter {
+            per_request: Duration::from_secs(1),
+            calls: vec![],
+        };
+        let mut disk = Saved::default();
+        let first = plan(&wanted, &state, RELAY, now);
+        let outcome = execute_until(
+            &first,
+            &mut state,
+            &mut router,
+            &mut disk,
+            120,
+            now,
+            &mut StopAfter(3, Interrupt::Stop),
+        )
+        .await;
+        assert_eq!(
+            router.calls,
+            [8080, 8081, 8082],
+            "stopped before the fourth"
+        );
+        assert_eq!(outcome.interrupted, Some(Interrupt::Stop));
+        assert_eq!(outcome.mapped, 3);
+        // Pending first, then each answer as it came, then the end of the pass.
+        let on_disk: Vec<usize> = disk.0.iter().map(active).collect();
+        assert_eq!(on_disk, [0, 1, 2, 3, 3]);
+        let last = disk.0.last().expect("saved");
+        assert_eq!(last, &state, "the end of the pass is on disk");
+        let unsent: Vec<&MappingRecord> = last
+            .mappings
+            .values()
+            .filter(|r| r.status == MappingStatus::Pending)
+            .collect();
+        assert_eq!(unsent.len(), 2, "what was not sent waits as pending");
+        assert!(unsent.iter().all(|r| r.nonce.is_some()));
+
+        // The next pass requests what is left, with the nonces on disk.
+        let nonces: Vec<Option<String>> = unsent.iter().map(|r| r.nonce.clone()).collect();
+        let next = plan(&wanted, &state, RELAY, now);
+        let outcome = execute_until(
+            &next,
+            &mut state,
+            &mut router,
+            &mut disk,
+            120,
+            now,
+            &mut Never,
+        )
+        .await;
+        assert_eq!(router.calls, [8080, 8081, 8082, 8083, 8084]);
+        assert_eq!((outcome.restored, outcome.interrupted), (2, None));
+        assert_eq!(active(&state), 5);
+        assert_eq!(
+            nonces,
+            [
+                state.mappings[&key(8083)].nonce.clone(),
+                state.mappings[&key(8084)].nonce.clone()
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_longer_than_half_a_lease_stops_when_its_first_grant_is_due_for_renewal() {
+        let now = start();
+        let ports: Vec<u16> = (9000..9100).collect();
+        let wanted = wanting_ports(&ports);
+        let mut state = State::default();
+        let mut router = SlowRouter {
+            per_request: Duration::from_secs(1),
+            calls: vec![],
+        };
+        let first = plan(&wanted, &state, RELAY, now);
+        let mut interrupts = crate::yielding::Interrupts::default();
+        interrupts.begin(now, first.next_due);
+        let outcome = execute_until(
+            &first,
+            &mut state,
+            &mut router,
+            &mut Saved::default(),
+            120,
+            now,
+            &mut interrupts,
+        )
+        .await;
+        // Granted 1 s into the pass, renewed after half its 120 s lease.
+        let earliest = &state.mappings[&key(9000)];
+        assert_eq!(
+            earliest.granted_at,
+            Some(now + SignedDuration::from_secs(1))
+        );
+        assert_eq!(earliest.renew_at, Some(now + SignedDuration::from_secs(61)));
+        assert_eq!(outcome.interrupted, Some(Interrupt::Due));
+        assert_eq!(router.calls.len(), 61, "stopped when 9000 fell due");
+        // The next pass renews it before requesting the rest.
+        let next = plan(&wanted, &state, RELAY, now + SignedDuration::from_secs(61));
+        let order: Vec<&Action> = crate::yielding::order(&next.actions, &state);
+        assert!(
+            matches!(order.first(), Some(Action::Renew { mapping, .. }) if mapping.external_port == 9000),
+            "{next}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_router_costs_no_save_per_answer() {
+        let now = start();
+        let wanted = wanting_ports(&[8080, 8081, 8082, 8083, 8084]);
+        let mut state = State::default();
+        let mut router = SlowRouter {
+            per_request: Duration::from_millis(100),
+            calls: vec![],
+        };
+        let mut disk = Saved::default();
+        let first = plan(&wanted, &state, RELAY, now);
+        execute(&first, &mut state, &mut router, &mut disk, 120, now).await;
+        assert_eq!(active(&state), 5);
+        // 0.5 s of answers: pending first, then one save at the end.
+        assert_eq!(disk.0.len(), 2);
+    }
+
     /// A state directory that refuses writes while `error` is set (read-only: EROFS, full:
     /// ENOSPC), keeping what was saved before.
     #[derive(Default)]
@@ -1435,8 +1656,8 @@ mod tests {
 
             assert_eq!(
                 router.calls,
-                ["unmap 8090", "map 8083 nonce=true", "map 8080 nonce=true"],
-                "unmaps, restores of recorded nonces and renewals go; the new ones do not"
+                ["map 8080 nonce=true", "map 8083 nonce=true", "unmap 8090"],
+                "renewals, restores of recorded nonces and unmaps go, in that order; the new ones do not"
             );
             assert_eq!(state.mappings[&key(8083)].nonce, recorded_nonce);
             assert_eq!(state.mappings[&key(8083)].status, MappingStatus::Active);

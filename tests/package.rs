@@ -1210,3 +1210,165 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         started.elapsed().as_secs_f64()
     );
 }
+
+/// What the slow API makes every Event and status write wait (a control plane on an SD card
+/// under load).
+const SLOW_API_DELAY_SECS: u64 = 25;
+/// How long the shipped unit runs against the slow API.
+const SLOW_API_RUN_SECS: u64 = 120;
+
+/// The shipped unit (`WatchdogSec=30s`) in the booted box, in the router lab, while the API
+/// answers every Event and status write after 25 s: for 2 minutes the service stays active
+/// and `NRestarts` stays 0 while the Service is served from the WAN. Then a loop frozen on
+/// purpose (`HOLEPUNCH_FREEZE_AT=loop-pass:3` in a drop-in) is killed by systemd's watchdog:
+/// the journal says "Watchdog timeout" and `NRestarts` grows.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
+    require_root();
+    let mut costs = Vec::new();
+    let deb = build_package(&mut costs);
+    let lab = timed("lab up", &mut costs, || Lab::up(LAB_PREFIX));
+    let _echo = lab.echo_server("node", LB_IP, LB_PORT);
+    with_fake_cluster_in(&lab, "lan", |fake, _dir, kubeconfig, _| {
+        let delay = Duration::from_secs(SLOW_API_DELAY_SECS);
+        fake.delay_matching(delay, "POST", "/events");
+        fake.delay_matching(delay, "PATCH", "/status");
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": lab::NODE_IP}],
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }
+        }));
+        // Published (an Event) and of holepunch's own class (a status write): both slow.
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "game", "namespace": "default",
+                         "annotations": {"holepunch/punch-external": "true"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": LB_PORT, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+        }));
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "own", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer", "loadBalancerClass": "holepunch.io/router",
+                "ports": [{"name": "web", "port": 9090, "protocol": "TCP", "nodePort": 31090}]
+            }
+        }));
+
+        let machine = timed("create", &mut costs, || {
+            SystemdBox::create(&format!("hpk{}slow", std::process::id()))
+        });
+        timed("boot in lan", &mut costs, || {
+            machine.boot_in(&lab.ns("lan"))
+        });
+        let in_box = format!("/root/{}", deb.file_name().unwrap().to_string_lossy());
+        machine.copy(&deb, &in_box);
+        machine.copy(kubeconfig, "/etc/holepunch/kubeconfig");
+        timed("install", &mut costs, || machine.apt(&["install", &in_box]));
+        machine.sh(&format!(
+            "sed -i 's|^target_cidrs = \\[\\]|target_cidrs = [\"{LB_IP}/32\"]|' /etc/holepunch.toml"
+        ));
+        machine.exec_ok(&["systemctl", "reload-or-restart", "holepunch"]);
+        poll("holepunch.service to become active", || {
+            (machine.property("ActiveState") == "active").then_some(())
+        });
+        let answer = poll("11.22.33.44:8080 to answer from the internet", || {
+            lab.ask("wan", "tcp", ROUTER_WAN_IP, LB_PORT, "hello")
+        });
+        assert!(answer.ends_with(" hello"), "{answer}");
+
+        // Two minutes of the slow API: never restarted, always active.
+        let slow = Instant::now();
+        let restarts_at_start = machine.property("NRestarts");
+        let mut checks = 0;
+        while slow.elapsed() < Duration::from_secs(SLOW_API_RUN_SECS) {
+            assert_eq!(machine.property("ActiveState"), "active");
+            assert_eq!(
+                machine.property("NRestarts"),
+                restarts_at_start,
+                "restarted under the slow API:\n{:?}",
+                machine.messages()
+            );
+            checks += 1;
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        let delayed = fake.delayed_requests();
+        let restarts = machine.property("NRestarts");
+        let served = lab.ask("wan", "tcp", ROUTER_WAN_IP, LB_PORT, "still");
+        println!(
+            "slow API in the box: {SLOW_API_RUN_SECS} s, NRestarts={restarts}, {delayed} writes \
+             held back by the API, {checks} checks, served from the WAN afterwards: {}",
+            served.is_some()
+        );
+        assert_eq!(restarts, "0", "NRestarts under the slow API");
+        assert!(
+            delayed >= 2,
+            "the API held back Event and status writes: {delayed}"
+        );
+        assert!(served.is_some(), "the Service is still served");
+        costs.push(("slow API".to_owned(), slow.elapsed().as_secs_f64()));
+
+        // A loop frozen on purpose: systemd's watchdog kills it and the unit restarts it.
+        let step = Instant::now();
+        machine.exec_ok(&["mkdir", "-p", "/etc/systemd/system/holepunch.service.d"]);
+        machine.sh(
+            "printf '[Service]\\nEnvironment=HOLEPUNCH_FREEZE_AT=loop-pass:3\\n' \
+             > /etc/systemd/system/holepunch.service.d/freeze.conf",
+        );
+        machine.exec_ok(&["systemctl", "daemon-reload"]);
+        machine.exec_ok(&["systemctl", "restart", "holepunch"]);
+        let before = machine.property("NRestarts");
+        let watchdog = Instant::now();
+        let killed = poll_for(
+            "the watchdog to kill the frozen loop",
+            Duration::from_secs(120),
+            || {
+                machine
+                    .messages()
+                    .into_iter()
+                    .find(|m| m.contains("Watchdog timeout"))
+            },
+        );
+        let took = watchdog.elapsed();
+        let after = poll_for("the unit to restart it", Duration::from_secs(60), || {
+            let now = machine.property("NRestarts");
+            (now != before).then_some(now)
+        });
+        println!(
+            "frozen loop: \"{killed}\" {took:?} after the restart; NRestarts {before} -> {after}"
+        );
+        assert!(
+            machine
+                .messages()
+                .iter()
+                .any(|m| m.contains("freeze point loop-pass reached")),
+            "the loop froze on purpose"
+        );
+        costs.push(("frozen loop".to_owned(), step.elapsed().as_secs_f64()));
+        timed("down", &mut costs, || drop(machine));
+    });
+    drop(lab);
+    let summary: Vec<String> = costs
+        .iter()
+        .map(|(what, secs)| format!("{what} {secs:.1}s"))
+        .collect();
+    println!("slow-API box test cost: {}", summary.join(", "));
+}
+
+/// [`poll`] with its own limit.
+fn poll_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+    }
+}

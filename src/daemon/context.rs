@@ -24,6 +24,7 @@ use crate::router::announce::{self, Announcement, Verdict};
 use crate::router::instrument::Instrumented;
 use crate::router::session::{Connect, Session};
 use crate::state::{MappingStatus, State};
+use crate::yielding::Interrupts;
 
 use super::Systemd;
 
@@ -84,6 +85,8 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     ha: Option<&'a mut Leadership>,
     /// IPv6 pinholes beside the mappings (README, "IPv6").
     pub pinholes: crate::router::pinholes::Pinholes,
+    /// What stops a long pass between two router requests (ARCHITECTURE.md, "The loop").
+    pub interrupts: Interrupts,
     /// The problems logged, each once while it lasts.
     reported: BTreeSet<Problem>,
     next_due: Option<Timestamp>,
@@ -129,6 +132,7 @@ where
             systemd,
             ha: None,
             pinholes: crate::router::pinholes::Pinholes::default(),
+            interrupts: Interrupts::default(),
             reported: BTreeSet::new(),
             next_due: None,
         }
@@ -272,13 +276,15 @@ where
             .ha
             .as_deref()
             .map_or_else(Fence::default, Leadership::fence);
-        let outcome = reconcile::execute(
+        self.interrupts.begin(now, plan.next_due);
+        let outcome = reconcile::execute_until(
             &plan,
             self.state,
             &mut Fenced::new(Instrumented::new(&mut *router, self.metrics), fence.clone()),
             self.store,
             self.config.router.lease_secs,
             now,
+            &mut self.interrupts,
         )
         .await;
         self.observed.planned();
@@ -353,6 +359,10 @@ where
             .min();
         if outcome.released > 0 {
             // The state can be saved again: what waited for it goes at the next pass.
+            self.next_due = Some(self.clock.now());
+        }
+        if let Some(why) = outcome.interrupted {
+            tracing::info!(%why, "the pass stopped between two router requests; the next one plans what is left");
             self.next_due = Some(self.clock.now());
         }
         if self

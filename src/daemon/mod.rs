@@ -41,6 +41,7 @@ use crate::router::choice::RouterAddress;
 use crate::router::discover::{self, DiscoverError};
 use crate::router::session::RouterConnect;
 use crate::state::{State, StateError, StateFile};
+use crate::yielding::{Interrupts, Progress};
 
 /// How long to wait before looking for a missing kubeconfig again.
 pub const KUBECONFIG_RETRY_SECS: u64 = 10;
@@ -64,6 +65,8 @@ pub enum DaemonError {
 pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonError> {
     let (mut state, mut store) = open_state(&config.state.path)?;
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    // The same signals, seen by a long pass between two router requests.
+    let interrupts = Interrupts::signals().map_err(DaemonError::Signals)?;
     let mut systemd = Systemd::default();
     let metrics = Metrics::new(config.router.lease_secs, verify_interval(&config));
     // The watchdog is pinged by progress only (metrics: each pass, each router answer, an
@@ -144,6 +147,9 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
             &mut systemd,
         )
         .with_ha(leadership.as_mut());
+        ctx.interrupts = interrupts.clone().watching(changed.clone());
+        let alive = metrics.clone();
+        ctx.router.progress = Progress::new(move || alive.loop_alive());
         let mut coalesce = Coalesce::default();
         loop {
             // Every pass through the loop proves it alive (and pings the watchdog), however
@@ -212,6 +218,14 @@ async fn next_event(
     role: impl Future<Output = ()>,
 ) -> Event {
     tokio::select! {
+        // Signals first: a pass cut short by one left the next pass due at once.
+        biased;
+        wake = wait_signal_or(signals, Duration::MAX, metrics) => match wake {
+            Wake::Reload => Event::Reload,
+            Wake::Stop => Event::Stop,
+            // (Without a deadline the wait ends only with a signal.)
+            Wake::Timer => Event::Pass(Trigger::Timer),
+        },
         // This host's HA standing changed (README, "High availability").
         () = role => Event::Pass(Trigger::Timer),
         () = changes => Event::Pass(Trigger::Cluster),
@@ -219,12 +233,6 @@ async fn next_event(
         announcement = next_announcement(announcements) => {
             Event::Pass(Trigger::Announcement(announcement))
         }
-        wake = wait_signal_or(signals, Duration::MAX, metrics) => match wake {
-            Wake::Reload => Event::Reload,
-            Wake::Stop => Event::Stop,
-            // (Without a deadline the wait ends only with a signal.)
-            Wake::Timer => Event::Pass(Trigger::Timer),
-        },
     }
 }
 

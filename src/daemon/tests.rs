@@ -1050,3 +1050,43 @@ async fn fenced_requests_never_reach_the_router() {
     assert!(connect.probe(None).await.is_err());
     assert!(connect.reach(Backend::Pcp).await.is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_signal_ends_a_pass_between_two_router_requests_and_the_next_pass_sends_the_rest() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world
+        .cluster
+        .set(vec![web("a", 8080), web("b", 8081), web("c", 8082)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+
+    // SIGHUP: one request goes (every pass makes progress), then the pass stops, the rest
+    // waits as pending and the next pass is due at once.
+    ctx.interrupts.request_reload();
+    let next = ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls(), ["map 8080 pcp"]);
+    assert_eq!(next.due, Some(books_now(&ctx)));
+    assert_eq!(record(ctx.state, 8080).status, MappingStatus::Active);
+    assert_eq!(record(ctx.state, 8081).status, MappingStatus::Pending);
+    assert_eq!(record(ctx.state, 8082).status, MappingStatus::Pending);
+
+    let next = ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.lab.calls_since(1), ["map 8081 pcp", "map 8082 pcp"]);
+    assert_eq!(next.served, Some(3));
+
+    // SIGTERM: a stopping daemon sends nothing more; the new Service waits as pending.
+    world.cluster.set(vec![
+        web("a", 8080),
+        web("b", 8081),
+        web("c", 8082),
+        web("d", 8083),
+    ]);
+    ctx.interrupts.request_stop();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.lab.calls().len(), 3, "{:?}", world.lab.calls());
+    assert_eq!(record(ctx.state, 8083).status, MappingStatus::Pending);
+    assert!(ctx.interrupts.stopping());
+}

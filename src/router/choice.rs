@@ -104,6 +104,11 @@ impl Router {
         }
         let mut tried = Vec::new();
         for backend in order {
+            // Each protocol tried (answered or timed out) is progress (ARCHITECTURE.md, "The
+            // loop").
+            if !tried.is_empty() {
+                crate::yielding::progressed();
+            }
             match backend {
                 Backend::Pcp => {
                     let mut client = PcpClient::new(address.gateway, address.local)

@@ -17,6 +17,7 @@ use crate::router::choice::{NoRouterFound, Router, RouterAddress};
 use crate::router::instrument::{Instrumented, RequestLog};
 use crate::router::{PortMapper, RouterError};
 use crate::state::{Failure, MappingRecord, MappingStatus, State};
+use crate::yielding::Progress;
 
 /// With `router.backend = "auto"`, checks the router may miss in a row before the protocols
 /// are probed again.
@@ -207,6 +208,9 @@ pub struct Session<C: Connect> {
     /// Which router announcements are worth a unicast check, and whether a check's answer
     /// may restore mappings (README, "Security model").
     pub announce_gate: AnnounceGate,
+    /// Reported between the requests of a probe, a purge and the retiring of mappings, which
+    /// the loop's passes do not see one by one.
+    pub progress: Progress,
 }
 
 impl<C: Connect> Session<C> {
@@ -222,6 +226,7 @@ impl<C: Connect> Session<C> {
             last_check: tokio::time::Instant::now(),
             silent_checks: 0,
             announce_gate: AnnounceGate::new(),
+            progress: Progress::default(),
         }
     }
 
@@ -232,7 +237,7 @@ impl<C: Connect> Session<C> {
             return false;
         }
         let started = (jiff::Timestamp::now(), tokio::time::Instant::now());
-        match self.connect.probe(preferred).await {
+        match self.progress.during(self.connect.probe(preferred)).await {
             Ok(mapper) => {
                 self.probe = Probe::default();
                 self.mapper = Some(mapper);
@@ -252,7 +257,8 @@ impl<C: Connect> Session<C> {
         let Some(mapper) = self.mapper.as_mut() else {
             return;
         };
-        if let Err(e) = self.connect.purge_leftovers(mapper, keep).await {
+        let purge = self.connect.purge_leftovers(mapper, keep);
+        if let Err(e) = self.progress.during(purge).await {
             tracing::warn!(error = %e, "could not look for leftover mappings on the router");
         }
     }
@@ -315,7 +321,9 @@ impl<C: Connect> Session<C> {
                 continue;
             };
             for record in records {
-                match router.unmap(&record.lease()).await {
+                let result = router.unmap(&record.lease()).await;
+                self.progress.now();
+                match result {
                     Ok(()) => {
                         tracing::info!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, made_with = %old, "deleted before re-requesting it through {current}")

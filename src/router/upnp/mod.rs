@@ -387,6 +387,8 @@ impl UpnpClient {
             control: self.control.to_string(),
             source,
         })?;
+        // A listing or a purge is many requests in one call: each answer is progress.
+        crate::yielding::progressed();
         Ok(soap::parse_reply(response.status, &response.body, action))
     }
 
