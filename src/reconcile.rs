@@ -11,6 +11,11 @@
 //! backoff, while renewals of recorded mappings and unmaps still go, so serving goes on. The
 //! old state file is left as it was. [`StateStore`] remembers the failure so it is logged
 //! when it begins, changes or ends rather than at every pass.
+//!
+//! With `[ha]` those same requests are also shared before they are sent
+//! ([`Persist::share_pending`]: mirrored into the cluster, README.md "High availability");
+//! if that fails they are held back the same way, retried from
+//! [`UNSHARED_RETRY_FLOOR_SECS`] on.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -276,10 +281,11 @@ pub async fn execute_until<M: PortMapper>(
     }
     save(state, store, &mut outcome, now);
     // 1b. Then shared (with `[ha]`: mirrored into the cluster) before any of them is sent: a
-    // host that dies after sending must leave their nonces where the next host reads them,
-    // or that host's request for the same port under a new nonce is refused until the
-    // orphan's lease ends (RFC 6887 §11.3). Renewals, restores with a known nonce and unmaps
-    // need nothing new, so they go either way.
+    // host that dies after sending must leave their nonces where the next host reads them.
+    // NOTE: RFC 6887 §11.3: the next host's request for the same port and internal address
+    // (relay mode: the floating address) under a new nonce is refused until the orphan's
+    // lease ends. Renewals, restores with a known nonce and unmaps need nothing new, so they
+    // go either way.
     let unshared = match &outcome.save_error {
         None if !unsaved.is_empty() => store.share_pending(state).await.err(),
         _ => None,
