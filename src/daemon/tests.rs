@@ -1010,6 +1010,8 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
 struct Refusable {
     inner: crate::ha::role::MemoryMirror,
     refuse: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes never answer (an API server that hangs).
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl crate::ha::role::Mirror for Refusable {
@@ -1030,6 +1032,9 @@ impl crate::ha::role::Mirror for Refusable {
         state: &State,
         standing: &crate::ha::runner::Standing,
     ) -> futures::future::BoxFuture<'_, Result<(), crate::ha::lease::LeaseError>> {
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
             return Box::pin(std::future::ready(Err(
                 crate::ha::lease::LeaseError::Fenced {
@@ -1061,6 +1066,7 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
     let mirror = MemoryMirror::default();
     lock(&world.lab.0).mirror = Some(mirror.clone());
     let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (_standing, receiver) = tokio::sync::watch::channel(Standing {
         identity: "node-a".into(),
         role: Role::Leader {
@@ -1074,6 +1080,7 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
         Box::new(Refusable {
             inner: mirror.clone(),
             refuse: refuse.clone(),
+            hang: hang.clone(),
         }),
     );
     let mut books = Books::new();
@@ -1147,6 +1154,22 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
     );
     assert_eq!(record(ctx.state, 8081).status, MappingStatus::Active);
     assert_eq!(mirror.records().as_ref(), Some(&*ctx.state));
+
+    // A mirror that never answers holds the pass up for at most MIRROR_FIRST_SECS; the new
+    // mapping waits.
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    world
+        .cluster
+        .set(vec![web("web", 8080), web("new", 8081), web("late", 8082)]);
+    let calls = world.lab.calls().len();
+    let started = tokio::time::Instant::now();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(crate::ha::role::MIRROR_FIRST_SECS)
+    );
+    assert!(world.lab.calls_since(calls).is_empty());
+    assert_eq!(record(ctx.state, 8082).failure, Some(Failure::HeldBack));
 }
 
 /// The fence sits on the plan's path to the router: a request after the renew deadline is
