@@ -11,10 +11,16 @@
 //! backoff, while renewals of recorded mappings and unmaps still go, so serving goes on. The
 //! old state file is left as it was. [`StateStore`] remembers the failure so it is logged
 //! when it begins, changes or ends rather than at every pass.
+//!
+//! With `[ha]` those same requests are also shared before they are sent
+//! ([`Persist::share_pending`]: mirrored into the cluster, README.md "High availability");
+//! if that fails they are held back the same way, retried from
+//! [`UNSHARED_RETRY_FLOOR_SECS`] on.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 
@@ -60,6 +66,15 @@ pub struct Outcome {
 /// mapping is not on disk yet, so it stays held back until a save works.
 pub const HELD_BACK_PREFIX: &str = "state file could not be saved";
 
+/// How a request held back because the pending records could not be shared (with `[ha]`:
+/// mirrored into the cluster) reads in a mapping's `last_error`.
+pub const UNSHARED_PREFIX: &str = "the mapping records could not be mirrored into the cluster";
+
+/// First retry of a request held back because it could not be shared; doubles like
+/// [`RETRY_FLOOR_SECS`]. Short: the mirror usually answers again within seconds, and a host
+/// that cannot reach it for longer is fenced anyway.
+pub const UNSHARED_RETRY_FLOOR_SECS: u64 = 2;
+
 /// Whether this mapping's last request was held back for an unsaved state.
 fn held_back(record: &MappingRecord) -> bool {
     record.failure == Some(Failure::HeldBack)
@@ -75,7 +90,19 @@ pub trait Persist {
     fn failure(&self) -> Option<&str> {
         None
     }
+
+    /// Shares the records about to be requested beyond this host, awaited after the pending
+    /// save and before any router request that needs a new nonce or a held-back mapping
+    /// (README.md, "High availability": with `[ha]`, the mirror in the cluster). An error
+    /// holds those requests back like a failed save. Nothing to share by default.
+    fn share_pending<'s>(&'s mut self, _state: &'s State) -> BoxFuture<'s, Result<(), ShareError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
+
+/// Why [`Persist::share_pending`] could not share the pending records (its own error, with
+/// its causes).
+pub type ShareError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Persist for StateFile {
     fn persist(&mut self, state: &State) -> Result<(), StateError> {
@@ -110,6 +137,10 @@ impl<P: Persist> Persist for StateStore<P> {
 
     fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    fn share_pending<'s>(&'s mut self, state: &'s State) -> BoxFuture<'s, Result<(), ShareError>> {
+        self.target.share_pending(state)
     }
 }
 
@@ -249,21 +280,37 @@ pub async fn execute_until<M: PortMapper>(
         }
     }
     save(state, store, &mut outcome, now);
-    let not_sent: BTreeSet<MappingKey> = match &outcome.save_error {
-        Some(e) => {
-            let why = with_causes(e);
-            for key in &unsaved {
-                if let Some(record) = state.mappings.get_mut(key) {
-                    hold_back(record, &why, now, rand::rng().random_range(0.9..1.1));
-                    outcome.failed += 1;
-                    tracing::warn!(service = %record.owner, external_port = record.external_port,
-                        protocol = %record.protocol, retry_at = ?record.retry_at,
-                        "not asking the router until the state file can be saved");
-                }
-            }
+    // 1b. Then shared (with `[ha]`: mirrored into the cluster) before any of them is sent: a
+    // host that dies after sending must leave their nonces where the next host reads them.
+    // NOTE: RFC 6887 §11.3: the next host's request for the same port and internal address
+    // (relay mode: the floating address) under a new nonce is refused until the orphan's
+    // lease ends. Renewals, restores with a known nonce and unmaps need nothing new, so they
+    // go either way.
+    let unshared = match &outcome.save_error {
+        None if !unsaved.is_empty() => store.share_pending(state).await.err(),
+        _ => None,
+    };
+    let not_sent: BTreeSet<MappingKey> = match (&outcome.save_error, &unshared) {
+        (Some(e), _) => {
+            let why = format!("{HELD_BACK_PREFIX}: {}", with_causes(e));
+            hold_back_all(state, &unsaved, &why, RETRY_FLOOR_SECS, &mut outcome, now);
             unsaved
         }
-        None => BTreeSet::new(),
+        (None, Some(e)) => {
+            // Held back, retried soon: the next host could not renew what this one sends
+            // now, and a request it cannot renew is worse than one a few seconds late.
+            let why = format!("{UNSHARED_PREFIX}: {}", with_causes(e.as_ref()));
+            hold_back_all(
+                state,
+                &unsaved,
+                &why,
+                UNSHARED_RETRY_FLOOR_SECS,
+                &mut outcome,
+                now,
+            );
+            unsaved
+        }
+        (None, None) => BTreeSet::new(),
     };
 
     // 2. Talk to the router. Once it does not answer, the rest of this pass is not sent:
@@ -618,24 +665,39 @@ fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now:
     }
 }
 
-/// Records a request not sent because the state holding it could not be saved: it is
-/// retried with the usual backoff (or at once when a save works again).
-fn hold_back(record: &mut MappingRecord, why: &str, now: Timestamp, jitter: f64) {
+/// Holds back every request in `keys` for `why` (see [`hold_back`]), retried from
+/// `floor_secs` on.
+fn hold_back_all(
+    state: &mut State,
+    keys: &BTreeSet<MappingKey>,
+    why: &str,
+    floor_secs: u64,
+    outcome: &mut Outcome,
+    now: Timestamp,
+) {
+    for key in keys {
+        if let Some(record) = state.mappings.get_mut(key) {
+            let jitter = rand::rng().random_range(0.9..1.1);
+            hold_back(record, why, Duration::from_secs(floor_secs), now, jitter);
+            outcome.failed += 1;
+            tracing::warn!(service = %record.owner, external_port = record.external_port,
+                protocol = %record.protocol, retry_at = ?record.retry_at, reason = why,
+                "not asking the router for this mapping yet");
+        }
+    }
+}
+
+/// Records a request not sent because the state holding it could not be saved (or shared):
+/// it is retried with the usual backoff from `floor` (or at once when a save works again).
+fn hold_back(record: &mut MappingRecord, why: &str, floor: Duration, now: Timestamp, jitter: f64) {
     record.failures = record.failures.saturating_add(1);
     record.failure = Some(Failure::HeldBack);
     record.last_error = Some(format!(
-        "{HELD_BACK_PREFIX}: {why}; not asking the router for {} until it can",
+        "{why}; not asking the router for {} until it can",
         record.key()
     ));
     record.status = MappingStatus::Failed;
-    record.retry_at = Some(after(
-        now,
-        retry_delay(
-            record.failures,
-            Duration::from_secs(RETRY_FLOOR_SECS),
-            jitter,
-        ),
-    ));
+    record.retry_at = Some(after(now, retry_delay(record.failures, floor, jitter)));
 }
 
 fn new_record(
@@ -1179,7 +1241,13 @@ mod tests {
         let now = start();
         let old_internal = Endpoint::new(Ipv4Addr::new(192, 168, 1, 21), 30000);
         let mut record = new_record(&mapping(8090), mapping(8090).target.endpoint, Backend::Pcp);
-        hold_back(&mut record, "disk full", now, 1.0);
+        hold_back(
+            &mut record,
+            "disk full",
+            Duration::from_secs(RETRY_FLOOR_SECS),
+            now,
+            1.0,
+        );
         record.replaces.push(Replaced {
             owner: Owner::new("default", "twin-a"),
             address: old_internal.address,

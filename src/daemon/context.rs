@@ -11,7 +11,7 @@ use jiff::Timestamp;
 
 use crate::config::Config;
 use crate::desired::desired;
-use crate::ha::role::{Fence, Fenced, Gate, Leadership};
+use crate::ha::role::{Fence, Fenced, Gate, Leadership, MirrorFirst};
 use crate::kube::report::ClusterReport;
 use crate::kube::watch::ClusterSource;
 use crate::metrics::Metrics;
@@ -277,11 +277,13 @@ where
             .as_deref()
             .map_or_else(Fence::default, Leadership::fence);
         self.interrupts.begin(now, plan.next_due);
+        // With `[ha]`, new mappings are mirrored before they are sent, as they are saved
+        // (README.md, "High availability"); the results are mirrored below.
         let outcome = reconcile::execute_until(
             &plan,
             self.state,
             &mut Fenced::new(Instrumented::new(&mut *router, self.metrics), fence.clone()),
-            self.store,
+            &mut MirrorFirst::new(&mut *self.store, self.ha.as_deref_mut()),
             self.config.router.lease_secs,
             now,
             &mut self.interrupts,

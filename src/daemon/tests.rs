@@ -80,7 +80,14 @@ struct Routers {
     external: Option<Ipv4Addr>,
     /// Announcement checks it answered.
     confirms: usize,
+    /// `[ha]`: the mirror each map request is checked against as it arrives.
+    mirror: Option<crate::ha::role::MemoryMirror>,
+    /// Per map request: its port, its nonce, and the mirror's record of that port then
+    /// (status and nonce).
+    mirrored_at_map: Vec<MirroredAtMap>,
 }
+
+type MirroredAtMap = (u16, Option<String>, Option<(MappingStatus, Option<String>)>);
 
 impl Routers {
     /// Seconds since its mapping table began (RFC 6887 §8.5, RFC 6886 §3.6).
@@ -148,6 +155,18 @@ impl PortMapper for Scripted {
         let mut routers = lock(&self.lab.0);
         let port = request.external_port;
         routers.calls.push(format!("map {port} {}", self.backend));
+        if let Some(mirror) = routers.mirror.clone() {
+            let key = MappingKey {
+                protocol: request.protocol,
+                external_port: port,
+            };
+            let seen = mirror
+                .records()
+                .and_then(|state| state.mappings.get(&key).cloned())
+                .map(|r| (r.status, r.nonce));
+            let nonce = request.nonce.map(|n| n.to_string());
+            routers.mirrored_at_map.push((port, nonce, seen));
+        }
         if !routers.answering.contains(&self.backend) {
             return Err(RouterError::silent_for_tests());
         }
@@ -985,6 +1004,172 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
         Some(mirrored),
         "fenced: the mirror is not written"
     );
+}
+
+/// A [`MemoryMirror`](crate::ha::role::MemoryMirror) whose writes the API can refuse.
+struct Refusable {
+    inner: crate::ha::role::MemoryMirror,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes never answer (an API server that hangs).
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::ha::role::Mirror for Refusable {
+    fn take_over(
+        &mut self,
+    ) -> futures::future::BoxFuture<'_, Result<Option<State>, crate::ha::lease::LeaseError>> {
+        self.inner.take_over()
+    }
+
+    fn save(&mut self, state: &State, standing: &crate::ha::runner::Standing) {
+        if !self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.save(state, standing);
+        }
+    }
+
+    fn write(
+        &mut self,
+        state: &State,
+        standing: &crate::ha::runner::Standing,
+    ) -> futures::future::BoxFuture<'_, Result<(), crate::ha::lease::LeaseError>> {
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::ready(Err(
+                crate::ha::lease::LeaseError::Fenced {
+                    at: "refused by the test".into(),
+                },
+            )));
+        }
+        self.inner.write(state, standing)
+    }
+}
+
+/// `[ha]`, mirror before sent: a new mapping's pending record, with its nonce, is in the
+/// mirror before the router sees the request, so a host that dies right after sending leaves
+/// the nonce to the next one. While the mirror refuses writes, no new mapping goes out but a
+/// renewal of a mirrored one does; the held-back one goes a few seconds after the mirror
+/// answers again, with the nonce it was mirrored with (README, "High availability").
+#[tokio::test(start_paused = true)]
+async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_mirror_refuses() {
+    use crate::ha::election::Role;
+    use crate::ha::role::{Leadership, MemoryMirror};
+    use crate::ha::runner::Standing;
+    use crate::reconcile::UNSHARED_PREFIX;
+    use crate::state::Failure;
+
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    let mirror = MemoryMirror::default();
+    lock(&world.lab.0).mirror = Some(mirror.clone());
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (_standing, receiver) = tokio::sync::watch::channel(Standing {
+        identity: "node-a".into(),
+        role: Role::Leader {
+            until: std::time::Instant::now() + Duration::from_secs(24 * 3600),
+        },
+        transitions: 1,
+    });
+    let mut leadership = Leadership::new(
+        receiver,
+        None,
+        Box::new(Refusable {
+            inner: mirror.clone(),
+            refuse: refuse.clone(),
+            hang: hang.clone(),
+        }),
+    );
+    let mut books = Books::new();
+    world.cluster.set(vec![web("web", 8080)]);
+    let mut ctx =
+        context(&world, &mut books, config(BackendChoice::Pcp)).with_ha(Some(&mut leadership));
+    let at_map = |lab: &Lab| std::mem::take(&mut lock(&lab.0).mirrored_at_map);
+
+    // The normal case: pending and mirrored with its nonce when the router is asked.
+    let next = ctx.pass(Trigger::Cluster).await;
+    assert_eq!(next.served, Some(1));
+    let nonce = record(ctx.state, 8080).nonce.clone();
+    assert!(nonce.is_some(), "a PCP mapping has a nonce");
+    assert_eq!(
+        at_map(&world.lab),
+        [(8080, nonce.clone(), Some((MappingStatus::Pending, nonce)))],
+        "the router saw the request after the mirror held it"
+    );
+    assert_eq!(
+        mirror.records().as_ref(),
+        Some(&*ctx.state),
+        "and the result is mirrored after"
+    );
+
+    // The mirror refuses writes; a new Service comes while 8080's renewal falls due.
+    refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    world.cluster.set(vec![web("web", 8080), web("new", 8081)]);
+    let calls = world.lab.calls().len();
+    let renewed_before = record(ctx.state, 8080).renew_at;
+    next_timed_pass(&mut ctx).await;
+    assert_eq!(
+        world.lab.calls_since(calls),
+        ["map 8080 pcp"],
+        "the renewal of a mirrored mapping goes; the new mapping does not"
+    );
+    assert_ne!(record(ctx.state, 8080).renew_at, renewed_before, "renewed");
+    let held = record(ctx.state, 8081);
+    assert_eq!(held.status, MappingStatus::Failed);
+    assert_eq!(held.failure, Some(Failure::HeldBack));
+    assert!(
+        held.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(UNSHARED_PREFIX)),
+        "{:?}",
+        held.last_error
+    );
+    let held_nonce = held.nonce.clone();
+    assert!(held_nonce.is_some());
+    at_map(&world.lab);
+
+    // The mirror answers again: the held-back mapping goes within seconds, mirrored first
+    // with the nonce it keeps.
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let calls = world.lab.calls().len();
+    let next = next_timed_pass(&mut ctx).await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(3),
+        "retried after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(world.lab.calls_since(calls), ["map 8081 pcp"]);
+    assert_eq!(next.served, Some(2));
+    assert_eq!(
+        at_map(&world.lab),
+        [(
+            8081,
+            held_nonce.clone(),
+            Some((MappingStatus::Pending, held_nonce))
+        )]
+    );
+    assert_eq!(record(ctx.state, 8081).status, MappingStatus::Active);
+    assert_eq!(mirror.records().as_ref(), Some(&*ctx.state));
+
+    // A mirror that never answers holds the pass up for at most MIRROR_FIRST_SECS; the new
+    // mapping waits.
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    world
+        .cluster
+        .set(vec![web("web", 8080), web("new", 8081), web("late", 8082)]);
+    let calls = world.lab.calls().len();
+    let started = tokio::time::Instant::now();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(crate::ha::role::MIRROR_FIRST_SECS)
+    );
+    assert!(world.lab.calls_since(calls).is_empty());
+    assert_eq!(record(ctx.state, 8082).failure, Some(Failure::HeldBack));
 }
 
 /// The fence sits on the plan's path to the router: a request after the renew deadline is

@@ -66,6 +66,29 @@ pub trait Mirror: Send {
     /// Hands `state` over to be written as the records of `standing`'s holder (latest wins,
     /// never blocking the loop; a host that may no longer act writes nothing).
     fn save(&mut self, state: &State, standing: &Standing);
+    /// Writes `state` as the records of `standing`'s holder now and answers when written
+    /// (mirror before sent); an older save handed over and not yet written is dropped.
+    fn write(
+        &mut self,
+        state: &State,
+        standing: &Standing,
+    ) -> BoxFuture<'_, Result<(), LeaseError>>;
+}
+
+/// The longest the loop waits for the mirror before sending new mappings: an API this slow
+/// means the renew deadline (and the fence) is near anyway.
+pub const MIRROR_FIRST_SECS: u64 = 2;
+
+/// Why the pending records could not be mirrored before sending.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorFirstError {
+    #[error("the write did not finish within {MIRROR_FIRST_SECS} s")]
+    Timeout,
+    #[error("the write failed")]
+    Write {
+        #[source]
+        source: LeaseError,
+    },
 }
 
 /// The fencing check, shared with [`Fenced`]: `None` (no `[ha]`) always acts.
@@ -382,6 +405,21 @@ impl Leadership {
         self.mirrored = Some(state.clone());
     }
 
+    /// Mirror before sent: writes `state` with its pending records and waits until it is
+    /// written, at most [`MIRROR_FIRST_SECS`].
+    pub async fn mirror_now(&mut self, state: &State) -> Result<(), MirrorFirstError> {
+        let standing = self.standing.borrow().clone();
+        let write = self.mirror.write(state, &standing);
+        match tokio::time::timeout(Duration::from_secs(MIRROR_FIRST_SECS), write).await {
+            Ok(Ok(())) => {
+                self.mirrored = Some(state.clone());
+                Ok(())
+            }
+            Ok(Err(source)) => Err(MirrorFirstError::Write { source }),
+            Err(_) => Err(MirrorFirstError::Timeout),
+        }
+    }
+
     /// Waits until what the loop may do changed: acting or not (a new standing, the fencing
     /// deadline reached), another holder, or the address added or removed. A renewal alone
     /// (a later deadline) does not wake the loop.
@@ -475,6 +513,40 @@ impl Leadership {
             tracing::warn!(
                 "high availability: the Lease was not released in time; the other hosts take it when it expires"
             );
+        }
+    }
+}
+
+/// The state's [`Persist`] target with `[ha]`: saves go to `store`, and the pending records
+/// are mirrored before a router request creates a mapping ([`Leadership::mirror_now`]).
+/// Without `[ha]` it only saves.
+pub struct MirrorFirst<'a, P> {
+    store: &'a mut P,
+    ha: Option<&'a mut Leadership>,
+}
+
+impl<'a, P: Persist> MirrorFirst<'a, P> {
+    pub fn new(store: &'a mut P, ha: Option<&'a mut Leadership>) -> Self {
+        MirrorFirst { store, ha }
+    }
+}
+
+impl<P: Persist> Persist for MirrorFirst<'_, P> {
+    fn persist(&mut self, state: &State) -> Result<(), crate::state::StateError> {
+        self.store.persist(state)
+    }
+
+    fn failure(&self) -> Option<&str> {
+        self.store.failure()
+    }
+
+    fn share_pending<'s>(
+        &'s mut self,
+        state: &'s State,
+    ) -> BoxFuture<'s, Result<(), crate::reconcile::ShareError>> {
+        match self.ha.as_deref_mut() {
+            Some(ha) => Box::pin(async move { Ok(ha.mirror_now(state).await?) }),
+            None => self.store.share_pending(state),
         }
     }
 }
@@ -609,6 +681,21 @@ impl Mirror for KubeMirror {
         self.latest
             .send_replace(Some((state.clone(), standing.clone())));
     }
+
+    fn write(
+        &mut self,
+        state: &State,
+        standing: &Standing,
+    ) -> BoxFuture<'_, Result<(), LeaseError>> {
+        let (state, standing) = (state.clone(), standing.clone());
+        Box::pin(async move {
+            self.writer.lock().await.save(&state, &standing).await?;
+            // An older save the writer task still holds (one that failed and waits to be
+            // tried again) must not overwrite these records.
+            self.latest.send_replace(None);
+            Ok(())
+        })
+    }
 }
 
 /// Writes the latest records handed over; a failed write is tried again unless newer
@@ -670,6 +757,22 @@ impl Mirror for MemoryMirror {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state.clone());
         }
+    }
+
+    fn write(
+        &mut self,
+        state: &State,
+        standing: &Standing,
+    ) -> BoxFuture<'_, Result<(), LeaseError>> {
+        let result = if standing.may_act(Instant::now()) {
+            self.save(state, standing);
+            Ok(())
+        } else {
+            Err(LeaseError::Fenced {
+                at: "memory".into(),
+            })
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -813,6 +916,14 @@ mod tests {
         }
 
         fn save(&mut self, _state: &State, _standing: &Standing) {}
+
+        fn write(
+            &mut self,
+            _state: &State,
+            _standing: &Standing,
+        ) -> BoxFuture<'_, Result<(), LeaseError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
     }
 
     struct NoSave;
