@@ -6,9 +6,10 @@
 //!
 //! [`Pinholes`] is the loop's part for IPv6: one [`Pinholes::pass`] after the IPv4 mappings
 //! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
-//! route) and this host's address toward it, builds the client for the backend the IPv4 side
-//! uses, and says once why IPv6 is not used when it cannot be (NAT-PMP, gateway mode, no
-//! IPv6 default route).
+//! route; a link-local one with its interface's index, README "IPv6") and this host's address
+//! toward it, builds the client for the backend the IPv4 side uses, and says once why IPv6 is
+//! not used when it cannot be (NAT-PMP, gateway mode, no IPv6 default route, UPnP through a
+//! link-local next hop, no global address on its interface).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
