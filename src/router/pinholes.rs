@@ -305,51 +305,54 @@ impl PinholeConnect for RouterPinholes {
         backend: Backend,
         config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
-        Box::pin(async move {
-            let Ipv6Path {
-                router,
-                scope_id,
-                host,
-            } = ipv6_path()?;
-            match backend {
-                Backend::Pcp => {
-                    Ok(Box::new(PcpPinholes::new(router, scope_id, host))
-                        as Box<dyn PinholeRouter>)
-                }
-                Backend::Upnp if is_link_local(router) => Err(format!(
-                    "UPnP IPv6 pinholes need the router at a global address, but the IPv6 \
-                     default route's next hop {router} is link-local; use router.backend = \
-                     \"pcp\" if the router speaks PCP, or give the host a default route via \
-                     the router's global address"
-                )),
-                Backend::Upnp => {
-                    // NOTE: the IGD's description is fetched again over IPv6, at the router's
-                    // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
-                    // both families on one port); WANIPv6FirewallControl must be called from
-                    // this host's IPv6 address (README, "IPv6").
-                    let described = config.router.igd_url.as_deref().ok_or(
-                        "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
-                    )?;
-                    let url = super::upnp::http::HttpUrl::parse(described)
-                        .map_err(|e| format!("router.igd_url: {e}"))?;
-                    let url6 = super::upnp::http::HttpUrl::parse(&format!(
-                        "http://[{router}]:{}{}",
-                        url.port, url.path
-                    ))
-                    .map_err(|e| format!("the IPv6 description URL: {e}"))?;
-                    let client = PinholeClient::discover(
-                        &url6,
-                        host,
-                        Duration::from_secs(UPNP_TIMEOUT_SECS),
-                    )
+        Box::pin(async move { client_for(ipv6_path()?, backend, config).await })
+    }
+}
+
+/// The pinhole client for `backend` on `path`, or why there is none.
+async fn client_for(
+    path: Ipv6Path,
+    backend: Backend,
+    config: &Config,
+) -> Result<Box<dyn PinholeRouter>, String> {
+    let Ipv6Path {
+        router,
+        scope_id,
+        host,
+    } = path;
+    match backend {
+        Backend::Pcp => {
+            Ok(Box::new(PcpPinholes::new(router, scope_id, host)) as Box<dyn PinholeRouter>)
+        }
+        Backend::Upnp if is_link_local(router) => Err(format!(
+            "UPnP IPv6 pinholes need the router at a global address, but the IPv6 \
+             default route's next hop {router} is link-local; use router.backend = \"pcp\" \
+             if the router speaks PCP, or give the host a default route via the router's \
+             global address"
+        )),
+        Backend::Upnp => {
+            // NOTE: the IGD's description is fetched again over IPv6, at the router's
+            // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
+            // both families on one port); WANIPv6FirewallControl must be called from
+            // this host's IPv6 address (README, "IPv6").
+            let described = config.router.igd_url.as_deref().ok_or(
+                "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
+            )?;
+            let url = super::upnp::http::HttpUrl::parse(described)
+                .map_err(|e| format!("router.igd_url: {e}"))?;
+            let url6 = super::upnp::http::HttpUrl::parse(&format!(
+                "http://[{router}]:{}{}",
+                url.port, url.path
+            ))
+            .map_err(|e| format!("the IPv6 description URL: {e}"))?;
+            let client =
+                PinholeClient::discover(&url6, host, Duration::from_secs(UPNP_TIMEOUT_SECS))
                     .await
                     .map_err(|e| e.to_string())?;
-                    Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
-                }
-                Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
-                Backend::None => Err("no router protocol is in use".to_owned()),
-            }
-        })
+            Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
+        }
+        Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
+        Backend::None => Err("no router protocol is in use".to_owned()),
     }
 }
 
@@ -953,5 +956,29 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
         let error = link_local_path(&gone, &addresses).expect_err("no interface");
         assert!(error.contains("eth9"), "{error}");
         assert!(parse_if_inet6("garbage\n").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_link_local_router_gets_a_pcp_client_and_no_upnp_one() {
+        let config = Config::default();
+        let path = link_local_path(&wlan_gateway(), &parse_if_inet6(IF_INET6)).expect("a path");
+        // PCP: asked at the link-local address (sends nothing until a request).
+        let pcp = client_for(path, Backend::Pcp, &config)
+            .await
+            .expect("a PCP client");
+        assert_eq!(pcp.router(), "fe80::1".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(
+            pcp.host(),
+            "2001:db8:77::10".parse::<Ipv6Addr>().expect("ip")
+        );
+        // UPnP: the IGD's URL would carry no scope: refused, saying what to do.
+        let error = match client_for(path, Backend::Upnp, &config).await {
+            Err(error) => error,
+            Ok(_) => panic!("a UPnP client for a link-local router"),
+        };
+        assert!(
+            error.contains("fe80::1 is link-local") && error.contains("router.backend = \"pcp\""),
+            "{error}"
+        );
     }
 }
