@@ -411,3 +411,90 @@ fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_publ
         drop(daemon);
     });
 }
+
+/// The router's link-local address on the LAN (br0), as a Router Advertisement gives it.
+fn router_link_local(lab: &Lab) -> String {
+    let out = lab.exec(
+        "rtr",
+        &[
+            "ip", "-6", "-o", "addr", "show", "dev", "br0", "scope", "link",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("the router has no link-local address on br0: {text}"))
+}
+
+/// The usual home: this host's IPv6 default route goes via the router's link-local address
+/// (learnt from a Router Advertisement). PCP is asked at `[fe80::…%lan0]:5351` from this
+/// host's global address; the internet reaches the Service over IPv6 only once the pinhole
+/// exists. The router runs without `ipv6_listening_ip` (`router-lab up --ipv6-any`): with it,
+/// miniupnpd 2.3.1 binds its IPv6 PCP socket to that global address only and never sees a
+/// request sent to its link-local address (measured: `ss -lun` shows [2001:db8:77::1]:5351).
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
+    let lab = Lab::up_with(PREFIX, &["--ipv6-any"]);
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let router_ll = router_link_local(&lab);
+    assert!(router_ll.starts_with("fe80:"), "{router_ll}");
+    let out = lab.exec(
+        "lan",
+        &[
+            "ip", "-6", "route", "replace", "default", "via", &router_ll, "dev", "lan0",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let routes = lab.exec("lan", &["ip", "-6", "route", "show", "default"]);
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    assert!(
+        routes.contains(&format!("via {router_ll} dev lan0")) && !routes.contains(ROUTER6),
+        "{routes}"
+    );
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _web4 = lab.echo_server("node", NODE_IP, 31080);
+
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        // Before holepunch: the router lets nothing in over IPv6 (and the route works: the
+        // internet client's packets come back through the link-local next hop later).
+        assert!(!reaches6(&lab, "tcp", 8080), "open before any pinhole");
+        assert_eq!(pinholes_on(&lab, 8080), 0);
+        service(fake, "web", 8080, false);
+        let config = config(dir, kubeconfig, "pcp");
+        let daemon = Daemon::start(&config);
+        let took = wait_until(
+            &daemon,
+            "web over IPv6 via the link-local router",
+            WAIT,
+            || reaches6(&lab, "tcp", 8080),
+        );
+        println!(
+            "BENCH ipv6_pcp_link_local_first_reachable_ms {}",
+            took.as_millis()
+        );
+        assert!(reaches4(&lab, "tcp", 8080), "the IPv4 mapping beside it");
+        assert_eq!(pinholes_on(&lab, 8080), 1, "{}", pinhole_rules(&lab));
+        let log = daemon.log();
+        assert!(
+            log.lines().any(
+                |l| l.contains("IPv6 pinholes go through the router's IPv6 address")
+                    && l.contains(&router_ll)
+                    && l.contains(HOST6)
+            ),
+            "the router asked is the link-local one, from the global address:\n{log}"
+        );
+        assert!(!log.contains("is link-local"), "{log}");
+        drop(daemon);
+    });
+}

@@ -6,9 +6,10 @@
 //!
 //! [`Pinholes`] is the loop's part for IPv6: one [`Pinholes::pass`] after the IPv4 mappings
 //! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
-//! route) and this host's address toward it, builds the client for the backend the IPv4 side
-//! uses, and says once why IPv6 is not used when it cannot be (NAT-PMP, gateway mode, no
-//! IPv6 default route).
+//! route; a link-local one with its interface's index, README "IPv6") and this host's address
+//! toward it, builds the client for the backend the IPv4 side uses, and says once why IPv6 is
+//! not used when it cannot be (NAT-PMP, gateway mode, no IPv6 default route, UPnP through a
+//! link-local next hop, no global address on its interface).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -83,9 +84,10 @@ pub struct PcpPinholes {
 }
 
 impl PcpPinholes {
-    pub fn new(router: Ipv6Addr, host: Ipv6Addr) -> PcpPinholes {
+    /// `scope_id`: the interface index when `router` is link-local, else 0.
+    pub fn new(router: Ipv6Addr, scope_id: u32, host: Ipv6Addr) -> PcpPinholes {
         PcpPinholes {
-            client: Pcp6Client::new(router, host),
+            client: Pcp6Client::new(router, host).with_scope_id(scope_id),
             router,
             host,
         }
@@ -303,65 +305,154 @@ impl PinholeConnect for RouterPinholes {
         backend: Backend,
         config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
-        Box::pin(async move {
-            let router = ipv6_default_gateway()?;
-            let host = source_address_toward(router)?;
-            match backend {
-                Backend::Pcp => {
-                    Ok(Box::new(PcpPinholes::new(router, host)) as Box<dyn PinholeRouter>)
-                }
-                Backend::Upnp => {
-                    // NOTE: the IGD's description is fetched again over IPv6, at the router's
-                    // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
-                    // both families on one port); WANIPv6FirewallControl must be called from
-                    // this host's IPv6 address (README, "IPv6").
-                    let described = config.router.igd_url.as_deref().ok_or(
-                        "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
-                    )?;
-                    let url = super::upnp::http::HttpUrl::parse(described)
-                        .map_err(|e| format!("router.igd_url: {e}"))?;
-                    let url6 = super::upnp::http::HttpUrl::parse(&format!(
-                        "http://[{router}]:{}{}",
-                        url.port, url.path
-                    ))
-                    .map_err(|e| format!("the IPv6 description URL: {e}"))?;
-                    let client = PinholeClient::discover(
-                        &url6,
-                        host,
-                        Duration::from_secs(UPNP_TIMEOUT_SECS),
-                    )
+        Box::pin(async move { client_for(ipv6_path()?, backend, config).await })
+    }
+}
+
+/// The pinhole client for `backend` on `path`, or why there is none.
+async fn client_for(
+    path: Ipv6Path,
+    backend: Backend,
+    config: &Config,
+) -> Result<Box<dyn PinholeRouter>, String> {
+    let Ipv6Path {
+        router,
+        scope_id,
+        host,
+    } = path;
+    match backend {
+        Backend::Pcp => {
+            Ok(Box::new(PcpPinholes::new(router, scope_id, host)) as Box<dyn PinholeRouter>)
+        }
+        Backend::Upnp if is_link_local(router) => Err(format!(
+            "UPnP IPv6 pinholes need the router at a global address, but the IPv6 \
+             default route's next hop {router} is link-local; use router.backend = \"pcp\" \
+             if the router speaks PCP, or give the host a default route via the router's \
+             global address"
+        )),
+        Backend::Upnp => {
+            // NOTE: the IGD's description is fetched again over IPv6, at the router's
+            // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
+            // both families on one port); WANIPv6FirewallControl must be called from
+            // this host's IPv6 address (README, "IPv6").
+            let described = config.router.igd_url.as_deref().ok_or(
+                "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
+            )?;
+            let url = super::upnp::http::HttpUrl::parse(described)
+                .map_err(|e| format!("router.igd_url: {e}"))?;
+            let url6 = super::upnp::http::HttpUrl::parse(&format!(
+                "http://[{router}]:{}{}",
+                url.port, url.path
+            ))
+            .map_err(|e| format!("the IPv6 description URL: {e}"))?;
+            let client =
+                PinholeClient::discover(&url6, host, Duration::from_secs(UPNP_TIMEOUT_SECS))
                     .await
                     .map_err(|e| e.to_string())?;
-                    Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
-                }
-                Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
-                Backend::None => Err("no router protocol is in use".to_owned()),
-            }
-        })
+            Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
+        }
+        Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
+        Backend::None => Err("no router protocol is in use".to_owned()),
     }
 }
 
 const PROC_IPV6_ROUTE: &str = "/proc/net/ipv6_route";
+const PROC_IF_INET6: &str = "/proc/net/if_inet6";
 
-/// The next hop of the IPv6 default route with the lowest metric, when it is not link-local
-/// (the PCP and UPnP clients address the router without an interface scope).
-pub fn ipv6_default_gateway() -> Result<Ipv6Addr, String> {
+/// The IPv6 default route's next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Gateway {
+    pub address: Ipv6Addr,
+    /// The route's output interface.
+    pub device: String,
+}
+
+impl Ipv6Gateway {
+    pub fn is_link_local(&self) -> bool {
+        is_link_local(self.address)
+    }
+}
+
+fn is_link_local(address: Ipv6Addr) -> bool {
+    address.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Where the pinholes are asked: the router (with the interface scope a link-local address
+/// needs) and this host's global address the requests are sent from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Path {
+    pub router: Ipv6Addr,
+    /// The interface index for a link-local router, else 0.
+    pub scope_id: u32,
+    pub host: Ipv6Addr,
+}
+
+/// The router and this host's address for IPv6 pinholes: the next hop of the IPv6 default
+/// route with the lowest metric. A link-local next hop (the usual one, learnt from a Router
+/// Advertisement) is kept with its interface's index; the source is then this host's global
+/// address on that interface (README, "IPv6").
+pub fn ipv6_path() -> Result<Ipv6Path, String> {
     let table = std::fs::read_to_string(PROC_IPV6_ROUTE)
         .map_err(|e| format!("cannot read {PROC_IPV6_ROUTE}: {e}"))?;
     let gateway =
         parse_ipv6_default_gateway(&table).ok_or("this host has no IPv6 default route")?;
-    if gateway.segments()[0] & 0xffc0 == 0xfe80 {
-        return Err(format!(
-            "the IPv6 default route's next hop {gateway} is link-local; holepunch asks the \
-             router at a global or unique local address"
-        ));
+    if !gateway.is_link_local() {
+        let host = source_address_toward(gateway.address)?;
+        return Ok(Ipv6Path {
+            router: gateway.address,
+            scope_id: 0,
+            host,
+        });
     }
-    Ok(gateway)
+    let addresses = std::fs::read_to_string(PROC_IF_INET6)
+        .map_err(|e| format!("cannot read {PROC_IF_INET6}: {e}"))?;
+    link_local_path(&gateway, &parse_if_inet6(&addresses))
+}
+
+/// For a link-local next hop: its interface's index and this host's global address there.
+// NOTE: RFC 6887 §8.1: the client sends to its default router, which may be a link-local
+// address; the MAP's client IP must still be the address the pinhole opens, and the request's
+// source must equal it (else ADDRESS_MISMATCH), so the source is a global address on the
+// route's interface, not the link-local one the kernel would pick for a link-local destination
+// (RFC 6724, rule 2).
+pub fn link_local_path(
+    gateway: &Ipv6Gateway,
+    addresses: &[InterfaceAddress],
+) -> Result<Ipv6Path, String> {
+    let on_device: Vec<&InterfaceAddress> = addresses
+        .iter()
+        .filter(|a| a.device == gateway.device)
+        .collect();
+    let Some(scope_id) = on_device.first().map(|a| a.ifindex) else {
+        return Err(format!(
+            "the IPv6 default route's next hop {} is link-local on {}, which has no IPv6 \
+             address; give {} a global IPv6 address or set exposure.ipv6 = \"off\"",
+            gateway.address, gateway.device, gateway.device
+        ));
+    };
+    let host = on_device
+        .iter()
+        .filter(|a| a.usable_global())
+        .min_by_key(|a| a.temporary())
+        .map(|a| a.address)
+        .ok_or_else(|| {
+            format!(
+                "the IPv6 default route's next hop {} is link-local on {}, which has no \
+                 usable global IPv6 address to open pinholes to; give {} a global address \
+                 (from the router's prefix) or set exposure.ipv6 = \"off\"",
+                gateway.address, gateway.device, gateway.device
+            )
+        })?;
+    Ok(Ipv6Path {
+        router: gateway.address,
+        scope_id,
+        host,
+    })
 }
 
 /// Parses `/proc/net/ipv6_route`: destination, prefix length, source, source prefix length,
-/// next hop, metric, ... as hex.
-pub fn parse_ipv6_default_gateway(table: &str) -> Option<Ipv6Addr> {
+/// next hop, metric, reference count, use count, flags, device, the numbers as hex.
+pub fn parse_ipv6_default_gateway(table: &str) -> Option<Ipv6Gateway> {
     let hex = |text: &str| u128::from_str_radix(text, 16).ok().map(Ipv6Addr::from);
     table
         .lines()
@@ -371,11 +462,70 @@ pub fn parse_ipv6_default_gateway(table: &str) -> Option<Ipv6Addr> {
             let length = u8::from_str_radix(fields.get(1)?, 16).ok()?;
             let next_hop = hex(fields.get(4)?)?;
             let metric = u32::from_str_radix(fields.get(5)?, 16).ok()?;
-            (destination.is_unspecified() && length == 0 && !next_hop.is_unspecified())
-                .then_some((metric, next_hop))
+            let device = fields.get(9)?;
+            (destination.is_unspecified() && length == 0 && !next_hop.is_unspecified()).then(|| {
+                (
+                    metric,
+                    Ipv6Gateway {
+                        address: next_hop,
+                        device: (*device).to_owned(),
+                    },
+                )
+            })
         })
         .min_by_key(|(metric, _)| *metric)
         .map(|(_, gateway)| gateway)
+}
+
+/// One line of `/proc/net/if_inet6`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub address: Ipv6Addr,
+    pub ifindex: u32,
+    /// The kernel's scope: 0x00 global, 0x20 link.
+    pub scope: u8,
+    /// IFA_F_* flags.
+    pub flags: u32,
+    pub device: String,
+}
+
+const IFA_F_TEMPORARY: u32 = 0x01;
+const IFA_F_DADFAILED: u32 = 0x08;
+const IFA_F_DEPRECATED: u32 = 0x20;
+const IFA_F_TENTATIVE: u32 = 0x40;
+
+impl InterfaceAddress {
+    /// A global address the internet can reach and that stays: not unique local, not
+    /// deprecated, not failed or still in duplicate address detection.
+    fn usable_global(&self) -> bool {
+        self.scope == 0
+            && self.address.segments()[0] & 0xe000 == 0x2000
+            && self.flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE) == 0
+    }
+
+    /// Privacy addresses change daily: a pinhole goes to a stable address when there is one.
+    fn temporary(&self) -> bool {
+        self.flags & IFA_F_TEMPORARY != 0
+    }
+}
+
+/// Parses `/proc/net/if_inet6`: address, interface index, prefix length, scope, flags (hex),
+/// device.
+pub fn parse_if_inet6(text: &str) -> Vec<InterfaceAddress> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some(InterfaceAddress {
+                address: u128::from_str_radix(fields.first()?, 16)
+                    .ok()
+                    .map(Ipv6Addr::from)?,
+                ifindex: u32::from_str_radix(fields.get(1)?, 16).ok()?,
+                scope: u8::from_str_radix(fields.get(3)?, 16).ok()?,
+                flags: u32::from_str_radix(fields.get(4)?, 16).ok()?,
+                device: (*fields.get(5)?).to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// This host's IPv6 source address toward `router` (a connected UDP socket sends nothing).
@@ -721,16 +871,114 @@ mod tests {
 00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000100 00000001 00000000 00000003 wlan0
 20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 lan0
 ";
-        assert_eq!(
-            parse_ipv6_default_gateway(table),
-            Some("fe80::1".parse().expect("ip"))
-        );
+        let best = parse_ipv6_default_gateway(table).expect("a default route");
+        assert_eq!(best.address, "fe80::1".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(best.device, "wlan0");
+        assert!(best.is_link_local());
         let global_only = table.lines().next().unwrap_or_default();
+        let global = parse_ipv6_default_gateway(global_only).expect("a default route");
         assert_eq!(
-            parse_ipv6_default_gateway(global_only),
-            Some("2001:db8:77::1".parse().expect("ip"))
+            global.address,
+            "2001:db8:77::1".parse::<Ipv6Addr>().expect("ip")
         );
+        assert!(!global.is_link_local());
         assert_eq!(parse_ipv6_default_gateway(""), None);
         assert_eq!(parse_ipv6_default_gateway("garbage zz\n"), None);
+    }
+
+    /// `/proc/net/if_inet6` of a host on wlan0 (index 3) with a link-local, a temporary, a
+    /// stable and a unique local address, and lan0 (index 2) with another global one.
+    const IF_INET6: &str = "\
+fe80000000000000021122fffe334455 03 40 20 80     wlan0
+20010db8007700001c2d3e4f5a6b7c8d 03 40 00 01     wlan0
+fd000000000000000000000000000010 03 40 00 80     wlan0
+20010db8007700000000000000000010 03 40 00 00     wlan0
+20010db8005500000000000000000010 02 40 00 80      lan0
+00000000000000000000000000000001 01 80 10 80        lo
+";
+
+    fn wlan_gateway() -> Ipv6Gateway {
+        Ipv6Gateway {
+            address: "fe80::1".parse().expect("ip"),
+            device: "wlan0".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_link_local_router_is_asked_on_its_interface_from_the_stable_global_address() {
+        let addresses = parse_if_inet6(IF_INET6);
+        assert_eq!(addresses.len(), 6);
+        let path = link_local_path(&wlan_gateway(), &addresses).expect("a path");
+        assert_eq!(path.router, "fe80::1".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(path.scope_id, 3, "wlan0's index");
+        // Not the link-local, the temporary (flag 0x01), the ULA or lan0's address.
+        assert_eq!(
+            path.host,
+            "2001:db8:77::10".parse::<Ipv6Addr>().expect("ip")
+        );
+        // Only a temporary address: that one rather than none.
+        let temporary_only: Vec<InterfaceAddress> = addresses
+            .iter()
+            .filter(|a| a.address != path.host)
+            .cloned()
+            .collect();
+        let path = link_local_path(&wlan_gateway(), &temporary_only).expect("a path");
+        assert_eq!(
+            path.host,
+            "2001:db8:77:0:1c2d:3e4f:5a6b:7c8d"
+                .parse::<Ipv6Addr>()
+                .expect("ip")
+        );
+    }
+
+    #[test]
+    fn a_link_local_router_without_a_usable_global_address_says_what_to_do() {
+        let addresses = parse_if_inet6(IF_INET6);
+        // The normal case works in the same run.
+        assert!(link_local_path(&wlan_gateway(), &addresses).is_ok());
+        // Deprecated (0x20), tentative (0x40) and ULA addresses are no source.
+        let unusable = parse_if_inet6(
+            "\
+fe80000000000000021122fffe334455 03 40 20 80     wlan0
+20010db8007700000000000000000010 03 40 00 20     wlan0
+20010db8007700000000000000000011 03 40 00 40     wlan0
+fd000000000000000000000000000010 03 40 00 80     wlan0
+",
+        );
+        let error = link_local_path(&wlan_gateway(), &unusable).expect_err("no source");
+        assert!(error.contains("no usable global IPv6 address"), "{error}");
+        assert!(error.contains("exposure.ipv6 = \"off\""), "{error}");
+        // An interface without any IPv6 address (no index known).
+        let gone = Ipv6Gateway {
+            device: "eth9".to_owned(),
+            ..wlan_gateway()
+        };
+        let error = link_local_path(&gone, &addresses).expect_err("no interface");
+        assert!(error.contains("eth9"), "{error}");
+        assert!(parse_if_inet6("garbage\n").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_link_local_router_gets_a_pcp_client_and_no_upnp_one() {
+        let config = Config::default();
+        let path = link_local_path(&wlan_gateway(), &parse_if_inet6(IF_INET6)).expect("a path");
+        // PCP: asked at the link-local address (sends nothing until a request).
+        let pcp = client_for(path, Backend::Pcp, &config)
+            .await
+            .expect("a PCP client");
+        assert_eq!(pcp.router(), "fe80::1".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(
+            pcp.host(),
+            "2001:db8:77::10".parse::<Ipv6Addr>().expect("ip")
+        );
+        // UPnP: the IGD's URL would carry no scope: refused, saying what to do.
+        let error = match client_for(path, Backend::Upnp, &config).await {
+            Err(error) => error,
+            Ok(_) => panic!("a UPnP client for a link-local router"),
+        };
+        assert!(
+            error.contains("fe80::1 is link-local") && error.contains("router.backend = \"pcp\""),
+            "{error}"
+        );
     }
 }

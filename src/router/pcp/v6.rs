@@ -7,7 +7,7 @@
 //! Not used by the daemon yet. Kept beside [`super::client`] rather than in it: the IPv4
 //! client's types (`MapRequest`, `Grant`, `PortMapper`) carry IPv4 addresses.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use super::client::{Schedule, epoch_is_consistent, error_for_result, judge, renew_after};
@@ -46,6 +46,8 @@ pub struct PinholeGrant {
 #[derive(Debug)]
 pub struct Pcp6Client {
     gateway: Ipv6Addr,
+    /// The interface index of a link-local `gateway`, else 0.
+    scope_id: u32,
     client_ip: Ipv6Addr,
     server_port: u16,
     schedule: Schedule,
@@ -60,6 +62,7 @@ impl Pcp6Client {
     pub fn new(gateway: Ipv6Addr, client_ip: Ipv6Addr) -> Pcp6Client {
         Pcp6Client {
             gateway,
+            scope_id: 0,
             client_ip,
             server_port: codec::SERVER_PORT,
             schedule: Schedule::default(),
@@ -67,6 +70,17 @@ impl Pcp6Client {
             epoch: None,
             epoch_jumped: false,
         }
+    }
+
+    /// The interface a link-local gateway is on (its index): requests go to
+    /// `[gateway%scope_id]:5351`, still from `client_ip`.
+    // NOTE: RFC 6887 §8.1: the PCP server is the default router, which may be link-local;
+    // the socket stays bound to the global client IP (the source must equal the client-IP
+    // field) and connected to the scoped link-local address, so the kernel's source check
+    // still takes only the router's answers.
+    pub fn with_scope_id(mut self, scope_id: u32) -> Pcp6Client {
+        self.scope_id = scope_id;
+        self
     }
 
     /// Replace the retransmission schedule (tests use short ones).
@@ -197,7 +211,12 @@ impl Pcp6Client {
         Route {
             protocol: "PCP",
             local: IpAddr::V6(self.client_ip),
-            router: SocketAddr::from((self.gateway, self.server_port)),
+            router: SocketAddr::V6(SocketAddrV6::new(
+                self.gateway,
+                self.server_port,
+                0,
+                self.scope_id,
+            )),
             read_cap_bytes: RECV_BUFFER_BYTES,
             hint: "",
             sent_point: None,
@@ -339,5 +358,21 @@ mod tests {
         let sent = server.await.unwrap();
         assert_eq!(&sent[4..8], &[0, 0, 0, 0], "lifetime 0");
         assert_eq!(&sent[24..36], &[7; 12], "the same nonce");
+    }
+
+    #[test]
+    fn a_link_local_gateway_is_asked_on_its_interface_from_the_client_ip() {
+        let global: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
+        let plain = Pcp6Client::new("2001:db8:77::1".parse().unwrap(), global).route();
+        assert_eq!(plain.router.to_string(), "[2001:db8:77::1]:5351");
+        let scoped = Pcp6Client::new("fe80::1".parse().unwrap(), global)
+            .with_scope_id(3)
+            .route();
+        assert_eq!(scoped.router.to_string(), "[fe80::1%3]:5351");
+        assert_eq!(
+            scoped.local,
+            IpAddr::V6(global),
+            "bound to the global client IP"
+        );
     }
 }
