@@ -293,17 +293,26 @@ pub async fn execute_until<M: PortMapper>(
     let not_sent: BTreeSet<MappingKey> = match (&outcome.save_error, &unshared) {
         (Some(e), _) => {
             let why = format!("{HELD_BACK_PREFIX}: {}", with_causes(e));
-            hold_back_all(state, &unsaved, &why, RETRY_FLOOR_SECS, &mut outcome, now);
+            let until = "the state file can be saved";
+            hold_back_all(
+                state,
+                &unsaved,
+                (&why, until),
+                RETRY_FLOOR_SECS,
+                &mut outcome,
+                now,
+            );
             unsaved
         }
         (None, Some(e)) => {
             // Held back, retried soon: the next host could not renew what this one sends
             // now, and a request it cannot renew is worse than one a few seconds late.
             let why = format!("{UNSHARED_PREFIX}: {}", with_causes(e.as_ref()));
+            let until = "the mapping records can be mirrored into the cluster";
             hold_back_all(
                 state,
                 &unsaved,
-                &why,
+                (&why, until),
                 UNSHARED_RETRY_FLOOR_SECS,
                 &mut outcome,
                 now,
@@ -666,11 +675,11 @@ fn save(state: &mut State, store: &mut impl Persist, outcome: &mut Outcome, now:
 }
 
 /// Holds back every request in `keys` for `why` (see [`hold_back`]), retried from
-/// `floor_secs` on.
+/// `floor_secs` on; the operator's log says why and `until` what.
 fn hold_back_all(
     state: &mut State,
     keys: &BTreeSet<MappingKey>,
-    why: &str,
+    (why, until): (&str, &str),
     floor_secs: u64,
     outcome: &mut Outcome,
     now: Timestamp,
@@ -682,7 +691,7 @@ fn hold_back_all(
             outcome.failed += 1;
             tracing::warn!(service = %record.owner, external_port = record.external_port,
                 protocol = %record.protocol, retry_at = ?record.retry_at, reason = why,
-                "not asking the router for this mapping yet");
+                "not asking the router until {until}");
         }
     }
 }
