@@ -16,13 +16,12 @@ mod fake_api;
 mod lab;
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use bin::Daemon;
 use daemon_lab::{has_event, kubectl, wait_until, with_fake_cluster_in};
 use fake_api::FakeApi;
-use lab::{Lab, NODE_IP, ROUTER_WAN_IP, python};
+use lab::{EchoServer, Lab, NODE_IP, ROUTER_WAN_IP};
 use serde_json::json;
 
 const PREFIX: &str = "hq6-";
@@ -30,86 +29,17 @@ const HOST6: &str = "2001:db8:77::10";
 const NODE6: &str = "2001:db8:77::20";
 const ROUTER6: &str = "2001:db8:77::1";
 
-/// An IPv6 echo server for TCP and UDP on one address and port: each answer is
-/// `<peer address> <line>`. (The same as tests/ipv6_lab.rs's.)
-const ECHO6: &str = r#"
-import socket, sys, threading
-ip, port = sys.argv[1], int(sys.argv[2])
-t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind((ip, port)); t.listen(16)
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.bind((ip, port))
-def tcp():
-    while True:
-        c, peer = t.accept()
-        f = c.makefile('rb')
-        for line in f:
-            c.sendall(("%s %s\n" % (peer[0], line.decode().strip())).encode())
-        c.close()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-while True:
-    data, peer = u.recvfrom(2048)
-    u.sendto(("%s %s\n" % (peer[0], data.decode().strip())).encode(), peer)
-"#;
-
-/// Sends one line over IPv6 TCP or UDP and prints the answer line; exits 1 without one.
-const ASK6: &str = r#"
-import socket, sys
-proto, ip, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-try:
-    if proto == "tcp":
-        c = socket.create_connection((ip, port), timeout=1.5)
-        c.sendall((line + "\n").encode())
-        print(c.makefile('rb').readline().decode().strip())
-    else:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        s.settimeout(0.4)
-        for _ in range(4):
-            s.sendto((line + "\n").encode(), (ip, port))
-            try:
-                print(s.recvfrom(2048)[0].decode().strip()); break
-            except socket.timeout:
-                pass
-        else:
-            sys.exit(1)
-except OSError as e:
-    sys.exit("%s" % e)
-"#;
-
-struct Echo(Child);
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn echo6(lab: &Lab, ns: &str, ip: &str, port: u16) -> Echo {
-    let mut child = lab.spawn(ns, &[python(), "-c", ECHO6, ip, &port.to_string()]);
-    let mut ready = [0u8; 6];
-    let read = child
-        .stdout
-        .as_mut()
-        .map(|out| std::io::Read::read_exact(out, &mut ready));
-    assert!(
-        matches!(read, Some(Ok(()))) && &ready == b"ready\n",
-        "echo server on [{ip}]:{port} in {ns} did not start"
-    );
-    Echo(child)
+/// The lab's echo server (tests/support/lab.rs) on `[ip]:port` in namespace `ns`.
+fn echo6(lab: &Lab, ns: &str, ip: &str, port: u16) -> EchoServer {
+    lab.echo_server(ns, ip, port)
 }
 
 /// Whether the internet client reaches `[HOST6]:port` over `proto` and gets its line back
 /// (from the node's echo, through the relay).
 fn reaches6(lab: &Lab, proto: &str, port: u16) -> bool {
     let line = format!("hello {proto} {port}");
-    let out = lab.exec(
-        "wan",
-        &[python(), "-c", ASK6, proto, HOST6, &port.to_string(), &line],
-    );
-    out.status.success() && String::from_utf8_lossy(&out.stdout).trim().ends_with(&line)
+    lab.ask("wan", proto, HOST6, port, &line)
+        .is_some_and(|answer| answer.ends_with(&line))
 }
 
 /// Whether the internet client reaches the router's IPv4 address on `port` (the mapping).

@@ -10,7 +10,6 @@
 mod lab;
 
 use std::net::Ipv6Addr;
-use std::process::Child;
 use std::time::Duration;
 
 use holepunch::model::Protocol;
@@ -21,7 +20,7 @@ use holepunch::router::upnp::http::HttpUrl;
 use holepunch::router::upnp::pinhole::{
     PinholeClient, PinholeError, PinholeHealth, PinholeRequest,
 };
-use lab::{Lab, in_netns, python};
+use lab::{EchoServer, Lab, in_netns};
 
 const PREFIX: &str = "hp6-";
 const ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
@@ -30,103 +29,20 @@ const NODE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x20);
 const WAN_CLIENT: &str = "2001:db8:ffff::1";
 const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// An IPv6 echo server for TCP and UDP on one address and port: each answer is
-/// `<peer address> <line>`.
-const ECHO6: &str = r#"
-import socket, sys, threading
-ip, port = sys.argv[1], int(sys.argv[2])
-t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind((ip, port)); t.listen(16)
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.bind((ip, port))
-def tcp():
-    while True:
-        c, peer = t.accept()
-        f = c.makefile('rb')
-        for line in f:
-            c.sendall(("%s %s\n" % (peer[0], line.decode().strip())).encode())
-        c.close()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-while True:
-    data, peer = u.recvfrom(2048)
-    u.sendto(("%s %s\n" % (peer[0], data.decode().strip())).encode(), peer)
-"#;
-
-/// Sends one line over IPv6 TCP or UDP and prints the answer line; exits 1 without one within
-/// about 1.5 s (a dropped TCP SYN times out, it is not refused).
-const ASK6: &str = r#"
-import socket, sys
-proto, ip, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-try:
-    if proto == "tcp":
-        c = socket.create_connection((ip, port), timeout=1.5)
-        c.sendall((line + "\n").encode())
-        print(c.makefile('rb').readline().decode().strip())
-    else:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        s.settimeout(0.4)
-        for _ in range(4):
-            s.sendto((line + "\n").encode(), (ip, port))
-            try:
-                print(s.recvfrom(2048)[0].decode().strip()); break
-            except socket.timeout:
-                pass
-        else:
-            sys.exit(1)
-except OSError as e:
-    sys.exit("%s" % e)
-"#;
-
-/// The echo server, killed when dropped.
-struct Echo(Child);
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn echo(lab: &Lab, ns: &str, ip: Ipv6Addr, port: u16) -> Echo {
-    let mut child = lab.spawn(
-        ns,
-        &[python(), "-c", ECHO6, &ip.to_string(), &port.to_string()],
-    );
-    let mut ready = [0u8; 6];
-    let read = child
-        .stdout
-        .as_mut()
-        .map(|out| std::io::Read::read_exact(out, &mut ready));
-    assert!(
-        matches!(read, Some(Ok(()))) && &ready == b"ready\n",
-        "echo server on [{ip}]:{port} in {ns} did not start"
-    );
-    Echo(child)
+/// The lab's echo server (tests/support/lab.rs) on `[ip]:port` in namespace `ns`.
+fn echo(lab: &Lab, ns: &str, ip: Ipv6Addr, port: u16) -> EchoServer {
+    lab.echo_server(ns, &ip.to_string(), port)
 }
 
 /// Whether the internet client reaches `[ip]:port` over `proto` and gets its line back with
 /// its own address (no NAT in between).
 fn reaches(lab: &Lab, proto: &str, ip: Ipv6Addr, port: u16) -> bool {
     let line = format!("hello {proto} {port}");
-    let out = lab.exec(
-        "wan",
-        &[
-            python(),
-            "-c",
-            ASK6,
-            proto,
-            &ip.to_string(),
-            &port.to_string(),
-            &line,
-        ],
-    );
-    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if out.status.success() {
-        assert_eq!(answer, format!("{WAN_CLIENT} {line}"), "the echo's answer");
+    let answer = lab.ask("wan", proto, &ip.to_string(), port, &line);
+    if let Some(answer) = &answer {
+        assert_eq!(*answer, format!("{WAN_CLIENT} {line}"), "the echo's answer");
     }
-    out.status.success()
+    answer.is_some()
 }
 
 /// The router's pinhole chain with each rule's userdata (`pinhole-<id> ts-<lease end>`).

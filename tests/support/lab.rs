@@ -300,17 +300,18 @@ impl Lab {
     }
 }
 
-/// An echo server for TCP and UDP on one address and port; each answer is
+/// An echo server for TCP and UDP on one address and port (IPv4 or IPv6); each answer is
 /// `<peer address> <line>`, so a test sees whose source address arrived. Killed when dropped.
 pub struct EchoServer(Child);
 
 const ECHO_SERVER: &str = r#"
 import socket, sys, threading
 ip, port = sys.argv[1], int(sys.argv[2])
-t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+t = socket.socket(family, socket.SOCK_STREAM)
 t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 t.bind((ip, port)); t.listen(16)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u = socket.socket(family, socket.SOCK_DGRAM)
 u.bind((ip, port))
 def tcp():
     while True:
@@ -328,8 +329,8 @@ while True:
     u.sendto(("%s %s\n" % (peer[0], data.decode().strip())).encode(), peer)
 "#;
 
-/// Sends one line to `ip:port` over TCP or UDP and prints the first answer line; exits 1
-/// without an answer within two seconds (UDP: sent up to 4 times).
+/// Sends one line to `ip:port` (IPv4 or IPv6) over TCP or UDP and prints the first answer
+/// line; exits 1 without an answer within two seconds (UDP: sent up to 4 times).
 const ASK: &str = r#"
 import socket, sys
 proto, ip, port, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -339,7 +340,7 @@ try:
         c.sendall((line + "\n").encode())
         print(c.makefile('rb').readline().decode().strip())
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(0.5)
         for _ in range(4):
             s.sendto((line + "\n").encode(), (ip, port))
