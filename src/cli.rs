@@ -531,36 +531,34 @@ pub fn status_json(state: &State, now: Timestamp) -> serde_json::Value {
     let mappings: Vec<serde_json::Value> = state
         .mappings
         .values()
-        .map(|record| {
-            let mut value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
-            if let Some(fields) = value.as_object_mut() {
-                fields.insert(
-                    "lease_left_secs".to_owned(),
-                    serde_json::json!(lease_left_secs(record, now)),
-                );
-            }
-            value
-        })
+        .map(|record| with_lease_left(record, record.expires_at, now))
         .collect();
     let pinholes: Vec<serde_json::Value> = state
         .pinholes
         .values()
-        .map(|record| {
-            let mut value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
-            if let Some(fields) = value.as_object_mut() {
-                fields.insert(
-                    "lease_left_secs".to_owned(),
-                    serde_json::json!(record.expires_at.map(|at| at.as_second() - now.as_second())),
-                );
-            }
-            value
-        })
+        .map(|record| with_lease_left(record, record.expires_at, now))
         .collect();
     serde_json::json!({
         "summary": StatusSummary::of(state),
         "mappings": mappings,
         "pinholes": pinholes,
     })
+}
+
+/// A record as the state file holds it, plus `lease_left_secs` (from `expires_at`).
+fn with_lease_left(
+    record: &impl serde::Serialize,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+) -> serde_json::Value {
+    let mut value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert(
+            "lease_left_secs".to_owned(),
+            serde_json::json!(expires_at.map(|at| at.as_second() - now.as_second())),
+        );
+    }
+    value
 }
 
 const GREEN: &str = "\x1b[32m";

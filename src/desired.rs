@@ -614,7 +614,7 @@ fn quote_untrusted(value: &str) -> String {
     }
 }
 
-fn denial_message(port: u16, denial: PortDenial) -> String {
+pub(crate) fn denial_message(port: u16, denial: PortDenial) -> String {
     match denial {
         PortDenial::Denied(range) => format!(
             "external port {port} is on the deny list ({range} in ports.deny): it is not safe to \
@@ -632,8 +632,9 @@ fn denial_message(port: u16, denial: PortDenial) -> String {
     }
 }
 
-/// The first IPv4 address in `status.loadBalancer.ingress`.
-fn load_balancer_ip(service: &Service) -> Option<Ipv4Addr> {
+/// The first address of family `A` (`Ipv4Addr` or `Ipv6Addr`) in
+/// `status.loadBalancer.ingress`.
+pub(crate) fn load_balancer_ip<A: std::str::FromStr>(service: &Service) -> Option<A> {
     service
         .status
         .as_ref()?
@@ -643,6 +644,29 @@ fn load_balancer_ip(service: &Service) -> Option<Ipv4Addr> {
         .as_ref()?
         .iter()
         .find_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+}
+
+/// Whether the node's Ready condition is True.
+pub(crate) fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// The node's InternalIPs of family `A` (`Ipv4Addr` or `Ipv6Addr`), in the order listed.
+pub(crate) fn internal_ips<A: std::str::FromStr>(node: &Node) -> impl Iterator<Item = A> + '_ {
+    node.status
+        .as_ref()
+        .and_then(|status| status.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
 }
 
 /// Whether the Service keeps external traffic on the node it arrives at.
@@ -692,21 +716,8 @@ fn nodes_hosting_ready_endpoints(
 fn ready_nodes(nodes: &[Node]) -> Vec<(&str, Ipv4Addr)> {
     let mut ready: Vec<(&str, Ipv4Addr)> = nodes
         .iter()
-        .filter_map(|node| {
-            let status = node.status.as_ref()?;
-            let is_ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let ip = status
-                .addresses
-                .as_ref()?
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse().ok())?;
-            is_ready.then_some((node.metadata.name.as_deref()?, ip))
-        })
+        .filter(|node| node_ready(node))
+        .filter_map(|node| Some((node.metadata.name.as_deref()?, internal_ips(node).next()?)))
         .collect();
     ready.sort();
     ready

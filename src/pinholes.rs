@@ -13,7 +13,8 @@ use std::net::Ipv6Addr;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
 
-use crate::config::{BackendChoice, Config, Ipv6Choice};
+use crate::config::{BackendChoice, Config, ExposureMode, Ipv6Choice};
+use crate::desired::{denial_message, internal_ips, load_balancer_ip, node_ready};
 use crate::model::{
     Backend, Endpoint6, MappingKey, Owner, PortMapping, Problem, ProblemKind, TargetSource,
 };
@@ -98,7 +99,7 @@ pub fn desired_pinholes(
         // NOTE: for holepunch's own class the ingress holds what holepunch wrote there (the
         // router's and this host's addresses): it is not a target, as for IPv4.
         let lb6 = (!ours_by_class)
-            .then(|| load_balancer_ipv6(service))
+            .then(|| load_balancer_ip::<Ipv6Addr>(service))
             .flatten();
         let node_target = match mapping.target.source {
             TargetSource::NodePort => node6
@@ -160,6 +161,28 @@ pub fn desired_pinholes(
             (None, Some(Ok(endpoint))) => Some((endpoint, TargetSource::NodePort)),
             (None, None) => None,
         };
+        // Direct mode opens the target's own port, not the external one the port rules
+        // checked: a Service remapped to an allowed port must not open a denied one (e.g. 22)
+        // over IPv6.
+        let chosen = chosen.filter(|(target, _)| {
+            let ExposureMode::Direct = config.exposure.mode else {
+                return true;
+            };
+            let Err(denial) = config.ports.check(target.port) else {
+                return true;
+            };
+            out.problems.push(refuse(
+                denial_message(target.port, denial),
+                ProblemKind::DeniedPort,
+                format!(
+                    "port {service_port}: in direct mode the IPv6 pinhole opens the target's own \
+                     port {}, which the port rules (ports.*) do not allow; published over IPv4 \
+                     only",
+                    target.port
+                ),
+            ));
+            false
+        });
         if let Some((target, source)) = chosen {
             out.pinholes.insert(
                 *key,
@@ -178,42 +201,13 @@ pub fn desired_pinholes(
     out
 }
 
-/// The first IPv6 address in `status.loadBalancer.ingress`.
-fn load_balancer_ipv6(service: &Service) -> Option<Ipv6Addr> {
-    service
-        .status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .iter()
-        .find_map(|ingress| ingress.ip.as_deref()?.parse().ok())
-}
-
 /// For each Ready node, its IPv4 InternalIP to its first IPv6 InternalIP: the IPv6 side of
 /// the node the IPv4 mapping already chose.
 fn node_ipv6_by_ipv4(nodes: &[Node]) -> BTreeMap<std::net::Ipv4Addr, Ipv6Addr> {
     nodes
         .iter()
-        .filter_map(|node| {
-            let status = node.status.as_ref()?;
-            let ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let internal = || {
-                status
-                    .addresses
-                    .iter()
-                    .flatten()
-                    .filter(|a| a.type_ == "InternalIP")
-            };
-            let v4 = internal().find_map(|a| a.address.parse().ok())?;
-            let v6 = internal().find_map(|a| a.address.parse().ok())?;
-            ready.then_some((v4, v6))
-        })
+        .filter(|node| node_ready(node))
+        .filter_map(|node| Some((internal_ips(node).next()?, internal_ips(node).next()?)))
         .collect()
 }
 
@@ -559,6 +553,39 @@ mod tests {
             summary(&v6).0,
             ["8080/tcp [2001:db8:77::240]:8080 LoadBalancer"]
         );
+    }
+
+    /// Direct mode opens the target's own port over IPv6: the port rules apply to it, not
+    /// only to the external port of the IPv4 mapping.
+    #[test]
+    fn direct_mode_refuses_a_pinhole_on_a_denied_target_port_and_opens_the_allowed_one() {
+        let nodes = [dual_node("a", "192.168.1.20", "2001:db8:77::20")];
+        let mut direct = config(&["192.168.77.0/24", "2001:db8:77::240/124"]);
+        direct.exposure.mode = ExposureMode::Direct;
+        let ssh = with_ingress(
+            with_ingress(
+                service(
+                    "default",
+                    "ssh",
+                    1,
+                    &[ON, ("holepunch.port/22", "2222")],
+                    &[(22, "TCP", Some(30022))],
+                ),
+                "192.168.77.101",
+            ),
+            "2001:db8:77::241",
+        );
+        let web = web(&["192.168.77.100", "2001:db8:77::240"]);
+        let (v4, v6) = run(&[ssh, web], &nodes, &direct);
+        assert_eq!(v4.mappings.len(), 2, "both are published over IPv4");
+        let (pinholes, problems) = summary(&v6);
+        assert_eq!(pinholes, ["8080/tcp [2001:db8:77::240]:8080 LoadBalancer"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            (problems[0].0.as_str(), problems[0].1),
+            ("default/ssh", ProblemKind::DeniedPort)
+        );
+        assert!(problems[0].2.contains("port 22"), "{problems:?}");
     }
 
     /// One case per IPv6 target that must be refused, each run beside a normal Service that

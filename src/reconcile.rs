@@ -747,7 +747,6 @@ fn random_nonce() -> String {
 
 /// The kind of failure a router error records on a mapping: a refusal waits for its
 /// backoff, silence is retried as soon as the router answers again.
-/// How a failed request is recorded: the router said no, or it did not answer.
 pub(crate) fn failure_of(error: &RouterError) -> Failure {
     if error.is_refusal() {
         Failure::Refused
@@ -756,7 +755,7 @@ pub(crate) fn failure_of(error: &RouterError) -> Failure {
     }
 }
 
-fn after(now: Timestamp, duration: Duration) -> Timestamp {
+pub(crate) fn after(now: Timestamp, duration: Duration) -> Timestamp {
     SignedDuration::try_from(duration)
         .ok()
         .and_then(|d| now.checked_add(d).ok())
@@ -789,7 +788,7 @@ fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
 /// When to renew: the backend's choice, but never sooner than [`MIN_RENEW_SECS`] (a router
 /// granting a lease of a few seconds must not make holepunch ask every second: the floor
 /// wins over the lease), and otherwise before the lease ends.
-fn renew_delay(wanted: Duration, lifetime: Duration) -> Duration {
+pub(crate) fn renew_delay(wanted: Duration, lifetime: Duration) -> Duration {
     wanted
         .min(lifetime.saturating_sub(Duration::from_secs(1)))
         .max(Duration::from_secs(MIN_RENEW_SECS))

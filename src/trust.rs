@@ -132,6 +132,11 @@ pub fn forbidden_target6(
         Some("it is a multicast address")
     } else if address.to_ipv4_mapped().is_some() || (first == 0 && second == 0) {
         Some("it is an IPv4-mapped or IPv4-compatible address")
+    } else if first == 0x64 && second == 0xff9b {
+        // NOTE: RFC 6052 (64:ff9b::/96) and RFC 8215 (64:ff9b:1::/48) NAT64 prefixes embed
+        // an IPv4 address, which may be the router's or this host's: a way around the IPv4
+        // rules.
+        Some("it is a NAT64 address (64:ff9b::/32)")
     } else if first & 0xfe00 == 0xfc00 && !listed {
         Some(
             "it is a unique local address (fc00::/7), a target only when listed in \
@@ -326,6 +331,12 @@ mod tests {
             ("fc00::20", false, false, Some(Forbidden::Special(ULA))),
             ("fd00:77::20", true, true, None),
             ("fec0::1", false, false, None),
+            (
+                "64:ff9b::c0a8:101",
+                true,
+                false,
+                Some(Forbidden::Special("it is a NAT64 address (64:ff9b::/32)")),
+            ),
         ] {
             let ip: Ipv6Addr = address.parse().expect("test address");
             assert_eq!(

@@ -144,6 +144,11 @@ impl Interrupts {
         self.stop.store(true, Ordering::SeqCst);
     }
 
+    /// The loop handled a reload: a pass after it is not cut short for it.
+    pub fn reloaded(&self) {
+        self.reload.store(false, Ordering::SeqCst);
+    }
+
     /// Raises the reload flag as SIGHUP does (tests).
     pub fn request_reload(&self) {
         self.reload.store(true, Ordering::SeqCst);
@@ -268,7 +273,7 @@ pub fn progressed() {
 /// off); then new mappings (with a port changing owner, the old owner's mapping is deleted
 /// just before); then removals. Within each group the plan's order stays.
 pub fn order<'a>(actions: &'a [Action], state: &State) -> Vec<&'a Action> {
-    let remapped: Vec<MappingKey> = actions
+    let remapped: std::collections::BTreeSet<MappingKey> = actions
         .iter()
         .filter_map(|a| match a {
             Action::Map { mapping, .. } => Some(mapping.key()),

@@ -78,15 +78,21 @@ fn run_ok(command: &mut Command) -> String {
 }
 
 /// Polls `probe` until it returns `Some`, or fails naming `what` after the deadline.
-fn poll<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(POLL_TIMEOUT_SECS);
+fn poll<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    poll_for(what, Duration::from_secs(POLL_TIMEOUT_SECS), probe)
+}
+
+/// [`poll`] with its own limit.
+fn poll_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = probe() {
             return value;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {POLL_TIMEOUT_SECS} s waiting for {what}"
+            "timed out after {} s waiting for {what}",
+            limit.as_secs()
         );
         std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
     }
@@ -1361,16 +1367,4 @@ fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
         .map(|(what, secs)| format!("{what} {secs:.1}s"))
         .collect();
     println!("slow-API box test cost: {}", summary.join(", "));
-}
-
-/// [`poll`] with its own limit.
-fn poll_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
-    }
 }

@@ -173,7 +173,14 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     }
                 }
                 Event::Reload => {
-                    if let Some(new) = reload(&config_path) {
+                    if let Some(mut new) = reload(&config_path) {
+                        if new.ha != config.ha {
+                            tracing::error!(
+                                "[ha] changed in the config file: it takes effect at the next start (systemctl restart holepunch); the running [ha] stays"
+                            );
+                            new.ha = config.ha.clone();
+                        }
+                        interrupts.reloaded();
                         config = new;
                         continue 'config;
                     }
@@ -317,7 +324,13 @@ pub struct Systemd {
 impl Systemd {
     /// `STATUS=`: what `systemctl status` shows.
     pub fn status(&self, status: &str) {
-        let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+        // One line: a newline in a text from the cluster (a Lease's holder) or a router would
+        // otherwise start another notify assignment (`WATCHDOG=`, `MAINPID=`).
+        let line: String = status
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
     }
 
     /// `READY=1` once, after the first reconcile (`mappings_up` is logged).

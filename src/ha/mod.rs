@@ -23,15 +23,3 @@ pub mod lease;
 pub mod mirror;
 pub mod role;
 pub mod runner;
-
-/// An error and its causes, for one log line.
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -13,7 +13,7 @@
 //!   address at that same deadline, whatever the loop is doing.
 //! - **Graceful stop**: [`Leadership::stop`] drops the address, then hands the Lease back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use crate::router::announce::{Check, RouterAnswer};
 use crate::router::choice::NoRouterFound;
 use crate::router::session::Connect;
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::{MappingStatus, State};
+use crate::state::{MappingRecord, MappingStatus, State};
 
 /// How long a failed address change or mirror write waits before it is tried again.
 const RETRY_SECS: u64 = 1;
@@ -102,6 +102,27 @@ impl Fence {
             .as_ref()
             .is_none_or(|standing| standing.borrow().may_act(Instant::now()))
     }
+
+    /// When this host stops acting unless it renews first; `None` without `[ha]` or while it
+    /// does not act.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.0.as_ref()?.borrow().role {
+            Role::Leader { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// `Ok` while this host may act, else the refusal every fenced request gets.
+    pub fn check(&self) -> Result<(), RouterError> {
+        if self.may_act() {
+            Ok(())
+        } else {
+            Err(RouterError::Refused {
+                reason: FENCED_REASON.to_owned(),
+                retry_after: None,
+            })
+        }
+    }
 }
 
 /// A [`PortMapper`] that refuses every request once this host may no longer act: the gate
@@ -117,14 +138,7 @@ impl<P: PortMapper> Fenced<P> {
     }
 
     fn check(&self) -> Result<(), RouterError> {
-        if self.fence.may_act() {
-            Ok(())
-        } else {
-            Err(RouterError::Refused {
-                reason: FENCED_REASON.to_owned(),
-                retry_after: None,
-            })
-        }
+        self.fence.check()
     }
 }
 
@@ -168,14 +182,7 @@ impl<C: Connect> FencedConnect<C> {
     }
 
     fn fenced(&self) -> Result<(), RouterError> {
-        if self.fence.may_act() {
-            Ok(())
-        } else {
-            Err(RouterError::Refused {
-                reason: FENCED_REASON.to_owned(),
-                retry_after: None,
-            })
-        }
+        self.fence.check()
     }
 }
 
@@ -227,7 +234,22 @@ impl<C: Connect> Connect for FencedConnect<C> {
         keep: &BTreeSet<MappingKey>,
     ) -> Result<usize, RouterError> {
         self.fenced()?;
-        self.inner.purge_leftovers(&mut mapper.inner, keep).await
+        let fence = self.fence.clone();
+        // A purge is many requests (a UPnP listing, a delete each): it stops at the fencing
+        // deadline, not only before it starts, or a host that lost the Lease could delete
+        // what the next holder just mapped to the same floating address.
+        let purge = self.inner.purge_leftovers(&mut mapper.inner, keep);
+        tokio::pin!(purge);
+        loop {
+            let Some(until) = fence.deadline() else {
+                return purge.await;
+            };
+            match tokio::time::timeout_at(tokio::time::Instant::from_std(until), &mut purge).await {
+                Ok(result) => return result,
+                // Renewed meanwhile: wait on to the new deadline; else refused.
+                Err(_) => fence.check()?,
+            }
+        }
     }
 
     async fn confirm(&mut self, check: Check) -> Result<RouterAnswer, RouterError> {
@@ -245,8 +267,8 @@ pub struct Leadership {
     /// The Lease transitions of the term in which this host loaded the mirror; `None` while
     /// it does not act.
     term: Option<i32>,
-    /// What was last handed to the mirror.
-    mirrored: Option<State>,
+    /// The mapping records last handed to the mirror (the only part of the state it holds).
+    mirrored: Option<BTreeMap<MappingKey, MappingRecord>>,
     /// When to try again to read the mirrored records (the last read failed).
     retry_at: Option<tokio::time::Instant>,
     tasks: Option<Tasks>,
@@ -348,7 +370,7 @@ impl Leadership {
             }
             let status = match standing.holder() {
                 Some(holder) if holder != standing.identity => {
-                    format!("standby; the active host is {holder}")
+                    format!("standby; the active host is {holder:?}")
                 }
                 _ => "standby; no host holds the Lease (taking it)".to_owned(),
             };
@@ -369,7 +391,9 @@ impl Leadership {
         match self.mirror.take_over().await {
             Ok(Some(mirrored)) => {
                 let count = mirrored.mappings.len();
-                *state = taken_over(mirrored, now);
+                // Only the mappings float with the Lease: this host's own IPv6 pinholes (to its
+                // own global address) stay its own, renewed or closed by it.
+                state.mappings = taken_over(mirrored, now).mappings;
                 if let Err(e) = store.persist(state) {
                     tracing::warn!(error = %e, "could not save the mapping records taken over; they are saved at the next change");
                 }
@@ -383,7 +407,7 @@ impl Leadership {
                 "high availability: this host is active; no mapping records in the cluster yet, starting from this host's state file"
             ),
             Err(e) => {
-                tracing::warn!(error = %crate::ha::chain(&e), "high availability: holding the Lease, but cannot read the mapping records; trying again");
+                tracing::warn!(error = %crate::reconcile::with_causes(&e), "high availability: holding the Lease, but cannot read the mapping records; trying again");
                 self.retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(RETRY_SECS));
                 return Gate::Standby {
                     status: "holding the Lease; reading the mapping records".to_owned(),
@@ -397,12 +421,12 @@ impl Leadership {
 
     /// Mirrors `state` if it changed since the last call (only while acting).
     pub fn mirror(&mut self, state: &State) {
-        if self.term.is_none() || self.mirrored.as_ref() == Some(state) {
+        if self.term.is_none() || self.mirrored.as_ref() == Some(&state.mappings) {
             return;
         }
         let standing = self.standing.borrow().clone();
         self.mirror.save(state, &standing);
-        self.mirrored = Some(state.clone());
+        self.mirrored = Some(state.mappings.clone());
     }
 
     /// Mirror before sent: writes `state` with its pending records and waits until it is
@@ -412,7 +436,7 @@ impl Leadership {
         let write = self.mirror.write(state, &standing);
         match tokio::time::timeout(Duration::from_secs(MIRROR_FIRST_SECS), write).await {
             Ok(Ok(())) => {
-                self.mirrored = Some(state.clone());
+                self.mirrored = Some(state.mappings.clone());
                 Ok(())
             }
             Ok(Err(source)) => Err(MirrorFirstError::Write { source }),
@@ -719,7 +743,7 @@ async fn write_mirror(
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %crate::ha::chain(&e), "mapping records not mirrored; trying again")
+                    tracing::warn!(error = %crate::reconcile::with_causes(&e), "mapping records not mirrored; trying again")
                 }
             }
             tokio::time::sleep(Duration::from_secs(RETRY_SECS)).await;
@@ -867,7 +891,7 @@ pub async fn status(client: kube::Client, ha: &HaConfig) -> HaStatus {
             identity,
             role: "unknown",
             holder: None,
-            error: Some(crate::ha::chain(&e)),
+            error: Some(crate::reconcile::with_causes(&e)),
         },
     }
 }

@@ -144,7 +144,7 @@ impl Runner {
         match self.store.get().await {
             Ok(lease) => self.election.observe(lease, Instant::now()),
             Err(error) => {
-                tracing::warn!(error = %super::chain(&error), "leader election: cannot read the Lease");
+                tracing::warn!(error = %crate::reconcile::with_causes(&error), "leader election: cannot read the Lease");
                 self.publish();
                 return;
             }
@@ -163,7 +163,7 @@ impl Runner {
             Some(Ok(lease)) => self.election.written(lease, sent_at, Instant::now()),
             Some(Err(error)) => {
                 self.election.write_failed(error.failure());
-                tracing::debug!(error = %super::chain(&error), "leader election: write not taken");
+                tracing::debug!(error = %crate::reconcile::with_causes(&error), "leader election: write not taken");
             }
         }
         self.publish();
@@ -190,7 +190,7 @@ impl Runner {
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(error = %super::chain(&error), "leader election: cannot release the Lease; the other hosts take it when it expires");
+                    tracing::warn!(error = %crate::reconcile::with_causes(&error), "leader election: cannot release the Lease; the other hosts take it when it expires");
                     // A stale read (our last renewal went through unseen): read and retry.
                     match self.store.get().await {
                         Ok(lease) => self.election.observe(lease, Instant::now()),

@@ -78,12 +78,13 @@ fn holepunch_annotation(key: &str, opt_in: &str) -> bool {
         || prefix(key).is_some_and(|p| p.starts_with("holepunch") || Some(p) == prefix(opt_in))
 }
 
-/// The Node as holepunch reads it: its name, addresses and conditions.
+/// The Node as holepunch reads it: its name, addresses and Ready condition. No
+/// resourceVersion and no other condition: a kubelet's status report changes those every few
+/// seconds, and each change would wake the loop for nothing it reads.
 pub fn node(node: Node) -> Node {
     Node {
         metadata: ObjectMeta {
             name: node.metadata.name,
-            resource_version: node.metadata.resource_version,
             ..ObjectMeta::default()
         },
         spec: None,
@@ -92,6 +93,7 @@ pub fn node(node: Node) -> Node {
             conditions: status.conditions.map(|conditions| {
                 conditions
                     .into_iter()
+                    .filter(|c| c.type_ == "Ready")
                     .map(|c| NodeCondition {
                         type_: c.type_,
                         status: c.status,
@@ -117,7 +119,6 @@ pub fn endpoint_slice(slice: EndpointSlice) -> EndpointSlice {
         metadata: ObjectMeta {
             name: slice.metadata.name,
             namespace: slice.metadata.namespace,
-            resource_version: slice.metadata.resource_version,
             labels,
             ..ObjectMeta::default()
         },

@@ -191,7 +191,9 @@ fn relay6(state: &State) -> Option<Relay6> {
     let forwards = state
         .pinholes
         .values()
-        .filter(|r| r.address == host && r.target_address != host)
+        // A target on this host (its own node's nodePort) is forwarded too, to its port; only
+        // a pinhole that already opens its target needs no rule.
+        .filter(|r| r.address == host && r.target() != r.opens())
         .map(|r| Forward6 {
             protocol: r.protocol,
             port: r.port,

@@ -29,7 +29,7 @@ use crate::model::{Backend, MappingKey, PortMapping, Problem};
 use crate::pinholes::{
     NATPMP_HAS_NO_IPV6, PinholeAction, PinholeRoute, desired_pinholes, next_due, plan_pinholes,
 };
-use crate::reconcile::{MIN_RENEW_SECS, Persist, RETRY_FLOOR_SECS, retry_delay};
+use crate::reconcile::{Persist, RETRY_FLOOR_SECS, after, renew_delay, retry_delay};
 use crate::state::{Failure, MappingStatus, PinholeRecord, State};
 use crate::trust::HostFacts;
 
@@ -148,15 +148,12 @@ impl PinholeRouter for PcpPinholes {
         record: &'a PinholeRecord,
         lifetime_secs: u32,
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        Box::pin(async move {
-            let map = self.map(record, lifetime_secs)?;
-            // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a
-            // restore or a retry of a pinhole the router may still hold would otherwise renew
-            // it in place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it
-            // (see `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not
-            // exist is success.
-            self.client.renew(&map).await.map(opened_pcp)
-        })
+        // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a restore
+        // or a retry of a pinhole the router may still hold would otherwise renew it in
+        // place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it (see
+        // `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not exist is
+        // success.
+        self.renew(record, lifetime_secs)
     }
     fn renew<'a>(
         &'a mut self,
@@ -666,6 +663,9 @@ impl Pinholes {
         host.own_addresses.insert(router.host().into());
         let wanted = desired_pinholes(services, nodes, config, &host, mappings);
         let mut lost = lost.clone();
+        // A restart seen while restoring from the last one waits the retry floor: a router
+        // that claims a restart in every answer costs a restore per floor, not a busy loop.
+        let restoring = self.restarted.is_some();
         if let Some(pass_began) = self.restarted.take() {
             // What was granted in that pass already lives in the router's new epoch.
             lost.extend(
@@ -695,7 +695,11 @@ impl Pinholes {
         PinholeOutcome {
             problems,
             next_due: if self.restarted.is_some() {
-                Some(now)
+                Some(if restoring {
+                    after(now, Duration::from_secs(RETRY_FLOOR_SECS))
+                } else {
+                    now
+                })
             } else {
                 next_due(state)
             },
@@ -758,7 +762,7 @@ async fn execute(
                     if let Some(r) = state.pinholes.get_mut(&key) {
                         r.status = MappingStatus::Failed;
                         r.failure = Some(Failure::HeldBack);
-                        r.retry_at = Some(later(now, Duration::from_secs(RETRY_FLOOR_SECS)));
+                        r.retry_at = Some(after(now, Duration::from_secs(RETRY_FLOOR_SECS)));
                     }
                     continue;
                 }
@@ -789,13 +793,6 @@ fn save(store: &mut impl Persist, state: &State) -> bool {
     }
 }
 
-fn later(now: Timestamp, after: Duration) -> Timestamp {
-    jiff::SignedDuration::try_from(after)
-        .ok()
-        .and_then(|d| now.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
-}
-
 fn record_result(
     state: &mut State,
     key: MappingKey,
@@ -809,18 +806,14 @@ fn record_result(
     match result {
         Ok(opened) => {
             let lifetime = Duration::from_secs(opened.lifetime_secs.into());
-            let renew = opened
-                .renew_after
-                .unwrap_or(lifetime / 2)
-                .max(Duration::from_secs(MIN_RENEW_SECS))
-                .min(lifetime);
+            let renew = renew_delay(opened.renew_after.unwrap_or(lifetime / 2), lifetime);
             tracing::info!(service = %record.owner, pinhole = %record.opens(),
                 target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
             record.status = MappingStatus::Active;
             record.lifetime_secs = opened.lifetime_secs;
             record.granted_at = Some(now);
-            record.renew_at = Some(later(now, renew));
-            record.expires_at = Some(later(now, lifetime));
+            record.renew_at = Some(after(now, renew));
+            record.expires_at = Some(after(now, lifetime));
             record.epoch = opened.epoch.or(record.epoch);
             record.unique_id = opened.unique_id.or(record.unique_id);
             record.retry_at = None;
@@ -857,7 +850,7 @@ fn failed(record: &mut PinholeRecord, error: &RouterError, now: Timestamp) {
         Duration::from_secs(RETRY_FLOOR_SECS),
         rand::random_range(0.9..1.1),
     );
-    record.retry_at = Some(later(now, delay));
+    record.retry_at = Some(after(now, delay));
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ use tokio::net::UdpSocket;
 
 use super::{RouterError, SocketStep};
 
+/// At most this many stale datagrams are dropped before an exchange.
+const STALE_DATAGRAMS_MAX: usize = 64;
+
 /// Who is asked, from where, and how: fixed per client.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
@@ -92,7 +95,13 @@ impl UdpExchange {
     ) -> Result<T, RouterError> {
         let socket = self.socket(route).await?;
         let mut buf = vec![0u8; route.read_cap_bytes.max(1)];
-        while socket.try_recv(&mut buf).is_ok() {}
+        // Stale answers of an earlier exchange are dropped, a bounded number: a flood from the
+        // router's address must not keep this task spinning.
+        for _ in 0..STALE_DATAGRAMS_MAX {
+            if socket.try_recv(&mut buf).is_err() {
+                break;
+            }
+        }
 
         let mut last_problem: Option<String> = None;
         let mut tries = 0;

@@ -156,11 +156,19 @@ impl Pcp6Client {
                 ),
             });
         }
+        // A router's lifetime is used only up to the one asked, and a SUCCESS of 0 s is no
+        // grant (README, "Security model"), as for IPv4.
+        let lifetime_secs =
+            crate::router::clamp::granted_lifetime(response.lifetime_secs, lifetime_secs)
+                .ok_or_else(|| RouterError::Unusable {
+                    protocol: "PCP",
+                    what: "a SUCCESS answer granting a pinhole for 0 s".to_owned(),
+                })?;
         Ok(PinholeGrant {
             external_address,
             external_port: body.assigned_external_port,
-            lifetime_secs: response.lifetime_secs,
-            renew_after: renew_after(response.lifetime_secs),
+            lifetime_secs,
+            renew_after: renew_after(lifetime_secs),
             epoch: response.epoch_secs,
         })
     }
