@@ -1,10 +1,10 @@
 //! The config file `/etc/holepunch.toml`: a raw serde layer that mirrors the TOML exactly
 //! (`deny_unknown_fields`), and the validated, typed [`Config`] the rest of the program uses.
 //!
-//! The section and key names are a public interface (README.md, "Configuration"). All
-//! defaults live in [`defaults`]; the shipped `etc/holepunch.toml` repeats them and must parse
-//! to [`Config::default`]. Every [`ConfigError`] names the file, line, column and dotted key,
-//! and says what to change.
+//! The section and key names are a public interface (README.md, "Configuring it"). Each key
+//! is declared once, with its default and doc, in [`keys`]; the shipped `etc/holepunch.toml`
+//! and the `check-config` listing are generated from there. Every [`ConfigError`] names the
+//! file, line, column and dotted key, and says what to change.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -17,58 +17,15 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeArray, DeTable, DeValue};
 
-/// Every default value, in one place. The shipped `etc/holepunch.toml` repeats them.
-pub mod defaults {
-    use super::{BackendChoice, ExposureMode, Ipv6Choice, LogFormat};
+pub mod keys;
 
+use keys::{Key, Section};
+
+/// Paths the program falls back on; the keys' defaults are declared in [`keys`].
+pub mod defaults {
     pub const CONFIG_PATH: &str = "/etc/holepunch.toml";
+    /// What an unset `kubernetes.kubeconfig` means when `$KUBECONFIG` is unset too.
     pub const KUBECONFIG_PATH: &str = "/etc/holepunch/kubeconfig";
-    pub const ANNOTATION: &str = "holepunch/punch-external";
-    pub const LOAD_BALANCER_CLASS: &str = "holepunch.io/router";
-    pub const BACKEND: BackendChoice = BackendChoice::Auto;
-    pub const LEASE_SECS: u32 = 3600;
-    pub const VERIFY_INTERVAL_SECS: u32 = 60;
-    pub const EXPOSURE_MODE: ExposureMode = ExposureMode::Relay;
-    pub const IPV6: Ipv6Choice = Ipv6Choice::Auto;
-    /// Empty: no LoadBalancer IP is a target, Services go through a Ready node's nodePort
-    /// (README, "Security model").
-    pub const TARGET_CIDRS: &[&str] = &[];
-    pub const PORTS_ALLOW: &[&str] = &["1024-65535"];
-    pub const PORTS_DENY: &[&str] = &[
-        "22",
-        "23",
-        "25",
-        "53",
-        "111",
-        "135-139",
-        "445",
-        "1900",
-        "2049",
-        "2379-2380",
-        "3389",
-        "4789",
-        "5351",
-        "6081",
-        "6443",
-        "8472",
-        "10250-10259",
-    ];
-    pub const MAX_PER_SERVICE: u32 = 16;
-    pub const MAX_PER_NAMESPACE: u32 = 32;
-    pub const MAX_TOTAL: u32 = 128;
-    pub const ALLOW_BELOW_1024: bool = false;
-    pub const STATE_PATH: &str = "/var/lib/holepunch/state.toml";
-    pub const METRICS_LISTEN: &str = "127.0.0.1:9473";
-    pub const LOG_LEVEL: &str = "info";
-    pub const LOG_FORMAT: LogFormat = LogFormat::Auto;
-    // [ha]: shorter than client-go's 15/10/2 s, so that a takeover after a host dies (lease
-    // duration + up to a retry period) stays within 15 s; the holder still stops acting 3 s
-    // before another may start (README.md, "High availability").
-    pub const HA_LEASE_NAME: &str = "holepunch";
-    pub const HA_LEASE_NAMESPACE: &str = "holepunch";
-    pub const HA_LEASE_DURATION_SECS: u32 = 10;
-    pub const HA_RENEW_DEADLINE_SECS: u32 = 7;
-    pub const HA_RETRY_PERIOD_SECS: u32 = 2;
 }
 
 /// Longest lease holepunch asks a router for: one week. 0 asks for a permanent mapping.
@@ -337,62 +294,12 @@ keywords!(LogFormat {
 });
 
 impl Default for Config {
-    /// The configuration an empty file gives.
+    /// The configuration an empty file gives: every key's declared default.
     fn default() -> Self {
-        // NOTE: the default strings are constants; `tests::defaults_equal_empty_file` proves
-        // they all parse, so nothing is dropped by the `ok()`s here.
-        Config {
-            kubernetes: KubernetesConfig {
-                kubeconfig: None,
-                context: None,
-                namespaces: BTreeSet::new(),
-                exclude_namespaces: BTreeSet::new(),
-                annotation: defaults::ANNOTATION.to_owned(),
-                load_balancer_class: defaults::LOAD_BALANCER_CLASS.to_owned(),
-            },
-            router: RouterConfig {
-                backend: defaults::BACKEND,
-                address: None,
-                igd_url: None,
-                lease_secs: defaults::LEASE_SECS,
-                verify_interval_secs: defaults::VERIFY_INTERVAL_SECS,
-            },
-            exposure: ExposureConfig {
-                mode: defaults::EXPOSURE_MODE,
-                ipv6: defaults::IPV6,
-                lan_address: None,
-                wan_interface: None,
-                target_cidrs: defaults::TARGET_CIDRS
-                    .iter()
-                    .filter_map(|cidr| cidr.parse().ok())
-                    .collect(),
-            },
-            ports: PortPolicy {
-                allow: defaults::PORTS_ALLOW
-                    .iter()
-                    .filter_map(|range| parse_port_range(range).ok())
-                    .collect(),
-                deny: defaults::PORTS_DENY
-                    .iter()
-                    .filter_map(|range| parse_port_range(range).ok())
-                    .collect(),
-                allow_below_1024: defaults::ALLOW_BELOW_1024,
-                max_per_service: defaults::MAX_PER_SERVICE,
-                max_per_namespace: defaults::MAX_PER_NAMESPACE,
-                max_total: defaults::MAX_TOTAL,
-            },
-            state: StateConfig {
-                path: PathBuf::from(defaults::STATE_PATH),
-            },
-            metrics: MetricsConfig {
-                listen: defaults::METRICS_LISTEN.parse().ok(),
-            },
-            log: LogConfig {
-                level: defaults::LOG_LEVEL.to_owned(),
-                format: defaults::LOG_FORMAT,
-            },
-            ha: None,
-        }
+        // NOTE: the declared defaults are constants, and `tests::defaults_equal_empty_file`
+        // proves they validate (`keys::tests::check_config_shows_every_declared_default`
+        // that they come through unchanged), so this cannot fail in a build whose tests pass.
+        parse("", Path::new(defaults::CONFIG_PATH)).expect("the declared defaults validate")
     }
 }
 
@@ -400,102 +307,21 @@ impl Config {
     /// The resolved configuration as TOML, with the file's section and key names: what
     /// `holepunch check-config` prints, and a valid config file in its own right.
     pub fn to_toml(&self) -> String {
-        let k = &self.kubernetes;
-        let r = &self.router;
-        let e = &self.exposure;
-        let p = &self.ports;
-        let sections: [(&str, Vec<(&str, String)>); 7] = [
-            (
-                "kubernetes",
-                vec![
-                    ("kubeconfig", toml_path(k.kubeconfig.as_deref())),
-                    ("context", toml_string(k.context.as_deref().unwrap_or(""))),
-                    ("namespaces", toml_array(&k.namespaces)),
-                    ("exclude_namespaces", toml_array(&k.exclude_namespaces)),
-                    ("annotation", toml_string(&k.annotation)),
-                    ("load_balancer_class", toml_string(&k.load_balancer_class)),
-                ],
-            ),
-            (
-                "router",
-                vec![
-                    ("backend", toml_string(r.backend.as_str())),
-                    ("address", toml_display(r.address.as_ref())),
-                    ("igd_url", toml_string(r.igd_url.as_deref().unwrap_or(""))),
-                    ("lease_seconds", r.lease_secs.to_string()),
-                    (
-                        "verify_interval_seconds",
-                        r.verify_interval_secs.to_string(),
-                    ),
-                ],
-            ),
-            (
-                "exposure",
-                vec![
-                    ("mode", toml_string(e.mode.as_str())),
-                    ("ipv6", toml_string(e.ipv6.as_str())),
-                    ("lan_address", toml_display(e.lan_address.as_ref())),
-                    (
-                        "wan_interface",
-                        toml_string(e.wan_interface.as_deref().unwrap_or("")),
-                    ),
-                    ("target_cidrs", toml_array(&e.target_cidrs)),
-                ],
-            ),
-            (
-                "ports",
-                vec![
-                    ("allow", toml_array(&p.allow)),
-                    ("deny", toml_array(&p.deny)),
-                    ("allow_below_1024", p.allow_below_1024.to_string()),
-                    ("max_per_service", p.max_per_service.to_string()),
-                    ("max_per_namespace", p.max_per_namespace.to_string()),
-                    ("max_total", p.max_total.to_string()),
-                ],
-            ),
-            ("state", vec![("path", toml_path(Some(&self.state.path)))]),
-            (
-                "metrics",
-                vec![("listen", toml_display(self.metrics.listen.as_ref()))],
-            ),
-            (
-                "log",
-                vec![
-                    ("level", toml_string(&self.log.level)),
-                    ("format", toml_string(self.log.format.as_str())),
-                ],
-            ),
-        ];
-        let ha = self.ha.as_ref().map(|ha| {
-            (
-                "ha",
-                vec![
-                    ("lease_name", toml_string(&ha.lease_name)),
-                    ("lease_namespace", toml_string(&ha.lease_namespace)),
-                    (
-                        "identity",
-                        toml_string(ha.identity.as_deref().unwrap_or("")),
-                    ),
-                    ("address", toml_display(ha.address.as_ref())),
-                    (
-                        "interface",
-                        toml_string(ha.interface.as_deref().unwrap_or("")),
-                    ),
-                    ("lease_duration_seconds", ha.lease_duration_secs.to_string()),
-                    ("renew_deadline_seconds", ha.renew_deadline_secs.to_string()),
-                    ("retry_period_seconds", ha.retry_period_secs.to_string()),
-                ],
-            )
-        });
         let mut out = String::new();
-        for (section, keys) in sections.into_iter().chain(ha) {
+        for section in keys::SECTIONS {
+            let lines: Vec<String> = section
+                .keys
+                .iter()
+                .filter_map(|key| Some(format!("{} = {}\n", key.name, (key.resolved)(self)?)))
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
             if !out.is_empty() {
                 out.push('\n');
             }
-            out.push_str(&format!("[{section}]\n"));
-            for (key, value) in keys {
-                out.push_str(&format!("{key} = {value}\n"));
-            }
+            out.push_str(&format!("[{}]\n", section.name));
+            out.extend(lines);
         }
         out
     }
@@ -611,7 +437,8 @@ pub enum ConfigError {
         key: String,
         expected: &'static str,
         found: String,
-        example: &'static str,
+        /// A valid line for the key (boxed: keeps `ConfigError` small).
+        example: Box<str>,
     },
     #[error("{at}: {key}: {problem}; {fix}")]
     InvalidValue {
@@ -804,192 +631,8 @@ struct RawHa {
     retry_period_seconds: RawInteger,
 }
 
-/// The TOML type a key takes, for "wrong type" messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    String,
-    Integer,
-    Boolean,
-    Strings,
-}
-
-impl Kind {
-    fn expected(self) -> &'static str {
-        match self {
-            Kind::String => "a string (in double quotes)",
-            Kind::Integer => "an integer (without quotes)",
-            Kind::Boolean => "true or false (without quotes)",
-            Kind::Strings => "an array of strings",
-        }
-    }
-}
-
-struct KeySpec {
-    name: &'static str,
-    kind: Kind,
-    /// A valid line for this key.
-    example: &'static str,
-}
-
-struct SectionSpec {
-    name: &'static str,
-    /// The section header line.
-    example: &'static str,
-    keys: &'static [KeySpec],
-}
-
-const fn key(name: &'static str, kind: Kind, example: &'static str) -> KeySpec {
-    KeySpec {
-        name,
-        kind,
-        example,
-    }
-}
-
-/// The file's sections and keys, mirroring the `Raw*` structs (a test keeps them in step).
-const SCHEMA: &[SectionSpec] = &[
-    SectionSpec {
-        name: "kubernetes",
-        example: "[kubernetes]",
-        keys: &[
-            key(
-                "kubeconfig",
-                Kind::String,
-                r#"kubeconfig = "/etc/holepunch/kubeconfig""#,
-            ),
-            key("context", Kind::String, r#"context = "home""#),
-            key(
-                "namespaces",
-                Kind::Strings,
-                r#"namespaces = ["default", "media"]"#,
-            ),
-            key(
-                "exclude_namespaces",
-                Kind::Strings,
-                r#"exclude_namespaces = ["kube-system"]"#,
-            ),
-            key(
-                "annotation",
-                Kind::String,
-                r#"annotation = "holepunch/punch-external""#,
-            ),
-            key(
-                "load_balancer_class",
-                Kind::String,
-                r#"load_balancer_class = "holepunch.io/router""#,
-            ),
-        ],
-    },
-    SectionSpec {
-        name: "router",
-        example: "[router]",
-        keys: &[
-            key("backend", Kind::String, r#"backend = "auto""#),
-            key("address", Kind::String, r#"address = "192.168.1.1""#),
-            key(
-                "igd_url",
-                Kind::String,
-                r#"igd_url = "http://192.168.1.1:5000/rootDesc.xml""#,
-            ),
-            key("lease_seconds", Kind::Integer, "lease_seconds = 3600"),
-            key(
-                "verify_interval_seconds",
-                Kind::Integer,
-                "verify_interval_seconds = 60",
-            ),
-        ],
-    },
-    SectionSpec {
-        name: "exposure",
-        example: "[exposure]",
-        keys: &[
-            key("mode", Kind::String, r#"mode = "relay""#),
-            key("ipv6", Kind::String, r#"ipv6 = "auto""#),
-            key(
-                "lan_address",
-                Kind::String,
-                r#"lan_address = "192.168.1.10""#,
-            ),
-            key("wan_interface", Kind::String, r#"wan_interface = "eth0""#),
-            key(
-                "target_cidrs",
-                Kind::Strings,
-                r#"target_cidrs = ["192.168.0.0/16"]"#,
-            ),
-        ],
-    },
-    SectionSpec {
-        name: "ports",
-        example: "[ports]",
-        keys: &[
-            key("allow", Kind::Strings, r#"allow = ["1024-65535"]"#),
-            key("deny", Kind::Strings, r#"deny = ["22", "135-139"]"#),
-            key(
-                "allow_below_1024",
-                Kind::Boolean,
-                "allow_below_1024 = false",
-            ),
-            key("max_per_service", Kind::Integer, "max_per_service = 16"),
-            key("max_per_namespace", Kind::Integer, "max_per_namespace = 32"),
-            key("max_total", Kind::Integer, "max_total = 128"),
-        ],
-    },
-    SectionSpec {
-        name: "state",
-        example: "[state]",
-        keys: &[key(
-            "path",
-            Kind::String,
-            r#"path = "/var/lib/holepunch/state.toml""#,
-        )],
-    },
-    SectionSpec {
-        name: "metrics",
-        example: "[metrics]",
-        keys: &[key("listen", Kind::String, r#"listen = "127.0.0.1:9473""#)],
-    },
-    SectionSpec {
-        name: "log",
-        example: "[log]",
-        keys: &[
-            key("level", Kind::String, r#"level = "info""#),
-            key("format", Kind::String, r#"format = "auto""#),
-        ],
-    },
-    SectionSpec {
-        name: "ha",
-        example: "[ha]",
-        keys: &[
-            key("lease_name", Kind::String, r#"lease_name = "holepunch""#),
-            key(
-                "lease_namespace",
-                Kind::String,
-                r#"lease_namespace = "holepunch""#,
-            ),
-            key("identity", Kind::String, r#"identity = "node-a""#),
-            key("address", Kind::String, r#"address = "192.168.1.250/24""#),
-            key("interface", Kind::String, r#"interface = "eth0""#),
-            key(
-                "lease_duration_seconds",
-                Kind::Integer,
-                "lease_duration_seconds = 10",
-            ),
-            key(
-                "renew_deadline_seconds",
-                Kind::Integer,
-                "renew_deadline_seconds = 7",
-            ),
-            key(
-                "retry_period_seconds",
-                Kind::Integer,
-                "retry_period_seconds = 2",
-            ),
-        ],
-    },
-];
-
-fn section_spec(name: &str) -> Option<&'static SectionSpec> {
-    SCHEMA.iter().find(|section| section.name == name)
+fn section_spec(name: &str) -> Option<&'static Section> {
+    keys::SECTIONS.iter().find(|section| section.name == name)
 }
 
 /// The known word closest to `word`, if one is close enough to be a likely misspelling.
@@ -1208,6 +851,14 @@ fn string<'a>(raw: &'a RawString, default: &'a str) -> Entry<'a> {
     }
 }
 
+/// An integer value as written (with its span), or the key's default (no span).
+fn integer(raw: &RawInteger, key: &Key) -> (i64, Option<Range<usize>>) {
+    match raw {
+        Some(value) => (*value.get_ref(), Some(value.span())),
+        None => (key.int(), None),
+    }
+}
+
 /// The entries of a string array, and the span of the whole array.
 fn strings<'a>(raw: &'a RawStrings, default: &[&'a str]) -> (Vec<Entry<'a>>, Option<Range<usize>>) {
     match raw {
@@ -1268,7 +919,7 @@ impl Source<'_> {
                         .get_ref()
                         .get(section.as_str())
                         .map_or(found, |value| with_article(value.get_ref().type_str())),
-                    example: spec.example,
+                    example: format!("[{}]", spec.name).into(),
                 },
                 None => ConfigError::UnknownSection {
                     at,
@@ -1288,9 +939,9 @@ impl Source<'_> {
                     Some(key) => ConfigError::WrongType {
                         at,
                         key: format!("{section}.{name}"),
-                        expected: key.kind.expected(),
+                        expected: key.kind().expected(),
                         found,
-                        example: key.example,
+                        example: key.example_line().into(),
                     },
                     None => ConfigError::UnknownKey {
                         at,
@@ -1336,11 +987,18 @@ impl Source<'_> {
     }
 
     fn kubernetes(&self, raw: &RawKubernetes) -> Result<KubernetesConfig, ConfigError> {
-        let (kubeconfig, _) = string(&raw.kubeconfig, "");
-        let (context, _) = string(&raw.context, "");
-        let namespaces = self.namespaces(&raw.namespaces, "kubernetes.namespaces")?;
-        let exclude_namespaces =
-            self.namespaces(&raw.exclude_namespaces, "kubernetes.exclude_namespaces")?;
+        let (kubeconfig, _) = string(&raw.kubeconfig, keys::kubernetes::KUBECONFIG.text());
+        let (context, _) = string(&raw.context, keys::kubernetes::CONTEXT.text());
+        let namespaces = self.namespaces(
+            &raw.namespaces,
+            "kubernetes.namespaces",
+            &keys::kubernetes::NAMESPACES,
+        )?;
+        let exclude_namespaces = self.namespaces(
+            &raw.exclude_namespaces,
+            "kubernetes.exclude_namespaces",
+            &keys::kubernetes::EXCLUDE_NAMESPACES,
+        )?;
         if let Some(both) = raw.exclude_namespaces.as_ref().and_then(|list| {
             list.get_ref()
                 .iter()
@@ -1357,7 +1015,7 @@ impl Source<'_> {
             ));
         }
 
-        let (annotation, span) = string(&raw.annotation, defaults::ANNOTATION);
+        let (annotation, span) = string(&raw.annotation, keys::kubernetes::ANNOTATION.text());
         if let Some(problem) = qualified_name_problem(annotation, false) {
             return Err(self.invalid(
                 span,
@@ -1365,12 +1023,15 @@ impl Source<'_> {
                 format!("{} is not a valid annotation key: {problem}", shown(annotation)),
                 format!(
                     "write an annotation key like \"{}\" (an optional DNS prefix, '/', and a name of at most 63 letters, digits, '-', '_' or '.')",
-                    defaults::ANNOTATION
+                    keys::kubernetes::ANNOTATION.text()
                 ),
             ));
         }
 
-        let (class, span) = string(&raw.load_balancer_class, defaults::LOAD_BALANCER_CLASS);
+        let (class, span) = string(
+            &raw.load_balancer_class,
+            keys::kubernetes::LOAD_BALANCER_CLASS.text(),
+        );
         if let Some(problem) = qualified_name_problem(class, true) {
             return Err(self.invalid(
                 span,
@@ -1381,7 +1042,7 @@ impl Source<'_> {
                 ),
                 format!(
                     "Kubernetes requires a domain-prefixed name like \"{}\"",
-                    defaults::LOAD_BALANCER_CLASS
+                    keys::kubernetes::LOAD_BALANCER_CLASS.text()
                 ),
             ));
         }
@@ -1396,8 +1057,13 @@ impl Source<'_> {
         })
     }
 
-    fn namespaces(&self, raw: &RawStrings, key: &str) -> Result<BTreeSet<String>, ConfigError> {
-        let (entries, _) = strings(raw, &[]);
+    fn namespaces(
+        &self,
+        raw: &RawStrings,
+        key: &str,
+        spec: &Key,
+    ) -> Result<BTreeSet<String>, ConfigError> {
+        let (entries, _) = strings(raw, spec.list());
         entries
             .into_iter()
             .map(|(name, span)| match dns_label_problem(name) {
@@ -1416,31 +1082,29 @@ impl Source<'_> {
         &self,
         raw: &RawString,
         key: &str,
-        default: K,
+        spec: &Key,
         all: &'static [K],
         name: fn(K) -> &'static str,
     ) -> Result<K, ConfigError> {
-        let Some(value) = raw else {
-            return Ok(default);
-        };
-        if let Some(found) = all.iter().copied().find(|k| name(*k) == value.get_ref()) {
+        let (value, span) = string(raw, spec.text());
+        if let Some(found) = all.iter().copied().find(|k| name(*k) == value) {
             return Ok(found);
         }
         let names = all.iter().map(|k| name(*k));
-        let fix = match closest(value.get_ref(), names.clone()) {
+        let fix = match closest(value, names.clone()) {
             Some(close) => format!("did you mean `{close}`? (one of {})", backticked(names)),
             None => format!("use one of {}", backticked(names)),
         };
-        Err(self.invalid(
-            Some(value.span()),
-            key,
-            format!("unknown value {}", shown(value.get_ref())),
-            fix,
-        ))
+        Err(self.invalid(span, key, format!("unknown value {}", shown(value)), fix))
     }
 
-    fn ipv4(&self, raw: &RawString, key: &str) -> Result<Option<Ipv4Addr>, ConfigError> {
-        let (text, span) = string(raw, "");
+    fn ipv4(
+        &self,
+        raw: &RawString,
+        key: &str,
+        spec: &Key,
+    ) -> Result<Option<Ipv4Addr>, ConfigError> {
+        let (text, span) = string(raw, spec.text());
         if text.is_empty() {
             return Ok(None);
         }
@@ -1458,24 +1122,17 @@ impl Source<'_> {
         &self,
         raw: &RawInteger,
         key: &str,
-        default: u32,
+        spec: &Key,
         bounds: Range<u32>,
         fix: &str,
     ) -> Result<u32, ConfigError> {
-        let Some(value) = raw else {
-            return Ok(default);
-        };
+        let (value, span) = integer(raw, spec);
         let (min, max) = (bounds.start, bounds.end);
-        u32::try_from(*value.get_ref())
+        u32::try_from(value)
             .ok()
             .filter(|secs| (min..=max).contains(secs))
             .ok_or_else(|| {
-                self.invalid(
-                    Some(value.span()),
-                    key,
-                    format!("{} is outside {min}..={max}", value.get_ref()),
-                    fix,
-                )
+                self.invalid(span, key, format!("{value} is outside {min}..={max}"), fix)
             })
     }
 
@@ -1483,13 +1140,13 @@ impl Source<'_> {
         let backend = self.keyword(
             &raw.backend,
             "router.backend",
-            defaults::BACKEND,
+            &keys::router::BACKEND,
             BackendChoice::ALL,
             BackendChoice::as_str,
         )?;
-        let address = self.ipv4(&raw.address, "router.address")?;
+        let address = self.ipv4(&raw.address, "router.address", &keys::router::ADDRESS)?;
 
-        let (igd_url, span) = string(&raw.igd_url, "");
+        let (igd_url, span) = string(&raw.igd_url, keys::router::IGD_URL.text());
         let host = igd_url
             .strip_prefix("http://")
             .and_then(|rest| rest.split(['/', '?', '#']).next());
@@ -1507,14 +1164,14 @@ impl Source<'_> {
         let lease_secs = self.seconds(
             &raw.lease_seconds,
             "router.lease_seconds",
-            defaults::LEASE_SECS,
+            &keys::router::LEASE_SECONDS,
             0..MAX_LEASE_SECS,
             "use a lease of at most one week (604800 s); 0 asks for a permanent mapping",
         )?;
         let verify_interval_secs = self.seconds(
             &raw.verify_interval_seconds,
             "router.verify_interval_seconds",
-            defaults::VERIFY_INTERVAL_SECS,
+            &keys::router::VERIFY_INTERVAL_SECONDS,
             MIN_VERIFY_INTERVAL_SECS..MAX_VERIFY_INTERVAL_SECS,
             "check the router every 5 s to 1 day (86400 s); 60 is a good choice",
         )?;
@@ -1531,20 +1188,25 @@ impl Source<'_> {
         let mode = self.keyword(
             &raw.mode,
             "exposure.mode",
-            defaults::EXPOSURE_MODE,
+            &keys::exposure::MODE,
             ExposureMode::ALL,
             ExposureMode::as_str,
         )?;
         let ipv6 = self.keyword(
             &raw.ipv6,
             "exposure.ipv6",
-            defaults::IPV6,
+            &keys::exposure::IPV6,
             Ipv6Choice::ALL,
             Ipv6Choice::as_str,
         )?;
-        let lan_address = self.ipv4(&raw.lan_address, "exposure.lan_address")?;
+        let lan_address = self.ipv4(
+            &raw.lan_address,
+            "exposure.lan_address",
+            &keys::exposure::LAN_ADDRESS,
+        )?;
 
-        let (wan_interface, span) = string(&raw.wan_interface, "");
+        let (wan_interface, span) =
+            string(&raw.wan_interface, keys::exposure::WAN_INTERFACE.text());
         if let Some(problem) = ifname_problem(wan_interface) {
             return Err(self.invalid(
                 span,
@@ -1557,7 +1219,7 @@ impl Source<'_> {
             ));
         }
 
-        let (entries, _) = strings(&raw.target_cidrs, defaults::TARGET_CIDRS);
+        let (entries, _) = strings(&raw.target_cidrs, keys::exposure::TARGET_CIDRS.list());
         let target_cidrs = entries
             .into_iter()
             .map(|(text, span)| self.cidr(text, span))
@@ -1645,11 +1307,13 @@ impl Source<'_> {
         let allow_below_1024 = raw
             .allow_below_1024
             .as_ref()
-            .map_or(defaults::ALLOW_BELOW_1024, |value| *value.get_ref());
-        let allow = self.port_ranges(&raw.allow, "ports.allow", defaults::PORTS_ALLOW)?;
-        let deny = self.port_ranges(&raw.deny, "ports.deny", defaults::PORTS_DENY)?;
+            .map_or(keys::ports::ALLOW_BELOW_1024.flag(), |value| {
+                *value.get_ref()
+            });
+        let allow = self.port_ranges(&raw.allow, "ports.allow", keys::ports::ALLOW.list())?;
+        let deny = self.port_ranges(&raw.deny, "ports.deny", keys::ports::DENY.list())?;
         if !allow_below_1024 {
-            let (entries, _) = strings(&raw.allow, defaults::PORTS_ALLOW);
+            let (entries, _) = strings(&raw.allow, keys::ports::ALLOW.list());
             if let Some((range, (_, span))) = allow
                 .iter()
                 .zip(entries)
@@ -1668,14 +1332,14 @@ impl Source<'_> {
         let max_per_service = self.quota(
             &raw.max_per_service,
             "ports.max_per_service",
-            defaults::MAX_PER_SERVICE,
+            &keys::ports::MAX_PER_SERVICE,
         )?;
         let max_per_namespace = self.quota(
             &raw.max_per_namespace,
             "ports.max_per_namespace",
-            defaults::MAX_PER_NAMESPACE,
+            &keys::ports::MAX_PER_NAMESPACE,
         )?;
-        let max_total = self.quota(&raw.max_total, "ports.max_total", defaults::MAX_TOTAL)?;
+        let max_total = self.quota(&raw.max_total, "ports.max_total", &keys::ports::MAX_TOTAL)?;
         Ok(PortPolicy {
             allow,
             deny,
@@ -1687,19 +1351,17 @@ impl Source<'_> {
     }
 
     /// A `ports.max_*` quota: 1 to every TCP and UDP port.
-    fn quota(&self, raw: &RawInteger, key: &str, default: u32) -> Result<u32, ConfigError> {
-        let Some(value) = raw else {
-            return Ok(default);
-        };
-        u32::try_from(*value.get_ref())
+    fn quota(&self, raw: &RawInteger, key: &str, spec: &Key) -> Result<u32, ConfigError> {
+        let (value, span) = integer(raw, spec);
+        u32::try_from(value)
             .ok()
             .filter(|n| (1..=MAX_PORTS_QUOTA).contains(n))
             .ok_or_else(|| {
                 self.invalid(
-                    Some(value.span()),
+                    span,
                     key,
-                    format!("{} is outside 1..={MAX_PORTS_QUOTA}", value.get_ref()),
-                    format!("write a number of ports from 1 up, like {default}; to publish nothing, remove the Services' annotation instead"),
+                    format!("{value} is outside 1..={MAX_PORTS_QUOTA}"),
+                    format!("write a number of ports from 1 up, like {}; to publish nothing, remove the Services' annotation instead", spec.int()),
                 )
             })
     }
@@ -1727,13 +1389,13 @@ impl Source<'_> {
     }
 
     fn state(&self, raw: &RawState) -> Result<StateConfig, ConfigError> {
-        let (path, span) = string(&raw.path, defaults::STATE_PATH);
+        let (path, span) = string(&raw.path, keys::state::PATH.text());
         if !Path::new(path).is_absolute() {
             return Err(self.invalid(
                 span,
                 "state.path",
                 format!("{} is not an absolute path", shown(path)),
-                format!("write a full path, like \"{}\"", defaults::STATE_PATH),
+                format!("write a full path, like \"{}\"", keys::state::PATH.text()),
             ));
         }
         Ok(StateConfig {
@@ -1742,7 +1404,7 @@ impl Source<'_> {
     }
 
     fn metrics(&self, raw: &RawMetrics) -> Result<MetricsConfig, ConfigError> {
-        let (listen, span) = string(&raw.listen, defaults::METRICS_LISTEN);
+        let (listen, span) = string(&raw.listen, keys::metrics::LISTEN.text());
         if listen.is_empty() {
             return Ok(MetricsConfig { listen: None });
         }
@@ -1753,7 +1415,7 @@ impl Source<'_> {
                 format!("{} is not an address and port", shown(listen)),
                 format!(
                     "write it like \"{}\" (or \"[::1]:9473\"), or \"\" to turn metrics off",
-                    defaults::METRICS_LISTEN
+                    keys::metrics::LISTEN.text()
                 ),
             )
         })?;
@@ -1764,7 +1426,7 @@ impl Source<'_> {
 
     fn log(&self, raw: &RawLog) -> Result<LogConfig, ConfigError> {
         const LEVEL_FIX: &str = "use a level (error, warn, info, debug, trace) or directives like \"holepunch=debug,kube=info\"";
-        let (level, span) = string(&raw.level, defaults::LOG_LEVEL);
+        let (level, span) = string(&raw.level, keys::log::LEVEL.text());
         if level.trim().is_empty() {
             return Err(self.invalid(span, "log.level", "the level is empty", LEVEL_FIX));
         }
@@ -1779,7 +1441,7 @@ impl Source<'_> {
         let format = self.keyword(
             &raw.format,
             "log.format",
-            defaults::LOG_FORMAT,
+            &keys::log::FORMAT,
             LogFormat::ALL,
             LogFormat::as_str,
         )?;
@@ -1816,7 +1478,7 @@ impl Source<'_> {
             ));
         }
 
-        let (lease_name, span) = string(&raw.lease_name, defaults::HA_LEASE_NAME);
+        let (lease_name, span) = string(&raw.lease_name, keys::ha::LEASE_NAME.text());
         if let Some(problem) = dns_subdomain_problem(lease_name) {
             return Err(self.invalid(
                 span,
@@ -1824,11 +1486,11 @@ impl Source<'_> {
                 format!("{} is not a Lease name: {problem}", shown(lease_name)),
                 format!(
                     "write a DNS name like \"{}\" (lowercase letters, digits, '-' and '.')",
-                    defaults::HA_LEASE_NAME
+                    keys::ha::LEASE_NAME.text()
                 ),
             ));
         }
-        let (namespace, span) = string(&raw.lease_namespace, defaults::HA_LEASE_NAMESPACE);
+        let (namespace, span) = string(&raw.lease_namespace, keys::ha::LEASE_NAMESPACE.text());
         if let Some(problem) = dns_label_problem(namespace) {
             return Err(self.invalid(
                 span,
@@ -1837,7 +1499,7 @@ impl Source<'_> {
                 "write the namespace holepunch's RBAC grants Leases and ConfigMaps in, as `kubectl get namespaces` shows it",
             ));
         }
-        let (identity, span) = string(&raw.identity, "");
+        let (identity, span) = string(&raw.identity, keys::ha::IDENTITY.text());
         if identity.len() > MAX_HA_IDENTITY_LEN
             || identity
                 .chars()
@@ -1854,7 +1516,7 @@ impl Source<'_> {
             ));
         }
 
-        let (address, span) = string(&raw.address, "");
+        let (address, span) = string(&raw.address, keys::ha::ADDRESS.text());
         let address = if address.is_empty() {
             None
         } else {
@@ -1901,7 +1563,7 @@ impl Source<'_> {
             _ => {}
         }
 
-        let (interface, span) = string(&raw.interface, "");
+        let (interface, span) = string(&raw.interface, keys::ha::INTERFACE.text());
         if let Some(problem) = ifname_problem(interface) {
             return Err(self.invalid(
                 span,
@@ -1916,21 +1578,21 @@ impl Source<'_> {
         let duration = self.seconds(
             &raw.lease_duration_seconds,
             "ha.lease_duration_seconds",
-            defaults::HA_LEASE_DURATION_SECS,
+            &keys::ha::LEASE_DURATION_SECONDS,
             bounds.clone(),
             TIMING_FIX,
         )?;
         let renew = self.seconds(
             &raw.renew_deadline_seconds,
             "ha.renew_deadline_seconds",
-            defaults::HA_RENEW_DEADLINE_SECS,
+            &keys::ha::RENEW_DEADLINE_SECONDS,
             bounds.clone(),
             TIMING_FIX,
         )?;
         let retry = self.seconds(
             &raw.retry_period_seconds,
             "ha.retry_period_seconds",
-            defaults::HA_RETRY_PERIOD_SECS,
+            &keys::ha::RETRY_PERIOD_SECONDS,
             bounds,
             TIMING_FIX,
         )?;
@@ -1986,11 +1648,11 @@ fn dns_subdomain_problem(name: &str) -> Option<&'static str> {
 }
 
 fn unknown_section_hint(name: &str) -> String {
-    let sections = SCHEMA.iter().map(|section| section.name);
+    let sections = keys::SECTIONS.iter().map(|section| section.name);
     if let Some(close) = closest(name, sections.clone()) {
         return format!("did you mean [{close}]?");
     }
-    if let Some(home) = SCHEMA
+    if let Some(home) = keys::SECTIONS
         .iter()
         .find(|section| section.keys.iter().any(|key| key.name == name))
     {
@@ -2003,9 +1665,9 @@ fn unknown_section_hint(name: &str) -> String {
     format!("the sections are {}", all.join(", "))
 }
 
-fn unknown_key_hint(section: &SectionSpec, name: &str) -> String {
+fn unknown_key_hint(section: &Section, name: &str) -> String {
     let keys = section.keys.iter().map(|key| key.name);
-    if let Some(home) = SCHEMA
+    if let Some(home) = keys::SECTIONS
         .iter()
         .find(|other| other.keys.iter().any(|key| key.name == name))
     {
@@ -2716,12 +2378,15 @@ format = "json"
         // Nothing was dropped while building the default from the constants.
         assert_eq!(
             config.exposure.target_cidrs.len(),
-            defaults::TARGET_CIDRS.len()
+            keys::exposure::TARGET_CIDRS.list().len()
         );
-        assert_eq!(config.ports.allow.len(), defaults::PORTS_ALLOW.len());
-        assert_eq!(config.ports.deny.len(), defaults::PORTS_DENY.len());
+        assert_eq!(config.ports.allow.len(), keys::ports::ALLOW.list().len());
+        assert_eq!(config.ports.deny.len(), keys::ports::DENY.list().len());
         assert!(config.metrics.listen.is_some());
-        assert_eq!(config.router.lease_secs, defaults::LEASE_SECS);
+        assert_eq!(
+            i64::from(config.router.lease_secs),
+            keys::router::LEASE_SECONDS.int()
+        );
         assert!(!config.ports.allow_below_1024);
         assert_eq!(parse_ok("[router]\n[log]\n"), Config::default());
     }
@@ -2734,7 +2399,7 @@ format = "json"
             Err(error) => panic!("{error}"),
         };
         assert_eq!(config, Config::default());
-        for section in SCHEMA {
+        for section in keys::SECTIONS {
             // [ha] is documented commented out: its absence means one host.
             let header = format!("[{}]", section.name);
             assert!(
@@ -2761,19 +2426,19 @@ format = "json"
     fn schema_matches_the_raw_layer() {
         // Every example line is accepted where the schema puts it...
         let mut all = String::new();
-        for section in SCHEMA {
-            all.push_str(&format!("{}\n", section.example));
+        for section in keys::SECTIONS {
+            all.push_str(&format!("[{}]\n", section.name));
             for key in section.keys {
-                all.push_str(&format!("{}\n", key.example));
+                all.push_str(&format!("{}\n", key.example_line()));
             }
         }
         parse_ok(&all);
         // ...and a value of another type is refused with that key's expected type.
-        for section in SCHEMA {
+        for section in keys::SECTIONS {
             for key in section.keys {
-                let wrong = match key.kind {
-                    Kind::String | Kind::Boolean | Kind::Strings => "1",
-                    Kind::Integer => "\"1\"",
+                let wrong = match key.kind() {
+                    keys::Kind::String | keys::Kind::Boolean | keys::Kind::Strings => "1",
+                    keys::Kind::Integer => "\"1\"",
                 };
                 let text = format!("[{}]\n{} = {wrong}\n", section.name, key.name);
                 match parse_err(&text) {
@@ -2781,11 +2446,27 @@ format = "json"
                         key: got, expected, ..
                     } => {
                         assert_eq!(got, format!("{}.{}", section.name, key.name));
-                        assert_eq!(expected, key.kind.expected());
+                        assert_eq!(expected, key.kind().expected());
                     }
                     other => panic!("{text:?}: {other}"),
                 }
             }
+        }
+        // ...and the raw layer has no key the declarations lack: serde names every field it
+        // takes when it refuses an unknown one.
+        for section in keys::SECTIONS {
+            let text = format!("[{}]\nno_such_key = 1\n", section.name);
+            let refusal = match toml::from_str::<RawConfig>(&text) {
+                Ok(_) => panic!("{text:?} was accepted"),
+                Err(error) => error.message().to_owned(),
+            };
+            let named: Vec<&str> = refusal.split('`').skip(3).step_by(2).collect();
+            let declared: Vec<&str> = section.keys.iter().map(|key| key.name).collect();
+            assert_eq!(
+                named, declared,
+                "[{}]: the Raw struct and src/config/keys.rs differ: {refusal}",
+                section.name
+            );
         }
     }
 
@@ -2964,8 +2645,8 @@ format = "journald"
         assert_eq!(
             ha,
             HaConfig {
-                lease_name: defaults::HA_LEASE_NAME.to_owned(),
-                lease_namespace: defaults::HA_LEASE_NAMESPACE.to_owned(),
+                lease_name: keys::ha::LEASE_NAME.text().to_owned(),
+                lease_namespace: keys::ha::LEASE_NAMESPACE.text().to_owned(),
                 identity: None,
                 address: "192.168.1.250/24".parse().ok(),
                 interface: None,

@@ -1,8 +1,8 @@
 //! Manual pages and shell completions, generated from the sources the program itself uses, so
 //! they cannot drift: holepunch(8) and the bash, zsh and fish completions from the clap definition
 //! that also prints `--help` ([`Cli`]), holepunch.toml(5) from the shipped, documented default
-//! config `etc/holepunch.toml` (which a config test keeps equal to the defaults and the
-//! schema). The Debian package build calls them through the hidden `holepunch generate`.
+//! config `etc/holepunch.toml` (generated from the key declarations in `config::keys`; a test
+//! fails when it drifts from them). The Debian package build calls them through the hidden `holepunch generate`.
 //!
 //! The pages are roff for man(7) (groff_man(7) subset); [`config_page`] is a pure renderer.
 
