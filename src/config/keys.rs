@@ -689,6 +689,51 @@ mod tests {
         assert_eq!((ha::LEASE_NAME.resolved)(&changed), None);
     }
 
+    /// A key that takes one of a few words documents every one of them.
+    #[test]
+    fn keyword_docs_list_every_value() {
+        use super::super::{BackendChoice, ExposureMode, Ipv6Choice, LogFormat};
+        let words = |doc: &str| -> Vec<String> {
+            doc.split(|c: char| !c.is_ascii_alphanumeric())
+                .map(str::to_owned)
+                .collect()
+        };
+        let cases: [(&Key, Vec<&str>); 4] = [
+            (
+                &router::BACKEND,
+                BackendChoice::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                &exposure::MODE,
+                ExposureMode::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                &exposure::IPV6,
+                Ipv6Choice::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                &log::FORMAT,
+                LogFormat::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+        ];
+        for (key, values) in cases {
+            let documented = words(key.doc);
+            for value in values {
+                assert!(
+                    documented.iter().any(|word| word == value),
+                    "{}'s doc lacks {value:?}: {}",
+                    key.name,
+                    key.doc
+                );
+            }
+        }
+        assert!(
+            !words(router::BACKEND.doc)
+                .iter()
+                .any(|word| word == "tr064")
+        );
+    }
+
     #[test]
     fn long_docs_and_arrays_wrap_within_the_width() {
         let file = shipped_file();
