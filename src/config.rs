@@ -2470,6 +2470,43 @@ format = "json"
         }
     }
 
+    /// Every dotted key the validation names in a message (`"router.lease_seconds"`) is a
+    /// declared key: the messages cannot name a key that does not exist.
+    #[test]
+    fn messages_name_declared_keys() {
+        let source = include_str!("config.rs");
+        let validation = source
+            .split("#[cfg(test)]\nmod tests {")
+            .next()
+            .unwrap_or(source);
+        let mut named = 0;
+        for section in keys::SECTIONS {
+            let opening = format!("\"{}.", section.name);
+            for (at, _) in validation.match_indices(&opening) {
+                let rest = &validation[at + opening.len()..];
+                let Some(name) = rest.split('"').next() else {
+                    continue;
+                };
+                if !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    continue;
+                }
+                assert!(
+                    section.keys.iter().any(|key| key.name == name),
+                    "config.rs names {}.{name}, which src/config/keys.rs does not declare",
+                    section.name
+                );
+                named += 1;
+            }
+        }
+        assert!(
+            named >= 40,
+            "only {named} dotted keys found: the scan is broken"
+        );
+    }
+
     #[test]
     fn to_toml_round_trips() {
         let default = Config::default();
