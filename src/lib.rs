@@ -3,6 +3,7 @@
 //! A pure core (`desired`, `plan`) between I/O edges (`kube`, `router`, `nft`, `state`),
 //! driven by the event loop in `daemon`. See ARCHITECTURE.md for the architecture.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;

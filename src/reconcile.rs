@@ -825,10 +825,8 @@ fn record_failure(
 /// Exponential backoff from `floor`, doubling per failure, capped at [`RETRY_CEILING_SECS`]
 /// (or at `floor` if that is higher), scaled by `jitter` (e.g. 0.9..1.1).
 pub fn retry_delay(failures: u32, floor: Duration, jitter: f64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let ceiling = Duration::from_secs(RETRY_CEILING_SECS).max(floor);
-    let base = floor.saturating_mul(1 << doublings).min(ceiling);
-    base.mul_f64(jitter.clamp(0.5, 1.5))
+    crate::backoff::doubling(failures, floor, Duration::from_secs(RETRY_CEILING_SECS))
+        .mul_f64(jitter.clamp(0.5, 1.5))
 }
 
 #[cfg(test)]

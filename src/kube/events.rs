@@ -198,10 +198,11 @@ struct Retry {
 impl Retry {
     /// The retry after `failures` refusals in a row, the last at `now`.
     fn after(failures: u32, now: Instant) -> Retry {
-        let doublings = failures.saturating_sub(1).min(16);
-        let wait = Duration::from_secs(EVENT_RETRY_FLOOR_SECS)
-            .saturating_mul(1 << doublings)
-            .min(Duration::from_secs(EVENT_RETRY_CEILING_SECS));
+        let wait = crate::backoff::doubling(
+            failures,
+            Duration::from_secs(EVENT_RETRY_FLOOR_SECS),
+            Duration::from_secs(EVENT_RETRY_CEILING_SECS),
+        );
         Retry {
             failures,
             at: now + wait,

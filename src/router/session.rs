@@ -144,6 +144,7 @@ impl Connect for RouterConnect {
 #[derive(Debug)]
 pub struct Probe {
     pub wait: Duration,
+    failures: u32,
     next: tokio::time::Instant,
     last_error: String,
 }
@@ -152,6 +153,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe {
             wait: Duration::ZERO,
+            failures: 0,
             next: tokio::time::Instant::now(),
             last_error: String::new(),
         }
@@ -186,7 +188,9 @@ impl Probe {
             tracing::error!("{message}");
             self.last_error = message;
         }
-        self.wait = (self.wait * 2).clamp(
+        self.failures = self.failures.saturating_add(1);
+        self.wait = crate::backoff::doubling(
+            self.failures,
             Duration::from_secs(PROBE_RETRY_SECS),
             Duration::from_secs(PROBE_RETRY_MAX_SECS),
         );
