@@ -83,28 +83,12 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
 
     'config: loop {
         metrics.configure(config.router.lease_secs, verify_interval(&config));
-        let floating = config
-            .ha
-            .as_ref()
-            .and_then(|ha| ha.address.map(|a| a.addr()));
-        let forwarding = forwarding(&config, floating)?;
-        let address = router_address(&config, forwarding)?;
+        let (forwarding, address) = network(&config)?;
         let mut announcements = listen_for_announcements(address.as_ref());
-        if forwarding != Forwarding::Direct
-            && let Err(e) = nft::check_forwarding()
-        {
-            tracing::error!("{e}");
-        }
         let client = match wait_for_cluster(&config, &mut signals, &mut systemd, &metrics).await {
             Ok(client) => client,
             Err(ClusterWait::Refused(e)) => return Err(DaemonError::Kubeconfig(e)),
-            Err(ClusterWait::Woken(Wake::Stop)) => {
-                if let Some(ha) = leadership.take() {
-                    ha.stop().await;
-                }
-                stop();
-                return Ok(());
-            }
+            Err(ClusterWait::Woken(Wake::Stop)) => return stop(leadership).await,
             Err(ClusterWait::Woken(Wake::Reload | Wake::Timer)) => {
                 if let Some(new) = reload(&config_path) {
                     config = new;
@@ -119,19 +103,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
         let changed = cluster.changed.clone();
         let report = ClusterWriter::start(client, &config, metrics.clone());
         tracing::info!("watching the cluster");
-        // With [ha], every request the router session makes is fenced (README, "High
-        // availability"); without it, the fence never closes.
-        let fence = leadership
-            .as_ref()
-            .map(Leadership::fence)
-            .unwrap_or_default();
-        let router = FencedConnect::new(
-            RouterConnect {
-                address,
-                config: config.router.clone(),
-            },
-            fence,
-        );
+        let router = router_connect(&config, address, leadership.as_ref());
         let mut ctx = Context::new(
             config.clone(),
             forwarding,
@@ -173,13 +145,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                     }
                 }
                 Event::Reload => {
-                    if let Some(mut new) = reload(&config_path) {
-                        if new.ha != config.ha {
-                            tracing::error!(
-                                "[ha] changed in the config file: it takes effect at the next start (systemctl restart holepunch); the running [ha] stays"
-                            );
-                            new.ha = config.ha.clone();
-                        }
+                    if let Some(new) = reload_keeping_ha(&config_path, &config) {
                         interrupts.reloaded();
                         config = new;
                         continue 'config;
@@ -187,11 +153,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
                 }
                 Event::Stop => {
                     drop(ctx);
-                    if let Some(ha) = leadership.take() {
-                        ha.stop().await;
-                    }
-                    stop();
-                    return Ok(());
+                    return stop(leadership).await;
                 }
             }
         }
@@ -379,13 +341,65 @@ pub fn router_address(
     Ok(Some(RouterAddress { gateway, local }))
 }
 
-fn stop() {
+/// Where the router forwards (per exposure mode) and where the router is, for this config;
+/// warns when the kernel does not forward IPv4 and the mode needs it.
+fn network(config: &Config) -> Result<(Forwarding, Option<RouterAddress>), DaemonError> {
+    let floating = config
+        .ha
+        .as_ref()
+        .and_then(|ha| ha.address.map(|a| a.addr()));
+    let forwarding = forwarding(config, floating)?;
+    let address = router_address(config, forwarding)?;
+    if forwarding != Forwarding::Direct
+        && let Err(e) = nft::check_forwarding()
+    {
+        tracing::error!("{e}");
+    }
+    Ok((forwarding, address))
+}
+
+/// The router session's connection. With [ha], every request it makes is fenced (README,
+/// "High availability"); without it, the fence never closes.
+fn router_connect(
+    config: &Config,
+    address: Option<RouterAddress>,
+    leadership: Option<&Leadership>,
+) -> FencedConnect<RouterConnect> {
+    let fence = leadership.map(Leadership::fence).unwrap_or_default();
+    FencedConnect::new(
+        RouterConnect {
+            address,
+            config: config.router.clone(),
+        },
+        fence,
+    )
+}
+
+/// Hands the Lease over (with [ha]) and tells systemd the daemon is stopping; `run`'s end.
+async fn stop(leadership: Option<Leadership>) -> Result<(), DaemonError> {
+    if let Some(ha) = leadership {
+        ha.stop().await;
+    }
     tracing::info!("stopping; router mappings and nftables rules stay in place");
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    Ok(())
 }
 
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Re-reads the config at SIGHUP (see [`reload`]); `[ha]` keeps its running value, since a
+/// changed one takes effect at the next start only.
+fn reload_keeping_ha(path: &Path, running: &Config) -> Option<Config> {
+    let mut new = reload(path)?;
+    if new.ha != running.ha {
+        tracing::error!(
+            "[ha] changed in the config file: it takes effect at the next start (systemctl restart holepunch); the running [ha] stays"
+        );
+        new.ha = running.ha.clone();
+    }
+    Some(new)
 }
 
 /// Re-reads the config; a bad one is refused and the old one kept.
