@@ -2,6 +2,8 @@
 //!
 //! The help text is the first manual most users read: every command says what it touches.
 
+pub mod manual;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -191,8 +193,8 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Status { output } => status(&cli.config, output),
         Command::Cleanup => cleanup(&cli.config),
         Command::Generate { what, directory } => match what {
-            Generated::Man => crate::manual::write_manuals(&directory),
-            Generated::Completions => crate::manual::write_completions(&directory),
+            Generated::Man => manual::write_manuals(&directory),
+            Generated::Completions => manual::write_completions(&directory),
         }
         .map(|files| files.iter().for_each(|file| println!("{}", file.display())))
         .map_err(|e| Failure::new(EXIT_OTHER, e)),

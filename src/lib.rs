@@ -13,7 +13,6 @@ pub mod ha;
 pub mod host;
 pub mod kube;
 pub mod logging;
-pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod nft;

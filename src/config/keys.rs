@@ -3,7 +3,7 @@
 //! declarations come the defaults the validation falls back on, the sections and keys the
 //! error messages name and suggest, the `check-config` listing ([`Config::to_toml`]) and the
 //! shipped, documented `etc/holepunch.toml` ([`shipped_file`]), which holepunch.toml(5) is
-//! rendered from (`manual.rs`). A test fails when the checked-in file drifts from this one
+//! rendered from (`cli/manual.rs`). A test fails when the checked-in file drifts from this one
 //! (README.md, "Configuring it").
 //!
 //! Adding a key: declare it here, add its field to the section's `Raw*` struct and to the

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-use crate::cli::{Cli, EXIT_CODES_HELP};
+use super::{Cli, EXIT_CODES_HELP};
 
 /// The documented default config, the source of holepunch.toml(5).
-pub const CONFIG_DOC: &str = include_str!("../etc/holepunch.toml");
+pub const CONFIG_DOC: &str = include_str!("../../etc/holepunch.toml");
 
 /// What went wrong while writing the generated files.
 #[derive(Debug, thiserror::Error)]
