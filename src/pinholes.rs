@@ -62,7 +62,8 @@ over IPv4 only";
 /// README "Security model" applied to the IPv6 targets: a LoadBalancer ingress IPv6 address
 /// only inside `exposure.target_cidrs`; else, for a mapping that goes to a Ready node's
 /// nodePort, that node's IPv6 InternalIP with the same nodePort; never the router, this host
-/// (except as a node), link-local, loopback, multicast; a unique local address only if listed.
+/// (except as a node), link-local, loopback, multicast; a unique local or site-local address
+/// only if listed.
 /// A Service whose IPv4 target is a load balancer IP and that has no allowed IPv6 ingress gets
 /// no pinhole.
 pub fn desired_pinholes(
@@ -663,6 +664,14 @@ mod tests {
                 "unique local",
             ),
             (
+                "a deprecated site-local node address not listed",
+                None,
+                Some("fec0:77::20"),
+                vec![],
+                ProblemKind::TargetNotAllowed,
+                "site-local",
+            ),
+            (
                 "a link-local node address",
                 None,
                 Some("fe80::20"),
@@ -695,7 +704,7 @@ mod tests {
             assert_eq!(*got_kind, kind, "{name}");
             assert!(got_detail.contains(detail), "{name}: {got_detail}");
             let message = &v6.problems[0].message;
-            for secret in ["2001:db8", "fe80", "fd00", "::1", "ff05"] {
+            for secret in ["2001:db8", "fe80", "fd00", "fec0", "::1", "ff05"] {
                 assert!(!message.contains(secret), "{name}: {message}");
             }
             assert!(
@@ -735,6 +744,10 @@ mod tests {
         let nodes = [dual_node("n", "192.168.1.20", "fd00:77::20")];
         let (_, v6) = run(&[web(&[])], &nodes, &config(&["fd00:77::/64"]));
         assert_eq!(summary(&v6).0, ["8080/tcp [fd00:77::20]:30080 NodePort"]);
+        // So is a site-local one.
+        let nodes = [dual_node("n", "192.168.1.20", "fec0:77::20")];
+        let (_, v6) = run(&[web(&[])], &nodes, &config(&["fec0:77::/64"]));
+        assert_eq!(summary(&v6).0, ["8080/tcp [fec0:77::20]:30080 NodePort"]);
     }
 
     const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
