@@ -223,6 +223,35 @@ pub struct PinholeRoute {
     pub relay_from: Option<Ipv6Addr>,
 }
 
+/// This host's global IPv6 address on the interface toward the router, with that address's
+/// prefix length: what relay mode opens, and the on-link prefix the ip6 DNAT leaves alone
+/// (README, "IPv6"). Found again every pass, so that a new address or prefix moves the
+/// pinholes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RelayHost {
+    pub address: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+/// Relay mode: the addresses that pinholes the plan `actions` close open but that are no
+/// longer this host's relay address `host` (the host's address or prefix changed). Those
+/// pinholes are closed from that address while the host still holds it (PCP and secure UPnP
+/// take requests only from the address a pinhole opens), else left to lapse with their lease.
+pub fn former_relay_addresses(
+    actions: &[PinholeAction],
+    state: &State,
+    host: Ipv6Addr,
+) -> BTreeSet<Ipv6Addr> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            PinholeAction::Close { key } => state.pinholes.get(key).map(|r| r.address),
+            _ => None,
+        })
+        .filter(|address| *address != host)
+        .collect()
+}
+
 /// Why a pinhole is (re)opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenReason {
@@ -898,6 +927,46 @@ mod tests {
                 later(60)
             )),
             ["open 8080 [2001:db8:77::10]:8080 RetryDue"]
+        );
+    }
+
+    /// A new address of this host (the ISP renumbered): the pinhole to the former address is
+    /// closed before the one to the new address is opened, and the former address is the one
+    /// to close it from.
+    #[test]
+    fn a_new_relay_address_closes_the_old_pinhole_and_opens_one_to_the_new() {
+        let now = Timestamp::from_second(1_000_000).expect("time");
+        let later = Timestamp::from_second(1_000_300).expect("time");
+        let none = BTreeSet::new();
+        let mut state = State::default();
+        let PinholeAction::Open { record, .. } =
+            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]
+        else {
+            panic!("open expected");
+        };
+        let mut record = (**record).clone();
+        record.status = MappingStatus::Active;
+        record.renew_at = Some(later);
+        record.expires_at = Some(later);
+        state.pinholes.insert(record.key(), record);
+        // The same address: nothing to do, nothing to close from elsewhere.
+        let same = plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now);
+        assert!(same.is_empty());
+        assert!(former_relay_addresses(&same, &state, HOST6).is_empty());
+        // Renumbered into 2001:db8:88::/64.
+        let new6: Ipv6Addr = "2001:db8:88::10".parse().expect("ip");
+        let moved = PinholeRoute {
+            relay_from: Some(new6),
+            ..RELAY
+        };
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &moved, &none, now);
+        assert_eq!(
+            verbs(&plan),
+            ["close 8080", "open 8080 [2001:db8:88::10]:8080 New"]
+        );
+        assert_eq!(
+            former_relay_addresses(&plan, &state, new6),
+            BTreeSet::from([HOST6])
         );
     }
 

@@ -37,6 +37,7 @@ use std::path::Path;
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
 use crate::model::{Endpoint, Endpoint6, Protocol};
+use crate::pinholes::RelayHost;
 use crate::plan::Forwarding;
 use crate::state::{MappingRecord, State};
 use expr::{REG_1, REG32_00, RawExpr};
@@ -64,9 +65,6 @@ const PRIORITY_SRCNAT: i32 = 100;
 const INTERFACE_NAME_MAX_BYTES: usize = 15;
 const MAP_ID: u32 = 1;
 const MAP6_ID: u32 = 2;
-/// The IPv6 prefix length around the relay address whose sources the IPv6 relay DNAT leaves
-/// alone (the LAN's usual SLAAC /64).
-const LAN6_PREFIX_LEN: u8 = 64;
 const IP_FORWARD_PATH: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// One forwarded port: packets for `protocol` `port` go to `target`.
@@ -99,10 +97,12 @@ impl fmt::Display for Forward6 {
 }
 
 /// The IPv6 side of relay mode: the router's pinholes open `host` (this host's global
-/// address), and the DNAT forwards each port on to its target.
+/// address), and the DNAT forwards each port on to its target. Sources inside `host`'s
+/// on-link prefix (`prefix_len`, as the interface has it) are left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relay6 {
     pub host: Ipv6Addr,
+    pub prefix_len: u8,
     pub forwards: Vec<Forward6>,
 }
 
@@ -133,10 +133,13 @@ impl Ruleset {
     /// `forwarding`: relay forwards this host's port (the router's mapping lands there) to the
     /// target, gateway forwards the external port arriving on `wan_interface`. `None` in
     /// direct mode, which needs no local rules. `router`: the router's LAN address (relay).
+    /// `relay_host`: this host's IPv6 relay address and prefix as found this pass (relay:
+    /// only the pinholes that open it are forwarded).
     pub fn for_state(
         forwarding: Forwarding,
         wan_interface: Option<&str>,
         router: Option<Ipv4Addr>,
+        relay_host: Option<RelayHost>,
         state: &State,
     ) -> Option<Ruleset> {
         let forward = |record: &MappingRecord, port| Forward {
@@ -154,7 +157,7 @@ impl Ruleset {
                     .values()
                     .map(|r| forward(r, r.internal.port))
                     .collect(),
-                ipv6: relay6(state),
+                ipv6: relay_host.and_then(|host| relay6(state, host)),
             }),
             Forwarding::Gateway => Some(Ruleset::Gateway {
                 wan_interface: wan_interface.unwrap_or_default().to_owned(),
@@ -184,10 +187,18 @@ impl Ruleset {
     }
 }
 
-/// The IPv6 relay forwards of the pinholes in `state`: each opens this host's address (all
-/// the same in relay mode) and goes on to its target.
-fn relay6(state: &State) -> Option<Relay6> {
-    let host = state.pinholes.values().next()?.address;
+/// The IPv6 relay forwards of the pinholes in `state` that open this host's relay address
+/// `host` (found from the interface every pass, not from the records: after a new address or
+/// prefix, the pinholes of the former one are being closed and get no forward); `None`
+/// without pinholes.
+fn relay6(state: &State, host: RelayHost) -> Option<Relay6> {
+    if state.pinholes.is_empty() {
+        return None;
+    }
+    let RelayHost {
+        address: host,
+        prefix_len,
+    } = host;
     let forwards = state
         .pinholes
         .values()
@@ -200,7 +211,11 @@ fn relay6(state: &State) -> Option<Relay6> {
             target: r.target(),
         })
         .collect();
-    Some(Relay6 { host, forwards })
+    Some(Relay6 {
+        host,
+        prefix_len,
+        forwards,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -520,16 +535,17 @@ fn from_the_router(lan: &LanSide, router: Option<Ipv4Addr>) -> Result<Vec<RawExp
     Ok(exprs)
 }
 
-/// The IPv6 relay DNAT: `meta nfproto ipv6 iifname <lan> ip6 saddr != <host's /64> ip6
+/// The IPv6 relay DNAT: `meta nfproto ipv6 iifname <lan> ip6 saddr != <host's prefix> ip6
 /// daddr . meta l4proto . th dport` looked up in `targets6`, marked, DNAT to the target. The
 /// router forwards nothing over IPv6 (no NAT loopback), so only sources outside the host's
-/// /64 are the internet's (README, "Security model": the DNAT catches only what comes
-/// through the router; LAN hosts and this host keep reaching what listens on the address).
-fn dnat6(lan: &LanSide, host: Ipv6Addr) -> Result<Vec<RawExpr>, NftError> {
+/// on-link prefix (its length as the interface has it) are the internet's (README,
+/// "Security model": the DNAT catches only what comes through the router; LAN hosts and this
+/// host keep reaching what listens on the address).
+fn dnat6(lan: &LanSide, relay6: &Relay6) -> Result<Vec<RawExpr>, NftError> {
     let name = interface_name(&lan.interface)?;
-    let net = ipnet::Ipv6Net::new(host, LAN6_PREFIX_LEN)
+    let net = ipnet::Ipv6Net::new(relay6.host, relay6.prefix_len)
         .map(|n| n.trunc())
-        .unwrap_or_else(|_| ipnet::Ipv6Net::from(host));
+        .unwrap_or_else(|_| ipnet::Ipv6Net::from(relay6.host));
     const R5: u32 = REG32_00 + 5;
     const R8: u32 = REG32_00 + 8;
     Ok(vec![
@@ -619,7 +635,7 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                         )
                     })
                     .collect();
-                prerouting.push(dnat6(lan, relay6.host)?);
+                prerouting.push(dnat6(lan, relay6)?);
             }
             let masquerade = vec![
                 expr::ct_load(libc::NFT_CT_MARK, REG_1),
@@ -813,6 +829,7 @@ mod tests {
             forwards,
             ipv6: Some(Relay6 {
                 host,
+                prefix_len: 64,
                 forwards: vec![web6, web6],
             }),
         };
@@ -848,10 +865,121 @@ mod tests {
             dnat6[13].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
             Some(R4)
         );
+        // The sources left alone are the host's on-link prefix, as long as the interface
+        // has it: 2001:db8:77::/64 here, 2001:db8:77::/56 with a /56.
+        let range = |plan: &TablePlan| {
+            plan.chains[0].rules[1][5]
+                .attrs
+                .iter()
+                .filter_map(|a| match a {
+                    expr::Attr::Bytes(_, v) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let v6 = |text: &str| text.parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        assert_eq!(
+            range(&plan),
+            [v6("2001:db8:77::"), v6("2001:db8:77:0:ffff:ffff:ffff:ffff")]
+        );
+        let Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ipv6: Some(relay6),
+        } = ruleset
+        else {
+            unreachable!()
+        };
+        let wide = Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ipv6: Some(Relay6 {
+                prefix_len: 56,
+                ..relay6
+            }),
+        };
+        assert_eq!(
+            range(&super::plan(&wide, Some(&lan())).unwrap()),
+            [
+                v6("2001:db8:77::"),
+                v6("2001:db8:77:ff:ffff:ffff:ffff:ffff")
+            ]
+        );
         // Without pinholes: no IPv6 map, one DNAT rule, as before.
         let plain = super::plan(&relay(vec![]), Some(&lan())).unwrap();
         assert!(plain.elements6.is_empty());
         assert_eq!(plain.chains[0].rules.len(), 1);
+    }
+
+    /// The IPv6 forwards are those of the pinholes that open the relay address found this
+    /// pass, not the address of whichever record comes first.
+    #[test]
+    fn the_ipv6_relay_forwards_follow_the_host_address_found_not_the_records() {
+        use crate::model::{Backend, MappingKey, Owner, TargetSource};
+        use crate::state::{MappingStatus, PinholeRecord};
+        let old: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
+        let new: Ipv6Addr = "2001:db8:88::10".parse().unwrap();
+        let node: Ipv6Addr = "2001:db8:77::20".parse().unwrap();
+        let mut state = State::default();
+        for (port, opens) in [(8080, old), (8081, new)] {
+            let record = PinholeRecord {
+                owner: Owner::new("default", "web"),
+                service_port: port,
+                protocol: Protocol::Tcp,
+                external_port: port,
+                address: opens,
+                port,
+                target_address: node,
+                target_port: 30_000 + port,
+                target_source: TargetSource::NodePort,
+                backend: Backend::Pcp,
+                router: "2001:db8:77::1".parse().unwrap(),
+                nonce: None,
+                unique_id: None,
+                epoch: None,
+                lifetime_secs: 0,
+                granted_at: None,
+                renew_at: None,
+                expires_at: None,
+                status: MappingStatus::Active,
+                retry_at: None,
+                failures: 0,
+                failure: None,
+                last_error: None,
+            };
+            state.pinholes.insert(
+                MappingKey {
+                    protocol: Protocol::Tcp,
+                    external_port: port,
+                },
+                record,
+            );
+        }
+        let relay = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 77, 10),
+        };
+        let host = |address| RelayHost {
+            address,
+            prefix_len: 60,
+        };
+        for (found, port) in [(old, 8080), (new, 8081)] {
+            let ruleset = Ruleset::for_state(relay, None, None, Some(host(found)), &state)
+                .expect("relay rules");
+            let Ruleset::Relay {
+                ipv6: Some(relay6), ..
+            } = ruleset
+            else {
+                panic!("no IPv6 relay");
+            };
+            assert_eq!((relay6.host, relay6.prefix_len), (found, 60));
+            let ports: Vec<u16> = relay6.forwards.iter().map(|f| f.port).collect();
+            assert_eq!(ports, [port]);
+        }
+        // No path found yet: no IPv6 DNAT at all.
+        let ruleset = Ruleset::for_state(relay, None, None, None, &state).expect("relay rules");
+        assert!(ruleset.forwards6().is_empty());
     }
 
     #[test]
