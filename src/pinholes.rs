@@ -218,9 +218,12 @@ fn node_ipv6_by_ipv4(nodes: &[Node]) -> BTreeMap<std::net::Ipv4Addr, Ipv6Addr> {
 pub struct PinholeRoute {
     pub backend: Backend,
     pub router: Ipv6Addr,
-    /// Relay mode: this host's global IPv6 address; `None` in direct mode (the pinhole opens
-    /// the target's address).
+    /// Relay mode: this host's global IPv6 address; `None` in direct and gateway mode (the
+    /// pinhole opens the target's address).
     pub relay_from: Option<Ipv6Addr>,
+    /// Gateway mode (holepunch runs on the router): the target's address is opened on the
+    /// external port, and holepunch's own table forwards it to the target's port.
+    pub on_external_port: bool,
 }
 
 /// This host's global IPv6 address on the interface toward the router, with that address's
@@ -281,6 +284,9 @@ pub enum PinholeAction {
 fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
     let opens = match route.relay_from {
         Some(host) => Endpoint6::new(host, wanted.key.external_port),
+        None if route.on_external_port => {
+            Endpoint6::new(wanted.target.address, wanted.key.external_port)
+        }
         None => wanted.target,
     };
     PinholeRecord {
@@ -785,6 +791,7 @@ mod tests {
         backend: Backend::Pcp,
         router: ROUTER6,
         relay_from: Some(HOST6),
+        on_external_port: false,
     };
 
     fn wanted(ports: &[u16]) -> DesiredPinholes {
@@ -844,6 +851,15 @@ mod tests {
         };
         let plan = plan_pinholes(&wanted(&[8080]), &state, &direct, &none, now);
         assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:30000 New"]);
+        // Gateway (on the router) opens the target's address on the external port.
+        let gateway = PinholeRoute {
+            backend: Backend::None,
+            router: Ipv6Addr::UNSPECIFIED,
+            relay_from: None,
+            on_external_port: true,
+        };
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &gateway, &none, now);
+        assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:8080 New"]);
 
         let PinholeAction::Open { record, .. } =
             &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]

@@ -8,8 +8,9 @@
 //! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
 //! route; a link-local one with its interface's index, README "IPv6") and this host's address
 //! toward it, builds the client for the backend the IPv4 side uses, and says once why IPv6 is
-//! not used when it cannot be (NAT-PMP, gateway mode, no IPv6 default route, UPnP through a
-//! link-local next hop, no global address on its interface).
+//! not used when it cannot be (NAT-PMP, no IPv6 default route, UPnP through a link-local next
+//! hop, no global address on its interface). In gateway mode holepunch runs on the router:
+//! [`OnThisRouter`] grants every pinhole, and holepunch's own table accepts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -273,6 +274,52 @@ impl PinholeRouter for UpnpPinholes {
                 None => Ok(()),
             }
         })
+    }
+}
+
+/// Gateway mode (README, "IPv6"): holepunch runs on the router, so there is no router to ask;
+/// the accept and DNAT rules in holepunch's own table are the pinhole. Every pinhole is
+/// "granted" permanently, as `NoRouter` grants IPv4 mappings, so that the state still says
+/// what holepunch publishes.
+#[derive(Debug, Default)]
+pub struct OnThisRouter;
+
+impl PinholeRouter for OnThisRouter {
+    fn backend(&self) -> Backend {
+        Backend::None
+    }
+    fn router(&self) -> Ipv6Addr {
+        Ipv6Addr::UNSPECIFIED
+    }
+    fn host(&self) -> Ipv6Addr {
+        Ipv6Addr::UNSPECIFIED
+    }
+    fn open<'a>(
+        &'a mut self,
+        _record: &'a PinholeRecord,
+        _lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(async {
+            Ok(Opened {
+                lifetime_secs: 0,
+                renew_after: None,
+                epoch: None,
+                unique_id: None,
+            })
+        })
+    }
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        self.open(record, lifetime_secs)
+    }
+    fn close<'a>(
+        &'a mut self,
+        _record: &'a PinholeRecord,
+    ) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -671,82 +718,93 @@ impl Pinholes {
         if config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty() {
             return PinholeOutcome::default();
         }
-        if config.exposure.mode == ExposureMode::Gateway {
-            self.say_once("not available in gateway mode yet; Services are published over IPv4");
-            return PinholeOutcome::default();
+        // Nothing wanted and nothing held: no router is asked anything (not even found); a
+        // refused IPv6 target is still reported.
+        if state.pinholes.is_empty() {
+            let wanted = desired_pinholes(services, nodes, config, host, mappings);
+            if wanted.pinholes.is_empty() {
+                return PinholeOutcome {
+                    problems: wanted.problems,
+                    next_due: None,
+                };
+            }
         }
-        // Nothing wanted and nothing held: no router is asked anything (not even found).
-        if state.pinholes.is_empty()
-            && desired_pinholes(services, nodes, config, host, mappings)
-                .pinholes
-                .is_empty()
-        {
-            return PinholeOutcome::default();
-        }
-        if matches!(backend, Backend::Natpmp | Backend::None) {
+        let gateway = config.exposure.mode == ExposureMode::Gateway;
+        if gateway {
+            if self.router.as_ref().map(|r| r.backend()) != Some(Backend::None) {
+                self.router = Some(Box::new(OnThisRouter));
+            }
+        } else if matches!(backend, Backend::Natpmp | Backend::None) {
             // NOTE: RFC 6886 has no IPv6; NAT-PMP routers get IPv4 mappings only.
             if backend == Backend::Natpmp && config.exposure.ipv6 == Ipv6Choice::Auto {
                 self.say_once(NATPMP_HAS_NO_IPV6);
             }
             return PinholeOutcome::default();
         }
-        // The path is found again every pass: a new address or prefix of this host (the ISP
-        // renumbered) moves the pinholes and the ip6 DNAT to it (README, "IPv6").
-        let path = match (self.connect.path(), self.path) {
-            (Ok(path), _) => path,
-            (Err(why), Some(last)) => {
-                self.say_once(&format!("{why}; going on with {}", last.host));
-                last
-            }
-            (Err(why), None) => {
-                self.say_once(&why);
-                return PinholeOutcome::default();
-            }
-        };
-        if let Some(last) = self.path.filter(|last| last.host != path.host) {
-            tracing::warn!(was = %last.host, now = %path.host,
-                "this host's IPv6 address toward the router changed; moving the pinholes to it");
-        }
-        self.path = Some(path);
-        if self
-            .router
-            .as_ref()
-            .map(|r| (r.backend(), r.router(), r.host()))
-            != Some((backend, path.router, path.host))
-        {
-            let verify = jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
-            if let Some((failed, on, at)) = self.failed
-                && failed == backend
-                && on == path
-                && at.checked_add(verify).is_ok_and(|again| again > now)
-            {
-                return PinholeOutcome::default();
-            }
-            self.router = match self.connect.connect(path, backend, config).await {
-                Ok(router) => {
-                    tracing::info!(router = %router.router(), host = %router.host(), %backend,
-                        "IPv6 pinholes go through the router's IPv6 address");
-                    self.said.clear();
-                    Some(router)
+        let path = if gateway {
+            None
+        } else {
+            // The path is found again every pass: a new address or prefix of this host (the ISP
+            // renumbered) moves the pinholes and the ip6 DNAT to it (README, "IPv6").
+            let path = match (self.connect.path(), self.path) {
+                (Ok(path), _) => path,
+                (Err(why), Some(last)) => {
+                    self.say_once(&format!("{why}; going on with {}", last.host));
+                    last
                 }
-                Err(why) => {
-                    self.router = None;
-                    self.failed = Some((backend, path, now));
+                (Err(why), None) => {
                     self.say_once(&why);
-                    return PinholeOutcome {
-                        problems: Vec::new(),
-                        next_due: None,
-                    };
+                    return PinholeOutcome::default();
                 }
             };
-        }
+            if let Some(last) = self.path.filter(|last| last.host != path.host) {
+                tracing::warn!(was = %last.host, now = %path.host,
+                    "this host's IPv6 address toward the router changed; moving the pinholes to it");
+            }
+            self.path = Some(path);
+            if self
+                .router
+                .as_ref()
+                .map(|r| (r.backend(), r.router(), r.host()))
+                != Some((backend, path.router, path.host))
+            {
+                let verify =
+                    jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
+                if let Some((failed, on, at)) = self.failed
+                    && failed == backend
+                    && on == path
+                    && at.checked_add(verify).is_ok_and(|again| again > now)
+                {
+                    return PinholeOutcome::default();
+                }
+                self.router = match self.connect.connect(path, backend, config).await {
+                    Ok(router) => {
+                        tracing::info!(router = %router.router(), host = %router.host(), %backend,
+                            "IPv6 pinholes go through the router's IPv6 address");
+                        self.said.clear();
+                        Some(router)
+                    }
+                    Err(why) => {
+                        self.router = None;
+                        self.failed = Some((backend, path, now));
+                        self.say_once(&why);
+                        return PinholeOutcome {
+                            problems: Vec::new(),
+                            next_due: None,
+                        };
+                    }
+                };
+            }
+            Some(path)
+        };
         let Some(router) = self.router.as_mut() else {
             return PinholeOutcome::default();
         };
         let route = PinholeRoute {
-            backend,
+            backend: router.backend(),
             router: router.router(),
             relay_from: (config.exposure.mode == ExposureMode::Relay).then(|| router.host()),
+            on_external_port: gateway,
         };
         let mut host = host.clone();
         host.router_addresses.insert(route.router.into());
@@ -771,7 +829,7 @@ impl Pinholes {
         // Relay pinholes that open an address this host no longer uses toward the router are
         // closed from that address while the host still holds it.
         let mut former = BTreeMap::new();
-        if route.relay_from.is_some() {
+        if let Some(path) = path.filter(|_| route.relay_from.is_some()) {
             for address in former_relay_addresses(&actions, state, path.host) {
                 let from = Ipv6Path {
                     host: address,
@@ -945,13 +1003,15 @@ fn record_result(
         Ok(opened) => {
             let lifetime = Duration::from_secs(opened.lifetime_secs.into());
             let renew = renew_delay(opened.renew_after.unwrap_or(lifetime / 2), lifetime);
+            // A lifetime of 0 is permanent (gateway mode: no router, nothing to renew).
+            let lasts = opened.lifetime_secs > 0;
             tracing::info!(service = %record.owner, pinhole = %record.opens(),
                 target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
             record.status = MappingStatus::Active;
             record.lifetime_secs = opened.lifetime_secs;
             record.granted_at = Some(now);
-            record.renew_at = Some(after(now, renew));
-            record.expires_at = Some(after(now, lifetime));
+            record.renew_at = lasts.then(|| after(now, renew));
+            record.expires_at = lasts.then(|| after(now, lifetime));
             record.epoch = opened.epoch.or(record.epoch);
             record.unique_id = opened.unique_id.or(record.unique_id);
             record.retry_at = None;

@@ -320,6 +320,55 @@ async fn a_new_host_address_moves_the_pinholes_and_the_ip6_dnat() {
     assert_eq!(world.holes.calls()[before..], [] as [String; 0]);
 }
 
+/// Gateway mode (holepunch on the router): no router is asked for pinholes; each published
+/// IPv6 target is opened on its own address at the external port in holepunch's own table
+/// (DNAT to the nodePort), beside the IPv4 forward, and leaves with it.
+#[tokio::test(start_paused = true)]
+async fn gateway_mode_publishes_ipv6_targets_in_its_own_table_without_asking_a_router() {
+    let world = World::default();
+    set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut config = config(BackendChoice::None);
+    config.exposure.mode = crate::config::ExposureMode::Gateway;
+    config.exposure.wan_interface = Some("wan0".into());
+    let mut ctx = context(&world, &mut books, config);
+    ctx.forwarding = Forwarding::Gateway;
+    let forwards6 = |world: &World| match world.firewall.table().ruleset {
+        Some(crate::nft::Ruleset::Gateway { forwards6, .. }) => forwards6
+            .iter()
+            .map(|f| format!("{}/{} -> {}", f.port, f.protocol, f.target))
+            .collect::<Vec<_>>(),
+        other => panic!("not a gateway table: {other:?}"),
+    };
+
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        forwards6(&world),
+        [
+            format!("8080/tcp -> [{NODE6}]:38080"),
+            format!("8081/tcp -> [{NODE6}]:38081")
+        ]
+    );
+    let hole = pinhole(ctx.state, 8080).expect("a pinhole record");
+    assert_eq!(
+        (hole.opens().to_string(), hole.backend, hole.status),
+        (
+            format!("[{NODE6}]:8080"),
+            Backend::None,
+            MappingStatus::Active
+        )
+    );
+    assert_eq!(hole.renew_at, None, "nothing to renew on this router");
+    assert_eq!(world.holes.connects(), 0, "no router asked");
+    assert!(world.holes.calls().is_empty());
+
+    // api unpublished: its forward goes, web's stays.
+    set_dual(&world, vec![web("web", 8080)]);
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(forwards6(&world), [format!("8080/tcp -> [{NODE6}]:38080")]);
+    assert!(pinhole(ctx.state, 8081).is_none());
+}
+
 #[tokio::test(start_paused = true)]
 async fn natpmp_publishes_ipv4_only_and_asks_for_no_pinhole() {
     let world = World {
