@@ -591,3 +591,89 @@ fn gateway_mode_on_the_router_publishes_ipv6_targets_once_the_hosts_firewall_acc
         drop(daemon);
     });
 }
+
+/// The host's address toward the router changes (a new address, the old one deprecated, as
+/// after the ISP renumbered and the router advertised the new prefix): the daemon finds it at
+/// its next pass, closes the pinhole of the old address from that address, opens one to the
+/// new address, and the ip6 DNAT follows: the internet reaches the Service on the new address
+/// and no longer on the old one.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_new_host_address_moves_the_pinhole_and_the_relay_to_it() {
+    const NEW_HOST6: &str = "2001:db8:77::11";
+    let lab = Lab::up_with(PREFIX, &["--ipv6"]);
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let reaches_at = |ip: &str| {
+        lab.ask("wan", "tcp", ip, 8080, "moved")
+            .is_some_and(|answer| answer.ends_with("moved"))
+    };
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        service(fake, "web", 8080, false);
+        let config = config(dir, kubeconfig, "pcp");
+        let daemon = Daemon::start(&config);
+        wait_until(&daemon, "web on the first address", WAIT, || {
+            reaches_at(HOST6)
+        });
+        assert_eq!(pinholes_on(&lab, 8080), 1, "{}", pinhole_rules(&lab));
+        assert!(!reaches_at(NEW_HOST6), "the new address before it exists");
+
+        for change in [
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:77::11/64",
+                "dev",
+                "lan0",
+                "nodad",
+            ],
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "change",
+                "2001:db8:77::10/64",
+                "dev",
+                "lan0",
+                "preferred_lft",
+                "0",
+            ],
+        ] {
+            let out = lab.exec("lan", &change);
+            assert!(out.status.success(), "{change:?}: {out:?}");
+        }
+        let took = wait_until(&daemon, "web on the new address", WAIT, || {
+            reaches_at(NEW_HOST6)
+        });
+        println!(
+            "BENCH ipv6_relay_moved_to_new_address_ms {}",
+            took.as_millis()
+        );
+        wait_until(&daemon, "the old pinhole closed", WAIT, || {
+            pinholes_on(&lab, 8080) == 0
+        });
+        assert!(!reaches_at(HOST6), "the old address still forwarded");
+        assert!(
+            pinhole_rules(&lab)
+                .lines()
+                .any(|l| l.contains("dport 8080 ")),
+            "no pinhole for the new address: {}",
+            pinhole_rules(&lab)
+        );
+        let log = daemon.log();
+        assert!(
+            log.contains("this host's IPv6 address toward the router changed"),
+            "{log}"
+        );
+        drop(daemon);
+    });
+}
