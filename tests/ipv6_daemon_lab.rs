@@ -371,7 +371,30 @@ fn router_link_local(lab: &Lab) -> String {
     ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
 )]
 fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
-    let lab = Lab::up_with(PREFIX, &["--ipv6-any"]);
+    link_local_next_hop_through("pcp");
+}
+
+/// The same home through UPnP: the IGD's URL has no interface scope, so holepunch dials the
+/// router's link-local address on the route's interface itself (README, "IPv6"); the
+/// description and every WANIPv6FirewallControl call go there from this host's global
+/// address. The router runs without secure mode, as in the UPnP dual-stack test: the IPv4
+/// mapping is asked over IPv6 (`router.igd_url` at the router's global address).
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_link_local_next_hop_is_asked_through_upnp_on_its_interface() {
+    link_local_next_hop_through("upnp");
+}
+
+fn link_local_next_hop_through(backend: &str) {
+    let options: &[&str] = if backend == "upnp" {
+        &["--ipv6-any", "--insecure"]
+    } else {
+        &["--ipv6-any"]
+    };
+    let lab = Lab::up_with(PREFIX, options);
     for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
         assert!(out.status.success(), "{out:?}");
@@ -401,7 +424,7 @@ fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
         assert!(!reaches6(&lab, "tcp", 8080), "open before any pinhole");
         assert_eq!(pinholes_on(&lab, 8080), 0);
         service(fake, "web", 8080, false);
-        let config = config(dir, kubeconfig, "pcp");
+        let config = config(dir, kubeconfig, backend);
         let daemon = Daemon::start(&config);
         let took = wait_until(
             &daemon,
@@ -410,7 +433,7 @@ fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
             || reaches6(&lab, "tcp", 8080),
         );
         println!(
-            "BENCH ipv6_pcp_link_local_first_reachable_ms {}",
+            "BENCH ipv6_{backend}_link_local_first_reachable_ms {}",
             took.as_millis()
         );
         assert!(reaches4(&lab, "tcp", 8080), "the IPv4 mapping beside it");

@@ -8,8 +8,8 @@
 //! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
 //! route; a link-local one with its interface's index, README "IPv6") and this host's address
 //! toward it, builds the client for the backend the IPv4 side uses, and says once why IPv6 is
-//! not used when it cannot be (NAT-PMP, no IPv6 default route, UPnP through a link-local next
-//! hop, no global address on its interface). In gateway mode holepunch runs on the router:
+//! not used when it cannot be (NAT-PMP, no IPv6 default route, no global address on its
+//! interface); a link-local router is asked on its interface, through PCP or UPnP. In gateway mode holepunch runs on the router:
 //! [`OnThisRouter`] grants every pinhole, and holepunch's own table accepts it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -389,17 +389,12 @@ async fn client_for(
         Backend::Pcp => {
             Ok(Box::new(PcpPinholes::new(router, scope_id, host)) as Box<dyn PinholeRouter>)
         }
-        Backend::Upnp if is_link_local(router) => Err(format!(
-            "UPnP IPv6 pinholes need the router at a global address, but the IPv6 \
-             default route's next hop {router} is link-local; use router.backend = \"pcp\" \
-             if the router speaks PCP, or give the host a default route via the router's \
-             global address"
-        )),
         Backend::Upnp => {
             // NOTE: the IGD's description is fetched again over IPv6, at the router's
             // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
             // both families on one port); WANIPv6FirewallControl must be called from
-            // this host's IPv6 address (README, "IPv6").
+            // this host's IPv6 address (README, "IPv6"). A link-local router is dialled on
+            // its interface (`scope_id`): the URL has no zone.
             let described = config.router.igd_url.as_deref().ok_or(
                 "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
             )?;
@@ -410,10 +405,14 @@ async fn client_for(
                 url.port, url.path
             ))
             .map_err(|e| format!("the IPv6 description URL: {e}"))?;
-            let client =
-                PinholeClient::discover(&url6, host, Duration::from_secs(UPNP_TIMEOUT_SECS))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let client = PinholeClient::discover_scoped(
+                &url6,
+                host,
+                scope_id,
+                Duration::from_secs(UPNP_TIMEOUT_SECS),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
         }
         Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
@@ -1178,7 +1177,7 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
     }
 
     #[tokio::test]
-    async fn a_link_local_router_gets_a_pcp_client_and_no_upnp_one() {
+    async fn a_link_local_router_gets_a_pcp_client_and_upnp_asks_for_the_igd_url() {
         let config = Config::default();
         let path = link_local_path(&wlan_gateway(), &parse_if_inet6(IF_INET6)).expect("a path");
         // PCP: asked at the link-local address (sends nothing until a request).
@@ -1190,14 +1189,13 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
             pcp.host(),
             "2001:db8:77::10".parse::<Ipv6Addr>().expect("ip")
         );
-        // UPnP: the IGD's URL would carry no scope: refused, saying what to do.
+        // UPnP: dialled on the interface (the lab proves it against miniupnpd); without the
+        // IGD's URL it says what to set, before anything is sent.
         let error = match client_for(path, Backend::Upnp, &config).await {
             Err(error) => error,
-            Ok(_) => panic!("a UPnP client for a link-local router"),
+            Ok(_) => panic!("a UPnP client without router.igd_url"),
         };
-        assert!(
-            error.contains("fe80::1 is link-local") && error.contains("router.backend = \"pcp\""),
-            "{error}"
-        );
+        assert!(error.contains("router.igd_url"), "{error}");
+        assert!(!error.contains("link-local"), "{error}");
     }
 }
