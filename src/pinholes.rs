@@ -281,7 +281,7 @@ pub enum PinholeAction {
 }
 
 /// The pinhole record `wanted` asks for through `route`: pending, nothing granted yet.
-fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
+pub(crate) fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
     let opens = match route.relay_from {
         Some(host) => Endpoint6::new(host, wanted.key.external_port),
         None if route.on_external_port => {
@@ -834,6 +834,24 @@ mod tests {
             .collect()
     }
 
+    /// Records in `state` the relay pinhole the plan opens for 8080, as granted at `now`.
+    fn grant_relayed_8080(
+        state: &mut State,
+        now: Timestamp,
+        renew_at: Timestamp,
+        expires_at: Timestamp,
+    ) {
+        let plan = plan_pinholes(&wanted(&[8080]), state, &RELAY, &BTreeSet::new(), now);
+        let Some(PinholeAction::Open { record, .. }) = plan.first() else {
+            panic!("open expected: {plan:?}");
+        };
+        let mut record = (**record).clone();
+        record.status = MappingStatus::Active;
+        record.renew_at = Some(renew_at);
+        record.expires_at = Some(expires_at);
+        state.pinholes.insert(record.key(), record);
+    }
+
     #[test]
     fn the_plan_opens_renews_restores_and_closes_with_the_ipv4_mapping() {
         let now = Timestamp::from_second(1_000_000).expect("time");
@@ -861,16 +879,7 @@ mod tests {
         let plan = plan_pinholes(&wanted(&[8080]), &state, &gateway, &none, now);
         assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:8080 New"]);
 
-        let PinholeAction::Open { record, .. } =
-            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]
-        else {
-            panic!("open expected");
-        };
-        let mut record = (**record).clone();
-        record.status = MappingStatus::Active;
-        record.renew_at = Some(later(300));
-        record.expires_at = Some(later(600));
-        state.pinholes.insert(record.key(), record);
+        grant_relayed_8080(&mut state, now, later(300), later(600));
         // Granted and not due: nothing.
         assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now).is_empty());
         // Due: renewed; expired: opened again; router restarted: opened again.
@@ -955,16 +964,7 @@ mod tests {
         let later = Timestamp::from_second(1_000_300).expect("time");
         let none = BTreeSet::new();
         let mut state = State::default();
-        let PinholeAction::Open { record, .. } =
-            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]
-        else {
-            panic!("open expected");
-        };
-        let mut record = (**record).clone();
-        record.status = MappingStatus::Active;
-        record.renew_at = Some(later);
-        record.expires_at = Some(later);
-        state.pinholes.insert(record.key(), record);
+        grant_relayed_8080(&mut state, now, later, later);
         // The same address: nothing to do, nothing to close from elsewhere.
         let same = plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now);
         assert!(same.is_empty());

@@ -129,6 +129,14 @@ fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Relay forwards on the LAN host: IPv4 and IPv6 forwarding on.
+fn forwarding_on(lab: &Lab) {
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
 /// The whole story through one backend: published over IPv4 and IPv6 together, a second
 /// Service independent, restored after a router restart, removed together.
 fn dual_stack_relay_through(backend: &str) {
@@ -140,10 +148,7 @@ fn dual_stack_relay_through(backend: &str) {
         &["--ipv6"]
     };
     let lab = Lab::up_with(PREFIX, options);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _web6_udp = echo6(&lab, "node", NODE6, 31180);
     let _api6 = echo6(&lab, "node", NODE6, 31081);
@@ -263,10 +268,7 @@ fn a_dual_stack_service_is_reachable_over_ipv6_through_upnp_only_while_published
 )]
 fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_published() {
     let lab = Lab::up_with(PREFIX, &["--ipv6"]);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _own6 = echo6(&lab, "node", NODE6, 31090);
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
@@ -395,10 +397,7 @@ fn link_local_next_hop_through(backend: &str) {
         &["--ipv6-any"]
     };
     let lab = Lab::up_with(PREFIX, options);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let router_ll = router_link_local(&lab);
     assert!(router_ll.starts_with("fe80:"), "{router_ll}");
     let out = lab.exec(
@@ -628,10 +627,7 @@ fn gateway_mode_on_the_router_publishes_ipv6_targets_once_the_hosts_firewall_acc
 fn a_new_host_address_moves_the_pinhole_and_the_relay_to_it() {
     const NEW_HOST6: &str = "2001:db8:77::11";
     let lab = Lab::up_with(PREFIX, &["--ipv6"]);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let reaches_at = |ip: &str| {
         lab.ask("wan", "tcp", ip, 8080, "moved")

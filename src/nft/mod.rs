@@ -628,9 +628,7 @@ fn dnat6(lan: &LanSide, relay6: &Relay6) -> Result<Vec<RawExpr>, NftError> {
     let net = ipnet::Ipv6Net::new(relay6.host, relay6.prefix_len)
         .map(|n| n.trunc())
         .unwrap_or_else(|_| ipnet::Ipv6Net::from(relay6.host));
-    const R5: u32 = REG32_00 + 5;
-    const R8: u32 = REG32_00 + 8;
-    Ok(vec![
+    let mut exprs = vec![
         expr::meta(libc::NFT_META_NFPROTO, REG_1),
         expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
         expr::meta(libc::NFT_META_IIFNAME, REG_1),
@@ -643,20 +641,27 @@ fn dnat6(lan: &LanSide, relay6: &Relay6) -> Result<Vec<RawExpr>, NftError> {
             &net.network().octets(),
             &net.broadcast().octets(),
         ),
+    ];
+    exprs.extend(lookup_mark_dnat6(c"targets6", RELAYED_CT_MARK));
+    Ok(exprs)
+}
+
+/// The tail of an IPv6 DNAT rule: `ip6 daddr . meta l4proto . th dport` looked up in `map`,
+/// `ct mark set ct mark | mark`, DNAT to the element's address and port.
+fn lookup_mark_dnat6(map: &CStr, mark: u32) -> [RawExpr; 8] {
+    const R5: u32 = REG32_00 + 5;
+    const R8: u32 = REG32_00 + 8;
+    [
         // ip6 daddr . meta l4proto . th dport -> R0..R5; found: addr -> R0..R3, port -> R4
         expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 24, 16, R0),
         expr::meta(libc::NFT_META_L4PROTO, R4),
         transport_dport(R5),
-        expr::map_lookup(c"targets6", MAP6_ID, R0, R0),
+        expr::map_lookup(map, MAP6_ID, R0, R0),
         expr::ct_load(libc::NFT_CT_MARK, R8),
-        expr::bitwise(
-            R8,
-            &(!RELAYED_CT_MARK).to_ne_bytes(),
-            &RELAYED_CT_MARK.to_ne_bytes(),
-        ),
+        expr::bitwise(R8, &(!mark).to_ne_bytes(), &mark.to_ne_bytes()),
         expr::ct_set(libc::NFT_CT_MARK, R8),
         expr::dnat_ipv6(R0, R4),
-    ])
+    ]
 }
 
 /// The IPv6 gateway rule (README, "IPv6"): `iifname <wan> meta nfproto ipv6 ip6 daddr . meta
@@ -667,26 +672,14 @@ fn dnat6(lan: &LanSide, relay6: &Relay6) -> Result<Vec<RawExpr>, NftError> {
 // packet's and the kernel leaves it untranslated (nf_nat_setup_info sets no NAT status for an
 // unchanged tuple), so only a changed port is translated.
 fn gateway_dnat6(wan: &[u8; INTERFACE_NAME_MAX_BYTES + 1]) -> Vec<RawExpr> {
-    const R5: u32 = REG32_00 + 5;
-    const R8: u32 = REG32_00 + 8;
-    vec![
+    let mut exprs = vec![
         expr::meta(libc::NFT_META_IIFNAME, REG_1),
         expr::cmp(libc::NFT_CMP_EQ, REG_1, wan),
         expr::meta(libc::NFT_META_NFPROTO, REG_1),
         expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
-        expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 24, 16, R0),
-        expr::meta(libc::NFT_META_L4PROTO, R4),
-        transport_dport(R5),
-        expr::map_lookup(c"gateway6", MAP6_ID, R0, R0),
-        expr::ct_load(libc::NFT_CT_MARK, R8),
-        expr::bitwise(
-            R8,
-            &(!PUBLISHED6_CT_MARK).to_ne_bytes(),
-            &PUBLISHED6_CT_MARK.to_ne_bytes(),
-        ),
-        expr::ct_set(libc::NFT_CT_MARK, R8),
-        expr::dnat_ipv6(R0, R4),
-    ]
+    ];
+    exprs.extend(lookup_mark_dnat6(c"gateway6", PUBLISHED6_CT_MARK));
+    exprs
 }
 
 /// The IPv6 gateway's accept: `iifname <wan> meta nfproto ipv6 ct mark and 0x02000000 != 0
@@ -1087,44 +1080,33 @@ mod tests {
     #[test]
     fn the_ipv6_relay_forwards_follow_the_host_address_found_not_the_records() {
         use crate::model::{Backend, MappingKey, Owner, TargetSource};
-        use crate::state::{MappingStatus, PinholeRecord};
+        use crate::pinholes::{DesiredPinhole, PinholeRoute};
+        use crate::state::MappingStatus;
         let old: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
         let new: Ipv6Addr = "2001:db8:88::10".parse().unwrap();
         let node: Ipv6Addr = "2001:db8:77::20".parse().unwrap();
         let mut state = State::default();
         for (port, opens) in [(8080, old), (8081, new)] {
-            let record = PinholeRecord {
-                owner: Owner::new("default", "web"),
-                service_port: port,
+            let key = MappingKey {
                 protocol: Protocol::Tcp,
                 external_port: port,
-                address: opens,
-                port,
-                target_address: node,
-                target_port: 30_000 + port,
-                target_source: TargetSource::NodePort,
+            };
+            let wanted = DesiredPinhole {
+                owner: Owner::new("default", "web"),
+                service_port: port,
+                key,
+                target: Endpoint6::new(node, 30_000 + port),
+                source: TargetSource::NodePort,
+            };
+            let route = PinholeRoute {
                 backend: Backend::Pcp,
                 router: "2001:db8:77::1".parse().unwrap(),
-                nonce: None,
-                unique_id: None,
-                epoch: None,
-                lifetime_secs: 0,
-                granted_at: None,
-                renew_at: None,
-                expires_at: None,
-                status: MappingStatus::Active,
-                retry_at: None,
-                failures: 0,
-                failure: None,
-                last_error: None,
+                relay_from: Some(opens),
+                on_external_port: false,
             };
-            state.pinholes.insert(
-                MappingKey {
-                    protocol: Protocol::Tcp,
-                    external_port: port,
-                },
-                record,
-            );
+            let mut record = crate::pinholes::record_for(&wanted, &route);
+            record.status = MappingStatus::Active;
+            state.pinholes.insert(key, record);
         }
         let relay = Forwarding::Relay {
             lan_address: Ipv4Addr::new(192, 168, 77, 10),

@@ -179,28 +179,16 @@ pub async fn request(
     limit: usize,
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
-    request_from(None, url, method, headers, body, limit, timeout).await
+    request_scoped(None, 0, url, method, headers, body, limit, timeout).await
 }
 
-/// [`request`] from the local address `local` (the connection's source), when given.
+/// [`request`] from the local address `local` (the connection's source), when given, to a
+/// link-local IPv6 host on the interface with index `scope_id` (0: no scope). The URL carries
+/// no zone (RFC 6874 zones are not sent in a `Host` header, and the IGD's own URLs never have
+/// one), so the connection is dialled with the scope here.
 // NOTE: miniupnpd opens an IPv6 pinhole only to the address the request came from (its
 // PinholeVerification compares the two as text), and a host with several global IPv6 addresses
 // (privacy addresses, RFC 8981) may otherwise send from another one (README.md, "IPv6").
-pub async fn request_from(
-    local: Option<IpAddr>,
-    url: &HttpUrl,
-    method: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-    limit: usize,
-    timeout: Duration,
-) -> Result<HttpResponse, HttpError> {
-    request_scoped(local, 0, url, method, headers, body, limit, timeout).await
-}
-
-/// [`request_from`] to a link-local IPv6 host on the interface with index `scope_id` (0: no
-/// scope). The URL carries no zone (RFC 6874 zones are not sent in a `Host` header, and the
-/// IGD's own URLs never have one), so the connection is dialled with the scope here.
 #[allow(clippy::too_many_arguments)]
 pub async fn request_scoped(
     local: Option<IpAddr>,
