@@ -62,7 +62,8 @@ over IPv4 only";
 /// README "Security model" applied to the IPv6 targets: a LoadBalancer ingress IPv6 address
 /// only inside `exposure.target_cidrs`; else, for a mapping that goes to a Ready node's
 /// nodePort, that node's IPv6 InternalIP with the same nodePort; never the router, this host
-/// (except as a node), link-local, loopback, multicast; a unique local address only if listed.
+/// (except as a node), link-local, loopback, multicast; a unique local or site-local address
+/// only if listed.
 /// A Service whose IPv4 target is a load balancer IP and that has no allowed IPv6 ingress gets
 /// no pinhole.
 pub fn desired_pinholes(
@@ -217,9 +218,41 @@ fn node_ipv6_by_ipv4(nodes: &[Node]) -> BTreeMap<std::net::Ipv4Addr, Ipv6Addr> {
 pub struct PinholeRoute {
     pub backend: Backend,
     pub router: Ipv6Addr,
-    /// Relay mode: this host's global IPv6 address; `None` in direct mode (the pinhole opens
-    /// the target's address).
+    /// Relay mode: this host's global IPv6 address; `None` in direct and gateway mode (the
+    /// pinhole opens the target's address).
     pub relay_from: Option<Ipv6Addr>,
+    /// Gateway mode (holepunch runs on the router): the target's address is opened on the
+    /// external port, and holepunch's own table forwards it to the target's port.
+    pub on_external_port: bool,
+}
+
+/// This host's global IPv6 address on the interface toward the router, with that address's
+/// prefix length: what relay mode opens, and the on-link prefix the ip6 DNAT leaves alone
+/// (README, "IPv6"). Found again every pass, so that a new address or prefix moves the
+/// pinholes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RelayHost {
+    pub address: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+/// Relay mode: the addresses that pinholes the plan `actions` close open but that are no
+/// longer this host's relay address `host` (the host's address or prefix changed). Those
+/// pinholes are closed from that address while the host still holds it (PCP and secure UPnP
+/// take requests only from the address a pinhole opens), else left to lapse with their lease.
+pub fn former_relay_addresses(
+    actions: &[PinholeAction],
+    state: &State,
+    host: Ipv6Addr,
+) -> BTreeSet<Ipv6Addr> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            PinholeAction::Close { key } => state.pinholes.get(key).map(|r| r.address),
+            _ => None,
+        })
+        .filter(|address| *address != host)
+        .collect()
 }
 
 /// Why a pinhole is (re)opened.
@@ -248,9 +281,12 @@ pub enum PinholeAction {
 }
 
 /// The pinhole record `wanted` asks for through `route`: pending, nothing granted yet.
-fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
+pub(crate) fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
     let opens = match route.relay_from {
         Some(host) => Endpoint6::new(host, wanted.key.external_port),
+        None if route.on_external_port => {
+            Endpoint6::new(wanted.target.address, wanted.key.external_port)
+        }
         None => wanted.target,
     };
     PinholeRecord {
@@ -663,6 +699,14 @@ mod tests {
                 "unique local",
             ),
             (
+                "a deprecated site-local node address not listed",
+                None,
+                Some("fec0:77::20"),
+                vec![],
+                ProblemKind::TargetNotAllowed,
+                "site-local",
+            ),
+            (
                 "a link-local node address",
                 None,
                 Some("fe80::20"),
@@ -695,7 +739,7 @@ mod tests {
             assert_eq!(*got_kind, kind, "{name}");
             assert!(got_detail.contains(detail), "{name}: {got_detail}");
             let message = &v6.problems[0].message;
-            for secret in ["2001:db8", "fe80", "fd00", "::1", "ff05"] {
+            for secret in ["2001:db8", "fe80", "fd00", "fec0", "::1", "ff05"] {
                 assert!(!message.contains(secret), "{name}: {message}");
             }
             assert!(
@@ -735,6 +779,10 @@ mod tests {
         let nodes = [dual_node("n", "192.168.1.20", "fd00:77::20")];
         let (_, v6) = run(&[web(&[])], &nodes, &config(&["fd00:77::/64"]));
         assert_eq!(summary(&v6).0, ["8080/tcp [fd00:77::20]:30080 NodePort"]);
+        // So is a site-local one.
+        let nodes = [dual_node("n", "192.168.1.20", "fec0:77::20")];
+        let (_, v6) = run(&[web(&[])], &nodes, &config(&["fec0:77::/64"]));
+        assert_eq!(summary(&v6).0, ["8080/tcp [fec0:77::20]:30080 NodePort"]);
     }
 
     const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
@@ -743,6 +791,7 @@ mod tests {
         backend: Backend::Pcp,
         router: ROUTER6,
         relay_from: Some(HOST6),
+        on_external_port: false,
     };
 
     fn wanted(ports: &[u16]) -> DesiredPinholes {
@@ -785,6 +834,24 @@ mod tests {
             .collect()
     }
 
+    /// Records in `state` the relay pinhole the plan opens for 8080, as granted at `now`.
+    fn grant_relayed_8080(
+        state: &mut State,
+        now: Timestamp,
+        renew_at: Timestamp,
+        expires_at: Timestamp,
+    ) {
+        let plan = plan_pinholes(&wanted(&[8080]), state, &RELAY, &BTreeSet::new(), now);
+        let Some(PinholeAction::Open { record, .. }) = plan.first() else {
+            panic!("open expected: {plan:?}");
+        };
+        let mut record = (**record).clone();
+        record.status = MappingStatus::Active;
+        record.renew_at = Some(renew_at);
+        record.expires_at = Some(expires_at);
+        state.pinholes.insert(record.key(), record);
+    }
+
     #[test]
     fn the_plan_opens_renews_restores_and_closes_with_the_ipv4_mapping() {
         let now = Timestamp::from_second(1_000_000).expect("time");
@@ -802,17 +869,17 @@ mod tests {
         };
         let plan = plan_pinholes(&wanted(&[8080]), &state, &direct, &none, now);
         assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:30000 New"]);
-
-        let PinholeAction::Open { record, .. } =
-            &plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now)[0]
-        else {
-            panic!("open expected");
+        // Gateway (on the router) opens the target's address on the external port.
+        let gateway = PinholeRoute {
+            backend: Backend::None,
+            router: Ipv6Addr::UNSPECIFIED,
+            relay_from: None,
+            on_external_port: true,
         };
-        let mut record = (**record).clone();
-        record.status = MappingStatus::Active;
-        record.renew_at = Some(later(300));
-        record.expires_at = Some(later(600));
-        state.pinholes.insert(record.key(), record);
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &gateway, &none, now);
+        assert_eq!(verbs(&plan), ["open 8080 [2001:db8:77::20]:8080 New"]);
+
+        grant_relayed_8080(&mut state, now, later(300), later(600));
         // Granted and not due: nothing.
         assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now).is_empty());
         // Due: renewed; expired: opened again; router restarted: opened again.
@@ -885,6 +952,37 @@ mod tests {
                 later(60)
             )),
             ["open 8080 [2001:db8:77::10]:8080 RetryDue"]
+        );
+    }
+
+    /// A new address of this host (the ISP renumbered): the pinhole to the former address is
+    /// closed before the one to the new address is opened, and the former address is the one
+    /// to close it from.
+    #[test]
+    fn a_new_relay_address_closes_the_old_pinhole_and_opens_one_to_the_new() {
+        let now = Timestamp::from_second(1_000_000).expect("time");
+        let later = Timestamp::from_second(1_000_300).expect("time");
+        let none = BTreeSet::new();
+        let mut state = State::default();
+        grant_relayed_8080(&mut state, now, later, later);
+        // The same address: nothing to do, nothing to close from elsewhere.
+        let same = plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now);
+        assert!(same.is_empty());
+        assert!(former_relay_addresses(&same, &state, HOST6).is_empty());
+        // Renumbered into 2001:db8:88::/64.
+        let new6: Ipv6Addr = "2001:db8:88::10".parse().expect("ip");
+        let moved = PinholeRoute {
+            relay_from: Some(new6),
+            ..RELAY
+        };
+        let plan = plan_pinholes(&wanted(&[8080]), &state, &moved, &none, now);
+        assert_eq!(
+            verbs(&plan),
+            ["close 8080", "open 8080 [2001:db8:88::10]:8080 New"]
+        );
+        assert_eq!(
+            former_relay_addresses(&plan, &state, new6),
+            BTreeSet::from([HOST6])
         );
     }
 

@@ -112,8 +112,8 @@ pub fn forbidden_target(
 }
 
 /// Whether the IPv6 `address` may never be a target (README, "IPv6"): the rules of
-/// [`forbidden_target`], and a unique local address (fc00::/7) only when `listed` (inside
-/// `exposure.target_cidrs`).
+/// [`forbidden_target`], and a unique local address (fc00::/7) or a site-local one
+/// (fec0::/10) only when `listed` (inside `exposure.target_cidrs`).
 pub fn forbidden_target6(
     address: Ipv6Addr,
     facts: &HostFacts,
@@ -140,6 +140,14 @@ pub fn forbidden_target6(
     } else if first & 0xfe00 == 0xfc00 && !listed {
         Some(
             "it is a unique local address (fc00::/7), a target only when listed in \
+             exposure.target_cidrs",
+        )
+    } else if first & 0xffc0 == 0xfec0 && !listed {
+        // NOTE: RFC 3879 §4 deprecates site-local addresses (fec0::/10) but lets existing
+        // networks keep them: like a unique local address, one is private to a site, so a
+        // load balancer or node may claim it only inside a listed network.
+        Some(
+            "it is a deprecated site-local address (fec0::/10), a target only when listed in \
              exposure.target_cidrs",
         )
     } else {
@@ -277,6 +285,7 @@ mod tests {
     #[test]
     fn forbidden_ipv6_targets_table() {
         const ULA: &str = "it is a unique local address (fc00::/7), a target only when listed in exposure.target_cidrs";
+        const SITE: &str = "it is a deprecated site-local address (fec0::/10), a target only when listed in exposure.target_cidrs";
         for (address, node_port, listed, want) in [
             // The normal cases: a LAN device's and a node's global address.
             ("2001:db8:77::30", false, false, None),
@@ -330,7 +339,11 @@ mod tests {
             ("fd00:77::20", true, false, Some(Forbidden::Special(ULA))),
             ("fc00::20", false, false, Some(Forbidden::Special(ULA))),
             ("fd00:77::20", true, true, None),
-            ("fec0::1", false, false, None),
+            // Site-local (deprecated, RFC 3879): refused unless listed, then accepted.
+            ("fec0::1", false, false, Some(Forbidden::Special(SITE))),
+            ("feff::1", true, false, Some(Forbidden::Special(SITE))),
+            ("fec0::1", false, true, None),
+            ("fec0:77::20", true, true, None),
             (
                 "64:ff9b::c0a8:101",
                 true,

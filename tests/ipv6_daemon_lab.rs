@@ -129,6 +129,14 @@ fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Relay forwards on the LAN host: IPv4 and IPv6 forwarding on.
+fn forwarding_on(lab: &Lab) {
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
 /// The whole story through one backend: published over IPv4 and IPv6 together, a second
 /// Service independent, restored after a router restart, removed together.
 fn dual_stack_relay_through(backend: &str) {
@@ -140,10 +148,7 @@ fn dual_stack_relay_through(backend: &str) {
         &["--ipv6"]
     };
     let lab = Lab::up_with(PREFIX, options);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _web6_udp = echo6(&lab, "node", NODE6, 31180);
     let _api6 = echo6(&lab, "node", NODE6, 31081);
@@ -263,10 +268,7 @@ fn a_dual_stack_service_is_reachable_over_ipv6_through_upnp_only_while_published
 )]
 fn the_routers_ipv6_address_as_ingress_is_refused_while_a_normal_service_is_published() {
     let lab = Lab::up_with(PREFIX, &["--ipv6"]);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    forwarding_on(&lab);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _own6 = echo6(&lab, "node", NODE6, 31090);
     with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
@@ -371,11 +373,31 @@ fn router_link_local(lab: &Lab) -> String {
     ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
 )]
 fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
-    let lab = Lab::up_with(PREFIX, &["--ipv6-any"]);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    link_local_next_hop_through("pcp");
+}
+
+/// The same home through UPnP: the IGD's URL has no interface scope, so holepunch dials the
+/// router's link-local address on the route's interface itself (README, "IPv6"); the
+/// description and every WANIPv6FirewallControl call go there from this host's global
+/// address. The router runs without secure mode, as in the UPnP dual-stack test: the IPv4
+/// mapping is asked over IPv6 (`router.igd_url` at the router's global address).
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_link_local_next_hop_is_asked_through_upnp_on_its_interface() {
+    link_local_next_hop_through("upnp");
+}
+
+fn link_local_next_hop_through(backend: &str) {
+    let options: &[&str] = if backend == "upnp" {
+        &["--ipv6-any", "--insecure"]
+    } else {
+        &["--ipv6-any"]
+    };
+    let lab = Lab::up_with(PREFIX, options);
+    forwarding_on(&lab);
     let router_ll = router_link_local(&lab);
     assert!(router_ll.starts_with("fe80:"), "{router_ll}");
     let out = lab.exec(
@@ -401,7 +423,7 @@ fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
         assert!(!reaches6(&lab, "tcp", 8080), "open before any pinhole");
         assert_eq!(pinholes_on(&lab, 8080), 0);
         service(fake, "web", 8080, false);
-        let config = config(dir, kubeconfig, "pcp");
+        let config = config(dir, kubeconfig, backend);
         let daemon = Daemon::start(&config);
         let took = wait_until(
             &daemon,
@@ -410,7 +432,7 @@ fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
             || reaches6(&lab, "tcp", 8080),
         );
         println!(
-            "BENCH ipv6_pcp_link_local_first_reachable_ms {}",
+            "BENCH ipv6_{backend}_link_local_first_reachable_ms {}",
             took.as_millis()
         );
         assert!(reaches4(&lab, "tcp", 8080), "the IPv4 mapping beside it");
@@ -425,6 +447,252 @@ fn a_link_local_next_hop_is_asked_through_pcp_from_the_global_address() {
             "the router asked is the link-local one, from the global address:\n{log}"
         );
         assert!(!log.contains("is link-local"), "{log}");
+        drop(daemon);
+    });
+}
+
+/// The internet client's IPv6 address (the echo answers with the peer's address).
+const WAN_CLIENT6: &str = "2001:db8:ffff::1";
+/// The node's second IPv6 address, as a load balancer would announce it.
+const LB6: &str = "2001:db8:77::100";
+
+/// A config for gateway mode on the lab's router: no router backend, the WAN interface
+/// `rwan`; target_cidrs lists only the IPv4 LB address (so an IPv6 ingress is refused).
+fn gateway_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
+    let path = dir.join("holepunch.toml");
+    let body = format!(
+        "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
+         [router]\nbackend = \"none\"\nverify_interval_seconds = 5\n\n\
+         [exposure]\nmode = \"gateway\"\nwan_interface = \"rwan\"\nipv6 = \"auto\"\n\
+         target_cidrs = [\"192.168.77.100/32\"]\n\n\
+         [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
+         [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
+        dir = dir.display(),
+        kubeconfig = kubeconfig.display(),
+    );
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+/// What the internet client gets back from `[ip]:port` over `proto`, if anything.
+fn ask6(lab: &Lab, proto: &str, ip: &str, port: u16) -> Option<String> {
+    lab.ask("wan", proto, ip, port, &format!("gw6 {proto}"))
+}
+
+/// The IPv6 gateway map in holepunch's table on the router.
+fn gateway6_map(lab: &Lab) -> String {
+    let out = lab.exec(
+        "rtr",
+        &["nft", "list", "map", "inet", "holepunch", "gateway6"],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Gateway mode over IPv6 (README, "IPv6"): holepunch on the router publishes a node's IPv6
+/// nodePort on the node's own address at the external port, in its own table. The router's
+/// own firewall (the lab's `inet filter forward` drops new IPv6 from the WAN) still drops it
+/// until the operator accepts holepunch's mark there, which holepunch's log asks for; then
+/// the internet reaches it over TCP and UDP with its own address kept, and no longer after
+/// the Service is unpublished. A load balancer's IPv6 ingress outside target_cidrs beside it
+/// is refused and stays unreachable.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn gateway_mode_on_the_router_publishes_ipv6_targets_once_the_hosts_firewall_accepts_the_mark() {
+    let lab = Lab::up_with(PREFIX, &["--ipv6"]);
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _web6_udp = echo6(&lab, "node", NODE6, 31180);
+    let _web_own_port = echo6(&lab, "node", NODE6, 8080);
+    let _lb6 = echo6(&lab, "node", LB6, 8090);
+    // The route works: the node answers its own LAN (the router) over IPv6.
+    assert!(
+        lab.ask("rtr", "tcp", NODE6, 31080, "lan").is_some(),
+        "the node's echo is not reachable from the router"
+    );
+    with_fake_cluster_in(&lab, "rtr", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        // A Service whose IPv6 load balancer address is outside target_cidrs (no nodePort to
+        // fall back to): refused over IPv6, published over IPv4 only.
+        fake.apply_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "attack", "namespace": "default",
+                         "annotations": {"holepunch/punch-external": "true"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "web", "port": 8090, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.168.77.100"}, {"ip": LB6}]}}
+        }));
+        let config = gateway_config(dir, kubeconfig);
+        let daemon = Daemon::start(&config);
+        wait_until(&daemon, "the refusal Event", WAIT, || {
+            has_event(
+                kubeconfig,
+                Some("Warning"),
+                "TargetNotAllowed",
+                "attack",
+                "no IPv6 pinhole",
+            )
+        });
+        // Before publishing: nothing reaches the node over IPv6 (not even the port it
+        // listens on directly).
+        assert_eq!(
+            ask6(&lab, "tcp", NODE6, 8080),
+            None,
+            "open before publishing"
+        );
+        service(fake, "web", 8080, true);
+        wait_until(&daemon, "web in the gateway6 map", WAIT, || {
+            gateway6_map(&lab).contains(&format!("{NODE6} . tcp . 8080"))
+        });
+        // holepunch's accept does not override the router's own drop; the log says what to
+        // add, naming the chain.
+        wait_until(&daemon, "the firewall warning", WAIT, || {
+            daemon.log().contains("inet filter forward")
+        });
+        assert!(
+            daemon.log().contains("ct mark and 0x02000000 != 0 accept"),
+            "{}",
+            daemon.log()
+        );
+        assert_eq!(
+            ask6(&lab, "tcp", NODE6, 8080),
+            None,
+            "reached through the router's own drop"
+        );
+
+        // The operator accepts holepunch's mark in the router's forward chain.
+        let out = lab.exec(
+            "rtr",
+            &[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                "filter",
+                "forward",
+                "ct",
+                "mark",
+                "and",
+                "0x02000000",
+                "!=",
+                "0",
+                "accept",
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let took = wait_until(&daemon, "web over IPv6 through the gateway", WAIT, || {
+            ask6(&lab, "tcp", NODE6, 8080).is_some()
+        });
+        println!(
+            "BENCH ipv6_gateway_reachable_after_rule_ms {}",
+            took.as_millis()
+        );
+        // The client's own address is kept, and the nodePort answered (DNAT 8080 -> 31080).
+        assert_eq!(
+            ask6(&lab, "tcp", NODE6, 8080).as_deref(),
+            Some(format!("{WAN_CLIENT6} gw6 tcp").as_str())
+        );
+        assert_eq!(
+            ask6(&lab, "udp", NODE6, 8080).as_deref(),
+            Some(format!("{WAN_CLIENT6} gw6 udp").as_str())
+        );
+        // Only what is published: the nodePort itself and the refused LB address stay shut.
+        assert_eq!(ask6(&lab, "tcp", NODE6, 31080), None, "the bare nodePort");
+        assert_eq!(ask6(&lab, "tcp", LB6, 8090), None, "the refused target");
+        assert!(!gateway6_map(&lab).contains(LB6), "{}", gateway6_map(&lab));
+        let status = std::fs::read_to_string(dir.join("state/state.toml")).expect("state");
+        assert_eq!(status.matches("[[pinhole]]").count(), 2, "{status}");
+
+        // Unpublished: its IPv6 forward goes and the internet no longer gets in.
+        kubectl(kubeconfig, &["delete", "svc", "web"]);
+        wait_until(&daemon, "web out of the gateway6 map", WAIT, || {
+            !gateway6_map(&lab).contains(&format!("{NODE6} . tcp . 8080"))
+        });
+        assert_eq!(ask6(&lab, "tcp", NODE6, 8080), None, "open after unpublish");
+        assert_eq!(ask6(&lab, "udp", NODE6, 8080), None, "open after unpublish");
+        drop(daemon);
+    });
+}
+
+/// The host's address toward the router changes (a new address, the old one deprecated, as
+/// after the ISP renumbered and the router advertised the new prefix): the daemon finds it at
+/// its next pass, closes the pinhole of the old address from that address, opens one to the
+/// new address, and the ip6 DNAT follows: the internet reaches the Service on the new address
+/// and no longer on the old one.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn a_new_host_address_moves_the_pinhole_and_the_relay_to_it() {
+    const NEW_HOST6: &str = "2001:db8:77::11";
+    let lab = Lab::up_with(PREFIX, &["--ipv6"]);
+    forwarding_on(&lab);
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let reaches_at = |ip: &str| {
+        lab.ask("wan", "tcp", ip, 8080, "moved")
+            .is_some_and(|answer| answer.ends_with("moved"))
+    };
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        service(fake, "web", 8080, false);
+        let config = config(dir, kubeconfig, "pcp");
+        let daemon = Daemon::start(&config);
+        wait_until(&daemon, "web on the first address", WAIT, || {
+            reaches_at(HOST6)
+        });
+        assert_eq!(pinholes_on(&lab, 8080), 1, "{}", pinhole_rules(&lab));
+        assert!(!reaches_at(NEW_HOST6), "the new address before it exists");
+
+        for change in [
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:77::11/64",
+                "dev",
+                "lan0",
+                "nodad",
+            ],
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "change",
+                "2001:db8:77::10/64",
+                "dev",
+                "lan0",
+                "preferred_lft",
+                "0",
+            ],
+        ] {
+            let out = lab.exec("lan", &change);
+            assert!(out.status.success(), "{change:?}: {out:?}");
+        }
+        let took = wait_until(&daemon, "web on the new address", WAIT, || {
+            reaches_at(NEW_HOST6)
+        });
+        println!(
+            "BENCH ipv6_relay_moved_to_new_address_ms {}",
+            took.as_millis()
+        );
+        wait_until(&daemon, "the old pinhole closed", WAIT, || {
+            pinholes_on(&lab, 8080) == 0
+        });
+        assert!(!reaches_at(HOST6), "the old address still forwarded");
+        assert!(
+            pinhole_rules(&lab)
+                .lines()
+                .any(|l| l.contains("dport 8080 ")),
+            "no pinhole for the new address: {}",
+            pinhole_rules(&lab)
+        );
+        let log = daemon.log();
+        assert!(
+            log.contains("this host's IPv6 address toward the router changed"),
+            "{log}"
+        );
         drop(daemon);
     });
 }

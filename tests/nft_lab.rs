@@ -350,6 +350,7 @@ fn a_refused_batch_is_an_error_and_leaves_the_previous_gateway_ruleset() {
     let gateway = |forwards| Ruleset::Gateway {
         wan_interface: "rwan".into(),
         forwards,
+        forwards6: vec![],
     };
     let web = forward(Protocol::Tcp, 30080, 8080);
     apply(&ns.0, &gateway(vec![web])).expect("apply gateway");
@@ -391,6 +392,7 @@ fn a_refused_batch_is_an_error_and_leaves_the_previous_gateway_ruleset() {
     let long = Ruleset::Gateway {
         wan_interface: "a-name-longer-than-ifnamsiz".into(),
         forwards: vec![web],
+        forwards6: vec![],
     };
     assert!(matches!(
         apply(&ns.0, &long),
@@ -633,6 +635,7 @@ fn gateway_on_the_router_keeps_the_client_source_address() {
             forward(Protocol::Tcp, PORT, TARGET_PORT),
             forward(Protocol::Udp, PORT, TARGET_PORT),
         ],
+        forwards6: vec![],
     };
     apply(&rtr, &ruleset).expect("apply gateway in hpf-rtr");
     let _server = EchoServer::start(&lab);

@@ -318,6 +318,7 @@ where
                     self.forwarding,
                     self.config.exposure.wan_interface.as_deref(),
                     self.router_gateway(),
+                    self.pinholes.relay_host(),
                     self.state,
                 ),
                 check_rules,

@@ -217,6 +217,18 @@ pub(crate) fn dnat_ipv6(addr_reg: Register, port_reg: Register) -> RawExpr {
     }
 }
 
+/// `accept`: the verdict ends this chain's evaluation of the packet (only this chain's: other
+/// base chains on the same hook still see it).
+pub(crate) fn accept() -> RawExpr {
+    RawExpr {
+        name: c"immediate",
+        attrs: vec![
+            Attr::U32(sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32),
+            Attr::U32(sys::NFTNL_EXPR_IMM_VERDICT, libc::NF_ACCEPT as u32),
+        ],
+    }
+}
+
 /// `masquerade`.
 pub(crate) fn masquerade() -> RawExpr {
     RawExpr {

@@ -37,6 +37,7 @@ use std::path::Path;
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, Policy, ProtoFamily, Rule, Table};
 
 use crate::model::{Endpoint, Endpoint6, Protocol};
+use crate::pinholes::RelayHost;
 use crate::plan::Forwarding;
 use crate::state::{MappingRecord, State};
 use expr::{REG_1, REG32_00, RawExpr};
@@ -53,6 +54,16 @@ pub const RELAY_MAP: &str = "targets4";
 pub const RELAY6_MAP: &str = "targets6";
 /// Gateway map: `inet_proto . inet_service : ipv4_addr . inet_service`.
 pub const GATEWAY_MAP: &str = "gateway4";
+/// IPv6 gateway map (README, "IPv6"): `ipv6_addr . inet_proto . inet_service : ipv6_addr .
+/// inet_service`, the published address and port to the target.
+pub const GATEWAY6_MAP: &str = "gateway6";
+/// The conntrack mark bit set on connections to a published IPv6 target in gateway mode. An
+/// accept in holepunch's table does not override another table's drop (each base chain on a
+/// hook judges the packet), so the host's own forward chain accepts this bit (README, "IPv6":
+/// `ct mark and 0x02000000 != 0 accept`).
+pub const PUBLISHED6_CT_MARK: u32 = 0x0200_0000;
+/// Netfilter priority `filter` (NF_IP_PRI_FILTER).
+const PRIORITY_FILTER: i32 = 0;
 /// The conntrack mark bit set on connections holepunch DNATs in relay mode; only those are
 /// masqueraded, so the host's other forwarded traffic keeps its source address. Other bits
 /// of the mark are kept (`ct mark set ct mark | bit`).
@@ -64,9 +75,6 @@ const PRIORITY_SRCNAT: i32 = 100;
 const INTERFACE_NAME_MAX_BYTES: usize = 15;
 const MAP_ID: u32 = 1;
 const MAP6_ID: u32 = 2;
-/// The IPv6 prefix length around the relay address whose sources the IPv6 relay DNAT leaves
-/// alone (the LAN's usual SLAAC /64).
-const LAN6_PREFIX_LEN: u8 = 64;
 const IP_FORWARD_PATH: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// One forwarded port: packets for `protocol` `port` go to `target`.
@@ -99,10 +107,12 @@ impl fmt::Display for Forward6 {
 }
 
 /// The IPv6 side of relay mode: the router's pinholes open `host` (this host's global
-/// address), and the DNAT forwards each port on to its target.
+/// address), and the DNAT forwards each port on to its target. Sources inside `host`'s
+/// on-link prefix (`prefix_len`, as the interface has it) are left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relay6 {
     pub host: Ipv6Addr,
+    pub prefix_len: u8,
     pub forwards: Vec<Forward6>,
 }
 
@@ -125,6 +135,9 @@ pub enum Ruleset {
     Gateway {
         wan_interface: String,
         forwards: Vec<Forward>,
+        /// Published IPv6 targets: each on its own address at the external `port`, marked
+        /// and accepted (DNAT only where the target's port differs).
+        forwards6: Vec<Forward6>,
     },
 }
 
@@ -133,10 +146,13 @@ impl Ruleset {
     /// `forwarding`: relay forwards this host's port (the router's mapping lands there) to the
     /// target, gateway forwards the external port arriving on `wan_interface`. `None` in
     /// direct mode, which needs no local rules. `router`: the router's LAN address (relay).
+    /// `relay_host`: this host's IPv6 relay address and prefix as found this pass (relay:
+    /// only the pinholes that open it are forwarded).
     pub fn for_state(
         forwarding: Forwarding,
         wan_interface: Option<&str>,
         router: Option<Ipv4Addr>,
+        relay_host: Option<RelayHost>,
         state: &State,
     ) -> Option<Ruleset> {
         let forward = |record: &MappingRecord, port| Forward {
@@ -154,7 +170,7 @@ impl Ruleset {
                     .values()
                     .map(|r| forward(r, r.internal.port))
                     .collect(),
-                ipv6: relay6(state),
+                ipv6: relay_host.and_then(|host| relay6(state, host)),
             }),
             Forwarding::Gateway => Some(Ruleset::Gateway {
                 wan_interface: wan_interface.unwrap_or_default().to_owned(),
@@ -163,17 +179,29 @@ impl Ruleset {
                     .values()
                     .map(|r| forward(r, r.external_port))
                     .collect(),
+                // Gateway pinholes open the target's own address on the external port.
+                forwards6: state
+                    .pinholes
+                    .values()
+                    .filter(|r| r.address == r.target_address)
+                    .map(|r| Forward6 {
+                        protocol: r.protocol,
+                        port: r.port,
+                        target: r.target(),
+                    })
+                    .collect(),
             }),
         }
     }
 
-    /// The IPv6 forwards (relay mode with pinholes).
+    /// The IPv6 forwards (relay mode with pinholes, gateway mode's published IPv6 targets).
     pub fn forwards6(&self) -> &[Forward6] {
         match self {
             Ruleset::Relay {
                 ipv6: Some(relay6), ..
             } => &relay6.forwards,
-            _ => &[],
+            Ruleset::Gateway { forwards6, .. } => forwards6,
+            Ruleset::Relay { ipv6: None, .. } => &[],
         }
     }
 
@@ -184,10 +212,18 @@ impl Ruleset {
     }
 }
 
-/// The IPv6 relay forwards of the pinholes in `state`: each opens this host's address (all
-/// the same in relay mode) and goes on to its target.
-fn relay6(state: &State) -> Option<Relay6> {
-    let host = state.pinholes.values().next()?.address;
+/// The IPv6 relay forwards of the pinholes in `state` that open this host's relay address
+/// `host` (found from the interface every pass, not from the records: after a new address or
+/// prefix, the pinholes of the former one are being closed and get no forward); `None`
+/// without pinholes.
+fn relay6(state: &State, host: RelayHost) -> Option<Relay6> {
+    if state.pinholes.is_empty() {
+        return None;
+    }
+    let RelayHost {
+        address: host,
+        prefix_len,
+    } = host;
     let forwards = state
         .pinholes
         .values()
@@ -200,7 +236,11 @@ fn relay6(state: &State) -> Option<Relay6> {
             target: r.target(),
         })
         .collect();
-    Some(Relay6 { host, forwards })
+    Some(Relay6 {
+        host,
+        prefix_len,
+        forwards,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +343,7 @@ impl NftFirewall {
             let mut expected: Vec<Forward6> = ruleset.forwards6().to_vec();
             expected.sort();
             expected.dedup();
-            let mut found = read_map6(&mut socket)?;
+            let mut found = read_map6(&mut socket, plan.map6)?;
             found.sort();
             if found != expected {
                 return Err(NftError::Verify6 { expected, found });
@@ -326,6 +366,26 @@ impl NftFirewall {
                 expected: expected_rules,
                 found: found_rules,
             });
+        }
+        if matches!(ruleset, Ruleset::Gateway { .. }) && !plan.elements6.is_empty() {
+            // The host's own firewall decides too (README, "IPv6"): say which of its chains
+            // would drop what holepunch accepts. A failed look is only logged.
+            let chains = socket.dump_all_chains();
+            let rules = socket.dump_all_rules();
+            match chains.and_then(|chains| Ok((chains, rules?))) {
+                Ok((chains, rules)) => {
+                    for chain in blocking_forward_chains(&chains, &rules) {
+                        tracing::warn!(chain = %chain,
+                            "IPv6 gateway: the host's firewall chain {chain} on the forward hook \
+                             drops traffic and accepts no connection marked by holepunch, so \
+                             published IPv6 targets stay unreachable: add `ct mark and \
+                             0x02000000 != 0 accept` to it before its drop (README, \"IPv6\")");
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot list the host's other nftables chains")
+                }
+            }
         }
         Ok(())
     }
@@ -358,6 +418,41 @@ impl NftFirewall {
             Err(err) => Err(NftError::Remove(err)),
         }
     }
+}
+
+/// The host's own base chains on the forward hook (IPv6: families `ip6` and `inet`, other
+/// than holepunch's table) that drop, by policy or by a rule, and have no rule that reads the
+/// conntrack mark: an accept in holepunch's table does not override their drop, so published
+/// IPv6 targets stay unreachable in gateway mode until the operator accepts
+/// [`PUBLISHED6_CT_MARK`] there (README, "IPv6"). As `<family> <table> <chain>`. Only the
+/// base chains themselves are looked at, not the chains they jump to.
+pub(crate) fn blocking_forward_chains(
+    chains: &[netlink::ChainInfo],
+    rules: &[netlink::RuleInfo],
+) -> Vec<String> {
+    const NF_INET_FORWARD: u32 = libc::NF_INET_FORWARD as u32;
+    let ipv6 = [libc::NFPROTO_IPV6 as u8, libc::NFPROTO_INET as u8];
+    chains
+        .iter()
+        .filter(|c| c.hook == Some(NF_INET_FORWARD) && ipv6.contains(&c.family))
+        .filter(|c| !(c.family == libc::NFPROTO_INET as u8 && c.table == TABLE_NAME))
+        .filter(|c| {
+            let own: Vec<&netlink::RuleInfo> = rules
+                .iter()
+                .filter(|r| r.family == c.family && r.table == c.table && r.chain == c.name)
+                .collect();
+            let drops = c.policy == Some(libc::NF_DROP as u32) || own.iter().any(|rule| rule.drops);
+            drops && !own.iter().any(|rule| rule.ct_mark)
+        })
+        .map(|c| {
+            let family = if c.family == libc::NFPROTO_INET as u8 {
+                "inet"
+            } else {
+                "ip6"
+            };
+            format!("{family} {} {}", c.table, c.name)
+        })
+        .collect()
 }
 
 /// ip_forward check for relay/gateway: a clear error saying which sysctl to set.
@@ -424,11 +519,11 @@ fn read_map(socket: &mut NetfilterSocket, kind: MapKind) -> Result<Option<Vec<Fo
         .map(Some)
 }
 
-/// The IPv6 relay forwards the kernel holds (none without the map).
-fn read_map6(socket: &mut NetfilterSocket) -> Result<Vec<Forward6>, NftError> {
+/// The IPv6 forwards the kernel holds in map `name` (none without the map).
+fn read_map6(socket: &mut NetfilterSocket, name: &'static str) -> Result<Vec<Forward6>, NftError> {
     let family = libc::NFPROTO_INET as u8;
     let Some(elements) = socket
-        .dump_elements(family, TABLE_NAME, RELAY6_MAP)
+        .dump_elements(family, TABLE_NAME, name)
         .map_err(NftError::ReadBack)?
     else {
         return Ok(Vec::new());
@@ -442,10 +537,7 @@ fn read_map6(socket: &mut NetfilterSocket) -> Result<Vec<Forward6>, NftError> {
                     port,
                     target: Endpoint6::new(address, target_port),
                 })
-                .ok_or(NftError::ForeignElement {
-                    map: RELAY6_MAP,
-                    key,
-                })
+                .ok_or(NftError::ForeignElement { map: name, key })
         })
         .collect()
 }
@@ -467,6 +559,8 @@ fn decode_element(kind: MapKind, key: &[u8], data: &[u8]) -> Option<Forward> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChainPlan {
     name: &'static CStr,
+    /// `filter` rather than `nat`.
+    filter: bool,
     hook: Hook,
     priority: i32,
     rules: Vec<Vec<RawExpr>>,
@@ -477,8 +571,11 @@ struct ChainPlan {
 struct TablePlan {
     map: MapKind,
     elements: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The IPv6 relay map's elements (relay with pinholes; the map exists only then).
+    /// The IPv6 map's elements (relay with pinholes, gateway with published IPv6 targets; the
+    /// map exists only then).
     elements6: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The IPv6 map's name: `targets6` (relay) or `gateway6`.
+    map6: &'static str,
     chains: Vec<ChainPlan>,
 }
 
@@ -520,19 +617,18 @@ fn from_the_router(lan: &LanSide, router: Option<Ipv4Addr>) -> Result<Vec<RawExp
     Ok(exprs)
 }
 
-/// The IPv6 relay DNAT: `meta nfproto ipv6 iifname <lan> ip6 saddr != <host's /64> ip6
+/// The IPv6 relay DNAT: `meta nfproto ipv6 iifname <lan> ip6 saddr != <host's prefix> ip6
 /// daddr . meta l4proto . th dport` looked up in `targets6`, marked, DNAT to the target. The
 /// router forwards nothing over IPv6 (no NAT loopback), so only sources outside the host's
-/// /64 are the internet's (README, "Security model": the DNAT catches only what comes
-/// through the router; LAN hosts and this host keep reaching what listens on the address).
-fn dnat6(lan: &LanSide, host: Ipv6Addr) -> Result<Vec<RawExpr>, NftError> {
+/// on-link prefix (its length as the interface has it) are the internet's (README,
+/// "Security model": the DNAT catches only what comes through the router; LAN hosts and this
+/// host keep reaching what listens on the address).
+fn dnat6(lan: &LanSide, relay6: &Relay6) -> Result<Vec<RawExpr>, NftError> {
     let name = interface_name(&lan.interface)?;
-    let net = ipnet::Ipv6Net::new(host, LAN6_PREFIX_LEN)
+    let net = ipnet::Ipv6Net::new(relay6.host, relay6.prefix_len)
         .map(|n| n.trunc())
-        .unwrap_or_else(|_| ipnet::Ipv6Net::from(host));
-    const R5: u32 = REG32_00 + 5;
-    const R8: u32 = REG32_00 + 8;
-    Ok(vec![
+        .unwrap_or_else(|_| ipnet::Ipv6Net::from(relay6.host));
+    let mut exprs = vec![
         expr::meta(libc::NFT_META_NFPROTO, REG_1),
         expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
         expr::meta(libc::NFT_META_IIFNAME, REG_1),
@@ -545,20 +641,61 @@ fn dnat6(lan: &LanSide, host: Ipv6Addr) -> Result<Vec<RawExpr>, NftError> {
             &net.network().octets(),
             &net.broadcast().octets(),
         ),
+    ];
+    exprs.extend(lookup_mark_dnat6(c"targets6", RELAYED_CT_MARK));
+    Ok(exprs)
+}
+
+/// The tail of an IPv6 DNAT rule: `ip6 daddr . meta l4proto . th dport` looked up in `map`,
+/// `ct mark set ct mark | mark`, DNAT to the element's address and port.
+fn lookup_mark_dnat6(map: &CStr, mark: u32) -> [RawExpr; 8] {
+    const R5: u32 = REG32_00 + 5;
+    const R8: u32 = REG32_00 + 8;
+    [
         // ip6 daddr . meta l4proto . th dport -> R0..R5; found: addr -> R0..R3, port -> R4
         expr::payload(libc::NFT_PAYLOAD_NETWORK_HEADER, 24, 16, R0),
         expr::meta(libc::NFT_META_L4PROTO, R4),
         transport_dport(R5),
-        expr::map_lookup(c"targets6", MAP6_ID, R0, R0),
+        expr::map_lookup(map, MAP6_ID, R0, R0),
         expr::ct_load(libc::NFT_CT_MARK, R8),
-        expr::bitwise(
-            R8,
-            &(!RELAYED_CT_MARK).to_ne_bytes(),
-            &RELAYED_CT_MARK.to_ne_bytes(),
-        ),
+        expr::bitwise(R8, &(!mark).to_ne_bytes(), &mark.to_ne_bytes()),
         expr::ct_set(libc::NFT_CT_MARK, R8),
         expr::dnat_ipv6(R0, R4),
-    ])
+    ]
+}
+
+/// The IPv6 gateway rule (README, "IPv6"): `iifname <wan> meta nfproto ipv6 ip6 daddr . meta
+/// l4proto . th dport` looked up in `gateway6` (a published target's own address and the
+/// external port), the connection marked [`PUBLISHED6_CT_MARK`], then DNAT to the target.
+// NOTE: a nat chain sees only a connection's first packet, and the mark stays on the
+// conntrack entry. Where the target's port is the external one, the DNAT's tuple equals the
+// packet's and the kernel leaves it untranslated (nf_nat_setup_info sets no NAT status for an
+// unchanged tuple), so only a changed port is translated.
+fn gateway_dnat6(wan: &[u8; INTERFACE_NAME_MAX_BYTES + 1]) -> Vec<RawExpr> {
+    let mut exprs = vec![
+        expr::meta(libc::NFT_META_IIFNAME, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, wan),
+        expr::meta(libc::NFT_META_NFPROTO, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
+    ];
+    exprs.extend(lookup_mark_dnat6(c"gateway6", PUBLISHED6_CT_MARK));
+    exprs
+}
+
+/// The IPv6 gateway's accept: `iifname <wan> meta nfproto ipv6 ct mark and 0x02000000 != 0
+/// accept`. It decides holepunch's chain only: the host's own forward chain must accept the
+/// same mark (README, "IPv6").
+fn gateway_accept6(wan: &[u8; INTERFACE_NAME_MAX_BYTES + 1]) -> Vec<RawExpr> {
+    vec![
+        expr::meta(libc::NFT_META_IIFNAME, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, wan),
+        expr::meta(libc::NFT_META_NFPROTO, REG_1),
+        expr::cmp(libc::NFT_CMP_EQ, REG_1, &[libc::NFPROTO_IPV6 as u8]),
+        expr::ct_load(libc::NFT_CT_MARK, REG_1),
+        expr::bitwise(REG_1, &PUBLISHED6_CT_MARK.to_ne_bytes(), &[0; 4]),
+        expr::cmp(libc::NFT_CMP_NEQ, REG_1, &[0; 4]),
+        expr::accept(),
+    ]
 }
 
 /// `lan`: the relay host's LAN side (relay only; found by [`NftFirewall::apply`]).
@@ -619,7 +756,7 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                         )
                     })
                     .collect();
-                prerouting.push(dnat6(lan, relay6.host)?);
+                prerouting.push(dnat6(lan, relay6)?);
             }
             let masquerade = vec![
                 expr::ct_load(libc::NFT_CT_MARK, REG_1),
@@ -631,15 +768,18 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                 map: kind,
                 elements,
                 elements6,
+                map6: RELAY6_MAP,
                 chains: vec![
                     ChainPlan {
                         name: c"prerouting",
+                        filter: false,
                         hook: Hook::PreRouting,
                         priority: PRIORITY_DSTNAT,
                         rules: prerouting,
                     },
                     ChainPlan {
                         name: c"postrouting",
+                        filter: false,
                         hook: Hook::PostRouting,
                         priority: PRIORITY_SRCNAT,
                         rules: vec![masquerade],
@@ -647,7 +787,11 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                 ],
             })
         }
-        Ruleset::Gateway { wan_interface, .. } => {
+        Ruleset::Gateway {
+            wan_interface,
+            forwards6,
+            ..
+        } => {
             let name = interface_name(wan_interface)?;
             let kind = MapKind::Gateway;
             let elements = forwards
@@ -668,16 +812,41 @@ fn plan(ruleset: &Ruleset, lan: Option<&LanSide>) -> Result<TablePlan, NftError>
                 expr::map_lookup(kind.c_name(), MAP_ID, R0, R0),
                 expr::dnat_ipv4(R0, R1),
             ]);
+            let mut chains = vec![ChainPlan {
+                name: c"prerouting",
+                filter: false,
+                hook: Hook::PreRouting,
+                priority: PRIORITY_DSTNAT,
+                rules: vec![dnat],
+            }];
+            let mut forwards6 = forwards6.clone();
+            forwards6.sort();
+            forwards6.dedup();
+            let elements6: Vec<_> = forwards6
+                .iter()
+                .map(|f| {
+                    (
+                        map::relay6_key(f.target.address, f.protocol, f.port),
+                        map::target6_data(f.target.address, f.target.port),
+                    )
+                })
+                .collect();
+            if !elements6.is_empty() {
+                chains[0].rules.push(gateway_dnat6(&name));
+                chains.push(ChainPlan {
+                    name: c"forward",
+                    filter: true,
+                    hook: Hook::Forward,
+                    priority: PRIORITY_FILTER,
+                    rules: vec![gateway_accept6(&name)],
+                });
+            }
             Ok(TablePlan {
                 map: kind,
                 elements,
-                elements6: Vec::new(),
-                chains: vec![ChainPlan {
-                    name: c"prerouting",
-                    hook: Hook::PreRouting,
-                    priority: PRIORITY_DSTNAT,
-                    rules: vec![dnat],
-                }],
+                elements6,
+                map6: GATEWAY6_MAP,
+                chains,
             })
         }
     }
@@ -715,7 +884,12 @@ fn build_batch(plan: &TablePlan) -> nftnl::FinalizedBatch {
     }
     batch.add(&map, MsgType::Add);
     map.add_elements_to(&mut batch);
-    let mut map6 = Map::new(c"targets6", MAP6_ID, &table, map::RELAY6_SHAPE);
+    let map6_name = if plan.map6 == GATEWAY6_MAP {
+        c"gateway6"
+    } else {
+        c"targets6"
+    };
+    let mut map6 = Map::new(map6_name, MAP6_ID, &table, map::RELAY6_SHAPE);
     if !plan.elements6.is_empty() {
         for (key, data) in &plan.elements6 {
             map6.add(key, data);
@@ -726,7 +900,11 @@ fn build_batch(plan: &TablePlan) -> nftnl::FinalizedBatch {
 
     for chain_plan in &plan.chains {
         let mut chain = Chain::new(chain_plan.name, &table);
-        chain.set_type(ChainType::Nat);
+        chain.set_type(if chain_plan.filter {
+            ChainType::Filter
+        } else {
+            ChainType::Nat
+        });
         chain.set_hook(chain_plan.hook, chain_plan.priority);
         chain.set_policy(Policy::Accept);
         batch.add(&chain, MsgType::Add);
@@ -813,6 +991,7 @@ mod tests {
             forwards,
             ipv6: Some(Relay6 {
                 host,
+                prefix_len: 64,
                 forwards: vec![web6, web6],
             }),
         };
@@ -848,10 +1027,110 @@ mod tests {
             dnat6[13].u32_attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN),
             Some(R4)
         );
+        // The sources left alone are the host's on-link prefix, as long as the interface
+        // has it: 2001:db8:77::/64 here, 2001:db8:77::/56 with a /56.
+        let range = |plan: &TablePlan| {
+            plan.chains[0].rules[1][5]
+                .attrs
+                .iter()
+                .filter_map(|a| match a {
+                    expr::Attr::Bytes(_, v) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let v6 = |text: &str| text.parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        assert_eq!(
+            range(&plan),
+            [v6("2001:db8:77::"), v6("2001:db8:77:0:ffff:ffff:ffff:ffff")]
+        );
+        let Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ipv6: Some(relay6),
+        } = ruleset
+        else {
+            unreachable!()
+        };
+        let wide = Ruleset::Relay {
+            lan_address,
+            router,
+            forwards,
+            ipv6: Some(Relay6 {
+                prefix_len: 56,
+                ..relay6
+            }),
+        };
+        assert_eq!(
+            range(&super::plan(&wide, Some(&lan())).unwrap()),
+            [
+                v6("2001:db8:77::"),
+                v6("2001:db8:77:ff:ffff:ffff:ffff:ffff")
+            ]
+        );
         // Without pinholes: no IPv6 map, one DNAT rule, as before.
         let plain = super::plan(&relay(vec![]), Some(&lan())).unwrap();
         assert!(plain.elements6.is_empty());
         assert_eq!(plain.chains[0].rules.len(), 1);
+    }
+
+    /// The IPv6 forwards are those of the pinholes that open the relay address found this
+    /// pass, not the address of whichever record comes first.
+    #[test]
+    fn the_ipv6_relay_forwards_follow_the_host_address_found_not_the_records() {
+        use crate::model::{Backend, MappingKey, Owner, TargetSource};
+        use crate::pinholes::{DesiredPinhole, PinholeRoute};
+        use crate::state::MappingStatus;
+        let old: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
+        let new: Ipv6Addr = "2001:db8:88::10".parse().unwrap();
+        let node: Ipv6Addr = "2001:db8:77::20".parse().unwrap();
+        let mut state = State::default();
+        for (port, opens) in [(8080, old), (8081, new)] {
+            let key = MappingKey {
+                protocol: Protocol::Tcp,
+                external_port: port,
+            };
+            let wanted = DesiredPinhole {
+                owner: Owner::new("default", "web"),
+                service_port: port,
+                key,
+                target: Endpoint6::new(node, 30_000 + port),
+                source: TargetSource::NodePort,
+            };
+            let route = PinholeRoute {
+                backend: Backend::Pcp,
+                router: "2001:db8:77::1".parse().unwrap(),
+                relay_from: Some(opens),
+                on_external_port: false,
+            };
+            let mut record = crate::pinholes::record_for(&wanted, &route);
+            record.status = MappingStatus::Active;
+            state.pinholes.insert(key, record);
+        }
+        let relay = Forwarding::Relay {
+            lan_address: Ipv4Addr::new(192, 168, 77, 10),
+        };
+        let host = |address| RelayHost {
+            address,
+            prefix_len: 60,
+        };
+        for (found, port) in [(old, 8080), (new, 8081)] {
+            let ruleset = Ruleset::for_state(relay, None, None, Some(host(found)), &state)
+                .expect("relay rules");
+            let Ruleset::Relay {
+                ipv6: Some(relay6), ..
+            } = ruleset
+            else {
+                panic!("no IPv6 relay");
+            };
+            assert_eq!((relay6.host, relay6.prefix_len), (found, 60));
+            let ports: Vec<u16> = relay6.forwards.iter().map(|f| f.port).collect();
+            assert_eq!(ports, [port]);
+        }
+        // No path found yet: no IPv6 DNAT at all.
+        let ruleset = Ruleset::for_state(relay, None, None, None, &state).expect("relay rules");
+        assert!(ruleset.forwards6().is_empty());
     }
 
     #[test]
@@ -960,6 +1239,7 @@ mod tests {
         let rules = Ruleset::Gateway {
             wan_interface: "rwan".into(),
             forwards: vec![forward(Protocol::Udp, 5000, [10, 0, 0, 2], 5001)],
+            forwards6: vec![],
         };
         let plan = plan(&rules, None).unwrap();
         assert_eq!(plan.map, MapKind::Gateway);
@@ -983,12 +1263,164 @@ mod tests {
         );
     }
 
+    /// Gateway mode with published IPv6 targets: a `gateway6` map keyed on the target's own
+    /// address and the external port, a DNAT rule that marks the connection, and a filter
+    /// chain on the forward hook that accepts the mark; without them, the IPv4 table as
+    /// before.
+    #[test]
+    fn gateway_with_ipv6_targets_marks_accepts_and_dnats_on_the_wan_interface() {
+        let node6: Ipv6Addr = "2001:db8:77::20".parse().unwrap();
+        let web6 = Forward6 {
+            protocol: Protocol::Tcp,
+            port: 8080,
+            target: Endpoint6::new(node6, 31080),
+        };
+        let rules = Ruleset::Gateway {
+            wan_interface: "rwan".into(),
+            forwards: vec![forward(Protocol::Tcp, 8080, [192, 168, 77, 20], 31080)],
+            forwards6: vec![web6, web6],
+        };
+        assert_eq!(rules.forwards6(), [web6, web6]);
+        let plan = plan(&rules, None).unwrap();
+        assert_eq!(plan.map6, GATEWAY6_MAP);
+        let decoded: Vec<_> = plan
+            .elements6
+            .iter()
+            .map(|(k, d)| map::decode_relay6(k, d).unwrap())
+            .collect();
+        assert_eq!(decoded, [(Protocol::Tcp, 8080, node6, 31080)]);
+        // The key is the target's own address (routed, no NAT of the address).
+        assert_eq!(plan.elements6[0].0[..16], node6.octets());
+        let chains: Vec<_> = plan
+            .chains
+            .iter()
+            .map(|c| (c.name, c.filter, c.hook, c.priority, c.rules.len()))
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                (c"prerouting", false, Hook::PreRouting, -100, 2),
+                (c"forward", true, Hook::Forward, 0, 1),
+            ]
+        );
+        let kinds = |rule: &[RawExpr]| -> Vec<String> {
+            rule.iter()
+                .map(|e| e.name.to_string_lossy().into_owned())
+                .collect()
+        };
+        let dnat6 = &plan.chains[0].rules[1];
+        assert_eq!(
+            kinds(dnat6),
+            [
+                "meta", "cmp", "meta", "cmp", "payload", "meta", "payload", "lookup", "ct",
+                "bitwise", "ct", "nat"
+            ]
+        );
+        assert_eq!(
+            dnat6[1].attrs[2],
+            expr::Attr::Bytes(
+                sys::NFTNL_EXPR_CMP_DATA,
+                b"rwan\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()
+            )
+        );
+        // The mark set is the one the README tells the operator to accept.
+        assert_eq!(
+            dnat6[9].attrs[4],
+            expr::Attr::Bytes(
+                sys::NFTNL_EXPR_BITWISE_XOR,
+                0x0200_0000u32.to_ne_bytes().to_vec()
+            )
+        );
+        let accept = &plan.chains[1].rules[0];
+        assert_eq!(
+            kinds(accept),
+            [
+                "meta",
+                "cmp",
+                "meta",
+                "cmp",
+                "ct",
+                "bitwise",
+                "cmp",
+                "immediate"
+            ]
+        );
+        assert_eq!(
+            accept[7].u32_attr(sys::NFTNL_EXPR_IMM_VERDICT),
+            Some(libc::NF_ACCEPT as u32)
+        );
+        // Without IPv6 targets: no IPv6 map, no forward chain.
+        let plain = super::plan(
+            &Ruleset::Gateway {
+                wan_interface: "rwan".into(),
+                forwards: vec![],
+                forwards6: vec![],
+            },
+            None,
+        )
+        .unwrap();
+        assert!(plain.elements6.is_empty());
+        assert_eq!(plain.chains.len(), 1);
+    }
+
+    /// The host's forward chains that would drop what the IPv6 gateway accepts: a drop
+    /// policy or a drop rule without a rule on the conntrack mark; not a chain that accepts
+    /// the mark, not one that drops nothing, not another hook, not holepunch's own table.
+    #[test]
+    fn the_hosts_forward_chains_that_drop_without_the_mark_are_named() {
+        use netlink::{ChainInfo, RuleInfo};
+        let inet = libc::NFPROTO_INET as u8;
+        let chain = |table: &str, name: &str, hook: u32, policy: u32| ChainInfo {
+            family: inet,
+            table: table.into(),
+            name: name.into(),
+            hook: Some(hook),
+            policy: Some(policy),
+        };
+        let rule = |table: &str, name: &str, drops: bool, ct_mark: bool| RuleInfo {
+            family: inet,
+            table: table.into(),
+            chain: name.into(),
+            drops,
+            ct_mark,
+        };
+        let forward = libc::NF_INET_FORWARD as u32;
+        let chains = [
+            // The lab's router: policy accept, a drop rule for new IPv6 from the WAN.
+            chain("filter", "forward", forward, 1),
+            // OpenWrt's fw4: policy drop.
+            chain("fw4", "forward", forward, 0),
+            // A chain that drops but accepts the mark first.
+            chain("marked", "forward", forward, 0),
+            // Drops nothing; another hook; holepunch's own.
+            chain("open", "forward", forward, 1),
+            chain("filter", "input", libc::NF_INET_LOCAL_IN as u32, 0),
+            chain(TABLE_NAME, "forward", forward, 0),
+        ];
+        let rules = [
+            rule("filter", "forward", false, false),
+            rule("filter", "forward", true, false),
+            rule("marked", "forward", false, true),
+            rule("open", "forward", false, false),
+        ];
+        assert_eq!(
+            blocking_forward_chains(&chains, &rules),
+            ["inet filter forward", "inet fw4 forward"]
+        );
+        // Once the operator's rule is in: nothing to say.
+        let mut fixed = rules.to_vec();
+        fixed.push(rule("filter", "forward", false, true));
+        fixed.push(rule("fw4", "forward", false, true));
+        assert!(blocking_forward_chains(&chains, &fixed).is_empty());
+    }
+
     #[test]
     fn bad_interface_names_are_refused_before_anything_is_sent() {
         for name in ["", "a-very-long-interface0", "eth0/1", "wan 0", ".."] {
             let rules = Ruleset::Gateway {
                 wan_interface: name.into(),
                 forwards: vec![],
+                forwards6: vec![],
             };
             assert!(
                 matches!(plan(&rules, None), Err(NftError::InterfaceName(n)) if n == name),

@@ -44,6 +44,18 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -229,6 +241,126 @@ pub(crate) fn rule_chain(payload: &[u8]) -> Result<String, NetlinkError> {
         .ok_or(NetlinkError::Decode("rule without a chain"))?;
     let name = name.split(|b| *b == 0).next().unwrap_or_default();
     Ok(String::from_utf8_lossy(name).into_owned())
+}
+
+/// A base chain of any table, as the kernel lists it (for the gateway's look at the host's
+/// own firewall, README "IPv6").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChainInfo {
+    pub(crate) family: u8,
+    pub(crate) table: String,
+    pub(crate) name: String,
+    /// The netfilter hook number; `None` for a regular chain.
+    pub(crate) hook: Option<u32>,
+    /// The base chain's policy verdict (NF_DROP 0, NF_ACCEPT 1).
+    pub(crate) policy: Option<u32>,
+}
+
+/// What a rule does, as far as the gateway's look needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RuleInfo {
+    pub(crate) family: u8,
+    pub(crate) table: String,
+    pub(crate) chain: String,
+    /// Ends in a drop (an immediate NF_DROP verdict) or a reject.
+    pub(crate) drops: bool,
+    /// Reads or writes the conntrack mark.
+    pub(crate) ct_mark: bool,
+}
+
+fn text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+}
+
+fn be_u32(value: &[u8]) -> Option<u32> {
+    value.get(..4)?.try_into().ok().map(u32::from_be_bytes)
+}
+
+/// One NEWCHAIN message (payload after the netlink header).
+pub(crate) fn chain_info(payload: &[u8]) -> Result<ChainInfo, NetlinkError> {
+    let family = *payload
+        .first()
+        .ok_or(NetlinkError::Decode("short chain message"))?;
+    let attrs = attributes(payload.get(NFGENMSG_BYTES..).unwrap_or_default())?;
+    let mut chain = ChainInfo {
+        family,
+        table: String::new(),
+        name: String::new(),
+        hook: None,
+        policy: None,
+    };
+    for (kind, value) in attrs {
+        match kind {
+            NFTA_CHAIN_TABLE => chain.table = text(value),
+            NFTA_CHAIN_NAME => chain.name = text(value),
+            NFTA_CHAIN_POLICY => chain.policy = be_u32(value),
+            NFTA_CHAIN_HOOK => {
+                chain.hook = attributes(value)?
+                    .into_iter()
+                    .find(|(k, _)| *k == NFTA_HOOK_HOOKNUM)
+                    .and_then(|(_, v)| be_u32(v));
+            }
+            _ => {}
+        }
+    }
+    Ok(chain)
+}
+
+/// One NEWRULE message (payload after the netlink header).
+pub(crate) fn rule_info(payload: &[u8]) -> Result<RuleInfo, NetlinkError> {
+    let family = *payload
+        .first()
+        .ok_or(NetlinkError::Decode("short rule message"))?;
+    let mut rule = RuleInfo {
+        family,
+        ..RuleInfo::default()
+    };
+    for (kind, value) in attributes(payload.get(NFGENMSG_BYTES..).unwrap_or_default())? {
+        match kind {
+            NFTA_RULE_TABLE => rule.table = text(value),
+            NFTA_RULE_CHAIN => rule.chain = text(value),
+            NFTA_RULE_EXPRESSIONS => {
+                for (_, expression) in attributes(value)? {
+                    let fields = attributes(expression)?;
+                    let name = fields
+                        .iter()
+                        .find(|(k, _)| *k == NFTA_EXPR_NAME)
+                        .map(|(_, v)| text(v))
+                        .unwrap_or_default();
+                    let data = fields
+                        .iter()
+                        .find(|(k, _)| *k == NFTA_EXPR_DATA)
+                        .map(|(_, v)| attributes(v))
+                        .transpose()?
+                        .unwrap_or_default();
+                    match name.as_str() {
+                        "reject" => rule.drops = true,
+                        "immediate" => {
+                            let code = data
+                                .iter()
+                                .filter(|(k, _)| *k == NFTA_IMMEDIATE_DATA)
+                                .flat_map(|(_, v)| attributes(v).unwrap_or_default())
+                                .filter(|(k, _)| *k == NFTA_DATA_VERDICT)
+                                .flat_map(|(_, v)| attributes(v).unwrap_or_default())
+                                .find(|(k, _)| *k == NFTA_VERDICT_CODE)
+                                .and_then(|(_, v)| be_u32(v));
+                            rule.drops |= code == Some(libc::NF_DROP as u32);
+                        }
+                        "ct" => {
+                            rule.ct_mark |= data
+                                .iter()
+                                .find(|(k, _)| *k == NFTA_CT_KEY)
+                                .and_then(|(_, v)| be_u32(v))
+                                == Some(libc::NFT_CT_MARK as u32);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(rule)
 }
 
 /// A blocking netfilter netlink socket in the calling thread's network namespace.
@@ -434,6 +566,22 @@ impl NetfilterSocket {
             .map(|p| rule_chain(p))
             .collect::<Result<_, _>>()
             .map(Some)
+    }
+
+    /// Every chain of every table of every family.
+    pub(crate) fn dump_all_chains(&mut self) -> Result<Vec<ChainInfo>, NetlinkError> {
+        let payloads = self
+            .dump(|seq| dump_request(libc::NFT_MSG_GETCHAIN, libc::AF_UNSPEC as u8, &[], seq))?
+            .unwrap_or_default();
+        payloads.iter().map(|p| chain_info(p)).collect()
+    }
+
+    /// Every rule of every table of every family.
+    pub(crate) fn dump_all_rules(&mut self) -> Result<Vec<RuleInfo>, NetlinkError> {
+        let payloads = self
+            .dump(|seq| dump_request(libc::NFT_MSG_GETRULE, libc::AF_UNSPEC as u8, &[], seq))?
+            .unwrap_or_default();
+        payloads.iter().map(|p| rule_info(p)).collect()
     }
 
     /// The payloads of a dump's messages; `None` when the kernel answers ENOENT.

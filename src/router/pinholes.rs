@@ -8,8 +8,9 @@
 //! are reconciled. It finds the router's IPv6 address (the next hop of the IPv6 default
 //! route; a link-local one with its interface's index, README "IPv6") and this host's address
 //! toward it, builds the client for the backend the IPv4 side uses, and says once why IPv6 is
-//! not used when it cannot be (NAT-PMP, gateway mode, no IPv6 default route, UPnP through a
-//! link-local next hop, no global address on its interface).
+//! not used when it cannot be (NAT-PMP, no IPv6 default route, no global address on its
+//! interface); a link-local router is asked on its interface, through PCP or UPnP. In gateway mode holepunch runs on the router:
+//! [`OnThisRouter`] grants every pinhole, and holepunch's own table accepts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -27,7 +28,8 @@ use super::upnp::pinhole::{PinholeClient, PinholeError, PinholeRequest, lease_fo
 use crate::config::{Config, ExposureMode, Ipv6Choice};
 use crate::model::{Backend, MappingKey, PortMapping, Problem};
 use crate::pinholes::{
-    NATPMP_HAS_NO_IPV6, PinholeAction, PinholeRoute, desired_pinholes, next_due, plan_pinholes,
+    NATPMP_HAS_NO_IPV6, PinholeAction, PinholeRoute, RelayHost, desired_pinholes,
+    former_relay_addresses, next_due, plan_pinholes,
 };
 use crate::reconcile::{Persist, RETRY_FLOOR_SECS, after, renew_delay, retry_delay};
 use crate::state::{Failure, MappingStatus, PinholeRecord, State};
@@ -275,15 +277,65 @@ impl PinholeRouter for UpnpPinholes {
     }
 }
 
+/// Gateway mode (README, "IPv6"): holepunch runs on the router, so there is no router to ask;
+/// the accept and DNAT rules in holepunch's own table are the pinhole. Every pinhole is
+/// "granted" permanently, as `NoRouter` grants IPv4 mappings, so that the state still says
+/// what holepunch publishes.
+#[derive(Debug, Default)]
+pub struct OnThisRouter;
+
+impl PinholeRouter for OnThisRouter {
+    fn backend(&self) -> Backend {
+        Backend::None
+    }
+    fn router(&self) -> Ipv6Addr {
+        Ipv6Addr::UNSPECIFIED
+    }
+    fn host(&self) -> Ipv6Addr {
+        Ipv6Addr::UNSPECIFIED
+    }
+    fn open<'a>(
+        &'a mut self,
+        _record: &'a PinholeRecord,
+        _lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        Box::pin(async {
+            Ok(Opened {
+                lifetime_secs: 0,
+                renew_after: None,
+                epoch: None,
+                unique_id: None,
+            })
+        })
+    }
+    fn renew<'a>(
+        &'a mut self,
+        record: &'a PinholeRecord,
+        lifetime_secs: u32,
+    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        self.open(record, lifetime_secs)
+    }
+    fn close<'a>(
+        &'a mut self,
+        _record: &'a PinholeRecord,
+    ) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// The lease of the AddPinhole that learns a pinhole's UniqueID before it is deleted: if
 /// the delete is lost, it closes by itself soon.
 const CLOSE_LEASE_SECS: u32 = 60;
 
 /// How the loop reaches a router for pinholes.
 pub trait PinholeConnect: Send {
-    /// A client for `backend`, or why there is none.
+    /// Where pinholes are asked now: the router and this host's address toward it. Asked
+    /// every pass, so that a new address or prefix of this host is followed.
+    fn path(&mut self) -> Result<Ipv6Path, String>;
+    /// A client for `backend` on `path`, or why there is none.
     fn connect<'a>(
         &'a mut self,
+        path: Ipv6Path,
         backend: Backend,
         config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>>;
@@ -297,12 +349,27 @@ pub struct RouterPinholes;
 const UPNP_TIMEOUT_SECS: u64 = 5;
 
 impl PinholeConnect for RouterPinholes {
+    fn path(&mut self) -> Result<Ipv6Path, String> {
+        ipv6_path()
+    }
     fn connect<'a>(
         &'a mut self,
+        path: Ipv6Path,
         backend: Backend,
         config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
-        Box::pin(async move { client_for(ipv6_path()?, backend, config).await })
+        Box::pin(async move {
+            // A former address of this host (its pinholes being closed from it) may be gone.
+            let addresses = std::fs::read_to_string(PROC_IF_INET6)
+                .map_err(|e| format!("cannot read {PROC_IF_INET6}: {e}"))?;
+            if !parse_if_inet6(&addresses)
+                .iter()
+                .any(|a| a.address == path.host)
+            {
+                return Err(format!("this host no longer holds {}", path.host));
+            }
+            client_for(path, backend, config).await
+        })
     }
 }
 
@@ -316,22 +383,18 @@ async fn client_for(
         router,
         scope_id,
         host,
+        ..
     } = path;
     match backend {
         Backend::Pcp => {
             Ok(Box::new(PcpPinholes::new(router, scope_id, host)) as Box<dyn PinholeRouter>)
         }
-        Backend::Upnp if is_link_local(router) => Err(format!(
-            "UPnP IPv6 pinholes need the router at a global address, but the IPv6 \
-             default route's next hop {router} is link-local; use router.backend = \"pcp\" \
-             if the router speaks PCP, or give the host a default route via the router's \
-             global address"
-        )),
         Backend::Upnp => {
             // NOTE: the IGD's description is fetched again over IPv6, at the router's
             // IPv6 address with the port and path of `router.igd_url` (miniupnpd serves
             // both families on one port); WANIPv6FirewallControl must be called from
-            // this host's IPv6 address (README, "IPv6").
+            // this host's IPv6 address (README, "IPv6"). A link-local router is dialled on
+            // its interface (`scope_id`): the URL has no zone.
             let described = config.router.igd_url.as_deref().ok_or(
                 "UPnP IPv6 pinholes need router.igd_url (the router's description URL) for now",
             )?;
@@ -342,10 +405,14 @@ async fn client_for(
                 url.port, url.path
             ))
             .map_err(|e| format!("the IPv6 description URL: {e}"))?;
-            let client =
-                PinholeClient::discover(&url6, host, Duration::from_secs(UPNP_TIMEOUT_SECS))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let client = PinholeClient::discover_scoped(
+                &url6,
+                host,
+                scope_id,
+                Duration::from_secs(UPNP_TIMEOUT_SECS),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             Ok(Box::new(UpnpPinholes::new(client, router)) as Box<dyn PinholeRouter>)
         }
         Backend::Natpmp => Err(NATPMP_HAS_NO_IPV6.to_owned()),
@@ -382,7 +449,24 @@ pub struct Ipv6Path {
     /// The interface index for a link-local router, else 0.
     pub scope_id: u32,
     pub host: Ipv6Addr,
+    /// The prefix length of `host` on its interface (the on-link prefix the relay's ip6 DNAT
+    /// leaves alone).
+    pub prefix_len: u8,
 }
+
+impl Ipv6Path {
+    /// This host's relay address and its prefix.
+    pub fn relay_host(&self) -> RelayHost {
+        RelayHost {
+            address: self.host,
+            prefix_len: self.prefix_len,
+        }
+    }
+}
+
+/// The prefix length assumed for this host's address when the kernel's list does not give it
+/// (the LAN's usual SLAAC /64).
+const DEFAULT_PREFIX_LEN: u8 = 64;
 
 /// The router and this host's address for IPv6 pinholes: the next hop of the IPv6 default
 /// route with the lowest metric. A link-local next hop (the usual one, learnt from a Router
@@ -393,17 +477,28 @@ pub fn ipv6_path() -> Result<Ipv6Path, String> {
         .map_err(|e| format!("cannot read {PROC_IPV6_ROUTE}: {e}"))?;
     let gateway =
         parse_ipv6_default_gateway(&table).ok_or("this host has no IPv6 default route")?;
+    let addresses = std::fs::read_to_string(PROC_IF_INET6)
+        .map_err(|e| format!("cannot read {PROC_IF_INET6}: {e}"))?;
+    let addresses = parse_if_inet6(&addresses);
     if !gateway.is_link_local() {
         let host = source_address_toward(gateway.address)?;
         return Ok(Ipv6Path {
             router: gateway.address,
             scope_id: 0,
             host,
+            prefix_len: prefix_len_of(host, &addresses),
         });
     }
-    let addresses = std::fs::read_to_string(PROC_IF_INET6)
-        .map_err(|e| format!("cannot read {PROC_IF_INET6}: {e}"))?;
-    link_local_path(&gateway, &parse_if_inet6(&addresses))
+    link_local_path(&gateway, &addresses)
+}
+
+/// The prefix length of `address` on this host's interfaces (`/proc/net/if_inet6`), else
+/// [`DEFAULT_PREFIX_LEN`].
+pub fn prefix_len_of(address: Ipv6Addr, addresses: &[InterfaceAddress]) -> u8 {
+    addresses
+        .iter()
+        .find(|a| a.address == address)
+        .map_or(DEFAULT_PREFIX_LEN, |a| a.prefix_len)
 }
 
 /// For a link-local next hop: its interface's index and this host's global address there.
@@ -427,11 +522,11 @@ pub fn link_local_path(
             gateway.address, gateway.device, gateway.device
         ));
     };
-    let host = on_device
+    let (host, prefix_len) = on_device
         .iter()
         .filter(|a| a.usable_global())
         .min_by_key(|a| a.temporary())
-        .map(|a| a.address)
+        .map(|a| (a.address, a.prefix_len))
         .ok_or_else(|| {
             format!(
                 "the IPv6 default route's next hop {} is link-local on {}, which has no \
@@ -444,6 +539,7 @@ pub fn link_local_path(
         router: gateway.address,
         scope_id,
         host,
+        prefix_len,
     })
 }
 
@@ -479,6 +575,8 @@ pub fn parse_ipv6_default_gateway(table: &str) -> Option<Ipv6Gateway> {
 pub struct InterfaceAddress {
     pub address: Ipv6Addr,
     pub ifindex: u32,
+    /// The prefix length the address was given with (its on-link prefix).
+    pub prefix_len: u8,
     /// The kernel's scope: 0x00 global, 0x20 link.
     pub scope: u8,
     /// IFA_F_* flags.
@@ -517,6 +615,9 @@ pub fn parse_if_inet6(text: &str) -> Vec<InterfaceAddress> {
                     .ok()
                     .map(Ipv6Addr::from)?,
                 ifindex: u32::from_str_radix(fields.get(1)?, 16).ok()?,
+                prefix_len: u8::from_str_radix(fields.get(2)?, 16)
+                    .ok()
+                    .filter(|len| *len <= 128)?,
                 scope: u8::from_str_radix(fields.get(3)?, 16).ok()?,
                 flags: u32::from_str_radix(fields.get(4)?, 16).ok()?,
                 device: (*fields.get(5)?).to_owned(),
@@ -558,8 +659,11 @@ pub struct Pinholes {
     /// The pinhole client saw the router restart in the pass that began then: restore every
     /// pinhole granted before it at the next pass.
     restarted: Option<Timestamp>,
-    /// The last connect that failed, for which backend: tried again after a verify interval.
-    failed: Option<(Backend, Timestamp)>,
+    /// The last connect that failed, for which backend and path: tried again after a verify
+    /// interval, or at once on another path.
+    failed: Option<(Backend, Ipv6Path, Timestamp)>,
+    /// Where pinholes were last asked (found again every pass; kept when it cannot be).
+    path: Option<Ipv6Path>,
 }
 
 impl Default for Pinholes {
@@ -576,7 +680,14 @@ impl Pinholes {
             said: BTreeSet::new(),
             restarted: None,
             failed: None,
+            path: None,
         }
+    }
+
+    /// This host's relay address and prefix as last found: what the ip6 DNAT matches (README,
+    /// "IPv6"). `None` until a pass found a path.
+    pub fn relay_host(&self) -> Option<RelayHost> {
+        self.path.map(|path| path.relay_host())
     }
 
     /// Says `why` IPv6 is not used, once while it holds.
@@ -606,57 +717,93 @@ impl Pinholes {
         if config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty() {
             return PinholeOutcome::default();
         }
-        if config.exposure.mode == ExposureMode::Gateway {
-            self.say_once("not available in gateway mode yet; Services are published over IPv4");
-            return PinholeOutcome::default();
+        // Nothing wanted and nothing held: no router is asked anything (not even found); a
+        // refused IPv6 target is still reported.
+        if state.pinholes.is_empty() {
+            let wanted = desired_pinholes(services, nodes, config, host, mappings);
+            if wanted.pinholes.is_empty() {
+                return PinholeOutcome {
+                    problems: wanted.problems,
+                    next_due: None,
+                };
+            }
         }
-        // Nothing wanted and nothing held: no router is asked anything (not even found).
-        if state.pinholes.is_empty()
-            && desired_pinholes(services, nodes, config, host, mappings)
-                .pinholes
-                .is_empty()
-        {
-            return PinholeOutcome::default();
-        }
-        if matches!(backend, Backend::Natpmp | Backend::None) {
+        let gateway = config.exposure.mode == ExposureMode::Gateway;
+        if gateway {
+            if self.router.as_ref().map(|r| r.backend()) != Some(Backend::None) {
+                self.router = Some(Box::new(OnThisRouter));
+            }
+        } else if matches!(backend, Backend::Natpmp | Backend::None) {
             // NOTE: RFC 6886 has no IPv6; NAT-PMP routers get IPv4 mappings only.
             if backend == Backend::Natpmp && config.exposure.ipv6 == Ipv6Choice::Auto {
                 self.say_once(NATPMP_HAS_NO_IPV6);
             }
             return PinholeOutcome::default();
         }
-        if self.router.as_ref().map(|r| r.backend()) != Some(backend) {
-            let verify = jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
-            if let Some((failed, at)) = self.failed
-                && failed == backend
-                && at.checked_add(verify).is_ok_and(|again| again > now)
-            {
-                return PinholeOutcome::default();
-            }
-            self.router = match self.connect.connect(backend, config).await {
-                Ok(router) => {
-                    tracing::info!(router = %router.router(), host = %router.host(), %backend,
-                        "IPv6 pinholes go through the router's IPv6 address");
-                    self.said.clear();
-                    Some(router)
+        let path = if gateway {
+            None
+        } else {
+            // The path is found again every pass: a new address or prefix of this host (the ISP
+            // renumbered) moves the pinholes and the ip6 DNAT to it (README, "IPv6").
+            let path = match (self.connect.path(), self.path) {
+                (Ok(path), _) => path,
+                (Err(why), Some(last)) => {
+                    self.say_once(&format!("{why}; going on with {}", last.host));
+                    last
                 }
-                Err(why) => {
-                    self.failed = Some((backend, now));
+                (Err(why), None) => {
                     self.say_once(&why);
-                    return PinholeOutcome {
-                        problems: Vec::new(),
-                        next_due: None,
-                    };
+                    return PinholeOutcome::default();
                 }
             };
-        }
+            if let Some(last) = self.path.filter(|last| last.host != path.host) {
+                tracing::warn!(was = %last.host, now = %path.host,
+                    "this host's IPv6 address toward the router changed; moving the pinholes to it");
+            }
+            self.path = Some(path);
+            if self
+                .router
+                .as_ref()
+                .map(|r| (r.backend(), r.router(), r.host()))
+                != Some((backend, path.router, path.host))
+            {
+                let verify =
+                    jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
+                if let Some((failed, on, at)) = self.failed
+                    && failed == backend
+                    && on == path
+                    && at.checked_add(verify).is_ok_and(|again| again > now)
+                {
+                    return PinholeOutcome::default();
+                }
+                self.router = match self.connect.connect(path, backend, config).await {
+                    Ok(router) => {
+                        tracing::info!(router = %router.router(), host = %router.host(), %backend,
+                            "IPv6 pinholes go through the router's IPv6 address");
+                        self.said.clear();
+                        Some(router)
+                    }
+                    Err(why) => {
+                        self.router = None;
+                        self.failed = Some((backend, path, now));
+                        self.say_once(&why);
+                        return PinholeOutcome {
+                            problems: Vec::new(),
+                            next_due: None,
+                        };
+                    }
+                };
+            }
+            Some(path)
+        };
         let Some(router) = self.router.as_mut() else {
             return PinholeOutcome::default();
         };
         let route = PinholeRoute {
-            backend,
+            backend: router.backend(),
             router: router.router(),
             relay_from: (config.exposure.mode == ExposureMode::Relay).then(|| router.host()),
+            on_external_port: gateway,
         };
         let mut host = host.clone();
         host.router_addresses.insert(route.router.into());
@@ -678,9 +825,35 @@ impl Pinholes {
         }
         let actions = plan_pinholes(&wanted, state, &route, &lost, now);
         let mut problems = wanted.problems;
+        // Relay pinholes that open an address this host no longer uses toward the router are
+        // closed from that address while the host still holds it.
+        let mut former = BTreeMap::new();
+        if let Some(path) = path.filter(|_| route.relay_from.is_some()) {
+            for address in former_relay_addresses(&actions, state, path.host) {
+                let from = Ipv6Path {
+                    host: address,
+                    ..path
+                };
+                match self.connect.connect(from, backend, config).await {
+                    Ok(client) => {
+                        former.insert(address, client);
+                    }
+                    Err(why) => {
+                        tracing::info!(%address, %why, "cannot ask the router from this host's former IPv6 address; its pinholes lapse with their lease")
+                    }
+                }
+            }
+        }
+        let Some(router) = self.router.as_mut() else {
+            return PinholeOutcome::default();
+        };
         execute(
             &actions,
-            router.as_mut(),
+            Clients {
+                current: router.as_mut(),
+                former: &mut former,
+                relay: route.relay_from.is_some(),
+            },
             state,
             store,
             config.router.lease_secs,
@@ -707,16 +880,25 @@ impl Pinholes {
     }
 }
 
+/// The pinhole clients of one pass: the one on the current path and, in relay mode, one from
+/// each former address of this host that pinholes still open.
+struct Clients<'a> {
+    current: &'a mut dyn PinholeRouter,
+    former: &'a mut BTreeMap<Ipv6Addr, Box<dyn PinholeRouter>>,
+    relay: bool,
+}
+
 /// Runs the pinhole plan: each request saved as pending first, each result recorded.
 async fn execute(
     actions: &[PinholeAction],
-    router: &mut dyn PinholeRouter,
+    clients: Clients<'_>,
     state: &mut State,
     store: &mut impl Persist,
     lease_secs: u32,
     now: Timestamp,
     problems: &mut Vec<Problem>,
 ) {
+    let router = clients.current;
     for action in actions {
         match action {
             PinholeAction::Close { key } => {
@@ -729,7 +911,20 @@ async fn execute(
                     // The router dropped it when its lease ended: nothing to ask.
                     Ok(())
                 } else if record.backend == router.backend() && record.router == router.router() {
-                    router.close(&record).await
+                    if clients.relay && record.address != router.host() {
+                        match clients.former.get_mut(&record.address) {
+                            Some(former) => former.close(&record).await,
+                            None => {
+                                // No longer an address of this host: nobody can ask for it;
+                                // it closes when its lease ends.
+                                tracing::info!(service = %record.owner, pinhole = %record.opens(),
+                                    "this host no longer holds the address the IPv6 pinhole opens; it lapses with its lease");
+                                Ok(())
+                            }
+                        }
+                    } else {
+                        router.close(&record).await
+                    }
                 } else {
                     // Made through another protocol or router: this one cannot delete it; it
                     // closes when its lease ends.
@@ -807,13 +1002,15 @@ fn record_result(
         Ok(opened) => {
             let lifetime = Duration::from_secs(opened.lifetime_secs.into());
             let renew = renew_delay(opened.renew_after.unwrap_or(lifetime / 2), lifetime);
+            // A lifetime of 0 is permanent (gateway mode: no router, nothing to renew).
+            let lasts = opened.lifetime_secs > 0;
             tracing::info!(service = %record.owner, pinhole = %record.opens(),
                 target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
             record.status = MappingStatus::Active;
             record.lifetime_secs = opened.lifetime_secs;
             record.granted_at = Some(now);
-            record.renew_at = Some(after(now, renew));
-            record.expires_at = Some(after(now, lifetime));
+            record.renew_at = lasts.then(|| after(now, renew));
+            record.expires_at = lasts.then(|| after(now, lifetime));
             record.epoch = opened.epoch.or(record.epoch);
             record.unique_id = opened.unique_id.or(record.unique_id);
             record.retry_at = None;
@@ -904,6 +1101,7 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
         let path = link_local_path(&wlan_gateway(), &addresses).expect("a path");
         assert_eq!(path.router, "fe80::1".parse::<Ipv6Addr>().expect("ip"));
         assert_eq!(path.scope_id, 3, "wlan0's index");
+        assert_eq!(path.prefix_len, 64, "as the interface has it");
         // Not the link-local, the temporary (flag 0x01), the ULA or lan0's address.
         assert_eq!(
             path.host,
@@ -922,6 +1120,33 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
                 .parse::<Ipv6Addr>()
                 .expect("ip")
         );
+    }
+
+    /// The prefix length is the interface's, not a /64 taken for granted.
+    #[test]
+    fn the_prefix_length_is_read_from_the_interface() {
+        let addresses = parse_if_inet6(
+            "\
+20010db8007700000000000000000010 03 38 00 80     wlan0
+20010db8005500000000000000000010 02 40 00 80      lan0
+",
+        );
+        let path = link_local_path(&wlan_gateway(), &addresses).expect("a path");
+        assert_eq!(path.prefix_len, 0x38, "a /56 on wlan0");
+        assert_eq!(
+            path.relay_host(),
+            RelayHost {
+                address: "2001:db8:77::10".parse().expect("ip"),
+                prefix_len: 56
+            }
+        );
+        let lan0: Ipv6Addr = "2001:db8:55::10".parse().expect("ip");
+        assert_eq!(prefix_len_of(lan0, &addresses), 64);
+        // An address the list does not hold: the usual /64.
+        let other: Ipv6Addr = "2001:db8:99::10".parse().expect("ip");
+        assert_eq!(prefix_len_of(other, &addresses), 64);
+        // A prefix length over 128 is no line at all.
+        assert!(parse_if_inet6("20010db8007700000000000000000010 03 81 00 80 wlan0\n").is_empty());
     }
 
     #[test]
@@ -952,7 +1177,7 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
     }
 
     #[tokio::test]
-    async fn a_link_local_router_gets_a_pcp_client_and_no_upnp_one() {
+    async fn a_link_local_router_gets_a_pcp_client_and_upnp_asks_for_the_igd_url() {
         let config = Config::default();
         let path = link_local_path(&wlan_gateway(), &parse_if_inet6(IF_INET6)).expect("a path");
         // PCP: asked at the link-local address (sends nothing until a request).
@@ -964,14 +1189,13 @@ fd000000000000000000000000000010 03 40 00 80     wlan0
             pcp.host(),
             "2001:db8:77::10".parse::<Ipv6Addr>().expect("ip")
         );
-        // UPnP: the IGD's URL would carry no scope: refused, saying what to do.
+        // UPnP: dialled on the interface (the lab proves it against miniupnpd); without the
+        // IGD's URL it says what to set, before anything is sent.
         let error = match client_for(path, Backend::Upnp, &config).await {
             Err(error) => error,
-            Ok(_) => panic!("a UPnP client for a link-local router"),
+            Ok(_) => panic!("a UPnP client without router.igd_url"),
         };
-        assert!(
-            error.contains("fe80::1 is link-local") && error.contains("router.backend = \"pcp\""),
-            "{error}"
-        );
+        assert!(error.contains("router.igd_url"), "{error}");
+        assert!(!error.contains("link-local"), "{error}");
     }
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
 use super::*;
-use crate::router::pinholes::{BoxFuture, Opened, PinholeConnect, PinholeRouter, Pinholes};
+use crate::router::pinholes::{
+    BoxFuture, Ipv6Path, Opened, PinholeConnect, PinholeRouter, Pinholes,
+};
 use crate::state::PinholeRecord;
 
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
@@ -22,6 +24,8 @@ struct HolesInner {
     /// "open 8080/tcp [..]:8080", "renew ...", "close ...", in order.
     calls: Vec<String>,
     connects: usize,
+    /// This host's IPv6 address toward the router, when not [`HOST6`] (a new prefix).
+    host: Option<Ipv6Addr>,
 }
 
 /// The scripted router's IPv6 firewall; clones share it.
@@ -46,6 +50,11 @@ impl Holes {
         lock(&self.0).connects
     }
 
+    /// This host's address toward the router is `host` from now on (the ISP renumbered).
+    fn renumber(&self, host: Ipv6Addr) {
+        lock(&self.0).host = Some(host);
+    }
+
     /// The router restarts: its IPv6 firewall forgets every pinhole.
     fn reboot(&self) {
         lock(&self.0).held.clear();
@@ -55,8 +64,17 @@ impl Holes {
 struct ScriptedConnect6(Holes);
 
 impl PinholeConnect for ScriptedConnect6 {
+    fn path(&mut self) -> Result<Ipv6Path, String> {
+        Ok(Ipv6Path {
+            router: ROUTER6,
+            scope_id: 0,
+            host: lock(&self.0.0).host.unwrap_or(HOST6),
+            prefix_len: 64,
+        })
+    }
     fn connect<'a>(
         &'a mut self,
+        path: Ipv6Path,
         backend: Backend,
         _config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
@@ -64,6 +82,7 @@ impl PinholeConnect for ScriptedConnect6 {
         let router = Scripted6 {
             holes: self.0.clone(),
             backend,
+            host: path.host,
         };
         Box::pin(async move { Ok(Box::new(router) as Box<dyn PinholeRouter>) })
     }
@@ -72,6 +91,7 @@ impl PinholeConnect for ScriptedConnect6 {
 struct Scripted6 {
     holes: Holes,
     backend: Backend,
+    host: Ipv6Addr,
 }
 
 fn name(record: &PinholeRecord) -> String {
@@ -100,7 +120,7 @@ impl PinholeRouter for Scripted6 {
         ROUTER6
     }
     fn host(&self) -> Ipv6Addr {
-        HOST6
+        self.host
     }
     fn open<'a>(
         &'a mut self,
@@ -250,6 +270,103 @@ async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it
     assert!(world.holes.held().is_empty());
     assert!(ctx.state.pinholes.is_empty());
     assert_eq!(record(ctx.state, 8080).status, MappingStatus::Active);
+}
+
+/// The ISP renumbers: this host's address toward the router changes. The relay address is
+/// found again at the next pass (not taken from the pinhole records): the pinhole of the
+/// former address is closed from that address, one to the new address is opened, and the ip6
+/// DNAT follows.
+#[tokio::test(start_paused = true)]
+async fn a_new_host_address_moves_the_pinholes_and_the_ip6_dnat() {
+    const NEW6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x88, 0, 0, 0, 0, 0x10);
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    let relay6 = |world: &World| match world.firewall.table().ruleset {
+        Some(crate::nft::Ruleset::Relay {
+            ipv6: Some(relay6), ..
+        }) => Some((relay6.host, relay6.forwards.len())),
+        _ => None,
+    };
+
+    // The normal case first: the pinhole and the DNAT on the address found.
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.held(), [held(8080)]);
+    assert_eq!(relay6(&world), Some((HOST6, 1)));
+
+    world.holes.renumber(NEW6);
+    let before = world.holes.calls().len();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        world.holes.calls()[before..],
+        [
+            format!("close {}", held(8080)),
+            format!("open 8080/tcp [{NEW6}]:8080"),
+        ]
+    );
+    assert_eq!(world.holes.held(), [format!("8080/tcp [{NEW6}]:8080")]);
+    assert_eq!(
+        pinhole(ctx.state, 8080).map(|h| (h.address, h.status)),
+        Some((NEW6, MappingStatus::Active))
+    );
+    assert_eq!(relay6(&world), Some((NEW6, 1)));
+    // Nothing more to move at the next pass.
+    let before = world.holes.calls().len();
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.calls()[before..], [] as [String; 0]);
+}
+
+/// Gateway mode (holepunch on the router): no router is asked for pinholes; each published
+/// IPv6 target is opened on its own address at the external port in holepunch's own table
+/// (DNAT to the nodePort), beside the IPv4 forward, and leaves with it.
+#[tokio::test(start_paused = true)]
+async fn gateway_mode_publishes_ipv6_targets_in_its_own_table_without_asking_a_router() {
+    let world = World::default();
+    set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut config = config(BackendChoice::None);
+    config.exposure.mode = crate::config::ExposureMode::Gateway;
+    config.exposure.wan_interface = Some("wan0".into());
+    let mut ctx = context(&world, &mut books, config);
+    ctx.forwarding = Forwarding::Gateway;
+    let forwards6 = |world: &World| match world.firewall.table().ruleset {
+        Some(crate::nft::Ruleset::Gateway { forwards6, .. }) => forwards6
+            .iter()
+            .map(|f| format!("{}/{} -> {}", f.port, f.protocol, f.target))
+            .collect::<Vec<_>>(),
+        other => panic!("not a gateway table: {other:?}"),
+    };
+
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        forwards6(&world),
+        [
+            format!("8080/tcp -> [{NODE6}]:38080"),
+            format!("8081/tcp -> [{NODE6}]:38081")
+        ]
+    );
+    let hole = pinhole(ctx.state, 8080).expect("a pinhole record");
+    assert_eq!(
+        (hole.opens().to_string(), hole.backend, hole.status),
+        (
+            format!("[{NODE6}]:8080"),
+            Backend::None,
+            MappingStatus::Active
+        )
+    );
+    assert_eq!(hole.renew_at, None, "nothing to renew on this router");
+    assert_eq!(world.holes.connects(), 0, "no router asked");
+    assert!(world.holes.calls().is_empty());
+
+    // api unpublished: its forward goes, web's stays.
+    set_dual(&world, vec![web("web", 8080)]);
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(forwards6(&world), [format!("8080/tcp -> [{NODE6}]:38080")]);
+    assert!(pinhole(ctx.state, 8081).is_none());
 }
 
 #[tokio::test(start_paused = true)]

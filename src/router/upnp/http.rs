@@ -179,15 +179,20 @@ pub async fn request(
     limit: usize,
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
-    request_from(None, url, method, headers, body, limit, timeout).await
+    request_scoped(None, 0, url, method, headers, body, limit, timeout).await
 }
 
-/// [`request`] from the local address `local` (the connection's source), when given.
+/// [`request`] from the local address `local` (the connection's source), when given, to a
+/// link-local IPv6 host on the interface with index `scope_id` (0: no scope). The URL carries
+/// no zone (RFC 6874 zones are not sent in a `Host` header, and the IGD's own URLs never have
+/// one), so the connection is dialled with the scope here.
 // NOTE: miniupnpd opens an IPv6 pinhole only to the address the request came from (its
 // PinholeVerification compares the two as text), and a host with several global IPv6 addresses
 // (privacy addresses, RFC 8981) may otherwise send from another one (README.md, "IPv6").
-pub async fn request_from(
+#[allow(clippy::too_many_arguments)]
+pub async fn request_scoped(
     local: Option<IpAddr>,
+    scope_id: u32,
     url: &HttpUrl,
     method: &str,
     headers: &[(&str, &str)],
@@ -196,7 +201,8 @@ pub async fn request_from(
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
     let address = url.address();
-    match tokio::time::timeout(timeout, exchange(local, url, method, headers, body, limit)).await {
+    let exchanged = exchange(local, scope_id, url, method, headers, body, limit);
+    match tokio::time::timeout(timeout, exchanged).await {
         Ok(result) => result,
         Err(_elapsed) => Err(HttpError::Timeout {
             address,
@@ -207,6 +213,7 @@ pub async fn request_from(
 
 async fn exchange(
     local: Option<IpAddr>,
+    scope_id: u32,
     url: &HttpUrl,
     method: &str,
     headers: &[(&str, &str)],
@@ -242,10 +249,15 @@ async fn exchange(
             socket
                 .bind(SocketAddr::new(local, 0))
                 .map_err(connect_error)?;
-            socket
-                .connect(SocketAddr::new(remote, url.port))
-                .await
-                .map_err(connect_error)?
+            let remote = match remote {
+                // NOTE: RFC 4007 §6: a link-local address means something only with its
+                // zone; the socket address carries it (sin6_scope_id), the URL does not.
+                IpAddr::V6(v6) if scope_id != 0 => {
+                    SocketAddr::V6(std::net::SocketAddrV6::new(v6, url.port, 0, scope_id))
+                }
+                other => SocketAddr::new(other, url.port),
+            };
+            socket.connect(remote).await.map_err(connect_error)?
         }
     };
     // NOTE: header names go out in title case (`Soapaction`, `Content-Type`): RFC 9110 §5.1

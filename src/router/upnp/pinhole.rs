@@ -278,6 +278,8 @@ fn short(text: &str) -> String {
 pub struct PinholeClient {
     control: HttpUrl,
     lan_address: Ipv6Addr,
+    /// The interface index when the router's address is link-local, else 0.
+    scope_id: u32,
     timeout: Duration,
 }
 
@@ -291,12 +293,24 @@ impl PinholeClient {
         lan_address: Ipv6Addr,
         timeout: Duration,
     ) -> Result<PinholeClient, PinholeError> {
+        Self::discover_scoped(description, lan_address, 0, timeout).await
+    }
+
+    /// [`PinholeClient::discover`] for a router at a link-local address (README, "IPv6"): every
+    /// connection is dialled on the interface with index `scope_id`.
+    pub async fn discover_scoped(
+        description: &HttpUrl,
+        lan_address: Ipv6Addr,
+        scope_id: u32,
+        timeout: Duration,
+    ) -> Result<PinholeClient, PinholeError> {
         let url = description.to_string();
         if description.ipv6().is_none() {
             return Err(PinholeError::DescriptionNotIpv6 { url });
         }
-        let response = http::request_from(
+        let response = http::request_scoped(
             Some(IpAddr::V6(lan_address)),
+            scope_id,
             description,
             "GET",
             &[],
@@ -342,6 +356,7 @@ impl PinholeClient {
         Ok(PinholeClient {
             control,
             lan_address,
+            scope_id,
             timeout,
         })
     }
@@ -364,8 +379,9 @@ impl PinholeClient {
     ) -> Result<Reply, PinholeError> {
         let body = soap::envelope(FIREWALL_CONTROL_SERVICE, action, arguments);
         let header = soap::action_header(FIREWALL_CONTROL_SERVICE, action);
-        let response = http::request_from(
+        let response = http::request_scoped(
             Some(IpAddr::V6(self.lan_address)),
+            self.scope_id,
             &self.control,
             "POST",
             &[
