@@ -37,9 +37,6 @@ use crate::state::{MappingRecord, MappingStatus, State};
 /// How long a failed address change or mirror write waits before it is tried again.
 const RETRY_SECS: u64 = 1;
 
-/// What a router request refused by the fence says (in the mapping's `last_error`).
-pub const FENCED_REASON: &str = "this host is no longer the active holepunch host (it could not renew the Lease in time); the active host makes the request";
-
 /// Why HA could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
@@ -117,16 +114,15 @@ impl Fence {
         if self.may_act() {
             Ok(())
         } else {
-            Err(RouterError::Refused {
-                reason: FENCED_REASON.to_owned(),
-                retry_after: None,
-            })
+            Err(RouterError::Fenced)
         }
     }
 }
 
-/// A [`PortMapper`] that refuses every request once this host may no longer act: the gate
-/// on the plan's path to the router, checked before each request, not once per pass.
+/// A [`PortMapper`] that refuses every request once this host may no longer act, checked
+/// before each request, not once per pass. [`FencedConnect`] makes every mapper of the
+/// router session one of these, so the plan's requests and the session's own pass exactly
+/// one fence (ARCHITECTURE.md, "The loop").
 pub struct Fenced<P> {
     inner: P,
     fence: Fence,

@@ -66,6 +66,10 @@ impl<'a, P: PortMapper> Instrumented<'a, P> {
         result: &Result<T, RouterError>,
         started: (Timestamp, Instant),
     ) {
+        // A request the HA fence refused was never sent (README, "High availability").
+        if matches!(result, Err(RouterError::Fenced)) {
+            return;
+        }
         self.log.router_request(
             backend,
             operation,
