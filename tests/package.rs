@@ -247,8 +247,27 @@ fn exposure_of(report: &str) -> f64 {
 fn timed<T>(what: &str, costs: &mut Vec<(String, f64)>, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let value = step();
-    costs.push((what.to_owned(), start.elapsed().as_secs_f64()));
+    note_cost(costs, what, start);
     value
+}
+
+/// Notes what the step `what`, begun at `since`, cost.
+fn note_cost(costs: &mut Vec<(String, f64)>, what: &str, since: Instant) {
+    costs.push((what.to_owned(), since.elapsed().as_secs_f64()));
+}
+
+/// Prints what each step of the box test `test` cost, and the whole since `started`
+/// (README, "Packaging").
+fn print_costs(test: &str, costs: &[(String, f64)], started: Instant) {
+    let summary: Vec<String> = costs
+        .iter()
+        .map(|(what, secs)| format!("{what} {secs:.1}s"))
+        .collect();
+    println!(
+        "{test} test cost: {}, total {:.1}s",
+        summary.join(", "),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The package, built once per test process: two `build-deb` runs in one tree at the same
@@ -634,7 +653,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     let messages: Vec<&str> = journal.iter().map(|e| field(e, "MESSAGE")).collect();
     assert!(!messages.contains(&"[kubernetes]"), "{messages:?}");
 
-    costs.push(("start+journal".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "start+journal", step);
     step = Instant::now();
 
     // A broken config fails `systemctl reload` (check-config runs first, as ExecReload), with
@@ -685,7 +704,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
             .then_some(())
     });
 
-    costs.push(("reloads".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "reloads", step);
     step = Instant::now();
 
     // A kubeconfig others can write is refused, by check-config and so at start, with the
@@ -762,7 +781,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     machine.exec_ok(&["rm", KUBECONFIG]);
     machine.exec_ok(&["systemctl", "restart", "holepunch"]);
 
-    costs.push(("kubeconfig".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "kubeconfig", step);
     step = Instant::now();
 
     // remove keeps the state directory, the config and a copy for purge; reinstalling drops
@@ -812,17 +831,9 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     }
     assert_eq!(machine.property("LoadState"), "not-found");
 
-    costs.push(("remove+purge".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "remove+purge", step);
     timed("down", &mut costs, || drop(machine));
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "package test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("package", &costs, started);
 }
 
 /// A mapping the root-run 0.1.0 recorded (the state file's documented hand-written format).
@@ -983,18 +994,10 @@ fn upgrade_from_the_root_run_0_1_0_keeps_state_and_mappings() {
         (machine.property("ActiveState") == "active").then_some(())
     });
     assert_eq!(machine.property("NRestarts"), "0");
-    costs.push(("0.1.0 and upgrade".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "0.1.0 and upgrade", step);
 
     timed("down", &mut costs, || drop(machine));
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "upgrade test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("upgrade", &costs, started);
 }
 
 /// The router lab's prefix for the package test; its box is `hpk<pid>lab`.
@@ -1126,7 +1129,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         assert!(!forwards_of(&lab, LB_PORT).is_empty());
         let tables = machine.exec_ok(&["nft", "list", "tables"]);
         assert!(tables.contains("table inet holepunch"), "{tables}");
-        costs.push(("start+publish".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "start+publish", step);
 
         // A restart under load: no request from the internet may fail.
         let step = Instant::now();
@@ -1184,10 +1187,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             numbers[1], 0,
             "requests failed across the restart: {said:?}"
         );
-        costs.push((
-            "restart under load".to_owned(),
-            step.elapsed().as_secs_f64(),
-        ));
+        note_cost(&mut costs, "restart under load", step);
 
         // purge removes the router's forward, the box's table and the state.
         let step = Instant::now();
@@ -1201,20 +1201,12 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             !machine.exists("/var/lib/holepunch"),
             "purge left /var/lib/holepunch"
         );
-        costs.push(("purge".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "purge", step);
 
         timed("down", &mut costs, || drop(machine));
     });
     drop(lab);
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "package-in-lab test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("package-in-lab", &costs, started);
 }
 
 /// What the slow API makes every Event and status write wait (a control plane on an SD card
@@ -1235,6 +1227,7 @@ const SLOW_API_RUN_SECS: u64 = 120;
 )]
 fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
     require_root();
+    let started = Instant::now();
     let mut costs = Vec::new();
     let deb = build_package(&mut costs);
     let lab = timed("lab up", &mut costs, || Lab::up(LAB_PREFIX));
@@ -1318,7 +1311,7 @@ fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
             "the API held back Event and status writes: {delayed}"
         );
         assert!(served.is_some(), "the Service is still served");
-        costs.push(("slow API".to_owned(), slow.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "slow API", slow);
 
         // A loop frozen on purpose: systemd's watchdog kills it and the unit restarts it.
         let step = Instant::now();
@@ -1358,13 +1351,9 @@ fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
                 .any(|m| m.contains("freeze point loop-pass reached")),
             "the loop froze on purpose"
         );
-        costs.push(("frozen loop".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "frozen loop", step);
         timed("down", &mut costs, || drop(machine));
     });
     drop(lab);
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!("slow-API box test cost: {}", summary.join(", "));
+    print_costs("slow-API box", &costs, started);
 }
