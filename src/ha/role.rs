@@ -44,6 +44,33 @@ pub enum HaError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// `ha.address` is set and this process may not open a packet socket.
+    #[error(
+        "ha.address is set, so the host that takes the floating address announces it with a \
+         gratuitous ARP on a packet socket, which needs CAP_NET_RAW and AF_PACKET; this process \
+         may not open one. The package's unit grants neither unless you add its drop-in: \
+         `mkdir -p /etc/systemd/system/holepunch.service.d && ln -s \
+         {HA_DROP_IN} /etc/systemd/system/holepunch.service.d/ && systemctl \
+         daemon-reload && systemctl restart holepunch` (README, \"High availability\")"
+    )]
+    NoPacketSocket {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The systemd drop-in the package ships for `[ha]` with a floating address (README,
+/// "Packaging").
+pub const HA_DROP_IN: &str = "/usr/share/holepunch/holepunch-ha.conf";
+
+/// At start: with a floating address, refuses to run unless the gratuitous ARP can be sent
+/// (README, "High availability"), rather than find out at the first takeover.
+pub fn check_announce_allowed(ha: Option<&HaConfig>) -> Result<(), HaError> {
+    if ha.is_some_and(|ha| ha.address.is_some()) {
+        super::address::packet_socket_allowed()
+            .map_err(|source| HaError::NoPacketSocket { source })?;
+    }
+    Ok(())
 }
 
 /// What the loop may do in this pass.
