@@ -139,8 +139,20 @@ impl SystemdBox {
         output(self.script().arg("exec").args(args))
     }
 
+    /// [`SystemdBox::exec`] that must succeed; a failure shows holepunch's last journal lines.
     fn exec_ok(&self, args: &[&str]) -> String {
-        run_ok(self.script().arg("exec").args(args))
+        let out = self.exec(args);
+        if !out.status.success() {
+            let journal = self.exec(&["journalctl", "-u", "holepunch", "-n", "30", "--no-pager"]);
+            panic!(
+                "{args:?} failed in the box ({}):\n{}\n{}\njournal:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&journal.stdout)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn sh(&self, script: &str) -> String {
@@ -199,6 +211,22 @@ impl SystemdBox {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// `systemctl restart holepunch` fails (`why` it must) with a permanent error (exit 1),
+    /// which the unit does not restart every RestartSec= (5 s).
+    fn refuses_to_start(&self, why: &str) {
+        let restarts_before = self.property("NRestarts");
+        let restart = self.exec(&["systemctl", "restart", "holepunch"]);
+        assert!(!restart.status.success(), "started {why}");
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(self.property("ActiveState"), "failed", "{why}");
+        assert_eq!(self.property("ExecMainStatus"), "1", "{why}");
+        assert_eq!(
+            self.property("NRestarts"),
+            restarts_before,
+            "restarted in a loop {why}"
+        );
     }
 
     /// The main process's effective capabilities (CapEff in /proc/PID/status).
@@ -783,21 +811,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         )) && said.contains(&format!("run: chmod go-w {KUBECONFIG}")),
         "{said}"
     );
-    let restarts_before = machine.property("NRestarts");
-    let restart = machine.exec(&["systemctl", "restart", "holepunch"]);
-    assert!(
-        !restart.status.success(),
-        "started with a world-writable kubeconfig"
-    );
-    // A permanent error (exit 1): the unit does not restart it every RestartSec= (5 s).
-    std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(machine.property("ActiveState"), "failed");
-    assert_eq!(machine.property("ExecMainStatus"), "1");
-    assert_eq!(
-        machine.property("NRestarts"),
-        restarts_before,
-        "restarted in a loop"
-    );
+    machine.refuses_to_start("with a world-writable kubeconfig");
     poll("the refusal at start in the journal", || {
         machine
             .messages()
@@ -855,20 +869,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
          printf '\\n[ha]\\naddress = \"192.0.2.250/24\"\\ninterface = \"lo\"\\n' >>/etc/holepunch.toml",
     );
     machine.exec_ok(&["holepunch", "check-config"]);
-    let restarts_before = machine.property("NRestarts");
-    let restart = machine.exec(&["systemctl", "restart", "holepunch"]);
-    assert!(
-        !restart.status.success(),
-        "[ha] started without CAP_NET_RAW"
-    );
-    std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(machine.property("ActiveState"), "failed");
-    assert_eq!(machine.property("ExecMainStatus"), "1");
-    assert_eq!(
-        machine.property("NRestarts"),
-        restarts_before,
-        "restarted in a loop"
-    );
+    machine.refuses_to_start("with [ha] and no CAP_NET_RAW");
     poll("the [ha] refusal in the journal", || {
         machine
             .messages()
