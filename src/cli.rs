@@ -286,6 +286,11 @@ fn run(path: &Path) -> Result<(), Failure> {
                 tracing::error!("{e}");
                 Failure::new(EXIT_CONFIG, e)
             }
+            // [ha] without CAP_NET_RAW: the unit needs the drop-in; a restart cannot fix it.
+            e @ DaemonError::Ha(crate::ha::role::HaError::NoPacketSocket { .. }) => {
+                tracing::error!("{e}");
+                Failure::new(EXIT_CONFIG, e)
+            }
             other => {
                 tracing::error!("{other}");
                 Failure::new(EXIT_OTHER, other)

@@ -1287,7 +1287,7 @@ pub(crate) mod tests {
     }
 
     /// An EndpointSlice of `ns/svc`: endpoints are (node name, conditions.ready).
-    fn slice(ns: &str, svc: &str, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+    pub(crate) fn slice(ns: &str, svc: &str, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
         use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions};
         EndpointSlice {
             metadata: ObjectMeta {

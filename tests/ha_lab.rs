@@ -11,9 +11,6 @@
 //! setns(2): rtnetlink and AF_PACKET sockets belong to the namespace of the thread that opens
 //! them.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -62,10 +59,10 @@ fn ip(host: &str, args: &[&str]) -> String {
     run(&all)
 }
 
-/// The lab's namespaces; removed on drop. Holds the `hpi-` lock (a file lock in
-/// /run/holepunch-lab, as the other labs) so that two runs take turns.
+/// The lab's namespaces; removed on drop. Holds the `hpi-` prefix (the lab's file lock in
+/// /run/holepunch-lab) so that two runs take turns.
 struct Bridge {
-    _lock: File,
+    _held: lab::PrefixHeld,
 }
 
 impl Bridge {
@@ -76,16 +73,9 @@ impl Bridge {
             "0",
             "the HA lab needs root (network namespaces): run it with `sudo make test`"
         );
-        let dir = Path::new("/run/holepunch-lab");
-        std::fs::create_dir_all(dir).expect("create /run/holepunch-lab");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{PREFIX}.lock")))
-            .expect("open the lab lock");
-        lock.lock().expect("take the lab lock");
-        let bridge = Bridge { _lock: lock };
+        let bridge = Bridge {
+            _held: lab::PrefixHeld::take(PREFIX),
+        };
         bridge.down();
         for name in ["br", "a", "b", "c"] {
             run(&["ip", "netns", "add", &ns(name)]);
@@ -128,17 +118,8 @@ impl Drop for Bridge {
 }
 
 /// Runs `f` on a thread inside the namespace of `host`.
-fn in_host<T: Send + 'static>(host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns(host));
-    std::thread::spawn(move || {
-        let netns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns(2) on a valid namespace fd; it moves only this thread.
-        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the namespace thread did not panic")
+fn in_host<T: Send>(host: &str, f: impl FnOnce() -> T + Send) -> T {
+    lab::in_netns(&ns(host), f)
 }
 
 fn floating() -> FloatingAddress {
@@ -304,38 +285,25 @@ mod hosts {
         ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
     }
 
-    fn sh(args: &[&str]) -> String {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// Host B: a namespace of its own with a veth on the router's LAN bridge; removed on drop.
     pub struct HostB;
 
     impl HostB {
         pub fn up(lab: &Lab) -> HostB {
             let _ = Command::new("ip").args(["netns", "del", HOST_B]).output();
-            sh(&["ip", "netns", "add", HOST_B]);
+            super::run(&["ip", "netns", "add", HOST_B]);
             let host = HostB;
             let rtr = lab.ns("rtr");
-            sh(&["ip", "-n", HOST_B, "link", "set", "lo", "up"]);
+            super::run(&["ip", "-n", HOST_B, "link", "set", "lo", "up"]);
             // Both ends inside the lab's namespaces.
-            sh(&[
+            super::run(&[
                 "ip", "-n", &rtr, "link", "add", "rhb", "type", "veth", "peer", "name", "lan0",
                 "netns", HOST_B,
             ]);
-            sh(&[
+            super::run(&[
                 "ip", "-n", &rtr, "link", "set", "rhb", "master", "br0", "up",
             ]);
-            sh(&[
+            super::run(&[
                 "ip",
                 "-n",
                 HOST_B,
@@ -345,8 +313,8 @@ mod hosts {
                 "dev",
                 "lan0",
             ]);
-            sh(&["ip", "-n", HOST_B, "link", "set", "lan0", "up"]);
-            sh(&[
+            super::run(&["ip", "-n", HOST_B, "link", "set", "lan0", "up"]);
+            super::run(&[
                 "ip",
                 "-n",
                 HOST_B,
@@ -390,41 +358,38 @@ mod hosts {
                 live: Arc::new(Mutex::new(Vec::new())),
             };
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let path = format!("/var/run/netns/{ns}");
+            let ns = ns.to_owned();
             let inner = relay.clone();
+            // The relay serves until the test process ends: its thread stays in `ns`.
             std::thread::spawn(move || {
-                let file = std::fs::File::open(&path).expect("open the namespace");
-                // SAFETY: setns(2) on a valid namespace fd; it moves only this thread (and the
-                // threads it spawns).
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                assert_eq!(rc, 0, "setns {path}");
-                let listener = TcpListener::bind(listen).expect("bind the relay");
-                ready_tx.send(()).expect("ready");
-                for incoming in listener.incoming() {
-                    let Ok(client) = incoming else { continue };
-                    if inner.cut.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
-                        continue;
-                    };
-                    let pairs = [(&client, &server), (&server, &client)];
-                    for (from, into) in pairs {
-                        let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone())
+                crate::lab::in_netns(&ns, move || {
+                    let listener = TcpListener::bind(listen).expect("bind the relay");
+                    ready_tx.send(()).expect("ready");
+                    for incoming in listener.incoming() {
+                        let Ok(client) = incoming else { continue };
+                        if inner.cut.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(1))
                         else {
                             continue;
                         };
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut from, &mut into);
-                            let _ = into.shutdown(std::net::Shutdown::Both);
-                        });
+                        let pairs = [(&client, &server), (&server, &client)];
+                        for (from, into) in pairs {
+                            let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone())
+                            else {
+                                continue;
+                            };
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut into);
+                                let _ = into.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                        let mut live = inner.live.lock().expect("live");
+                        live.push(client);
+                        live.push(server);
                     }
-                    let mut live = inner.live.lock().expect("live");
-                    live.push(client);
-                    live.push(server);
-                }
+                })
             });
             ready_rx.recv().expect("relay listening");
             relay
@@ -666,7 +631,7 @@ while True:
             .map(|p| lab.echo_server("node", LB_IP, *p))
             .collect();
         for ns in [lab.ns("lan"), HOST_B.to_owned()] {
-            sh(&[
+            super::run(&[
                 "ip",
                 "netns",
                 "exec",
@@ -697,24 +662,9 @@ while True:
     }
 }
 
-/// Polls `condition` every 50 ms for up to `limit`; panics with `what` and `logs`.
-fn hq_wait(
-    what: &str,
-    limit: Duration,
-    logs: &dyn Fn() -> String,
-    mut condition: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
+/// How often the takeover waits look: they are measurements too (README, "High
+/// availability"), so finer than the usual 100 ms.
+const POLL: Duration = Duration::from_millis(50);
 
 /// Two hosts with `[ha]`, default timings: (a) the active host dies (killed, link down): the
 /// other answers again on the same ports within 15 s and the router holds exactly the
@@ -736,10 +686,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         let a = world.start_a();
         let no_logs = || String::new();
         let a_log = || a.log();
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            a_log,
             "host A active and every Service answering",
             Duration::from_secs(40),
-            &a_log,
             || a.log().contains("this host is active") && prober.all_answer(mono() - 3.0, 3),
         );
         assert!(holds(&lan) && !holds(HOST_B));
@@ -751,9 +702,13 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         );
         let b = world.start_b();
         let b_log = || b.log();
-        hq_wait("host B standby", Duration::from_secs(20), &b_log, || {
-            b.log().contains("holder=Some(\"host-a\")")
-        });
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            b_log,
+            "host B standby",
+            Duration::from_secs(20),
+            || b.log().contains("holder=Some(\"host-a\")"),
+        );
         std::thread::sleep(Duration::from_secs(2));
         assert!(!holds(HOST_B), "a standby holds no address");
         assert!(!b.log().contains("this host is active"));
@@ -762,10 +717,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         let t0 = mono();
         drop(a);
         lab.exec("lan", &["ip", "link", "set", "lan0", "down"]);
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            b_log,
             "host B takes over after the kill",
             Duration::from_secs(40),
-            &b_log,
             || prober.all_answer(t0, 3) && prober.outage(t0).1 > 0,
         );
         let (outage, failed) = prober.outage(t0);
@@ -779,10 +735,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
             "not before the Lease could expire: {outage:.2} s"
         );
         assert!(holds(HOST_B));
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            no_logs,
             "the router holds exactly the wanted mappings",
             Duration::from_secs(10),
-            &no_logs,
             || router_forwards(lab) == PORTS.len(),
         );
         std::thread::sleep(Duration::from_secs(1));
@@ -802,10 +759,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         // (b) A returns: its daemon first removes the address it kept, then the link is up.
         let a = world.start_a();
         let a_log = || a.log();
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            a_log,
             "host A removes its stale address",
             Duration::from_secs(10),
-            &a_log,
             || a.log().contains("removed the floating address left"),
         );
         assert!(!holds(&lan));
@@ -815,10 +773,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
             &["ip", "route", "replace", "default", "via", "192.168.77.1"],
         );
         let t1 = mono();
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            a_log,
             "host A standby behind host B",
             Duration::from_secs(30),
-            &a_log,
             || a.log().contains("holder=Some(\"host-b\")"),
         );
         std::thread::sleep(Duration::from_secs(5));
@@ -843,19 +802,25 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         let sampler = AddressSampler::start(lan.clone());
         let t2 = mono();
         world.relay_b.cut();
-        let b_stopped = hq_wait(
+        let b_stopped = daemon_lab::wait_until_logged_every(
+            POLL,
+            b_log,
             "host B drops the address",
             Duration::from_secs(20),
-            &b_log,
             || !holds(HOST_B),
         );
-        let a_acts = hq_wait("host A takes over", Duration::from_secs(30), &a_log, || {
-            holds(&lan)
-        });
-        hq_wait(
+        let a_acts = daemon_lab::wait_until_logged_every(
+            POLL,
+            a_log,
+            "host A takes over",
+            Duration::from_secs(30),
+            || holds(&lan),
+        );
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            a_log,
             "every Service answers through A",
             Duration::from_secs(20),
-            &a_log,
             || prober.all_answer(t2, 3) && prober.outage(t2).1 > 0,
         );
         let (outage, failed) = prober.outage(t2);
@@ -878,10 +843,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         world.relay_b.heal();
         std::thread::sleep(Duration::from_secs(3));
         assert!(holds(&lan) && !holds(HOST_B), "healed B stays standby");
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            no_logs,
             "the router holds exactly the wanted mappings",
             Duration::from_secs(10),
-            &no_logs,
             || router_forwards(lab) == PORTS.len(),
         );
 
@@ -889,10 +855,11 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         let t3 = mono();
         let log = a.stop();
         assert!(log.contains("released the Lease"), "{log}");
-        hq_wait(
+        daemon_lab::wait_until_logged_every(
+            POLL,
+            b_log,
             "host B takes over after the stop",
             Duration::from_secs(20),
-            &b_log,
             || prober.all_answer(t3, 3),
         );
         std::thread::sleep(Duration::from_millis(1500));

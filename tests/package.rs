@@ -32,11 +32,13 @@ const POLL_INTERVAL_MS: u64 = 200;
 /// Where prerm keeps the binary and config for a later purge (debian/prerm).
 const STASH: &str = "/var/lib/holepunch/purge";
 /// The most `systemd-analyze security` may score the unit (README "Packaging").
-const MAX_EXPOSURE: f64 = 1.8;
+const MAX_EXPOSURE: f64 = 1.5;
+/// The same with the [ha] drop-in (CAP_NET_RAW and AF_PACKET for the gratuitous ARP).
+const MAX_HA_EXPOSURE: f64 = 1.8;
+/// Where the package ships the [ha] drop-in (README, "High availability").
+const HA_DROP_IN: &str = "/usr/share/holepunch/holepunch-ha.conf";
 /// CAP_NET_ADMIN's bit in /proc/PID/status's capability masks.
 const CAP_NET_ADMIN_BIT: u64 = 1 << 12;
-/// CAP_NET_RAW's bit (the [ha] gratuitous ARP needs it).
-const CAP_NET_RAW_BIT: u64 = 1 << 13;
 /// The user the unit runs as (debian/holepunch.sysusers).
 const SERVICE_USER: &str = "holepunch";
 /// Where the unit takes the kubeconfig from (LoadCredential=holepunch:/etc/holepunch).
@@ -137,8 +139,20 @@ impl SystemdBox {
         output(self.script().arg("exec").args(args))
     }
 
+    /// [`SystemdBox::exec`] that must succeed; a failure shows holepunch's last journal lines.
     fn exec_ok(&self, args: &[&str]) -> String {
-        run_ok(self.script().arg("exec").args(args))
+        let out = self.exec(args);
+        if !out.status.success() {
+            let journal = self.exec(&["journalctl", "-u", "holepunch", "-n", "30", "--no-pager"]);
+            panic!(
+                "{args:?} failed in the box ({}):\n{}\n{}\njournal:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&journal.stdout)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn sh(&self, script: &str) -> String {
@@ -199,6 +213,22 @@ impl SystemdBox {
             .join(" ")
     }
 
+    /// `systemctl restart holepunch` fails (`why` it must) with a permanent error (exit 1),
+    /// which the unit does not restart every RestartSec= (5 s).
+    fn refuses_to_start(&self, why: &str) {
+        let restarts_before = self.property("NRestarts");
+        let restart = self.exec(&["systemctl", "restart", "holepunch"]);
+        assert!(!restart.status.success(), "started {why}");
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(self.property("ActiveState"), "failed", "{why}");
+        assert_eq!(self.property("ExecMainStatus"), "1", "{why}");
+        assert_eq!(
+            self.property("NRestarts"),
+            restarts_before,
+            "restarted in a loop {why}"
+        );
+    }
+
     /// The main process's effective capabilities (CapEff in /proc/PID/status).
     fn main_capabilities(&self) -> u64 {
         let pid = self.property("MainPID");
@@ -247,8 +277,27 @@ fn exposure_of(report: &str) -> f64 {
 fn timed<T>(what: &str, costs: &mut Vec<(String, f64)>, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let value = step();
-    costs.push((what.to_owned(), start.elapsed().as_secs_f64()));
+    note_cost(costs, what, start);
     value
+}
+
+/// Notes what the step `what`, begun at `since`, cost.
+fn note_cost(costs: &mut Vec<(String, f64)>, what: &str, since: Instant) {
+    costs.push((what.to_owned(), since.elapsed().as_secs_f64()));
+}
+
+/// Prints what each step of the box test `test` cost, and the whole since `started`
+/// (README, "Packaging").
+fn print_costs(test: &str, costs: &[(String, f64)], started: Instant) {
+    let summary: Vec<String> = costs
+        .iter()
+        .map(|(what, secs)| format!("{what} {secs:.1}s"))
+        .collect();
+    println!(
+        "{test} test cost: {}, total {:.1}s",
+        summary.join(", "),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The package, built once per test process: two `build-deb` runs in one tree at the same
@@ -329,6 +378,7 @@ fn check_package_contents(deb: &Path) {
         "./usr/share/doc/holepunch/examples/holepunch-alerts.yml",
         "./usr/share/holepunch/rbac.yaml",
         "./usr/share/holepunch/kubeconfig.md",
+        "./usr/share/holepunch/holepunch-ha.conf",
         "./usr/share/doc/holepunch/copyright",
         "./usr/share/doc/holepunch/changelog.gz",
     ] {
@@ -398,7 +448,7 @@ fn check_package_contents(deb: &Path) {
 }
 
 #[test]
-fn unit_is_unprivileged_and_hardened_to_an_exposure_of_at_most_1_8() {
+fn unit_is_unprivileged_and_hardened_to_an_exposure_of_at_most_1_5() {
     let unit = repo().join("systemd/holepunch.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     for line in [
@@ -417,11 +467,11 @@ fn unit_is_unprivileged_and_hardened_to_an_exposure_of_at_most_1_8() {
         "LimitCORE=0",
         "MemoryMax=256M",
         "TasksMax=64",
-        // CAP_NET_RAW: the [ha] gratuitous ARP (README, "High availability").
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
-        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        // CAP_NET_RAW and AF_PACKET only with the [ha] drop-in (README, "High availability").
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "AmbientCapabilities=CAP_NET_ADMIN",
         "ProtectSystem=strict",
-        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_PACKET",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         "SystemCallFilter=@system-service",
     ] {
         assert!(text.lines().any(|l| l == line), "the unit lacks {line}");
@@ -463,6 +513,65 @@ fn unit_is_unprivileged_and_hardened_to_an_exposure_of_at_most_1_8() {
             .arg(&root_unit),
     );
     assert!(exposure_of(&root_report) > MAX_EXPOSURE, "{root_report}");
+}
+
+/// The [ha] drop-in adds CAP_NET_RAW and AF_PACKET to the unit, no more, and says how to
+/// install it; with it the unit scores at most 1.8 (README, "Packaging").
+#[test]
+fn ha_drop_in_adds_only_the_packet_socket_and_scores_at_most_1_8() {
+    let drop_in = std::fs::read_to_string(repo().join("systemd/holepunch-ha.conf")).unwrap();
+    let settings: Vec<&str> = drop_in
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            "[Service]",
+            "CapabilityBoundingSet=CAP_NET_RAW",
+            "AmbientCapabilities=CAP_NET_RAW",
+            "RestrictAddressFamilies=AF_PACKET",
+        ]
+    );
+    assert!(
+        drop_in.contains(&format!(
+            "ln -s {HA_DROP_IN} /etc/systemd/system/holepunch.service.d/"
+        )),
+        "{drop_in}"
+    );
+    let rules = std::fs::read_to_string(repo().join("debian/rules")).unwrap();
+    assert!(rules.contains("systemd/holepunch-ha.conf"), "not packaged");
+
+    // The unit as systemd reads it on an HA host: the shipped unit and the drop-in beside it.
+    let root = tempfile::tempdir().unwrap();
+    let units = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(units.join("holepunch.service.d")).unwrap();
+    std::fs::copy(
+        repo().join("systemd/holepunch.service"),
+        units.join("holepunch.service"),
+    )
+    .unwrap();
+    let score = |root: &Path| {
+        exposure_of(&run_ok(
+            Command::new("systemd-analyze")
+                .args(["security", "--offline=true", "--no-pager"])
+                .arg(format!("--root={}", root.display()))
+                .arg("holepunch.service"),
+        ))
+    };
+    let plain = score(root.path());
+    std::fs::write(
+        units.join("holepunch.service.d/holepunch-ha.conf"),
+        &drop_in,
+    )
+    .unwrap();
+    let ha = score(root.path());
+    println!(
+        "systemd-analyze security --offline=true: exposure {plain}, with the [ha] drop-in {ha}"
+    );
+    assert!(plain <= MAX_EXPOSURE, "{plain}");
+    assert!(ha > plain, "the drop-in is read: {ha}");
+    assert!(ha <= MAX_HA_EXPOSURE, "{ha}");
 }
 
 /// debian/copyright is what packaging/copyright generates from `cargo metadata` (every crate
@@ -581,13 +690,13 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         "/usr/lib/systemd/system/holepunch.service",
     ]);
 
-    // Unprivileged: its own system user, no capability beyond CAP_NET_ADMIN and CAP_NET_RAW
-    // (this box's bounding set lacks even those; the lab test sees them granted), the state
-    // directory its own.
+    // Unprivileged: its own system user, no capability beyond CAP_NET_ADMIN (this box's
+    // bounding set lacks even that; the lab test sees it granted), the state directory its
+    // own.
     assert_eq!(machine.main_process(), format!("{SERVICE_USER} holepunch"));
     let capabilities = machine.main_capabilities();
     assert_eq!(
-        capabilities & !(CAP_NET_ADMIN_BIT | CAP_NET_RAW_BIT),
+        capabilities & !CAP_NET_ADMIN_BIT,
         0,
         "CapEff {capabilities:#x}"
     );
@@ -634,7 +743,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     let messages: Vec<&str> = journal.iter().map(|e| field(e, "MESSAGE")).collect();
     assert!(!messages.contains(&"[kubernetes]"), "{messages:?}");
 
-    costs.push(("start+journal".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "start+journal", step);
     step = Instant::now();
 
     // A broken config fails `systemctl reload` (check-config runs first, as ExecReload), with
@@ -685,7 +794,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
             .then_some(())
     });
 
-    costs.push(("reloads".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "reloads", step);
     step = Instant::now();
 
     // A kubeconfig others can write is refused, by check-config and so at start, with the
@@ -702,21 +811,7 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
         )) && said.contains(&format!("run: chmod go-w {KUBECONFIG}")),
         "{said}"
     );
-    let restarts_before = machine.property("NRestarts");
-    let restart = machine.exec(&["systemctl", "restart", "holepunch"]);
-    assert!(
-        !restart.status.success(),
-        "started with a world-writable kubeconfig"
-    );
-    // A permanent error (exit 1): the unit does not restart it every RestartSec= (5 s).
-    std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(machine.property("ActiveState"), "failed");
-    assert_eq!(machine.property("ExecMainStatus"), "1");
-    assert_eq!(
-        machine.property("NRestarts"),
-        restarts_before,
-        "restarted in a loop"
-    );
+    machine.refuses_to_start("with a world-writable kubeconfig");
     poll("the refusal at start in the journal", || {
         machine
             .messages()
@@ -762,7 +857,63 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     machine.exec_ok(&["rm", KUBECONFIG]);
     machine.exec_ok(&["systemctl", "restart", "holepunch"]);
 
-    costs.push(("kubeconfig".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "kubeconfig", step);
+    step = Instant::now();
+
+    // [ha] with a floating address needs CAP_NET_RAW, which the default unit does not grant:
+    // `run` refuses at start, naming the drop-in (exit 1: no restart loop). With the drop-in
+    // linked as README says, systemd grants CAP_NET_RAW and AF_PACKET. (Not started with it:
+    // this box shares the host's network namespace, where no floating address may go.)
+    machine.sh(
+        "cp /etc/holepunch.toml /root/holepunch.toml && \
+         printf '\\n[ha]\\naddress = \"192.0.2.250/24\"\\ninterface = \"lo\"\\n' >>/etc/holepunch.toml",
+    );
+    machine.exec_ok(&["holepunch", "check-config"]);
+    machine.refuses_to_start("with [ha] and no CAP_NET_RAW");
+    poll("the [ha] refusal in the journal", || {
+        machine
+            .messages()
+            .iter()
+            .any(|m| m.contains("CAP_NET_RAW") && m.contains(HA_DROP_IN))
+            .then_some(())
+    });
+    machine.sh(&format!(
+        "mkdir -p /etc/systemd/system/holepunch.service.d && \
+         ln -s {HA_DROP_IN} /etc/systemd/system/holepunch.service.d/ && systemctl daemon-reload"
+    ));
+    let granted = machine.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "CapabilityBoundingSet",
+        "-p",
+        "AmbientCapabilities",
+        "-p",
+        "RestrictAddressFamilies",
+        "holepunch",
+    ]);
+    for line in granted.lines() {
+        assert!(
+            line.contains("cap_net_admin") && line.contains("cap_net_raw")
+                || line.contains("AF_NETLINK") && line.contains("AF_PACKET"),
+            "{granted}"
+        );
+    }
+    let report = machine.exec_ok(&["systemd-analyze", "security", "--no-pager", "holepunch"]);
+    let exposure = exposure_of(&report);
+    println!("systemd-analyze security in the box with the [ha] drop-in: exposure {exposure}");
+    assert!(exposure <= MAX_HA_EXPOSURE, "{report}");
+    // Back to a host without [ha] for the rest.
+    machine.sh(
+        "rm -r /etc/systemd/system/holepunch.service.d && mv /root/holepunch.toml /etc/holepunch.toml && \
+         systemctl daemon-reload && systemctl reset-failed holepunch",
+    );
+    machine.exec_ok(&["systemctl", "restart", "holepunch"]);
+    poll("holepunch.service active again without [ha]", || {
+        (machine.property("ActiveState") == "active").then_some(())
+    });
+
+    note_cost(&mut costs, "ha refusal+drop-in", step);
     step = Instant::now();
 
     // remove keeps the state directory, the config and a copy for purge; reinstalling drops
@@ -812,17 +963,9 @@ fn package_installs_runs_reloads_and_purges_in_a_booted_debian() {
     }
     assert_eq!(machine.property("LoadState"), "not-found");
 
-    costs.push(("remove+purge".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "remove+purge", step);
     timed("down", &mut costs, || drop(machine));
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "package test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("package", &costs, started);
 }
 
 /// A mapping the root-run 0.1.0 recorded (the state file's documented hand-written format).
@@ -983,18 +1126,10 @@ fn upgrade_from_the_root_run_0_1_0_keeps_state_and_mappings() {
         (machine.property("ActiveState") == "active").then_some(())
     });
     assert_eq!(machine.property("NRestarts"), "0");
-    costs.push(("0.1.0 and upgrade".to_owned(), step.elapsed().as_secs_f64()));
+    note_cost(&mut costs, "0.1.0 and upgrade", step);
 
     timed("down", &mut costs, || drop(machine));
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "upgrade test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("upgrade", &costs, started);
 }
 
 /// The router lab's prefix for the package test; its box is `hpk<pid>lab`.
@@ -1105,14 +1240,12 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         poll("holepunch.service to become active", || {
             (machine.property("ActiveState") == "active").then_some(())
         });
-        // Its own user, with CAP_NET_ADMIN (this box's bounding set has it) and at most
-        // CAP_NET_RAW besides.
+        // Its own user, with CAP_NET_ADMIN (this box's bounding set has it) and nothing else.
         assert_eq!(machine.main_process(), format!("{SERVICE_USER} holepunch"));
         let capabilities = machine.main_capabilities();
-        assert!(
-            capabilities & CAP_NET_ADMIN_BIT != 0
-                && capabilities & !(CAP_NET_ADMIN_BIT | CAP_NET_RAW_BIT) == 0,
-            "CapEff {capabilities:#x} is not CAP_NET_ADMIN (and CAP_NET_RAW) alone"
+        assert_eq!(
+            capabilities, CAP_NET_ADMIN_BIT,
+            "CapEff {capabilities:#x} is not CAP_NET_ADMIN alone"
         );
         kubectl(
             kubeconfig,
@@ -1126,7 +1259,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
         assert!(!forwards_of(&lab, LB_PORT).is_empty());
         let tables = machine.exec_ok(&["nft", "list", "tables"]);
         assert!(tables.contains("table inet holepunch"), "{tables}");
-        costs.push(("start+publish".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "start+publish", step);
 
         // A restart under load: no request from the internet may fail.
         let step = Instant::now();
@@ -1184,10 +1317,7 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             numbers[1], 0,
             "requests failed across the restart: {said:?}"
         );
-        costs.push((
-            "restart under load".to_owned(),
-            step.elapsed().as_secs_f64(),
-        ));
+        note_cost(&mut costs, "restart under load", step);
 
         // purge removes the router's forward, the box's table and the state.
         let step = Instant::now();
@@ -1201,20 +1331,12 @@ fn package_in_the_lab_keeps_traffic_flowing_across_a_restart_and_purge_removes_e
             !machine.exists("/var/lib/holepunch"),
             "purge left /var/lib/holepunch"
         );
-        costs.push(("purge".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "purge", step);
 
         timed("down", &mut costs, || drop(machine));
     });
     drop(lab);
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!(
-        "package-in-lab test cost: {}, total {:.1}s",
-        summary.join(", "),
-        started.elapsed().as_secs_f64()
-    );
+    print_costs("package-in-lab", &costs, started);
 }
 
 /// What the slow API makes every Event and status write wait (a control plane on an SD card
@@ -1235,6 +1357,7 @@ const SLOW_API_RUN_SECS: u64 = 120;
 )]
 fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
     require_root();
+    let started = Instant::now();
     let mut costs = Vec::new();
     let deb = build_package(&mut costs);
     let lab = timed("lab up", &mut costs, || Lab::up(LAB_PREFIX));
@@ -1318,7 +1441,7 @@ fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
             "the API held back Event and status writes: {delayed}"
         );
         assert!(served.is_some(), "the Service is still served");
-        costs.push(("slow API".to_owned(), slow.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "slow API", slow);
 
         // A loop frozen on purpose: systemd's watchdog kills it and the unit restarts it.
         let step = Instant::now();
@@ -1358,13 +1481,9 @@ fn shipped_unit_outlives_a_slow_api_and_its_watchdog_kills_a_frozen_loop() {
                 .any(|m| m.contains("freeze point loop-pass reached")),
             "the loop froze on purpose"
         );
-        costs.push(("frozen loop".to_owned(), step.elapsed().as_secs_f64()));
+        note_cost(&mut costs, "frozen loop", step);
         timed("down", &mut costs, || drop(machine));
     });
     drop(lab);
-    let summary: Vec<String> = costs
-        .iter()
-        .map(|(what, secs)| format!("{what} {secs:.1}s"))
-        .collect();
-    println!("slow-API box test cost: {}", summary.join(", "));
+    print_costs("slow-API box", &costs, started);
 }

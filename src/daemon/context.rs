@@ -11,7 +11,7 @@ use jiff::Timestamp;
 
 use crate::config::Config;
 use crate::desired::desired;
-use crate::ha::role::{Fence, Fenced, Gate, Leadership, MirrorFirst};
+use crate::ha::role::{Gate, Leadership, MirrorFirst};
 use crate::kube::report::ClusterReport;
 use crate::kube::watch::ClusterSource;
 use crate::metrics::Metrics;
@@ -272,17 +272,15 @@ where
         let Some(router) = self.router.mapper.as_mut() else {
             return self.unchanged();
         };
-        let fence = self
-            .ha
-            .as_deref()
-            .map_or_else(Fence::default, Leadership::fence);
         self.interrupts.begin(now, plan.next_due);
         // With `[ha]`, new mappings are mirrored before they are sent, as they are saved
         // (README.md, "High availability"); the results are mirrored below.
         let outcome = reconcile::execute_until(
             &plan,
             self.state,
-            &mut Fenced::new(Instrumented::new(&mut *router, self.metrics), fence.clone()),
+            // The session's mapper is fenced (`ha::role::FencedConnect`): each request is
+            // checked against the renew deadline (ARCHITECTURE.md, "The loop").
+            &mut Instrumented::new(&mut *router, self.metrics),
             &mut MirrorFirst::new(&mut *self.store, self.ha.as_deref_mut()),
             self.config.router.lease_secs,
             now,
@@ -293,7 +291,7 @@ where
         if let Some(ha) = self.ha.as_deref_mut() {
             ha.mirror(self.state);
         }
-        if !fence.may_act() {
+        if !self.ha.as_deref().is_none_or(Leadership::may_act) {
             return self.unchanged();
         }
         let pinholes = self

@@ -78,6 +78,7 @@ pub async fn run(config_path: PathBuf, mut config: Config) -> Result<(), DaemonE
     metrics.observe_state(&state, &[], None);
     let mut observed = Observations::default();
     // [ha] (README, "High availability"): started once, kept across reloads.
+    crate::ha::role::check_announce_allowed(config.ha.as_ref())?;
     crate::ha::role::remove_stale_address(config.ha.as_ref());
     let mut leadership: Option<Leadership> = None;
 

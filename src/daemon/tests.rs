@@ -80,6 +80,18 @@ struct Routers {
     external: Option<Ipv4Addr>,
     /// Announcement checks it answered.
     confirms: usize,
+    /// The router session's other requests: "probe", "reach pcp", "purge 8090 pcp".
+    asked: Vec<String>,
+    /// Mappings left on the router that a purge deletes, one request each.
+    leftovers: Vec<u16>,
+    /// How long each purge request takes (real time).
+    purge_latency: Duration,
+    /// `[ha]`: after this many map requests, this host's renew deadline passes (the standing
+    /// is sent with its deadline now).
+    fence_after_maps: Option<(
+        usize,
+        tokio::sync::watch::Sender<crate::ha::runner::Standing>,
+    )>,
     /// `[ha]`: the mirror each map request is checked against as it arrives.
     mirror: Option<crate::ha::role::MemoryMirror>,
     /// Per map request: its port, its nonce, and the mirror's record of that port then
@@ -131,6 +143,10 @@ impl Lab {
         lock(&self.0).calls[from..].to_vec()
     }
 
+    fn asked(&self) -> Vec<String> {
+        lock(&self.0).asked.clone()
+    }
+
     /// The router restarts: it forgets every mapping, and its next answer says so.
     fn restart(&self) {
         self.reboot();
@@ -155,6 +171,20 @@ impl PortMapper for Scripted {
         let mut routers = lock(&self.lab.0);
         let port = request.external_port;
         routers.calls.push(format!("map {port} {}", self.backend));
+        let maps = routers
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("map "))
+            .count();
+        if let Some((after, standing)) = &routers.fence_after_maps
+            && maps == *after
+        {
+            standing.send_modify(|s| {
+                s.role = crate::ha::election::Role::Leader {
+                    until: std::time::Instant::now(),
+                }
+            });
+        }
         if let Some(mirror) = routers.mirror.clone() {
             let key = MappingKey {
                 protocol: request.protocol,
@@ -261,7 +291,11 @@ impl Connect for ScriptedConnect {
             order.retain(|b| *b != first);
             order.insert(0, first);
         }
-        let answering = lock(&self.lab.0).answering.clone();
+        let answering = {
+            let mut routers = lock(&self.lab.0);
+            routers.asked.push("probe".into());
+            routers.answering.clone()
+        };
         match order.into_iter().find(|b| answering.contains(b)) {
             Some(backend) => Ok(self.mapper(backend)),
             None => Err(NoRouterFound {
@@ -272,15 +306,31 @@ impl Connect for ScriptedConnect {
     }
 
     async fn reach(&mut self, backend: Backend) -> Option<Scripted> {
+        lock(&self.lab.0).asked.push(format!("reach {backend}"));
         Some(self.mapper(backend))
     }
 
+    /// Deletes the lab's leftovers one request at a time, each taking `purge_latency`.
     async fn purge_leftovers(
         &mut self,
-        _mapper: &mut Scripted,
+        mapper: &mut Scripted,
         _keep: &BTreeSet<MappingKey>,
     ) -> Result<usize, RouterError> {
-        Ok(0)
+        let mut purged = 0;
+        loop {
+            let latency = {
+                let mut routers = lock(&self.lab.0);
+                let Some(port) = routers.leftovers.pop() else {
+                    return Ok(purged);
+                };
+                routers
+                    .asked
+                    .push(format!("purge {port} {}", mapper.backend));
+                routers.purge_latency
+            };
+            tokio::time::sleep(latency).await;
+            purged += 1;
+        }
     }
 
     async fn confirm(&mut self, check: Check) -> Result<RouterAnswer, RouterError> {
@@ -379,7 +429,16 @@ struct World {
     holes: ipv6::Holes,
 }
 
-type TestContext<'a> = Context<'a, ScriptedConnect, MemoryFirewall, Cluster, Reports, Saved>;
+/// As the daemon builds it: the router session reaches the router through the HA fence
+/// (always open without `[ha]`).
+type TestContext<'a> = Context<
+    'a,
+    crate::ha::role::FencedConnect<ScriptedConnect>,
+    MemoryFirewall,
+    Cluster,
+    Reports,
+    Saved,
+>;
 
 fn config(backend: BackendChoice) -> Config {
     let mut config = Config::default();
@@ -392,10 +451,33 @@ fn config(backend: BackendChoice) -> Config {
 }
 
 fn context<'a>(world: &World, books: &'a mut Books, config: Config) -> TestContext<'a> {
-    let router = ScriptedConnect {
-        lab: world.lab.clone(),
-        choice: config.router.backend,
-    };
+    fenced_context(world, books, config, crate::ha::role::Fence::default())
+}
+
+/// With `[ha]`: the session fenced by `leadership`, which every pass consults.
+fn context_ha<'a>(
+    world: &World,
+    books: &'a mut Books,
+    config: Config,
+    leadership: &'a mut crate::ha::role::Leadership,
+) -> TestContext<'a> {
+    let fence = leadership.fence();
+    fenced_context(world, books, config, fence).with_ha(Some(leadership))
+}
+
+fn fenced_context<'a>(
+    world: &World,
+    books: &'a mut Books,
+    config: Config,
+    fence: crate::ha::role::Fence,
+) -> TestContext<'a> {
+    let router = crate::ha::role::FencedConnect::new(
+        ScriptedConnect {
+            lab: world.lab.clone(),
+            choice: config.router.backend,
+        },
+        fence,
+    );
     let mut ctx = Context::new(
         config,
         Forwarding::Relay { lan_address: LAN },
@@ -907,8 +989,12 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
     books.state = State::default();
     let reports_before = lock(&world.reports.0).len();
 
-    let mut ctx =
-        context(&world, &mut books, config(BackendChoice::Pcp)).with_ha(Some(&mut leadership));
+    let mut ctx = context_ha(
+        &world,
+        &mut books,
+        config(BackendChoice::Pcp),
+        &mut leadership,
+    );
     let next = ctx.pass(Trigger::Cluster).await;
     assert_eq!(next.served, Some(0));
     assert!(
@@ -1085,8 +1171,12 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
     );
     let mut books = Books::new();
     world.cluster.set(vec![web("web", 8080)]);
-    let mut ctx =
-        context(&world, &mut books, config(BackendChoice::Pcp)).with_ha(Some(&mut leadership));
+    let mut ctx = context_ha(
+        &world,
+        &mut books,
+        config(BackendChoice::Pcp),
+        &mut leadership,
+    );
     let at_map = |lab: &Lab| std::mem::take(&mut lock(&lab.0).mirrored_at_map);
 
     // The normal case: pending and mirrored with its nonce when the router is asked.
@@ -1172,27 +1262,42 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
     assert_eq!(record(ctx.state, 8082).failure, Some(Failure::HeldBack));
 }
 
-/// The fence sits on the plan's path to the router: a request after the renew deadline is
-/// refused before it reaches the router; one before it goes through.
-#[tokio::test(start_paused = true)]
-async fn fenced_requests_never_reach_the_router() {
-    use crate::ha::election::Role;
-    use crate::ha::role::{FENCED_REASON, Fenced, Leadership, MemoryMirror};
-    use crate::ha::runner::Standing;
-
-    let lab = Lab::answering(&[Backend::Pcp]);
-    let (standing, receiver) = tokio::sync::watch::channel(Standing {
+/// A leader until `until`, as the election publishes it.
+fn leading_until(
+    until: std::time::Instant,
+) -> (
+    tokio::sync::watch::Sender<crate::ha::runner::Standing>,
+    crate::ha::role::Leadership,
+) {
+    let (standing, receiver) = tokio::sync::watch::channel(crate::ha::runner::Standing {
         identity: "node-a".into(),
-        role: Role::Leader {
-            until: std::time::Instant::now() + Duration::from_secs(3600),
-        },
+        role: crate::ha::election::Role::Leader { until },
         transitions: 1,
     });
-    let leadership = Leadership::new(receiver, None, Box::new(MemoryMirror::default()));
-    let mut router = Fenced::new(
-        Scripted {
-            backend: Backend::Pcp,
+    let leadership = crate::ha::role::Leadership::new(
+        receiver,
+        None,
+        Box::new(crate::ha::role::MemoryMirror::default()),
+    );
+    (standing, leadership)
+}
+
+/// The one fence (`FencedConnect`) covers every request the router session makes, the plan's
+/// through its mapper and the session's own: after the renew deadline none of them reaches
+/// the router, and none is counted as a router request; before it, each goes through.
+#[tokio::test(start_paused = true)]
+async fn fenced_requests_never_reach_the_router() {
+    use crate::ha::role::FencedConnect;
+    use crate::router::instrument::Instrumented;
+
+    let lab = Lab::answering(&[Backend::Pcp]);
+    let (standing, leadership) =
+        leading_until(std::time::Instant::now() + Duration::from_secs(3600));
+    let metrics = Metrics::new(LEASE_SECS, Duration::from_secs(60));
+    let mut connect = FencedConnect::new(
+        ScriptedConnect {
             lab: lab.clone(),
+            choice: BackendChoice::Auto,
         },
         leadership.fence(),
     );
@@ -1204,36 +1309,168 @@ async fn fenced_requests_never_reach_the_router() {
         lifetime_secs: LEASE_SECS,
         nonce: None,
     };
-    assert!(router.map(&request).await.is_ok());
-    let mut connect = crate::ha::role::FencedConnect::new(
-        ScriptedConnect {
-            lab: lab.clone(),
-            choice: BackendChoice::Auto,
-        },
-        leadership.fence(),
+    let lease = Lease {
+        owner: request.owner.clone(),
+        protocol: request.protocol,
+        external_port: request.external_port,
+        internal: request.internal,
+        nonce: None,
+    };
+    // While this host may act, every kind of request goes through.
+    let mut mapper = connect.probe(None).await.expect("found");
+    {
+        let mut router = Instrumented::new(&mut mapper, &*metrics);
+        router.map(&request).await.expect("mapped");
+        router
+            .lost(std::slice::from_ref(&lease))
+            .await
+            .expect("checked");
+        router.unmap(&lease).await.expect("unmapped");
+    }
+    connect.confirm(Check::Pcp).await.expect("confirmed");
+    assert!(connect.reach(Backend::Natpmp).await.is_some());
+    lock(&lab.0).leftovers = vec![9000];
+    assert_eq!(
+        connect
+            .purge_leftovers(&mut mapper, &BTreeSet::new())
+            .await
+            .ok(),
+        Some(1)
     );
-    assert!(connect.confirm(Check::Pcp).await.is_ok());
-    assert!(connect.probe(None).await.is_ok());
+    let calls = lab.calls();
+    let asked = lab.asked();
+    assert_eq!(calls, ["map 8080 pcp", "lost 1 pcp", "unmap 8080 pcp"]);
+    assert_eq!(asked, ["probe", "reach natpmp", "purge 9000 pcp"]);
+    assert_eq!(lab.confirms(), 1);
+    let counted = |metrics: &Metrics| {
+        let text = metrics.encode(Timestamp::now()).expect("encode");
+        text.lines()
+            .filter(|l| l.starts_with("holepunch_router_requests_total{"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let counted_before = counted(&metrics);
+    assert_eq!(counted_before.len(), 3, "{counted_before:?}");
+
+    // The renew deadline passes: every request is refused before it is sent.
     standing.send_modify(|s| {
-        s.role = Role::Leader {
+        s.role = crate::ha::election::Role::Leader {
             until: std::time::Instant::now(),
         }
     });
-    match router.map(&request).await {
-        Err(RouterError::Refused { reason, .. }) => assert_eq!(reason, FENCED_REASON),
-        other => panic!("expected a refusal, got {other:?}"),
+    lock(&lab.0).leftovers = vec![9001];
+    {
+        let mut router = Instrumented::new(&mut mapper, &*metrics);
+        assert!(matches!(
+            router.map(&request).await,
+            Err(RouterError::Fenced)
+        ));
+        assert!(matches!(
+            router.lost(std::slice::from_ref(&lease)).await,
+            Err(RouterError::Fenced)
+        ));
+        assert!(matches!(
+            router.unmap(&lease).await,
+            Err(RouterError::Fenced)
+        ));
     }
-    assert_eq!(
-        lab.calls(),
-        ["map 8080 pcp"],
-        "the refused one never reached the router"
-    );
-    // The router session's own requests are fenced too: the check of an announcement, the
-    // probe, and whatever a mapper it made before asks (verify, purge, retire).
-    assert!(connect.confirm(Check::Pcp).await.is_err());
-    assert_eq!(lab.confirms(), 1, "only the one before the deadline");
+    assert!(matches!(
+        connect.confirm(Check::Pcp).await,
+        Err(RouterError::Fenced)
+    ));
     assert!(connect.probe(None).await.is_err());
-    assert!(connect.reach(Backend::Pcp).await.is_none());
+    assert!(connect.reach(Backend::Natpmp).await.is_none());
+    assert!(matches!(
+        connect.purge_leftovers(&mut mapper, &BTreeSet::new()).await,
+        Err(RouterError::Fenced)
+    ));
+    assert_eq!(lab.calls(), calls, "no request reached the router");
+    assert_eq!(lab.asked(), asked, "no probe, reach or purge reached it");
+    assert_eq!(lab.confirms(), 1, "no announcement check reached it");
+    assert_eq!(
+        counted(&metrics),
+        counted_before,
+        "nothing sent, nothing counted"
+    );
+}
+
+/// A pass in which the renew deadline passes stops sending there: the requests before it
+/// went, none after it reached the router, and what was not sent waits as a refusal.
+#[tokio::test(start_paused = true)]
+async fn a_pass_stops_sending_at_the_fence_deadline() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    world.cluster.set(vec![
+        web("a", 8080),
+        web("b", 8081),
+        web("c", 8082),
+        web("d", 8083),
+    ]);
+    let (standing, mut leadership) =
+        leading_until(std::time::Instant::now() + Duration::from_secs(3600));
+    lock(&world.lab.0).fence_after_maps = Some((2, standing));
+    let mut books = Books::new();
+    let mut ctx = context_ha(
+        &world,
+        &mut books,
+        config(BackendChoice::Pcp),
+        &mut leadership,
+    );
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(
+        world.lab.calls(),
+        ["map 8080 pcp", "map 8081 pcp"],
+        "the deadline passed during the second request: nothing after it was sent"
+    );
+    for port in [8080, 8081] {
+        assert_eq!(record(ctx.state, port).status, MappingStatus::Active);
+    }
+    for port in [8082, 8083] {
+        let waiting = record(ctx.state, port);
+        assert_eq!(waiting.status, MappingStatus::Failed, "{waiting:?}");
+        assert_eq!(
+            waiting.last_error.as_deref(),
+            Some(RouterError::Fenced.to_string().as_str())
+        );
+    }
+}
+
+/// A purge (many requests: a listing, a delete each) stops at the fence deadline, not only
+/// before it starts: no request after the deadline is sent, although leftovers remain.
+/// Real time: the fence reads the real clock.
+#[tokio::test]
+async fn a_purge_stops_at_the_fence_deadline() {
+    use crate::ha::role::FencedConnect;
+
+    let lab = Lab::answering(&[Backend::Pcp]);
+    {
+        let mut routers = lock(&lab.0);
+        routers.leftovers = (9000..9020).collect();
+        routers.purge_latency = Duration::from_millis(100);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(350);
+    let (_standing, leadership) = leading_until(deadline);
+    let mut connect = FencedConnect::new(
+        ScriptedConnect {
+            lab: lab.clone(),
+            choice: BackendChoice::Pcp,
+        },
+        leadership.fence(),
+    );
+    let mut mapper = connect.configured().expect("PCP configured");
+    let result = connect.purge_leftovers(&mut mapper, &BTreeSet::new()).await;
+    let stopped = std::time::Instant::now();
+    assert!(matches!(result, Err(RouterError::Fenced)), "{result:?}");
+    assert!(stopped >= deadline);
+    let sent = lab.asked().len();
+    // The normal case: before the deadline the purge went on (one request each 100 ms, fewer
+    // on a loaded machine); after it, nothing more, although 16 or more leftovers remain.
+    assert!((1..=4).contains(&sent), "{:?}", lab.asked());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lab.asked().len(), sent, "nothing sent after the deadline");
+    assert_eq!(lock(&lab.0).leftovers.len(), 20 - sent);
 }
 
 #[tokio::test(start_paused = true)]

@@ -347,6 +347,19 @@ fn hardware_address(socket: &OwnedFd, interface: &str) -> io::Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// Whether this process may open the packet socket [`FloatingAddress::announce`] needs
+/// (`CAP_NET_RAW`, and `AF_PACKET` allowed): opened and closed at once, nothing sent.
+pub fn packet_socket_allowed() -> io::Result<()> {
+    // SAFETY: plain socket(2); protocol 0 receives nothing; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly opened socket owned by nobody else; dropping it closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
 fn send_arp(interface: &str, index: i32, address: Ipv4Addr) -> io::Result<()> {
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe {
@@ -390,6 +403,27 @@ fn send_arp(interface: &str, index: i32, address: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The start check opens a packet socket exactly when this process holds CAP_NET_RAW
+    /// (root in CI; a plain user's `cargo test` sees the refusal), and sends nothing.
+    #[test]
+    fn a_packet_socket_opens_exactly_with_cap_net_raw() {
+        let status = std::fs::read_to_string("/proc/self/status").expect("proc status");
+        let effective = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .expect("CapEff");
+        // CAP_NET_RAW is capability 13 (capability.h).
+        let net_raw = effective & (1 << 13) != 0;
+        match packet_socket_allowed() {
+            Ok(()) => assert!(net_raw, "opened without CAP_NET_RAW"),
+            Err(e) => {
+                assert!(!net_raw, "refused with CAP_NET_RAW: {e}");
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+            }
+        }
+    }
 
     #[test]
     fn default_route_interface_has_the_lowest_metric() {

@@ -37,9 +37,6 @@ use crate::state::{MappingRecord, MappingStatus, State};
 /// How long a failed address change or mirror write waits before it is tried again.
 const RETRY_SECS: u64 = 1;
 
-/// What a router request refused by the fence says (in the mapping's `last_error`).
-pub const FENCED_REASON: &str = "this host is no longer the active holepunch host (it could not renew the Lease in time); the active host makes the request";
-
 /// Why HA could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
@@ -47,6 +44,33 @@ pub enum HaError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// `ha.address` is set and this process may not open a packet socket.
+    #[error(
+        "ha.address is set, so the host that takes the floating address announces it with a \
+         gratuitous ARP on a packet socket, which needs CAP_NET_RAW and AF_PACKET; this process \
+         may not open one. The package's unit grants neither unless you add its drop-in: \
+         `mkdir -p /etc/systemd/system/holepunch.service.d && ln -s \
+         {HA_DROP_IN} /etc/systemd/system/holepunch.service.d/ && systemctl \
+         daemon-reload && systemctl restart holepunch` (README, \"High availability\")"
+    )]
+    NoPacketSocket {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The systemd drop-in the package ships for `[ha]` with a floating address (README,
+/// "Packaging").
+pub const HA_DROP_IN: &str = "/usr/share/holepunch/holepunch-ha.conf";
+
+/// At start: with a floating address, refuses to run unless the gratuitous ARP can be sent
+/// (README, "High availability"), rather than find out at the first takeover.
+pub fn check_announce_allowed(ha: Option<&HaConfig>) -> Result<(), HaError> {
+    if ha.is_some_and(|ha| ha.address.is_some()) {
+        super::address::packet_socket_allowed()
+            .map_err(|source| HaError::NoPacketSocket { source })?;
+    }
+    Ok(())
 }
 
 /// What the loop may do in this pass.
@@ -117,16 +141,15 @@ impl Fence {
         if self.may_act() {
             Ok(())
         } else {
-            Err(RouterError::Refused {
-                reason: FENCED_REASON.to_owned(),
-                retry_after: None,
-            })
+            Err(RouterError::Fenced)
         }
     }
 }
 
-/// A [`PortMapper`] that refuses every request once this host may no longer act: the gate
-/// on the plan's path to the router, checked before each request, not once per pass.
+/// A [`PortMapper`] that refuses every request once this host may no longer act, checked
+/// before each request, not once per pass. [`FencedConnect`] makes every mapper of the
+/// router session one of these, so the plan's requests and the session's own pass exactly
+/// one fence (ARCHITECTURE.md, "The loop").
 pub struct Fenced<P> {
     inner: P,
     fence: Fence,

@@ -3,13 +3,14 @@
 //! MiB (README, "Benchmarks"). Services holepunch never publishes are not kept at all.
 //!
 //! Kept of a Service that opts in (the config's annotation, set to anything) or has
-//! holepunch's `loadBalancerClass`: name, namespace, uid, resourceVersion, creation time,
-//! holepunch's annotations; `spec.type`, ports, loadBalancerClass, externalTrafficPolicy, IP
-//! families; `status.loadBalancer`. Of a Node: name, its addresses and conditions (type and
-//! status). Of an EndpointSlice: name, namespace, the `kubernetes.io/service-name` label, the
-//! address type and each endpoint's addresses, node and conditions.
+//! holepunch's `loadBalancerClass`: name, namespace, uid, resourceVersion, creation time, the
+//! two annotations `desired` reads (the opt-in key and `holepunch.port/*`); `spec.type`,
+//! ports, loadBalancerClass, externalTrafficPolicy, IP families; `status.loadBalancer`. Of a
+//! Node: name, its addresses and Ready condition. Of an EndpointSlice that names its Service
+//! and has a ready endpoint on a node: name, namespace, the `kubernetes.io/service-name`
+//! label and the nodes of its ready endpoints (once each); other slices are not kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Node, NodeCondition, NodeStatus, Service, ServiceSpec, ServiceStatus,
@@ -41,7 +42,7 @@ pub fn service(service: Service, config: &KubernetesConfig) -> Option<Service> {
         .annotations
         .unwrap_or_default()
         .into_iter()
-        .filter(|(key, _)| holepunch_annotation(key, &config.annotation))
+        .filter(|(key, _)| *key == config.annotation || key.starts_with(PORT_ANNOTATION_PREFIX))
         .collect();
     Some(Service {
         metadata: ObjectMeta {
@@ -67,15 +68,6 @@ pub fn service(service: Service, config: &KubernetesConfig) -> Option<Service> {
             conditions: None,
         }),
     })
-}
-
-/// holepunch's own annotations: the opt-in key, `holepunch.port/*`, and any other key under
-/// the opt-in key's prefix or a `holepunch` prefix.
-fn holepunch_annotation(key: &str, opt_in: &str) -> bool {
-    let prefix = |k: &str| k.split_once('/').map(|(prefix, _)| prefix.to_owned());
-    key == opt_in
-        || key.starts_with(PORT_ANNOTATION_PREFIX)
-        || prefix(key).is_some_and(|p| p.starts_with("holepunch") || Some(p) == prefix(opt_in))
 }
 
 /// The Node as holepunch reads it: its name, addresses and Ready condition. No
@@ -106,35 +98,40 @@ pub fn node(node: Node) -> Node {
     }
 }
 
-/// The EndpointSlice as holepunch reads it: which Service it serves and where its endpoints
-/// run.
-pub fn endpoint_slice(slice: EndpointSlice) -> EndpointSlice {
-    let labels = slice.metadata.labels.map(|labels| {
-        labels
-            .into_iter()
-            .filter(|(key, _)| key == SERVICE_NAME_LABEL)
-            .collect()
-    });
-    EndpointSlice {
+/// The EndpointSlice as holepunch reads it (`externalTrafficPolicy: Local`: which nodes host
+/// a ready endpoint of which Service), or `None` when it tells nothing: no Service label, or
+/// no ready endpoint on a node. Addresses, ports and which pod it is are not kept, so a pod
+/// replaced on the same node does not wake the loop.
+pub fn endpoint_slice(slice: EndpointSlice) -> Option<EndpointSlice> {
+    let service = slice.metadata.labels?.remove(SERVICE_NAME_LABEL)?;
+    let nodes: BTreeSet<String> = slice
+        .endpoints
+        .into_iter()
+        // NOTE: EndpointConditions (discovery.k8s.io/v1): "ready ... A nil value should be
+        // interpreted as "true"", as `desired` reads it.
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.node_name)
+        .collect();
+    if nodes.is_empty() {
+        return None;
+    }
+    Some(EndpointSlice {
         metadata: ObjectMeta {
             name: slice.metadata.name,
             namespace: slice.metadata.namespace,
-            labels,
+            labels: Some([(SERVICE_NAME_LABEL.to_owned(), service)].into()),
             ..ObjectMeta::default()
         },
-        address_type: slice.address_type,
-        endpoints: slice
-            .endpoints
+        address_type: String::new(),
+        endpoints: nodes
             .into_iter()
-            .map(|e| Endpoint {
-                addresses: e.addresses,
-                conditions: e.conditions,
-                node_name: e.node_name,
+            .map(|node| Endpoint {
+                node_name: Some(node),
                 ..Endpoint::default()
             })
             .collect(),
         ports: None,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -142,8 +139,11 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::desired::desired;
-    use crate::desired::tests::{node as ready_node, service as full_service, with_lb_ip};
+    use crate::desired::tests::{
+        node as ready_node, service as full_service, slice as full_slice, with_lb_ip,
+    };
     use crate::trust::{Holders, HostFacts};
+    use k8s_openapi::api::discovery::v1::EndpointConditions;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 
     fn config() -> KubernetesConfig {
@@ -158,15 +158,20 @@ mod tests {
         full_service(ns, name, 1_700_000_000, annotations, &ports)
     }
 
-    /// `desired`'s mappings and problems, as text, for `services` on one Ready node.
-    fn desired_text(services: &[Service]) -> (usize, String) {
+    /// `desired`'s mappings and problems, as text, for `services` and `slices` on three Ready
+    /// nodes.
+    fn desired_text(services: &[Service], slices: &[EndpointSlice]) -> (usize, String) {
         let mut config = Config::default();
         config.exposure.target_cidrs = vec!["192.168.77.0/24".parse().expect("test network")];
-        let nodes = [ready_node("n1", "192.168.1.10", true)];
+        let nodes = [
+            ready_node("a-node", "192.168.1.10", true),
+            ready_node("b-node", "192.168.1.11", true),
+            ready_node("c-node", "192.168.1.12", true),
+        ];
         let wanted = desired(
             services,
             &nodes,
-            &[],
+            slices,
             &config,
             &HostFacts::default(),
             &Holders::new(),
@@ -206,7 +211,7 @@ mod tests {
                 &[
                     (config.annotation.as_str(), "true"),
                     ("holepunch.port/80", "8080"),
-                    ("holepunch/note", "kept"),
+                    ("holepunch/note", "read by nothing"),
                 ],
             ),
             "192.168.77.100",
@@ -224,14 +229,8 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(
-            kept,
-            [
-                "holepunch.port/80",
-                "holepunch/note",
-                "holepunch/punch-external"
-            ]
-        );
+        // What desired reads: the opt-in key and the remaps; not another holepunch* key.
+        assert_eq!(kept, ["holepunch.port/80", "holepunch/punch-external"]);
         assert_eq!(slim.metadata.managed_fields, None);
         assert_eq!(slim.metadata.labels, None);
         let (spec, full) = (
@@ -245,9 +244,73 @@ mod tests {
         assert_eq!(slim.status, annotated.status);
 
         // desired reads the slim Service exactly as the full one.
-        let (mapped, full) = desired_text(&[annotated]);
+        let (mapped, full) = desired_text(&[annotated], &[]);
         assert_eq!(mapped, 2, "the case publishes both ports: {full}");
-        assert_eq!(desired_text(&[slim]), (mapped, full));
+        assert_eq!(desired_text(&[slim], &[]), (mapped, full));
+    }
+
+    /// `externalTrafficPolicy: Local`: desired picks the same hosting nodes (and reports the
+    /// same problems) from the slim Services and slices as from the full ones, although the
+    /// slim store dropped the slices that tell nothing.
+    #[test]
+    fn desired_reads_slim_endpoint_slices_as_the_full_ones() {
+        let config = config();
+        let on = (config.annotation.as_str(), "true");
+        let local = |name: &str, port: i32| {
+            let mut service = heavy(test_service("default", name, &[port], &[on]));
+            service.spec.get_or_insert_default().external_traffic_policy = Some("Local".into());
+            service
+        };
+        let services = vec![
+            // Ready endpoints on c-node and b-node (b wins), a not-ready one on a-node.
+            local("web", 8080),
+            // Only not-ready endpoints: no target, a problem.
+            local("api", 8081),
+            // No slice at all: no target either.
+            local("idle", 8082),
+            // Cluster policy: slices do not matter.
+            heavy(test_service("default", "plain", &[8083], &[on])),
+        ];
+        let mut no_node = full_slice("default", "web", &[("x", Some(true))]);
+        no_node.endpoints[0].node_name = None;
+        let mut unlabelled = full_slice("default", "idle", &[("a-node", Some(true))]);
+        unlabelled.metadata.labels = None;
+        let slices = vec![
+            full_slice(
+                "default",
+                "web",
+                &[("c-node", Some(true)), ("a-node", Some(false))],
+            ),
+            full_slice(
+                "default",
+                "web",
+                &[("b-node", None), ("b-node", Some(true))],
+            ),
+            no_node,
+            full_slice("default", "api", &[("a-node", Some(false))]),
+            unlabelled,
+            // A same-named Service in another namespace.
+            full_slice("other", "api", &[("a-node", Some(true))]),
+        ];
+        let slim_services: Vec<Service> = services
+            .iter()
+            .filter_map(|s| service(s.clone(), &config))
+            .collect();
+        let slim_slices: Vec<EndpointSlice> =
+            slices.iter().cloned().filter_map(endpoint_slice).collect();
+        assert_eq!(
+            slim_slices.len(),
+            3,
+            "kept: web's two with a ready endpoint, other/api's: {slim_slices:?}"
+        );
+        let (mapped, full) = desired_text(&services, &slices);
+        assert_eq!(mapped, 2, "web on b-node and plain: {full}");
+        assert!(full.contains("192.168.1.11"), "web goes to b-node: {full}");
+        assert!(
+            full.contains("no Ready node hosts a ready endpoint"),
+            "{full}"
+        );
+        assert_eq!(desired_text(&slim_services, &slim_slices), (mapped, full));
     }
 
     #[test]
@@ -316,12 +379,33 @@ mod tests {
             }],
             ports: Some(vec![Default::default()]),
         };
-        let slim = endpoint_slice(slice);
+        let slim = endpoint_slice(slice.clone()).expect("a ready endpoint on a node");
         let labels = slim.metadata.labels.as_ref().unwrap();
         assert_eq!(labels.len(), 1);
         assert_eq!(labels[SERVICE_NAME_LABEL], "web");
+        assert_eq!(slim.endpoints.len(), 1);
         assert_eq!(slim.endpoints[0].node_name.as_deref(), Some("n1"));
-        assert_eq!(slim.endpoints[0].addresses, ["10.244.0.5"]);
+        // Which pod, at which address: not read, not kept.
+        assert!(slim.endpoints[0].addresses.is_empty());
         assert_eq!(slim.endpoints[0].hostname, None);
+        // Another pod on the same node is the same slim slice: nothing to wake the loop for.
+        let mut replaced = slice.clone();
+        replaced.endpoints[0].addresses = vec!["10.244.0.9".into()];
+        replaced.endpoints[0].hostname = Some("pod-b".into());
+        assert_eq!(endpoint_slice(replaced), Some(slim));
+
+        // Slices that tell desired nothing are not kept.
+        let mut unlabelled = slice.clone();
+        unlabelled.metadata.labels = None;
+        assert_eq!(endpoint_slice(unlabelled), None);
+        let mut not_ready = slice.clone();
+        not_ready.endpoints[0].conditions = Some(EndpointConditions {
+            ready: Some(false),
+            ..EndpointConditions::default()
+        });
+        assert_eq!(endpoint_slice(not_ready), None);
+        let mut nowhere = slice;
+        nowhere.endpoints[0].node_name = None;
+        assert_eq!(endpoint_slice(nowhere), None);
     }
 }

@@ -81,7 +81,7 @@ impl ClusterWatch {
         let namespaces = &config.kubernetes.namespaces;
         let kubernetes = config.kubernetes.clone();
         let keep_service = move |s| slim::service(s, &kubernetes);
-        let keep_slice = |e| Some(slim::endpoint_slice(e));
+        let keep_slice = slim::endpoint_slice;
         if namespaces.is_empty() {
             let services = watch.reflect(Api::all(client.clone()), "services", keep_service);
             let slices = watch.reflect(Api::all(client.clone()), "endpointslices", keep_slice);

@@ -129,6 +129,14 @@ pub enum RouterError {
         "{UNREACHABLE_PREFIX} an earlier request of this pass, so this one was not sent ({earlier})"
     )]
     NotSent { earlier: String },
+    /// Not sent: with `[ha]`, this host may no longer act (its renew deadline passed; README,
+    /// "High availability"). Nothing is wrong with the router, so it counts as a refusal (the
+    /// mapping waits for its retry, no "router silent" backoff), and it is no request.
+    #[error(
+        "this host is no longer the active holepunch host (it could not renew the Lease in \
+         time); the active host makes the request"
+    )]
+    Fenced,
 }
 
 /// Which step of opening a UDP socket failed.
@@ -156,7 +164,7 @@ impl RouterError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            RouterError::Conflict { .. } | RouterError::Refused { .. }
+            RouterError::Conflict { .. } | RouterError::Refused { .. } | RouterError::Fenced
         )
     }
 }
@@ -294,7 +302,7 @@ mod tests {
             protocol: Protocol::Tcp,
             detail: "held".to_owned(),
         };
-        for error in [&refused, &conflict] {
+        for error in [&refused, &conflict, &RouterError::Fenced] {
             assert!(error.is_refusal(), "{error}");
         }
     }

@@ -76,6 +76,18 @@ pub fn wait_until_logged(
     log: impl Fn() -> String,
     what: &str,
     limit: Duration,
+    condition: impl FnMut() -> bool,
+) -> Duration {
+    wait_until_logged_every(Duration::from_millis(100), log, what, limit, condition)
+}
+
+/// [`wait_until_logged`], looking every `poll`: a wait that is also a measurement (a
+/// takeover's time) wants a finer step than 100 ms.
+pub fn wait_until_logged_every(
+    poll: Duration,
+    log: impl Fn() -> String,
+    what: &str,
+    limit: Duration,
     mut condition: impl FnMut() -> bool,
 ) -> Duration {
     let start = Instant::now();
@@ -85,7 +97,7 @@ pub fn wait_until_logged(
             "timed out after {limit:?} waiting for {what}; the daemon logged:\n{}",
             log()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(poll);
     }
     start.elapsed()
 }

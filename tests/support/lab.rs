@@ -40,11 +40,12 @@ pub const WAN_CLIENT_IP: &str = "11.22.33.1";
 static LABS_UP: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 static LAB_DOWN: Condvar = Condvar::new();
 
-/// Holds `prefix` for one lab; frees it when dropped (after the lab's `down`).
-struct PrefixHeld(String, std::fs::File);
+/// Holds `prefix` for one lab; frees it when dropped (after the lab's `down`). Also for a
+/// test's own namespaces under its prefix (tests/ha_lab.rs).
+pub struct PrefixHeld(String, std::fs::File);
 
 impl PrefixHeld {
-    fn take(prefix: &str) -> PrefixHeld {
+    pub fn take(prefix: &str) -> PrefixHeld {
         let held = Self::take_in_process(prefix);
         let dir = Path::new("/run/holepunch-lab");
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));

@@ -41,7 +41,7 @@ fn requested_lifetime(lifetime_secs: u32) -> u32 {
 pub struct Schedule {
     /// The wait after the first transmission.
     pub initial: Duration,
-    /// Transmissions before the call gives up with [`RouterError::Unreachable`] (at least 1).
+    /// Transmissions before the call gives up with [`RouterError::NoAnswer`] (at least 1).
     pub max_tries: u32,
 }
 
@@ -69,9 +69,15 @@ impl Schedule {
         self.max_tries.max(1)
     }
 
+    /// The waits of one call, one after each transmission.
+    pub fn waits(&self) -> impl Iterator<Item = Duration> + use<> {
+        let schedule = *self;
+        (0..schedule.tries()).map(move |index| schedule.wait(index))
+    }
+
     /// The longest one call waits for an answer in total.
     pub fn worst_case(&self) -> Duration {
-        (0..self.tries()).map(|index| self.wait(index)).sum()
+        self.waits().sum()
     }
 }
 
@@ -264,10 +270,9 @@ impl NatpmpClient {
         expect: Expect<'_>,
     ) -> Result<codec::Response, RouterError> {
         let route = self.route();
-        let waits = (0..self.schedule.tries()).map(|index| self.schedule.wait(index));
         let response = self
             .udp
-            .exchange(&route, request, waits, |datagram| {
+            .exchange(&route, request, self.schedule.waits(), |datagram| {
                 match codec::decode_response(datagram) {
                     Ok(response) if expect.accepts(&response) => Verdict::Answer(response),
                     Ok(response) => Verdict::Ignore(format!(
@@ -481,9 +486,8 @@ mod tests {
     #[test]
     fn schedule_doubles_from_250_ms_and_is_bounded() {
         let schedule = Schedule::default();
-        let waits: Vec<_> = (0..4).map(|index| schedule.wait(index)).collect();
         assert_eq!(
-            waits,
+            schedule.waits().collect::<Vec<_>>(),
             [250, 500, 1000, 2000].map(Duration::from_millis).to_vec()
         );
         assert_eq!(schedule.worst_case(), Duration::from_millis(3750));
@@ -493,6 +497,7 @@ mod tests {
             ..schedule
         };
         assert_eq!(zero.tries(), 1);
+        assert_eq!(zero.waits().count(), 1);
         assert_eq!(zero.worst_case(), Duration::from_millis(250));
     }
 
