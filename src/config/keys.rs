@@ -523,7 +523,7 @@ pub const SECTIONS: &[Section] = &[
     section("log", log::KEYS),
     Section {
         name: "ha",
-        doc: "High availability: several hosts with the same config, one active through a coordination.k8s.io/v1 Lease (README.md, \"High availability\"). The whole section is absent by default (one host).",
+        doc: "High availability: several hosts with the same config, one active through a coordination.k8s.io/v1 Lease (README.md, \"High availability\"). The whole section is absent by default (one host). With ha.address (relay mode), link /usr/share/holepunch/holepunch-ha.conf into /etc/systemd/system/holepunch.service.d/ first: the gratuitous ARP needs CAP_NET_RAW.",
         optional: true,
         keys: ha::KEYS,
     },
