@@ -515,7 +515,7 @@ pub async fn execute_until<M: PortMapper>(
                             rand::rng().random_range(0.9..1.1),
                         );
                         if e.is_refusal() {
-                            outcome.problems.push(crate::trust::router_refusal(
+                            outcome.problems.push(crate::router::refusal_problem(
                                 &record.owner,
                                 record.key(),
                                 &e,

@@ -9,8 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{MappingKey, Owner, Problem, ProblemKind, Protocol};
-use crate::router::RouterError;
+use crate::model::{MappingKey, Owner, Protocol};
 use crate::state::{MappingStatus, State};
 
 /// What this host knows about itself and the router, for the target and shadowing rules.
@@ -162,22 +161,6 @@ pub fn forbidden_target6(
     } else {
         None
     }
-}
-
-/// The problem a router's refusal becomes. The router's own words can name the LAN host (or
-/// another tenant's Service) holding the port, so they go in the operator's detail only.
-pub fn router_refusal(owner: &Owner, key: MappingKey, error: &RouterError) -> Problem {
-    let message = match error {
-        RouterError::Conflict { .. } => format!(
-            "external port {key} is held on the router by another device on the LAN; choose \
-             another external port with a holepunch.port/<port> annotation"
-        ),
-        _ => format!(
-            "the router refused to map external port {key}; holepunch's log on the host says \
-             why, ask its administrator"
-        ),
-    };
-    Problem::new(owner.clone(), ProblemKind::RouterRefused, message).with_detail(error.to_string())
 }
 
 #[cfg(test)]
@@ -358,53 +341,6 @@ mod tests {
                 "{address} node_port={node_port} listed={listed}"
             );
         }
-    }
-
-    #[test]
-    fn router_conflict_is_tenant_safe_and_keeps_the_detail() {
-        let key = MappingKey {
-            protocol: Protocol::Tcp,
-            external_port: 8080,
-        };
-        let error = RouterError::Conflict {
-            port: 8080,
-            protocol: Protocol::Tcp,
-            detail: "192.168.1.50 holds it (description \"holepunch:other/svc\")".into(),
-        };
-        let problem = router_refusal(&Owner::new("a", "web"), key, &error);
-        assert!(problem.message.contains("another device on the LAN"));
-        assert!(
-            !problem.message.contains("192.168.1.50"),
-            "{}",
-            problem.message
-        );
-        assert!(
-            !problem.message.contains("other/svc"),
-            "{}",
-            problem.message
-        );
-        assert!(
-            problem
-                .detail
-                .as_deref()
-                .is_some_and(|d| d.contains("192.168.1.50"))
-        );
-        let refused = RouterError::Refused {
-            reason: "maps only to the host that asks (192.168.1.10)".into(),
-            retry_after: None,
-        };
-        let problem = router_refusal(&Owner::new("a", "web"), key, &refused);
-        assert!(
-            !problem.message.contains("192.168.1.10"),
-            "{}",
-            problem.message
-        );
-        assert!(
-            problem
-                .detail
-                .as_deref()
-                .is_some_and(|d| d.contains("192.168.1.10"))
-        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::model::{Backend, Endpoint, Lease, MappingKey, Nonce, Owner, Protocol};
+use crate::model::{
+    Backend, Endpoint, Lease, MappingKey, Nonce, Owner, Problem, ProblemKind, Protocol,
+};
 
 /// A request to create or renew one mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +243,22 @@ impl PortMapper for NoRouter {
     }
 }
 
+/// The problem a router's refusal becomes, for the Service's Events (README, "Security model"). The router's own words can name the LAN host (or
+/// another tenant's Service) holding the port, so they go in the operator's detail only.
+pub fn refusal_problem(owner: &Owner, key: MappingKey, error: &RouterError) -> Problem {
+    let message = match error {
+        RouterError::Conflict { .. } => format!(
+            "external port {key} is held on the router by another device on the LAN; choose \
+             another external port with a holepunch.port/<port> annotation"
+        ),
+        _ => format!(
+            "the router refused to map external port {key}; holepunch's log on the host says \
+             why, ask its administrator"
+        ),
+    };
+    Problem::new(owner.clone(), ProblemKind::RouterRefused, message).with_detail(error.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +323,52 @@ mod tests {
         for error in [&refused, &conflict, &RouterError::Fenced] {
             assert!(error.is_refusal(), "{error}");
         }
+    }
+
+    #[test]
+    fn router_conflict_is_tenant_safe_and_keeps_the_detail() {
+        let key = MappingKey {
+            protocol: Protocol::Tcp,
+            external_port: 8080,
+        };
+        let error = RouterError::Conflict {
+            port: 8080,
+            protocol: Protocol::Tcp,
+            detail: "192.168.1.50 holds it (description \"holepunch:other/svc\")".into(),
+        };
+        let problem = refusal_problem(&Owner::new("a", "web"), key, &error);
+        assert!(problem.message.contains("another device on the LAN"));
+        assert!(
+            !problem.message.contains("192.168.1.50"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            !problem.message.contains("other/svc"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("192.168.1.50"))
+        );
+        let refused = RouterError::Refused {
+            reason: "maps only to the host that asks (192.168.1.10)".into(),
+            retry_after: None,
+        };
+        let problem = refusal_problem(&Owner::new("a", "web"), key, &refused);
+        assert!(
+            !problem.message.contains("192.168.1.10"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("192.168.1.10"))
+        );
     }
 }
