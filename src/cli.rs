@@ -474,8 +474,8 @@ impl StatusSummary {
         let latest = state
             .mappings
             .values()
-            .filter(|r| r.granted_at.is_some())
-            .max_by_key(|r| r.granted_at);
+            .filter(|r| r.times.granted_at.is_some())
+            .max_by_key(|r| r.times.granted_at);
         StatusSummary {
             mappings: state.mappings.len(),
             active: count(MappingStatus::Active),
@@ -509,13 +509,18 @@ impl std::fmt::Display for StatusSummary {
 /// Seconds until the lease runs out (negative: it ran out); `None` for permanent leases and
 /// mappings not granted.
 pub fn lease_left_secs(record: &crate::state::MappingRecord, now: Timestamp) -> Option<i64> {
-    record.expires_at.map(|at| at.as_second() - now.as_second())
+    record
+        .times
+        .expires_at
+        .map(|at| at.as_second() - now.as_second())
 }
 
 /// The lease as a person reads it: `59m12s`, `permanent`, `expired`, `-` (not granted).
 pub fn lease_left(record: &crate::state::MappingRecord, now: Timestamp) -> String {
     match lease_left_secs(record, now) {
-        None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
+        None if record.times.lifetime_secs == 0 && record.times.granted_at.is_some() => {
+            "permanent".to_owned()
+        }
         None => "-".to_owned(),
         Some(left) if left <= 0 => "expired".to_owned(),
         Some(left) if left >= 86400 => format!("{}d{:02}h", left / 86400, left % 86400 / 3600),
@@ -531,12 +536,12 @@ pub fn status_json(state: &State, now: Timestamp) -> serde_json::Value {
     let mappings: Vec<serde_json::Value> = state
         .mappings
         .values()
-        .map(|record| with_lease_left(record, record.expires_at, now))
+        .map(|record| with_lease_left(record, record.times.expires_at, now))
         .collect();
     let pinholes: Vec<serde_json::Value> = state
         .pinholes
         .values()
-        .map(|record| with_lease_left(record, record.expires_at, now))
+        .map(|record| with_lease_left(record, record.times.expires_at, now))
         .collect();
     serde_json::json!({
         "summary": StatusSummary::of(state),
@@ -640,6 +645,7 @@ fn table(state: &State, now: Timestamp, colour: bool, wide: bool) -> String {
                 dash(record.router.clone()),
                 lease_left(record, now),
                 record
+                    .times
                     .expires_at
                     .map_or_else(|| "-".to_owned(), |at| at.to_string()),
                 paint(format!("{status:<8}"), code),
@@ -684,7 +690,11 @@ fn pinhole_row(
         MappingStatus::Active => ("active", GREEN),
         MappingStatus::Failed => ("failed", RED),
     };
-    let lease = match record.expires_at.map(|at| at.as_second() - now.as_second()) {
+    let lease = match record
+        .times
+        .expires_at
+        .map(|at| at.as_second() - now.as_second())
+    {
         None => "-".to_owned(),
         Some(left) if left <= 0 => "expired".to_owned(),
         Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
@@ -705,6 +715,7 @@ fn pinhole_row(
             record.router.to_string(),
             lease,
             record
+                .times
                 .expires_at
                 .map_or_else(|| "-".to_owned(), |at| at.to_string()),
             paint(format!("{status:<8}"), code),
@@ -854,9 +865,10 @@ mod tests {
         );
         record.status = status;
         record.router = "192.168.77.1".into();
-        record.lifetime_secs = 3600;
-        record.granted_at = granted.map(|g| g.parse().expect("timestamp"));
-        record.expires_at = record
+        record.times.lifetime_secs = 3600;
+        record.times.granted_at = granted.map(|g| g.parse().expect("timestamp"));
+        record.times.expires_at = record
+            .times
             .granted_at
             .map(|g| g + jiff::SignedDuration::from_secs(3600));
         record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
@@ -902,12 +914,14 @@ mod tests {
             backend: crate::model::Backend::Pcp,
             router: "2001:db8:77::1".parse().expect("ip"),
             nonce: None,
-            unique_id: None,
+            old_unique_id: None,
             epoch: None,
-            lifetime_secs: 120,
-            granted_at: Some(now),
-            renew_at: None,
-            expires_at: Some("2025-01-01T00:22:30Z".parse().expect("timestamp")),
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 120,
+                granted_at: Some(now),
+                renew_at: None,
+                expires_at: Some("2025-01-01T00:22:30Z".parse().expect("timestamp")),
+            },
             status: MappingStatus::Active,
             retry_at: None,
             failures: 0,
@@ -1005,8 +1019,8 @@ mod tests {
         assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
         assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
         let mut permanent = r.clone();
-        permanent.expires_at = None;
-        permanent.lifetime_secs = 0;
+        permanent.times.expires_at = None;
+        permanent.times.lifetime_secs = 0;
         assert_eq!(lease_left(&permanent, at(granted)), "permanent");
         assert_eq!(
             lease_left(&record(1, MappingStatus::Pending, None), at(granted)),

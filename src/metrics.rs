@@ -494,7 +494,7 @@ impl Metrics {
             .mappings
             .values()
             .filter(|r| r.status == MappingStatus::Active && r.external_address.is_some())
-            .max_by_key(|r| r.granted_at)
+            .max_by_key(|r| r.times.granted_at)
             .and_then(|r| {
                 Some([
                     ("backend", backend_label(r.backend).to_owned()),
@@ -592,8 +592,8 @@ fn lease_expiries(state: &State) -> Vec<Timestamp> {
     state
         .mappings
         .values()
-        .filter(|r| r.backend != Backend::None && r.granted_at.is_some())
-        .filter_map(|r| r.expires_at)
+        .filter(|r| r.backend != Backend::None && r.times.granted_at.is_some())
+        .filter_map(|r| r.times.expires_at)
         .collect()
 }
 
@@ -1029,9 +1029,9 @@ mod tests {
         );
         record.target_source = TargetSource::NodePort;
         record.status = status;
-        record.granted_at = granted.map(at);
-        record.lifetime_secs = 120;
-        record.expires_at = granted.map(|g| at(g) + jiff::SignedDuration::from_secs(120));
+        record.times.granted_at = granted.map(at);
+        record.times.lifetime_secs = 120;
+        record.times.expires_at = granted.map(|g| at(g) + jiff::SignedDuration::from_secs(120));
         record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
         record
     }

@@ -18,7 +18,7 @@ use crate::desired::{denial_message, internal_ips, load_balancer_ip, node_ready}
 use crate::model::{
     Backend, Endpoint6, MappingKey, Owner, PortMapping, Problem, ProblemKind, TargetSource,
 };
-use crate::state::{MappingStatus, PinholeRecord, State};
+use crate::state::{LeaseTimes, MappingStatus, PinholeRecord, State};
 use crate::trust::{HostFacts, forbidden_target6};
 
 /// A pinhole the cluster asks for: where the traffic of one published Service port goes over
@@ -266,12 +266,9 @@ fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> PinholeRecord {
         backend: route.backend,
         router: route.router,
         nonce: None,
-        unique_id: None,
+        old_unique_id: None,
         epoch: None,
-        lifetime_secs: 0,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
+        times: LeaseTimes::default(),
         status: MappingStatus::Pending,
         retry_at: None,
         failures: 0,
@@ -339,11 +336,11 @@ pub fn plan_pinholes(
                     MappingStatus::Active if lost.contains(&key) => {
                         Some(OpenReason::RouterRestarted)
                     }
-                    MappingStatus::Active if have.expires_at.is_some_and(|at| at <= now) => {
+                    MappingStatus::Active if have.times.expires_at.is_some_and(|at| at <= now) => {
                         Some(OpenReason::Expired)
                     }
                     MappingStatus::Active => {
-                        if have.renew_at.is_some_and(|at| at <= now) {
+                        if have.times.renew_at.is_some_and(|at| at <= now) {
                             opens.push(PinholeAction::Renew { key });
                         }
                         None
@@ -399,7 +396,7 @@ pub fn next_due(state: &State) -> Option<Timestamp> {
         .pinholes
         .values()
         .filter_map(|r| match r.status {
-            MappingStatus::Active => r.renew_at,
+            MappingStatus::Active => r.times.renew_at,
             MappingStatus::Failed => r.retry_at,
             MappingStatus::Pending => None,
         })
@@ -810,8 +807,8 @@ mod tests {
         };
         let mut record = (**record).clone();
         record.status = MappingStatus::Active;
-        record.renew_at = Some(later(300));
-        record.expires_at = Some(later(600));
+        record.times.renew_at = Some(later(300));
+        record.times.expires_at = Some(later(600));
         state.pinholes.insert(record.key(), record);
         // Granted and not due: nothing.
         assert!(plan_pinholes(&wanted(&[8080]), &state, &RELAY, &none, now).is_empty());

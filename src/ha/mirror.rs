@@ -120,10 +120,12 @@ mod tests {
             backend: Backend::Pcp,
             router: "192.168.1.1".to_owned(),
             nonce: Some("0123456789abcdef01234567".to_owned()),
-            lifetime_secs: 3600,
-            granted_at: at("2026-12-05T08:00:00Z"),
-            renew_at: at("2026-12-05T08:30:00Z"),
-            expires_at: at("2026-12-05T09:00:00Z"),
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 3600,
+                granted_at: at("2026-12-05T08:00:00Z"),
+                renew_at: at("2026-12-05T08:30:00Z"),
+                expires_at: at("2026-12-05T09:00:00Z"),
+            },
             epoch: Some(1234),
             external_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
             status: MappingStatus::Active,
@@ -152,7 +154,7 @@ mod tests {
         assert_eq!(back, state);
         let record = back.mappings.values().next().expect("one record");
         assert_eq!(record.nonce.as_deref(), Some("0123456789abcdef01234567"));
-        assert!(record.expires_at.is_some());
+        assert!(record.times.expires_at.is_some());
         // The state file's own text reads the same: one format for both.
         let file_text = state.to_toml().expect("the state file encodes");
         assert_eq!(

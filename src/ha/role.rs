@@ -580,7 +580,7 @@ impl<P: Persist> Persist for MirrorFirst<'_, P> {
 pub fn taken_over(mut state: State, now: Timestamp) -> State {
     for record in state.mappings.values_mut() {
         if record.status == MappingStatus::Active {
-            record.renew_at = Some(record.renew_at.map_or(now, |at| at.min(now)));
+            record.times.renew_at = Some(record.times.renew_at.map_or(now, |at| at.min(now)));
         }
     }
     state
@@ -915,10 +915,10 @@ mod tests {
         }
         assert_eq!(state.mappings.len(), 1);
         let record = state.mappings.values().next().expect("one");
-        assert_eq!(record.renew_at, Some(later));
+        assert_eq!(record.times.renew_at, Some(later));
         let taken = taken_over(state.clone(), now);
         let record = taken.mappings.values().next().expect("one");
-        assert_eq!(record.renew_at, Some(now));
+        assert_eq!(record.times.renew_at, Some(now));
         assert_eq!(record.nonce.as_deref(), Some("0123456789abcdef01234567"));
     }
 

@@ -672,7 +672,7 @@ impl Pinholes {
                 state
                     .pinholes
                     .iter()
-                    .filter(|(_, r)| r.granted_at.is_none_or(|at| at < pass_began))
+                    .filter(|(_, r)| r.times.granted_at.is_none_or(|at| at < pass_began))
                     .map(|(key, _)| *key),
             );
         }
@@ -723,7 +723,7 @@ async fn execute(
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let expired = record.expires_at.is_some_and(|at| at <= now)
+                let expired = record.times.expires_at.is_some_and(|at| at <= now)
                     && record.status != MappingStatus::Pending;
                 let result = if expired {
                     // The router dropped it when its lease ended: nothing to ask.
@@ -810,12 +810,11 @@ fn record_result(
             tracing::info!(service = %record.owner, pinhole = %record.opens(),
                 target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
             record.status = MappingStatus::Active;
-            record.lifetime_secs = opened.lifetime_secs;
-            record.granted_at = Some(now);
-            record.renew_at = Some(after(now, renew));
-            record.expires_at = Some(after(now, lifetime));
+            record.times.lifetime_secs = opened.lifetime_secs;
+            record.times.granted_at = Some(now);
+            record.times.renew_at = Some(after(now, renew));
+            record.times.expires_at = Some(after(now, lifetime));
             record.epoch = opened.epoch.or(record.epoch);
-            record.unique_id = opened.unique_id.or(record.unique_id);
             record.retry_at = None;
             record.failures = 0;
             record.failure = None;

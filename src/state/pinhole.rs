@@ -8,7 +8,7 @@ use std::net::Ipv6Addr;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::record::{Failure, MappingStatus};
+use super::record::{Failure, LeaseTimes, MappingStatus};
 use crate::model::{Backend, Endpoint6, MappingKey, Owner, Protocol, TargetSource};
 
 /// One pinhole holepunch owns (or is trying to own).
@@ -34,20 +34,18 @@ pub struct PinholeRecord {
     /// PCP: the pinhole's 96-bit nonce, as 24 hex digits; reused to renew and delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
-    /// UPnP: the UniqueID the router gave the pinhole (good only for the boot it was made in).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unique_id: Option<u16>,
-    /// PCP: the router's epoch (seconds since its start) with the last answer.
+    /// UPnP: the UniqueID an earlier build recorded. Read, never used and no longer written:
+    /// miniupnpd numbers pinholes from 1 again after a restart, so a stored one may name
+    /// another host's pinhole (README, "IPv6"); renewing and deleting learn the current one.
+    #[serde(default, rename = "unique_id", skip_serializing)]
+    pub old_unique_id: Option<u16>,
+    /// PCP: the router's epoch (seconds since its start) with the last answer; an answer
+    /// whose epoch is behind it plus the time since the grant shows the router restarted
+    /// and lost the pinhole (RFC 6887 §8.5), also across a restart of holepunch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u32>,
-    #[serde(default)]
-    pub lifetime_secs: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub granted_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renew_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Timestamp>,
+    #[serde(flatten)]
+    pub times: LeaseTimes,
     pub status: MappingStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<Timestamp>,

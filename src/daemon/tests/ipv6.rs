@@ -191,8 +191,9 @@ async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it
     let first = pinhole(ctx.state, 8080).cloned().expect("record");
     assert!(
         first
+            .times
             .renew_at
-            .is_some_and(|at| at < first.expires_at.unwrap_or(at)),
+            .is_some_and(|at| at < first.times.expires_at.unwrap_or(at)),
         "{first:?}"
     );
 
@@ -228,7 +229,7 @@ async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it
     );
     assert!(
         pinhole(ctx.state, 8080).is_some_and(|h| h.status == MappingStatus::Active
-            && h.expires_at.is_some_and(|at| at > ctx.clock.now())),
+            && h.times.expires_at.is_some_and(|at| at > ctx.clock.now())),
     );
 
     // One Service unpublished: its mapping and its pinhole go together, the other stays.
