@@ -508,19 +508,14 @@ impl std::fmt::Display for StatusSummary {
 
 /// Seconds until the lease runs out (negative: it ran out); `None` for permanent leases and
 /// mappings not granted.
-pub fn lease_left_secs(record: &crate::state::MappingRecord, now: Timestamp) -> Option<i64> {
-    record
-        .times
-        .expires_at
-        .map(|at| at.as_second() - now.as_second())
+pub fn lease_left_secs(times: &crate::state::LeaseTimes, now: Timestamp) -> Option<i64> {
+    times.expires_at.map(|at| at.as_second() - now.as_second())
 }
 
 /// The lease as a person reads it: `59m12s`, `permanent`, `expired`, `-` (not granted).
-pub fn lease_left(record: &crate::state::MappingRecord, now: Timestamp) -> String {
-    match lease_left_secs(record, now) {
-        None if record.times.lifetime_secs == 0 && record.times.granted_at.is_some() => {
-            "permanent".to_owned()
-        }
+pub fn lease_left(times: &crate::state::LeaseTimes, now: Timestamp) -> String {
+    match lease_left_secs(times, now) {
+        None if times.lifetime_secs == 0 && times.granted_at.is_some() => "permanent".to_owned(),
         None => "-".to_owned(),
         Some(left) if left <= 0 => "expired".to_owned(),
         Some(left) if left >= 86400 => format!("{}d{:02}h", left / 86400, left % 86400 / 3600),
@@ -621,118 +616,104 @@ fn table(state: &State, now: Timestamp, colour: bool, wide: bool) -> String {
             Some(address) => format!("{address}:{}", record.external_port),
             None => format!("?:{}", record.external_port),
         };
-        let (status, code) = match record.status {
-            MappingStatus::Pending => ("pending", YELLOW),
-            MappingStatus::Active => ("active", GREEN),
-            MappingStatus::Failed => ("failed", RED),
+        let row = Row {
+            service: record.owner.to_string(),
+            proto: record.protocol.to_string(),
+            public,
+            forwarded_to: record.internal.to_string(),
+            target: record.target.to_string(),
+            backend: record.backend.to_string(),
+            router: record.router.clone(),
+            times: &record.times,
+            status: record.status,
+            note: note_for(record),
         };
-        let row = if wide {
-            let dash = |text: String| {
-                if text.is_empty() {
-                    "-".to_owned()
-                } else {
-                    text
-                }
-            };
-            format!(
-                "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
-                record.owner.to_string(),
-                record.protocol.to_string(),
-                public,
-                record.internal.to_string(),
-                record.target.to_string(),
-                record.backend.to_string(),
-                dash(record.router.clone()),
-                lease_left(record, now),
-                record
-                    .times
-                    .expires_at
-                    .map_or_else(|| "-".to_owned(), |at| at.to_string()),
-                paint(format!("{status:<8}"), code),
-                paint(note_for(record), RED),
-            )
-        } else {
-            format!(
-                "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
-                record.owner.to_string(),
-                record.protocol.to_string(),
-                public,
-                record.target.to_string(),
-                record.backend.to_string(),
-                lease_left(record, now),
-                paint(format!("{status:<8}"), code),
-                paint(note_for(record), RED),
-            )
-        };
-        let _ = writeln!(out, "{}", row.trim_end());
+        let _ = writeln!(out, "{}", row.render(now, wide, &paint).trim_end());
+        // An IPv6 pinhole, under its IPv4 mapping's (README, "IPv6"): PUBLIC is the address
+        // and port the internet reaches over IPv6, which is also what the router forwards to.
         if let Some(pinhole) = state.pinholes.get(&record.key()) {
-            let _ = writeln!(
-                out,
-                "{}",
-                pinhole_row(pinhole, now, wide, &paint).trim_end()
-            );
+            let row = Row {
+                service: pinhole.owner.to_string(),
+                proto: format!("{}6", pinhole.protocol),
+                public: pinhole.opens().to_string(),
+                forwarded_to: pinhole.opens().to_string(),
+                target: pinhole.target().to_string(),
+                backend: pinhole.backend.to_string(),
+                router: pinhole.router.to_string(),
+                times: &pinhole.times,
+                status: pinhole.status,
+                note: pinhole.last_error.clone().unwrap_or_default(),
+            };
+            let _ = writeln!(out, "{}", row.render(now, wide, &paint).trim_end());
         }
     }
     let _ = writeln!(out, "{summary}");
     out
 }
 
-/// The row of an IPv6 pinhole, under its IPv4 mapping's (README, "IPv6"): PUBLIC is the
-/// address and port the internet reaches over IPv6.
-fn pinhole_row(
-    record: &crate::state::PinholeRecord,
-    now: Timestamp,
-    wide: bool,
-    paint: &dyn Fn(String, &str) -> String,
-) -> String {
-    let (status, code) = match record.status {
-        MappingStatus::Pending => ("pending", YELLOW),
-        MappingStatus::Active => ("active", GREEN),
-        MappingStatus::Failed => ("failed", RED),
-    };
-    let lease = match record
-        .times
-        .expires_at
-        .map(|at| at.as_second() - now.as_second())
-    {
-        None => "-".to_owned(),
-        Some(left) if left <= 0 => "expired".to_owned(),
-        Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
-        Some(left) if left >= 60 => format!("{}m{:02}s", left / 60, left % 60),
-        Some(left) => format!("{left}s"),
-    };
-    let note = record.last_error.clone().unwrap_or_default();
-    let proto = format!("{}6", record.protocol);
-    if wide {
-        format!(
-            "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
-            record.owner.to_string(),
-            proto,
-            record.opens().to_string(),
-            record.opens().to_string(),
-            record.target().to_string(),
-            record.backend.to_string(),
-            record.router.to_string(),
-            lease,
-            record
-                .times
-                .expires_at
-                .map_or_else(|| "-".to_owned(), |at| at.to_string()),
-            paint(format!("{status:<8}"), code),
-            paint(note, RED),
-        )
-    } else {
-        format!(
-            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
-            record.owner.to_string(),
-            proto,
-            record.opens().to_string(),
-            record.target().to_string(),
-            record.backend.to_string(),
-            lease,
-            paint(format!("{status:<8}"), code),
-            paint(note, RED),
-        )
+/// One row of the `status` table: a mapping's or a pinhole's cells.
+struct Row<'a> {
+    service: String,
+    proto: String,
+    public: String,
+    forwarded_to: String,
+    target: String,
+    backend: String,
+    router: String,
+    times: &'a crate::state::LeaseTimes,
+    status: MappingStatus,
+    note: String,
+}
+
+impl Row<'_> {
+    /// The row as `status` prints it; `wide` adds what the router forwards to, the router
+    /// and the lease's end.
+    fn render(&self, now: Timestamp, wide: bool, paint: &dyn Fn(String, &str) -> String) -> String {
+        let (status, code) = match self.status {
+            MappingStatus::Pending => ("pending", YELLOW),
+            MappingStatus::Active => ("active", GREEN),
+            MappingStatus::Failed => ("failed", RED),
+        };
+        let status = paint(format!("{status:<8}"), code);
+        let note = paint(self.note.clone(), RED);
+        let lease = lease_left(self.times, now);
+        if wide {
+            let dash = |text: &str| {
+                if text.is_empty() {
+                    "-".to_owned()
+                } else {
+                    text.to_owned()
+                }
+            };
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
+                self.service,
+                self.proto,
+                self.public,
+                self.forwarded_to,
+                self.target,
+                self.backend,
+                dash(&self.router),
+                lease,
+                self.times
+                    .expires_at
+                    .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+                status,
+                note,
+            )
+        } else {
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
+                self.service,
+                self.proto,
+                self.public,
+                self.target,
+                self.backend,
+                lease,
+                status,
+                note,
+            )
+        }
     }
 }
 
@@ -1014,16 +995,16 @@ mod tests {
         let granted = "2025-01-01T00:00:00Z";
         let at = |t: &str| t.parse::<Timestamp>().expect("timestamp");
         let r = record(8080, MappingStatus::Active, Some(granted));
-        assert_eq!(lease_left(&r, at("2025-01-01T00:00:00Z")), "1h00m");
-        assert_eq!(lease_left(&r, at("2024-12-30T00:00:00Z")), "2d01h");
-        assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
-        assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T00:00:00Z")), "1h00m");
+        assert_eq!(lease_left(&r.times, at("2024-12-30T00:00:00Z")), "2d01h");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T00:59:15Z")), "45s");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T01:00:00Z")), "expired");
         let mut permanent = r.clone();
         permanent.times.expires_at = None;
         permanent.times.lifetime_secs = 0;
-        assert_eq!(lease_left(&permanent, at(granted)), "permanent");
+        assert_eq!(lease_left(&permanent.times, at(granted)), "permanent");
         assert_eq!(
-            lease_left(&record(1, MappingStatus::Pending, None), at(granted)),
+            lease_left(&record(1, MappingStatus::Pending, None).times, at(granted)),
             "-"
         );
     }

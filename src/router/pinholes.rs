@@ -55,14 +55,10 @@ pub trait PinholeRouter: Send {
     fn router(&self) -> Ipv6Addr;
     /// This host's IPv6 address toward the router (what relay mode opens).
     fn host(&self) -> Ipv6Addr;
-    /// Creates the pinhole (or restores it: the same request again).
+    /// Creates the pinhole, restores it or extends its lease: one request for all three, as
+    /// both protocols answer the same request again with a fresh lease (see the notes of
+    /// each implementation).
     fn open<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>>;
-    /// Extends its lease.
-    fn renew<'a>(
         &'a mut self,
         record: &'a PinholeRecord,
         lifetime_secs: u32,
@@ -148,22 +144,13 @@ impl PinholeRouter for PcpPinholes {
         record: &'a PinholeRecord,
         lifetime_secs: u32,
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a restore
-        // or a retry of a pinhole the router may still hold would otherwise renew it in
-        // place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it (see
-        // `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not exist is
-        // success.
-        self.renew(record, lifetime_secs)
-    }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        // NOTE: opened and renewed by replacing (delete with its nonce, then MAP), never in
+        // place: miniupnpd 2.3.1 forgets the nonce of a pinhole renewed in place and then
+        // refuses to delete it (see `Pcp6Client::renew`; found by the daemon lab). A restore
+        // or a retry of a pinhole the router may still hold is such a renewal. Deleting one
+        // that does not exist is success.
         Box::pin(async move {
             let map = self.map(record, lifetime_secs)?;
-            // NOTE: renewed by replacing, not in place: miniupnpd 2.3.1 forgets the nonce of
-            // a pinhole renewed in place (see `Pcp6Client::renew`).
             self.client.renew(&map).await.map(opened_pcp)
         })
     }
@@ -248,13 +235,6 @@ impl PinholeRouter for UpnpPinholes {
     // UniqueID (the same one while it exists, a renewal of its lease; measured in the lab),
     // and only that one is deleted.
     fn open<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        Box::pin(self.add(record, lifetime_secs))
-    }
-    fn renew<'a>(
         &'a mut self,
         record: &'a PinholeRecord,
         lifetime_secs: u32,
@@ -610,12 +590,17 @@ impl Pinholes {
             self.say_once("not available in gateway mode yet; Services are published over IPv4");
             return PinholeOutcome::default();
         }
+        // Once per pass, with the router known from earlier passes (again only in the pass
+        // that reaches a new one: the trust rules need its address).
+        let mut wanted = desired_pinholes(
+            services,
+            nodes,
+            config,
+            &with_router(host, self.router.as_deref()),
+            mappings,
+        );
         // Nothing wanted and nothing held: no router is asked anything (not even found).
-        if state.pinholes.is_empty()
-            && desired_pinholes(services, nodes, config, host, mappings)
-                .pinholes
-                .is_empty()
-        {
+        if state.pinholes.is_empty() && wanted.pinholes.is_empty() {
             return PinholeOutcome::default();
         }
         if matches!(backend, Backend::Natpmp | Backend::None) {
@@ -638,6 +623,13 @@ impl Pinholes {
                     tracing::info!(router = %router.router(), host = %router.host(), %backend,
                         "IPv6 pinholes go through the router's IPv6 address");
                     self.said.clear();
+                    wanted = desired_pinholes(
+                        services,
+                        nodes,
+                        config,
+                        &with_router(host, Some(router.as_ref())),
+                        mappings,
+                    );
                     Some(router)
                 }
                 Err(why) => {
@@ -658,10 +650,6 @@ impl Pinholes {
             router: router.router(),
             relay_from: (config.exposure.mode == ExposureMode::Relay).then(|| router.host()),
         };
-        let mut host = host.clone();
-        host.router_addresses.insert(route.router.into());
-        host.own_addresses.insert(router.host().into());
-        let wanted = desired_pinholes(services, nodes, config, &host, mappings);
         let mut lost = lost.clone();
         // A restart seen while restoring from the last one waits the retry floor: a router
         // that claims a restart in every answer costs a restore per floor, not a busy loop.
@@ -678,7 +666,7 @@ impl Pinholes {
         }
         let actions = plan_pinholes(&wanted, state, &route, &lost, now);
         let mut problems = wanted.problems;
-        execute(
+        let epoch = execute(
             &actions,
             router.as_mut(),
             state,
@@ -688,7 +676,16 @@ impl Pinholes {
             &mut problems,
         )
         .await;
-        if router.take_restart() {
+        // The client sees a restart between two of its own answers; the recorded epochs also
+        // show one that happened while holepunch was not running.
+        let restarted_unseen = epoch.is_some_and(|epoch| {
+            state.pinholes.values().any(|r| {
+                r.backend == Backend::Pcp
+                    && r.router == route.router
+                    && lost_by_restart(r, epoch, now)
+            })
+        });
+        if router.take_restart() || restarted_unseen {
             tracing::warn!(%backend, "the router restarted and lost its IPv6 pinholes; restoring them");
             self.restarted = Some(now);
         }
@@ -707,7 +704,32 @@ impl Pinholes {
     }
 }
 
-/// Runs the pinhole plan: each request saved as pending first, each result recorded.
+/// `host` with the pinhole router's address and this host's address toward it, for the trust
+/// rules (README, "Security model").
+fn with_router(host: &HostFacts, router: Option<&dyn PinholeRouter>) -> HostFacts {
+    let mut host = host.clone();
+    if let Some(router) = router {
+        host.router_addresses.insert(router.router().into());
+        host.own_addresses.insert(router.host().into());
+    }
+    host
+}
+
+/// Whether the router's PCP epoch `epoch_secs`, answered at `now`, shows that it restarted
+/// (and lost `record`) since it granted `record` with the epoch recorded then: the epoch
+/// went back, or did not advance with the wall clock (RFC 6887 §8.5).
+fn lost_by_restart(record: &PinholeRecord, epoch_secs: u32, now: Timestamp) -> bool {
+    let (Some(epoch), Some(granted_at)) = (record.epoch, record.times.granted_at) else {
+        return false;
+    };
+    match Duration::try_from(now.duration_since(granted_at)) {
+        Ok(since) => !super::pcp::client::epoch_is_consistent(epoch, epoch_secs, since),
+        Err(_) => false,
+    }
+}
+
+/// Runs the pinhole plan: each request saved as pending first, each result recorded. Returns
+/// the router's PCP epoch with the last grant, if any.
 async fn execute(
     actions: &[PinholeAction],
     router: &mut dyn PinholeRouter,
@@ -716,7 +738,8 @@ async fn execute(
     lease_secs: u32,
     now: Timestamp,
     problems: &mut Vec<Problem>,
-) {
+) -> Option<u32> {
+    let mut epoch = None;
     for action in actions {
         match action {
             PinholeAction::Close { key } => {
@@ -767,6 +790,7 @@ async fn execute(
                     continue;
                 }
                 let result = router.open(&record, lease_secs).await;
+                epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, key, result, now, problems);
                 save(store, state);
             }
@@ -774,12 +798,14 @@ async fn execute(
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let result = router.renew(&record, lease_secs).await;
+                let result = router.open(&record, lease_secs).await;
+                epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, *key, result, now, problems);
                 save(store, state);
             }
         }
     }
+    epoch
 }
 
 /// Saves the state; `false` (logged) when it cannot be saved.
@@ -855,6 +881,46 @@ fn failed(record: &mut PinholeRecord, error: &RouterError, now: Timestamp) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_epoch_shows_a_router_restart_that_happened_while_holepunch_was_down() {
+        let at = |text: &str| text.parse::<Timestamp>().expect("time");
+        let mut record = PinholeRecord {
+            owner: crate::model::Owner::new("media", "jellyfin"),
+            service_port: 8096,
+            protocol: crate::model::Protocol::Tcp,
+            external_port: 8096,
+            address: "2001:db8:77::10".parse().expect("ip"),
+            port: 8096,
+            target_address: "2001:db8:77::20".parse().expect("ip"),
+            target_port: 31096,
+            target_source: crate::model::TargetSource::NodePort,
+            backend: Backend::Pcp,
+            router: "2001:db8:77::1".parse().expect("ip"),
+            nonce: None,
+            old_unique_id: None,
+            epoch: Some(5000),
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 3600,
+                granted_at: Some(at("2026-12-05T10:00:00Z")),
+                ..Default::default()
+            },
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            failure: None,
+            last_error: None,
+        };
+        let hour_later = at("2026-12-05T11:00:00Z");
+        // The router ran on: its epoch advanced with the clock.
+        assert!(!lost_by_restart(&record, 8600, hour_later));
+        // It restarted 10 minutes ago, or its epoch went back.
+        assert!(lost_by_restart(&record, 600, hour_later));
+        assert!(lost_by_restart(&record, 4000, at("2026-12-05T10:00:30Z")));
+        // Without a recorded epoch or grant (UPnP, never granted) nothing can be told.
+        record.epoch = None;
+        assert!(!lost_by_restart(&record, 600, hour_later));
+    }
 
     #[test]
     fn picks_the_ipv6_default_route_with_the_lowest_metric() {

@@ -79,10 +79,15 @@ fn name(record: &PinholeRecord) -> String {
 }
 
 impl Scripted6 {
-    fn grant(&self, verb: &str, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
+    /// Opens the pinhole, or renews it if the router holds it (one request for both).
+    fn grant(&self, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
         let mut holes = lock(&self.holes.0);
+        let verb = if holes.held.insert(name(record)) {
+            "open"
+        } else {
+            "renew"
+        };
         holes.calls.push(format!("{verb} {}", name(record)));
-        holes.held.insert(name(record));
         Opened {
             lifetime_secs,
             renew_after: None,
@@ -107,15 +112,7 @@ impl PinholeRouter for Scripted6 {
         record: &'a PinholeRecord,
         lifetime_secs: u32,
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        let opened = self.grant("open", record, lifetime_secs);
-        Box::pin(async move { Ok(opened) })
-    }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        let opened = self.grant("renew", record, lifetime_secs);
+        let opened = self.grant(record, lifetime_secs);
         Box::pin(async move { Ok(opened) })
     }
     fn close<'a>(
