@@ -152,11 +152,30 @@ fn router_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
+/// How many records there are per backend, protocol and status: the series of
+/// `holepunch_mappings` and `holepunch_pinholes`.
+fn count_by_labels(
+    records: impl Iterator<Item = (Backend, Protocol, MappingStatus)>,
+) -> std::collections::BTreeMap<MappingLabels, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (backend, protocol, status) in records {
+        *counts
+            .entry([
+                ("backend", backend_label(backend)),
+                ("protocol", protocol_label(protocol)),
+                ("state", status_label(status)),
+            ])
+            .or_default() += 1;
+    }
+    counts
+}
+
 /// The daemon's metrics and what `/healthz` decides on. One per daemon, shared by the event
 /// loop and the HTTP listener.
 pub struct Metrics {
     registry: Registry,
     mappings: Family<MappingLabels, Gauge>,
+    pinholes: Family<MappingLabels, Gauge>,
     router_requests: Family<RequestLabels, Counter>,
     router_request_duration: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     router_up: Gauge,
@@ -212,6 +231,8 @@ struct Observed {
     mappings_up: usize,
     /// The series of `holepunch_mappings` and of the address info metric now exposed.
     mapping_series: Vec<MappingLabels>,
+    /// The series of `holepunch_pinholes` now exposed.
+    pinhole_series: Vec<MappingLabels>,
     address_series: Option<AddressLabels>,
 }
 
@@ -225,6 +246,12 @@ impl Metrics {
             "mappings",
             "Mappings recorded in the state file, by backend, protocol and state (pending, active, failed)",
             mappings.clone(),
+        );
+        let pinholes = Family::<MappingLabels, Gauge>::default();
+        registry.register(
+            "pinholes",
+            "IPv6 pinholes recorded in the state file, by backend, protocol and state (pending, active, failed), as for mappings (README, \"IPv6\")",
+            pinholes.clone(),
         );
         let router_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -316,6 +343,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             mappings,
+            pinholes,
             router_requests,
             router_request_duration,
             router_up,
@@ -339,6 +367,7 @@ impl Metrics {
                 state_write_error: None,
                 mappings_up: 0,
                 mapping_series: Vec::new(),
+                pinhole_series: Vec::new(),
                 address_series: None,
             }),
         })
@@ -477,18 +506,23 @@ impl Metrics {
     pub fn observe_state(&self, state: &State, problems: &[Problem], save_error: Option<&str>) {
         // Set the new counts, then drop the series that went away: a scrape in between
         // never sees a mapping count fall to nothing and come back.
-        let mut counts: std::collections::BTreeMap<MappingLabels, i64> = Default::default();
-        for record in state.mappings.values() {
-            *counts
-                .entry([
-                    ("backend", backend_label(record.backend)),
-                    ("protocol", protocol_label(record.protocol)),
-                    ("state", status_label(record.status)),
-                ])
-                .or_default() += 1;
-        }
+        let counts = count_by_labels(
+            state
+                .mappings
+                .values()
+                .map(|r| (r.backend, r.protocol, r.status)),
+        );
         for (labels, count) in &counts {
             self.mappings.get_or_create(labels).set(*count);
+        }
+        let pinholes = count_by_labels(
+            state
+                .pinholes
+                .values()
+                .map(|r| (r.backend, r.protocol, r.status)),
+        );
+        for (labels, count) in &pinholes {
+            self.pinholes.get_or_create(labels).set(*count);
         }
         let address = state
             .mappings
@@ -513,6 +547,14 @@ impl Metrics {
             {
                 self.mappings.remove(gone);
             }
+            for gone in observed
+                .pinhole_series
+                .iter()
+                .filter(|labels| !pinholes.contains_key(*labels))
+            {
+                self.pinholes.remove(gone);
+            }
+            observed.pinhole_series = pinholes.into_keys().collect();
             if let Some(gone) = observed.address_series.take()
                 && Some(&gone) != address.as_ref()
             {
@@ -1089,11 +1131,19 @@ mod tests {
     #[test]
     fn metrics_say_what_the_state_holds() {
         let metrics = Metrics::new(120, Duration::from_secs(60));
-        let state = state(vec![
+        let mut state = state(vec![
             record(8080, MappingStatus::Active, Some("2025-01-01T00:00:00Z")),
             record(8081, MappingStatus::Active, Some("2025-01-01T00:00:30Z")),
             record(8082, MappingStatus::Failed, None),
         ]);
+        for (port, status) in [
+            (8080, MappingStatus::Active),
+            (8081, MappingStatus::Pending),
+        ] {
+            let mut pinhole = crate::state::PinholeRecord::example(port);
+            pinhole.status = status;
+            state.pinholes.insert(pinhole.key(), pinhole);
+        }
         let problems = vec![
             Problem {
                 owner: Owner {
@@ -1115,6 +1165,8 @@ mod tests {
         for line in [
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"active\"} 2",
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"failed\"} 1",
+            "holepunch_pinholes{backend=\"pcp\",protocol=\"tcp\",state=\"active\"} 1",
+            "holepunch_pinholes{backend=\"pcp\",protocol=\"tcp\",state=\"pending\"} 1",
             "holepunch_problems{kind=\"conflict\"} 1",
             "holepunch_problems{kind=\"double_nat\"} 0",
             "holepunch_problems{kind=\"over_quota\"} 1",
@@ -1136,6 +1188,10 @@ mod tests {
         assert!(
             !text.contains("holepunch_mappings{"),
             "gone mappings go: {text}"
+        );
+        assert!(
+            !text.contains("holepunch_pinholes{"),
+            "gone pinholes go: {text}"
         );
         assert!(!text.contains("address=\""), "{text}");
         assert!(!text.contains("holepunch_lease_expiry_seconds "), "{text}");

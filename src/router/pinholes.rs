@@ -886,30 +886,12 @@ mod tests {
     fn a_recorded_epoch_shows_a_router_restart_that_happened_while_holepunch_was_down() {
         let at = |text: &str| text.parse::<Timestamp>().expect("time");
         let mut record = PinholeRecord {
-            owner: crate::model::Owner::new("media", "jellyfin"),
-            service_port: 8096,
-            protocol: crate::model::Protocol::Tcp,
-            external_port: 8096,
-            address: "2001:db8:77::10".parse().expect("ip"),
-            port: 8096,
-            target_address: "2001:db8:77::20".parse().expect("ip"),
-            target_port: 31096,
-            target_source: crate::model::TargetSource::NodePort,
-            backend: Backend::Pcp,
-            router: "2001:db8:77::1".parse().expect("ip"),
-            nonce: None,
-            old_unique_id: None,
             epoch: Some(5000),
             times: crate::state::LeaseTimes {
-                lifetime_secs: 3600,
                 granted_at: Some(at("2026-12-05T10:00:00Z")),
-                ..Default::default()
+                ..PinholeRecord::example(8096).times
             },
-            status: MappingStatus::Active,
-            retry_at: None,
-            failures: 0,
-            failure: None,
-            last_error: None,
+            ..PinholeRecord::example(8096)
         };
         let hour_later = at("2026-12-05T11:00:00Z");
         // The router ran on: its epoch advanced with the clock.

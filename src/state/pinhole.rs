@@ -75,3 +75,39 @@ impl PinholeRecord {
         Endpoint6::new(self.target_address, self.target_port)
     }
 }
+
+#[cfg(test)]
+impl PinholeRecord {
+    /// An active PCP pinhole for tests: this host's 2001:db8:77::10 on `external_port`
+    /// (TCP), to a node's 2001:db8:77::20, granted at 2025-01-02T03:04:05Z for an hour.
+    pub(crate) fn example(external_port: u16) -> PinholeRecord {
+        let at = |text: &str| text.parse().ok();
+        PinholeRecord {
+            owner: Owner::new("media", "jellyfin"),
+            service_port: 8096,
+            protocol: Protocol::Tcp,
+            external_port,
+            address: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10),
+            port: external_port,
+            target_address: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x20),
+            target_port: 31096,
+            target_source: TargetSource::NodePort,
+            backend: Backend::Pcp,
+            router: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1),
+            nonce: Some("00112233445566778899aabb".to_owned()),
+            old_unique_id: None,
+            epoch: Some(1234),
+            times: LeaseTimes {
+                lifetime_secs: 3600,
+                granted_at: at("2025-01-02T03:04:05Z"),
+                renew_at: at("2025-01-02T03:34:05Z"),
+                expires_at: at("2025-01-02T04:04:05Z"),
+            },
+            status: MappingStatus::Active,
+            retry_at: None,
+            failures: 0,
+            failure: None,
+            last_error: None,
+        }
+    }
+}
