@@ -347,21 +347,52 @@ fn dry_run(
         .router
         .address
         .or_else(|| crate::router::discover::default_gateway().ok());
+    let host = crate::host::facts(gateway, &state);
     let wanted = desired(
         &snapshot.services,
         &snapshot.nodes,
         &snapshot.endpoint_slices,
         &config,
-        &crate::host::facts(gateway, &state),
+        &host,
         &crate::trust::holders(&state),
     );
+    let now = Timestamp::now();
     let plan = plan(
         &wanted,
         &state,
         dry_run_forwarding(&config, lan_address),
-        Timestamp::now(),
+        now,
     );
     print!("{plan}");
+    let route = dry_run_route(&config, &state);
+    let mut host = host;
+    if let Some(route) = &route {
+        host.router_addresses.insert(route.router.into());
+        host.own_addresses
+            .extend(route.relay_from.map(std::net::IpAddr::from));
+    }
+    let pinholes = crate::pinholes::desired_pinholes(
+        &snapshot.services,
+        &snapshot.nodes,
+        &config,
+        &host,
+        &wanted.mappings,
+    );
+    if let Some(route) = &route {
+        let actions =
+            crate::pinholes::plan_pinholes(&pinholes, &state, route, &Default::default(), now);
+        for action in &actions {
+            println!("{}", pinhole_action_line(action, &state));
+        }
+    }
+    for problem in &pinholes.problems {
+        println!(
+            "{}",
+            Action::Report {
+                problem: problem.clone()
+            }
+        );
+    }
     eprintln!(
         "{} Services read, {} mappings wanted, {} problems; nothing was changed",
         snapshot.services.len(),
@@ -369,6 +400,90 @@ fn dry_run(
         wanted.problems.len()
     );
     Ok(())
+}
+
+/// Where `plan` shows the IPv6 pinholes asked: the backend configured (with `auto`, the one
+/// the recorded mappings use, else PCP), the router and this host's address found as the
+/// daemon finds them (README, "IPv6"; read locally, nothing sent). `None` (said) when the
+/// daemon would ask for no pinhole.
+fn dry_run_route(config: &Config, state: &State) -> Option<crate::pinholes::PinholeRoute> {
+    use crate::config::{BackendChoice, ExposureMode, Ipv6Choice};
+    if config.exposure.mode == ExposureMode::Gateway
+        || (config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty())
+    {
+        return None;
+    }
+    let backend = match config.router.backend {
+        BackendChoice::Pcp => Backend::Pcp,
+        BackendChoice::Upnp => Backend::Upnp,
+        BackendChoice::Natpmp | BackendChoice::None => return None,
+        BackendChoice::Auto => match StatusSummary::of(state).backend {
+            Some(Backend::Upnp) => Backend::Upnp,
+            Some(Backend::Natpmp) => return None,
+            _ => Backend::Pcp,
+        },
+    };
+    let recorded = state.pinholes.values().next();
+    let (router, host) = match crate::router::pinholes::ipv6_path() {
+        Ok(path) => (path.router, path.host),
+        Err(why) => {
+            eprintln!("note: {why}; IPv6 pinholes are shown with the recorded router and address");
+            let unknown = std::net::Ipv6Addr::UNSPECIFIED;
+            (
+                recorded.map_or(unknown, |r| r.router),
+                recorded.map_or(unknown, |r| r.address),
+            )
+        }
+    };
+    Some(crate::pinholes::PinholeRoute {
+        backend,
+        router,
+        relay_from: (config.exposure.mode == ExposureMode::Relay).then_some(host),
+    })
+}
+
+/// One line of `plan` for a pinhole action, in the columns of the IPv4 actions.
+fn pinhole_action_line(action: &crate::pinholes::PinholeAction, state: &State) -> String {
+    use crate::pinholes::{OpenReason, PinholeAction};
+    let line = |verb: &str, record: &crate::state::PinholeRecord, extra: String| {
+        format!(
+            "{verb:<8} {:<11} {:<28} {} -> {}{extra}",
+            format!("{}6", record.key()),
+            record.owner.to_string(),
+            record.opens(),
+            record.target(),
+        )
+    };
+    match action {
+        PinholeAction::Open { record, reason } => {
+            let reason = match reason {
+                OpenReason::New => "new",
+                OpenReason::Unconfirmed => "unconfirmed",
+                OpenReason::Expired => "lease expired",
+                OpenReason::RetryDue => "retry after failure",
+                OpenReason::RouterRestarted => "router restarted",
+            };
+            line(
+                "open",
+                record,
+                format!(", IPv6 pinhole through {} ({reason})", record.backend),
+            )
+        }
+        PinholeAction::Renew { key } | PinholeAction::Close { key } => {
+            let verb = match action {
+                PinholeAction::Renew { .. } => "renew",
+                _ => "close",
+            };
+            match state.pinholes.get(key) {
+                Some(record) => line(
+                    verb,
+                    record,
+                    format!(", IPv6 pinhole through {}", record.backend),
+                ),
+                None => format!("{verb:<8} {key}6"),
+            }
+        }
+    }
 }
 
 /// The recorded state, read-only; no state file yet means no mappings.
@@ -795,6 +910,13 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         }
     }
     println!("removed {unmapped} mappings, {} left", state.mappings.len());
+    if !state.pinholes.is_empty() {
+        let closed = runtime.block_on(close_pinholes(&config, &mut state, &mut store));
+        println!(
+            "removed {closed} IPv6 pinholes, {} left",
+            state.pinholes.len()
+        );
+    }
     match crate::nft::NftFirewall.remove() {
         Ok(true) => println!("removed the nftables table inet {}", crate::nft::TABLE_NAME),
         Ok(false) => {}
@@ -808,16 +930,37 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
             ));
         }
     }
-    if !state.mappings.is_empty() {
+    if !state.mappings.is_empty() || !state.pinholes.is_empty() {
         return Err(Failure::new(
             EXIT_UNREACHABLE,
             anyhow::anyhow!(
-                "{} mappings could not be removed; run holepunch cleanup again when the router answers",
-                state.mappings.len()
+                "{} mappings and {} IPv6 pinholes could not be removed; run holepunch cleanup again when the router answers",
+                state.mappings.len(),
+                state.pinholes.len()
             ),
         ));
     }
     Ok(())
+}
+
+/// `cleanup`'s IPv6 part: every recorded pinhole deleted at the router it was asked of, as
+/// the daemon deletes one (README, "IPv6"), not left to run out. Returns how many went;
+/// those whose router cannot be reached stay recorded.
+async fn close_pinholes(config: &Config, state: &mut State, store: &mut StateFile) -> usize {
+    use crate::router::pinholes::{PinholeConnect, RouterPinholes, close_all};
+    let mut closed = 0;
+    for backend in [Backend::Pcp, Backend::Upnp] {
+        if !state.pinholes.values().any(|r| r.backend == backend) {
+            continue;
+        }
+        match RouterPinholes.connect(backend, config).await {
+            Ok(mut router) => {
+                closed += close_all(router.as_mut(), state, store, Timestamp::now()).await;
+            }
+            Err(why) => tracing::warn!("cannot reach the router for IPv6 pinholes: {why}"),
+        }
+    }
+    closed
 }
 
 #[cfg(test)]
@@ -987,6 +1130,44 @@ mod tests {
                  external IP unknown, backend unknown\n"
             ),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn plan_shows_pinhole_actions_in_the_columns_of_the_ipv4_ones() {
+        use crate::pinholes::{OpenReason, PinholeAction};
+        use crate::state::PinholeRecord;
+        let pinhole = PinholeRecord::example(8096);
+        let mut state = State::default();
+        state.pinholes.insert(pinhole.key(), pinhole.clone());
+        let close = pinhole_action_line(&PinholeAction::Close { key: pinhole.key() }, &state);
+        assert_eq!(
+            close,
+            "close    8096/tcp6   media/jellyfin               [2001:db8:77::10]:8096 -> \
+             [2001:db8:77::20]:31096, IPv6 pinhole through pcp"
+        );
+        let open = pinhole_action_line(
+            &PinholeAction::Open {
+                record: Box::new(pinhole.clone()),
+                reason: OpenReason::RouterRestarted,
+            },
+            &State::default(),
+        );
+        assert!(
+            open.starts_with("open     8096/tcp6   media/jellyfin"),
+            "{open}"
+        );
+        assert!(open.ends_with("through pcp (router restarted)"), "{open}");
+        let renew = pinhole_action_line(&PinholeAction::Renew { key: pinhole.key() }, &state);
+        assert!(renew.starts_with("renew    8096/tcp6"), "{renew}");
+        // A key the state does not hold (never planned so) still says which one.
+        let gone = pinhole_action_line(
+            &PinholeAction::Close { key: pinhole.key() },
+            &State::default(),
+        );
+        assert_eq!(
+            gone.split_whitespace().collect::<Vec<_>>(),
+            ["close", "8096/tcp6"]
         );
     }
 

@@ -728,6 +728,26 @@ fn lost_by_restart(record: &PinholeRecord, epoch_secs: u32, now: Timestamp) -> b
     }
 }
 
+/// Deletes every recorded pinhole of `router`'s backend (`holepunch cleanup`), each through
+/// the same step as the daemon's closes (one made through another router is forgotten: it
+/// ends with its lease), saved as it goes. Returns how many were deleted or forgotten.
+pub async fn close_all(
+    router: &mut dyn PinholeRouter,
+    state: &mut State,
+    store: &mut impl Persist,
+    now: Timestamp,
+) -> usize {
+    let before = state.pinholes.len();
+    let closes: Vec<PinholeAction> = state
+        .pinholes
+        .iter()
+        .filter(|(_, r)| r.backend == router.backend())
+        .map(|(key, _)| PinholeAction::Close { key: *key })
+        .collect();
+    execute(&closes, router, state, store, 0, now, &mut Vec::new()).await;
+    before - state.pinholes.len()
+}
+
 /// Runs the pinhole plan: each request saved as pending first, each result recorded. Returns
 /// the router's PCP epoch with the last grant, if any.
 async fn execute(
