@@ -311,6 +311,9 @@ where
                 now,
             )
             .await;
+        if let Some(ha) = self.ha.as_deref_mut() {
+            ha.mirror(self.state);
+        }
         let check_rules = self.rules.check_due(verify_interval(&self.config));
         self.rules
             .sync(

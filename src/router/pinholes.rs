@@ -771,6 +771,13 @@ async fn execute(
                 let result = if expired {
                     // The router dropped it when its lease ended: nothing to ask.
                     Ok(())
+                } else if record.backend == Backend::Pcp && record.address != router.host() {
+                    // NOTE: RFC 6887 §13.1: PCP deletes only the caller's own pinholes (another
+                    // address needs THIRD_PARTY): one a previous HA holder opened to its own
+                    // address ends with its lease (README, "High availability").
+                    tracing::info!(service = %record.owner, pinhole = %record.opens(), expires_at = ?record.times.expires_at,
+                        "this host cannot delete another host's PCP pinhole; it closes when its lease ends");
+                    Ok(())
                 } else if record.backend == router.backend() && record.router == router.router() {
                     router.close(&record).await
                 } else {

@@ -79,13 +79,15 @@ fn name(record: &PinholeRecord) -> String {
 }
 
 impl Scripted6 {
-    /// Opens the pinhole, or renews it if the router holds it (one request for both).
+    /// Opens or renews the pinhole (one request for both), noted as the plan asked it: a
+    /// renewal sends the active record, an open the record saved as pending first.
     fn grant(&self, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
         let mut holes = lock(&self.holes.0);
-        let verb = if holes.held.insert(name(record)) {
-            "open"
-        } else {
+        holes.held.insert(name(record));
+        let verb = if record.status == MappingStatus::Active {
             "renew"
+        } else {
+            "open"
         };
         holes.calls.push(format!("{verb} {}", name(record)));
         Opened {
@@ -360,5 +362,138 @@ async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
             .ends_with("no IPv6 pinhole reaches it either"),
         "{}",
         problems[0].message
+    );
+}
+
+/// The previous HA holder's own global address (relay mode opens pinholes to it).
+const OLD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x99);
+
+/// `[ha]`, relay mode: the host that takes over loads the previous holder's pinholes from the
+/// mirror. One that opens the previous holder's own address is deleted where the router
+/// allows it (UPnP) and replaced by one to this host's address; PCP deletes only the caller's
+/// own, so there it is left to its lease. Either way the new host opens its own at once, and
+/// mirrors it (README, "High availability").
+#[tokio::test(start_paused = true)]
+async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_own() {
+    use crate::ha::election::Role;
+    use crate::ha::role::{Leadership, MemoryMirror};
+    use crate::ha::runner::Standing;
+
+    for (backend, choice) in [
+        (Backend::Upnp, BackendChoice::Upnp),
+        (Backend::Pcp, BackendChoice::Pcp),
+    ] {
+        let world = World {
+            lab: Lab::answering(&[backend]),
+            ..World::default()
+        };
+        set_dual(&world, vec![web("web", 8080)]);
+        let mut books = Books::new();
+        // What the previous holder mirrored: the mapping and its pinhole to its own address.
+        let mut previous = {
+            let mut ctx = context(&world, &mut books, config(choice));
+            ctx.pass(Trigger::Cluster).await;
+            ctx.state.clone()
+        };
+        assert_eq!(previous.pinholes.len(), 1, "{backend}");
+        for hole in previous.pinholes.values_mut() {
+            hole.address = OLD6;
+        }
+        let old = format!("8080/tcp [{OLD6}]:8080");
+        {
+            let mut holes = lock(&world.holes.0);
+            holes.held.clear();
+            holes.held.insert(old.clone());
+            holes.calls.clear();
+        }
+        let mirror = MemoryMirror::default();
+        *lock(&mirror.0) = Some(previous.clone());
+        let (_standing, receiver) = tokio::sync::watch::channel(Standing {
+            identity: "node-a".into(),
+            role: Role::Leader {
+                until: std::time::Instant::now() + Duration::from_secs(3600),
+            },
+            transitions: 4,
+        });
+        let mut leadership = Leadership::new(receiver, None, Box::new(mirror.clone()));
+        books.state = State::default();
+
+        let mut ctx = context(&world, &mut books, config(choice)).with_ha(Some(&mut leadership));
+        ctx.pass(Trigger::Cluster).await;
+        let own = held(8080);
+        match backend {
+            Backend::Upnp => {
+                assert_eq!(
+                    world.holes.calls(),
+                    [format!("close {old}"), format!("open {own}")],
+                    "UPnP: the previous holder's deleted, then this host's opened"
+                );
+                assert_eq!(world.holes.held(), [own.clone()]);
+            }
+            _ => {
+                assert_eq!(
+                    world.holes.calls(),
+                    [format!("open {own}")],
+                    "PCP: nothing asked about another host's pinhole"
+                );
+                assert_eq!(world.holes.held(), [own.clone(), old.clone()]);
+            }
+        }
+        let hole = pinhole(ctx.state, 8080).expect("this host's pinhole");
+        assert_eq!(
+            (hole.address, hole.status),
+            (HOST6, MappingStatus::Active),
+            "{backend}"
+        );
+        assert_eq!(
+            mirror.records().map(|r| r.pinholes),
+            Some(ctx.state.pinholes.clone()),
+            "{backend}: this host's pinhole is mirrored for the next one"
+        );
+    }
+}
+
+/// `[ha]`, direct mode: a mirrored pinhole opens the target's own address, the same for every
+/// host, so the host that takes over renews it instead of replacing it.
+#[tokio::test(start_paused = true)]
+async fn a_host_that_takes_over_renews_a_mirrored_pinhole_to_a_target() {
+    use crate::ha::election::Role;
+    use crate::ha::role::{Leadership, MemoryMirror};
+    use crate::ha::runner::Standing;
+
+    let world = World {
+        lab: Lab::answering(&[Backend::Upnp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut direct = config(BackendChoice::Upnp);
+    direct.exposure.mode = ExposureMode::Direct;
+    let previous = {
+        let mut ctx = context(&world, &mut books, direct.clone());
+        ctx.pass(Trigger::Cluster).await;
+        ctx.state.clone()
+    };
+    let to_target = format!("8080/tcp [{NODE6}]:38080");
+    assert_eq!(world.holes.held(), [to_target.clone()]);
+    lock(&world.holes.0).calls.clear();
+    let mirror = MemoryMirror::default();
+    *lock(&mirror.0) = Some(previous);
+    let (_standing, receiver) = tokio::sync::watch::channel(Standing {
+        identity: "node-a".into(),
+        role: Role::Leader {
+            until: std::time::Instant::now() + Duration::from_secs(3600),
+        },
+        transitions: 4,
+    });
+    let mut leadership = Leadership::new(receiver, None, Box::new(mirror.clone()));
+    books.state = State::default();
+    let mut ctx = context(&world, &mut books, direct).with_ha(Some(&mut leadership));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.calls(), [format!("renew {to_target}")]);
+    assert_eq!(world.holes.held(), [to_target]);
+    assert_eq!(
+        pinhole(ctx.state, 8080).map(|h| h.status),
+        Some(MappingStatus::Active)
     );
 }
