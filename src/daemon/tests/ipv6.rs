@@ -428,7 +428,7 @@ async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_
                     [format!("close {old}"), format!("open {own}")],
                     "UPnP: the previous holder's deleted, then this host's opened"
                 );
-                assert_eq!(world.holes.held(), [own.clone()]);
+                assert_eq!(world.holes.held(), [own]);
             }
             _ => {
                 assert_eq!(
@@ -475,7 +475,7 @@ async fn a_host_that_takes_over_renews_a_mirrored_pinhole_to_a_target() {
         ctx.state.clone()
     };
     let to_target = format!("8080/tcp [{NODE6}]:38080");
-    assert_eq!(world.holes.held(), [to_target.clone()]);
+    assert_eq!(world.holes.held(), std::slice::from_ref(&to_target));
     lock(&world.holes.0).calls.clear();
     let mirror = MemoryMirror::default();
     *lock(&mirror.0) = Some(previous);
