@@ -152,9 +152,10 @@ fn router_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
-/// How many records there are per backend, protocol and status: the series of
-/// `holepunch_mappings` and `holepunch_pinholes`.
-fn count_by_labels(
+/// Sets `family` (`holepunch_mappings` or `holepunch_pinholes`) to how many `records` there
+/// are per backend, protocol and status; returns those counts.
+fn set_counts(
+    family: &Family<MappingLabels, Gauge>,
     records: impl Iterator<Item = (Backend, Protocol, MappingStatus)>,
 ) -> std::collections::BTreeMap<MappingLabels, i64> {
     let mut counts = std::collections::BTreeMap::new();
@@ -167,7 +168,23 @@ fn count_by_labels(
             ])
             .or_default() += 1;
     }
+    for (labels, count) in &counts {
+        family.get_or_create(labels).set(*count);
+    }
     counts
+}
+
+/// Removes the series of `family` that were `exposed` and have no count now; returns the
+/// series exposed from now on.
+fn drop_gone(
+    family: &Family<MappingLabels, Gauge>,
+    exposed: &[MappingLabels],
+    now: std::collections::BTreeMap<MappingLabels, i64>,
+) -> Vec<MappingLabels> {
+    for gone in exposed.iter().filter(|labels| !now.contains_key(*labels)) {
+        family.remove(gone);
+    }
+    now.into_keys().collect()
 }
 
 /// The daemon's metrics and what `/healthz` decides on. One per daemon, shared by the event
@@ -506,24 +523,20 @@ impl Metrics {
     pub fn observe_state(&self, state: &State, problems: &[Problem], save_error: Option<&str>) {
         // Set the new counts, then drop the series that went away: a scrape in between
         // never sees a mapping count fall to nothing and come back.
-        let counts = count_by_labels(
+        let counts = set_counts(
+            &self.mappings,
             state
                 .mappings
                 .values()
                 .map(|r| (r.backend, r.protocol, r.status)),
         );
-        for (labels, count) in &counts {
-            self.mappings.get_or_create(labels).set(*count);
-        }
-        let pinholes = count_by_labels(
+        let pinholes = set_counts(
+            &self.pinholes,
             state
                 .pinholes
                 .values()
                 .map(|r| (r.backend, r.protocol, r.status)),
         );
-        for (labels, count) in &pinholes {
-            self.pinholes.get_or_create(labels).set(*count);
-        }
         let address = state
             .mappings
             .values()
@@ -540,27 +553,13 @@ impl Metrics {
         }
         {
             let mut observed = self.observed();
-            for gone in observed
-                .mapping_series
-                .iter()
-                .filter(|labels| !counts.contains_key(*labels))
-            {
-                self.mappings.remove(gone);
-            }
-            for gone in observed
-                .pinhole_series
-                .iter()
-                .filter(|labels| !pinholes.contains_key(*labels))
-            {
-                self.pinholes.remove(gone);
-            }
-            observed.pinhole_series = pinholes.into_keys().collect();
+            observed.mapping_series = drop_gone(&self.mappings, &observed.mapping_series, counts);
+            observed.pinhole_series = drop_gone(&self.pinholes, &observed.pinhole_series, pinholes);
             if let Some(gone) = observed.address_series.take()
                 && Some(&gone) != address.as_ref()
             {
                 self.external_address.remove(&gone);
             }
-            observed.mapping_series = counts.into_keys().collect();
             observed.address_series = address;
         }
         for kind in PROBLEM_KINDS {

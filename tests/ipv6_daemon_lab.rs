@@ -129,9 +129,8 @@ fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The whole story through one backend: published over IPv4 and IPv6 together, a second
-/// Service independent, restored after a router restart, removed together.
-fn dual_stack_relay_through(backend: &str) {
+/// The IPv6 router lab for relaying through `backend`, forwarding on in the LAN host.
+fn relay_lab(prefix: &str, backend: &str) -> Lab {
     // UPnP: the IGD is called over IPv6 (see `config`), so the IPv4 mapping to this host's
     // IPv4 address is for "another host" in secure mode: the lab's router runs without it.
     let options: &[&str] = if backend == "upnp" {
@@ -139,11 +138,18 @@ fn dual_stack_relay_through(backend: &str) {
     } else {
         &["--ipv6"]
     };
-    let lab = Lab::up_with(PREFIX, options);
+    let lab = Lab::up_with(prefix, options);
     for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
         assert!(out.status.success(), "{out:?}");
     }
+    lab
+}
+
+/// The whole story through one backend: published over IPv4 and IPv6 together, a second
+/// Service independent, restored after a router restart, removed together.
+fn dual_stack_relay_through(backend: &str) {
+    let lab = relay_lab(PREFIX, backend);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _web6_udp = echo6(&lab, "node", NODE6, 31180);
     let _api6 = echo6(&lab, "node", NODE6, 31081);
@@ -437,16 +443,7 @@ const CLEANUP_PREFIX: &str = "hq8-";
 /// place): the pinholes are deleted at the router as the mappings are (README, "IPv6"), not
 /// left to run out, and nothing of the Service is reachable any more.
 fn cleanup_deletes_the_pinholes_through(backend: &str) {
-    let options: &[&str] = if backend == "upnp" {
-        &["--ipv6", "--insecure"]
-    } else {
-        &["--ipv6"]
-    };
-    let lab = Lab::up_with(CLEANUP_PREFIX, options);
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        let out = lab.exec("lan", &["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "{out:?}");
-    }
+    let lab = relay_lab(CLEANUP_PREFIX, backend);
     let _web6 = echo6(&lab, "node", NODE6, 31080);
     let _web6_udp = echo6(&lab, "node", NODE6, 31180);
     let _web4 = lab.echo_server("node", NODE_IP, 31080);

@@ -365,6 +365,25 @@ async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
     );
 }
 
+/// `[ha]`: this host holds the Lease from the start, and the mirror holds what the previous
+/// holder left (`previous`).
+fn taking_over(previous: State) -> (crate::ha::role::MemoryMirror, crate::ha::role::Leadership) {
+    use crate::ha::election::Role;
+    use crate::ha::runner::Standing;
+    let mirror = crate::ha::role::MemoryMirror::default();
+    *lock(&mirror.0) = Some(previous);
+    // The sender may go: the standing stays what it was last.
+    let (_, receiver) = tokio::sync::watch::channel(Standing {
+        identity: "node-a".into(),
+        role: Role::Leader {
+            until: std::time::Instant::now() + Duration::from_secs(3600),
+        },
+        transitions: 4,
+    });
+    let leadership = crate::ha::role::Leadership::new(receiver, None, Box::new(mirror.clone()));
+    (mirror, leadership)
+}
+
 /// The previous HA holder's own global address (relay mode opens pinholes to it).
 const OLD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x99);
 
@@ -375,10 +394,6 @@ const OLD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x99);
 /// mirrors it (README, "High availability").
 #[tokio::test(start_paused = true)]
 async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_own() {
-    use crate::ha::election::Role;
-    use crate::ha::role::{Leadership, MemoryMirror};
-    use crate::ha::runner::Standing;
-
     for (backend, choice) in [
         (Backend::Upnp, BackendChoice::Upnp),
         (Backend::Pcp, BackendChoice::Pcp),
@@ -406,16 +421,7 @@ async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_
             holes.held.insert(old.clone());
             holes.calls.clear();
         }
-        let mirror = MemoryMirror::default();
-        *lock(&mirror.0) = Some(previous.clone());
-        let (_standing, receiver) = tokio::sync::watch::channel(Standing {
-            identity: "node-a".into(),
-            role: Role::Leader {
-                until: std::time::Instant::now() + Duration::from_secs(3600),
-            },
-            transitions: 4,
-        });
-        let mut leadership = Leadership::new(receiver, None, Box::new(mirror.clone()));
+        let (mirror, mut leadership) = taking_over(previous.clone());
         books.state = State::default();
 
         let mut ctx = context(&world, &mut books, config(choice)).with_ha(Some(&mut leadership));
@@ -457,10 +463,6 @@ async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_
 /// host, so the host that takes over renews it instead of replacing it.
 #[tokio::test(start_paused = true)]
 async fn a_host_that_takes_over_renews_a_mirrored_pinhole_to_a_target() {
-    use crate::ha::election::Role;
-    use crate::ha::role::{Leadership, MemoryMirror};
-    use crate::ha::runner::Standing;
-
     let world = World {
         lab: Lab::answering(&[Backend::Upnp]),
         ..World::default()
@@ -477,16 +479,7 @@ async fn a_host_that_takes_over_renews_a_mirrored_pinhole_to_a_target() {
     let to_target = format!("8080/tcp [{NODE6}]:38080");
     assert_eq!(world.holes.held(), std::slice::from_ref(&to_target));
     lock(&world.holes.0).calls.clear();
-    let mirror = MemoryMirror::default();
-    *lock(&mirror.0) = Some(previous);
-    let (_standing, receiver) = tokio::sync::watch::channel(Standing {
-        identity: "node-a".into(),
-        role: Role::Leader {
-            until: std::time::Instant::now() + Duration::from_secs(3600),
-        },
-        transitions: 4,
-    });
-    let mut leadership = Leadership::new(receiver, None, Box::new(mirror.clone()));
+    let (_mirror, mut leadership) = taking_over(previous);
     books.state = State::default();
     let mut ctx = context(&world, &mut books, direct).with_ha(Some(&mut leadership));
     ctx.pass(Trigger::Cluster).await;
