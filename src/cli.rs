@@ -106,10 +106,11 @@ pub enum Command {
     /// On an error, prints the file, line and column, the key, and what to change, and exits 1.
     CheckConfig,
 
-    /// Remove every router mapping and the nftables table holepunch owns (used on purge).
+    /// Remove every router mapping, IPv6 pinhole and the nftables table holepunch owns (used on
+    /// purge).
     ///
-    /// Only mappings recorded in the state file and tagged holepunch:<namespace>/<service>
-    /// are touched. Takes the state file's lock, so stop the daemon first.
+    /// Only mappings (tagged holepunch:<namespace>/<service>) and pinholes recorded in the
+    /// state file are touched. Takes the state file's lock, so stop the daemon first.
     Cleanup,
 
     /// Print the version.
