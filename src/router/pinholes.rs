@@ -679,8 +679,11 @@ impl Pinholes {
         // The client sees a restart between two of its own answers; the recorded epochs also
         // show one that happened while holepunch was not running.
         let restarted_unseen = epoch.is_some_and(|epoch| {
+            // Only active ones: a failed one keeps the epoch of a grant it has since lost,
+            // and would claim a restart at every pass.
             state.pinholes.values().any(|r| {
-                r.backend == Backend::Pcp
+                r.status == MappingStatus::Active
+                    && r.backend == Backend::Pcp
                     && r.router == route.router
                     && lost_by_restart(r, epoch, now)
             })

@@ -365,6 +365,46 @@ async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
     );
 }
 
+/// A router that restarted while holepunch was not running: the first PCP answer's epoch is
+/// behind what a recorded pinhole's epoch and age say, so every pinhole granted before is
+/// restored at once, not only the one whose renewal fell due (RFC 6887 §8.5).
+#[tokio::test(start_paused = true)]
+async fn a_recorded_epoch_shows_a_restart_the_client_never_saw() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.held(), [held(8080), held(8081)]);
+    // As recorded before a restart of holepunch: 8080 granted when the router's epoch was
+    // far ahead of the 1 s it answers now; 8081 due for renewal.
+    let now = ctx.clock.now();
+    let key = |port| MappingKey {
+        protocol: Protocol::Tcp,
+        external_port: port,
+    };
+    if let Some(hole) = ctx.state.pinholes.get_mut(&key(8080)) {
+        hole.epoch = Some(100_000);
+    }
+    if let Some(hole) = ctx.state.pinholes.get_mut(&key(8081)) {
+        hole.times.renew_at = Some(now);
+    }
+    lock(&world.holes.0).calls.clear();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.holes.calls(), [format!("renew {}", held(8081))]);
+    // The renewal's answer showed the restart: 8080 is restored at the next pass, due now.
+    assert_eq!(ctx.sleep_for(), Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Timer).await;
+    let calls = world.holes.calls();
+    assert!(calls.contains(&format!("open {}", held(8080))), "{calls:?}");
+    assert_eq!(pinhole(ctx.state, 8080).and_then(|h| h.epoch), Some(1));
+}
+
 /// `[ha]`: this host holds the Lease from the start, and the mirror holds what the previous
 /// holder left (`previous`).
 fn taking_over(previous: State) -> (crate::ha::role::MemoryMirror, crate::ha::role::Leadership) {
