@@ -81,6 +81,8 @@ fn operation_label(operation: Operation) -> &'static str {
         Operation::Unmap => "unmap",
         Operation::Verify => "verify",
         Operation::Probe => "probe",
+        Operation::PinholeOpen => "pinhole_open",
+        Operation::PinholeClose => "pinhole_close",
     }
 }
 
@@ -273,7 +275,7 @@ impl Metrics {
         let router_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "router_requests",
-            "Requests to the router, by backend, operation (map, unmap, verify, probe) and result (ok, conflict, refused, unreachable)",
+            "Requests to the router, by backend, operation (map, unmap, verify, probe, pinhole_open, pinhole_close) and result (ok, conflict, refused, unreachable)",
             router_requests.clone(),
         );
         let router_request_duration =

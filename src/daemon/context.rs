@@ -308,6 +308,7 @@ where
                 &crate::pinholes::lost_with_mappings(&plan.actions),
                 self.state,
                 self.store,
+                self.metrics,
                 now,
             )
             .await;

@@ -21,6 +21,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::RouterError;
+use super::instrument::{Operation, RequestLog, result_label};
 use super::pcp::codec::Nonce;
 use super::pcp::v6::{Pcp6Client, PinholeMap};
 use super::upnp::pinhole::{PinholeClient, PinholeError, PinholeRequest, lease_for};
@@ -581,6 +582,7 @@ impl Pinholes {
         lost: &BTreeSet<MappingKey>,
         state: &mut State,
         store: &mut impl Persist,
+        log: &dyn RequestLog,
         now: Timestamp,
     ) -> PinholeOutcome {
         if config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty() {
@@ -669,6 +671,7 @@ impl Pinholes {
         let epoch = execute(
             &actions,
             router.as_mut(),
+            Some(log),
             state,
             store,
             config.router.lease_secs,
@@ -747,15 +750,34 @@ pub async fn close_all(
         .filter(|(_, r)| r.backend == router.backend())
         .map(|(key, _)| PinholeAction::Close { key: *key })
         .collect();
-    execute(&closes, router, state, store, 0, now, &mut Vec::new()).await;
+    execute(&closes, router, None, state, store, 0, now, &mut Vec::new()).await;
     before - state.pinholes.len()
+}
+
+/// `request` to the router, counted in `log` (`holepunch_router_requests_total` and its
+/// duration, as for mappings: README, "Monitoring").
+async fn counted<T>(
+    log: Option<&dyn RequestLog>,
+    backend: Backend,
+    operation: Operation,
+    request: impl Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    let started = (Timestamp::now(), std::time::Instant::now());
+    let result = request.await;
+    if let Some(log) = log {
+        let took = started.1.elapsed();
+        log.router_request(backend, operation, result_label(&result), started.0, took);
+    }
+    result
 }
 
 /// Runs the pinhole plan: each request saved as pending first, each result recorded. Returns
 /// the router's PCP epoch with the last grant, if any.
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     actions: &[PinholeAction],
     router: &mut dyn PinholeRouter,
+    log: Option<&dyn RequestLog>,
     state: &mut State,
     store: &mut impl Persist,
     lease_secs: u32,
@@ -782,7 +804,8 @@ async fn execute(
                         "this host cannot delete another host's PCP pinhole; it closes when its lease ends");
                     Ok(())
                 } else if record.backend == router.backend() && record.router == router.router() {
-                    router.close(&record).await
+                    let backend = router.backend();
+                    counted(log, backend, Operation::PinholeClose, router.close(&record)).await
                 } else {
                     // Made through another protocol or router: this one cannot delete it; it
                     // closes when its lease ends.
@@ -819,7 +842,9 @@ async fn execute(
                     }
                     continue;
                 }
-                let result = router.open(&record, lease_secs).await;
+                let backend = router.backend();
+                let open = router.open(&record, lease_secs);
+                let result = counted(log, backend, Operation::PinholeOpen, open).await;
                 epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, key, result, now, problems);
                 save(store, state);
@@ -828,7 +853,9 @@ async fn execute(
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let result = router.open(&record, lease_secs).await;
+                let backend = router.backend();
+                let open = router.open(&record, lease_secs);
+                let result = counted(log, backend, Operation::PinholeOpen, open).await;
                 epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, *key, result, now, problems);
                 save(store, state);

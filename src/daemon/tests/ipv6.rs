@@ -376,6 +376,7 @@ async fn a_recorded_epoch_shows_a_restart_the_client_never_saw() {
     };
     set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
     let mut books = Books::new();
+    let metrics = books.metrics.clone();
     let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
     ctx.pass(Trigger::Cluster).await;
     assert_eq!(world.holes.held(), [held(8080), held(8081)]);
@@ -403,6 +404,11 @@ async fn a_recorded_epoch_shows_a_restart_the_client_never_saw() {
     let calls = world.holes.calls();
     assert!(calls.contains(&format!("open {}", held(8080))), "{calls:?}");
     assert_eq!(pinhole(ctx.state, 8080).and_then(|h| h.epoch), Some(1));
+    // Each pinhole request is counted as the mappings' are: two opens, a renewal, a restore.
+    let text = metrics.encode(ctx.clock.now()).unwrap_or_default();
+    let opens =
+        r#"holepunch_router_requests_total{backend="pcp",operation="pinhole_open",result="ok"} 4"#;
+    assert!(text.lines().any(|l| l == opens), "{text}");
 }
 
 /// `[ha]`: this host holds the Lease from the start, and the mirror holds what the previous
