@@ -367,7 +367,7 @@ fn dry_run(
     print!("{plan}");
     let route = dry_run_route(&config, &state);
     let mut host = host;
-    if let Some(route) = &route {
+    if let Some((route, _)) = &route {
         host.router_addresses.insert(route.router.into());
         host.own_addresses
             .extend(route.relay_from.map(std::net::IpAddr::from));
@@ -379,9 +379,12 @@ fn dry_run(
         &host,
         &wanted.mappings,
     );
-    if let Some(route) = &route {
+    if let Some((route, note)) = &route {
         let actions =
             crate::pinholes::plan_pinholes(&pinholes, &state, route, &Default::default(), now);
+        if let (Some(note), false) = (note, actions.is_empty()) {
+            eprintln!("{note}");
+        }
         for action in &actions {
             println!("{}", pinhole_action_line(action, &state));
         }
@@ -405,9 +408,12 @@ fn dry_run(
 
 /// Where `plan` shows the IPv6 pinholes asked: the backend configured (with `auto`, the one
 /// the recorded mappings use, else PCP), the router and this host's address found as the
-/// daemon finds them (README, "IPv6"; read locally, nothing sent). `None` (said) when the
-/// daemon would ask for no pinhole.
-fn dry_run_route(config: &Config, state: &State) -> Option<crate::pinholes::PinholeRoute> {
+/// daemon finds them (README, "IPv6"; read locally, nothing sent), and a note when they could
+/// not be found. `None` when the daemon would ask for no pinhole.
+fn dry_run_route(
+    config: &Config,
+    state: &State,
+) -> Option<(crate::pinholes::PinholeRoute, Option<String>)> {
     use crate::config::{BackendChoice, ExposureMode, Ipv6Choice};
     if config.exposure.mode == ExposureMode::Gateway
         || (config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty())
@@ -425,22 +431,25 @@ fn dry_run_route(config: &Config, state: &State) -> Option<crate::pinholes::Pinh
         },
     };
     let recorded = state.pinholes.values().next();
-    let (router, host) = match crate::router::pinholes::ipv6_path() {
-        Ok(path) => (path.router, path.host),
+    let (router, host, note) = match crate::router::pinholes::ipv6_path() {
+        Ok(path) => (path.router, path.host, None),
         Err(why) => {
-            eprintln!("note: {why}; IPv6 pinholes are shown with the recorded router and address");
             let unknown = std::net::Ipv6Addr::UNSPECIFIED;
             (
                 recorded.map_or(unknown, |r| r.router),
                 recorded.map_or(unknown, |r| r.address),
+                Some(format!(
+                    "note: {why}; IPv6 pinholes are shown with the recorded router and address"
+                )),
             )
         }
     };
-    Some(crate::pinholes::PinholeRoute {
+    let route = crate::pinholes::PinholeRoute {
         backend,
         router,
         relay_from: (config.exposure.mode == ExposureMode::Relay).then_some(host),
-    })
+    };
+    Some((route, note))
 }
 
 /// One line of `plan` for a pinhole action, in the columns of the IPv4 actions.
