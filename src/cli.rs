@@ -108,10 +108,11 @@ pub enum Command {
     /// On an error, prints the file, line and column, the key, and what to change, and exits 1.
     CheckConfig,
 
-    /// Remove every router mapping and the nftables table holepunch owns (used on purge).
+    /// Remove every router mapping, IPv6 pinhole and the nftables table holepunch owns (used on
+    /// purge).
     ///
-    /// Only mappings recorded in the state file and tagged holepunch:<namespace>/<service>
-    /// are touched. Takes the state file's lock, so stop the daemon first.
+    /// Only mappings (tagged holepunch:<namespace>/<service>) and pinholes recorded in the
+    /// state file are touched. Takes the state file's lock, so stop the daemon first.
     Cleanup,
 
     /// Print the version.
@@ -354,21 +355,55 @@ fn dry_run(
         .router
         .address
         .or_else(|| crate::router::discover::default_gateway().ok());
+    let host = crate::host::facts(gateway, &state);
     let wanted = desired(
         &snapshot.services,
         &snapshot.nodes,
         &snapshot.endpoint_slices,
         &config,
-        &crate::host::facts(gateway, &state),
+        &host,
         &crate::trust::holders(&state),
     );
+    let now = Timestamp::now();
     let plan = plan(
         &wanted,
         &state,
         dry_run_forwarding(&config, lan_address),
-        Timestamp::now(),
+        now,
     );
     print!("{plan}");
+    let route = dry_run_route(&config, &state);
+    let mut host = host;
+    if let Some((route, _)) = &route {
+        host.router_addresses.insert(route.router.into());
+        host.own_addresses
+            .extend(route.relay_from.map(std::net::IpAddr::from));
+    }
+    let pinholes = crate::pinholes::desired_pinholes(
+        &snapshot.services,
+        &snapshot.nodes,
+        &config,
+        &host,
+        &wanted.mappings,
+    );
+    if let Some((route, note)) = &route {
+        let actions =
+            crate::pinholes::plan_pinholes(&pinholes, &state, route, &Default::default(), now);
+        if let (Some(note), false) = (note, actions.is_empty()) {
+            eprintln!("{note}");
+        }
+        for action in &actions {
+            println!("{}", pinhole_action_line(action, &state));
+        }
+    }
+    for problem in &pinholes.problems {
+        println!(
+            "{}",
+            Action::Report {
+                problem: problem.clone()
+            }
+        );
+    }
     eprintln!(
         "{} Services read, {} mappings wanted, {} problems; nothing was changed",
         snapshot.services.len(),
@@ -376,6 +411,97 @@ fn dry_run(
         wanted.problems.len()
     );
     Ok(())
+}
+
+/// Where `plan` shows the IPv6 pinholes asked: the backend configured (with `auto`, the one
+/// the recorded mappings use, else PCP), the router and this host's address found as the
+/// daemon finds them (README, "IPv6"; read locally, nothing sent), and a note when they could
+/// not be found. `None` when the daemon would ask for no pinhole.
+fn dry_run_route(
+    config: &Config,
+    state: &State,
+) -> Option<(crate::pinholes::PinholeRoute, Option<String>)> {
+    use crate::config::{BackendChoice, ExposureMode, Ipv6Choice};
+    if config.exposure.mode == ExposureMode::Gateway
+        || (config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty())
+    {
+        return None;
+    }
+    let backend = match config.router.backend {
+        BackendChoice::Pcp => Backend::Pcp,
+        BackendChoice::Upnp => Backend::Upnp,
+        BackendChoice::Natpmp | BackendChoice::None => return None,
+        BackendChoice::Auto => match StatusSummary::of(state).backend {
+            Some(Backend::Upnp) => Backend::Upnp,
+            Some(Backend::Natpmp) => return None,
+            _ => Backend::Pcp,
+        },
+    };
+    let recorded = state.pinholes.values().next();
+    let (router, host, note) = match crate::router::pinholes::ipv6_path() {
+        Ok(path) => (path.router, path.host, None),
+        Err(why) => {
+            let unknown = std::net::Ipv6Addr::UNSPECIFIED;
+            (
+                recorded.map_or(unknown, |r| r.router),
+                recorded.map_or(unknown, |r| r.address),
+                Some(format!(
+                    "note: {why}; IPv6 pinholes are shown with the recorded router and address"
+                )),
+            )
+        }
+    };
+    let route = crate::pinholes::PinholeRoute {
+        backend,
+        router,
+        relay_from: (config.exposure.mode == ExposureMode::Relay).then_some(host),
+        on_external_port: config.exposure.mode == ExposureMode::Gateway,
+    };
+    Some((route, note))
+}
+
+/// One line of `plan` for a pinhole action, in the columns of the IPv4 actions.
+fn pinhole_action_line(action: &crate::pinholes::PinholeAction, state: &State) -> String {
+    use crate::pinholes::{OpenReason, PinholeAction};
+    let line = |verb: &str, record: &crate::state::PinholeRecord, extra: String| {
+        format!(
+            "{verb:<8} {:<11} {:<28} {} -> {}{extra}",
+            format!("{}6", record.key()),
+            record.owner.to_string(),
+            record.opens(),
+            record.target(),
+        )
+    };
+    match action {
+        PinholeAction::Open { record, reason } => {
+            let reason = match reason {
+                OpenReason::New => "new",
+                OpenReason::Unconfirmed => "unconfirmed",
+                OpenReason::Expired => "lease expired",
+                OpenReason::RetryDue => "retry after failure",
+                OpenReason::RouterRestarted => "router restarted",
+            };
+            line(
+                "open",
+                record,
+                format!(", IPv6 pinhole through {} ({reason})", record.backend),
+            )
+        }
+        PinholeAction::Renew { key } | PinholeAction::Close { key } => {
+            let verb = match action {
+                PinholeAction::Renew { .. } => "renew",
+                _ => "close",
+            };
+            match state.pinholes.get(key) {
+                Some(record) => line(
+                    verb,
+                    record,
+                    format!(", IPv6 pinhole through {}", record.backend),
+                ),
+                None => format!("{verb:<8} {key}6"),
+            }
+        }
+    }
 }
 
 /// The recorded state, read-only; no state file yet means no mappings.
@@ -481,8 +607,8 @@ impl StatusSummary {
         let latest = state
             .mappings
             .values()
-            .filter(|r| r.granted_at.is_some())
-            .max_by_key(|r| r.granted_at);
+            .filter(|r| r.times.granted_at.is_some())
+            .max_by_key(|r| r.times.granted_at);
         StatusSummary {
             mappings: state.mappings.len(),
             active: count(MappingStatus::Active),
@@ -515,14 +641,14 @@ impl std::fmt::Display for StatusSummary {
 
 /// Seconds until the lease runs out (negative: it ran out); `None` for permanent leases and
 /// mappings not granted.
-pub fn lease_left_secs(record: &crate::state::MappingRecord, now: Timestamp) -> Option<i64> {
-    record.expires_at.map(|at| at.as_second() - now.as_second())
+pub fn lease_left_secs(times: &crate::state::LeaseTimes, now: Timestamp) -> Option<i64> {
+    times.expires_at.map(|at| at.as_second() - now.as_second())
 }
 
 /// The lease as a person reads it: `59m12s`, `permanent`, `expired`, `-` (not granted).
-pub fn lease_left(record: &crate::state::MappingRecord, now: Timestamp) -> String {
-    match lease_left_secs(record, now) {
-        None if record.lifetime_secs == 0 && record.granted_at.is_some() => "permanent".to_owned(),
+pub fn lease_left(times: &crate::state::LeaseTimes, now: Timestamp) -> String {
+    match lease_left_secs(times, now) {
+        None if times.lifetime_secs == 0 && times.granted_at.is_some() => "permanent".to_owned(),
         None => "-".to_owned(),
         Some(left) if left <= 0 => "expired".to_owned(),
         Some(left) if left >= 86400 => format!("{}d{:02}h", left / 86400, left % 86400 / 3600),
@@ -538,12 +664,12 @@ pub fn status_json(state: &State, now: Timestamp) -> serde_json::Value {
     let mappings: Vec<serde_json::Value> = state
         .mappings
         .values()
-        .map(|record| with_lease_left(record, record.expires_at, now))
+        .map(|record| with_lease_left(record, record.times.expires_at, now))
         .collect();
     let pinholes: Vec<serde_json::Value> = state
         .pinholes
         .values()
-        .map(|record| with_lease_left(record, record.expires_at, now))
+        .map(|record| with_lease_left(record, record.times.expires_at, now))
         .collect();
     serde_json::json!({
         "summary": StatusSummary::of(state),
@@ -623,112 +749,104 @@ fn table(state: &State, now: Timestamp, colour: bool, wide: bool) -> String {
             Some(address) => format!("{address}:{}", record.external_port),
             None => format!("?:{}", record.external_port),
         };
-        let (status, code) = match record.status {
-            MappingStatus::Pending => ("pending", YELLOW),
-            MappingStatus::Active => ("active", GREEN),
-            MappingStatus::Failed => ("failed", RED),
+        let row = Row {
+            service: record.owner.to_string(),
+            proto: record.protocol.to_string(),
+            public,
+            forwarded_to: record.internal.to_string(),
+            target: record.target.to_string(),
+            backend: record.backend.to_string(),
+            router: record.router.clone(),
+            times: &record.times,
+            status: record.status,
+            note: note_for(record),
         };
-        let row = if wide {
-            let dash = |text: String| {
-                if text.is_empty() {
-                    "-".to_owned()
-                } else {
-                    text
-                }
-            };
-            format!(
-                "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
-                record.owner.to_string(),
-                record.protocol.to_string(),
-                public,
-                record.internal.to_string(),
-                record.target.to_string(),
-                record.backend.to_string(),
-                dash(record.router.clone()),
-                lease_left(record, now),
-                record
-                    .expires_at
-                    .map_or_else(|| "-".to_owned(), |at| at.to_string()),
-                paint(format!("{status:<8}"), code),
-                paint(note_for(record), RED),
-            )
-        } else {
-            format!(
-                "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
-                record.owner.to_string(),
-                record.protocol.to_string(),
-                public,
-                record.target.to_string(),
-                record.backend.to_string(),
-                lease_left(record, now),
-                paint(format!("{status:<8}"), code),
-                paint(note_for(record), RED),
-            )
-        };
-        let _ = writeln!(out, "{}", row.trim_end());
+        let _ = writeln!(out, "{}", row.render(now, wide, &paint).trim_end());
+        // An IPv6 pinhole, under its IPv4 mapping's (README, "IPv6"): PUBLIC is the address
+        // and port the internet reaches over IPv6, which is also what the router forwards to.
         if let Some(pinhole) = state.pinholes.get(&record.key()) {
-            let _ = writeln!(
-                out,
-                "{}",
-                pinhole_row(pinhole, now, wide, &paint).trim_end()
-            );
+            let row = Row {
+                service: pinhole.owner.to_string(),
+                proto: format!("{}6", pinhole.protocol),
+                public: pinhole.opens().to_string(),
+                forwarded_to: pinhole.opens().to_string(),
+                target: pinhole.target().to_string(),
+                backend: pinhole.backend.to_string(),
+                router: pinhole.router.to_string(),
+                times: &pinhole.times,
+                status: pinhole.status,
+                note: pinhole.last_error.clone().unwrap_or_default(),
+            };
+            let _ = writeln!(out, "{}", row.render(now, wide, &paint).trim_end());
         }
     }
     let _ = writeln!(out, "{summary}");
     out
 }
 
-/// The row of an IPv6 pinhole, under its IPv4 mapping's (README, "IPv6"): PUBLIC is the
-/// address and port the internet reaches over IPv6.
-fn pinhole_row(
-    record: &crate::state::PinholeRecord,
-    now: Timestamp,
-    wide: bool,
-    paint: &dyn Fn(String, &str) -> String,
-) -> String {
-    let (status, code) = match record.status {
-        MappingStatus::Pending => ("pending", YELLOW),
-        MappingStatus::Active => ("active", GREEN),
-        MappingStatus::Failed => ("failed", RED),
-    };
-    let lease = match record.expires_at.map(|at| at.as_second() - now.as_second()) {
-        None => "-".to_owned(),
-        Some(left) if left <= 0 => "expired".to_owned(),
-        Some(left) if left >= 3600 => format!("{}h{:02}m", left / 3600, left % 3600 / 60),
-        Some(left) if left >= 60 => format!("{}m{:02}s", left / 60, left % 60),
-        Some(left) => format!("{left}s"),
-    };
-    let note = record.last_error.clone().unwrap_or_default();
-    let proto = format!("{}6", record.protocol);
-    if wide {
-        format!(
-            "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
-            record.owner.to_string(),
-            proto,
-            record.opens().to_string(),
-            record.opens().to_string(),
-            record.target().to_string(),
-            record.backend.to_string(),
-            record.router.to_string(),
-            lease,
-            record
-                .expires_at
-                .map_or_else(|| "-".to_owned(), |at| at.to_string()),
-            paint(format!("{status:<8}"), code),
-            paint(note, RED),
-        )
-    } else {
-        format!(
-            "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
-            record.owner.to_string(),
-            proto,
-            record.opens().to_string(),
-            record.target().to_string(),
-            record.backend.to_string(),
-            lease,
-            paint(format!("{status:<8}"), code),
-            paint(note, RED),
-        )
+/// One row of the `status` table: a mapping's or a pinhole's cells.
+struct Row<'a> {
+    service: String,
+    proto: String,
+    public: String,
+    forwarded_to: String,
+    target: String,
+    backend: String,
+    router: String,
+    times: &'a crate::state::LeaseTimes,
+    status: MappingStatus,
+    note: String,
+}
+
+impl Row<'_> {
+    /// The row as `status` prints it; `wide` adds what the router forwards to, the router
+    /// and the lease's end.
+    fn render(&self, now: Timestamp, wide: bool, paint: &dyn Fn(String, &str) -> String) -> String {
+        let (status, code) = match self.status {
+            MappingStatus::Pending => ("pending", YELLOW),
+            MappingStatus::Active => ("active", GREEN),
+            MappingStatus::Failed => ("failed", RED),
+        };
+        let status = paint(format!("{status:<8}"), code);
+        let note = paint(self.note.clone(), RED);
+        let lease = lease_left(self.times, now);
+        if wide {
+            let dash = |text: &str| {
+                if text.is_empty() {
+                    "-".to_owned()
+                } else {
+                    text.to_owned()
+                }
+            };
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<21} {:<7} {:<21} {:<10} {:<20} {} {}",
+                self.service,
+                self.proto,
+                self.public,
+                self.forwarded_to,
+                self.target,
+                self.backend,
+                dash(&self.router),
+                lease,
+                self.times
+                    .expires_at
+                    .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+                status,
+                note,
+            )
+        } else {
+            format!(
+                "{:<32} {:<5} {:<21} {:<21} {:<7} {:<10} {} {}",
+                self.service,
+                self.proto,
+                self.public,
+                self.target,
+                self.backend,
+                lease,
+                status,
+                note,
+            )
+        }
     }
 }
 
@@ -810,6 +928,13 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
         }
     }
     println!("removed {unmapped} mappings, {} left", state.mappings.len());
+    if !state.pinholes.is_empty() {
+        let closed = runtime.block_on(close_pinholes(&config, &mut state, &mut store));
+        println!(
+            "removed {closed} IPv6 pinholes, {} left",
+            state.pinholes.len()
+        );
+    }
     match crate::nft::NftFirewall.remove() {
         Ok(true) => println!("removed the nftables table inet {}", crate::nft::TABLE_NAME),
         Ok(false) => {}
@@ -823,16 +948,55 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
             ));
         }
     }
-    if !state.mappings.is_empty() {
+    if !state.mappings.is_empty() || !state.pinholes.is_empty() {
         return Err(Failure::new(
             EXIT_UNREACHABLE,
             anyhow::anyhow!(
-                "{} mappings could not be removed; run holepunch cleanup again when the router answers",
-                state.mappings.len()
+                "{} mappings and {} IPv6 pinholes could not be removed; run holepunch cleanup again when the router answers",
+                state.mappings.len(),
+                state.pinholes.len()
             ),
         ));
     }
     Ok(())
+}
+
+/// `cleanup`'s IPv6 part: every recorded pinhole deleted at the router it was asked of, as
+/// the daemon deletes one (README, "IPv6"), not left to run out. Returns how many went;
+/// those whose router cannot be reached stay recorded.
+async fn close_pinholes(config: &Config, state: &mut State, store: &mut StateFile) -> usize {
+    use crate::router::pinholes::{PinholeConnect, RouterPinholes, close_all};
+    // Gateway mode's are forwards in holepunch's own table, which cleanup deletes.
+    let before = state.pinholes.len();
+    state.pinholes.retain(|_, r| r.backend != Backend::None);
+    let mut closed = before - state.pinholes.len();
+    if closed > 0
+        && let Err(e) = crate::reconcile::Persist::persist(store, state)
+    {
+        tracing::warn!(error = %e, "could not save the state file");
+    }
+    if state.pinholes.is_empty() {
+        return closed;
+    }
+    let path = match RouterPinholes.path() {
+        Ok(path) => path,
+        Err(why) => {
+            tracing::warn!("cannot reach the router for IPv6 pinholes: {why}");
+            return closed;
+        }
+    };
+    for backend in [Backend::Pcp, Backend::Upnp] {
+        if !state.pinholes.values().any(|r| r.backend == backend) {
+            continue;
+        }
+        match RouterPinholes.connect(path, backend, config).await {
+            Ok(mut router) => {
+                closed += close_all(router.as_mut(), state, store, Timestamp::now()).await;
+            }
+            Err(why) => tracing::warn!("cannot reach the router for IPv6 pinholes: {why}"),
+        }
+    }
+    closed
 }
 
 #[cfg(test)]
@@ -861,9 +1025,10 @@ mod tests {
         );
         record.status = status;
         record.router = "192.168.77.1".into();
-        record.lifetime_secs = 3600;
-        record.granted_at = granted.map(|g| g.parse().expect("timestamp"));
-        record.expires_at = record
+        record.times.lifetime_secs = 3600;
+        record.times.granted_at = granted.map(|g| g.parse().expect("timestamp"));
+        record.times.expires_at = record
+            .times
             .granted_at
             .map(|g| g + jiff::SignedDuration::from_secs(3600));
         record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
@@ -909,12 +1074,14 @@ mod tests {
             backend: crate::model::Backend::Pcp,
             router: "2001:db8:77::1".parse().expect("ip"),
             nonce: None,
-            unique_id: None,
+            old_unique_id: None,
             epoch: None,
-            lifetime_secs: 120,
-            granted_at: Some(now),
-            renew_at: None,
-            expires_at: Some("2025-01-01T00:22:30Z".parse().expect("timestamp")),
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 120,
+                granted_at: Some(now),
+                renew_at: None,
+                expires_at: Some("2025-01-01T00:22:30Z".parse().expect("timestamp")),
+            },
             status: MappingStatus::Active,
             retry_at: None,
             failures: 0,
@@ -1003,20 +1170,58 @@ mod tests {
     }
 
     #[test]
+    fn plan_shows_pinhole_actions_in_the_columns_of_the_ipv4_ones() {
+        use crate::pinholes::{OpenReason, PinholeAction};
+        use crate::state::PinholeRecord;
+        let pinhole = PinholeRecord::example(8096);
+        let mut state = State::default();
+        state.pinholes.insert(pinhole.key(), pinhole.clone());
+        let close = pinhole_action_line(&PinholeAction::Close { key: pinhole.key() }, &state);
+        assert_eq!(
+            close,
+            "close    8096/tcp6   media/jellyfin               [2001:db8:77::10]:8096 -> \
+             [2001:db8:77::20]:31096, IPv6 pinhole through pcp"
+        );
+        let open = pinhole_action_line(
+            &PinholeAction::Open {
+                record: Box::new(pinhole.clone()),
+                reason: OpenReason::RouterRestarted,
+            },
+            &State::default(),
+        );
+        assert!(
+            open.starts_with("open     8096/tcp6   media/jellyfin"),
+            "{open}"
+        );
+        assert!(open.ends_with("through pcp (router restarted)"), "{open}");
+        let renew = pinhole_action_line(&PinholeAction::Renew { key: pinhole.key() }, &state);
+        assert!(renew.starts_with("renew    8096/tcp6"), "{renew}");
+        // A key the state does not hold (never planned so) still says which one.
+        let gone = pinhole_action_line(
+            &PinholeAction::Close { key: pinhole.key() },
+            &State::default(),
+        );
+        assert_eq!(
+            gone.split_whitespace().collect::<Vec<_>>(),
+            ["close", "8096/tcp6"]
+        );
+    }
+
+    #[test]
     fn lease_left_reads_like_a_clock() {
         let granted = "2025-01-01T00:00:00Z";
         let at = |t: &str| t.parse::<Timestamp>().expect("timestamp");
         let r = record(8080, MappingStatus::Active, Some(granted));
-        assert_eq!(lease_left(&r, at("2025-01-01T00:00:00Z")), "1h00m");
-        assert_eq!(lease_left(&r, at("2024-12-30T00:00:00Z")), "2d01h");
-        assert_eq!(lease_left(&r, at("2025-01-01T00:59:15Z")), "45s");
-        assert_eq!(lease_left(&r, at("2025-01-01T01:00:00Z")), "expired");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T00:00:00Z")), "1h00m");
+        assert_eq!(lease_left(&r.times, at("2024-12-30T00:00:00Z")), "2d01h");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T00:59:15Z")), "45s");
+        assert_eq!(lease_left(&r.times, at("2025-01-01T01:00:00Z")), "expired");
         let mut permanent = r.clone();
-        permanent.expires_at = None;
-        permanent.lifetime_secs = 0;
-        assert_eq!(lease_left(&permanent, at(granted)), "permanent");
+        permanent.times.expires_at = None;
+        permanent.times.lifetime_secs = 0;
+        assert_eq!(lease_left(&permanent.times, at(granted)), "permanent");
         assert_eq!(
-            lease_left(&record(1, MappingStatus::Pending, None), at(granted)),
+            lease_left(&record(1, MappingStatus::Pending, None).times, at(granted)),
             "-"
         );
     }

@@ -81,6 +81,8 @@ fn operation_label(operation: Operation) -> &'static str {
         Operation::Unmap => "unmap",
         Operation::Verify => "verify",
         Operation::Probe => "probe",
+        Operation::PinholeOpen => "pinhole_open",
+        Operation::PinholeClose => "pinhole_close",
     }
 }
 
@@ -152,11 +154,47 @@ fn router_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
+/// Sets `family` (`holepunch_mappings` or `holepunch_pinholes`) to how many `records` there
+/// are per backend, protocol and status; returns those counts.
+fn set_counts(
+    family: &Family<MappingLabels, Gauge>,
+    records: impl Iterator<Item = (Backend, Protocol, MappingStatus)>,
+) -> std::collections::BTreeMap<MappingLabels, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (backend, protocol, status) in records {
+        *counts
+            .entry([
+                ("backend", backend_label(backend)),
+                ("protocol", protocol_label(protocol)),
+                ("state", status_label(status)),
+            ])
+            .or_default() += 1;
+    }
+    for (labels, count) in &counts {
+        family.get_or_create(labels).set(*count);
+    }
+    counts
+}
+
+/// Removes the series of `family` that were `exposed` and have no count now; returns the
+/// series exposed from now on.
+fn drop_gone(
+    family: &Family<MappingLabels, Gauge>,
+    exposed: &[MappingLabels],
+    now: std::collections::BTreeMap<MappingLabels, i64>,
+) -> Vec<MappingLabels> {
+    for gone in exposed.iter().filter(|labels| !now.contains_key(*labels)) {
+        family.remove(gone);
+    }
+    now.into_keys().collect()
+}
+
 /// The daemon's metrics and what `/healthz` decides on. One per daemon, shared by the event
 /// loop and the HTTP listener.
 pub struct Metrics {
     registry: Registry,
     mappings: Family<MappingLabels, Gauge>,
+    pinholes: Family<MappingLabels, Gauge>,
     router_requests: Family<RequestLabels, Counter>,
     router_request_duration: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     router_up: Gauge,
@@ -212,6 +250,8 @@ struct Observed {
     mappings_up: usize,
     /// The series of `holepunch_mappings` and of the address info metric now exposed.
     mapping_series: Vec<MappingLabels>,
+    /// The series of `holepunch_pinholes` now exposed.
+    pinhole_series: Vec<MappingLabels>,
     address_series: Option<AddressLabels>,
 }
 
@@ -226,10 +266,16 @@ impl Metrics {
             "Mappings recorded in the state file, by backend, protocol and state (pending, active, failed)",
             mappings.clone(),
         );
+        let pinholes = Family::<MappingLabels, Gauge>::default();
+        registry.register(
+            "pinholes",
+            "IPv6 pinholes recorded in the state file, by backend, protocol and state (pending, active, failed), as for mappings (README, \"IPv6\")",
+            pinholes.clone(),
+        );
         let router_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "router_requests",
-            "Requests to the router, by backend, operation (map, unmap, verify, probe) and result (ok, conflict, refused, unreachable)",
+            "Requests to the router, by backend, operation (map, unmap, verify, probe, pinhole_open, pinhole_close) and result (ok, conflict, refused, unreachable)",
             router_requests.clone(),
         );
         let router_request_duration =
@@ -316,6 +362,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             mappings,
+            pinholes,
             router_requests,
             router_request_duration,
             router_up,
@@ -339,6 +386,7 @@ impl Metrics {
                 state_write_error: None,
                 mappings_up: 0,
                 mapping_series: Vec::new(),
+                pinhole_series: Vec::new(),
                 address_series: None,
             }),
         })
@@ -477,24 +525,25 @@ impl Metrics {
     pub fn observe_state(&self, state: &State, problems: &[Problem], save_error: Option<&str>) {
         // Set the new counts, then drop the series that went away: a scrape in between
         // never sees a mapping count fall to nothing and come back.
-        let mut counts: std::collections::BTreeMap<MappingLabels, i64> = Default::default();
-        for record in state.mappings.values() {
-            *counts
-                .entry([
-                    ("backend", backend_label(record.backend)),
-                    ("protocol", protocol_label(record.protocol)),
-                    ("state", status_label(record.status)),
-                ])
-                .or_default() += 1;
-        }
-        for (labels, count) in &counts {
-            self.mappings.get_or_create(labels).set(*count);
-        }
+        let counts = set_counts(
+            &self.mappings,
+            state
+                .mappings
+                .values()
+                .map(|r| (r.backend, r.protocol, r.status)),
+        );
+        let pinholes = set_counts(
+            &self.pinholes,
+            state
+                .pinholes
+                .values()
+                .map(|r| (r.backend, r.protocol, r.status)),
+        );
         let address = state
             .mappings
             .values()
             .filter(|r| r.status == MappingStatus::Active && r.external_address.is_some())
-            .max_by_key(|r| r.granted_at)
+            .max_by_key(|r| r.times.granted_at)
             .and_then(|r| {
                 Some([
                     ("backend", backend_label(r.backend).to_owned()),
@@ -506,19 +555,13 @@ impl Metrics {
         }
         {
             let mut observed = self.observed();
-            for gone in observed
-                .mapping_series
-                .iter()
-                .filter(|labels| !counts.contains_key(*labels))
-            {
-                self.mappings.remove(gone);
-            }
+            observed.mapping_series = drop_gone(&self.mappings, &observed.mapping_series, counts);
+            observed.pinhole_series = drop_gone(&self.pinholes, &observed.pinhole_series, pinholes);
             if let Some(gone) = observed.address_series.take()
                 && Some(&gone) != address.as_ref()
             {
                 self.external_address.remove(&gone);
             }
-            observed.mapping_series = counts.into_keys().collect();
             observed.address_series = address;
         }
         for kind in PROBLEM_KINDS {
@@ -592,8 +635,8 @@ fn lease_expiries(state: &State) -> Vec<Timestamp> {
     state
         .mappings
         .values()
-        .filter(|r| r.backend != Backend::None && r.granted_at.is_some())
-        .filter_map(|r| r.expires_at)
+        .filter(|r| r.backend != Backend::None && r.times.granted_at.is_some())
+        .filter_map(|r| r.times.expires_at)
         .collect()
 }
 
@@ -1029,9 +1072,9 @@ mod tests {
         );
         record.target_source = TargetSource::NodePort;
         record.status = status;
-        record.granted_at = granted.map(at);
-        record.lifetime_secs = 120;
-        record.expires_at = granted.map(|g| at(g) + jiff::SignedDuration::from_secs(120));
+        record.times.granted_at = granted.map(at);
+        record.times.lifetime_secs = 120;
+        record.times.expires_at = granted.map(|g| at(g) + jiff::SignedDuration::from_secs(120));
         record.external_address = granted.map(|_| "11.22.33.44".parse().expect("ip"));
         record
     }
@@ -1089,11 +1132,19 @@ mod tests {
     #[test]
     fn metrics_say_what_the_state_holds() {
         let metrics = Metrics::new(120, Duration::from_secs(60));
-        let state = state(vec![
+        let mut state = state(vec![
             record(8080, MappingStatus::Active, Some("2025-01-01T00:00:00Z")),
             record(8081, MappingStatus::Active, Some("2025-01-01T00:00:30Z")),
             record(8082, MappingStatus::Failed, None),
         ]);
+        for (port, status) in [
+            (8080, MappingStatus::Active),
+            (8081, MappingStatus::Pending),
+        ] {
+            let mut pinhole = crate::state::PinholeRecord::example(port);
+            pinhole.status = status;
+            state.pinholes.insert(pinhole.key(), pinhole);
+        }
         let problems = vec![
             Problem {
                 owner: Owner {
@@ -1115,6 +1166,8 @@ mod tests {
         for line in [
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"active\"} 2",
             "holepunch_mappings{backend=\"pcp\",protocol=\"tcp\",state=\"failed\"} 1",
+            "holepunch_pinholes{backend=\"pcp\",protocol=\"tcp\",state=\"active\"} 1",
+            "holepunch_pinholes{backend=\"pcp\",protocol=\"tcp\",state=\"pending\"} 1",
             "holepunch_problems{kind=\"conflict\"} 1",
             "holepunch_problems{kind=\"double_nat\"} 0",
             "holepunch_problems{kind=\"over_quota\"} 1",
@@ -1136,6 +1189,10 @@ mod tests {
         assert!(
             !text.contains("holepunch_mappings{"),
             "gone mappings go: {text}"
+        );
+        assert!(
+            !text.contains("holepunch_pinholes{"),
+            "gone pinholes go: {text}"
         );
         assert!(!text.contains("address=\""), "{text}");
         assert!(!text.contains("holepunch_lease_expiry_seconds "), "{text}");

@@ -18,7 +18,7 @@ use crate::desired::{denial_message, internal_ips, load_balancer_ip, node_ready}
 use crate::model::{
     Backend, Endpoint6, MappingKey, Owner, PortMapping, Problem, ProblemKind, TargetSource,
 };
-use crate::state::{MappingStatus, PinholeRecord, State};
+use crate::state::{LeaseTimes, MappingStatus, PinholeRecord, State};
 use crate::trust::{HostFacts, forbidden_target6};
 
 /// A pinhole the cluster asks for: where the traffic of one published Service port goes over
@@ -302,12 +302,9 @@ pub(crate) fn record_for(wanted: &DesiredPinhole, route: &PinholeRoute) -> Pinho
         backend: route.backend,
         router: route.router,
         nonce: None,
-        unique_id: None,
+        old_unique_id: None,
         epoch: None,
-        lifetime_secs: 0,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
+        times: LeaseTimes::default(),
         status: MappingStatus::Pending,
         retry_at: None,
         failures: 0,
@@ -375,11 +372,11 @@ pub fn plan_pinholes(
                     MappingStatus::Active if lost.contains(&key) => {
                         Some(OpenReason::RouterRestarted)
                     }
-                    MappingStatus::Active if have.expires_at.is_some_and(|at| at <= now) => {
+                    MappingStatus::Active if have.times.expires_at.is_some_and(|at| at <= now) => {
                         Some(OpenReason::Expired)
                     }
                     MappingStatus::Active => {
-                        if have.renew_at.is_some_and(|at| at <= now) {
+                        if have.times.renew_at.is_some_and(|at| at <= now) {
                             opens.push(PinholeAction::Renew { key });
                         }
                         None
@@ -435,7 +432,7 @@ pub fn next_due(state: &State) -> Option<Timestamp> {
         .pinholes
         .values()
         .filter_map(|r| match r.status {
-            MappingStatus::Active => r.renew_at,
+            MappingStatus::Active => r.times.renew_at,
             MappingStatus::Failed => r.retry_at,
             MappingStatus::Pending => None,
         })
@@ -847,8 +844,8 @@ mod tests {
         };
         let mut record = (**record).clone();
         record.status = MappingStatus::Active;
-        record.renew_at = Some(renew_at);
-        record.expires_at = Some(expires_at);
+        record.times.renew_at = Some(renew_at);
+        record.times.expires_at = Some(expires_at);
         state.pinholes.insert(record.key(), record);
     }
 

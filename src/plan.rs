@@ -207,7 +207,7 @@ impl Observations {
                 && restart.backend != Backend::None
                 && restart
                     .granted_before
-                    .is_none_or(|before| record.granted_at.is_none_or(|at| at < before))
+                    .is_none_or(|before| record.times.granted_at.is_none_or(|at| at < before))
         });
         if restarted {
             Some(RestoreReason::RouterRestarted)
@@ -466,9 +466,9 @@ pub fn plan_observed(
             MappingStatus::Active => {
                 if let Some(reason) = observed.lost(record) {
                     restores.push(restore(reason));
-                } else if record.expires_at.is_some_and(|at| at <= now) {
+                } else if record.times.expires_at.is_some_and(|at| at <= now) {
                     restores.push(restore(RestoreReason::Expired));
-                } else if record.renew_at.is_some_and(|at| at <= now)
+                } else if record.times.renew_at.is_some_and(|at| at <= now)
                     || observed.answers_again(record)
                 {
                     renewals.push(Action::Renew {
@@ -476,7 +476,7 @@ pub fn plan_observed(
                         internal,
                     });
                 } else {
-                    schedule(record.renew_at);
+                    schedule(record.times.renew_at);
                 }
             }
         }
@@ -589,10 +589,12 @@ mod tests {
             target: m.target.endpoint,
             target_source: m.target.source,
             router: "192.168.1.1".into(),
-            lifetime_secs: 3600,
-            granted_at: Some(t(0)),
-            renew_at: Some(t(1800)),
-            expires_at: Some(t(3600)),
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 3600,
+                granted_at: Some(t(0)),
+                renew_at: Some(t(1800)),
+                expires_at: Some(t(3600)),
+            },
             status,
             ..MappingRecord::leftover(
                 m.owner.clone(),
@@ -925,9 +927,9 @@ mod tests {
                 "permanent lease is never renewed",
                 vec![web.clone()],
                 vec![with(&|r| {
-                    r.renew_at = None;
-                    r.expires_at = None;
-                    r.lifetime_secs = 0;
+                    r.times.renew_at = None;
+                    r.times.expires_at = None;
+                    r.times.lifetime_secs = 0;
                 })],
                 RELAY,
                 999_999,

@@ -27,7 +27,9 @@ use rand::Rng;
 use crate::model::{Backend, MappingKey, Nonce, PortMapping, Problem};
 use crate::plan::{Action, Plan, UNMAP_FAILED_PREFIX};
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::{Failure, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile};
+use crate::state::{
+    Failure, LeaseTimes, MappingRecord, MappingStatus, Replaced, State, StateError, StateFile,
+};
 use crate::yielding::{self, Interrupt, Never, Saves, Yield};
 
 /// First retry after a failure; doubles with each further failure.
@@ -366,7 +368,7 @@ pub async fn execute_until<M: PortMapper>(
                 if record.backend != Backend::None {
                     tracing::warn!(service = %record.owner, external_port = record.external_port,
                         protocol = %record.protocol, made_with = %record.backend, using = %backend,
-                        lifetime_secs = record.lifetime_secs,
+                        lifetime_secs = record.times.lifetime_secs,
                         "forgetting a mapping made through another router protocol; the router drops it when its lease ends");
                 }
             }
@@ -493,7 +495,7 @@ pub async fn execute_until<M: PortMapper>(
                         // must not date its grants back.
                         let granted = Duration::from_secs(started.elapsed().as_secs());
                         record_grant(record, &grant, after(now, granted));
-                        if let Some(renew_at) = record.renew_at {
+                        if let Some(renew_at) = record.times.renew_at {
                             until.falls_due(renew_at);
                         }
                         tracing::info!(service = %record.owner, external_port = record.external_port,
@@ -506,7 +508,7 @@ pub async fn execute_until<M: PortMapper>(
                             protocol = %record.protocol, backend = %backend, error = %e,
                             "router request failed");
                         let renewing_valid_lease = matches!(action, Action::Renew { .. })
-                            && record.expires_at.is_none_or(|at| at > now);
+                            && record.times.expires_at.is_none_or(|at| at > now);
                         record_failure(
                             record,
                             &e,
@@ -557,7 +559,7 @@ fn next_due(plan: &Plan, state: &State, now: Timestamp) -> Option<Timestamp> {
         .filter_map(|k| state.mappings.get(&k))
         .flat_map(|r| {
             let renew = (r.status == MappingStatus::Active)
-                .then_some(r.renew_at)
+                .then_some(r.times.renew_at)
                 .flatten();
             [renew, r.retry_at]
         })
@@ -725,10 +727,7 @@ fn new_record(
         backend,
         router: String::new(),
         nonce: (backend == Backend::Pcp).then(random_nonce),
-        lifetime_secs: 0,
-        granted_at: None,
-        renew_at: None,
-        expires_at: None,
+        times: LeaseTimes::default(),
         epoch: None,
         external_address: None,
         status: MappingStatus::Pending,
@@ -764,11 +763,11 @@ pub(crate) fn after(now: Timestamp, duration: Duration) -> Timestamp {
 
 fn record_grant(record: &mut MappingRecord, grant: &Grant, now: Timestamp) {
     record.status = MappingStatus::Active;
-    record.lifetime_secs = grant.lifetime_secs;
-    record.granted_at = Some(now);
+    record.times.lifetime_secs = grant.lifetime_secs;
+    record.times.granted_at = Some(now);
     let lifetime = Duration::from_secs(grant.lifetime_secs.into());
-    record.expires_at = (grant.lifetime_secs > 0).then(|| after(now, lifetime));
-    record.renew_at = (grant.lifetime_secs > 0).then(|| {
+    record.times.expires_at = (grant.lifetime_secs > 0).then(|| after(now, lifetime));
+    record.times.renew_at = (grant.lifetime_secs > 0).then(|| {
         after(
             now,
             renew_delay(grant.renew_after.unwrap_or(lifetime / 2), lifetime),
@@ -815,7 +814,12 @@ fn record_failure(
     };
     let retry = after(now, retry_delay(record.failures, floor, jitter));
     if renewing_valid_lease {
-        record.renew_at = Some(record.expires_at.map_or(retry, |expiry| retry.min(expiry)));
+        record.times.renew_at = Some(
+            record
+                .times
+                .expires_at
+                .map_or(retry, |expiry| retry.min(expiry)),
+        );
     } else {
         record.status = MappingStatus::Failed;
         record.retry_at = Some(retry);
@@ -975,9 +979,12 @@ mod tests {
 
         let granted = &state.mappings[&key(8080)];
         assert_eq!(granted.status, MappingStatus::Active);
-        assert_eq!(granted.renew_at, Some(now + SignedDuration::from_secs(70)));
         assert_eq!(
-            granted.expires_at,
+            granted.times.renew_at,
+            Some(now + SignedDuration::from_secs(70))
+        );
+        assert_eq!(
+            granted.times.expires_at,
             Some(now + SignedDuration::from_secs(120))
         );
         assert_eq!(
@@ -1516,10 +1523,13 @@ mod tests {
         // Granted 1 s into the pass, renewed after half its 120 s lease.
         let earliest = &state.mappings[&key(9000)];
         assert_eq!(
-            earliest.granted_at,
+            earliest.times.granted_at,
             Some(now + SignedDuration::from_secs(1))
         );
-        assert_eq!(earliest.renew_at, Some(now + SignedDuration::from_secs(61)));
+        assert_eq!(
+            earliest.times.renew_at,
+            Some(now + SignedDuration::from_secs(61))
+        );
         assert_eq!(outcome.interrupted, Some(Interrupt::Due));
         assert_eq!(router.calls.len(), 61, "stopped when 9000 fell due");
         // The next pass renews it before requesting the rest.

@@ -286,7 +286,7 @@ pub fn order<'a>(actions: &'a [Action], state: &State) -> Vec<&'a Action> {
                 let expires = state
                     .mappings
                     .get(&mapping.key())
-                    .and_then(|r| r.expires_at)
+                    .and_then(|r| r.times.expires_at)
                     .unwrap_or(Timestamp::MAX);
                 (1, expires, None, 0)
             }
@@ -344,7 +344,10 @@ mod tests {
         let key = mapping("x/y", port).key();
         MappingRecord {
             status: MappingStatus::Active,
-            expires_at: Some(t(expires)),
+            times: crate::state::LeaseTimes {
+                expires_at: Some(t(expires)),
+                ..Default::default()
+            },
             ..MappingRecord::leftover(owner, key, internal(port), Backend::Upnp)
         }
     }

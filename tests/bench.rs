@@ -42,7 +42,7 @@ use daemon_lab::{forwards_of, wait_for_first_reconcile, with_fake_cluster_in};
 use fake_api::FakeApi;
 use holepunch::model::{Backend, Endpoint, MappingKey, Owner, Protocol, TargetSource};
 use holepunch::router::pcp::codec::{self, Nonce, ResultCode};
-use holepunch::state::{MappingRecord, State};
+use holepunch::state::{LeaseTimes, MappingRecord, State};
 use lab::{LAN_IP, Lab, ROUTER_LAN_IP, ROUTER_WAN_IP};
 use measure::{LB_IP, lab_config, load_balancer, median, percentile, reconcile_passes, report};
 
@@ -510,10 +510,12 @@ fn write_state(path: &Path, count: u16) {
             target_source: TargetSource::LoadBalancer,
             router: ROUTER_LAN_IP.to_owned(),
             nonce: Some(format!("{:024x}", u128::from(i) + 1)),
-            lifetime_secs: 3600,
-            granted_at: Some(granted),
-            renew_at: Some(granted + jiff::SignedDuration::from_secs(1800)),
-            expires_at: Some(granted + jiff::SignedDuration::from_secs(3600)),
+            times: LeaseTimes {
+                lifetime_secs: 3600,
+                granted_at: Some(granted),
+                renew_at: Some(granted + jiff::SignedDuration::from_secs(1800)),
+                expires_at: Some(granted + jiff::SignedDuration::from_secs(3600)),
+            },
             external_address: Some(ROUTER_WAN_IP.parse().expect("lab address")),
             ..MappingRecord::leftover(
                 Owner::new("default", format!("svc-{i}")),

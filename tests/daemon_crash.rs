@@ -265,8 +265,8 @@ fn make_renewals_due(state_path: &Path) -> usize {
     let now = jiff::Timestamp::now();
     let mut due = 0;
     for record in state.mappings.values_mut() {
-        if record.status == MappingStatus::Active && record.renew_at.is_some() {
-            record.renew_at = Some(now);
+        if record.status == MappingStatus::Active && record.times.renew_at.is_some() {
+            record.times.renew_at = Some(now);
             due += 1;
         }
     }

@@ -18,7 +18,7 @@ use holepunch::ha::election::{LeaseRecord, Role, Timings, WriteFailure};
 use holepunch::ha::lease::{LeaseError, LeaseStore, MirrorStore, MirrorWriter, request_timeout};
 use holepunch::ha::runner::{Runner, Standing};
 use holepunch::model::{Backend, Endpoint, Owner, Protocol, TargetSource};
-use holepunch::state::{MappingRecord, MappingStatus, State};
+use holepunch::state::{LeaseTimes, MappingRecord, MappingStatus, State};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -478,10 +478,12 @@ fn record(external_port: u16, nonce: &str) -> MappingRecord {
         backend: Backend::Pcp,
         router: "192.168.1.1".to_owned(),
         nonce: Some(nonce.to_owned()),
-        lifetime_secs: 3600,
-        granted_at: "2026-12-05T08:00:00Z".parse().ok(),
-        renew_at: "2026-12-05T08:30:00Z".parse().ok(),
-        expires_at: "2026-12-05T09:00:00Z".parse().ok(),
+        times: LeaseTimes {
+            lifetime_secs: 3600,
+            granted_at: "2026-12-05T08:00:00Z".parse().ok(),
+            renew_at: "2026-12-05T08:30:00Z".parse().ok(),
+            expires_at: "2026-12-05T09:00:00Z".parse().ok(),
+        },
         epoch: Some(7),
         external_address: Some(std::net::Ipv4Addr::new(203, 0, 113, 7)),
         status: MappingStatus::Active,

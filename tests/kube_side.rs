@@ -93,7 +93,10 @@ fn live_record(owner: &str, external_port: u16) -> MappingRecord {
     MappingRecord {
         service_port: 8080,
         target: Endpoint::new(Ipv4Addr::new(192, 168, 77, 20), 30080),
-        lifetime_secs: 3600,
+        times: holepunch::state::LeaseTimes {
+            lifetime_secs: 3600,
+            ..Default::default()
+        },
         external_address: Some(EXTERNAL_IP),
         ..MappingRecord::leftover(
             owner.parse().expect("owner"),

@@ -393,7 +393,10 @@ fn request(protocol: Protocol, port: u16) -> MapRequest {
 fn record(protocol: Protocol, port: u16) -> MappingRecord {
     MappingRecord {
         router: ROUTER_LAN_IP.to_owned(),
-        lifetime_secs: 600,
+        times: holepunch::state::LeaseTimes {
+            lifetime_secs: 600,
+            ..Default::default()
+        },
         ..MappingRecord::leftover(
             Owner::new("default", "web"),
             MappingKey {

@@ -389,7 +389,10 @@ fn pcp_client_step_in_lan() {
                 let mut client = PcpClient::new(gateway, lan_ip());
                 let record = MappingRecord {
                     nonce: Some(nonce.clone()),
-                    lifetime_secs: 600,
+                    times: holepunch::state::LeaseTimes {
+                        lifetime_secs: 600,
+                        ..Default::default()
+                    },
                     ..MappingRecord::leftover(
                         Owner::new("default", "web"),
                         MappingKey {

@@ -411,7 +411,10 @@ fn map_request(protocol: Protocol, port: u16, address: Ipv4Addr) -> MapRequest {
 
 fn record(protocol: Protocol, port: u16, address: Ipv4Addr) -> MappingRecord {
     MappingRecord {
-        lifetime_secs: 3600,
+        times: holepunch::state::LeaseTimes {
+            lifetime_secs: 3600,
+            ..Default::default()
+        },
         ..MappingRecord::leftover(
             owner_for(protocol, port),
             MappingKey {

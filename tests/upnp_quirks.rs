@@ -59,7 +59,10 @@ fn request(port: u16) -> MapRequest {
 fn record(port: u16) -> MappingRecord {
     MappingRecord {
         service_port: 80,
-        lifetime_secs: 3600,
+        times: holepunch::state::LeaseTimes {
+            lifetime_secs: 3600,
+            ..Default::default()
+        },
         ..MappingRecord::leftover(
             Owner::new("default", "web"),
             MappingKey {

@@ -306,9 +306,13 @@ where
                 &crate::pinholes::lost_with_mappings(&plan.actions),
                 self.state,
                 self.store,
+                self.metrics,
                 now,
             )
             .await;
+        if let Some(ha) = self.ha.as_deref_mut() {
+            ha.mirror(self.state);
+        }
         let check_rules = self.rules.check_due(verify_interval(&self.config));
         self.rules
             .sync(

@@ -545,7 +545,7 @@ async fn nothing_is_planned_until_the_cluster_is_listed_then_mappings_and_rules_
     assert_eq!(granted.backend, Backend::Pcp);
     assert!(
         next.due
-            .is_some_and(|due| due <= granted.renew_at.expect("renewal")),
+            .is_some_and(|due| due <= granted.times.renew_at.expect("renewal")),
         "the next pass is due by the renewal"
     );
     let table = world.firewall.table();
@@ -587,9 +587,9 @@ async fn a_lease_is_renewed_when_due_not_before_and_restored_once_it_expired() {
     let next = next_timed_pass(&mut ctx).await;
     assert_eq!(world.lab.calls_since(1), ["map 8080 pcp"], "renewed");
     let renewed = record(ctx.state, 8080).clone();
-    assert!(renewed.expires_at > first.expires_at);
+    assert!(renewed.times.expires_at > first.times.expires_at);
     assert_eq!(
-        books_now(&ctx).duration_since(first.granted_at.expect("granted")),
+        books_now(&ctx).duration_since(first.times.granted_at.expect("granted")),
         jiff::SignedDuration::from_secs(60)
     );
     assert!(next.due.is_some());
@@ -615,7 +615,12 @@ async fn a_lease_is_renewed_when_due_not_before_and_restored_once_it_expired() {
     assert_eq!(world.lab.calls_since(2), ["map 8080 pcp"]);
     let restored = record(ctx.state, 8080);
     assert_eq!(restored.status, MappingStatus::Active);
-    assert!(restored.expires_at.is_some_and(|at| at > books_now(&ctx)));
+    assert!(
+        restored
+            .times
+            .expires_at
+            .is_some_and(|at| at > books_now(&ctx))
+    );
 }
 
 fn books_now(ctx: &TestContext<'_>) -> Timestamp {
@@ -979,7 +984,8 @@ async fn a_standby_touches_nothing_the_active_host_renews_what_it_took_over_and_
     for record in active.mappings.values_mut() {
         record.nonce = Some("0123456789abcdef01234567".into());
         // Granted long ago by node-b: not due for renewal by its own times.
-        record.renew_at = record
+        record.times.renew_at = record
+            .times
             .renew_at
             .map(|at| at + jiff::SignedDuration::from_secs(3600));
     }
@@ -1199,14 +1205,18 @@ async fn new_mappings_are_mirrored_before_they_are_sent_and_held_back_while_the_
     refuse.store(true, std::sync::atomic::Ordering::SeqCst);
     world.cluster.set(vec![web("web", 8080), web("new", 8081)]);
     let calls = world.lab.calls().len();
-    let renewed_before = record(ctx.state, 8080).renew_at;
+    let renewed_before = record(ctx.state, 8080).times.renew_at;
     next_timed_pass(&mut ctx).await;
     assert_eq!(
         world.lab.calls_since(calls),
         ["map 8080 pcp"],
         "the renewal of a mirrored mapping goes; the new mapping does not"
     );
-    assert_ne!(record(ctx.state, 8080).renew_at, renewed_before, "renewed");
+    assert_ne!(
+        record(ctx.state, 8080).times.renew_at,
+        renewed_before,
+        "renewed"
+    );
     let held = record(ctx.state, 8081);
     assert_eq!(held.status, MappingStatus::Failed);
     assert_eq!(held.failure, Some(Failure::HeldBack));

@@ -284,14 +284,11 @@ impl MirrorStore {
         let Some(configmap) = found else {
             return Ok(None);
         };
-        let text = configmap
-            .data
-            .as_ref()
-            .and_then(|data| data.get(mirror::DATA_KEY))
-            .map_or("", String::as_str);
-        let state = mirror::decode(text).map_err(|source| LeaseError::DecodeMirror {
-            at: self.at.clone(),
-            source,
+        let state = mirror::decode_data(configmap.data.as_ref()).map_err(|source| {
+            LeaseError::DecodeMirror {
+                at: self.at.clone(),
+                source,
+            }
         })?;
         let annotations = configmap.metadata.annotations.unwrap_or_default();
         Ok(Some(Mirrored {
@@ -313,7 +310,7 @@ impl MirrorStore {
         transitions: i32,
         resource_version: Option<&str>,
     ) -> Result<String, LeaseError> {
-        let text = mirror::encode(state).map_err(|source| LeaseError::EncodeMirror {
+        let data = mirror::encode_data(state).map_err(|source| LeaseError::EncodeMirror {
             at: self.at.clone(),
             source,
         })?;
@@ -330,7 +327,7 @@ impl MirrorStore {
                 ])),
                 ..ObjectMeta::default()
             },
-            data: Some(BTreeMap::from([(mirror::DATA_KEY.to_owned(), text)])),
+            data: Some(data),
             ..ConfigMap::default()
         };
         let params = PostParams::default();

@@ -7,13 +7,16 @@
 //!   nftables rules, writes no Events and no Service status ([`Gate::Standby`]).
 //! - On becoming **active** it loads the records the previous holder mirrored (same ports,
 //!   same PCP nonces, lease ends) into its state, due for renewal at once, and the plan
-//!   renews exactly those ([`Gate::Act`] with `took_over`).
+//!   renews exactly those ([`Gate::Act`] with `took_over`); the previous holder's IPv6
+//!   pinholes too, where this host holds none of its own for that port: the pinhole plan
+//!   renews those that open a target's address and replaces those that open the previous
+//!   holder's own (README, "High availability").
 //! - **Fencing**: every router request goes through [`Fenced`], which refuses it once
 //!   [`Standing::may_act`] is false (the renew deadline passed); the address guard drops the
 //!   address at that same deadline, whatever the loop is doing.
 //! - **Graceful stop**: [`Leadership::stop`] drops the address, then hands the Lease back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +35,7 @@ use crate::router::announce::{Check, RouterAnswer};
 use crate::router::choice::NoRouterFound;
 use crate::router::session::Connect;
 use crate::router::{Grant, MapRequest, PortMapper, RouterError};
-use crate::state::{MappingRecord, MappingStatus, State};
+use crate::state::{MappingStatus, State};
 
 /// How long a failed address change or mirror write waits before it is tried again.
 const RETRY_SECS: u64 = 1;
@@ -290,8 +293,8 @@ pub struct Leadership {
     /// The Lease transitions of the term in which this host loaded the mirror; `None` while
     /// it does not act.
     term: Option<i32>,
-    /// The mapping records last handed to the mirror (the only part of the state it holds).
-    mirrored: Option<BTreeMap<MappingKey, MappingRecord>>,
+    /// The records (mappings and pinholes) last handed to the mirror.
+    mirrored: Option<State>,
     /// When to try again to read the mirrored records (the last read failed).
     retry_at: Option<tokio::time::Instant>,
     tasks: Option<Tasks>,
@@ -414,9 +417,14 @@ impl Leadership {
         match self.mirror.take_over().await {
             Ok(Some(mirrored)) => {
                 let count = mirrored.mappings.len();
-                // Only the mappings float with the Lease: this host's own IPv6 pinholes (to its
-                // own global address) stay its own, renewed or closed by it.
-                state.mappings = taken_over(mirrored, now).mappings;
+                let taken = taken_over(mirrored, now);
+                state.mappings = taken.mappings;
+                // IPv6 pinholes: this host's own record of a port wins (it keeps the PCP nonce
+                // of what the router may still hold for this host); the previous holder's
+                // fill the other ports, and the pinhole plan renews or replaces them.
+                for (key, pinhole) in taken.pinholes {
+                    state.pinholes.entry(key).or_insert(pinhole);
+                }
                 if let Err(e) = store.persist(state) {
                     tracing::warn!(error = %e, "could not save the mapping records taken over; they are saved at the next change");
                 }
@@ -444,12 +452,12 @@ impl Leadership {
 
     /// Mirrors `state` if it changed since the last call (only while acting).
     pub fn mirror(&mut self, state: &State) {
-        if self.term.is_none() || self.mirrored.as_ref() == Some(&state.mappings) {
+        if self.term.is_none() || self.mirrored.as_ref() == Some(state) {
             return;
         }
         let standing = self.standing.borrow().clone();
         self.mirror.save(state, &standing);
-        self.mirrored = Some(state.mappings.clone());
+        self.mirrored = Some(state.clone());
     }
 
     /// Mirror before sent: writes `state` with its pending records and waits until it is
@@ -459,7 +467,7 @@ impl Leadership {
         let write = self.mirror.write(state, &standing);
         match tokio::time::timeout(Duration::from_secs(MIRROR_FIRST_SECS), write).await {
             Ok(Ok(())) => {
-                self.mirrored = Some(state.mappings.clone());
+                self.mirrored = Some(state.clone());
                 Ok(())
             }
             Ok(Err(source)) => Err(MirrorFirstError::Write { source }),
@@ -598,12 +606,20 @@ impl<P: Persist> Persist for MirrorFirst<'_, P> {
     }
 }
 
-/// The mirrored records as this host takes them over: the same mappings, renewed at once
-/// (with the same nonces), so that the router confirms them to the new holder.
+/// The mirrored records as this host takes them over: the same mappings and pinholes,
+/// renewed at once (with the same nonces), so that the router confirms them to the new holder.
 pub fn taken_over(mut state: State, now: Timestamp) -> State {
-    for record in state.mappings.values_mut() {
-        if record.status == MappingStatus::Active {
-            record.renew_at = Some(record.renew_at.map_or(now, |at| at.min(now)));
+    let mappings = state
+        .mappings
+        .values_mut()
+        .map(|r| (r.status, &mut r.times));
+    let pinholes = state
+        .pinholes
+        .values_mut()
+        .map(|r| (r.status, &mut r.times));
+    for (status, times) in mappings.chain(pinholes) {
+        if status == MappingStatus::Active {
+            times.renew_at = Some(times.renew_at.map_or(now, |at| at.min(now)));
         }
     }
     state
@@ -938,10 +954,10 @@ mod tests {
         }
         assert_eq!(state.mappings.len(), 1);
         let record = state.mappings.values().next().expect("one");
-        assert_eq!(record.renew_at, Some(later));
+        assert_eq!(record.times.renew_at, Some(later));
         let taken = taken_over(state.clone(), now);
         let record = taken.mappings.values().next().expect("one");
-        assert_eq!(record.renew_at, Some(now));
+        assert_eq!(record.times.renew_at, Some(now));
         assert_eq!(record.nonce.as_deref(), Some("0123456789abcdef01234567"));
     }
 

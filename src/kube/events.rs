@@ -441,7 +441,10 @@ mod tests {
         MappingRecord {
             service_port: 8080,
             target: Endpoint::new("192.168.77.20".parse().expect("ip"), 30080),
-            lifetime_secs: 120,
+            times: crate::state::LeaseTimes {
+                lifetime_secs: 120,
+                ..Default::default()
+            },
             external_address: external.map(|ip| ip.parse().expect("ip")),
             ..MappingRecord::leftover(
                 Owner::new("default", "web"),
@@ -469,7 +472,7 @@ mod tests {
         );
 
         let mut renewed = record(Some("11.22.33.44"));
-        renewed.lifetime_secs = 3600;
+        renewed.times.lifetime_secs = 3600;
         renewed.epoch = Some(99);
         assert_eq!(
             event_for_live(&renewed),

@@ -86,7 +86,7 @@ pub fn report(problems: &[Problem], state: &State, services: &[Service], class: 
         .collect();
     let external_ip = live
         .filter(|r| r.external_address.is_some())
-        .max_by_key(|r| r.granted_at)
+        .max_by_key(|r| r.times.granted_at)
         .and_then(|r| r.external_address);
     // The IPv6 address each Service is reachable on through an open pinhole.
     let reachable6: BTreeMap<ServiceKey, std::net::Ipv6Addr> = state

@@ -248,7 +248,7 @@ impl RouterAnswer {
     /// of slack). A router that just (re)started ([`FRESH_EPOCH_SECS`]) lost everything it
     /// granted before. `now` is the wall clock of the answer.
     pub fn lost(&self, record: &MappingRecord, now: Timestamp) -> bool {
-        let Some(granted_at) = record.granted_at else {
+        let Some(granted_at) = record.times.granted_at else {
             return false;
         };
         let age_ms = i64::try_from(now.duration_since(granted_at).as_millis()).unwrap_or(i64::MAX);
@@ -673,7 +673,7 @@ mod tests {
                 crate::model::Endpoint::new(Ipv4Addr::new(192, 168, 77, 10), port),
                 Backend::Pcp,
             );
-            record.granted_at = Some(wall(0));
+            record.times.granted_at = Some(wall(0));
             record.external_address = Some(EXTERNAL);
             state.mappings.insert(key, record);
         }
@@ -704,7 +704,7 @@ mod tests {
         assert!(answer(Check::Pcp, 91).lost(&upnp, wall(100)));
         // A grant "in the future" (the clock went back), or none, is no restart.
         assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(-50)));
-        upnp.granted_at = None;
+        upnp.times.granted_at = None;
         assert!(!answer(Check::Pcp, 0).lost(&upnp, wall(100)));
 
         // A PCP mapping granted by a router up for an hour, which restarted 5 s later and is

@@ -19,6 +19,9 @@ pub enum Operation {
     Verify,
     /// Find which protocol the router speaks (`router.backend = "auto"` or `"upnp"`).
     Probe,
+    /// Create, renew or restore an IPv6 pinhole (README, "IPv6").
+    PinholeOpen,
+    PinholeClose,
 }
 
 /// Where router requests are reported.

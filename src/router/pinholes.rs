@@ -22,6 +22,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::RouterError;
+use super::instrument::{Operation, RequestLog, result_label};
 use super::pcp::codec::Nonce;
 use super::pcp::v6::{Pcp6Client, PinholeMap};
 use super::upnp::pinhole::{PinholeClient, PinholeError, PinholeRequest, lease_for};
@@ -57,14 +58,10 @@ pub trait PinholeRouter: Send {
     fn router(&self) -> Ipv6Addr;
     /// This host's IPv6 address toward the router (what relay mode opens).
     fn host(&self) -> Ipv6Addr;
-    /// Creates the pinhole (or restores it: the same request again).
+    /// Creates the pinhole, restores it or extends its lease: one request for all three, as
+    /// both protocols answer the same request again with a fresh lease (see the notes of
+    /// each implementation).
     fn open<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>>;
-    /// Extends its lease.
-    fn renew<'a>(
         &'a mut self,
         record: &'a PinholeRecord,
         lifetime_secs: u32,
@@ -150,22 +147,13 @@ impl PinholeRouter for PcpPinholes {
         record: &'a PinholeRecord,
         lifetime_secs: u32,
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        // NOTE: opened by replacing (delete with its nonce, then MAP), as renewed: a restore
-        // or a retry of a pinhole the router may still hold would otherwise renew it in
-        // place, and miniupnpd 2.3.1 then forgets its nonce and refuses to delete it (see
-        // `Pcp6Client::renew`; found by the daemon lab). Deleting one that does not exist is
-        // success.
-        self.renew(record, lifetime_secs)
-    }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
+        // NOTE: opened and renewed by replacing (delete with its nonce, then MAP), never in
+        // place: miniupnpd 2.3.1 forgets the nonce of a pinhole renewed in place and then
+        // refuses to delete it (see `Pcp6Client::renew`; found by the daemon lab). A restore
+        // or a retry of a pinhole the router may still hold is such a renewal. Deleting one
+        // that does not exist is success.
         Box::pin(async move {
             let map = self.map(record, lifetime_secs)?;
-            // NOTE: renewed by replacing, not in place: miniupnpd 2.3.1 forgets the nonce of
-            // a pinhole renewed in place (see `Pcp6Client::renew`).
             self.client.renew(&map).await.map(opened_pcp)
         })
     }
@@ -256,13 +244,6 @@ impl PinholeRouter for UpnpPinholes {
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
         Box::pin(self.add(record, lifetime_secs))
     }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        Box::pin(self.add(record, lifetime_secs))
-    }
     fn close<'a>(
         &'a mut self,
         record: &'a PinholeRecord,
@@ -307,13 +288,6 @@ impl PinholeRouter for OnThisRouter {
                 unique_id: None,
             })
         })
-    }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        self.open(record, lifetime_secs)
     }
     fn close<'a>(
         &'a mut self,
@@ -712,21 +686,29 @@ impl Pinholes {
         lost: &BTreeSet<MappingKey>,
         state: &mut State,
         store: &mut impl Persist,
+        log: &dyn RequestLog,
         now: Timestamp,
     ) -> PinholeOutcome {
         if config.exposure.ipv6 == Ipv6Choice::Off && state.pinholes.is_empty() {
             return PinholeOutcome::default();
         }
+        // Once per pass, with the router known from earlier passes (again only in the pass
+        // that reaches a new one: the trust rules need its address).
+        let known = router_identity(self.router.as_deref());
+        let mut wanted = desired_pinholes(
+            services,
+            nodes,
+            config,
+            &with_router(host, self.router.as_deref()),
+            mappings,
+        );
         // Nothing wanted and nothing held: no router is asked anything (not even found); a
         // refused IPv6 target is still reported.
-        if state.pinholes.is_empty() {
-            let wanted = desired_pinholes(services, nodes, config, host, mappings);
-            if wanted.pinholes.is_empty() {
-                return PinholeOutcome {
-                    problems: wanted.problems,
-                    next_due: None,
-                };
-            }
+        if state.pinholes.is_empty() && wanted.pinholes.is_empty() {
+            return PinholeOutcome {
+                problems: wanted.problems,
+                next_due: None,
+            };
         }
         let gateway = config.exposure.mode == ExposureMode::Gateway;
         if gateway {
@@ -796,6 +778,15 @@ impl Pinholes {
             }
             Some(path)
         };
+        if router_identity(self.router.as_deref()) != known {
+            wanted = desired_pinholes(
+                services,
+                nodes,
+                config,
+                &with_router(host, self.router.as_deref()),
+                mappings,
+            );
+        }
         let Some(router) = self.router.as_mut() else {
             return PinholeOutcome::default();
         };
@@ -805,10 +796,6 @@ impl Pinholes {
             relay_from: (config.exposure.mode == ExposureMode::Relay).then(|| router.host()),
             on_external_port: gateway,
         };
-        let mut host = host.clone();
-        host.router_addresses.insert(route.router.into());
-        host.own_addresses.insert(router.host().into());
-        let wanted = desired_pinholes(services, nodes, config, &host, mappings);
         let mut lost = lost.clone();
         // A restart seen while restoring from the last one waits the retry floor: a router
         // that claims a restart in every answer costs a restore per floor, not a busy loop.
@@ -819,7 +806,7 @@ impl Pinholes {
                 state
                     .pinholes
                     .iter()
-                    .filter(|(_, r)| r.granted_at.is_none_or(|at| at < pass_began))
+                    .filter(|(_, r)| r.times.granted_at.is_none_or(|at| at < pass_began))
                     .map(|(key, _)| *key),
             );
         }
@@ -847,13 +834,14 @@ impl Pinholes {
         let Some(router) = self.router.as_mut() else {
             return PinholeOutcome::default();
         };
-        execute(
+        let epoch = execute(
             &actions,
             Clients {
                 current: router.as_mut(),
                 former: &mut former,
                 relay: route.relay_from.is_some(),
             },
+            Some(log),
             state,
             store,
             config.router.lease_secs,
@@ -861,7 +849,19 @@ impl Pinholes {
             &mut problems,
         )
         .await;
-        if router.take_restart() {
+        // The client sees a restart between two of its own answers; the recorded epochs also
+        // show one that happened while holepunch was not running.
+        let restarted_unseen = epoch.is_some_and(|epoch| {
+            // Only active ones: a failed one keeps the epoch of a grant it has since lost,
+            // and would claim a restart at every pass.
+            state.pinholes.values().any(|r| {
+                r.status == MappingStatus::Active
+                    && r.backend == Backend::Pcp
+                    && r.router == route.router
+                    && lost_by_restart(r, epoch, now)
+            })
+        });
+        if router.take_restart() || restarted_unseen {
             tracing::warn!(%backend, "the router restarted and lost its IPv6 pinholes; restoring them");
             self.restarted = Some(now);
         }
@@ -888,42 +888,145 @@ struct Clients<'a> {
     relay: bool,
 }
 
-/// Runs the pinhole plan: each request saved as pending first, each result recorded.
+/// Which router `router` is (backend, its address, this host's address toward it).
+fn router_identity(router: Option<&dyn PinholeRouter>) -> Option<(Backend, Ipv6Addr, Ipv6Addr)> {
+    router.map(|r| (r.backend(), r.router(), r.host()))
+}
+
+/// `host` with the pinhole router's address and this host's address toward it, for the trust
+/// rules (README, "Security model").
+fn with_router(host: &HostFacts, router: Option<&dyn PinholeRouter>) -> HostFacts {
+    let mut host = host.clone();
+    if let Some(router) = router {
+        host.router_addresses.insert(router.router().into());
+        host.own_addresses.insert(router.host().into());
+    }
+    host
+}
+
+/// Whether the router's PCP epoch `epoch_secs`, answered at `now`, shows that it restarted
+/// (and lost `record`) since it granted `record` with the epoch recorded then: the epoch
+/// went back, or did not advance with the wall clock (RFC 6887 §8.5).
+fn lost_by_restart(record: &PinholeRecord, epoch_secs: u32, now: Timestamp) -> bool {
+    let (Some(epoch), Some(granted_at)) = (record.epoch, record.times.granted_at) else {
+        return false;
+    };
+    match Duration::try_from(now.duration_since(granted_at)) {
+        Ok(since) => !super::pcp::client::epoch_is_consistent(epoch, epoch_secs, since),
+        Err(_) => false,
+    }
+}
+
+/// Deletes every recorded pinhole of `router`'s backend (`holepunch cleanup`), each through
+/// the same step as the daemon's closes (one made through another router is forgotten: it
+/// ends with its lease), saved as it goes. Returns how many were deleted or forgotten.
+pub async fn close_all(
+    router: &mut dyn PinholeRouter,
+    state: &mut State,
+    store: &mut impl Persist,
+    now: Timestamp,
+) -> usize {
+    let before = state.pinholes.len();
+    let closes: Vec<PinholeAction> = state
+        .pinholes
+        .iter()
+        .filter(|(_, r)| r.backend == router.backend())
+        .map(|(key, _)| PinholeAction::Close { key: *key })
+        .collect();
+    let clients = Clients {
+        current: router,
+        former: &mut BTreeMap::new(),
+        relay: false,
+    };
+    execute(
+        &closes,
+        clients,
+        None,
+        state,
+        store,
+        0,
+        now,
+        &mut Vec::new(),
+    )
+    .await;
+    before - state.pinholes.len()
+}
+
+/// `request` to the router, counted in `log` (`holepunch_router_requests_total` and its
+/// duration, as for mappings: README, "Monitoring").
+async fn counted<T>(
+    log: Option<&dyn RequestLog>,
+    backend: Backend,
+    operation: Operation,
+    request: impl Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    let started = (Timestamp::now(), std::time::Instant::now());
+    let result = request.await;
+    if let Some(log) = log {
+        let took = started.1.elapsed();
+        log.router_request(backend, operation, result_label(&result), started.0, took);
+    }
+    result
+}
+
+/// Runs the pinhole plan: each request saved as pending first, each result recorded. Returns
+/// the router's PCP epoch with the last grant, if any.
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     actions: &[PinholeAction],
     clients: Clients<'_>,
+    log: Option<&dyn RequestLog>,
     state: &mut State,
     store: &mut impl Persist,
     lease_secs: u32,
     now: Timestamp,
     problems: &mut Vec<Problem>,
-) {
-    let router = clients.current;
+) -> Option<u32> {
+    let Clients {
+        current: router,
+        former,
+        relay,
+    } = clients;
+    let mut epoch = None;
     for action in actions {
         match action {
             PinholeAction::Close { key } => {
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let expired = record.expires_at.is_some_and(|at| at <= now)
+                let expired = record.times.expires_at.is_some_and(|at| at <= now)
                     && record.status != MappingStatus::Pending;
                 let result = if expired {
                     // The router dropped it when its lease ended: nothing to ask.
                     Ok(())
                 } else if record.backend == router.backend() && record.router == router.router() {
-                    if clients.relay && record.address != router.host() {
-                        match clients.former.get_mut(&record.address) {
-                            Some(former) => former.close(&record).await,
-                            None => {
-                                // No longer an address of this host: nobody can ask for it;
-                                // it closes when its lease ends.
-                                tracing::info!(service = %record.owner, pinhole = %record.opens(),
-                                    "this host no longer holds the address the IPv6 pinhole opens; it lapses with its lease");
-                                Ok(())
-                            }
+                    // In relay mode, a pinhole to a former address of this host is closed
+                    // from that address while the host still holds it.
+                    let from_former = (relay && record.address != router.host())
+                        .then(|| former.get_mut(&record.address))
+                        .flatten();
+                    match from_former {
+                        Some(former) => {
+                            let backend = former.backend();
+                            counted(log, backend, Operation::PinholeClose, former.close(&record))
+                                .await
                         }
-                    } else {
-                        router.close(&record).await
+                        None if record.backend == Backend::Pcp
+                            && record.address != router.host() =>
+                        {
+                            // NOTE: RFC 6887 §13.1: PCP deletes only the caller's own pinholes
+                            // (another address needs THIRD_PARTY): one a previous HA holder
+                            // opened to its own address, or one to an address this host no
+                            // longer holds, ends with its lease (README, "High availability").
+                            tracing::info!(service = %record.owner, pinhole = %record.opens(), expires_at = ?record.times.expires_at,
+                                "this host cannot delete a PCP pinhole that opens another address; it closes when its lease ends");
+                            Ok(())
+                        }
+                        None => {
+                            let backend = router.backend();
+                            counted(log, backend, Operation::PinholeClose, router.close(&record))
+                                .await
+                        }
                     }
                 } else {
                     // Made through another protocol or router: this one cannot delete it; it
@@ -961,7 +1064,10 @@ async fn execute(
                     }
                     continue;
                 }
-                let result = router.open(&record, lease_secs).await;
+                let backend = router.backend();
+                let open = router.open(&record, lease_secs);
+                let result = counted(log, backend, Operation::PinholeOpen, open).await;
+                epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, key, result, now, problems);
                 save(store, state);
             }
@@ -969,12 +1075,16 @@ async fn execute(
                 let Some(record) = state.pinholes.get(key).cloned() else {
                     continue;
                 };
-                let result = router.renew(&record, lease_secs).await;
+                let backend = router.backend();
+                let open = router.open(&record, lease_secs);
+                let result = counted(log, backend, Operation::PinholeOpen, open).await;
+                epoch = result.as_ref().ok().and_then(|o| o.epoch).or(epoch);
                 record_result(state, *key, result, now, problems);
                 save(store, state);
             }
         }
     }
+    epoch
 }
 
 /// Saves the state; `false` (logged) when it cannot be saved.
@@ -1007,12 +1117,11 @@ fn record_result(
             tracing::info!(service = %record.owner, pinhole = %record.opens(),
                 target = %record.target(), lifetime_secs = opened.lifetime_secs, "IPv6 pinhole open");
             record.status = MappingStatus::Active;
-            record.lifetime_secs = opened.lifetime_secs;
-            record.granted_at = Some(now);
-            record.renew_at = lasts.then(|| after(now, renew));
-            record.expires_at = lasts.then(|| after(now, lifetime));
+            record.times.lifetime_secs = opened.lifetime_secs;
+            record.times.granted_at = Some(now);
+            record.times.renew_at = lasts.then(|| after(now, renew));
+            record.times.expires_at = lasts.then(|| after(now, lifetime));
             record.epoch = opened.epoch.or(record.epoch);
-            record.unique_id = opened.unique_id.or(record.unique_id);
             record.retry_at = None;
             record.failures = 0;
             record.failure = None;
@@ -1053,6 +1162,28 @@ fn failed(record: &mut PinholeRecord, error: &RouterError, now: Timestamp) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_epoch_shows_a_router_restart_that_happened_while_holepunch_was_down() {
+        let at = |text: &str| text.parse::<Timestamp>().expect("time");
+        let mut record = PinholeRecord {
+            epoch: Some(5000),
+            times: crate::state::LeaseTimes {
+                granted_at: Some(at("2026-12-05T10:00:00Z")),
+                ..PinholeRecord::example(8096).times
+            },
+            ..PinholeRecord::example(8096)
+        };
+        let hour_later = at("2026-12-05T11:00:00Z");
+        // The router ran on: its epoch advanced with the clock.
+        assert!(!lost_by_restart(&record, 8600, hour_later));
+        // It restarted 10 minutes ago, or its epoch went back.
+        assert!(lost_by_restart(&record, 600, hour_later));
+        assert!(lost_by_restart(&record, 4000, at("2026-12-05T10:00:30Z")));
+        // Without a recorded epoch or grant (UPnP, never granted) nothing can be told.
+        record.epoch = None;
+        assert!(!lost_by_restart(&record, 600, hour_later));
+    }
 
     #[test]
     fn picks_the_ipv6_default_route_with_the_lowest_metric() {

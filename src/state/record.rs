@@ -56,6 +56,24 @@ pub enum MappingStatus {
     Failed,
 }
 
+/// A lease the router granted, as a mapping's and a pinhole's record keep it: flattened into
+/// both (`#[serde(flatten)]`), so the state file's keys stay `lifetime_secs`, `granted_at`,
+/// `renew_at` and `expires_at`, in that order, in either table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTimes {
+    /// Lifetime the router granted, seconds (0: permanent, as some IGD routers insist).
+    #[serde(default)]
+    pub lifetime_secs: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Timestamp>,
+    /// When to renew (chosen when granted, with the backend's jitter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<Timestamp>,
+    /// When the router forgets it unless renewed; `None` for permanent leases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+}
+
 /// One mapping holepunch owns (or is trying to own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,17 +99,9 @@ pub struct MappingRecord {
     /// PCP: the 96-bit mapping nonce, as 24 hex digits; reused to renew and delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
-    /// Lifetime the router granted, seconds (0: permanent, as some IGD routers insist).
-    #[serde(default)]
-    pub lifetime_secs: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub granted_at: Option<Timestamp>,
-    /// When to renew (chosen when granted, with the backend's jitter).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renew_at: Option<Timestamp>,
-    /// When the router forgets it unless renewed; `None` for permanent leases.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Timestamp>,
+    /// What the router granted and when to renew it.
+    #[serde(flatten)]
+    pub times: LeaseTimes,
     /// PCP/NAT-PMP epoch (seconds since the router's start) seen with the last response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u32>,
@@ -177,10 +187,7 @@ impl MappingRecord {
             backend,
             router: String::new(),
             nonce: None,
-            lifetime_secs: 0,
-            granted_at: None,
-            renew_at: None,
-            expires_at: None,
+            times: LeaseTimes::default(),
             epoch: None,
             external_address: None,
             status: MappingStatus::Active,
@@ -206,7 +213,7 @@ impl State {
         for record in self.mappings.values_mut().filter(|r| which(r)) {
             match record.status {
                 MappingStatus::Failed => record.retry_at = None,
-                MappingStatus::Active => record.renew_at = Some(now),
+                MappingStatus::Active => record.times.renew_at = Some(now),
                 MappingStatus::Pending => continue,
             }
             due += 1;

@@ -26,6 +26,8 @@ struct HolesInner {
     connects: usize,
     /// This host's IPv6 address toward the router, when not [`HOST6`] (a new prefix).
     host: Option<Ipv6Addr>,
+    /// Addresses this host held before and still holds (deprecated after a renumbering).
+    former: Vec<Ipv6Addr>,
 }
 
 /// The scripted router's IPv6 firewall; clones share it.
@@ -52,7 +54,10 @@ impl Holes {
 
     /// This host's address toward the router is `host` from now on (the ISP renumbered).
     fn renumber(&self, host: Ipv6Addr) {
-        lock(&self.0).host = Some(host);
+        let mut holes = lock(&self.0);
+        let old = holes.host.unwrap_or(HOST6);
+        holes.former.push(old);
+        holes.host = Some(host);
     }
 
     /// The router restarts: its IPv6 firewall forgets every pinhole.
@@ -78,7 +83,14 @@ impl PinholeConnect for ScriptedConnect6 {
         backend: Backend,
         _config: &'a Config,
     ) -> BoxFuture<'a, Result<Box<dyn PinholeRouter>, String>> {
-        lock(&self.0.0).connects += 1;
+        let mut holes = lock(&self.0.0);
+        holes.connects += 1;
+        // As on a real host: only from an address it holds (another HA host's is not).
+        if path.host != holes.host.unwrap_or(HOST6) && !holes.former.contains(&path.host) {
+            let why = format!("this host does not hold {}", path.host);
+            return Box::pin(async move { Err(why) });
+        }
+        drop(holes);
         let router = Scripted6 {
             holes: self.0.clone(),
             backend,
@@ -99,10 +111,17 @@ fn name(record: &PinholeRecord) -> String {
 }
 
 impl Scripted6 {
-    fn grant(&self, verb: &str, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
+    /// Opens or renews the pinhole (one request for both), noted as the plan asked it: a
+    /// renewal sends the active record, an open the record saved as pending first.
+    fn grant(&self, record: &PinholeRecord, lifetime_secs: u32) -> Opened {
         let mut holes = lock(&self.holes.0);
-        holes.calls.push(format!("{verb} {}", name(record)));
         holes.held.insert(name(record));
+        let verb = if record.status == MappingStatus::Active {
+            "renew"
+        } else {
+            "open"
+        };
+        holes.calls.push(format!("{verb} {}", name(record)));
         Opened {
             lifetime_secs,
             renew_after: None,
@@ -127,15 +146,7 @@ impl PinholeRouter for Scripted6 {
         record: &'a PinholeRecord,
         lifetime_secs: u32,
     ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        let opened = self.grant("open", record, lifetime_secs);
-        Box::pin(async move { Ok(opened) })
-    }
-    fn renew<'a>(
-        &'a mut self,
-        record: &'a PinholeRecord,
-        lifetime_secs: u32,
-    ) -> BoxFuture<'a, Result<Opened, RouterError>> {
-        let opened = self.grant("renew", record, lifetime_secs);
+        let opened = self.grant(record, lifetime_secs);
         Box::pin(async move { Ok(opened) })
     }
     fn close<'a>(
@@ -211,8 +222,9 @@ async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it
     let first = pinhole(ctx.state, 8080).cloned().expect("record");
     assert!(
         first
+            .times
             .renew_at
-            .is_some_and(|at| at < first.expires_at.unwrap_or(at)),
+            .is_some_and(|at| at < first.times.expires_at.unwrap_or(at)),
         "{first:?}"
     );
 
@@ -248,7 +260,7 @@ async fn a_pinhole_lives_beside_its_mapping_renewed_restored_and_removed_with_it
     );
     assert!(
         pinhole(ctx.state, 8080).is_some_and(|h| h.status == MappingStatus::Active
-            && h.expires_at.is_some_and(|at| at > ctx.clock.now())),
+            && h.times.expires_at.is_some_and(|at| at > ctx.clock.now())),
     );
 
     // One Service unpublished: its mapping and its pinhole go together, the other stays.
@@ -358,7 +370,7 @@ async fn gateway_mode_publishes_ipv6_targets_in_its_own_table_without_asking_a_r
             MappingStatus::Active
         )
     );
-    assert_eq!(hole.renew_at, None, "nothing to renew on this router");
+    assert_eq!(hole.times.renew_at, None, "nothing to renew on this router");
     assert_eq!(world.holes.connects(), 0, "no router asked");
     assert!(world.holes.calls().is_empty());
 
@@ -479,5 +491,177 @@ async fn the_double_nat_problem_says_whether_ipv6_still_reaches_the_service() {
             .ends_with("no IPv6 pinhole reaches it either"),
         "{}",
         problems[0].message
+    );
+}
+
+/// A router that restarted while holepunch was not running: the first PCP answer's epoch is
+/// behind what a recorded pinhole's epoch and age say, so every pinhole granted before is
+/// restored at once, not only the one whose renewal fell due (RFC 6887 §8.5).
+#[tokio::test(start_paused = true)]
+async fn a_recorded_epoch_shows_a_restart_the_client_never_saw() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Pcp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080), web("api", 8081)]);
+    let mut books = Books::new();
+    let metrics = books.metrics.clone();
+    let mut ctx = context(&world, &mut books, config(BackendChoice::Pcp));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.held(), [held(8080), held(8081)]);
+    // As recorded before a restart of holepunch: 8080 granted when the router's epoch was
+    // far ahead of the 1 s it answers now; 8081 due for renewal.
+    let now = ctx.clock.now();
+    let key = |port| MappingKey {
+        protocol: Protocol::Tcp,
+        external_port: port,
+    };
+    if let Some(hole) = ctx.state.pinholes.get_mut(&key(8080)) {
+        hole.epoch = Some(100_000);
+    }
+    if let Some(hole) = ctx.state.pinholes.get_mut(&key(8081)) {
+        hole.times.renew_at = Some(now);
+    }
+    lock(&world.holes.0).calls.clear();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Timer).await;
+    assert_eq!(world.holes.calls(), [format!("renew {}", held(8081))]);
+    // The renewal's answer showed the restart: 8080 is restored at the next pass, due now.
+    assert_eq!(ctx.sleep_for(), Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctx.pass(Trigger::Timer).await;
+    let calls = world.holes.calls();
+    assert!(calls.contains(&format!("open {}", held(8080))), "{calls:?}");
+    assert_eq!(pinhole(ctx.state, 8080).and_then(|h| h.epoch), Some(1));
+    // Each pinhole request is counted as the mappings' are: two opens, a renewal, a restore.
+    let text = metrics.encode(ctx.clock.now()).unwrap_or_default();
+    let opens =
+        r#"holepunch_router_requests_total{backend="pcp",operation="pinhole_open",result="ok"} 4"#;
+    assert!(text.lines().any(|l| l == opens), "{text}");
+}
+
+/// `[ha]`: this host holds the Lease from the start, and the mirror holds what the previous
+/// holder left (`previous`).
+fn taking_over(previous: State) -> (crate::ha::role::MemoryMirror, crate::ha::role::Leadership) {
+    use crate::ha::election::Role;
+    use crate::ha::runner::Standing;
+    let mirror = crate::ha::role::MemoryMirror::default();
+    *lock(&mirror.0) = Some(previous);
+    // The sender may go: the standing stays what it was last.
+    let (_, receiver) = tokio::sync::watch::channel(Standing {
+        identity: "node-a".into(),
+        role: Role::Leader {
+            until: std::time::Instant::now() + Duration::from_secs(3600),
+        },
+        transitions: 4,
+    });
+    let leadership = crate::ha::role::Leadership::new(receiver, None, Box::new(mirror.clone()));
+    (mirror, leadership)
+}
+
+/// The previous HA holder's own global address (relay mode opens pinholes to it).
+const OLD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x99);
+
+/// `[ha]`, relay mode: the host that takes over loads the previous holder's pinholes from the
+/// mirror. One that opens the previous holder's own address is deleted where the router
+/// allows it (UPnP) and replaced by one to this host's address; PCP deletes only the caller's
+/// own, so there it is left to its lease. Either way the new host opens its own at once, and
+/// mirrors it (README, "High availability").
+#[tokio::test(start_paused = true)]
+async fn a_host_that_takes_over_replaces_the_previous_holders_pinholes_with_its_own() {
+    for (backend, choice) in [
+        (Backend::Upnp, BackendChoice::Upnp),
+        (Backend::Pcp, BackendChoice::Pcp),
+    ] {
+        let world = World {
+            lab: Lab::answering(&[backend]),
+            ..World::default()
+        };
+        set_dual(&world, vec![web("web", 8080)]);
+        let mut books = Books::new();
+        // What the previous holder mirrored: the mapping and its pinhole to its own address.
+        let mut previous = {
+            let mut ctx = context(&world, &mut books, config(choice));
+            ctx.pass(Trigger::Cluster).await;
+            ctx.state.clone()
+        };
+        assert_eq!(previous.pinholes.len(), 1, "{backend}");
+        for hole in previous.pinholes.values_mut() {
+            hole.address = OLD6;
+        }
+        let old = format!("8080/tcp [{OLD6}]:8080");
+        {
+            let mut holes = lock(&world.holes.0);
+            holes.held.clear();
+            holes.held.insert(old.clone());
+            holes.calls.clear();
+        }
+        let (mirror, mut leadership) = taking_over(previous.clone());
+        books.state = State::default();
+
+        let mut ctx = context(&world, &mut books, config(choice)).with_ha(Some(&mut leadership));
+        ctx.pass(Trigger::Cluster).await;
+        let own = held(8080);
+        match backend {
+            Backend::Upnp => {
+                assert_eq!(
+                    world.holes.calls(),
+                    [format!("close {old}"), format!("open {own}")],
+                    "UPnP: the previous holder's deleted, then this host's opened"
+                );
+                assert_eq!(world.holes.held(), [own]);
+            }
+            _ => {
+                assert_eq!(
+                    world.holes.calls(),
+                    [format!("open {own}")],
+                    "PCP: nothing asked about another host's pinhole"
+                );
+                assert_eq!(world.holes.held(), [own.clone(), old.clone()]);
+            }
+        }
+        let hole = pinhole(ctx.state, 8080).expect("this host's pinhole");
+        assert_eq!(
+            (hole.address, hole.status),
+            (HOST6, MappingStatus::Active),
+            "{backend}"
+        );
+        assert_eq!(
+            mirror.records().map(|r| r.pinholes),
+            Some(ctx.state.pinholes.clone()),
+            "{backend}: this host's pinhole is mirrored for the next one"
+        );
+    }
+}
+
+/// `[ha]`, direct mode: a mirrored pinhole opens the target's own address, the same for every
+/// host, so the host that takes over renews it instead of replacing it.
+#[tokio::test(start_paused = true)]
+async fn a_host_that_takes_over_renews_a_mirrored_pinhole_to_a_target() {
+    let world = World {
+        lab: Lab::answering(&[Backend::Upnp]),
+        ..World::default()
+    };
+    set_dual(&world, vec![web("web", 8080)]);
+    let mut books = Books::new();
+    let mut direct = config(BackendChoice::Upnp);
+    direct.exposure.mode = ExposureMode::Direct;
+    let previous = {
+        let mut ctx = context(&world, &mut books, direct.clone());
+        ctx.pass(Trigger::Cluster).await;
+        ctx.state.clone()
+    };
+    let to_target = format!("8080/tcp [{NODE6}]:38080");
+    assert_eq!(world.holes.held(), std::slice::from_ref(&to_target));
+    lock(&world.holes.0).calls.clear();
+    let (_mirror, mut leadership) = taking_over(previous);
+    books.state = State::default();
+    let mut ctx = context(&world, &mut books, direct).with_ha(Some(&mut leadership));
+    ctx.pass(Trigger::Cluster).await;
+    assert_eq!(world.holes.calls(), [format!("renew {to_target}")]);
+    assert_eq!(world.holes.held(), [to_target]);
+    assert_eq!(
+        pinhole(ctx.state, 8080).map(|h| h.status),
+        Some(MappingStatus::Active)
     );
 }
