@@ -965,7 +965,8 @@ fn cleanup(path: &Path) -> Result<(), Failure> {
 /// the daemon deletes one (README, "IPv6"), not left to run out. Returns how many went;
 /// those whose router cannot be reached stay recorded.
 async fn close_pinholes(config: &Config, state: &mut State, store: &mut StateFile) -> usize {
-    use crate::router::pinholes::{PinholeConnect, RouterPinholes, close_all};
+    use crate::daemon::pinholes::close_all;
+    use crate::router::pinholes::{PinholeConnect, RouterPinholes};
     // Gateway mode's are forwards in holepunch's own table, which cleanup deletes.
     let before = state.pinholes.len();
     state.pinholes.retain(|_, r| r.backend != Backend::None);

@@ -84,7 +84,7 @@ pub struct Context<'a, R: Connect, F, C, T, P> {
     /// `[ha]`: whether this host acts or stands by (README.md, "High availability").
     ha: Option<&'a mut Leadership>,
     /// IPv6 pinholes beside the mappings (README, "IPv6").
-    pub pinholes: crate::router::pinholes::Pinholes,
+    pub pinholes: crate::daemon::pinholes::Pinholes,
     /// What stops a long pass between two router requests (ARCHITECTURE.md, "The loop").
     pub interrupts: Interrupts,
     /// The problems logged, each once while it lasts.
@@ -131,7 +131,7 @@ where
             clock,
             systemd,
             ha: None,
-            pinholes: crate::router::pinholes::Pinholes::default(),
+            pinholes: crate::daemon::pinholes::Pinholes::default(),
             interrupts: Interrupts::default(),
             reported: BTreeSet::new(),
             next_due: None,

@@ -9,6 +9,7 @@
 
 mod coalesce;
 mod context;
+pub mod pinholes;
 #[cfg(test)]
 mod tests;
 

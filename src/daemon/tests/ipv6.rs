@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
 use super::*;
-use crate::router::pinholes::{
-    BoxFuture, Ipv6Path, Opened, PinholeConnect, PinholeRouter, Pinholes,
-};
+use crate::daemon::pinholes::Pinholes;
+use crate::router::pinholes::{BoxFuture, Ipv6Path, Opened, PinholeConnect, PinholeRouter};
 use crate::state::PinholeRecord;
 
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
