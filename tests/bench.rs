@@ -35,7 +35,7 @@ use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bin::Daemon;
 use daemon_lab::{forwards_of, wait_for_first_reconcile, with_fake_cluster_in};
@@ -71,6 +71,9 @@ const BURST_FIRST_PORT: u16 = 25_000;
 /// Services and mappings for start -> READY=1.
 const READY_SERVICES: u16 = 1000;
 const POLL_MS: u64 = 2;
+/// The daemon's log filter in the annotate runs: info, and the debug stamps of each change's
+/// way to the router (target `holepunch::timing`, README.md "Benchmarks").
+const TIMING_LOG: &str = "info,holepunch::timing=debug";
 
 /// `config` with room for `mappings` in one namespace (the default quotas, 32 per namespace
 /// and 128 in all, are smaller than these benchmarks' clusters).
@@ -214,6 +217,96 @@ fn wait_for_passes(before: f64) -> bool {
     last > before
 }
 
+/// Where one change's time went, from the Service's write to the API until the router's grant:
+/// the daemon's stamps (log target `holepunch::timing`) in ms after the write. Each stage is
+/// the first stamp at or after the one before it.
+#[derive(Debug, Clone, Default)]
+struct Breakdown {
+    /// (stage, ms after the write), in order.
+    stages: Vec<(&'static str, f64)>,
+    /// How long the pending save (write + fsyncs) took, in ms.
+    save_ms: Option<f64>,
+}
+
+/// The stages of [`Breakdown`], each with what its stamp line holds.
+const STAGES: [(&str, &[&str]); 10] = [
+    ("watch", &["stage=\"watch\"", "resource=\"services\""]),
+    ("woke", &["stage=\"woke\""]),
+    ("pass", &["stage=\"pass\""]),
+    ("desired", &["stage=\"desired\""]),
+    ("planned", &["stage=\"planned\""]),
+    ("saved", &["stage=\"pending saved\""]),
+    ("map", &["stage=\"map\"", "external_port={port} "]),
+    ("request", &["holepunch::timing", "sent"]),
+    ("add", &["action=\"AddPortMapping\""]),
+    ("grant", &["reconcile: mapped", "external_port={port} "]),
+];
+
+/// A log line's timestamp (tracing's RFC 3339 first word), in ms after `since`.
+fn ms_after(line: &str, since: jiff::Timestamp) -> Option<f64> {
+    let at: jiff::Timestamp = line.split_whitespace().next()?.parse().ok()?;
+    Some(at.duration_since(since).as_secs_f64() * 1e3)
+}
+
+impl Breakdown {
+    /// The stamps in `log` of the change written at `written` for `port`, after the in-test
+    /// API's own: when its watch handed the change to the response body (`api_sent`; the
+    /// daemon's next stamp can precede it by microseconds, as the body may be written first).
+    fn of(log: &str, written: SystemTime, api_sent: Option<SystemTime>, port: u16) -> Breakdown {
+        let since = jiff::Timestamp::try_from(written).expect("a clock after 1970");
+        let lines: Vec<(f64, &str)> = log
+            .lines()
+            .filter_map(|line| Some((ms_after(line, since)?, line)))
+            .collect();
+        let mut breakdown = Breakdown::default();
+        if let Some(sent) = api_sent.and_then(|at| at.duration_since(written).ok()) {
+            breakdown.stages.push(("api", sent.as_secs_f64() * 1e3));
+        }
+        let mut from = 0;
+        let mut after = 0.0;
+        for (stage, needles) in STAGES {
+            let needles: Vec<String> = needles
+                .iter()
+                .map(|n| n.replace("{port}", &port.to_string()))
+                .collect();
+            // (A space after the last field too, so that `external_port=1 ` is a whole value.)
+            let found = lines[from..].iter().position(|(at, line)| {
+                let line = format!("{line} ");
+                *at >= after
+                    && !line.contains("router_calls=0")
+                    && needles.iter().all(|n| line.contains(n.as_str()))
+            });
+            let Some(index) = found else { continue };
+            let (at, line) = lines[from + index];
+            if stage == "saved" {
+                breakdown.save_ms = line
+                    .split("took_us=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|us| us.parse::<f64>().ok())
+                    .map(|us| us / 1e3);
+            }
+            breakdown.stages.push((stage, at));
+            from += index;
+            after = at;
+        }
+        breakdown
+    }
+
+    /// Each stage's share: (name of the step that ends at the stage, ms since the stage before).
+    fn steps(&self) -> Vec<(String, f64)> {
+        let mut last = ("written", 0.0);
+        self.stages
+            .iter()
+            .map(|&(stage, at)| {
+                let step = (format!("{}_to_{stage}", last.0), at - last.1);
+                last = (stage, at);
+                step
+            })
+            .collect()
+    }
+}
+
 /// `annotated -> mapping live` runs for one backend: Services `<backend>-<i>` on ports from
 /// `first_port`, written unannotated before the daemon starts; run `i` annotates one and times
 /// it until the daemon logs the router's grant, next to one bare router call.
@@ -226,6 +319,8 @@ struct AnnotateRuns<'a> {
     ours_ms: Vec<f64>,
     /// The bare router call of each run, in ms.
     raw_ms: Vec<f64>,
+    /// Where each run's time went.
+    breakdowns: Vec<Breakdown>,
 }
 
 impl<'a> AnnotateRuns<'a> {
@@ -237,6 +332,7 @@ impl<'a> AnnotateRuns<'a> {
             first_port,
             ours_ms: Vec::new(),
             raw_ms: Vec::new(),
+            breakdowns: Vec::new(),
         }
     }
 
@@ -264,7 +360,7 @@ impl<'a> AnnotateRuns<'a> {
             self.fake
                 .apply_object(load_balancer(&self.name(i), self.port(i), false, "0"));
         }
-        let daemon = Daemon::start(&config);
+        let daemon = Daemon::start_with_env(&config, &[("RUST_LOG", TIMING_LOG)]);
         wait_for_first_reconcile(&daemon, Duration::from_secs(30));
         daemon
     }
@@ -274,11 +370,19 @@ impl<'a> AnnotateRuns<'a> {
     /// one forwarding rule on the router.
     fn run(&mut self, daemon: &Daemon, i: u16, raw: impl FnOnce() -> f64) {
         self.raw_ms.push(raw());
+        let written = SystemTime::now();
         let annotated = Instant::now();
         self.fake
             .apply_object(load_balancer(&self.name(i), self.port(i), true, "0"));
         let live = wait_for_grant(daemon, self.port(i), Duration::from_secs(10));
         self.ours_ms.push((live - annotated).as_secs_f64() * 1e3);
+        let api_sent = self.fake.watch_event_sent_after(written);
+        self.breakdowns.push(Breakdown::of(
+            &daemon.log(),
+            written,
+            api_sent,
+            self.port(i),
+        ));
         assert_eq!(
             forwards_of(self.lab, self.port(i)).len(),
             1,
@@ -302,6 +406,39 @@ impl<'a> AnnotateRuns<'a> {
             "ms",
         );
         report(raw_key, median(&self.raw_ms), "ms");
+        // Where the time went: each step's median over the runs, with its range.
+        let mut steps: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for (run, breakdown) in self.breakdowns.iter().enumerate() {
+            eprintln!(
+                "{backend} run {run}: {:?} (pending save {:?} ms)",
+                breakdown.steps(),
+                breakdown.save_ms
+            );
+            for (step, ms) in breakdown.steps() {
+                if !order.contains(&step) {
+                    order.push(step.clone());
+                }
+                steps.entry(step).or_default().push(ms);
+            }
+            if let Some(ms) = breakdown.save_ms {
+                steps.entry("pending_save".into()).or_default().push(ms);
+            }
+        }
+        order.push("pending_save".into());
+        for step in order {
+            let Some(values) = steps.get(&step) else {
+                continue;
+            };
+            report(&format!("{backend}_step_{step}_ms"), median(values), "ms");
+            eprintln!(
+                "{backend} {step}: median {:.1} ms, {:.1}-{:.1} ms over {} runs",
+                median(values),
+                percentile(values, 0.0),
+                percentile(values, 1.0),
+                values.len()
+            );
+        }
     }
 }
 
