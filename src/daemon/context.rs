@@ -201,7 +201,8 @@ where
             }
         }
         self.metrics.leader(true);
-        let host = crate::host::facts(self.router_gateway(), self.state);
+        let host =
+            crate::host::facts_for(self.config.exposure.mode, self.router_gateway(), self.state);
         let holders = crate::trust::holders(self.state);
         let wanted = desired(
             &snapshot.services,
