@@ -112,10 +112,12 @@ mod tests {
     #[test]
     fn a_lone_change_soon_after_a_pass_goes_at_once_but_not_one_close_behind_another() {
         let start = Instant::now();
-        let mut coalesce = Coalesce::default();
         // A change, its pass (150 ms: the router's answer), then the next change 100 ms
         // after the pass: quiet since the change before, so at once.
-        coalesce.last_change = Some(start);
+        let mut coalesce = Coalesce {
+            last_change: Some(start),
+            ..Coalesce::default()
+        };
         let ended = start + Duration::from_millis(150);
         coalesce.passed(ended);
         let lone = ended + Duration::from_millis(100);
@@ -129,8 +131,10 @@ mod tests {
     #[test]
     fn a_change_that_came_during_a_pass_waits_for_the_window_after_it() {
         let start = Instant::now();
-        let mut coalesce = Coalesce::default();
-        coalesce.last_change = Some(start - Duration::from_secs(60));
+        let mut coalesce = Coalesce {
+            last_change: Some(start - Duration::from_secs(60)),
+            ..Coalesce::default()
+        };
         coalesce.passed(start);
         assert_eq!(coalesce.wait_until(start, true), Some(start + WINDOW));
         let later = start + Duration::from_millis(150);
