@@ -35,6 +35,13 @@ pub struct Desired {
     pub problems: Vec<Problem>,
 }
 
+/// Whether a mapping in `mode` can shadow a port this host (relay) or the router (gateway)
+/// listens on, so that the desired state refuses it ([`HostFacts::listening`]); in direct
+/// mode traffic goes to the target, never to this host.
+pub fn shadows_host_listeners(mode: ExposureMode) -> bool {
+    matches!(mode, ExposureMode::Relay | ExposureMode::Gateway)
+}
+
 /// Computes the desired mappings for the whole cluster at once: the router's port space is
 /// shared, so conflicts between Services are decided here, deterministically.
 ///
@@ -366,10 +373,7 @@ fn collect_service(
     let node_refusal = node_ip
         .and_then(|ip| forbidden_target(ip, host, true).map(|f| (ip, f)))
         .map(|(ip, forbidden)| format!("node address {ip}: {}", forbidden.reason()));
-    let shadow_checked = matches!(
-        config.exposure.mode,
-        ExposureMode::Relay | ExposureMode::Gateway
-    );
+    let shadow_checked = shadows_host_listeners(config.exposure.mode);
 
     for (port_index, port) in ports.iter().enumerate() {
         let Ok(service_port) = u16::try_from(port.port) else {

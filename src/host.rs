@@ -23,7 +23,40 @@ const TCP_LISTEN_STATE: &str = "0A";
 /// state recorded. If this host's addresses cannot be listed, the router's are still known
 /// and the error is logged.
 pub fn facts(gateway: Option<Ipv4Addr>, state: &crate::state::State) -> HostFacts {
-    gather()
+    facts_with(gateway, state, Listeners::Read)
+}
+
+/// Whether [`gather`] reads the ports this host listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listeners {
+    Read,
+    /// Left empty: nothing will read them. Reading `/proc/net/tcp` and `tcp6` walks the
+    /// kernel's whole TCP hash table, whatever the namespace holds: 2-15 ms on every pass
+    /// (README.md, "Benchmarks").
+    Skip,
+}
+
+/// [`facts`] for a pass in `mode`: the listening ports only where the desired state reads
+/// them ([`crate::desired::shadows_host_listeners`]).
+pub fn facts_for(
+    mode: crate::config::ExposureMode,
+    gateway: Option<Ipv4Addr>,
+    state: &crate::state::State,
+) -> HostFacts {
+    let listeners = if crate::desired::shadows_host_listeners(mode) {
+        Listeners::Read
+    } else {
+        Listeners::Skip
+    };
+    facts_with(gateway, state, listeners)
+}
+
+fn facts_with(
+    gateway: Option<Ipv4Addr>,
+    state: &crate::state::State,
+    listeners: Listeners,
+) -> HostFacts {
+    gather(listeners)
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "this host's own addresses are unknown; only the router's are refused as targets");
             HostFacts::default()
@@ -31,17 +64,21 @@ pub fn facts(gateway: Option<Ipv4Addr>, state: &crate::state::State) -> HostFact
         .with_router(gateway, state)
 }
 
-/// This host's addresses and listening ports. A `/proc/net` file that cannot be read counts
-/// as no listener (logged): the other rules still hold.
-pub fn gather() -> Result<HostFacts, HostError> {
+/// This host's addresses and (unless skipped) listening ports. A `/proc/net` file that
+/// cannot be read counts as no listener (logged): the other rules still hold.
+pub fn gather(read: Listeners) -> Result<HostFacts, HostError> {
     let (own_addresses, broadcast_addresses) = interface_addresses()?;
     let mut listening = BTreeSet::new();
-    for (file, protocol) in [
-        ("/proc/net/tcp", Protocol::Tcp),
-        ("/proc/net/tcp6", Protocol::Tcp),
-        ("/proc/net/udp", Protocol::Udp),
-        ("/proc/net/udp6", Protocol::Udp),
-    ] {
+    let tables = match read {
+        Listeners::Read => &[
+            ("/proc/net/tcp", Protocol::Tcp),
+            ("/proc/net/tcp6", Protocol::Tcp),
+            ("/proc/net/udp", Protocol::Udp),
+            ("/proc/net/udp6", Protocol::Udp),
+        ][..],
+        Listeners::Skip => &[],
+    };
+    for &(file, protocol) in tables {
         match std::fs::read_to_string(file) {
             Ok(table) => listening.extend(
                 listeners(&table, protocol, &own_addresses)
@@ -257,13 +294,34 @@ mod tests {
 
     #[test]
     fn gather_reads_this_host() {
-        let facts = gather().expect("getifaddrs works in tests");
+        let facts = gather(Listeners::Read).expect("getifaddrs works in tests");
         assert!(
             facts
                 .own_addresses
                 .contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
             "{:?}",
             facts.own_addresses
+        );
+    }
+
+    #[test]
+    fn listeners_are_read_only_where_a_mapping_could_shadow_them() {
+        use crate::config::ExposureMode;
+        // A listener of this test process on every address, as a host service would be.
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let state = crate::state::State::default();
+        for mode in [ExposureMode::Relay, ExposureMode::Gateway] {
+            let facts = facts_for(mode, None, &state);
+            assert!(facts.listening.contains(&(Protocol::Tcp, port)), "{mode:?}");
+        }
+        let direct = facts_for(ExposureMode::Direct, None, &state);
+        assert!(direct.listening.is_empty(), "{:?}", direct.listening);
+        assert!(
+            direct
+                .own_addresses
+                .contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "the addresses are still read"
         );
     }
 }

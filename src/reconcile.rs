@@ -281,7 +281,11 @@ pub async fn execute_until<M: PortMapper>(
             | Action::Forward { .. } => {}
         }
     }
+    let saving = std::time::Instant::now();
     save(state, store, &mut outcome, now);
+    // The stamps of target holepunch::timing: README.md, "Benchmarks".
+    tracing::debug!(target: "holepunch::timing", stage = "pending saved",
+        took_us = saving.elapsed().as_micros(), "pending records saved");
     // 1b. Then shared (with `[ha]`: mirrored into the cluster) before any of them is sent: a
     // host that dies after sending must leave their nonces where the next host reads them.
     // NOTE: RFC 6887 §11.3: the next host's request for the same port and internal address
@@ -459,6 +463,8 @@ pub async fn execute_until<M: PortMapper>(
                     lifetime_secs: lease_secs,
                     nonce: record.nonce(),
                 };
+                tracing::debug!(target: "holepunch::timing", stage = "map",
+                    external_port = request.external_port, "asking the router");
                 let result = unless_silent(&mut silent, mapper.map(&request)).await;
                 let result = match result {
                     Ok(grant) if grant.external_port != request.external_port => {

@@ -298,6 +298,10 @@ async fn drive<K: kube::Resource + Clone + PartialEq>(
                     if done {
                         listed.store(true, Ordering::Release);
                     }
+                    // The first stamp of a change's way to the router (README.md,
+                    // "Benchmarks": the breakdown of annotated -> live).
+                    tracing::debug!(target: "holepunch::timing", stage = "watch", resource = what,
+                        "a kept object changed");
                     changed.notify_one();
                 }
             }

@@ -110,6 +110,9 @@ impl UdpExchange {
             tries += 1;
             waited += wait;
             let deadline = tokio::time::Instant::now() + wait;
+            // README.md, "Benchmarks": the breakdown of annotated -> live.
+            tracing::debug!(target: "holepunch::timing", stage = "udp sent", protocol = route.protocol,
+                try_number = tries, "request sent");
             if let Err(err) = socket.send(request).await {
                 last_problem = Some(format!("send failed: {err}"));
             }

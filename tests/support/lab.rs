@@ -294,6 +294,26 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// CPU time miniupnpd has used so far (user + system, from `/proc/<pid>/stat`), in
+    /// seconds: what a benchmark's router time is made of, beside waiting for a CPU.
+    pub fn router_cpu_secs(&self) -> f64 {
+        let path = format!("/run/holepunch-lab/{}/miniupnpd.pid", self.prefix);
+        let pid = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .unwrap_or_else(|e| panic!("miniupnpd's /proc stat: {e}"));
+        // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|t| t.parse::<f64>().ok());
+        let (Some(user), Some(system)) = (ticks(14), ticks(15)) else {
+            panic!("unreadable /proc stat: {stat}");
+        };
+        // USER_HZ is 100 on Linux.
+        (user + system) / 100.0
+    }
+
     /// miniupnpd's log, for failure messages.
     pub fn router_log(&self) -> String {
         let path = format!("/run/holepunch-lab/{}/miniupnpd.log", self.prefix);

@@ -368,6 +368,8 @@ impl UpnpClient {
         action: &str,
         arguments: &[(&str, &str)],
     ) -> Result<Result<Reply, soap::SoapError>, RouterError> {
+        // README.md, "Benchmarks": the breakdown of annotated -> live.
+        tracing::debug!(target: "holepunch::timing", stage = "soap", action, "request sent");
         let body = soap::envelope(&self.service_type, action, arguments);
         let header = soap::action_header(&self.service_type, action);
         let response = http::request(

@@ -157,6 +157,9 @@ pub(crate) struct State {
     forbidden: Vec<(String, String)>,
     requests: Vec<RecordedRequest>,
     bookmark_interval: Duration,
+    /// When watches handed change events to their response bodies (not initial events nor
+    /// bookmarks): the benchmarks' "the in-test API's own delay".
+    watch_events_sent: Vec<std::time::SystemTime>,
 }
 
 /// What the server tasks and the test's handle share.
@@ -259,6 +262,7 @@ impl FakeApi {
                 forbidden: Vec::new(),
                 requests: Vec::new(),
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+                watch_events_sent: Vec::new(),
             }),
             changes: tokio::sync::watch::channel(0).0,
             drops: tokio::sync::watch::channel(0).0,
@@ -487,6 +491,20 @@ impl FakeApi {
     /// Every request so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
+    }
+
+    /// When a watch first handed a change event to its response body at or after `since`.
+    pub fn watch_event_sent_after(
+        &self,
+        since: std::time::SystemTime,
+    ) -> Option<std::time::SystemTime> {
+        let state = self.shared.lock();
+        state
+            .watch_events_sent
+            .iter()
+            .copied()
+            .filter(|&at| at >= since)
+            .min()
     }
 
     pub fn clear_requests(&self) {

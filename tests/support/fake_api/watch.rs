@@ -201,10 +201,15 @@ pub(crate) fn start(shared: &Arc<Shared>, req: WatchRequest) -> Result<Body, Api
                 req.pending(&state.store, cursor)
             };
             cursor = new_cursor;
+            let events = !lines.is_empty();
             for line in lines {
                 if tx.send(line).await.is_err() {
                     return;
                 }
+            }
+            if events {
+                let mut state = shared.state.lock().expect("fake API state lock");
+                state.watch_events_sent.push(std::time::SystemTime::now());
             }
             if bookmark_due {
                 bookmark_due = false;
