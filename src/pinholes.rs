@@ -346,9 +346,11 @@ pub fn plan_pinholes(
         let want = wanted.pinholes.get(&key).map(|w| record_for(w, route));
         let have = state.pinholes.get(&key);
         match (have, want) {
-            // A close that failed waits for its retry.
+            // A close that failed waits for its retry; one the router never made goes now.
             (Some(have), None) => {
-                if have.status != MappingStatus::Failed || have.retry_at.is_none_or(|at| at <= now)
+                if have.status != MappingStatus::Failed
+                    || have.retry_at.is_none_or(|at| at <= now)
+                    || never_made(have)
                 {
                     closes.push(PinholeAction::Close { key });
                 }
@@ -394,6 +396,16 @@ pub fn plan_pinholes(
     }
     closes.extend(opens);
     closes
+}
+
+/// Whether the router refused this pinhole before ever granting it: the router holds nothing
+/// to close, so an unwanted one leaves the state without a request (a close would be refused
+/// again and retried for ever, e.g. miniupnpd's 606 for another host's address in direct
+/// mode: README, "IPv6").
+pub fn never_made(record: &PinholeRecord) -> bool {
+    record.status == MappingStatus::Failed
+        && record.failure == Some(crate::state::Failure::Refused)
+        && record.times.granted_at.is_none()
 }
 
 /// The keys whose IPv4 mapping the IPv4 plan restores because the router lost it (restart,
@@ -936,6 +948,15 @@ mod tests {
                 &none,
                 later(60)
             )),
+            ["close 8080"]
+        );
+        // A pinhole the router refused before granting it: closed now, not at its retry.
+        if let Some(record) = state.pinholes.values_mut().next() {
+            record.failure = Some(crate::state::Failure::Refused);
+            record.times.granted_at = None;
+        }
+        assert_eq!(
+            verbs(&plan_pinholes(&wanted(&[]), &state, &RELAY, &none, now)),
             ["close 8080"]
         );
         // A failed open is retried when its backoff is over, not before.

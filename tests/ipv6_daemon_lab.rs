@@ -57,10 +57,15 @@ fn pinhole_rules(lab: &Lab) -> String {
 }
 
 /// How many of the router's pinholes open `port` on this host's address.
+fn pinholes_on(lab: &Lab, port: u16) -> usize {
+    pinholes_to(lab, HOST6, port)
+}
+
+/// How many of the router's pinholes open `port` on `address`.
 // NOTE: nft 1.0.6 lists miniupnpd 2.3.1's pinhole rules with the raw header match
 // `@nh,192,128 0x<address in hex>` for the IPv6 destination.
-fn pinholes_on(lab: &Lab, port: u16) -> usize {
-    let host: std::net::Ipv6Addr = HOST6.parse().expect("address");
+fn pinholes_to(lab: &Lab, address: &str, port: u16) -> usize {
+    let host: std::net::Ipv6Addr = address.parse().expect("address");
     let hex: String = host.octets().iter().map(|b| format!("{b:02x}")).collect();
     pinhole_rules(lab)
         .lines()
@@ -104,6 +109,11 @@ fn service(fake: &FakeApi, name: &str, port: u16, udp: bool) {
 /// pool and the LAN's IPv6 /64 in target_cidrs (so that only the fixed rules refuse the
 /// router's address).
 fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
+    config_in_mode(dir, kubeconfig, backend, "relay")
+}
+
+/// [`config`] with `exposure.mode = mode`.
+fn config_in_mode(dir: &Path, kubeconfig: &Path, backend: &str, mode: &str) -> std::path::PathBuf {
     let path = dir.join("holepunch.toml");
     // NOTE: miniupnpd 2.3.1 with ipv6_listening_ip serves HTTP on that IPv6 address only
     // (`ss -ltn` in the lab's router: [2001:db8:77::1]%br0:5000, nothing on IPv4), so the
@@ -116,7 +126,7 @@ fn config(dir: &Path, kubeconfig: &Path, backend: &str) -> std::path::PathBuf {
     let body = format!(
         "[kubernetes]\nkubeconfig = \"{kubeconfig}\"\n\n\
          [router]\nbackend = \"{backend}\"\n{igd}lease_seconds = 120\nverify_interval_seconds = 5\n\n\
-         [exposure]\nmode = \"relay\"\nipv6 = \"auto\"\n\
+         [exposure]\nmode = \"{mode}\"\nipv6 = \"auto\"\n\
          target_cidrs = [\"192.168.77.100/32\", \"2001:db8:77::/64\"]\n\n\
          [state]\npath = \"{dir}/state/state.toml\"\n\n[metrics]\nlisten = \"\"\n\n\
          [log]\nformat = \"text\"\nlevel = \"info,holepunch=debug\"\n",
@@ -263,6 +273,115 @@ fn a_dual_stack_service_is_reachable_over_ipv6_through_pcp_only_while_published(
 )]
 fn a_dual_stack_service_is_reachable_over_ipv6_through_upnp_only_while_published() {
     dual_stack_relay_through("upnp");
+}
+
+/// Direct mode through UPnP (README, "IPv6"): the pinhole would open the target's own global
+/// address and port (the node's IPv6 address and nodePort; IPv6 has no port translation).
+/// miniupnpd 2.3.1 refuses it even with secure mode off (`--insecure`): its AddPinhole checks
+/// that InternalClient is the caller's own address whatever `secure_mode` says
+/// (`PinholeVerification` in its upnpsoap.c; the router logs "Client 2001:db8:77::10 tried to
+/// access pinhole for internal 2001:db8:77::20 and is not authorized") and answers 606. The
+/// daemon turns that into the typed refusal and a RouterRefused Event, opens nothing over IPv6
+/// (the node stays shut; the state keeps the two pinholes it asked for, to the node's
+/// address and ports, as refused), and publishes the IPv4 mapping beside it, which carries
+/// traffic until the Service is unpublished.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn direct_mode_through_upnp_is_refused_for_the_nodes_address_beside_a_working_ipv4_mapping() {
+    let lab = Lab::up_with(PREFIX, &["--ipv6", "--insecure"]);
+    let _web6 = echo6(&lab, "node", NODE6, 31080);
+    let _web6_udp = echo6(&lab, "node", NODE6, 31180);
+    let _web4 = lab.echo_server("node", NODE_IP, 31080);
+    // The route works: the node answers its own LAN (the router) over IPv6.
+    assert!(
+        lab.ask("rtr", "tcp", NODE6, 31080, "lan").is_some(),
+        "the node's echo is not reachable from the router"
+    );
+    let direct6 = |proto: &str, port: u16| lab.ask("wan", proto, NODE6, port, "direct6");
+
+    with_fake_cluster_in(&lab, "lan", |fake, dir, kubeconfig, _| {
+        dual_node(fake);
+        assert_eq!(direct6("tcp", 31080), None, "open before any pinhole");
+        service(fake, "web", 8080, true);
+        let config = config_in_mode(dir, kubeconfig, "upnp", "direct");
+        let daemon = Daemon::start(&config);
+
+        // The IPv4 mapping works (direct: WAN:8080 -> the node's nodePort).
+        wait_until(&daemon, "web over IPv4", WAIT, || {
+            reaches4(&lab, "tcp", 8080)
+        });
+        wait_until(&daemon, "the RouterRefused Event", WAIT, || {
+            has_event(
+                kubeconfig,
+                Some("Warning"),
+                "RouterRefused",
+                "web",
+                "IPv6 pinhole",
+            )
+        });
+        // The router's answer: 606 for the node's address, asked by this host.
+        let log = daemon.log();
+        for text in [
+            "pinhole=[2001:db8:77::20]:31080",
+            "pinhole=[2001:db8:77::20]:31180",
+            "UPnP error 606 (Action not authorized)",
+            "only to the host that asks (2001:db8:77::10)",
+        ] {
+            assert!(log.contains(text), "no {text:?} in:\n{log}");
+        }
+        let router = lab.router_log();
+        assert!(
+            router.contains("tried to access pinhole for internal 2001:db8:77::20"),
+            "{router}"
+        );
+        // Nothing opened over IPv6: no pinhole to the node nor to this host, the node shut.
+        let rules = pinhole_rules(&lab);
+        assert_eq!(pinholes_to(&lab, NODE6, 31080), 0, "{rules}");
+        assert_eq!(pinholes_on(&lab, 8080), 0, "{rules}");
+        assert_eq!(direct6("tcp", 31080), None, "IPv6 open without a pinhole");
+        assert_eq!(direct6("udp", 31180), None, "IPv6 open without a pinhole");
+        // The state keeps both pinholes as asked (the node's address and its own ports,
+        // never this host's) and refused, to be retried later.
+        let state = std::fs::read_to_string(dir.join("state/state.toml")).expect("state");
+        assert_eq!(state.matches("[[pinhole]]").count(), 2, "{state}");
+        for line in [
+            "address = \"2001:db8:77::20\"\nport = 31080\n",
+            "address = \"2001:db8:77::20\"\nport = 31180\n",
+        ] {
+            assert!(state.contains(line), "no {line:?} in:\n{state}");
+        }
+        assert_eq!(state.matches("failure = \"refused\"").count(), 2, "{state}");
+        assert!(
+            !state.contains(&format!("address = \"{HOST6}\"")),
+            "{state}"
+        );
+
+        // Unpublished: the IPv4 mapping goes too, and the refused pinholes leave the state.
+        kubectl(kubeconfig, &["delete", "svc", "web"]);
+        wait_until(&daemon, "web's IPv4 mapping to close", WAIT, || {
+            !reaches4(&lab, "tcp", 8080)
+        });
+        wait_until(
+            &daemon,
+            "the refused pinholes out of the state",
+            WAIT,
+            || {
+                std::fs::read_to_string(dir.join("state/state.toml"))
+                    .is_ok_and(|state| !state.contains("[[pinhole]]"))
+            },
+        );
+        assert_eq!(direct6("tcp", 31080), None, "IPv6 open after unpublish");
+        // Nothing was asked to close what the router never made.
+        assert!(
+            !daemon.log().contains("could not close the IPv6 pinhole"),
+            "{}",
+            daemon.log()
+        );
+        drop(daemon);
+    });
 }
 
 /// The router's IPv6 address as a load balancer's ingress (inside target_cidrs): refused with

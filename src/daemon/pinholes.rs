@@ -412,8 +412,9 @@ async fn execute(
                 };
                 let expired = record.times.expires_at.is_some_and(|at| at <= now)
                     && record.status != MappingStatus::Pending;
-                let result = if expired {
-                    // The router dropped it when its lease ended: nothing to ask.
+                let result = if expired || crate::pinholes::never_made(&record) {
+                    // The router dropped it when its lease ended, or never made it: nothing
+                    // to ask.
                     Ok(())
                 } else if record.backend == router.backend() && record.router == router.router() {
                     // In relay mode, a pinhole to a former address of this host is closed

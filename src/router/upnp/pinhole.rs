@@ -100,9 +100,9 @@ pub enum PinholeError {
         detail: String,
     },
     #[error(
-        "{action}: the router refused ({fault}): its UPnP secure mode opens IPv6 pinholes only \
-         to the host that asks ({lan_address}) and only to ports 1024 and above; ask for this \
-         host's own address (exposure.mode = \"relay\"), or turn secure mode off on the router"
+        "{action}: the router refused ({fault}): it opens IPv6 pinholes only to the host that \
+         asks ({lan_address}) and only to ports 1024 and above (miniupnpd does so whatever its \
+         secure mode); use exposure.mode = \"relay\", which asks for this host's own address"
     )]
     NotAuthorized {
         action: &'static str,
