@@ -7,17 +7,23 @@
 //! request has its own timeout ([`request_timeout`]), shorter than the renew deadline, so one
 //! hung request never eats the holder's whole renewal window.
 //!
+//! A standby also watches the one Lease object ([`LeaseStore::releases`]), so that it tries to
+//! take a released Lease at once instead of at its next retry.
+//!
 //! RBAC this needs, in the Lease's namespace only: `get`, `create`, `update` on `leases` and
-//! `configmaps` (`packaging/kubernetes/rbac.yaml` grants them with `watch` and `patch`).
+//! `configmaps`, and `list`, `watch` on `leases` (`packaging/kubernetes/rbac.yaml` grants them
+//! with `watch` on configmaps and `patch`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::election::{LeaseRecord, ObservedLease, Timings, WriteFailure};
 use super::mirror::{self, MirrorError};
@@ -204,6 +210,34 @@ impl LeaseStore {
                 source,
             })?;
         Ok(lease.as_ref().map(observed_of))
+    }
+
+    /// One item each time a watch of this Lease (a `fieldSelector` on its name) sees it
+    /// without a holder (released) or deleted: the moment a standby should read and try to
+    /// take it. The watch reconnects with kube's backoff when it fails; the election's retry
+    /// period stays the fallback meanwhile.
+    pub fn releases(&self) -> impl Stream<Item = ()> + Send + 'static {
+        let config = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .timeout(crate::kube::watch_timeout_secs());
+        let at = self.at.clone();
+        watcher(self.api.clone(), config)
+            .default_backoff()
+            .filter_map(move |event| {
+                let free = match event {
+                    Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+                        observed_of(&lease).record.holder.is_none()
+                    }
+                    Ok(watcher::Event::Delete(_)) => true,
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => false,
+                    Err(error) => {
+                        tracing::debug!(lease = %at, error = %crate::reconcile::with_causes(&error),
+                            "leader election: the watch of the Lease failed; reading it every retry period meanwhile");
+                        false
+                    }
+                };
+                std::future::ready(free.then_some(()))
+            })
     }
 
     /// Creates the Lease (a conflict when it exists).
