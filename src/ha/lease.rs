@@ -214,15 +214,19 @@ impl LeaseStore {
 
     /// One item each time a watch of this Lease (a `fieldSelector` on its name) sees it
     /// without a holder (released) or deleted: the moment a standby should read and try to
-    /// take it. The watch reconnects with kube's backoff when it fails; the election's retry
-    /// period stays the fallback meanwhile.
-    pub fn releases(&self) -> impl Stream<Item = ()> + Send + 'static {
+    /// take it. A failed watch is tried again after 200 ms, doubling up to `retry` (the
+    /// election's retry period, which stays the fallback meanwhile), so that it is back soon
+    /// after the API is (kube's default waits up to a minute).
+    pub fn releases(&self, retry: Duration) -> impl Stream<Item = ()> + Send + 'static {
         let config = watcher::Config::default()
             .fields(&format!("metadata.name={}", self.name))
             .timeout(crate::kube::watch_timeout_secs());
         let at = self.at.clone();
         watcher(self.api.clone(), config)
-            .default_backoff()
+            .backoff(LeaseWatchBackoff {
+                failures: 0,
+                max: retry,
+            })
             .filter_map(move |event| {
                 let free = match event {
                     Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
@@ -272,6 +276,40 @@ impl LeaseStore {
             source,
         })?;
         Ok(observed_of(&replaced))
+    }
+}
+
+/// The first wait before a failed Lease watch is tried again.
+const LEASE_WATCH_RETRY_FIRST_MS: u64 = 200;
+
+/// The Lease watch's backoff: [`LEASE_WATCH_RETRY_FIRST_MS`] doubling up to `max`; kube resets
+/// it at every event.
+#[derive(Debug)]
+struct LeaseWatchBackoff {
+    failures: u32,
+    max: Duration,
+}
+
+impl LeaseWatchBackoff {
+    fn delay(failures: u32, max: Duration) -> Duration {
+        Duration::from_millis(LEASE_WATCH_RETRY_FIRST_MS.saturating_mul(1u64 << failures.min(16)))
+            .min(max)
+    }
+}
+
+impl Iterator for LeaseWatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = LeaseWatchBackoff::delay(self.failures, self.max);
+        self.failures = self.failures.saturating_add(1);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for LeaseWatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -462,6 +500,23 @@ impl MirrorWriter {
 mod tests {
     use super::*;
     use jiff::Timestamp;
+
+    #[test]
+    fn the_lease_watch_retries_soon_and_never_slower_than_the_retry_period() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = LeaseWatchBackoff {
+            failures: 0,
+            max: Duration::from_secs(2),
+        };
+        let waits: Vec<u64> = backoff
+            .by_ref()
+            .take(6)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 2000, 2000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(200)));
+    }
 
     #[test]
     fn lease_fields_round_trip_and_empty_holder_is_free() {

@@ -134,7 +134,7 @@ impl Runner {
     /// event and two requests, not up to a retry period (README.md, "High availability").
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
-        let releases = self.store.releases();
+        let releases = self.store.releases(self.election.timings().retry_period);
         tokio::pin!(releases);
         let mut watching = true;
         'run: loop {
