@@ -996,17 +996,22 @@ mod tests {
         }
     }
 
-    /// A holder that cannot read the mirrored records does not act on its own state file; it
-    /// reads again a second later (the loop is woken for it) and then acts.
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_read_of_the_records_holds_acting_back_and_is_retried() {
-        let (_standing, receiver) = watch::channel(Standing {
+    /// node-a's standing as the Lease's holder for the next hour (transitions 1).
+    fn leader_for_an_hour() -> (watch::Sender<Standing>, watch::Receiver<Standing>) {
+        watch::channel(Standing {
             identity: "node-a".into(),
             role: Role::Leader {
                 until: Instant::now() + Duration::from_secs(3600),
             },
             transitions: 1,
-        });
+        })
+    }
+
+    /// A holder that cannot read the mirrored records does not act on its own state file; it
+    /// reads again a second later (the loop is woken for it) and then acts.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_the_records_holds_acting_back_and_is_retried() {
+        let (_standing, receiver) = leader_for_an_hour();
         let mirror = Flaky {
             failures: 1,
             records: Some(State::default()),
@@ -1030,13 +1035,7 @@ mod tests {
     /// rules until its next timed pass.
     #[tokio::test(start_paused = true)]
     async fn the_address_added_during_a_pass_wakes_the_loop() {
-        let (_standing, receiver) = watch::channel(Standing {
-            identity: "node-a".into(),
-            role: Role::Leader {
-                until: Instant::now() + Duration::from_secs(3600),
-            },
-            transitions: 1,
-        });
+        let (_standing, receiver) = leader_for_an_hour();
         let (held, held_rx) = watch::channel(false);
         let mirror = MemoryMirror::default();
         let mut leadership = Leadership::new(receiver, Some(held_rx), Box::new(mirror));
