@@ -492,6 +492,22 @@ while True:
             })
         }
 
+        /// Every ask sent from `from` on, one line each: send time relative to `from`, port,
+        /// answered or not (for whoever reads a failed handover).
+        pub fn describe(&self, from: f64) -> String {
+            self.since(from)
+                .iter()
+                .map(|(t, port, ok)| {
+                    format!(
+                        "{:+.3} s {port} {}",
+                        t - from,
+                        if *ok { "ok" } else { "FAILED" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+
         /// Seconds from `from` until every port answered again for good (0 when no ask sent
         /// after `from` failed), and how many asks failed.
         pub fn outage(&self, from: f64) -> (f64, usize) {
@@ -662,6 +678,13 @@ while True:
     }
 }
 
+/// A graceful stop's outage goal: the address dropped, the Lease released, taken at once
+/// through the standby's watch, the address added and announced, the mirrored mappings
+/// renewed (README, "High availability"), measured by asks every 200 ms.
+const GRACEFUL_GOAL_SECS: f64 = 1.0;
+/// Added to the goal in the assertion: a loaded 2-CPU machine.
+const GRACEFUL_SLACK_SECS: f64 = 1.5;
+
 /// How often the takeover waits look: they are measurements too (README, "High
 /// availability"), so finer than the usual 100 ms.
 const POLL: Duration = Duration::from_millis(50);
@@ -671,7 +694,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// mappings wanted; (b) the dead host returns: it stays standby, no outage; (c) the active
 /// host loses the API: it stops acting at its renew deadline, the other takes over, and the
 /// two never hold the floating address at once (sampled every ~50 ms); (d) a graceful stop
-/// hands over within about 3 s (README, "High availability").
+/// hands over within about 1 s (README, "High availability").
 #[test]
 #[cfg_attr(
     not(feature = "lab"),
@@ -851,10 +874,24 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
             || router_forwards(lab) == PORTS.len(),
         );
 
-        // (d) graceful stop of A (active).
+        // (d) graceful stop of A (active). The wall-clock time of t3, to line the hosts' logs
+        // up with the prober's monotonic times.
         let t3 = mono();
+        let t3_wall = jiff::Timestamp::now();
         let log = a.stop();
+        let a_exited = mono() - t3;
         assert!(log.contains("released the Lease"), "{log}");
+        // The prober may see no outage at all (A's rules, left in place, relay until the
+        // router follows B's announcement): when B holds the address is the Lease's handover.
+        let b_holds = a_exited
+            + daemon_lab::wait_until_logged_every(
+                POLL,
+                b_log,
+                "host B holds the address after the stop",
+                Duration::from_secs(20),
+                || holds(HOST_B),
+            )
+            .as_secs_f64();
         daemon_lab::wait_until_logged_every(
             POLL,
             b_log,
@@ -864,14 +901,25 @@ fn two_hosts_take_over_on_kill_partition_and_stop_and_never_both_hold_the_addres
         );
         std::thread::sleep(Duration::from_millis(1500));
         let (outage, failed) = prober.outage(t3);
-        println!("BENCH ha takeover graceful\t{outage:.2}\ts\t({failed} asks failed)");
-        if outage > 1.0 {
-            // What the hosts did meanwhile, for whoever reads a slow handover.
-            println!("host A (stopped):\n{log}\nhost B:\n{}", b_log());
+        println!(
+            "BENCH ha takeover graceful\t{outage:.2}\ts\t({failed} asks failed; A exited after {a_exited:.2} s, B held the address by {b_holds:.2} s)"
+        );
+        if outage > GRACEFUL_GOAL_SECS || b_holds > GRACEFUL_GOAL_SECS {
+            // What the hosts and the prober saw meanwhile, for whoever reads a slow handover
+            // or a failure after the new holder answered ("inf").
+            println!(
+                "graceful stop at {t3_wall} (monotonic {t3:.3}); asks since:\n{}\nhost A (stopped):\n{log}\nhost B:\n{}",
+                prober.describe(t3 - 1.0),
+                b_log()
+            );
         }
         assert!(
-            outage < 6.0,
-            "a graceful handover: ≤ 3 s (+3 s slack for a loaded machine): {outage:.2} s"
+            outage < GRACEFUL_GOAL_SECS + GRACEFUL_SLACK_SECS,
+            "a graceful handover: ≤ {GRACEFUL_GOAL_SECS} s (+{GRACEFUL_SLACK_SECS} s slack for a loaded machine): {outage:.2} s"
+        );
+        assert!(
+            b_holds < GRACEFUL_GOAL_SECS + GRACEFUL_SLACK_SECS,
+            "the standby takes the released Lease at once: it held the address {b_holds:.2} s after the stop"
         );
         sampler_check(&sampler);
         assert!(holds(HOST_B) && !holds(&lan));

@@ -7,17 +7,23 @@
 //! request has its own timeout ([`request_timeout`]), shorter than the renew deadline, so one
 //! hung request never eats the holder's whole renewal window.
 //!
+//! A standby also watches the one Lease object ([`LeaseStore::releases`]), so that it tries to
+//! take a released Lease at once instead of at its next retry.
+//!
 //! RBAC this needs, in the Lease's namespace only: `get`, `create`, `update` on `leases` and
-//! `configmaps` (`packaging/kubernetes/rbac.yaml` grants them with `watch` and `patch`).
+//! `configmaps`, and `list`, `watch` on `leases` (`packaging/kubernetes/rbac.yaml` grants them
+//! with `watch` on configmaps and `patch`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::election::{LeaseRecord, ObservedLease, Timings, WriteFailure};
 use super::mirror::{self, MirrorError};
@@ -206,6 +212,38 @@ impl LeaseStore {
         Ok(lease.as_ref().map(observed_of))
     }
 
+    /// One item each time a watch of this Lease (a `fieldSelector` on its name) sees it
+    /// without a holder (released) or deleted: the moment a standby should read and try to
+    /// take it. A failed watch is tried again after 200 ms, doubling up to `retry` (the
+    /// election's retry period, which stays the fallback meanwhile), so that it is back soon
+    /// after the API is (kube's default waits up to a minute).
+    pub fn releases(&self, retry: Duration) -> impl Stream<Item = ()> + Send + 'static {
+        let config = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .timeout(crate::kube::watch_timeout_secs());
+        let at = self.at.clone();
+        watcher(self.api.clone(), config)
+            .backoff(LeaseWatchBackoff {
+                failures: 0,
+                max: retry,
+            })
+            .filter_map(move |event| {
+                let free = match event {
+                    Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+                        observed_of(&lease).record.holder.is_none()
+                    }
+                    Ok(watcher::Event::Delete(_)) => true,
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => false,
+                    Err(error) => {
+                        tracing::debug!(lease = %at, error = %crate::reconcile::with_causes(&error),
+                            "leader election: the watch of the Lease failed; reading it every retry period meanwhile");
+                        false
+                    }
+                };
+                std::future::ready(free.then_some(()))
+            })
+    }
+
     /// Creates the Lease (a conflict when it exists).
     pub async fn create(&self, record: &LeaseRecord) -> Result<ObservedLease, LeaseError> {
         let lease = lease_of(&self.name, record, None);
@@ -238,6 +276,40 @@ impl LeaseStore {
             source,
         })?;
         Ok(observed_of(&replaced))
+    }
+}
+
+/// The first wait before a failed Lease watch is tried again.
+const LEASE_WATCH_RETRY_FIRST_MS: u64 = 200;
+
+/// The Lease watch's backoff: [`LEASE_WATCH_RETRY_FIRST_MS`] doubling up to `max`; kube resets
+/// it at every event.
+#[derive(Debug)]
+struct LeaseWatchBackoff {
+    failures: u32,
+    max: Duration,
+}
+
+impl LeaseWatchBackoff {
+    fn delay(failures: u32, max: Duration) -> Duration {
+        Duration::from_millis(LEASE_WATCH_RETRY_FIRST_MS.saturating_mul(1u64 << failures.min(16)))
+            .min(max)
+    }
+}
+
+impl Iterator for LeaseWatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = LeaseWatchBackoff::delay(self.failures, self.max);
+        self.failures = self.failures.saturating_add(1);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for LeaseWatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -425,6 +497,23 @@ impl MirrorWriter {
 mod tests {
     use super::*;
     use jiff::Timestamp;
+
+    #[test]
+    fn the_lease_watch_retries_soon_and_never_slower_than_the_retry_period() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = LeaseWatchBackoff {
+            failures: 0,
+            max: Duration::from_secs(2),
+        };
+        let waits: Vec<u64> = backoff
+            .by_ref()
+            .take(6)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 2000, 2000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(200)));
+    }
 
     #[test]
     fn lease_fields_round_trip_and_empty_holder_is_free() {

@@ -297,8 +297,14 @@ pub struct Leadership {
     mirrored: Option<State>,
     /// When to try again to read the mirrored records (the last read failed).
     retry_at: Option<tokio::time::Instant>,
+    /// What the last [`Leadership::gate`] decided on, so that [`Leadership::changed`] also
+    /// wakes for a change that came before it was called (the address added during a pass).
+    gated: Option<Summary>,
     tasks: Option<Tasks>,
 }
+
+/// What the loop's decision depends on: acting, the holder, the term, the address.
+type Summary = (bool, Option<String>, i32, bool);
 
 /// The tasks beside the loop, and how to stop them.
 struct Tasks {
@@ -323,6 +329,7 @@ impl Leadership {
             term: None,
             mirrored: None,
             retry_at: None,
+            gated: None,
             tasks: None,
         }
     }
@@ -388,6 +395,7 @@ impl Leadership {
         store: &mut dyn Persist,
         now: Timestamp,
     ) -> Gate {
+        self.gated = Some(self.summary());
         let standing = self.standing.borrow().clone();
         if !standing.may_act(Instant::now()) {
             if self.term.take().is_some() {
@@ -479,7 +487,14 @@ impl Leadership {
     /// deadline reached), another holder, or the address added or removed. A renewal alone
     /// (a later deadline) does not wake the loop.
     pub async fn changed(&mut self) {
-        let before = self.summary();
+        // NOTE: compared with what the last pass saw, not with now: the address may have been
+        // added (or the standing changed) between that pass's gate and this call, and that
+        // change must wake the loop too (else the new holder waited for its next timed pass,
+        // up to the verify interval, holding the address without rules).
+        let before = self.gated.take().unwrap_or_else(|| self.summary());
+        if self.summary() != before {
+            return;
+        }
         loop {
             let deadline = match self.standing.borrow().role {
                 Role::Leader { until } if until > Instant::now() => Some(until),
@@ -528,7 +543,7 @@ impl Leadership {
     }
 
     /// What the loop's decision depends on: acting, the holder, the term, the address.
-    fn summary(&self) -> (bool, Option<String>, i32, bool) {
+    fn summary(&self) -> Summary {
         let standing = self.standing.borrow();
         (
             standing.may_act(Instant::now()),
@@ -997,17 +1012,22 @@ mod tests {
         }
     }
 
-    /// A holder that cannot read the mirrored records does not act on its own state file; it
-    /// reads again a second later (the loop is woken for it) and then acts.
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_read_of_the_records_holds_acting_back_and_is_retried() {
-        let (_standing, receiver) = watch::channel(Standing {
+    /// node-a's standing as the Lease's holder for the next hour (transitions 1).
+    fn leader_for_an_hour() -> (watch::Sender<Standing>, watch::Receiver<Standing>) {
+        watch::channel(Standing {
             identity: "node-a".into(),
             role: Role::Leader {
                 until: Instant::now() + Duration::from_secs(3600),
             },
             transitions: 1,
-        });
+        })
+    }
+
+    /// A holder that cannot read the mirrored records does not act on its own state file; it
+    /// reads again a second later (the loop is woken for it) and then acts.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_the_records_holds_acting_back_and_is_retried() {
+        let (_standing, receiver) = leader_for_an_hour();
         let mirror = Flaky {
             failures: 1,
             records: Some(State::default()),
@@ -1024,6 +1044,35 @@ mod tests {
         assert_eq!(gate, Gate::Act { took_over: true });
         let gate = leadership.gate(&mut state, &mut NoSave, now).await;
         assert_eq!(gate, Gate::Act { took_over: false }, "once per term");
+    }
+
+    /// The address added between a pass's gate (which saw it missing) and the loop's next
+    /// wait still wakes the loop at once: the new holder does not hold the address without
+    /// rules until its next timed pass.
+    #[tokio::test(start_paused = true)]
+    async fn the_address_added_during_a_pass_wakes_the_loop() {
+        let (_standing, receiver) = leader_for_an_hour();
+        let (held, held_rx) = watch::channel(false);
+        let mirror = MemoryMirror::default();
+        let mut leadership = Leadership::new(receiver, Some(held_rx), Box::new(mirror));
+        let mut state = State::default();
+        let now = Timestamp::from_second(1_800_000_000).expect("valid");
+        let gate = leadership.gate(&mut state, &mut NoSave, now).await;
+        assert!(matches!(gate, Gate::Standby { .. }), "{gate:?}");
+        // The guard adds the address before the loop waits again.
+        held.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(1), leadership.changed())
+            .await
+            .expect("the change before the wait wakes the loop");
+        let gate = leadership.gate(&mut state, &mut NoSave, now).await;
+        assert_eq!(gate, Gate::Act { took_over: true });
+        // Nothing changed since that pass: the wait waits.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), leadership.changed())
+                .await
+                .is_err(),
+            "no change, no wake"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The election loop: every retry period, read the Lease, feed it to the pure [`Election`],
-//! write what it decides, and publish where this host stands; on stop, hand the Lease back at
-//! once (README.md, "High availability").
+//! The election loop: every retry period, and at once when a host that does not act sees the
+//! Lease released, read the Lease, feed it to the pure [`Election`], write what it decides,
+//! and publish where this host stands; on stop, hand the Lease back at once (README.md, "High
+//! availability").
 //!
 //! What it publishes ([`Standing`]) carries the fencing deadline itself, not a flag: whoever
 //! acts asks [`Standing::may_act`] with the current instant, so acting stops on time even when
@@ -12,6 +13,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use jiff::Timestamp;
 use rand::Rng;
 use tokio::sync::watch;
@@ -126,14 +128,34 @@ impl Runner {
     }
 
     /// Runs until `stop` completes, then releases the Lease if this host holds it.
+    ///
+    /// Besides every retry period, a host that does not act reads (and tries to take) the
+    /// Lease as soon as its watch sees it released: a graceful handover then costs a watch
+    /// event and two requests, not up to a retry period (README.md, "High availability").
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
-        loop {
+        let releases = self.store.releases(self.election.timings().retry_period);
+        tokio::pin!(releases);
+        let mut watching = true;
+        'run: loop {
             self.step().await;
-            let wait = self.wait();
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = &mut stop => break,
+            let next = tokio::time::Instant::now() + self.wait();
+            // The watch is read while acting too (our own renewals), so that its events do not
+            // pile up; only a host that does not act wakes for a release.
+            let standby = !self.election.may_act(Instant::now());
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => break,
+                    event = releases.next(), if watching => match event {
+                        Some(()) if standby => {
+                            tracing::debug!("leader election: the Lease was released; taking it");
+                            break;
+                        }
+                        Some(()) => {}
+                        None => watching = false,
+                    },
+                    () = &mut stop => break 'run,
+                }
             }
         }
         self.release().await;
