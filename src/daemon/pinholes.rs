@@ -159,12 +159,7 @@ impl Pinholes {
                     "this host's IPv6 address toward the router changed; moving the pinholes to it");
             }
             self.path = Some(path);
-            if self
-                .router
-                .as_ref()
-                .map(|r| (r.backend(), r.router(), r.host()))
-                != Some((backend, path.router, path.host))
-            {
+            if router_identity(self.router.as_deref()) != Some((backend, path.router, path.host)) {
                 let verify =
                     jiff::SignedDuration::from_secs(config.router.verify_interval_secs.into());
                 if let Some((failed, on, at)) = self.failed
