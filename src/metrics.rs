@@ -54,7 +54,8 @@ pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; chars
 /// router calls that time out (PCP gives up after ~21 s each).
 pub const LOOP_STALL_GRACE_SECS: u64 = 300;
 /// Progress pings the systemd watchdog at most this often (a busy pass finishes many router
-/// requests a second; one datagram each would be waste).
+/// requests a second; one datagram each would be waste), or every eighth of `WatchdogSec`
+/// when that is shorter.
 pub const WATCHDOG_PING_MIN_GAP_MS: u64 = 1_000;
 /// A client must send its request headers within this time.
 pub const REQUEST_HEADER_TIMEOUT_SECS: u64 = 10;
@@ -222,10 +223,13 @@ struct WatchdogPings {
 impl WatchdogPings {
     /// Whether progress at `now` should ping (the first progress always does).
     fn due(&mut self, now: Instant) -> bool {
-        if self.interval.is_none() {
+        let Some(interval) = self.interval else {
             return false;
-        }
-        let gap = Duration::from_millis(WATCHDOG_PING_MIN_GAP_MS);
+        };
+        // Well under the idle wait's cadence (a quarter of `WatchdogSec`): an idle tick that
+        // comes a hair early after the last ping must still ping, or the watchdog would see
+        // twice that cadence of silence.
+        let gap = Duration::from_millis(WATCHDOG_PING_MIN_GAP_MS).min(interval / 8);
         if self
             .last_ping
             .is_some_and(|last| now.saturating_duration_since(last) < gap)
@@ -1101,6 +1105,28 @@ mod tests {
         assert!(on.due(now + Duration::from_millis(1_000)));
         // Nothing pings without progress: `due` is only asked on progress.
         assert!(on.due(now + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn an_idle_tick_a_hair_early_still_pings_under_a_short_watchdog() {
+        // WatchdogSec=4: the idle wait ticks every second; a tick handled 1 ms sooner after
+        // its deadline than the last one must not be skipped (2 s of silence, half of it).
+        let watchdog = Duration::from_secs(4);
+        let metrics = Metrics::new(3600, Duration::from_secs(60));
+        metrics.watch_over(Some(watchdog));
+        let every = metrics.alive_every();
+        assert_eq!(every, Duration::from_secs(1));
+        let mut pings = WatchdogPings {
+            interval: Some(watchdog),
+            last_ping: None,
+        };
+        let start = Instant::now();
+        assert!(pings.due(start + Duration::from_millis(3)));
+        assert!(
+            pings.due(start + every + Duration::from_millis(2)),
+            "a tick 999 ms after the last ping pings"
+        );
+        assert!(!pings.due(start + every + Duration::from_millis(100)));
     }
 
     #[test]
