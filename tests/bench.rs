@@ -18,6 +18,11 @@
 //! - start -> `READY=1` (read from the daemon's `NOTIFY_SOCKET`) with 1,000 Services and a
 //!   state file that already holds their mappings.
 //!
+//! In each annotate run the bare call and the daemon's take turns going first, each after the
+//! router has settled from the other: miniupnpd keeps working after it answers, and a call
+//! sent at once takes about twice as long (measured beside the runs:
+//! `BENCH *_back_to_back_ms`).
+//!
 //! The annotate runs also break each change's time down by the daemon's debug stamps (log
 //! target `holepunch::timing`, README.md "Benchmarks") and print each step's median.
 
@@ -74,6 +79,12 @@ const BURST_FIRST_PORT: u16 = 25_000;
 /// Services and mappings for start -> READY=1.
 const READY_SERVICES: u16 = 1000;
 const POLL_MS: u64 = 2;
+/// After a bare router call, the annotate runs wait this long plus [`ROUTER_SETTLE_FACTOR`]
+/// times the call's own time before annotating (see [`settle_after`]).
+const ROUTER_SETTLE_MIN_MS: f64 = 300.0;
+const ROUTER_SETTLE_FACTOR: f64 = 4.0;
+/// Pairs of bare calls in [`back_to_back`].
+const BACK_TO_BACK_PAIRS: u16 = 5;
 /// A quiet period before each UPnP run: longer than the daemon's coalescing window.
 const QUIET: Duration = Duration::from_millis(holepunch::daemon::COALESCE_WINDOW_MS + 100);
 /// The daemon's log filter in the annotate runs: info, and the debug stamps of each change's
@@ -99,24 +110,61 @@ fn is_grant(line: &str) -> bool {
 }
 
 /// Polls the daemon's log every [`POLL_MS`] until it has logged the router's grant for
-/// `port`; returns when it saw it.
+/// `port`; returns when it saw it. Each poll reads only what was appended since the last: the
+/// poller must not compete with the daemon and the router for the CPU (reading the whole log
+/// each time grew with every run).
 fn wait_for_grant(daemon: &Daemon, port: u16, limit: Duration) -> Instant {
     let started = Instant::now();
     let needle = format!("external_port={port} ");
+    let mut file = std::fs::File::open(daemon.log_path()).expect("the daemon's log");
+    // Bytes: a read may end inside a character; only whole lines are looked at.
+    let mut pending = Vec::new();
     loop {
-        let log = daemon.log();
-        if log
+        file.read_to_end(&mut pending)
+            .expect("read the daemon's log");
+        let complete = pending
+            .iter()
+            .rposition(|byte| *byte == b'\n')
+            .map_or(0, |end| end + 1);
+        if String::from_utf8_lossy(&pending[..complete])
             .lines()
             .any(|line| is_grant(line) && line.contains(&needle))
         {
             return Instant::now();
         }
+        pending.drain(..complete);
         assert!(
             started.elapsed() < limit,
-            "no grant for port {port} within {limit:?}; the daemon logged:\n{log}"
+            "no grant for port {port} within {limit:?}; the daemon logged:\n{}",
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(POLL_MS));
     }
+}
+
+/// Waits until miniupnpd has finished a call that took `took_ms` to answer: it keeps working
+/// after its answer (a second call sent at once takes about twice as long; see
+/// [`back_to_back`]), and neither side of an annotate run may pay for the other's tail.
+fn settle_after(took_ms: f64) {
+    let settle_ms = ROUTER_SETTLE_MIN_MS + ROUTER_SETTLE_FACTOR * took_ms;
+    std::thread::sleep(Duration::from_secs_f64(settle_ms / 1e3));
+}
+
+/// The effect [`settle_after`] waits out, measured: [`BACK_TO_BACK_PAIRS`] pairs of bare calls
+/// (`raw` on a port), the second sent as soon as the first is answered. Prints
+/// `BENCH <key>` (the second's median) and `BENCH <key>_first` (the first's).
+fn back_to_back(key: &str, first_port: u16, mut raw: impl FnMut(u16) -> f64) {
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for pair in 0..BACK_TO_BACK_PAIRS {
+        let port = first_port + 2 * pair;
+        let took = raw(port);
+        first.push(took);
+        second.push(raw(port + 1));
+        settle_after(took);
+    }
+    eprintln!("{key}: first {first:?}, right after it {second:?}");
+    report(&format!("{key}_first"), median(&first), "ms");
+    report(key, median(&second), "ms");
 }
 
 /// One bare PCP MAP exchange with the router for `port` (THIRD_PARTY, as `direct` mode
@@ -377,17 +425,26 @@ impl<'a> AnnotateRuns<'a> {
         daemon
     }
 
-    /// Run `i`: the bare router call `raw` first (on its own port: both see a chain of the
-    /// same length), then Service `<backend>-<i>` annotated until the grant, which must leave
-    /// one forwarding rule on the router.
+    /// Run `i`: the bare router call `raw` (on its own port: both see a chain of the same
+    /// length) and Service `<backend>-<i>` annotated until the grant, which must leave one
+    /// forwarding rule on the router. Each waits for the router to settle from the other, and
+    /// they take turns going first: how fast the lab's router answers depends on what it did
+    /// just before (README.md, "Benchmarks"), and neither side may be favoured.
     fn run(&mut self, daemon: &Daemon, i: u16, raw: impl FnOnce() -> f64) {
-        self.raw_ms.push(raw());
+        let bare_first = i.is_multiple_of(2);
+        let mut raw = Some(raw);
+        if bare_first && let Some(raw) = raw.take() {
+            let raw_ms = raw();
+            self.raw_ms.push(raw_ms);
+            settle_after(raw_ms);
+        }
         let written = SystemTime::now();
         let annotated = Instant::now();
         self.fake
             .apply_object(load_balancer(&self.name(i), self.port(i), true, "0"));
         let live = wait_for_grant(daemon, self.port(i), Duration::from_secs(10));
-        self.ours_ms.push((live - annotated).as_secs_f64() * 1e3);
+        let ours_ms = (live - annotated).as_secs_f64() * 1e3;
+        self.ours_ms.push(ours_ms);
         let api_sent = self.fake.watch_event_sent_after(written);
         self.breakdowns.push(Breakdown::of(
             &daemon.log(),
@@ -401,6 +458,10 @@ impl<'a> AnnotateRuns<'a> {
             "port {}",
             self.port(i)
         );
+        if let Some(raw) = raw {
+            settle_after(ours_ms);
+            self.raw_ms.push(raw());
+        }
     }
 
     /// `BENCH <backend>_annotate_live_ms` (the median), its p90 and `BENCH <raw_key>` (the
@@ -496,6 +557,7 @@ fn bench_pcp_annotate_noop_and_steady_state() {
                 noop_done = first_grant.elapsed();
             }
         }
+        back_to_back("pcp_raw_map_back_to_back_ms", 22_100, raw_pcp_map_ms);
         // Otherwise a renewal (60 s after a grant at the earliest) could fall into a round.
         assert!(
             noop_done < Duration::from_secs(60),
@@ -592,6 +654,10 @@ fn bench_upnp_annotate_and_burst() {
                 raw_upnp_add_ms(&control, &service, 24_000 + i)
             });
         }
+
+        back_to_back("upnp_raw_add_back_to_back_ms", 24_100, |port| {
+            raw_upnp_add_ms(&control, &service, port)
+        });
 
         // Quiet first: the burst's first Service goes at once, the rest are gathered.
         std::thread::sleep(Duration::from_secs(1));

@@ -63,6 +63,12 @@ impl Daemon {
         std::fs::read_to_string(&self.1).unwrap_or_default()
     }
 
+    /// The file it logs to (stdout and stderr).
+    #[allow(dead_code)] // Not every test binary reads the log as it grows.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.1
+    }
+
     /// Stops it with SIGTERM and returns what it logged.
     pub fn stop(mut self) -> String {
         let pid = self.0.id().to_string();
