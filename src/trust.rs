@@ -99,15 +99,9 @@ pub fn forbidden_target(
     } else {
         None
     };
-    if let Some(why) = special {
-        Some(Forbidden::Special(why))
-    } else if facts.router_addresses.contains(&ip) {
-        Some(Forbidden::Router)
-    } else if !node_port && facts.own_addresses.contains(&ip) {
-        Some(Forbidden::ThisHost)
-    } else {
-        None
-    }
+    special
+        .map(Forbidden::Special)
+        .or_else(|| forbidden_host(ip, facts, node_port))
 }
 
 /// Whether the IPv6 `address` may never be a target (README, "IPv6"): the rules of
@@ -152,9 +146,15 @@ pub fn forbidden_target6(
     } else {
         None
     };
-    if let Some(why) = special {
-        Some(Forbidden::Special(why))
-    } else if facts.router_addresses.contains(&ip) {
+    special
+        .map(Forbidden::Special)
+        .or_else(|| forbidden_host(ip, facts, node_port))
+}
+
+/// The rules both address families share, once the address is not special: never the
+/// router, and this host only as a node's InternalIP with a nodePort.
+fn forbidden_host(ip: IpAddr, facts: &HostFacts, node_port: bool) -> Option<Forbidden> {
+    if facts.router_addresses.contains(&ip) {
         Some(Forbidden::Router)
     } else if !node_port && facts.own_addresses.contains(&ip) {
         Some(Forbidden::ThisHost)
