@@ -401,6 +401,37 @@ fn a_refused_batch_is_an_error_and_leaves_the_previous_gateway_ruleset() {
     assert_eq!(listed(&ns.0).unwrap(), before);
 }
 
+/// The look behind the IPv6 gateway's warning (README, "IPv6"), against the kernel's own
+/// listing: a forward chain whose drop sits in a chain it jumps to is named, one that drops
+/// nothing is not; once the operator's rule on holepunch's mark is in a chain it jumps to,
+/// nothing is named.
+#[test]
+#[cfg_attr(
+    not(feature = "lab"),
+    ignore = "lab tier: needs root and network namespaces; run it with `sudo make test`"
+)]
+fn the_gateways_firewall_look_follows_jumps_in_the_kernels_ruleset() {
+    let ns = Netns::new("hpf-t5");
+    ns.nft_script(
+        "table inet fw {\n\
+           chain reject_wan { drop; }\n\
+           chain forward_wan { ct state established accept; goto reject_wan; }\n\
+           chain forward { type filter hook forward priority 0; policy accept; \
+             iifname \"wan\" jump forward_wan; }\n\
+         }\n\
+         table ip6 open { chain forward { type filter hook forward priority 0; \
+           policy accept; meta l4proto tcp accept; }\n}\n",
+    );
+    let look = || in_netns(&ns.0, || NftFirewall.blocking_forward_chains()).expect("the look");
+    assert_eq!(look(), ["inet fw forward"]);
+    ns.nft_script(
+        "add chain inet fw holepunch_marked\n\
+         add rule inet fw holepunch_marked ct mark and 0x02000000 != 0 accept\n\
+         insert rule inet fw forward_wan jump holepunch_marked\n",
+    );
+    assert!(look().is_empty(), "{:?}", look());
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "lab"),

@@ -370,11 +370,9 @@ impl NftFirewall {
         if matches!(ruleset, Ruleset::Gateway { .. }) && !plan.elements6.is_empty() {
             // The host's own firewall decides too (README, "IPv6"): say which of its chains
             // would drop what holepunch accepts. A failed look is only logged.
-            let chains = socket.dump_all_chains();
-            let rules = socket.dump_all_rules();
-            match chains.and_then(|chains| Ok((chains, rules?))) {
-                Ok((chains, rules)) => {
-                    for chain in blocking_forward_chains(&chains, &rules) {
+            match hosts_blocking_forward_chains(&mut socket) {
+                Ok(blocking) => {
+                    for chain in blocking {
                         tracing::warn!(chain = %chain,
                             "IPv6 gateway: the host's firewall chain {chain} on the forward hook \
                              drops traffic and accepts no connection marked by holepunch, so \
@@ -388,6 +386,13 @@ impl NftFirewall {
             }
         }
         Ok(())
+    }
+
+    /// The host's forward chains that would drop what the IPv6 gateway accepts (see
+    /// [`blocking_forward_chains`]), read from the kernel; `apply` logs them.
+    pub fn blocking_forward_chains(&self) -> Result<Vec<String>, NftError> {
+        let mut socket = NetfilterSocket::open().map_err(NftError::ReadBack)?;
+        hosts_blocking_forward_chains(&mut socket).map_err(NftError::ReadBack)
     }
 
     /// The forwards the kernel holds now in holepunch's maps (read back over netlink), sorted.
@@ -424,8 +429,9 @@ impl NftFirewall {
 /// than holepunch's table) that drop, by policy or by a rule, and have no rule that reads the
 /// conntrack mark: an accept in holepunch's table does not override their drop, so published
 /// IPv6 targets stay unreachable in gateway mode until the operator accepts
-/// [`PUBLISHED6_CT_MARK`] there (README, "IPv6"). As `<family> <table> <chain>`. Only the
-/// base chains themselves are looked at, not the chains they jump to.
+/// [`PUBLISHED6_CT_MARK`] there (README, "IPv6"). As `<family> <table> <chain>`. The rules of
+/// the chains a base chain jumps or goes to (and theirs) count as its own; the order of the
+/// rules is not looked at.
 pub(crate) fn blocking_forward_chains(
     chains: &[netlink::ChainInfo],
     rules: &[netlink::RuleInfo],
@@ -437,12 +443,10 @@ pub(crate) fn blocking_forward_chains(
         .filter(|c| c.hook == Some(NF_INET_FORWARD) && ipv6.contains(&c.family))
         .filter(|c| !(c.family == libc::NFPROTO_INET as u8 && c.table == TABLE_NAME))
         .filter(|c| {
-            let own: Vec<&netlink::RuleInfo> = rules
-                .iter()
-                .filter(|r| r.family == c.family && r.table == c.table && r.chain == c.name)
-                .collect();
-            let drops = c.policy == Some(libc::NF_DROP as u32) || own.iter().any(|rule| rule.drops);
-            drops && !own.iter().any(|rule| rule.ct_mark)
+            let reached = reached_rules(c, rules);
+            let drops =
+                c.policy == Some(libc::NF_DROP as u32) || reached.iter().any(|rule| rule.drops);
+            drops && !reached.iter().any(|rule| rule.ct_mark)
         })
         .map(|c| {
             let family = if c.family == libc::NFPROTO_INET as u8 {
@@ -453,6 +457,39 @@ pub(crate) fn blocking_forward_chains(
             format!("{family} {} {}", c.table, c.name)
         })
         .collect()
+}
+
+fn hosts_blocking_forward_chains(
+    socket: &mut NetfilterSocket,
+) -> Result<Vec<String>, NetlinkError> {
+    let chains = socket.dump_all_chains()?;
+    let rules = socket.dump_all_rules()?;
+    Ok(blocking_forward_chains(&chains, &rules))
+}
+
+/// The rules a packet in `base` may meet: its own and those of every chain of its table it
+/// jumps or goes to, followed through (each chain once, so a loop ends).
+fn reached_rules<'a>(
+    base: &netlink::ChainInfo,
+    rules: &'a [netlink::RuleInfo],
+) -> Vec<&'a netlink::RuleInfo> {
+    let mut seen = std::collections::BTreeSet::from([base.name.as_str()]);
+    let mut next = vec![base.name.as_str()];
+    let mut reached = Vec::new();
+    while let Some(chain) = next.pop() {
+        for rule in rules
+            .iter()
+            .filter(|r| r.family == base.family && r.table == base.table && r.chain == chain)
+        {
+            reached.push(rule);
+            for target in &rule.jumps {
+                if seen.insert(target.as_str()) {
+                    next.push(target.as_str());
+                }
+            }
+        }
+    }
+    reached
 }
 
 /// ip_forward check for relay/gateway: a clear error saying which sysctl to set.
@@ -1383,6 +1420,7 @@ mod tests {
             chain: name.into(),
             drops,
             ct_mark,
+            jumps: Vec::new(),
         };
         let forward = libc::NF_INET_FORWARD as u32;
         let chains = [
@@ -1412,6 +1450,57 @@ mod tests {
         fixed.push(rule("filter", "forward", false, true));
         fixed.push(rule("fw4", "forward", false, true));
         assert!(blocking_forward_chains(&chains, &fixed).is_empty());
+    }
+
+    /// A drop or the operator's rule in a chain the base chain jumps to counts as the base
+    /// chain's own, followed through chains that jump in a loop.
+    #[test]
+    fn the_chains_a_forward_chain_jumps_to_count_as_its_own() {
+        use netlink::{ChainInfo, RuleInfo};
+        let inet = libc::NFPROTO_INET as u8;
+        let base = |table: &str| ChainInfo {
+            family: inet,
+            table: table.into(),
+            name: "forward".into(),
+            hook: Some(libc::NF_INET_FORWARD as u32),
+            policy: Some(libc::NF_ACCEPT as u32),
+        };
+        let rule =
+            |table: &str, chain: &str, drops: bool, ct_mark: bool, jumps: &[&str]| RuleInfo {
+                family: inet,
+                table: table.into(),
+                chain: chain.into(),
+                drops,
+                ct_mark,
+                jumps: jumps.iter().map(|j| (*j).to_owned()).collect(),
+            };
+        let chains = [base("fw"), base("firewalld"), base("other")];
+        let rules = [
+            // fw: the drop is two jumps away, through chains that jump back.
+            rule("fw", "forward", false, false, &["forward_wan"]),
+            rule(
+                "fw",
+                "forward_wan",
+                false,
+                false,
+                &["reject_wan", "forward"],
+            ),
+            rule("fw", "reject_wan", true, false, &["forward_wan"]),
+            // firewalld: the drop is a jump away, the operator's rule in another jumped chain.
+            rule("firewalld", "forward", false, false, &["zones", "policy"]),
+            rule("firewalld", "zones", true, false, &[]),
+            rule("firewalld", "policy", false, true, &[]),
+            // A chain of the same name in another table is not jumped to.
+            rule("other", "forward", false, false, &["reject_wan"]),
+        ];
+        assert_eq!(
+            blocking_forward_chains(&chains, &rules),
+            ["inet fw forward"]
+        );
+        // Without the jump, nothing in fw's forward chain drops.
+        let mut unjumped = rules.to_vec();
+        unjumped[0].jumps.clear();
+        assert!(blocking_forward_chains(&chains, &unjumped).is_empty());
     }
 
     #[test]

@@ -55,6 +55,7 @@ const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_CT_KEY: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +267,8 @@ pub(crate) struct RuleInfo {
     pub(crate) drops: bool,
     /// Reads or writes the conntrack mark.
     pub(crate) ct_mark: bool,
+    /// The chains of its table it jumps or goes to.
+    pub(crate) jumps: Vec<String>,
 }
 
 fn text(value: &[u8]) -> String {
@@ -336,15 +339,22 @@ pub(crate) fn rule_info(payload: &[u8]) -> Result<RuleInfo, NetlinkError> {
                     match name.as_str() {
                         "reject" => rule.drops = true,
                         "immediate" => {
-                            let code = data
+                            let verdict: Vec<(u16, &[u8])> = data
                                 .iter()
                                 .filter(|(k, _)| *k == NFTA_IMMEDIATE_DATA)
                                 .flat_map(|(_, v)| attributes(v).unwrap_or_default())
                                 .filter(|(k, _)| *k == NFTA_DATA_VERDICT)
                                 .flat_map(|(_, v)| attributes(v).unwrap_or_default())
-                                .find(|(k, _)| *k == NFTA_VERDICT_CODE)
-                                .and_then(|(_, v)| be_u32(v));
+                                .collect();
+                            let field = |key| verdict.iter().find(|(k, _)| *k == key);
+                            let code = field(NFTA_VERDICT_CODE).and_then(|(_, v)| be_u32(v));
                             rule.drops |= code == Some(libc::NF_DROP as u32);
+                            let jump = [libc::NFT_JUMP, libc::NFT_GOTO].map(|c| Some(c as u32));
+                            if jump.contains(&code)
+                                && let Some((_, chain)) = field(NFTA_VERDICT_CHAIN)
+                            {
+                                rule.jumps.push(text(chain));
+                            }
                         }
                         "ct" => {
                             rule.ct_mark |= data
