@@ -15,6 +15,9 @@
 //!   router calls per mapping-hour at steady state with 120 s leases;
 //! - UPnP: `annotated -> mapping live` next to one bare AddPortMapping; a burst of 50
 //!   annotated Services written at once: until all are live, and the reconcile passes;
+//! - one bare MAP at a fixed chain, sent five ways (blocking or tokio sockets, one per call or
+//!   connected once, awaited in `block_on` or on a worker): what the way a client waits for
+//!   the answer costs on this machine;
 //! - start -> `READY=1` (read from the daemon's `NOTIFY_SOCKET`) with 1,000 Services and a
 //!   state file that already holds their mappings.
 //!
@@ -83,6 +86,13 @@ const POLL_MS: u64 = 2;
 /// times the call's own time before annotating (see [`settle_after`]).
 const ROUTER_SETTLE_MIN_MS: f64 = 300.0;
 const ROUTER_SETTLE_FACTOR: f64 = 4.0;
+/// [`bench_pcp_client_styles_at_a_fixed_chain`]: mappings made first, rounds of three calls,
+/// and the pause around each call and delete.
+const CLIENT_STYLES_CHAIN: u16 = 30;
+const CLIENT_STYLES_ROUNDS: u16 = 15;
+const CLIENT_STYLES_GAP: Duration = Duration::from_millis(700);
+/// A call quicker than this met no wake-up delay (README.md, "Benchmarks").
+const CLIENT_STYLES_QUICK_MS: f64 = 25.0;
 /// Pairs of bare calls in [`back_to_back`].
 const BACK_TO_BACK_PAIRS: u16 = 5;
 /// A quiet period before each UPnP run: longer than the daemon's coalescing window.
@@ -172,17 +182,7 @@ fn back_to_back(key: &str, first_port: u16, mut raw: impl FnMut(u16) -> f64) {
 /// namespace.
 fn raw_pcp_map_ms(port: u16) -> f64 {
     let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
-    let request = codec::MapRequest {
-        lifetime_secs: LEASE_SECS,
-        client_ip: lan,
-        nonce: Nonce::random(&mut rand::rng()),
-        protocol: Protocol::Tcp.iana_number(),
-        internal_port: port,
-        suggested_external_port: port,
-        suggested_external_ip: None,
-        third_party: Some(LB_IP.parse().expect("lab address")),
-        prefer_failure: true,
-    };
+    let request = bare_map_request(port, LEASE_SECS);
     let socket = UdpSocket::bind((lan, 0)).expect("bind in the LAN namespace");
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -198,6 +198,24 @@ fn raw_pcp_map_ms(port: u16) -> f64 {
     let response = codec::decode_response(&answer[..len]).expect("a PCP answer");
     assert_eq!(response.result, ResultCode::Success, "{response:?}");
     took.as_secs_f64() * 1e3
+}
+
+/// The bare MAP for `port` (THIRD_PARTY, as `direct` mode sends it), with one nonce per port so
+/// that a lifetime of 0 deletes what an earlier call made.
+fn bare_map_request(port: u16, lifetime_secs: u32) -> codec::MapRequest {
+    let mut nonce = [0u8; 12];
+    nonce[..2].copy_from_slice(&port.to_be_bytes());
+    codec::MapRequest {
+        lifetime_secs,
+        client_ip: LAN_IP.parse().expect("lab address"),
+        nonce: Nonce(nonce),
+        protocol: Protocol::Tcp.iana_number(),
+        internal_port: port,
+        suggested_external_port: port,
+        suggested_external_ip: None,
+        third_party: Some(LB_IP.parse().expect("lab address")),
+        prefer_failure: lifetime_secs != 0,
+    }
 }
 
 /// One bare AddPortMapping (a hand-written SOAP request on a fresh connection, as any IGD
@@ -763,6 +781,140 @@ fn write_state(path: &Path, count: u16) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     std::fs::write(path, state.to_toml().expect("state as TOML")).expect("write state");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+/// One bare MAP sent five ways, taking turns, at a fixed chain of [`CLIENT_STYLES_CHAIN`]
+/// mappings (each call's mapping deleted after it), the calls [`CLIENT_STYLES_GAP`] apart: a
+/// blocking socket of its own per call (as the annotate runs' floor), a blocking socket bound
+/// and connected once, a tokio socket of its own, and a tokio socket bound and connected once
+/// (as the daemon's) awaited in the runtime's `block_on` (as `holepunch run` drives its loop)
+/// or on a worker: what the way a client waits for the answer costs beside the router's time,
+/// on this machine (README.md, "Benchmarks").
+#[test]
+#[ignore = "benchmark: scripts/bench"]
+fn bench_pcp_client_styles_at_a_fixed_chain() {
+    let _lab = Lab::up_with(PREFIX, &["--insecure"]);
+    let styles = lab::in_netns(&format!("{PREFIX}lan"), || {
+        for i in 0..CLIENT_STYLES_CHAIN {
+            raw_pcp_map_ms(26_000 + i);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
+        let socket = runtime.block_on(async {
+            let socket = tokio::net::UdpSocket::bind((lan, 0)).await.expect("bind");
+            socket
+                .connect((ROUTER_LAN_IP, 5351))
+                .await
+                .expect("connect");
+            std::sync::Arc::new(socket)
+        });
+        let port = 26_500;
+        let (mut blocking, mut in_block_on, mut spawned) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut std_connected, mut tokio_fresh) = (Vec::new(), Vec::new());
+        let connected = UdpSocket::bind((lan, 0)).expect("bind");
+        connected.connect((ROUTER_LAN_IP, 5351)).expect("connect");
+        connected
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let pause = || std::thread::sleep(CLIENT_STYLES_GAP);
+        for _ in 0..CLIENT_STYLES_ROUNDS {
+            pause();
+            blocking.push(raw_pcp_map_ms(port));
+            pause();
+            raw_pcp_delete(port);
+            pause();
+            {
+                let bytes = bare_map_request(port, LEASE_SECS).encode();
+                let mut answer = [0u8; 1100];
+                let started = Instant::now();
+                connected.send(&bytes).expect("send");
+                connected.recv(&mut answer).expect("recv");
+                std_connected.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            pause();
+            raw_pcp_delete(port);
+            pause();
+            tokio_fresh.push(runtime.block_on(async move {
+                let socket = tokio::net::UdpSocket::bind((lan, 0)).await.expect("bind");
+                let bytes = bare_map_request(port, LEASE_SECS).encode();
+                let mut answer = [0u8; 1100];
+                let started = Instant::now();
+                socket
+                    .send_to(&bytes, (ROUTER_LAN_IP, 5351))
+                    .await
+                    .expect("send");
+                socket.recv_from(&mut answer).await.expect("recv");
+                started.elapsed().as_secs_f64() * 1e3
+            }));
+            pause();
+            raw_pcp_delete(port);
+            pause();
+            let once = socket.clone();
+            in_block_on.push(runtime.block_on(async move { tokio_pcp_map_ms(&once, port).await }));
+            pause();
+            raw_pcp_delete(port);
+            pause();
+            let once = socket.clone();
+            spawned.push(runtime.block_on(async move {
+                tokio::spawn(async move { tokio_pcp_map_ms(&once, port).await })
+                    .await
+                    .expect("the task")
+            }));
+            pause();
+            raw_pcp_delete(port);
+        }
+        [
+            ("blocking", blocking),
+            ("blocking_connected", std_connected),
+            ("tokio_fresh", tokio_fresh),
+            ("tokio_block_on", in_block_on),
+            ("tokio_spawned", spawned),
+        ]
+    });
+    for (style, calls) in &styles {
+        eprintln!("bare MAP at a chain of {CLIENT_STYLES_CHAIN}, {style} (ms): {calls:?}");
+        report(&format!("pcp_client_{style}_ms"), median(calls), "ms");
+        // The lab's answers come in two modes (README.md, "Benchmarks"): how often the quick one.
+        let quick = calls
+            .iter()
+            .filter(|ms| **ms < CLIENT_STYLES_QUICK_MS)
+            .count();
+        report(&format!("pcp_client_{style}_quick"), quick as f64, "calls");
+    }
+}
+
+/// One MAP for `port` as in [`raw_pcp_map_ms`], through `socket` (connected to the router).
+async fn tokio_pcp_map_ms(socket: &tokio::net::UdpSocket, port: u16) -> f64 {
+    let bytes = bare_map_request(port, LEASE_SECS).encode();
+    let mut answer = [0u8; 1100];
+    let started = Instant::now();
+    socket.send(&bytes).await.expect("send MAP");
+    let len = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut answer))
+        .await
+        .expect("the router answers")
+        .expect("receive");
+    let took = started.elapsed();
+    let response = codec::decode_response(&answer[..len]).expect("a PCP answer");
+    assert_eq!(response.result, ResultCode::Success, "{response:?}");
+    took.as_secs_f64() * 1e3
+}
+
+/// Deletes the bare mapping of `port` (a MAP with lifetime 0).
+fn raw_pcp_delete(port: u16) {
+    let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
+    let socket = UdpSocket::bind((lan, 0)).expect("bind in the LAN namespace");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    socket
+        .send_to(&bare_map_request(port, 0).encode(), (ROUTER_LAN_IP, 5351))
+        .expect("send the delete");
+    let mut answer = [0u8; 1100];
+    socket.recv_from(&mut answer).expect("the router answers");
 }
 
 /// Start -> `READY=1` on `NOTIFY_SOCKET` with 1,000 Services whose mappings the state file
