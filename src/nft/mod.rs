@@ -459,6 +459,7 @@ pub(crate) fn blocking_forward_chains(
         .collect()
 }
 
+/// [`blocking_forward_chains`] of every table in the socket's namespace.
 fn hosts_blocking_forward_chains(
     socket: &mut NetfilterSocket,
 ) -> Result<Vec<String>, NetlinkError> {
