@@ -181,8 +181,15 @@ fn back_to_back(key: &str, first_port: u16, mut raw: impl FnMut(u16) -> f64) {
 /// sends it): request out, answer in, in milliseconds. Runs on a thread inside the LAN
 /// namespace.
 fn raw_pcp_map_ms(port: u16) -> f64 {
+    let (took_ms, response) = bare_pcp_exchange(&bare_map_request(port, LEASE_SECS));
+    assert_eq!(response.result, ResultCode::Success, "{response:?}");
+    took_ms
+}
+
+/// `request` sent from a socket of its own in the LAN namespace: (ms until the answer, the
+/// answer).
+fn bare_pcp_exchange(request: &codec::MapRequest) -> (f64, codec::Response) {
     let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
-    let request = bare_map_request(port, LEASE_SECS);
     let socket = UdpSocket::bind((lan, 0)).expect("bind in the LAN namespace");
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -196,8 +203,7 @@ fn raw_pcp_map_ms(port: u16) -> f64 {
     let (len, _) = socket.recv_from(&mut answer).expect("the router answers");
     let took = started.elapsed();
     let response = codec::decode_response(&answer[..len]).expect("a PCP answer");
-    assert_eq!(response.result, ResultCode::Success, "{response:?}");
-    took.as_secs_f64() * 1e3
+    (took.as_secs_f64() * 1e3, response)
 }
 
 /// The bare MAP for `port` (THIRD_PARTY, as `direct` mode sends it), with one nonce per port so
@@ -905,16 +911,7 @@ async fn tokio_pcp_map_ms(socket: &tokio::net::UdpSocket, port: u16) -> f64 {
 
 /// Deletes the bare mapping of `port` (a MAP with lifetime 0).
 fn raw_pcp_delete(port: u16) {
-    let lan: Ipv4Addr = LAN_IP.parse().expect("lab address");
-    let socket = UdpSocket::bind((lan, 0)).expect("bind in the LAN namespace");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    socket
-        .send_to(&bare_map_request(port, 0).encode(), (ROUTER_LAN_IP, 5351))
-        .expect("send the delete");
-    let mut answer = [0u8; 1100];
-    socket.recv_from(&mut answer).expect("the router answers");
+    bare_pcp_exchange(&bare_map_request(port, 0));
 }
 
 /// Start -> `READY=1` on `NOTIFY_SOCKET` with 1,000 Services whose mappings the state file
